@@ -1,0 +1,213 @@
+"""The run configuration: one dataclass per concern, loaded from YAML, overridden by `--set`.
+
+Precedence: dataclass defaults < the YAML file < `--set section.key=value` (last one wins).
+Every key is checked against the dataclasses; an unknown key names the nearest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from trainer.data.config import DataConfig
+from trainer.errors import ConfigError
+from trainer.model.config import ModelConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (inside a node)."""
+    pp: int = 1
+    """Pipeline-parallel size (number of stages). Data parallel is world_size / (tp * pp)."""
+    micro_batch_size: int = 1
+    """Samples per micro-batch on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks = micro_batch * grad_accum * dp."""
+    activation_checkpoint_interval: int = 0
+    """Recompute activations every this many blocks in backward (0 = off)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio (GLM-130B: 1/10)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    decay_steps: int = 0
+    """Steps from the end of warmup to the end of the cosine (0 = train.steps - warmup_steps)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 or 1 (pipeline parallelism supports no more)."""
+    batch_size_warmup_steps: int = 0
+    """Ramp the global batch from batch_size_warmup_start to parallel.global_batch_size over this many
+    steps (0 = off)."""
+    batch_size_warmup_start: int = 0
+    """First global batch of the batch-size warmup."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run (in total, counting those before a resume)."""
+    seed: int = 1234
+    """Seed of the weights, the data order and the blank-infilling randomness."""
+    run_dir: str = "runs/glm"
+    """Where metrics.jsonl, tb/ and checkpoints/ go."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir/checkpoints."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (dynamic loss scaling)."""
+    save_interval: int = 0
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    log_interval: int = 1
+    """Print a log line every this many steps."""
+    deepspeed_config: str = ""
+    """Path of a DeepSpeed JSON merged over the generated one (its keys win)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Check every section and the layout; world_size None skips the arithmetic that needs it."""
+        self.model.validate(self.parallel.tp)
+        self.data.validate()
+        p, t = self.parallel, self.train
+        for name in ("tp", "pp", "micro_batch_size", "global_batch_size"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        if p.pp > self.model.num_layers:
+            raise ConfigError(f"parallel.pp={p.pp} is greater than model.num_layers={self.model.num_layers}: "
+                              f"every pipeline stage needs at least one block; lower pp")
+        if self.data.seq_length > self.model.max_sequence_length:
+            raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds model.max_sequence_length="
+                              f"{self.model.max_sequence_length}: raise the latter or shorten the former")
+        if t.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if t.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+        if t.save_interval < 0 or t.log_interval < 1:
+            raise ConfigError("train.save_interval must be >= 0 and train.log_interval >= 1")
+        if self.optim.zero_stage not in (0, 1):
+            raise ConfigError(f"optim.zero_stage={self.optim.zero_stage}: only 0 or 1 work with the pipeline engine")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if world_size is not None:
+            self.data_parallel_size(world_size)
+            self.grad_accum_steps(world_size)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        tp, pp = self.parallel.tp, self.parallel.pp
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}: "
+                              f"tp * pp * dp must equal the number of processes")
+        return world_size // (tp * pp)
+
+    def grad_accum_steps(self, world_size: int, global_batch: Optional[int] = None) -> int:
+        dp = self.data_parallel_size(world_size)
+        global_batch = global_batch or self.parallel.global_batch_size
+        per_step = self.parallel.micro_batch_size * dp
+        if global_batch % per_step:
+            raise ConfigError(f"global batch {global_batch} is not divisible by micro_batch_size * dp = "
+                              f"{self.parallel.micro_batch_size}*{dp}: micro-batch * grad-accumulation * dp "
+                              f"must equal the global batch")
+        return global_batch // per_step
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a YAML value against a dataclass field's annotation (ints are accepted for floats)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    expected = {int: int, float: (int, float), bool: bool, str: str, dict: dict}.get(annotation, object)
+    if isinstance(value, bool) and annotation is not bool:
+        raise ConfigError(f"{key} expects {annotation.__name__}, got the boolean {value}")
+    if not isinstance(value, expected):
+        name = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{key} expects {name}, got {value!r} ({type(value).__name__})")
+    return float(value) if annotation is float else value
+
+
+def _apply(obj: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full}{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} is a section: give it a mapping of keys, got {value!r}")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_override(text: str) -> dict:
+    """`section.key=value` -> {"section": {"key": value}}, the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error})") from None
+    nested: dict = value
+    for part in reversed(dotted.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Build a Config from defaults, a YAML file and `--set` overrides; structure and types checked."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass a YAML file such as configs/glm-debug.yaml")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+        _apply(config, values, "")
+    for text in overrides:
+        _apply(config, parse_override(text), "")
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

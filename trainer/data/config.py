@@ -1,0 +1,50 @@
+"""Data configuration: where the text is and how blank-infilling samples are made (GLM-SPEC section 1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prefix of a prepared dataset (PREFIX.bin + PREFIX.idx from glm-prep). Empty: the embedded
+    pydoc corpus, built on first use into the cache directory."""
+    tokenizer: str = ""
+    """Path of a tokenizer.json. Empty: the tokenizer next to `path` (PREFIX.tokenizer.json), or the
+    embedded default's."""
+    seq_length: int = 128
+    """Length every sample is padded to (Part A + Part B)."""
+    mask_ratio: float = 0.15
+    """[MASK] and [sMASK]: at least this fraction of the text's tokens is masked."""
+    poisson_lambda: float = 3.0
+    """[MASK] span lengths ~ Poisson(lambda), truncated to 1..39."""
+    gmask_ratio_min: float = 0.5
+    """[gMASK]: the suffix length is uniform in [min, max] * n (GLM 0.5-1.0; GLM-130B 0.2-1.0)."""
+    gmask_ratio_max: float = 1.0
+    """Upper end of the [gMASK] suffix ratio range."""
+    modes: dict = field(default_factory=lambda: {"mask": 1.0})
+    """Mixture of blank-infilling modes: weights for `mask`, `smask`, `gmask` (normalised).
+    GLM-10B: {mask: 0.5, smask: 0.3, gmask: 0.2}; GLM-130B: {mask: 0.3, gmask: 0.7}."""
+    valid_fraction: float = 0.0
+    """Fraction of the sequences held out for validation (0 = no validation split)."""
+
+    def validate(self) -> None:
+        if self.seq_length < 8:
+            raise ConfigError(f"data.seq_length={self.seq_length} is too short for one blank and its "
+                              f"sop/eop tokens: use at least 8")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"data.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.poisson_lambda <= 0:
+            raise ConfigError(f"data.poisson_lambda must be > 0, got {self.poisson_lambda}")
+        if not 0.0 < self.gmask_ratio_min <= self.gmask_ratio_max <= 1.0:
+            raise ConfigError(f"data.gmask_ratio_min/max must satisfy 0 < min <= max <= 1, got "
+                              f"{self.gmask_ratio_min}, {self.gmask_ratio_max}")
+        unknown = set(self.modes) - {"mask", "smask", "gmask"}
+        if unknown:
+            raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use mask, smask, gmask")
+        if any(w < 0 for w in self.modes.values()) or sum(self.modes.values()) <= 0:
+            raise ConfigError(f"data.modes weights must be >= 0 with a positive sum, got {self.modes}")
+        if not 0.0 <= self.valid_fraction < 0.5:
+            raise ConfigError(f"data.valid_fraction must be in [0, 0.5), got {self.valid_fraction}")
