@@ -1,0 +1,43 @@
+"""The global gradient norm under tensor, pipeline and data parallelism, counting every weight once.
+
+After the data-parallel all-reduce every data-parallel replica holds the same gradients, so the norm
+sums over one replica: tensor-parallel shards on every tensor rank, replicated weights (LayerNorms,
+row-parallel biases) on tensor rank 0 only, and the tied word embedding only on the stage that owns it
+(DeepSpeed marks the other copy `ds_pipe_replicated`). The squares are summed over the tensor and
+pipeline ranks of this replica.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_tensor_parallel(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def global_grad_norm(params: Iterable[torch.Tensor], tp_rank: int,
+                     model_parallel_group: Optional[dist.ProcessGroup], device: torch.device | str) -> torch.Tensor:
+    """L2 norm of all gradients of the model (a 0-dim fp32 tensor, the same on every rank of the group)."""
+    squares = [param.grad.detach().float().pow(2).sum() for param in params
+               if param.grad is not None and not getattr(param, "ds_pipe_replicated", False)
+               and (is_tensor_parallel(param) or tp_rank == 0)]
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float32, device=device)
+    if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
+        dist.all_reduce(total, group=model_parallel_group)
+    return total.sqrt()
+
+
+def clip_grads_(params: list[torch.Tensor], max_norm: float, tp_rank: int,
+                model_parallel_group: Optional[dist.ProcessGroup], device: torch.device | str) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / norm) in place; returns the norm before clipping."""
+    norm = global_grad_norm(params, tp_rank, model_parallel_group, device)
+    if max_norm > 0:
+        coefficient = max_norm / (norm.item() + 1e-6)
+        if coefficient < 1.0:
+            for param in params:
+                if param.grad is not None:
+                    param.grad.detach().mul_(coefficient)
+    return norm

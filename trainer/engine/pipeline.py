@@ -1,0 +1,59 @@
+"""GLM as a DeepSpeed PipelineModule: a flat list of LayerSpecs cut into stages.
+
+    [TiedLayerSpec embed -> GLMEmbedding, GLMBlock 1 .. N, FinalLayerNorm, TiedLayerSpec embed -> logits]
+
+Between stages travel only (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], sep [b]):
+each stage rebuilds the attention mask from `sep`, never a dense [s, s] mask. Layer indices in the
+list are global, so DeepSpeed's per-layer checkpoint files (layer_XX-model_states.pt) name the same
+weights under every pipeline split.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from trainer.engine.partition import stage_layer_bounds
+from trainer.model import FinalLayerNorm, GLMBlock, GLMEmbedding, GLMLoss
+from trainer.model.config import ModelConfig
+from trainer.parallel.topology import Topology
+
+TIED_KEY = "embed"
+TIED_WEIGHT = "word_embeddings.weight"
+
+
+def _output_logits(embedding: GLMEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    return embedding.logits(hidden)
+
+
+def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list:
+    """The flat layer list of the GLM pipeline (global indices: 0 embedding, 1..N blocks, N+1 norm, N+2 output)."""
+    tp_group = topology.tp_group
+    specs = [TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, tied_weight_attr=TIED_WEIGHT)]
+    specs += [LayerSpec(GLMBlock, model, layer_number, tp_group, seed) for layer_number in range(1, model.num_layers + 1)]
+    specs.append(LayerSpec(FinalLayerNorm, model))
+    specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, forward_fn=_output_logits,
+                               tied_weight_attr=TIED_WEIGHT))
+    return specs
+
+
+class GLMPipeline(PipelineModule):
+    """The PipelineModule with GLM's stage split: blocks balanced, the first and last stage carrying the
+    embedding and the output layer in place of a block (trainer/engine/partition.py)."""
+
+    def __init__(self, model: ModelConfig, topology: Topology, seed: int,
+                 activation_checkpoint_interval: int = 0,
+                 activation_checkpoint_func: Optional[Callable] = None):
+        self._num_blocks = model.num_layers
+        kwargs = {"activation_checkpoint_func": activation_checkpoint_func} if activation_checkpoint_func else {}
+        super().__init__(layers=build_layer_specs(model, topology, seed),
+                         topology=topology.ds_topology(),
+                         loss_fn=GLMLoss(model, topology.tp_group),
+                         activation_checkpoint_interval=activation_checkpoint_interval,
+                         **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        self.parts = stage_layer_bounds(self._num_blocks, self.num_stages)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])

@@ -1,0 +1,41 @@
+"""Learning-rate and batch-size schedules (GLM-130B: linear warmup, cosine decay to 1/10; batch warmup)."""
+from __future__ import annotations
+
+import math
+
+from trainer.config import Config
+
+
+def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """Factor on the peak lr for optimizer step `step` (0-based): linear warmup to 1 over
+    warmup_steps, then cosine from 1 to min_ratio over decay_steps, then min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_lambda(config: Config):
+    """The LambdaLR function of a run (a closure over the schedule settings)."""
+    optim = config.optim
+    decay = optim.decay_steps or max(1, config.train.steps - optim.warmup_steps)
+    return lambda step: lr_multiplier(step, optim.warmup_steps, decay, optim.min_lr_ratio)
+
+
+def global_batch_at(step: int, config: Config, unit: int) -> int:
+    """Global batch of optimizer step `step` under batch-size warmup: a linear ramp from
+    batch_size_warmup_start to global_batch_size, rounded down to a multiple of `unit`
+    (micro_batch * dp) so every step is a whole number of micro-batches per rank."""
+    optim, final = config.optim, config.parallel.global_batch_size
+    if optim.batch_size_warmup_steps <= 0 or step >= optim.batch_size_warmup_steps:
+        return final
+    start = optim.batch_size_warmup_start or unit
+    size = start + (final - start) * step / optim.batch_size_warmup_steps
+    return max(unit, int(size) // unit * unit)
+
+
+def consumed_samples_at(step: int, config: Config, unit: int) -> int:
+    """Samples consumed by steps [0, step): the data position of a resume."""
+    warm = min(step, max(0, config.optim.batch_size_warmup_steps))
+    return sum(global_batch_at(s, config, unit) for s in range(warm)) + \
+        (step - warm) * config.parallel.global_batch_size

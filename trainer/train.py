@@ -1,0 +1,72 @@
+"""glm-train: the one entry point of every mode.
+
+    glm-train --config configs/glm-debug.yaml [--set section.key=value ...] [--print-model]
+
+Run directly it is the single-device debug mode (CPU or one GPU, no launcher, no environment
+variables). Under the deepspeed launcher (or glm-launch) it reads RANK / WORLD_SIZE / LOCAL_RANK.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional
+
+from trainer.config import Config, load_config
+from trainer.errors import GLMError
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="glm-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key (YAML value); repeatable; wins over the file")
+    parser.add_argument("--print-model", action="store_true",
+                        help="print the model's parameter count (counted and closed form) and exit")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def validate_before_start(config: Config) -> None:
+    """Everything that can be checked before a process group exists (the launcher's world size)."""
+    config.validate(int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def print_outcome(config: Config, result) -> None:
+    from trainer.engine.demo import fill_one_blank
+
+    print(f"metrics:      {result.run_dir / 'metrics.jsonl'}")
+    print(f"tensorboard:  tensorboard --logdir {result.run_dir / 'tb'}")
+    print(f"checkpoint:   {result.checkpoint_dir / (result.checkpoint_dir / 'latest').read_text().strip()}")
+    if result.topology.world_size == 1:
+        print(fill_one_blank(result.engine.module, result.dataset, config))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_model:
+            from trainer.model.summary import parameter_summary
+
+            config.validate()
+            print(parameter_summary(config.model, tp=config.parallel.tp))
+            return 0
+        validate_before_start(config)
+        from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
+
+        result = train(config)
+        if result.topology.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+            print_outcome(config, result)
+    except GLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
