@@ -1,0 +1,64 @@
+import pytest
+
+from trainer.config import Config, load_config, parse_override
+from trainer.errors import ConfigError
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 5, seed: 1}\nmodel: {num_layers: 3}\n")
+    config = load_config(path, ["train.steps=7", "optim.lr=0.5", "data.modes={mask: 1, gmask: 1}"])
+    assert (config.train.steps, config.train.seed, config.model.num_layers) == (7, 1, 3)
+    assert config.optim.lr == 0.5 and config.data.modes == {"mask": 1, "gmask": 1}
+
+
+def test_int_accepted_for_float_and_optional():
+    config = load_config(None, ["optim.lr=1", "model.ffn_hidden_size=96", "model.ffn_hidden_size=null"])
+    assert isinstance(config.optim.lr, float) and config.model.ffn_hidden_size is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=3", "did you mean train.steps"),
+    ("trian.steps=3", "did you mean train"),
+    ("train.steps=three", "train.steps expects int"),
+    ("train.resume=1", "train.resume expects bool"),
+    ("model=3", "model is a section"),
+    ("train.steps", "section.key=value"),
+])
+def test_bad_keys_and_types(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tp=3"], 3, "num_attention_heads=4 is not divisible by parallel.tp=3"),
+    (["parallel.pp=8", "model.num_layers=4"], 8, "greater than model.num_layers"),
+    (["parallel.tp=2"], 3, "tp \\* pp \\* dp must equal"),
+    (["parallel.global_batch_size=6", "parallel.micro_batch_size=4"], 1, "micro-batch \\* grad-accumulation \\* dp"),
+    (["model.hidden_size=66"], 1, "not divisible by model.num_attention_heads"),
+    (["data.seq_length=1024"], 1, "exceeds model.max_sequence_length"),
+    (["train.precision=fp8"], 1, "train.precision"),
+])
+def test_bad_layouts(overrides, world, message):
+    config = load_config("configs/glm-debug.yaml", overrides)
+    with pytest.raises(ConfigError, match=message):
+        config.validate(world)
+
+
+def test_grad_accum_arithmetic():
+    config = load_config("configs/glm-debug.yaml", ["parallel.micro_batch_size=2", "parallel.global_batch_size=8"])
+    assert config.grad_accum_steps(1) == 4 and config.grad_accum_steps(2) == 2 and config.data_parallel_size(2) == 2
+
+
+def test_parse_override_nests():
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+    assert isinstance(Config().to_dict()["model"], dict)
