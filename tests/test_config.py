@@ -62,3 +62,12 @@ def test_grad_accum_arithmetic():
 def test_parse_override_nests():
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
     assert isinstance(Config().to_dict()["model"], dict)
+
+
+def test_config_doc_is_current_and_complete():
+    from pathlib import Path
+
+    from trainer.config_doc import markdown
+
+    assert Path("docs/CONFIG.md").read_text() == markdown(), "run: python -m trainer.config_doc > docs/CONFIG.md"
+    assert "|  |" not in markdown(), "every config field needs a docstring"
