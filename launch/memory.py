@@ -1,0 +1,189 @@
+"""The memory model: bytes one GPU needs for its pipeline stage under a 3D layout.
+
+For a stage holding P parameters (this tensor-parallel rank's share) the estimate is
+
+    states      = P * (w + g) + P * o / (dp if ZeRO-1 else 1)
+                  (w, g, o) = (2, 2, 12) in bf16 / fp16: half weights and gradients; fp32 master
+                              weights and Adam's m and v (4 + 4 + 4 bytes) in the optimizer
+                            = (4, 4, 8)  in fp32 without ZeRO: the weights are the master copy
+                            = (4, 4, 12) in fp32 with ZeRO-1: DeepSpeed's optimizer still keeps its own
+                              fp32 copy of the partition it updates
+    activations = in_flight * saved_per_micro_batch + recompute
+                  in_flight = min(pp - stage, grad_accum): 1F1B keeps stage i's activations of up to
+                  pp - i micro-batches alive (stage 0 the most); without checkpointing a micro-batch
+                  saves every block's tensors for backward; with checkpointing every k blocks it saves
+                  only each segment's input [b, s, h], and backward recomputes one segment (k blocks)
+                  of one micro-batch at a time
+    total       = (1 + MARGIN) * (states + activations) + RUNTIME_RESERVE
+
+MARGIN covers allocator fragmentation and the transient buffers of backward (a gradient being
+formed, the logits' gradient); RUNTIME_RESERVE the CUDA context, communication buffers and the
+Python process. Activations are counted tensor by tensor as this trainer's model saves them
+(block_activation_bytes); docs/LAUNCH.md compares the count with a measured model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from trainer.config import Config
+from trainer.model.config import ModelConfig
+
+MARGIN = 0.10
+RUNTIME_RESERVE = 1 << 30
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the memory depends on besides the layout."""
+
+    model: ModelConfig
+    seq_length: int
+    precision: str
+    zero_stage: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Workload":
+        return cls(config.model, config.data.seq_length, config.train.precision, config.optim.zero_stage)
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of one activation element: 4 in fp32, 2 in bf16 / fp16."""
+        return 4 if self.precision == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A 3D layout: tp * pp * dp processes, micro_batch * grad_accum * dp samples per step,
+    activations recomputed every checkpoint_interval blocks (0 = never)."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    grad_accum: int
+    checkpoint_interval: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """The estimate for one GPU of one pipeline stage, in bytes."""
+
+    stage: int
+    blocks: int
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        counted = self.weights + self.gradients + self.optimizer_states + self.activations
+        return math.ceil((1 + MARGIN) * counted) + RUNTIME_RESERVE
+
+    def to_dict(self) -> dict:
+        fields = ("stage", "blocks", "parameters", "weights", "gradients", "optimizer_states", "activations")
+        out = {name: getattr(self, name) for name in fields}
+        out["total"] = self.total
+        out["total_gb"] = round(self.total / 1e9, 2)
+        return out
+
+
+def block_parameters(model: ModelConfig, tp: int) -> int:
+    """Parameters of one transformer block on one tensor-parallel rank.
+
+    Column-parallel (qkv, h -> ffn) weights and biases and row-parallel (dense, ffn -> h) weights are
+    split over tp; the row-parallel biases and the two LayerNorms are replicated.
+    """
+    h, f = model.hidden_size, model.ffn_size
+    f_in = 2 * f if model.mlp == "geglu" else f
+    split = (3 * h * h + 3 * h) + h * h + (f_in * h + f_in) + f * h
+    replicated = 2 * h + 2 * 2 * h
+    return split // tp + replicated
+
+
+def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: int) -> int:
+    """Parameters on one rank of a stage: its blocks, plus the word embedding (and learned position
+    tables) on the first stage, plus the final LayerNorm and the tied output layer on the last (a
+    second copy of the word embedding when pp > 1)."""
+    h = model.hidden_size
+    word = model.padded_vocab_size(tp) * h // tp
+    count = blocks * block_parameters(model, tp)
+    if stage == 0:
+        count += word
+        if model.position_embedding == "learned_2d":
+            count += 2 * model.max_sequence_length * h
+    if stage == pp - 1:
+        count += 2 * h + (word if pp > 1 else 0)
+    return count
+
+
+def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
+    """Bytes one block saves for backward for one micro-batch (no checkpointing).
+
+    With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width:
+      e s b h * 4        inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
+      e s b h * 4 / tp   q, k, v and the attention context (this rank's heads)
+      e s b f * m / tp   the MLP: GeLU input and ffn -> h input (m = 2); GeGLU: both halves, the GeLU
+                         output and the product (m = 4)
+      a s s b / tp * (e + 4 if fp32 softmax in half precision) the attention probabilities,
+                         + (1 + e) for the dropout mask and output when attention dropout is on
+      s b h * 2          the two residual dropout masks (1 byte each) when hidden dropout is on
+    """
+    model, e = work.model, work.activation_bytes
+    s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
+    sbh = s * b * h
+    mlp_factor = 4 if model.mlp == "geglu" else 2
+    scores = a * s * s * b // tp
+    softmax = e + (4 if model.fp32_softmax_layer_scaling and e == 2 else 0)
+    total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp
+    total += scores * softmax
+    if model.attention_dropout > 0:
+        total += scores * (1 + e)
+    if model.hidden_dropout > 0:
+        total += 2 * sbh
+    return total
+
+
+def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int) -> int:
+    """Activations outside the blocks: the attention mask [b, 1, s, s] (bool) on every stage, the
+    embedding output on the first stage, and on the last the final LayerNorm's input and output and
+    the logits [b, s, V/tp] in the working precision plus their fp32 softmax in the loss."""
+    model, e = work.model, work.activation_bytes
+    s, b, h = work.seq_length, micro_batch, model.hidden_size
+    total = b * s * s
+    if stage == 0:
+        total += e * s * b * h + (s * b * h if model.hidden_dropout > 0 else 0)
+    if stage == pp - 1:
+        vocab = model.padded_vocab_size(tp) // tp
+        total += 2 * e * s * b * h + (e + 4) * s * b * vocab
+    return total
+
+
+def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> StageMemory:
+    """The estimate for one GPU of `stage` (0-based), which holds `blocks` transformer blocks."""
+    half = work.precision in ("bf16", "fp16")
+    zero = work.zero_stage >= 1
+    weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if half else (4, 4, 12 if zero else 8)
+    params = stage_parameters(work.model, layout.tp, layout.pp, stage, blocks)
+    optimizer_shards = layout.dp if zero else 1
+
+    per_block = block_activation_bytes(work, layout.tp, layout.micro_batch)
+    ends = _ends_activation_bytes(work, layout.tp, layout.pp, stage, layout.micro_batch)
+    k = layout.checkpoint_interval
+    if k > 0:
+        segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * work.model.hidden_size
+        saved = math.ceil(blocks / k) * segment_input + ends
+        recompute = min(k, blocks) * per_block
+    else:
+        saved, recompute = blocks * per_block + ends, 0
+    in_flight = min(layout.pp - stage, layout.grad_accum)
+    return StageMemory(stage=stage, blocks=blocks, parameters=params, weights=params * weight_bytes,
+                       gradients=params * grad_bytes,
+                       optimizer_states=math.ceil(params * optim_bytes / optimizer_shards),
+                       activations=in_flight * saved + recompute)
