@@ -1,0 +1,70 @@
+"""GLM's input embedding and its tied output layer (one module, so the pipeline can tie it across stages).
+
+    x = E_word[input_ids] (+ E_pos[position_ids] + E_block[block_position_ids] for learned_2d)
+    x = x * a + x.detach() * (1 - a)            (embedding-gradient shrink, GLM-130B a = 0.1)
+    logits = x_final E_word^T                   (vocabulary-parallel: rank r gets its V_pad / tp columns)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import ConfigError
+from trainer.model.config import ModelConfig
+from trainer.model.init import normal_init
+from trainer.parallel.layers import VocabParallelEmbedding
+from trainer.parallel.mappings import copy_to_tp, group_size
+
+Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""What flows between pipeline pieces: (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], sep [b])."""
+
+
+def shrink_embedding_gradient(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x * alpha + x.detach() * (1 - alpha): the same value, the gradient into x scaled by alpha."""
+    if alpha == 1.0:
+        return x
+    return x * alpha + x.detach() * (1.0 - alpha)
+
+
+def _position_table(rows: int, width: int, init) -> nn.Embedding:
+    table = nn.Embedding(rows, width, _weight=torch.empty(rows, width))  # _weight: no draw from the global RNG
+    init(table.weight.data)
+    return table
+
+
+class GLMEmbedding(nn.Module):
+    """The first pipeline piece (forward) and, tied to it, the output layer (logits)."""
+
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ConfigError("model.vocab_size is 0 when building the model: set it, or let the trainer take "
+                              "it from the tokenizer before the model is built")
+        h = config.hidden_size
+        self.tp_group = tp_group
+        self.shrink_alpha = config.embedding_shrink_alpha
+        self.word_embeddings = VocabParallelEmbedding(
+            config.padded_vocab_size(group_size(tp_group)), h, group=tp_group,
+            init_method=normal_init(seed, "word_embeddings", config.init_std, rows=config.vocab_size))
+        self.learned_positions = config.position_embedding == "learned_2d"
+        if self.learned_positions:
+            rows = config.max_sequence_length
+            self.position_embeddings = _position_table(
+                rows, h, normal_init(seed, "position_embeddings", config.init_std))
+            self.block_position_embeddings = _position_table(
+                rows, h, normal_init(seed, "block_position_embeddings", config.init_std))
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, inputs: Activations) -> Activations:
+        """(input_ids, position_ids, block_position_ids, sep) -> (hidden [b, s, h], the same ids, sep)."""
+        input_ids, position_ids, block_position_ids, sep = inputs
+        hidden = self.word_embeddings(input_ids)  # [b, s, h]
+        if self.learned_positions:
+            hidden = hidden + self.position_embeddings(position_ids) + self.block_position_embeddings(block_position_ids)
+        hidden = shrink_embedding_gradient(hidden, self.shrink_alpha)
+        return self.dropout(hidden), position_ids, block_position_ids, sep
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [b, s, h] -> this rank's logits [b, s, V_pad / tp] (the tied output layer)."""
+        return F.linear(copy_to_tp(hidden, self.tp_group), self.word_embeddings.weight)

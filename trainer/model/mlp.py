@@ -1,0 +1,59 @@
+"""The GLM feed-forward block on a column-parallel / row-parallel pair.
+
+    gelu:  y = gelu(x A^T) B^T,              A [f, h], B [h, f]
+    geglu: y = (a * gelu(g)) B^T, [a, g] = x A^T,  A [2f, h] (GLM-130B)
+gelu is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). For GeGLU the full A is
+laid out rank-major, [A_a^(r); A_g^(r)] per rank r, so each rank holds its slice of both halves and
+splits its own output into (a, g) with no communication.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model.config import ModelConfig
+from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
+from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from trainer.parallel.mappings import group_size
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GeLU, tanh approximation (the reference code's)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """[a, g] on the last dim -> a * gelu(g)."""
+    a, g = x.chunk(2, dim=-1)
+    return a * gelu(g)
+
+
+class GLMMLP(nn.Module):
+    """h -> f (or 2f for GeGLU) -> h; weights named dense_h_to_4h / dense_4h_to_h as in THUDM/GLM."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+        super().__init__()
+        h, f, n = config.hidden_size, config.ffn_size, config.num_layers
+        self.glu = config.mlp == "geglu"
+        f_in = 2 * f if self.glu else f
+        if config.norm == "deepnorm":  # Xavier normal with gain beta, fans of the full matrices
+            std_in = xavier_normal_std(config.deepnorm_beta, h, f_in)
+            std_out = xavier_normal_std(config.deepnorm_beta, f, h)
+        else:
+            std_in, std_out = config.init_std, config.init_std / math.sqrt(2 * n)
+        name = f"layers.{layer_number - 1}.mlp"
+        if self.glu:
+            init_in = fused_normal_init(seed, f"{name}.dense_h_to_4h", (std_in, std_in), group_size(tp_group))
+        else:
+            init_in = normal_init(seed, f"{name}.dense_h_to_4h", std_in)
+        self.dense_h_to_4h = ColumnParallelLinear(h, f_in, group=tp_group, init_method=init_in)
+        self.dense_4h_to_h = RowParallelLinear(f, h, group=tp_group,
+                                               init_method=normal_init(seed, f"{name}.dense_4h_to_h", std_out))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [b, s, h] (replicated over the tp group) -> [b, s, h]."""
+        intermediate = self.dense_h_to_4h(hidden)  # [b, s, f_in / tp]
+        return self.dense_4h_to_h(geglu(intermediate) if self.glu else gelu(intermediate))
