@@ -5,8 +5,9 @@
                [--master-port PORT] [--dry-run] [-- glm-train arguments]
 
 The plan reaches every rank as glm-train `--set parallel.*` overrides after the user's own, so all
-ranks read the same resolved layout. Layout keys set in the YAML or in a `--set` after `--` count
-as fixed, like --tp / --pp / --micro-batch / --checkpoint-interval (which win over them).
+ranks read the same resolved layout. The planner chooses parallel.tp, pp, micro_batch_size and
+activation_checkpoint_interval whatever the YAML says; --tp / --pp / --micro-batch /
+--checkpoint-interval, or those keys in a `--set` after `--`, fix them instead.
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
-
-import yaml
 
 from launch.devices import Cluster, discover, local_accelerator
 from launch.planner import Fixed, Plan, plan_layout
@@ -69,10 +68,10 @@ def _user_overrides(train_args: list[str]) -> list[str]:
     return known.overrides
 
 
-def fixed_choices(args: argparse.Namespace, config_path: str, overrides: list[str]) -> Fixed:
-    """What the user fixed: layout keys in the YAML's parallel section or in --set, then the flags."""
-    raw = yaml.safe_load(Path(config_path).read_text()) or {}
-    given = dict((raw.get("parallel") or {}) if isinstance(raw, dict) else {})
+def fixed_choices(args: argparse.Namespace, overrides: list[str]) -> Fixed:
+    """What the user fixed: layout keys in a `--set` after `--`, then the flags (which win). The
+    YAML's own layout keys are a recipe for running glm-train directly; glm-launch re-plans them."""
+    given: dict = {}
     for text in overrides:
         given.update(parse_override(text).get("parallel") or {})
     fixed = {field: given[key] for key, field in _LAYOUT_KEYS.items() if key in given}
@@ -143,7 +142,7 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
     config.validate()
     cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                        nproc=args.nproc, gpu_memory=args.gpu_memory)
-    plan = plan_layout(config, cluster, fixed_choices(args, args.config, overrides))
+    plan = plan_layout(config, cluster, fixed_choices(args, overrides))
     resolved = load_config(args.config, overrides + plan.overrides())
     resolved.validate(cluster.world_size)
     if not args.dry_run:

@@ -161,10 +161,11 @@ def discover(*, hostfile: Optional[str] = None, gpus: Optional[int] = None, gpus
     else:
         hosts, source = None, "local"
 
+    if hosts is not None and memory is not None:  # planning for other machines: nothing to ask this one
+        return Cluster(hosts, memory, "gpu", source)
     name, count, local_memory = local_accelerator()
     if hosts is None:
-        per_node = _slurm_gpus_per_node(env) if source == "slurm" else None
-        per_node = per_node or count
+        per_node = (_slurm_gpus_per_node(env) if source == "slurm" else None) or count
         if per_node == 0:
             raise ConfigError("no GPU found on this machine: pass --nproc N to run N CPU processes (gloo), or "
                               "--gpus N / --hostfile F with --dry-run to plan for other machines")

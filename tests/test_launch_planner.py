@@ -1,0 +1,142 @@
+"""The layout planner: partition, the published layouts, refusals and DeepSpeed's rank order."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from launch.devices import Cluster
+from launch.memory import Layout, Workload
+from launch.planner import Fixed, estimate, partition_blocks, plan_layout
+from trainer.config import load_config
+from trainer.errors import ConfigError
+
+GB = 10 ** 9
+
+
+def nodes(count: int, per_node: int, memory_gb: float) -> Cluster:
+    return Cluster(tuple((f"node{i}", per_node) for i in range(count)), int(memory_gb * GB), "cuda", "hostfile")
+
+
+def test_glm_130b_partition_is_9_times_8_minus_2():
+    assert partition_blocks(70, 8) == [8, 9, 9, 9, 9, 9, 9, 8]
+
+
+def test_partition_small_cases():
+    assert partition_blocks(4, 1) == [4]
+    assert partition_blocks(4, 2) == [2, 2]
+    assert partition_blocks(5, 2) == [3, 2]  # 7 units: the left-over unit goes to the first stage
+    assert partition_blocks(3, 3) == [1, 1, 1]  # balancing would empty an end stage: dealt evenly
+    with pytest.raises(ConfigError, match="between 1 and model.num_layers"):
+        partition_blocks(4, 5)
+
+
+@given(st.integers(1, 200), st.integers(1, 64))
+def test_partition_covers_every_block_once_and_balances(num_layers, pp):
+    if pp > num_layers:
+        return
+    blocks = partition_blocks(num_layers, pp)
+    assert len(blocks) == pp and sum(blocks) == num_layers and min(blocks) >= 1
+    units = list(blocks)
+    if pp > 1 and blocks[0] < max(blocks):  # the balanced form: the ends carry one unit of embedding/output
+        units[0] += 1
+        units[-1] += 1
+    assert max(units) - min(units) <= 1
+
+
+def test_glm_130b_on_96_nodes_of_8_a100_40gb_fits():
+    config = load_config("configs/glm-130b.yaml")
+    cluster = nodes(96, 8, 40)
+    plan = plan_layout(config, cluster)
+    layout = plan.layout
+    # The planner's rule (smallest pp, tp up to the node) gives tp 8, pp 3; docs/LAUNCH.md compares
+    # it with the tp 4, pp 8, dp 24 that GLM-130B ran.
+    assert (layout.tp, layout.pp, layout.dp) == (8, 3, 32)
+    assert layout.checkpoint_interval == 1
+    assert layout.micro_batch * layout.grad_accum * layout.dp == 4224
+    assert plan.peak.total <= cluster.memory_bytes
+    assert plan.blocks == [23, 24, 23]
+
+
+def test_glm_130b_published_layout_fits_the_memory_model():
+    config = load_config("configs/glm-130b.yaml")
+    plan = plan_layout(config, nodes(96, 8, 40), Fixed(tp=4, pp=8, micro_batch=1))
+    assert (plan.layout.dp, plan.layout.grad_accum) == (24, 176)
+    assert plan.peak.total <= 40 * GB
+    assert plan.blocks == [8, 9, 9, 9, 9, 9, 9, 8]
+
+
+def test_glm_130b_on_one_node_is_refused_with_the_smallest_gpu_count():
+    config = load_config("configs/glm-130b.yaml")
+    with pytest.raises(ConfigError, match=r"does not fit on 8 devices of 40\.0 GB: the smallest device count "
+                                          r"that works is 72 \(tp 8, pp 9, dp 1"):
+        plan_layout(config, nodes(1, 8, 40))
+    # ... and 72 GPUs do fit, 64 do not.
+    assert plan_layout(config, nodes(9, 8, 40)).layout.world_size == 72
+    with pytest.raises(ConfigError, match="smallest device count that works is 72"):
+        plan_layout(config, nodes(8, 8, 40))
+
+
+def test_glm_large_on_one_gpu_is_1_1_1():
+    plan = plan_layout(load_config("configs/glm-large.yaml"), nodes(1, 1, 40))
+    assert (plan.layout.tp, plan.layout.pp, plan.layout.dp) == (1, 1, 1)
+    assert plan.layout.checkpoint_interval == 0
+
+
+def test_glm_base_on_eight_gpus_is_data_parallel_8():
+    plan = plan_layout(load_config("configs/glm-base.yaml"), nodes(1, 8, 40))
+    assert (plan.layout.tp, plan.layout.pp, plan.layout.dp) == (1, 1, 8)
+    assert plan.layout.micro_batch * plan.layout.grad_accum * 8 == 1024
+
+
+def test_tp_not_dividing_the_heads_is_refused():
+    with pytest.raises(ConfigError, match="num_attention_heads=12 is not divisible by parallel.tp=5"):
+        plan_layout(load_config("configs/glm-base.yaml"), nodes(1, 8, 40), Fixed(tp=5))
+
+
+def test_tp_larger_than_a_node_or_straddling_nodes_is_refused():
+    config = load_config("configs/glm-base.yaml")
+    with pytest.raises(ConfigError, match="tp=12 is larger than the 8 devices per node"):
+        plan_layout(config, nodes(2, 8, 40), Fixed(tp=12))
+    with pytest.raises(ConfigError, match="must not straddle nodes"):
+        plan_layout(config, nodes(2, 6, 40), Fixed(tp=4))
+
+
+def test_fixed_values_are_kept():
+    plan = plan_layout(load_config("configs/glm-base.yaml"), nodes(2, 8, 40), Fixed(tp=2, pp=2, micro_batch=4))
+    assert (plan.layout.tp, plan.layout.pp, plan.layout.dp, plan.layout.micro_batch) == (2, 2, 4, 4)
+    assert plan.layout.grad_accum == 1024 // (4 * 4)
+
+
+def test_pipeline_only_when_needed():
+    """GLM-10B on 4 nodes: pp 1 on 80 GB GPUs; on 10 GB GPUs one stage does not fit even with tp 8
+    and checkpointing, so the planner takes two stages."""
+    config = load_config("configs/glm-10b.yaml")
+    assert plan_layout(config, nodes(4, 8, 80)).layout.pp == 1
+    small = plan_layout(config, nodes(4, 8, 10)).layout
+    assert (small.tp, small.pp, small.dp, small.checkpoint_interval) == (8, 2, 2, 1)
+    with pytest.raises(ConfigError, match="does not fit on 32 devices"):
+        plan_layout(config, nodes(4, 8, 10), Fixed(pp=1))
+
+
+def test_rank_table_follows_deepspeed_topology():
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    config = load_config("configs/glm-base.yaml")
+    plan = plan_layout(config, nodes(2, 8, 40), Fixed(tp=2, pp=2))
+    topology = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=4)
+    for row in plan.ranks():
+        coord = topology.get_coord(row["rank"])
+        assert (row["pp_rank"], row["dp_rank"], row["tp_rank"]) == (coord.pipe, coord.data, coord.model)
+        assert row["host"] == f"node{row['rank'] // 8}" and row["device"] == row["rank"] % 8
+        assert row["blocks"] == ([0, 6] if coord.pipe == 0 else [6, 12])
+
+
+def test_memory_grows_with_micro_batch_and_checkpointing_saves_it():
+    work = Workload.from_config(load_config("configs/glm-10b.yaml"))
+
+    def peak(micro: int, interval: int) -> int:
+        return max(stage.total for stage in estimate(work, Layout(4, 4, 1, micro, 16, interval)))
+
+    assert peak(1, 0) < peak(2, 0) < peak(4, 0)
+    assert peak(4, 1) < peak(4, 0)
