@@ -1,0 +1,129 @@
+"""Tensor-parallel layers (Megatron-LM): a linear layer split by columns, one split by rows, and an
+embedding split by vocabulary rows.
+
+Every layer builds its weight the same way: the full, unsharded matrix is created on CPU, filled by
+`init_method(full_weight)` and sliced, so tp=1 and tp=p start from identical weights. Sharded parameters
+carry `tensor_model_parallel = True` (gradient-norm code counts them on every tensor rank; replicated
+ones only on tensor rank 0). Biases start at zero.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import ConfigError
+from trainer.parallel.mappings import (Group, copy_to_tp, gather_from_tp, group_rank, group_size,
+                                       reduce_from_tp, scatter_to_tp)
+
+InitMethod = Callable[[torch.Tensor], None]
+
+
+def default_linear_init(weight: torch.Tensor) -> None:
+    """nn.Linear's default on the full [out, in] weight: U(-1/sqrt(in), 1/sqrt(in)), default generator."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def default_embedding_init(weight: torch.Tensor) -> None:
+    """nn.Embedding's default on the full [V, h] weight: N(0, 1), default generator."""
+    nn.init.normal_(weight)
+
+
+def _partition(size: int, group: Group, what: str) -> int:
+    parts = group_size(group)
+    if size % parts != 0:
+        raise ConfigError(f"{what}={size} is not divisible by the tensor-parallel size {parts}: "
+                          f"choose a tensor-parallel size that divides it")
+    return size // parts
+
+
+def sharded_parameter(full_shape: tuple[int, ...], dim: int, group: Group, init_method: InitMethod) -> nn.Parameter:
+    """Build the full weight on CPU, fill it with init_method, keep this rank's contiguous slice of `dim`.
+    Under a meta default device the weight stays on meta (no values, for counting parameters)."""
+    device = "meta" if torch.empty(0).is_meta else "cpu"
+    full = torch.empty(full_shape, dtype=torch.float32, device=device)
+    init_method(full)
+    shard = full.chunk(group_size(group), dim=dim)[group_rank(group)].clone()
+    param = nn.Parameter(shard)
+    param.tensor_model_parallel = group_size(group) > 1
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = XA + b with A [in, out] split by columns, A = [A_1 .. A_p], b = [b_1 .. b_p]:
+    rank r computes Y_r = X A_r + b_r. The input is copied to the group (its gradient is all-reduced);
+    gather_output=True all-gathers Y = [Y_1 .. Y_p], else each rank keeps Y_r [..., out/p].
+    The stored weight is A_r^T [out/p, in], rows r*out/p .. (r+1)*out/p of the full [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, *, group: Group, bias: bool = True,
+                 gather_output: bool = False, init_method: Optional[InitMethod] = None):
+        super().__init__()
+        self.group = group
+        self.gather_output = gather_output
+        self.in_features, self.out_features = in_features, out_features
+        self.out_per_rank = _partition(out_features, group, "out_features")
+        self.weight = sharded_parameter((out_features, in_features), 0, group, init_method or default_linear_init)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_per_rank))
+            self.bias.tensor_model_parallel = group_size(group) > 1
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] if gather_output else [..., out/p]."""
+        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return gather_from_tp(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = XA + b with A [in, out] split by rows, A = [A_1; ..; A_p], and X split by columns,
+    X = [X_1 .. X_p]: Y = sum_r X_r A_r (all-reduce over the group), then + b (b replicated).
+    input_is_parallel=False scatters a full X first. The stored weight is A_r^T [out, in/p], columns
+    r*in/p .. (r+1)*in/p of the full [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, *, group: Group, bias: bool = True,
+                 input_is_parallel: bool = True, init_method: Optional[InitMethod] = None):
+        super().__init__()
+        self.group = group
+        self.input_is_parallel = input_is_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.in_per_rank = _partition(in_features, group, "in_features")
+        self.weight = sharded_parameter((out_features, in_features), 1, group, init_method or default_linear_init)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in/p] (or [..., in] when not input_is_parallel) -> [..., out], the same on every rank."""
+        x_r = x if self.input_is_parallel else scatter_to_tp(x, self.group)
+        y = reduce_from_tp(F.linear(x_r, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """E[t] with the table E [V, h] split by vocabulary rows: rank r holds rows [vocab_start, vocab_end).
+    Each rank looks up the tokens in its range and writes zeros for the rest; the all-reduce over the
+    group sums the p partial lookups into E[t] (exactly one rank contributes each token)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: Group,
+                 init_method: Optional[InitMethod] = None):
+        super().__init__()
+        self.group = group
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        per_rank = _partition(num_embeddings, group, "num_embeddings")
+        self.vocab_start = group_rank(group) * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+        self.weight = sharded_parameter((num_embeddings, embedding_dim), 0, group,
+                                        init_method or default_embedding_init)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, s] -> [b, s, h]."""
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight)  # [b, s, h]
+        partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(partial, self.group)

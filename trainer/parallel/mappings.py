@@ -1,0 +1,124 @@
+"""Tensor-parallel communication verbs, each an autograd function with its conjugate in backward.
+
+Three tiers, as in Megatron-LM: primitives that talk to torch.distributed (and return early when the
+group has one rank), private autograd.Function pairs, and the public verbs the model calls. Every verb
+takes its process group explicitly; a `None` group means "no tensor parallelism" and every verb is then
+the identity. Scatter and gather act on the last dimension (the hidden or vocabulary dimension).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+Group = Optional[dist.ProcessGroup]
+
+
+def group_size(group: Group) -> int:
+    """Number of ranks in the group; 1 for `None` (no tensor parallelism)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    """This process's rank inside the group; 0 for `None`."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ---- primitives -------------------------------------------------------------------------------------
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """sum_r x_r over the group, into a new tensor (x is left untouched for autograd's saved tensors)."""
+    if group_size(group) == 1:
+        return x
+    total = x.contiguous().clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def _split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """This rank's contiguous 1/p of the last dimension: [..., n] -> [..., n/p]."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    if x.shape[-1] % size != 0:
+        raise ValueError(f"last dimension {x.shape[-1]} is not divisible by the tensor-parallel size {size}")
+    return x.chunk(size, dim=-1)[group_rank(group)].contiguous()
+
+
+def _gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Concatenate every rank's x on the last dimension, in rank order: [..., n/p] -> [..., n]."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=-1)
+
+
+# ---- autograd pairs ---------------------------------------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _split_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather_last_dim(grad, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _gather_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _split_last_dim(grad, ctx.group), None
+
+
+# ---- public verbs -----------------------------------------------------------------------------------
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """forward: identity, backward: all-reduce (sum) of the gradient over the group."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """forward: all-reduce (sum) over the group, backward: identity."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """forward: keep this rank's slice of the last dim, backward: all-gather the gradient on the last dim."""
+    return _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """forward: all-gather on the last dim (rank order), backward: keep this rank's slice of the gradient."""
+    return _GatherFromTP.apply(x, group)
