@@ -128,37 +128,40 @@ def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
 
     With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width:
       e s b h * 4        inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
-      e s b h * 4 / tp   q, k, v and the attention context (this rank's heads)
+      e s b h * 4 / tp   q, k, v and the context entering the dense layer (this rank's heads)
       e s b f * m / tp   the MLP: GeLU input and ffn -> h input (m = 2); GeGLU: both halves, the GeLU
                          output and the product (m = 4)
-      a s s b / tp * (e + 4 if fp32 softmax in half precision) the attention probabilities,
-                         + (1 + e) for the dropout mask and output when attention dropout is on
+      s s b              the attention mask [b, 1, s, s] (bool), built in every block
+      attention core     fused scaled_dot_product_attention: its output e s b h / tp and the fp32
+                         log-sum-exp 4 a s b / tp (no s x s matrix); GLM-130B's FP32 softmax: the fp32
+                         probabilities 4 a s s b / tp, their half-precision copy (e) and, with attention
+                         dropout, its mask (1) and output (e) instead of the copy
       s b h * 2          the two residual dropout masks (1 byte each) when hidden dropout is on
     """
     model, e = work.model, work.activation_bytes
     s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
     sbh = s * b * h
     mlp_factor = 4 if model.mlp == "geglu" else 2
-    scores = a * s * s * b // tp
-    softmax = e + (4 if model.fp32_softmax_layer_scaling and e == 2 else 0)
-    total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp
-    total += scores * softmax
-    if model.attention_dropout > 0:
-        total += scores * (1 + e)
+    total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp + s * s * b
+    if model.fp32_softmax_layer_scaling:
+        scores = a * s * s * b // tp
+        total += scores * 4 + scores * ((1 + e) if model.attention_dropout > 0 else (e if e == 2 else 0))
+    else:
+        total += e * sbh // tp + 4 * a * s * b // tp
     if model.hidden_dropout > 0:
         total += 2 * sbh
     return total
 
 
 def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int) -> int:
-    """Activations outside the blocks: the attention mask [b, 1, s, s] (bool) on every stage, the
-    embedding output on the first stage, and on the last the final LayerNorm's input and output and
-    the logits [b, s, V/tp] in the working precision plus their fp32 softmax in the loss."""
+    """Activations outside the blocks: on the first stage the three int64 id tensors [b, s] of the
+    embedding lookups and its dropout mask; on the last the final LayerNorm's input and output, the
+    logits [b, s, V/tp] (kept as the stage output) and their fp32 exponentials in the loss."""
     model, e = work.model, work.activation_bytes
     s, b, h = work.seq_length, micro_batch, model.hidden_size
-    total = b * s * s
+    total = 0
     if stage == 0:
-        total += e * s * b * h + (s * b * h if model.hidden_dropout > 0 else 0)
+        total += 3 * 8 * s * b + (s * b * h if model.hidden_dropout > 0 else 0)
     if stage == pp - 1:
         vocab = model.padded_vocab_size(tp) // tp
         total += 2 * e * s * b * h + (e + 4) * s * b * vocab
