@@ -78,8 +78,17 @@ class TrainConfig:
     """fp32, bf16 or fp16 (dynamic loss scaling)."""
     save_interval: int = 0
     """Save a checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many checkpoints (0 = keep all)."""
     log_interval: int = 1
     """Print a log line every this many steps."""
+    max_nonfinite_in_a_row: int = 5
+    """Stop (with a checkpoint of the last good state) after more than this many consecutive steps with a
+    non-finite loss or gradient norm; such steps are skipped and counted (0 = never stop)."""
+    inject_nan_steps: list = field(default_factory=list)
+    """Fault injection: the loss of these (1-based) steps is made NaN, to test the skip logic."""
+    collective_timeout_minutes: float = 30.0
+    """A collective that waits longer than this fails with an error naming the rank, instead of hanging."""
     deepspeed_config: str = ""
     """Path of a DeepSpeed JSON merged over the generated one (its keys win)."""
 
@@ -113,8 +122,13 @@ class Config:
             raise ConfigError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
-        if t.save_interval < 0 or t.log_interval < 1:
-            raise ConfigError("train.save_interval must be >= 0 and train.log_interval >= 1")
+        if t.save_interval < 0 or t.log_interval < 1 or t.keep_checkpoints < 0 or t.max_nonfinite_in_a_row < 0:
+            raise ConfigError("train.save_interval, train.keep_checkpoints and train.max_nonfinite_in_a_row must "
+                              "be >= 0, and train.log_interval >= 1")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.inject_nan_steps):
+            raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps}")
+        if t.collective_timeout_minutes <= 0:
+            raise ConfigError(f"train.collective_timeout_minutes must be > 0, got {t.collective_timeout_minutes}")
         if self.optim.zero_stage not in (0, 1):
             raise ConfigError(f"optim.zero_stage={self.optim.zero_stage}: only 0 or 1 work with the pipeline engine")
         if self.optim.lr <= 0:
@@ -148,7 +162,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None:
             return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    expected = {int: int, float: (int, float), bool: bool, str: str, dict: dict}.get(annotation, object)
+    expected = {int: int, float: (int, float), bool: bool, str: str, dict: dict, list: list}.get(annotation, object)
     if isinstance(value, bool) and annotation is not bool:
         raise ConfigError(f"{key} expects {annotation.__name__}, got the boolean {value}")
     if not isinstance(value, expected):

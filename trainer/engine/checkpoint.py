@@ -1,14 +1,26 @@
-"""Training checkpoints: DeepSpeed's engine state plus what an exact resume needs beyond it.
+"""Training checkpoints that cannot be half-written, and exact resume.
 
 Layout under run_dir/checkpoints/:
-    latest                          the tag of the newest complete checkpoint (DeepSpeed's pointer)
-    global_step{N}/                 DeepSpeed: layer_XX-model_states.pt, mp_rank_XX_model_states.pt,
-                                    *optim_states.pt; the client state holds step and consumed_samples
+    latest                          the tag of the newest complete checkpoint (written last, atomically)
+    global_step{N}/                 DeepSpeed's files (layer_XX-model_YY-model_states.pt per layer and
+                                    tensor rank, mp_rank_XX_model_states.pt with the client state: step and
+                                    consumed_samples, *optim_states.pt shards, the LR schedule)
     global_step{N}/rng/rank{R}.pt   every rank's RNG states (torch, accelerator, numpy, python)
+    global_step{N}/manifest.json    size and CRC-32 of every file, written after all of them
+
+A save goes to `.global_step{N}.partial/`, every file is fsynced, the manifest is written, the directory
+is renamed to `global_step{N}` and only then does `latest` move (temporary file + rename). A load checks
+the manifest of `latest` and walks back to the newest checkpoint whose files all match, with a warning.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
+import re
+import shutil
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -19,16 +31,19 @@ from deepspeed.accelerator import get_accelerator
 
 from trainer.errors import CheckpointError
 
+log = logging.getLogger("glm.checkpoint")
+MANIFEST = "manifest.json"
+TAG = re.compile(r"^global_step(\d+)$")
+
 
 def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
 def rng_states() -> dict:
-    accelerator = get_accelerator()
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if accelerator.device_name() != "cpu":
-        states["accelerator"] = accelerator.get_rng_state()
+    if get_accelerator().device_name() != "cpu":
+        states["accelerator"] = get_accelerator().get_rng_state()
     return states
 
 
@@ -40,32 +55,127 @@ def set_rng_states(states: dict) -> None:
         get_accelerator().set_rng_state(states["accelerator"])
 
 
-def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, extra_rng: Optional[dict] = None) -> Path:
-    """Save on every rank (a collective). Returns the checkpoint directory of this step."""
-    tag = tag_for(step)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag,
-                           client_state={"step": step, "consumed_samples": consumed_samples})
-    rng_dir = checkpoint_dir / tag / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({**rng_states(), "extra": extra_rng}, rng_dir / f"rank{dist.get_rank()}.pt")
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for path in files:
+        _fsync(path)
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    _write_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1))
+
+
+def verify(directory: Path) -> Optional[str]:
+    """None when every file of the checkpoint matches its manifest, else what is wrong."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for name, expected in entries.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
+        if _crc32(path) != expected["crc32"]:
+            return f"{name} fails its CRC-32 check"
+    return None
+
+
+def list_tags(checkpoint_dir: Path) -> list[str]:
+    """Complete checkpoint tags, newest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    tags = [p.name for p in checkpoint_dir.iterdir() if p.is_dir() and TAG.match(p.name)]
+    return sorted(tags, key=lambda t: int(TAG.match(t).group(1)), reverse=True)
+
+
+def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0) -> Path:
+    """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones."""
+    tag, staging = tag_for(step), f".{tag_for(step)}.partial"
+    rank = dist.get_rank()
+    if rank == 0 and (checkpoint_dir / staging).exists():
+        shutil.rmtree(checkpoint_dir / staging)
     dist.barrier()
-    return checkpoint_dir / tag
+    engine.save_checkpoint(str(checkpoint_dir), tag=staging, save_latest=False,
+                           client_state={"step": step, "consumed_samples": consumed_samples})
+    rng_dir = checkpoint_dir / staging / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_states(), rng_dir / f"rank{rank}.pt")
+    dist.barrier()
+    final = checkpoint_dir / tag
+    if rank == 0:
+        write_manifest(checkpoint_dir / staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(checkpoint_dir / staging, final)
+        _fsync(checkpoint_dir)
+        _write_atomic(checkpoint_dir / "latest", tag)
+        if keep > 0:
+            for old in list_tags(checkpoint_dir)[keep:]:
+                shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+    dist.barrier()
+    return final
 
 
-def load_latest(engine, checkpoint_dir: Path) -> tuple[int, int, Optional[dict]]:
-    """Load the newest checkpoint into the engine; returns (step, consumed_samples, extra RNG states)."""
-    if not (checkpoint_dir / "latest").is_file():
-        raise CheckpointError(f"train.resume=true but {checkpoint_dir} holds no checkpoint: "
+def choose_tag(checkpoint_dir: Path) -> str:
+    """The newest checkpoint that verifies, agreed by all ranks (rank 0 decides)."""
+    choice: list = [None]
+    if dist.get_rank() == 0:
+        latest = checkpoint_dir / "latest"
+        candidates = list_tags(checkpoint_dir)
+        if latest.is_file() and latest.read_text().strip() in candidates:
+            first = latest.read_text().strip()
+            candidates = [first] + [t for t in candidates if t != first]
+        for tag in candidates:
+            problem = verify(checkpoint_dir / tag)
+            if problem is None:
+                choice[0] = tag
+                break
+            log.warning(f"warning: checkpoint {checkpoint_dir / tag} is unusable ({problem}); "
+                        f"falling back to the previous one")
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        raise CheckpointError(f"train.resume=true but {checkpoint_dir} holds no complete checkpoint: "
                               f"train without resume first, or point train.run_dir at a run that saved one")
-    path, client = engine.load_checkpoint(str(checkpoint_dir), load_optimizer_states=True,
+    return choice[0]
+
+
+def load_latest(engine, checkpoint_dir: Path) -> tuple[int, int]:
+    """Load the newest good checkpoint into the engine; returns (step, consumed_samples)."""
+    tag = choose_tag(checkpoint_dir)
+    path, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None or client is None:
-        raise CheckpointError(f"could not load the latest checkpoint in {checkpoint_dir}")
-    tag = (checkpoint_dir / "latest").read_text().strip()
+        raise CheckpointError(f"DeepSpeed could not load {checkpoint_dir / tag}: was it written by another layout?")
     rng_file = checkpoint_dir / tag / "rng" / f"rank{dist.get_rank()}.pt"
-    extra = None
     if rng_file.is_file():
-        states = torch.load(rng_file, weights_only=False)
-        extra = states.pop("extra")
-        set_rng_states(states)
-    return int(client["step"]), int(client["consumed_samples"]), extra
+        set_rng_states(torch.load(rng_file, weights_only=False))
+    return int(client["step"]), int(client["consumed_samples"])

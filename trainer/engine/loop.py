@@ -14,7 +14,6 @@ from typing import Iterator, Optional
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
@@ -23,6 +22,7 @@ from trainer.data.dataset import GLMDataset, build_dataset, collate, micro_batch
 from trainer.engine import checkpoint
 from trainer.engine.distributed import init_distributed
 from trainer.engine.ds_config import build_ds_config
+from trainer.engine.faults import NonFiniteSteps, PreemptionHandler, TrainingFault, is_finite, poison_loss
 from trainer.engine.flops import train_flops_per_token
 from trainer.engine.grad_norm import clip_grads_
 from trainer.engine.metrics import MetricsWriter
@@ -45,6 +45,7 @@ class RunResult:
     engine: object
     dataset: GLMDataset
     topology: Topology
+    stopped_by_signal: bool = False
 
 
 def micro_batches(dataset: GLMDataset, consumed: int, grad_accum: int, topology: Topology,
@@ -58,36 +59,13 @@ def micro_batches(dataset: GLMDataset, consumed: int, grad_accum: int, topology:
                (batch["labels"], batch["loss_mask"]))
 
 
-def resolve_vocab(config: Config, dataset: GLMDataset) -> None:
+def resolve_vocab(config: Config, vocab: int) -> None:
     """Take the vocabulary from the tokenizer, or check that the configured one can hold it."""
-    vocab = dataset.tokenizer.vocab_size
     if config.model.vocab_size == 0:
         config.model.vocab_size = vocab
     elif config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                           f"{vocab} tokens: set model.vocab_size to 0 (take it from the tokenizer) or >= {vocab}")
-
-
-def _use_own_clipping(engine, topology: Topology, max_norm: float, device) -> dict:
-    """fp32 without ZeRO: DeepSpeed's clip_fp32_gradients counts the tied embedding twice and drops
-    replicated weights on later pipeline stages; clip with the layout-aware norm instead."""
-    state = {"norm": None}
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
-
-    def clip() -> None:
-        state["norm"] = clip_grads_(params, max_norm, topology.tp_rank, group, device).item()
-
-    engine.clip_fp32_gradients = clip
-    if max_norm <= 0:  # DeepSpeed skips the clip call altogether; record the norm at the step instead
-        original_step = engine._take_model_step
-
-        def step_and_norm(*args, **kwargs):
-            clip()
-            return original_step(*args, **kwargs)
-
-        engine._take_model_step = step_and_norm
-    return state
 
 
 def build_engine(config: Config, topology: Topology, world_size: int):
@@ -101,71 +79,151 @@ def build_engine(config: Config, topology: Topology, world_size: int):
     return engine
 
 
+class OwnClipping:
+    """fp32 without ZeRO: DeepSpeed's clip_fp32_gradients counts the tied embedding twice and drops the
+    replicated weights of later pipeline stages, and nothing skips a non-finite step. This replaces it
+    with the layout-aware norm (engine/grad_norm.py); a non-finite norm drops the gradients, so AdamW
+    leaves every weight and moment as it was."""
+
+    def __init__(self, engine, topology: Topology, max_norm: float):
+        self.norm: Optional[float] = None
+        self._params = [p for p in engine.module.parameters() if p.requires_grad]
+        self._group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
+        self._tp_rank, self._max_norm, self._device = topology.tp_rank, max_norm, engine.device
+        original_step = engine._take_model_step
+
+        def take_model_step(*args, **kwargs):
+            self.clip()
+            return original_step(*args, **kwargs)
+
+        engine.clip_fp32_gradients = lambda: None  # clipping happens in take_model_step, always
+        engine._take_model_step = take_model_step
+
+    def clip(self) -> None:
+        norm = clip_grads_(self._params, self._max_norm, self._tp_rank, self._group, self._device).item()
+        self.norm = norm
+        if not is_finite(norm):
+            for param in self._params:
+                param.grad = None
+
+
 def _memory() -> dict:
     accelerator = get_accelerator()
     return {"allocated_bytes": float(accelerator.memory_allocated()),
             "peak_allocated_bytes": float(accelerator.max_memory_allocated())}
 
 
-def train(config: Config) -> RunResult:
-    """Train config.train.steps optimizer steps (resuming if asked); returns the losses of this process."""
-    rank, world_size = init_distributed()
-    config.validate(world_size)
-    topology = Topology.create(config.parallel.tp, config.parallel.pp)
-    model_parallel_seed(config.train.seed, topology)
-    dataset = build_dataset(config.data, config.train.seed)
-    resolve_vocab(config, dataset)
-    config.model.validate(config.parallel.tp)
+class Trainer:
+    """Owns the engine, the data position and the outputs of one run."""
 
-    run_dir = Path(config.train.run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    engine = build_engine(config, topology, world_size)
-    own_clip = None
-    if config.train.precision == "fp32" and config.optim.zero_stage == 0:
-        own_clip = _use_own_clipping(engine, topology, config.optim.grad_clip, engine.device)
+    def __init__(self, config: Config):
+        self.config = config
+        self.rank, self.world_size = init_distributed(config.train.collective_timeout_minutes)
+        config.validate(self.world_size)
+        self.topology = Topology.create(config.parallel.tp, config.parallel.pp)
+        model_parallel_seed(config.train.seed, self.topology)
+        self.dataset = build_dataset(config.data, config.train.seed)
+        resolve_vocab(config, self.dataset.tokenizer.vocab_size)
+        config.model.validate(config.parallel.tp)
+        self.run_dir = Path(config.train.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.engine = build_engine(config, self.topology, self.world_size)
+        self.own_clipping = None
+        if config.train.precision == "fp32" and config.optim.zero_stage == 0:
+            self.own_clipping = OwnClipping(self.engine, self.topology, config.optim.grad_clip)
+        self.step = 0
+        if config.train.resume:
+            self.step, _ = checkpoint.load_latest(self.engine, self.checkpoint_dir)
+        module = self.engine.module
+        module.loss_fn = poison_loss(module.loss_fn, set(config.train.inject_nan_steps), lambda: self.step + 1)
+        self.unit = config.parallel.micro_batch_size * self.topology.dp
+        self.consumed = consumed_samples_at(self.step, config, self.unit)
+        self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
+        self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
 
-    start_step = 0
-    if config.train.resume:
-        start_step, _, _ = checkpoint.load_latest(engine, checkpoint_dir)
-    unit = config.parallel.micro_batch_size * topology.dp
-    consumed = consumed_samples_at(start_step, config, unit)
-    writer = MetricsWriter(run_dir, enabled=rank == 0, resume_step=start_step)
-    flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
-    single = world_size == 1
-    steps = range(start_step, config.train.steps)
-    progress = tqdm(steps, desc="train", unit="step", disable=not single)
-    losses: list[float] = []
-    for step in progress:
-        batch_size = global_batch_at(step, config, unit)
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics record."""
+        config, engine = self.config, self.engine
+        batch_size = global_batch_at(self.step, config, self.unit)
         if batch_size != engine.train_batch_size():
             engine.set_train_batch_size(batch_size)
-        grad_accum = batch_size // unit
+        skipped_before = engine.skipped_steps
         start = time.perf_counter()
-        loss = engine.train_batch(micro_batches(dataset, consumed, grad_accum, topology,
-                                                config.parallel.micro_batch_size)).item()
+        batches = micro_batches(self.dataset, self.consumed, batch_size // self.unit, self.topology,
+                                config.parallel.micro_batch_size)
+        loss = engine.train_batch(batches).item()
         elapsed = time.perf_counter() - start
-        consumed += batch_size
-        losses.append(loss)
-        record = {"step": step + 1, "loss": loss, "lr": engine.get_lr()[0],
-                  "grad_norm": own_clip["norm"] if own_clip else _engine_grad_norm(engine),
-                  "tokens_per_s": batch_size * config.data.seq_length / elapsed,
-                  "tflops": batch_size * config.data.seq_length * flops_per_token / elapsed / world_size / 1e12,
-                  "batch_size": batch_size, "consumed_samples": consumed}
+        self.step += 1
+        self.consumed += batch_size
+        grad_norm = self.own_clipping.norm if self.own_clipping else engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        skipped = engine.skipped_steps > skipped_before or not (is_finite(loss) and is_finite(grad_norm))
+        self.nonfinite.record(skipped)
+        tokens = batch_size * config.data.seq_length
+        record = {"step": self.step, "loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / elapsed,
+                  "tflops": tokens * self.flops_per_token / elapsed / self.world_size / 1e12,
+                  "batch_size": batch_size, "consumed_samples": self.consumed,
+                  "skipped": int(skipped), "skipped_total": self.nonfinite.total}
         if config.train.precision == "fp16":
             record["loss_scale"] = float(engine.optimizer.cur_scale)
-        writer.write(record, _memory())
-        if single:
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-        elif rank == 0 and (step + 1) % config.train.log_interval == 0:
-            print(f"step {step + 1}/{config.train.steps} loss {loss:.4f} lr {record['lr']:.3e} "
-                  f"grad_norm {record['grad_norm']:.3f} tokens/s {record['tokens_per_s']:.0f}", flush=True)
-        interval = config.train.save_interval
-        if (interval and (step + 1) % interval == 0) or step + 1 == config.train.steps:
-            checkpoint.save(engine, checkpoint_dir, step + 1, consumed)
-    writer.close()
-    return RunResult(losses, run_dir, checkpoint_dir, engine, dataset, topology)
+        return record
+
+    def _guarded_step(self) -> dict:
+        """A step whose collective failure (a dead or hung peer) names this rank's place in the layout."""
+        try:
+            return self.train_step()
+        except RuntimeError as error:
+            t = self.topology
+            raise TrainingFault(f"rank {self.rank} (pipeline stage {t.pp_rank}, tensor rank {t.tp_rank}, data rank "
+                                f"{t.dp_rank}) stopped at step {self.step + 1}: {error}. If a peer rank died or hung, "
+                                f"its own log names the cause; collectives time out after "
+                                f"train.collective_timeout_minutes") from error
+
+    def save(self) -> Path:
+        return checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.consumed,
+                               keep=self.config.train.keep_checkpoints)
+
+    def _log(self, record: dict, progress) -> None:
+        if self.world_size == 1:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        elif self.rank == 0 and record["step"] % self.config.train.log_interval == 0:
+            norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
+            print(f"step {record['step']}/{self.config.train.steps} loss {record['loss']:.4f} "
+                  f"lr {record['lr']:.3e} grad_norm {norm} tokens/s {record['tokens_per_s']:.0f}"
+                  + (f" skipped {record['skipped_total']}" if record["skipped_total"] else ""), flush=True)
+
+    def run(self) -> RunResult:
+        config = self.config
+        writer = MetricsWriter(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
+        progress = tqdm(total=config.train.steps, initial=self.step, desc="train", unit="step",
+                        disable=self.world_size != 1)
+        losses: list[float] = []
+        stopped = False
+        with PreemptionHandler() as preemption:
+            while self.step < config.train.steps:
+                record = self._guarded_step()
+                losses.append(record["loss"])
+                writer.write(record, _memory())
+                progress.update(1)
+                self._log(record, progress)
+                if self.nonfinite.exceeded:
+                    self.save()
+                    raise TrainingFault(
+                        f"{self.nonfinite.in_a_row} steps in a row had a non-finite loss or gradient norm "
+                        f"(limit train.max_nonfinite_in_a_row={self.nonfinite.limit}); the last good state is "
+                        f"saved in {self.checkpoint_dir}: lower optim.lr or check the data, then resume")
+                stopped = preemption.should_stop(self.engine.device)
+                interval = config.train.save_interval
+                if stopped or (interval and self.step % interval == 0) or self.step == config.train.steps:
+                    self.save()
+                if stopped:
+                    break
+        progress.close()
+        writer.close()
+        return RunResult(losses, self.run_dir, self.checkpoint_dir, self.engine, self.dataset, self.topology, stopped)
 
 
-def _engine_grad_norm(engine) -> Optional[float]:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+def train(config: Config) -> RunResult:
+    """Train up to config.train.steps optimizer steps in total (resuming if asked)."""
+    return Trainer(config).run()

@@ -1,0 +1,92 @@
+"""Preemption and numerical faults: what a long run needs to end cleanly instead of dying.
+
+- SIGTERM / SIGINT (SLURM sends SIGTERM before it kills a job): the step in flight finishes, every rank
+  agrees to stop at the same step, a checkpoint is saved and the run exits 0. A second signal exits at once.
+- A non-finite loss or gradient norm: the optimizer step is skipped (DeepSpeed's overflow path, or ours
+  where DeepSpeed has none), counted and logged; too many in a row stop the run with a checkpoint of the
+  last good state. `train.inject_nan_steps` poisons the loss of chosen steps to test exactly that.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import GLMError
+
+
+class TrainingFault(GLMError):
+    """The run cannot continue (a fault it was told not to tolerate); a checkpoint was saved first."""
+
+
+class PreemptionHandler:
+    """Turns the first SIGTERM/SIGINT into a request to stop after the current step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "PreemptionHandler":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            print(f"rank {os.environ.get('RANK', '0')}: second {signal.Signals(signum).name}, exiting now",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"rank {os.environ.get('RANK', '0')}: {signal.Signals(signum).name} received: finishing this step, "
+              f"saving a checkpoint and exiting (send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def should_stop(self, device) -> bool:
+        """True on every rank if any rank was signalled (a collective: call it on all ranks each step)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class NonFiniteSteps:
+    """Counts skipped steps and stops the run after `limit` in a row (0 = never stop)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def record(self, skipped: bool) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        self.total += int(skipped)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.limit > 0 and self.in_a_row > self.limit
+
+
+def is_finite(value: Optional[float]) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def poison_loss(loss_fn: Callable, poisoned_steps: set[int], current_step: Callable[[], int]) -> Callable:
+    """Wrap a loss function so the loss of the given (1-based) optimizer steps is NaN: fault injection."""
+    if not poisoned_steps:
+        return loss_fn
+
+    def loss_with_faults(outputs, labels):
+        loss = loss_fn(outputs, labels)
+        return loss * float("nan") if current_step() in poisoned_steps else loss
+
+    return loss_with_faults
