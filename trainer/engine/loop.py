@@ -147,7 +147,7 @@ class Trainer:
         batch_size = global_batch_at(self.step, config, self.unit)
         if batch_size != engine.train_batch_size():
             engine.set_train_batch_size(batch_size)
-        skipped_before = engine.skipped_steps
+        skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]
         start = time.perf_counter()
         batches = micro_batches(self.dataset, self.consumed, batch_size // self.unit, self.topology,
                                 config.parallel.micro_batch_size)
@@ -160,7 +160,7 @@ class Trainer:
         skipped = engine.skipped_steps > skipped_before or not (is_finite(loss) and is_finite(grad_norm))
         self.nonfinite.record(skipped)
         tokens = batch_size * config.data.seq_length
-        record = {"step": self.step, "loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / elapsed,
                   "tflops": tokens * self.flops_per_token / elapsed / self.world_size / 1e12,
                   "batch_size": batch_size, "consumed_samples": self.consumed,
