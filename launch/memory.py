@@ -41,10 +41,15 @@ class Workload:
     seq_length: int
     precision: str
     zero_stage: int
+    dropout_mask_bytes: int = 1
+    """Bytes per element of a saved dropout mask: 1 on GPUs (a bool mask); PyTorch's CPU dropout
+    keeps a mask in the activation dtype, so CPU ranks need activation_bytes."""
 
     @classmethod
-    def from_config(cls, config: Config) -> "Workload":
-        return cls(config.model, config.data.seq_length, config.train.precision, config.optim.zero_stage)
+    def from_config(cls, config: Config, on_cpu: bool = False) -> "Workload":
+        precision = config.train.precision
+        mask_bytes = (4 if precision == "fp32" else 2) if on_cpu else 1
+        return cls(config.model, config.data.seq_length, precision, config.optim.zero_stage, mask_bytes)
 
     @property
     def activation_bytes(self) -> int:
@@ -132,24 +137,29 @@ def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
       e s b f * m / tp   the MLP: GeLU input and ffn -> h input (m = 2); GeGLU: both halves, the GeLU
                          output and the product (m = 4)
       s s b              the attention mask [b, 1, s, s] (bool), built in every block
+      4 e s b d          RoPE's cos and sin for q and k (d = head dim), when RoPE is on
+      16 s b             the two LayerNorms' fp32 mean and 1/std
       attention core     fused scaled_dot_product_attention: its output e s b h / tp and the fp32
                          log-sum-exp 4 a s b / tp (no s x s matrix); GLM-130B's FP32 softmax: the fp32
                          probabilities 4 a s s b / tp, their half-precision copy (e) and, with attention
-                         dropout, its mask (1) and output (e) instead of the copy
-      s b h * 2          the two residual dropout masks (1 byte each) when hidden dropout is on
+                         dropout, its mask (m) and output (e) instead of the copy
+      s b h * 2 * m      the two residual dropout masks when hidden dropout is on (m = dropout_mask_bytes)
     """
     model, e = work.model, work.activation_bytes
     s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
     sbh = s * b * h
     mlp_factor = 4 if model.mlp == "geglu" else 2
-    total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp + s * s * b
+    mask = work.dropout_mask_bytes
+    total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp + s * s * b + 16 * s * b
+    if model.position_embedding != "learned_2d":
+        total += 4 * e * s * b * model.head_dim
     if model.fp32_softmax_layer_scaling:
         scores = a * s * s * b // tp
-        total += scores * 4 + scores * ((1 + e) if model.attention_dropout > 0 else (e if e == 2 else 0))
+        total += scores * 4 + scores * ((mask + e) if model.attention_dropout > 0 else (e if e == 2 else 0))
     else:
         total += e * sbh // tp + 4 * a * s * b // tp
     if model.hidden_dropout > 0:
-        total += 2 * sbh
+        total += 2 * sbh * mask
     return total
 
 
@@ -161,7 +171,7 @@ def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_b
     s, b, h = work.seq_length, micro_batch, model.hidden_size
     total = 0
     if stage == 0:
-        total += 3 * 8 * s * b + (s * b * h if model.hidden_dropout > 0 else 0)
+        total += 3 * 8 * s * b + (s * b * h * work.dropout_mask_bytes if model.hidden_dropout > 0 else 0)
     if stage == pp - 1:
         vocab = model.padded_vocab_size(tp) // tp
         total += 2 * e * s * b * h + (e + 4) * s * b * vocab

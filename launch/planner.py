@@ -241,7 +241,7 @@ def _refusal(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) 
 
 def plan_layout(config: Config, cluster: Cluster, fixed: Fixed = Fixed()) -> Plan:
     """Choose what `fixed` leaves open, validate what it fixes; ConfigError when nothing fits."""
-    work = Workload.from_config(config)
+    work = Workload.from_config(config, on_cpu=cluster.kind == "cpu")
     _check_fixed(work, cluster, fixed)
     plan = search(work, cluster, config.parallel.global_batch_size, fixed)
     if plan is None:
