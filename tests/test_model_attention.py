@@ -1,0 +1,108 @@
+"""Attention: the FP32-softmax switch against plain fp32 softmax, the SDPA path against the formula,
+and the KV cache against full-sequence attention."""
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from trainer.model.attention import MASKED_SCORE, KVCache, SelfAttention, fp32_softmax_attention
+from trainer.model.config import ModelConfig
+from trainer.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, model_parallel_seed
+from trainer.parallel.topology import Topology
+
+
+def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
+    """[b, 1, s, s]: column j visible from row i iff j < sep or j <= i."""
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    return ((j < sep[:, None, None]) | (j <= i))[:, None]
+
+
+def fp32_reference(q, k, v, mask):
+    q, k, v = q.double(), k.double(), v.double()
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, MASKED_SCORE)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_fp32_softmax_with_layer_scaling_equals_fp32_softmax(dtype, tol):
+    torch.manual_seed(0)
+    b, n, s, d = 2, 2, 8, 16
+    # logits q.k / sqrt(d) of std 16; the tolerance is the rounding of such scores in the dtype
+    q, k = torch.randn(b, n, s, d) * 4, torch.randn(b, n, s, d) * 4
+    v = torch.randn(b, n, s, d)
+    mask = glm_mask(torch.tensor([3, 5]), s)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    got = fp32_softmax_attention(q, k, v, mask, layer_number=24, dropout=lambda p: p)
+    assert got.dtype == dtype
+    assert_close(got.double(), fp32_reference(q, k, v, mask), atol=tol, rtol=tol)
+
+
+def test_layer_scaling_keeps_fp16_scores_finite_where_unscaled_ones_overflow():
+    torch.manual_seed(0)
+    b, n, s, d = 1, 1, 6, 64
+    k = torch.randn(b, n, s, d) * 40
+    q = k + torch.randn(b, n, s, d)  # q_i . k_i ~ 40^2 * 64 > 65504, the fp16 maximum
+    v = torch.randn(b, n, s, d)
+    mask = glm_mask(torch.tensor([2]), s)
+    q, k, v = q.half(), k.half(), v.half()
+    assert torch.isinf(q @ k.transpose(-1, -2)).any()
+    got = fp32_softmax_attention(q, k, v, mask, layer_number=70, dropout=lambda p: p)
+    assert torch.isfinite(got).all()
+    assert_close(got.double(), fp32_reference(q, k, v, mask), atol=2e-2, rtol=2e-2)
+
+
+def _qkv_of(attention: SelfAttention, hidden: torch.Tensor):
+    b, s, _ = hidden.shape
+    q, k, v = attention.query_key_value(hidden).view(b, s, 3, attention.local_heads, -1).unbind(2)
+    return (t.transpose(1, 2) for t in (q, k, v))  # [b, n, s, d]
+
+
+@pytest.mark.parametrize("fp32_softmax", [False, True])
+def test_attention_module_matches_the_formula(fp32_softmax):
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=32, num_attention_heads=4, attention_dropout=0.0,
+                         fp32_softmax_layer_scaling=fp32_softmax)
+    attention = SelfAttention(config, layer_number=3, seed=1)
+    hidden = torch.randn(2, 7, 32)
+    mask = glm_mask(torch.tensor([2, 4]), 7)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    q, k, v = _qkv_of(attention, hidden)
+    context = fp32_reference(q, k, v, mask).float().transpose(1, 2).reshape(2, 7, 32)  # [b, s, h]
+    assert_close(attention(hidden, ids, ids, mask), attention.dense(context), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position_embedding", ["rope_1d", "rope_2d"])
+def test_kv_cache_equals_full_sequence(position_embedding):
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=32, num_attention_heads=2, attention_dropout=0.0,
+                         position_embedding=position_embedding)
+    attention = SelfAttention(config, layer_number=1, seed=2).eval()
+    s, sep, first = 9, 4, 6
+    hidden = torch.randn(1, s, 32)
+    position_ids = torch.tensor([[0, 1, 2, 3, 3, 3, 3, 3, 3]])
+    block_position_ids = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
+    mask = glm_mask(torch.tensor([sep]), s)
+    full = attention(hidden, position_ids, block_position_ids, mask)
+    cache = KVCache()
+    head = attention(hidden[:, :first], position_ids[:, :first], block_position_ids[:, :first],
+                     mask[:, :, :first, :first], kv_cache=cache)
+    tail = attention(hidden[:, first:], position_ids[:, first:], block_position_ids[:, first:],
+                     mask[:, :, first:, :], kv_cache=cache)
+    assert_close(torch.cat([head, tail], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fp32_softmax", [False, True])
+def test_attention_dropout_draws_from_the_tensor_parallel_stream(fp32_softmax):
+    model_parallel_seed(5, Topology.single())
+    config = ModelConfig(hidden_size=32, num_attention_heads=4, attention_dropout=0.5,
+                         fp32_softmax_layer_scaling=fp32_softmax)
+    attention = SelfAttention(config, layer_number=1, seed=0)
+    hidden, mask = torch.randn(1, 6, 32), glm_mask(torch.tensor([2]), 6)
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    default_before = torch.get_rng_state()
+    fork_before = get_rng_tracker().get_states()[MODEL_PARALLEL_RNG]
+    dropped = attention(hidden, ids, ids, mask)
+    assert torch.equal(torch.get_rng_state(), default_before)  # the default stream did not move
+    assert not torch.equal(get_rng_tracker().get_states()[MODEL_PARALLEL_RNG], fork_before)
+    assert (dropped - attention.eval()(hidden, ids, ids, mask)).abs().max() > 1e-3

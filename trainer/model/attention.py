@@ -1,0 +1,109 @@
+"""GLM self-attention: fused QKV on a column-parallel layer (each tensor-parallel rank holds whole heads),
+optional RoPE, the blank-infilling mask, and a row-parallel output projection.
+
+    [q; k; v] = x W_qkv^T,  q, k <- rope(q), rope(k) (RoPE configs),
+    o = softmax(q k^T / sqrt(d), masked) v   per head,   y = o W_dense^T
+The mask lets row i see column j iff j < sep or j <= i (trainer.data.blank_infilling).
+W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], each holding its heads' d-sized chunks.
+Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model.config import ModelConfig
+from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
+from trainer.model.rotary import apply_position_rotary
+from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from trainer.parallel.mappings import group_size
+from trainer.parallel.random import get_rng_tracker
+
+MASKED_SCORE = -65504.0
+"""The fill of masked scores: the most negative fp16 number, as in the reference code."""
+
+
+def fp32_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                           layer_number: int, dropout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """GLM-130B's FP32 softmax with query-key layer scaling, c = layer_number (1-based):
+        scores = (q / (sqrt(d) c)) k^T    in the compute dtype (c keeps fp16 scores from overflowing)
+        probs  = softmax(fp32(scores) * c, masked -65504)   in fp32, cast back to the compute dtype.
+    q, k, v [b, n, s, d]; mask [b, 1, s_q, s_k] bool (True = may attend) -> [b, n, s, d]."""
+    scale = math.sqrt(q.shape[-1]) * layer_number
+    scores = torch.matmul(q / scale, k.transpose(-1, -2))  # [b, n, s_q, s_k]
+    scores = (scores.to(torch.float32) * layer_number).masked_fill(~mask, MASKED_SCORE)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(dropout(probs), v)
+
+
+class KVCache:
+    """Keys and values of earlier positions, [b, n, s_past, d] each, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.key: Optional[torch.Tensor] = None
+        self.value: Optional[torch.Tensor] = None
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' key/value [b, n, s_new, d]; return all positions' [b, n, s_past + s_new, d]."""
+        if self.key is not None:
+            key = torch.cat([self.key, key], dim=2)
+            value = torch.cat([self.value, value], dim=2)
+        self.key, self.value = key, value
+        return key, value
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention of block `layer_number` (1-based); each tensor-parallel rank computes
+    num_attention_heads / tp whole heads and the row-parallel dense layer sums their contributions."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+        super().__init__()
+        h, n = config.hidden_size, config.num_layers
+        tp = group_size(tp_group)
+        self.config = config
+        self.layer_number = layer_number
+        self.local_heads = config.num_attention_heads // tp
+        if config.norm == "deepnorm":  # DeepNet: q, k gain 1; v and the output projection gain beta
+            qk_std = xavier_normal_std(1.0, h, h)
+            qkv_stds = (qk_std, qk_std, xavier_normal_std(config.deepnorm_beta, h, h))
+            dense_std = xavier_normal_std(config.deepnorm_beta, h, h)
+        else:
+            qkv_stds = (config.init_std,) * 3
+            dense_std = config.init_std / math.sqrt(2 * n)
+        name = f"layers.{layer_number - 1}.attention"
+        self.query_key_value = ColumnParallelLinear(
+            h, 3 * h, group=tp_group, init_method=fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp))
+        self.dense = RowParallelLinear(h, h, group=tp_group,
+                                       init_method=normal_init(seed, f"{name}.dense", dense_std))
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
+                mask: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """hidden [b, s, h], position ids [b, s], mask [b, 1, s, s_k] bool (True = may attend) -> [b, s, h].
+        With a kv_cache, hidden holds only the new positions and the mask's s_k counts the cached ones too."""
+        b, s, _ = hidden.shape
+        d = self.config.head_dim
+        qkv = self.query_key_value(hidden).view(b, s, 3, self.local_heads, d)  # [b, s, 3, n/tp, d]
+        q, k, v = qkv.unbind(dim=2)  # [b, s, n/tp, d] each
+        if self.config.position_embedding != "learned_2d":
+            q = apply_position_rotary(q, position_ids, block_position_ids, self.config)
+            k = apply_position_rotary(k, position_ids, block_position_ids, self.config)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, n/tp, s, d]
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # [b, n/tp, s_k, d]
+        p = self.config.attention_dropout if self.training else 0.0
+        with get_rng_tracker().fork() if p > 0 else nullcontext():  # only dropout draws random numbers
+            context = self._core(q, k, v, mask, p)  # [b, n/tp, s, d]
+        context = context.transpose(1, 2).reshape(b, s, self.local_heads * d)  # [b, s, h/tp]
+        return self.dense(context)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+        """Scaled dot-product attention with dropout probability p on the probabilities."""
+        if self.config.fp32_softmax_layer_scaling:
+            return fp32_softmax_attention(q, k, v, mask, self.layer_number, lambda probs: F.dropout(probs, p))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
