@@ -1,0 +1,71 @@
+"""The block: pre-LN and DeepNorm formulas with the block's own sublayers, and the DeepNorm init gains."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from trainer.model.block import GLMBlock
+from trainer.model.config import ModelConfig
+from trainer.model.init import split_rank_major
+
+
+def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    return ((j < sep[:, None, None]) | (j <= i))[:, None]
+
+
+def _run(norm):
+    torch.manual_seed(0)
+    config = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, norm=norm,
+                         hidden_dropout=0.0, attention_dropout=0.0)
+    block = GLMBlock(config, layer_number=2, seed=1)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so that a misplaced LayerNorm shows
+        for norm_layer in (block.input_layernorm, block.post_attention_layernorm):
+            norm_layer.weight.uniform_(0.5, 1.5)
+            norm_layer.bias.normal_()
+    hidden = torch.randn(2, 6, 32)
+    positions = torch.arange(6).repeat(2, 1)
+    sep = torch.tensor([3, 4])
+    out = block((hidden, positions, positions * 0, sep))
+    attend = lambda x: block.attention(x, positions, positions * 0, glm_mask(sep, 6))
+    return config, block, hidden, out, attend
+
+
+def test_pre_ln_block_formula():
+    _, block, x, out, attend = _run("pre_ln")
+    x = x + attend(block.input_layernorm(x))
+    x = x + block.mlp(block.post_attention_layernorm(x))
+    assert_close(out[0], x, atol=1e-5, rtol=1e-5)
+
+
+def test_deepnorm_block_formula():
+    """Each sublayer maps x to LN(alpha x + f(x)); GLM-130B keeps the closing LayerNorm of the MLP sublayer
+    as the next block's input_layernorm, so a block returns alpha m + MLP(m) and starts with LN_in."""
+    config, block, x, out, attend = _run("deepnorm")
+    alpha = math.sqrt(2 * 3)
+    a = block.input_layernorm(x)
+    m = F.layer_norm(alpha * a + attend(a), (32,), block.post_attention_layernorm.weight,
+                     block.post_attention_layernorm.bias, eps=config.layernorm_epsilon)
+    assert_close(out[0], alpha * m + block.mlp(m), atol=1e-5, rtol=1e-5)
+    assert abs(config.deepnorm_alpha - alpha) < 1e-12
+
+
+@pytest.mark.parametrize("mlp_kind", ["gelu", "geglu"])
+def test_deepnorm_init_gains(mlp_kind):
+    n, h = 6, 256
+    config = ModelConfig(num_layers=n, hidden_size=h, num_attention_heads=4, norm="deepnorm", mlp=mlp_kind)
+    block = GLMBlock(config, layer_number=1, seed=0)
+    beta, f = (2 * n) ** -0.5, config.ffn_size
+    f_in = 2 * f if mlp_kind == "geglu" else f
+    xavier = lambda gain, fan_in, fan_out: gain * math.sqrt(2 / (fan_in + fan_out))
+    q, k, v = split_rank_major(block.attention.query_key_value.weight, 3, tp=1)
+    expected = [(q, xavier(1, h, h)), (k, xavier(1, h, h)), (v, xavier(beta, h, h)),
+                (block.attention.dense.weight, xavier(beta, h, h)),
+                (block.mlp.dense_h_to_4h.weight, xavier(beta, h, f_in)),
+                (block.mlp.dense_4h_to_h.weight, xavier(beta, f, h))]
+    for weight, std in expected:
+        assert abs(weight.std().item() / std - 1) < 0.03, (weight.shape, weight.std().item(), std)
+        assert abs(weight.mean().item()) < 0.03 * std
+    assert abs(config.deepnorm_beta - beta) < 1e-12

@@ -1,0 +1,124 @@
+"""The whole model: blank-infilling attention end to end, and tp=2 against tp=1 (loss and every gradient)."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing import assert_close
+
+from tests.distributed import run_distributed
+from trainer.model.config import ModelConfig
+from trainer.model.glm import GLMLoss, GLMModel
+from trainer.model.init import split_rank_major
+from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from trainer.parallel.topology import Topology
+
+SWITCH_SETS = {
+    "glm": dict(position_embedding="learned_2d", norm="pre_ln", mlp="gelu"),
+    "glm130b_rope1d": dict(position_embedding="rope_1d", norm="deepnorm", mlp="geglu", embedding_shrink_alpha=0.1,
+                           fp32_softmax_layer_scaling=True),
+    "glm130b_rope2d": dict(position_embedding="rope_2d", norm="deepnorm", mlp="geglu", embedding_shrink_alpha=0.1,
+                           fp32_softmax_layer_scaling=True),
+}
+
+
+def tiny_config(**switches) -> ModelConfig:
+    return ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100, max_sequence_length=16,
+                       hidden_dropout=0.0, attention_dropout=0.0, **switches)
+
+
+def glm_batch(b: int = 2, s: int = 12, vocab: int = 100):
+    """A blank-infilling-shaped batch: Part A of length sep, then one Part B span at the blank's position."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (b, s), generator=generator)
+    labels = torch.randint(0, vocab, (b, s), generator=generator)
+    sep = torch.tensor([5, 7])[:b]
+    index = torch.arange(s).repeat(b, 1)
+    part_b = index >= sep[:, None]
+    blank = torch.tensor([2, 6])[:b, None]
+    position_ids = torch.where(part_b, blank, index)
+    block_position_ids = torch.where(part_b, index - sep[:, None] + 1, 0)
+    return (input_ids, position_ids, block_position_ids, sep), (labels, part_b.long())
+
+
+@pytest.mark.parametrize("switches", list(SWITCH_SETS.values()), ids=list(SWITCH_SETS))
+def test_attention_is_blank_infilling(switches):
+    """Changing the Part B token at position t changes no Part A output and no Part B output before t."""
+    torch.manual_seed(0)
+    model = GLMModel(tiny_config(**switches), seed=3)
+    (input_ids, *rest), _ = glm_batch()
+    before = model(input_ids, *rest)
+    t = 9  # a Part B position of both samples (sep 5 and 7)
+    changed = input_ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % 100
+    after = model(changed, *rest)
+    assert_close(after[:, :t], before[:, :t], atol=1e-6, rtol=1e-6)
+    assert (after[:, t:] - before[:, t:]).abs().amax(dim=-1).min() > 1e-4
+    changed = input_ids.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % 100  # a Part A token: Part A is bidirectional, so position 0 sees it
+    assert (model(changed, *rest)[:, 0] - before[:, 0]).abs().amax(dim=-1).min() > 1e-4
+
+
+def test_parameter_names_and_seeded_init():
+    config = tiny_config(**SWITCH_SETS["glm"])
+    model = GLMModel(config, seed=3)
+    names = dict(model.named_parameters())
+    assert "embedding.word_embeddings.weight" in names and "embedding.position_embeddings.weight" in names
+    assert "transformer.layers.1.attention.query_key_value.weight" in names
+    assert "transformer.layers.0.mlp.dense_4h_to_h.weight" in names
+    assert "transformer.final_layernorm.bias" in names
+    other = GLMModel(config, seed=3)
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), name
+
+
+def _gather(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
+    shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, shard.contiguous(), group=group)
+    return torch.cat(shards, dim=dim)
+
+
+def _full_grads(model: GLMModel, config: ModelConfig, group, tp: int) -> dict:
+    """Every gradient as its full, logical matrix: shards gathered, fused q/k/v and GeGLU halves unfolded,
+    the vocabulary padding dropped (after checking that it gets no gradient)."""
+    grads = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            grad = param.grad
+            if group is not None and isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+                grad = _gather(grad, 0, group)
+            if group is not None and isinstance(module, RowParallelLinear) and param_name == "weight":
+                grad = _gather(grad, 1, group)
+            if module_name.endswith("query_key_value"):
+                grad = torch.cat(split_rank_major(grad, 3, tp))
+            if module_name.endswith("dense_h_to_4h") and config.mlp == "geglu":
+                grad = torch.cat(split_rank_major(grad, 2, tp))
+            if isinstance(module, VocabParallelEmbedding):
+                assert not grad[config.vocab_size:].any()
+                grad = grad[:config.vocab_size]
+            grads[f"{module_name}.{param_name}"] = grad
+    return grads
+
+
+def _tp_parity(rank: int, world_size: int, switches: dict) -> None:
+    config = tiny_config(**switches)  # vocabulary 100: padded to 128 rows at tp=1, 256 at tp=2
+    inputs, target = glm_batch()
+    group = Topology.create(tp=2, pp=1).tp_group
+    results = []
+    for tp_group, tp in ((None, 1), (group, 2)):
+        model = GLMModel(config, tp_group, seed=11)
+        logits = model(*inputs)
+        loss = GLMLoss(config, tp_group)(logits, target)
+        loss.backward()
+        full_logits = logits if tp_group is None else _gather(logits, -1, group)
+        results.append((loss.detach(), full_logits[..., :config.vocab_size].detach(),
+                        _full_grads(model, config, tp_group, tp)))
+    (loss1, logits1, grads1), (loss2, logits2, grads2) = results
+    assert_close(loss2, loss1, atol=1e-5, rtol=1e-5)
+    assert_close(logits2, logits1, atol=1e-5, rtol=1e-5)
+    assert grads1.keys() == grads2.keys()
+    for name, grad1 in grads1.items():
+        assert_close(grads2[name], grad1, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("switches", list(SWITCH_SETS.values()), ids=list(SWITCH_SETS))
+def test_tp2_equals_tp1(switches):
+    run_distributed(_tp_parity, 2, switches)

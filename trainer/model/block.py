@@ -1,0 +1,49 @@
+"""One GLM transformer block: self-attention and MLP sublayers with pre-LN (GLM) or DeepNorm (GLM-130B).
+
+    pre_ln:    x = x + Attn(LN_in(x));              x = x + MLP(LN_post(x))
+    deepnorm:  a = LN_in(x);  m = LN_post(alpha a + Attn(a));  x = alpha m + MLP(m),  alpha = (2N)^(1/2)
+The DeepNorm form is GLM-130B's placement of the same post-LN update x <- LN(alpha x + f(x)): the LayerNorm
+that closes a sublayer is the next block's input_layernorm (or the final LayerNorm), so the LayerNorm
+count and names match the pre-LN model and GLM-130B's checkpoints.
+Dropout is applied to each sublayer output f(x) before the residual sum.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from trainer.data.blank_infilling import attention_mask_from_sep
+from trainer.model.attention import SelfAttention
+from trainer.model.config import ModelConfig
+from trainer.model.embedding import Activations
+from trainer.model.mlp import GLMMLP
+
+
+class GLMBlock(nn.Module):
+    """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+        super().__init__()
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.deepnorm_alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
+        self.input_layernorm = nn.LayerNorm(h, eps=eps)
+        self.attention = SelfAttention(config, layer_number, tp_group, seed)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
+        self.mlp = GLMMLP(config, layer_number, tp_group, seed)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, inputs: Activations) -> Activations:
+        hidden, position_ids, block_position_ids, sep = inputs  # hidden [b, s, h]
+        mask = attention_mask_from_sep(sep, hidden.shape[1])  # [b, 1, s, s]
+
+        def attend(x):
+            return self.dropout(self.attention(x, position_ids, block_position_ids, mask))
+
+        if self.deepnorm_alpha is None:
+            hidden = hidden + attend(self.input_layernorm(hidden))
+            hidden = hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
+        else:
+            alpha = self.deepnorm_alpha
+            attention_input = self.input_layernorm(hidden)
+            mlp_input = self.post_attention_layernorm(alpha * attention_input + attend(attention_input))
+            hidden = alpha * mlp_input + self.dropout(self.mlp(mlp_input))
+        return hidden, position_ids, block_position_ids, sep

@@ -1,0 +1,62 @@
+"""The whole GLM: the pipeline pieces composed into one single-process module, plus the loss.
+
+    GLMEmbedding -> GLMBlock 1 .. N -> FinalLayerNorm -> GLMEmbedding.logits (tied)   | GLMLoss
+The same pieces are the DeepSpeed pipeline's LayerSpecs (trainer/engine/pipeline.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.model.block import GLMBlock
+from trainer.model.config import ModelConfig
+from trainer.model.embedding import Activations, GLMEmbedding
+from trainer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
+
+
+class FinalLayerNorm(nn.LayerNorm):
+    """The LayerNorm after the last block: activations tuple -> LN(hidden) [b, s, h]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, eps=config.layernorm_epsilon)
+
+    def forward(self, inputs: Activations) -> torch.Tensor:
+        return super().forward(inputs[0])
+
+
+class GLMLoss(nn.Module):
+    """Loss = sum(CE * loss_mask) / sum(loss_mask), CE in fp32 over the vocabulary-parallel logits
+    (padding columns excluded). labels are already shifted: labels[i] is predicted at position i."""
+
+    def __init__(self, config: ModelConfig, tp_group=None):
+        super().__init__()
+        self.vocab_size = config.vocab_size
+        self.tp_group = tp_group
+
+    def forward(self, logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """logits [b, s, V_pad / tp], target (labels [b, s], loss_mask [b, s]) -> scalar."""
+        labels, loss_mask = target
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group, vocab_size=self.vocab_size)
+        return masked_mean(per_token, loss_mask)
+
+
+class GLMModel(nn.Module):
+    """GLM on one pipeline stage. Parameter names follow THUDM/GLM below the top level:
+    embedding.word_embeddings, embedding.{block_,}position_embeddings, transformer.layers.{i}.*,
+    transformer.final_layernorm."""
+
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+        super().__init__()
+        self.embedding = GLMEmbedding(config, tp_group, seed)
+        self.transformer = nn.ModuleDict({
+            "layers": nn.ModuleList(GLMBlock(config, i, tp_group, seed) for i in range(1, config.num_layers + 1)),
+            "final_layernorm": FinalLayerNorm(config),
+        })
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
+                sep: torch.Tensor) -> torch.Tensor:
+        """Token and position ids [b, s], sep [b] -> this rank's logits [b, s, V_pad / tp]."""
+        activations = self.embedding((input_ids, position_ids, block_position_ids, sep))
+        for layer in self.transformer["layers"]:
+            activations = layer(activations)
+        return self.embedding.logits(self.transformer["final_layernorm"](activations))

@@ -1,0 +1,60 @@
+"""`glm-train --print-model`: the parameters of a built model, counted, next to the closed form.
+
+The model is built on the meta device (shapes, no storage), so even GLM-130B costs no memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from trainer.model.config import ModelConfig
+from trainer.model.glm import GLMModel
+from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+
+def _sharded_numel(model: nn.Module) -> int:
+    """Parameters that tensor parallelism splits (the rest are replicated on every tp rank)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+        elif isinstance(module, RowParallelLinear):
+            total += module.weight.numel()
+    return total
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def meta_model(config: ModelConfig, tp: int = 1) -> GLMModel:
+    """The whole (unsharded) model on the meta device, its vocabulary padded as for tensor-parallel size tp:
+    one process cannot build a tp-sharded model, and the padding is the only count that depends on tp."""
+    unsharded = dataclasses.replace(config, vocab_pad_multiple=config.vocab_pad_multiple * tp)
+    with torch.device("meta"):
+        return GLMModel(unsharded)
+
+
+def parameter_summary(config: ModelConfig, tp: int = 1) -> str:
+    """A table of the counted parameters of the model (meta_model), the closed form
+    ModelConfig.num_parameters(tp), and the parameters each tensor-parallel rank holds."""
+    model = meta_model(config, tp)
+    layers, final_norm = model.transformer["layers"], model.transformer["final_layernorm"]
+    counted, closed = _numel(model), config.num_parameters(tp)
+    sharded = _sharded_numel(model)
+    rows = [("embedding", _numel(model.embedding)),
+            ("one block", _numel(layers[0])),
+            (f"{len(layers)} blocks", _numel(layers)),
+            ("final layernorm", _numel(final_norm)),
+            ("total (counted)", counted),
+            ("total (closed form)", closed),
+            (f"per tensor-parallel rank (tp={tp})", sharded // tp + counted - sharded)]
+    header = (f"GLM: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
+              f"ffn {config.ffn_size} ({config.mlp}), {config.position_embedding}, {config.norm}, "
+              f"vocab {config.vocab_size} padded to {config.padded_vocab_size(tp)}")
+    lines = [header] + [f"  {name:<36}{count:>18,}  ({count / 1e9:.3f} B)" for name, count in rows]
+    lines.append("  counted == closed form" if counted == closed
+                 else f"  MISMATCH: counted - closed form = {counted - closed:,}")
+    return "\n".join(lines)
