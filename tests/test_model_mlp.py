@@ -26,8 +26,8 @@ def test_geglu_is_a_times_gelu_b():
     w, bias = mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias  # [2f, h]: a's rows, then b's rows (tp = 1)
     a = x @ w[:24].T + bias[:24]
     b = x @ w[24:].T + bias[24:]
-    want = (a * 0.5 * b * (1 + torch.tanh(math.sqrt(2 / math.pi) * (b + 0.044715 * b ** 3)))) @ mlp.dense_4h_to_h.weight.T \
-        + mlp.dense_4h_to_h.bias
+    gelu_b = 0.5 * b * (1 + torch.tanh(math.sqrt(2 / math.pi) * (b + 0.044715 * b ** 3)))
+    want = (a * gelu_b) @ mlp.dense_4h_to_h.weight.T + mlp.dense_4h_to_h.bias
     assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
 
 

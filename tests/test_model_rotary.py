@@ -29,7 +29,9 @@ def test_rotation_preserves_norm_and_position_zero_is_identity():
 
 
 def _rotated_dot(config, q, k, pos_q, block_q, pos_k, block_k):
-    rotate = lambda x, p, bp: apply_position_rotary(x.view(1, 1, 1, -1), torch.tensor([[p]]), torch.tensor([[bp]]), config)
+    def rotate(x, p, bp):
+        return apply_position_rotary(x.view(1, 1, 1, -1), torch.tensor([[p]]), torch.tensor([[bp]]), config)
+
     return (rotate(q, pos_q, block_q).double() * rotate(k, pos_k, block_k).double()).sum()
 
 

@@ -61,7 +61,8 @@ class GLMEmbedding(nn.Module):
         input_ids, position_ids, block_position_ids, sep = inputs
         hidden = self.word_embeddings(input_ids)  # [b, s, h]
         if self.learned_positions:
-            hidden = hidden + self.position_embeddings(position_ids) + self.block_position_embeddings(block_position_ids)
+            hidden = (hidden + self.position_embeddings(position_ids)
+                      + self.block_position_embeddings(block_position_ids))
         hidden = shrink_embedding_gradient(hidden, self.shrink_alpha)
         return self.dropout(hidden), position_ids, block_position_ids, sep
 
