@@ -21,32 +21,11 @@ from typing import Iterator, Optional
 from launch.devices import Cluster
 from launch.memory import Layout, StageMemory, Workload, stage_memory
 from trainer.config import Config
+from trainer.engine.partition import blocks_per_stage
 from trainer.errors import ConfigError
 
 BUBBLE_LIMIT = 0.10
 MAX_NODES_SEARCHED = 1024
-
-
-def partition_blocks(num_layers: int, pp: int) -> list[int]:
-    """Blocks on each of the pp stages, balanced when the embedding and the output layer each weigh
-    one block: N + 2 units are dealt evenly, the units left over go to the middle stages first, and
-    the first and last stage give one unit to the layer they carry. GLM-130B: 70 blocks on 8 stages
-    -> 8, 9, 9, 9, 9, 9, 9, 8 (70 = 9 * 8 - 2). When that would leave a stage empty (pp close to N),
-    the blocks are dealt evenly instead."""
-    if not 1 <= pp <= num_layers:
-        raise ConfigError(f"parallel.pp={pp} must be between 1 and model.num_layers={num_layers}: "
-                          f"every pipeline stage needs at least one block")
-    if pp == 1:
-        return [num_layers]
-    share, leftover = divmod(num_layers + 2, pp)
-    units = [share] * pp
-    for stage in (list(range(1, pp - 1)) + [0, pp - 1])[:leftover]:
-        units[stage] += 1
-    blocks = [units[0] - 1] + units[1:-1] + [units[-1] - 1]
-    if min(blocks) >= 1:
-        return blocks
-    share, leftover = divmod(num_layers, pp)
-    return [share + (1 if stage < leftover else 0) for stage in range(pp)]
 
 
 @dataclass(frozen=True)
@@ -110,7 +89,7 @@ def bubble(layout: Layout) -> float:
 
 def estimate(work: Workload, layout: Layout) -> list[StageMemory]:
     """The memory estimate of every pipeline stage of a layout."""
-    blocks = partition_blocks(work.model.num_layers, layout.pp)
+    blocks = blocks_per_stage(work.model.num_layers, layout.pp)
     return [stage_memory(work, layout, stage, count) for stage, count in enumerate(blocks)]
 
 
@@ -163,7 +142,7 @@ def search(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed = F
                 layout = _choose_micro(work, tp, pp, dp, interval, global_batch // dp, fixed, cluster.memory_bytes)
                 if layout is not None:
                     stages = estimate(work, layout)
-                    return Plan(layout, cluster, partition_blocks(work.model.num_layers, pp), stages, global_batch)
+                    return Plan(layout, cluster, blocks_per_stage(work.model.num_layers, pp), stages, global_batch)
     return None
 
 
@@ -209,7 +188,7 @@ def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
             raise ConfigError(f"tp={fixed.tp} does not divide the device count of host {uneven[0]}: a tensor-"
                               f"parallel group must not straddle nodes; choose tp dividing every node's slots")
     if fixed.pp is not None:
-        partition_blocks(model.num_layers, fixed.pp)
+        blocks_per_stage(model.num_layers, fixed.pp)
     for name, value in (("micro-batch", fixed.micro_batch), ("checkpoint interval", fixed.checkpoint_interval)):
         if value is not None and value < (1 if name == "micro-batch" else 0):
             raise ConfigError(f"the {name} must be >= {1 if name == 'micro-batch' else 0}, got {value}")

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from launch.devices import Cluster
 from launch.memory import Layout, Workload
-from launch.planner import Fixed, estimate, partition_blocks, plan_layout
+from launch.planner import Fixed, estimate, plan_layout
+from trainer.engine.partition import blocks_per_stage as partition_blocks
 from trainer.config import load_config
 from trainer.errors import ConfigError
 

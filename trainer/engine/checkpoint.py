@@ -5,7 +5,8 @@ Layout under run_dir/checkpoints/:
     global_step{N}/                 DeepSpeed's files (layer_XX-model_YY-model_states.pt per layer and
                                     tensor rank, mp_rank_XX_model_states.pt with the client state: step and
                                     consumed_samples, *optim_states.pt shards, the LR schedule)
-    global_step{N}/rng/rank{R}.pt   every rank's RNG states (torch, accelerator, numpy, python)
+    global_step{N}/rng/rank{R}.pt   every rank's RNG states (torch CPU and accelerator, the model-parallel
+                                    tracker, numpy, python)
     global_step{N}/manifest.json    size and CRC-32 of every file, written after all of them
 
 A save goes to `.global_step{N}.partial/`, every file is fsynced, the manifest is written, the directory
@@ -27,9 +28,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 
 from trainer.errors import CheckpointError
+from trainer.parallel import random as parallel_random
 
 log = logging.getLogger("glm.checkpoint")
 MANIFEST = "manifest.json"
@@ -41,18 +42,14 @@ def tag_for(step: int) -> str:
 
 
 def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if get_accelerator().device_name() != "cpu":
-        states["accelerator"] = get_accelerator().get_rng_state()
-    return states
+    """torch (CPU, accelerator, model-parallel tracker), numpy and python states of this rank."""
+    return {"torch": parallel_random.get_rng_states(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
+    parallel_random.set_rng_states(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if "accelerator" in states and get_accelerator().device_name() != "cpu":
-        get_accelerator().set_rng_state(states["accelerator"])
 
 
 def _crc32(path: Path) -> int:
