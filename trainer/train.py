@@ -15,6 +15,7 @@ from typing import Optional
 
 from trainer.config import Config, load_config
 from trainer.errors import GLMError
+from trainer.preflight import check_data, preflight
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -27,11 +28,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="print the model's parameter count (counted and closed form) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
-
-
-def validate_before_start(config: Config) -> None:
-    """Everything that can be checked before a process group exists (the launcher's world size)."""
-    config.validate(int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def print_outcome(config: Config, result) -> None:
@@ -54,9 +50,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             from trainer.model.summary import parameter_summary
 
             config.validate()
+            if config.model.vocab_size == 0:
+                config.model.vocab_size = check_data(config)
             print(parameter_summary(config.model, tp=config.parallel.tp))
             return 0
-        validate_before_start(config)
+        preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
         from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
 
         result = train(config)

@@ -1,0 +1,80 @@
+"""Everything checked before a process group starts: a bad run fails in a second with one line that
+says what to change, and writes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from trainer.config import Config
+from trainer.errors import ConfigError
+
+# Bytes per parameter in a checkpoint: fp32 weights plus Adam's two fp32 moments; half precision adds
+# the half copy of the weights that DeepSpeed stores beside the fp32 master.
+CHECKPOINT_BYTES_PER_PARAM = {"fp32": 12, "bf16": 14, "fp16": 14}
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_run_dir(config: Config) -> None:
+    run_dir = Path(config.train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir={run_dir} is a file: point it at a directory")
+    anchor = nearest_existing(run_dir)
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.run_dir={run_dir} cannot be created: {anchor} is not writable; "
+                          f"choose a directory you can write to")
+    if config.train.resume and not (run_dir / "checkpoints" / "latest").is_file():
+        raise ConfigError(f"train.resume=true but {run_dir / 'checkpoints'} holds no checkpoint: "
+                          f"train without resume first, or point train.run_dir at a run that saved one")
+
+
+def check_disk_space(config: Config) -> None:
+    """Room for one checkpoint (weights and Adam states) on the run directory's file system."""
+    needed = config.model.num_parameters(config.parallel.tp) * CHECKPOINT_BYTES_PER_PARAM[config.train.precision]
+    free = shutil.disk_usage(nearest_existing(Path(config.train.run_dir))).free
+    if free < needed:
+        raise ConfigError(f"train.run_dir has {free / 2**30:.1f} GiB free but one checkpoint needs about "
+                          f"{needed / 2**30:.1f} GiB: free space or move train.run_dir")
+
+
+def check_deepspeed_json(config: Config) -> None:
+    path = config.train.deepspeed_config
+    if not path:
+        return
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.deepspeed_config {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"train.deepspeed_config {path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"train.deepspeed_config {path} must hold a JSON object")
+
+
+def check_data(config: Config) -> int:
+    """Data and tokenizer files present and usable; returns the tokenizer's vocabulary size."""
+    from trainer.data.dataset import check_data_files
+
+    vocab = check_data_files(config.data)
+    if config.model.vocab_size and config.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab} "
+                          f"tokens: set model.vocab_size to 0 (take it from the tokenizer) or >= {vocab}")
+    return vocab
+
+
+def preflight(config: Config, world_size: int) -> None:
+    """Validate the config, the layout, the files and the disk; raise ConfigError / DataError."""
+    config.validate(world_size)
+    check_deepspeed_json(config)
+    check_run_dir(config)
+    vocab = check_data(config)
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = vocab
+    check_disk_space(config)
