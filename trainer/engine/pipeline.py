@@ -33,7 +33,8 @@ def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list
     specs = [TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, tied_weight_attr=TIED_WEIGHT)]
     specs += [LayerSpec(GLMBlock, model, layer_number, tp_group, seed) for layer_number in range(1, model.num_layers + 1)]
     specs.append(LayerSpec(FinalLayerNorm, model))
-    specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, forward_fn=_output_logits,
+    # Built only where the stage has no embedding yet (pp > 1): the word embedding alone.
+    specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, False, forward_fn=_output_logits,
                                tied_weight_attr=TIED_WEIGHT))
     return specs
 

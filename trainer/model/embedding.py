@@ -34,9 +34,11 @@ def _position_table(rows: int, width: int, init) -> nn.Embedding:
 
 
 class GLMEmbedding(nn.Module):
-    """The first pipeline piece (forward) and, tied to it, the output layer (logits)."""
+    """The first pipeline piece (forward) and, tied to it, the output layer (logits).
+    with_positions=False builds the word embedding alone: the copy on the last pipeline stage only
+    computes logits, so it carries no position tables."""
 
-    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, with_positions: bool = True):
         super().__init__()
         if config.vocab_size <= 0:
             raise ConfigError("model.vocab_size is 0 when building the model: set it, or let the trainer take "
@@ -47,7 +49,7 @@ class GLMEmbedding(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(
             config.padded_vocab_size(group_size(tp_group)), h, group=tp_group,
             init_method=normal_init(seed, "word_embeddings", config.init_std, rows=config.vocab_size))
-        self.learned_positions = config.position_embedding == "learned_2d"
+        self.learned_positions = with_positions and config.position_embedding == "learned_2d"
         if self.learned_positions:
             rows = config.max_sequence_length
             self.position_embeddings = _position_table(
