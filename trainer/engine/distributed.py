@@ -25,9 +25,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    # Also when torch.distributed is already up (a test harness, an embedding program): DeepSpeed's
+    # communication backend wraps the existing group then.
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=timedelta(minutes=timeout_minutes), verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)
