@@ -80,13 +80,15 @@ def is_finite(value: Optional[float]) -> bool:
     return value is None or math.isfinite(value)
 
 
-def poison_loss(loss_fn: Callable, poisoned_steps: set[int], current_step: Callable[[], int]) -> Callable:
-    """Wrap a loss function so the loss of the given (1-based) optimizer steps is NaN: fault injection."""
-    if not poisoned_steps:
-        return loss_fn
+class PoisonedLoss(torch.nn.Module):
+    """Fault injection: the loss of the chosen (1-based) optimizer steps is NaN, everything else untouched."""
 
-    def loss_with_faults(outputs, labels):
-        loss = loss_fn(outputs, labels)
-        return loss * float("nan") if current_step() in poisoned_steps else loss
+    def __init__(self, loss_fn: torch.nn.Module, poisoned_steps: set[int], current_step: Callable[[], int]):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.poisoned_steps = poisoned_steps
+        self.current_step = current_step
 
-    return loss_with_faults
+    def forward(self, outputs, labels) -> torch.Tensor:
+        loss = self.loss_fn(outputs, labels)
+        return loss * float("nan") if self.current_step() in self.poisoned_steps else loss

@@ -22,7 +22,7 @@ from trainer.data.dataset import GLMDataset, build_dataset, collate, micro_batch
 from trainer.engine import checkpoint
 from trainer.engine.distributed import init_distributed
 from trainer.engine.ds_config import build_ds_config
-from trainer.engine.faults import NonFiniteSteps, PreemptionHandler, TrainingFault, is_finite, poison_loss
+from trainer.engine.faults import NonFiniteSteps, PoisonedLoss, PreemptionHandler, TrainingFault, is_finite
 from trainer.engine.flops import train_flops_per_token
 from trainer.engine.grad_norm import clip_grads_
 from trainer.engine.metrics import MetricsWriter
@@ -134,8 +134,9 @@ class Trainer:
         self.step = 0
         if config.train.resume:
             self.step, _ = checkpoint.load_latest(self.engine, self.checkpoint_dir)
-        module = self.engine.module
-        module.loss_fn = poison_loss(module.loss_fn, set(config.train.inject_nan_steps), lambda: self.step + 1)
+        if config.train.inject_nan_steps:
+            module = self.engine.module
+            module.loss_fn = PoisonedLoss(module.loss_fn, set(config.train.inject_nan_steps), lambda: self.step + 1)
         self.unit = config.parallel.micro_batch_size * self.topology.dp
         self.consumed = consumed_samples_at(self.step, config, self.unit)
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
