@@ -1,15 +1,33 @@
 """Model FLOPs of GLM training, attention included (the count behind tflops and MFU).
 
-Per token and layer, forward, counting a multiply-add as 2 FLOPs:
-  QKV projections 2 * 3h^2, attention output 2 * h^2, MLP 2 * h * f * (2 for GeLU, 3 for GeGLU),
-  attention scores Q K^T and probabilities x V: 2 * 2 * s * h (the full s x s square; the GLM mask
-  is not exploited, as in Megatron's formula).
-Plus the output layer 2 * h * V. Training = 3 x forward (backward = 2 x forward). Activation
-recomputation is not counted: these are model FLOPs (MFU), not hardware FLOPs.
+Per token and layer, forward, counting a multiply-add as 2 FLOPs (h width, f MLP width, s sequence):
+    QKV projections            2 * 3 h^2
+    attention output           2 * h^2
+    MLP                        2 * h * f * (2 for GeLU, 3 for GeGLU: its first matrix is [2f, h])
+    scores Q K^T and probs V   2 * 2 * s * h   (the full s x s square, as in Megatron-LM's formula:
+                               the GLM mask is not credited, so MFU compares with dense-attention trainers)
+plus the output layer 2 * h * V_pad once per token. Training = 3 x forward (backward = 2 x forward).
+Recomputed activations are not counted: these are model FLOPs (MFU), not hardware FLOPs (HFU).
+For GLM-Base (L 12, h 768, s 512, V 30592) that is 3 * (12 * (8 h^2 + 16 h^2 + 4 s h) + 2 h V) per token.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
+
+FLOP_FORMULA = ("train FLOPs/token = 3 * (L * (8 h^2 + 2 k h f + 4 s h) + 2 h V_pad), "
+                "k = 2 (GeLU) or 3 (GeGLU); attention over the full s x s square; recomputation not counted")
+
+PEAK_TFLOPS = {
+    # Dense (no sparsity) tensor-core peaks from the vendors' data sheets, per device.
+    ("h100-sxm", "bf16"): 989.4, ("h100-sxm", "fp32"): 66.9,
+    ("h100-pcie", "bf16"): 756.5, ("h100-pcie", "fp32"): 51.2,
+    ("h200", "bf16"): 989.4, ("h200", "fp32"): 66.9,
+    ("a100", "bf16"): 312.0, ("a100", "fp32"): 19.5,
+}
+"""Known peak TFLOP/s by (device, precision); fp32 is the non-tensor-core (no TF32) rate."""
 
 
 def forward_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) -> int:
@@ -21,3 +39,19 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) ->
 
 def train_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) -> int:
     return 3 * forward_flops_per_token(model, seq_length, tp)
+
+
+def peak_tflops(peak: Optional[str], precision: str) -> Optional[float]:
+    """A number (TFLOP/s) or a known device name (PEAK_TFLOPS) -> TFLOP/s; None when not given."""
+    if peak is None:
+        return None
+    try:
+        return float(peak)
+    except ValueError:
+        pass
+    key = (peak.lower(), precision)
+    if key not in PEAK_TFLOPS:
+        names = sorted({name for name, _ in PEAK_TFLOPS})
+        raise ConfigError(f"no known {precision} peak for {peak!r}: give the peak in TFLOP/s or one of "
+                          f"{', '.join(names)}")
+    return PEAK_TFLOPS[key]

@@ -50,6 +50,8 @@ class ModelConfig:
     """Embedding-gradient shrink: emb * a + emb.detach() * (1 - a). 1.0 is off; GLM-130B used 0.1."""
     fp32_softmax_layer_scaling: bool = False
     """GLM-130B's FP32 softmax with query-key layer scaling (q / (sqrt(d) * c), scores * c in fp32)."""
+    compile: bool = False
+    """Compile the model with torch.compile (same math, fused kernels; the first steps pay the compile time)."""
 
     @property
     def head_dim(self) -> int:

@@ -1,0 +1,97 @@
+"""glm-bench: train a few steps of a config and put the trainer's speed next to its peers.
+
+    glm-bench --config configs/glm-debug.yaml [--steps N] [--warmup N] [--json] [--peak-tflops X|DEVICE]
+
+In one process (the single-device debug mode, tp = pp = 1), on the same synthetic batches: the DeepSpeed
+engine, the same GLM in a bare PyTorch loop, and HF GPT-2 of the same shape take turns, one optimizer
+step each per round. Then pp = 2 runs in two spawned processes (CPU: gloo; GPU: needs two devices).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import sys
+from typing import Optional
+
+import torch
+
+from trainer.config import Config, load_config
+from trainer.errors import ConfigError, GLMError
+
+MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
+               "gpu": "accelerator peak allocated during the engine's warm-up"}
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="glm-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key (YAML value); repeatable; wins over the file")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per contender (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first (default 2)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--peak-tflops", default=None, metavar="X|DEVICE",
+                        help="peak TFLOP/s for MFU: a number or h100-sxm, h100-pcie, h200, a100")
+    parser.add_argument("--pipeline-micro-batches", type=int, default=4, metavar="M",
+                        help="micro-batches per step of the pp=2 comparison (default 4)")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare PyTorch loop")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF GPT-2")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the pp=2 comparison")
+    return parser.parse_args(argv)
+
+
+def bench_config(args: argparse.Namespace) -> Config:
+    """The config on one process (tp = pp = 1), the vocabulary resolved, checked."""
+    config = load_config(args.config, args.overrides)
+    config.parallel = dataclasses.replace(config.parallel, tp=1, pp=1)
+    if args.steps < 1 or args.warmup < 1 or args.pipeline_micro_batches < 1:
+        raise ConfigError("--steps, --warmup and --pipeline-micro-batches must be >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("run glm-bench directly, not under a launcher: it spawns its own pp=2 processes")
+    config.validate(world_size=1)
+    if config.model.vocab_size == 0:
+        from trainer.preflight import check_data
+
+        try:
+            config.model.vocab_size = check_data(config)
+        except GLMError as error:
+            raise ConfigError(f"model.vocab_size is 0 and the tokenizer is not readable ({error}): "
+                              f"pass --set model.vocab_size=N") from None
+    config.model.validate(1)
+    return config
+
+
+def device_description() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return (f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+                f"with {torch.get_num_threads()} threads")
+    return f"{accelerator.device_name()} x{accelerator.device_count()}, torch {torch.__version__}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        config = bench_config(args)
+        from trainer.bench.run import run_bench  # deepspeed is imported only once the config is valid
+
+        report = run_bench(config, args, device_description(), MEMORY_NOTE)
+    except GLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from trainer.bench.report import to_json, to_text
+
+    print(to_json(report) if args.json else to_text(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

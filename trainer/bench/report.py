@@ -1,0 +1,83 @@
+"""The figures of a glm-bench run, from the measured step times, and their text and JSON forms.
+
+    tokens/s   = tokens per optimizer step / median step seconds
+    TFLOP/s    = tokens/s * train FLOPs per token (trainer.engine.flops) / 1e12;  MFU = TFLOP/s / peak
+    vs_bare_loop = median over rounds of (engine step s / bare-loop step s)   (1.0 = no engine overhead)
+    vs_hf_gpt2   = median over rounds of (GPT-2 step s / engine step s)      (= GLM tokens/s / GPT-2 tokens/s)
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from trainer.bench.timing import Spread, per_round_ratio
+from trainer.engine.flops import FLOP_FORMULA
+
+
+def throughput(seconds: list[float], tokens_per_step: int, flops_per_token: int) -> dict:
+    """Step seconds -> their spread, tokens/s and TFLOP/s at the median step."""
+    step = Spread.of(seconds)
+    tokens_per_s = tokens_per_step / step.median
+    return {"step_s": step.as_dict(), "seconds": seconds, "tokens_per_s": tokens_per_s,
+            "tflops": tokens_per_s * flops_per_token / 1e12}
+
+
+def build_report(times: dict[str, list[float]], tokens_per_step: int, flops_per_token: int,
+                 peak: Optional[float], peak_memory_bytes: int, context: dict, pipeline: Optional[dict]) -> dict:
+    """times: step seconds by contender ("engine", optionally "bare_loop", "hf_gpt2"), measured in rounds."""
+    engine = throughput(times["engine"], tokens_per_step, flops_per_token)
+    report = {**context, "flop_formula": FLOP_FORMULA, "flops_per_token": flops_per_token,
+              "tokens_per_step": tokens_per_step,
+              "tokens_per_s": engine["tokens_per_s"], "tflops": engine["tflops"],
+              "peak_tflops": peak, "mfu": None if peak is None else engine["tflops"] / peak,
+              "peak_memory_bytes": peak_memory_bytes, "engine": engine,
+              "vs_bare_loop": None, "vs_hf_gpt2": None, "pipeline": pipeline}
+    if "bare_loop" in times:
+        report["bare_loop"] = throughput(times["bare_loop"], tokens_per_step, flops_per_token)
+        ratio = per_round_ratio(times["engine"], times["bare_loop"])
+        report["vs_bare_loop"], report["vs_bare_loop_spread"] = ratio.median, ratio.as_dict()
+    if "hf_gpt2" in times:
+        report["hf_gpt2"] = throughput(times["hf_gpt2"], tokens_per_step, flops_per_token)
+        ratio = per_round_ratio(times["hf_gpt2"], times["engine"])
+        report["vs_hf_gpt2"], report["vs_hf_gpt2_spread"] = ratio.median, ratio.as_dict()
+    return report
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, indent=2)
+
+
+def _ratio_line(report: dict, key: str, label: str) -> str:
+    if report[key] is None:
+        return f"{label:<24} not measured"
+    spread = report[f"{key}_spread"]
+    return f"{label:<24} {report[key]:.3f}  (rounds: {spread['min']:.3f} .. {spread['max']:.3f})"
+
+
+def to_text(report: dict) -> str:
+    """A human-readable summary of the report."""
+    lines = [f"glm-bench  {report['config']}  on {report['device']}  ({report['precision']}, "
+             f"{report['steps']} timed steps after {report['warmup']} warm-up)",
+             f"shape: {report['shape']}",
+             f"FLOPs: {report['flop_formula']}",
+             f"{'contender':<24} {'step s (median, min..max)':<30} {'tokens/s':>10} {'TFLOP/s':>9}"]
+    for key, label in (("engine", "GLM, DeepSpeed engine"), ("bare_loop", "GLM, bare PyTorch loop"),
+                       ("hf_gpt2", "HF GPT-2, plain loop")):
+        if key in report:
+            entry = report[key]
+            step = entry["step_s"]
+            lines.append(f"{label:<24} {step['median']:.4f} ({step['min']:.4f}..{step['max']:.4f}){'':<8} "
+                         f"{entry['tokens_per_s']:>10.0f} {entry['tflops']:>9.4f}")
+    mfu = "n/a (pass --peak-tflops)" if report["mfu"] is None else f"{100 * report['mfu']:.1f}% of {report['peak_tflops']} TFLOP/s"
+    lines += [f"{'MFU':<24} {mfu}",
+              f"{'peak memory':<24} {report['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({report['memory_note']})",
+              _ratio_line(report, "vs_bare_loop", "engine / bare loop"),
+              _ratio_line(report, "vs_hf_gpt2", "GLM / HF GPT-2 tokens/s")]
+    pipeline = report["pipeline"]
+    if pipeline is None or "skipped" in pipeline:
+        lines.append(f"{'pipeline pp=2':<24} {'not run' if pipeline is None else 'skipped: ' + pipeline['skipped']}")
+    else:
+        lines.append(f"{'pipeline pp=2':<24} efficiency {pipeline['efficiency']:.3f} vs ideal m/(m+p-1) = "
+                     f"{pipeline['ideal_efficiency']:.3f} (m={pipeline['micro_batches']}; step "
+                     f"{pipeline['pipeline_step_s']['median']:.4f} s vs one stage {pipeline['single_stage_step_s']['median']:.4f} s)")
+    return "\n".join(lines)

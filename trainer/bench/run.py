@@ -1,0 +1,56 @@
+"""One glm-bench run: build the contenders on this process, time them in rounds, then the pipeline."""
+from __future__ import annotations
+
+import argparse
+
+from deepspeed.accelerator import get_accelerator
+
+from trainer.bench.batches import synthetic_step
+from trainer.bench.pipeline import pipeline_efficiency
+from trainer.bench.report import build_report
+from trainer.bench.runners import EngineRunner, bare_loop_runner, gpt2_runner
+from trainer.bench.timing import peak_memory_of, round_robin, timed
+from trainer.config import Config
+from trainer.engine.distributed import init_distributed, local_device
+from trainer.engine.flops import peak_tflops, train_flops_per_token
+from trainer.parallel.random import model_parallel_seed
+from trainer.parallel.topology import Topology
+
+
+def run_bench(config: Config, args: argparse.Namespace, device: str, memory_notes: dict) -> dict:
+    """The report of module trainer.bench.report for `config` (already on one process, tp = pp = 1)."""
+    init_distributed(config.train.collective_timeout_minutes)
+    topology = Topology.create(1, 1)
+    model_parallel_seed(config.train.seed, topology)
+    m, grad_accum = config.model, config.grad_accum_steps(1)
+    batches = synthetic_step(grad_accum, config.parallel.micro_batch_size, config.data.seq_length,
+                             m.vocab_size, local_device())
+    engine = EngineRunner(config, topology, 1, batches)
+    _, peak_memory = peak_memory_of(engine.step, args.warmup)  # before any other model exists
+    steps = {"engine": engine.step}
+    if not args.no_bare:
+        steps["bare_loop"] = bare_loop_runner(config, batches, local_device()).step
+    if not args.no_hf:
+        steps["hf_gpt2"] = gpt2_runner(config, batches, local_device()).step
+    for name, step in steps.items():
+        if name != "engine":
+            for _ in range(args.warmup):
+                timed(step)
+    times = round_robin(steps, args.steps)
+    pipeline = None
+    if not args.no_pipeline:
+        pipeline = pipeline_efficiency(config, args.pipeline_micro_batches, args.steps, args.warmup)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    context = {"config": args.config, "overrides": args.overrides, "device": device,
+               "precision": config.train.precision, "compile": config.model.compile,
+               "steps": args.steps, "warmup": args.warmup,
+               "shape": {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
+                         "num_attention_heads": m.num_attention_heads, "ffn_size": m.ffn_size,
+                         "seq_length": config.data.seq_length, "padded_vocab_size": m.padded_vocab_size(1),
+                         "micro_batch_size": config.parallel.micro_batch_size, "grad_accum": grad_accum,
+                         "activation_checkpoint_interval": config.parallel.activation_checkpoint_interval},
+               "memory_note": memory_notes["cpu" if on_cpu else "gpu"]}
+    tokens_per_step = grad_accum * config.parallel.micro_batch_size * config.data.seq_length
+    flops_per_token = train_flops_per_token(m, config.data.seq_length)
+    return build_report(times, tokens_per_step, flops_per_token, peak_tflops(args.peak_tflops, config.train.precision),
+                        peak_memory, context, pipeline)

@@ -1,0 +1,65 @@
+"""Step timing that survives a shared machine: the contenders take turns, one step each per round.
+
+A load spike from another process then hits every contender in the same round instead of one of
+them, and the ratio of two contenders is taken per round (same moment, same load) and summarised by
+its median and range.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from deepspeed.accelerator import get_accelerator
+
+
+@dataclass
+class Spread:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Spread":
+        return cls(statistics.median(values), min(values), max(values))
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "min": self.low, "max": self.high}
+
+
+def timed(step: Callable[[], object]) -> float:
+    """Wall seconds of one call, the accelerator's queued work included."""
+    accelerator = get_accelerator()
+    accelerator.synchronize()
+    start = time.perf_counter()
+    step()
+    accelerator.synchronize()
+    return time.perf_counter() - start
+
+
+def round_robin(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Every step once per round, in the dict's order, for `rounds` rounds -> seconds per call, by name."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            seconds[name].append(timed(step))
+    return seconds
+
+
+def per_round_ratio(numerator: list[float], denominator: list[float]) -> Spread:
+    """numerator[i] / denominator[i] for every round i: median, min and max."""
+    return Spread.of([a / b for a, b in zip(numerator, denominator)])
+
+
+def peak_memory_of(step: Callable[[], object], calls: int) -> tuple[float, int]:
+    """Run `step` `calls` times (the warm-up) after resetting the accelerator's peak counter ->
+    (seconds of the last call, peak bytes). On CPU DeepSpeed's accelerator reports the process's
+    resident set size, sampled when asked: an upper bound that includes the Python runtime."""
+    accelerator = get_accelerator()
+    accelerator.reset_peak_memory_stats()
+    last = 0.0
+    for _ in range(calls):
+        last = timed(step)
+        accelerator.memory_allocated()  # on CPU this samples the resident set into the peak
+    return last, int(accelerator.max_memory_allocated())
