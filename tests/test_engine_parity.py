@@ -12,7 +12,8 @@ STEPS = 8
 # A short, fast variant of the debug config; every layout below runs exactly this.
 BASE = ["model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "data.seq_length=64",
         "model.max_sequence_length=64", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
-        f"train.steps={STEPS}", "optim.warmup_steps=2", "optim.decay_steps=6", "train.save_interval=0"]
+        f"train.steps={STEPS}", "optim.warmup_steps=2", "optim.decay_steps=6", "train.save_interval=0",
+        "train.eval_interval=4", "data.valid_fraction=0.1"]
 
 
 def _train(rank, world_size, overrides, out_path):
@@ -21,7 +22,9 @@ def _train(rank, world_size, overrides, out_path):
     torch.set_num_threads(1)
     result = train(load_config("configs/glm-debug.yaml", BASE + overrides))
     if rank == 0:
-        out_path.write_text(json.dumps(result.losses))
+        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        valid = [r["valid_loss"] for r in records if "valid_loss" in r]
+        out_path.write_text(json.dumps(result.losses + valid))
 
 
 def _losses(tmp_path, name, overrides, world_size=1):
@@ -29,6 +32,10 @@ def _losses(tmp_path, name, overrides, world_size=1):
     overrides = overrides + [f"train.run_dir={tmp_path / name}"]
     run_distributed(_train, world_size, overrides, out)
     return json.loads(out.read_text())
+
+
+def _train_losses(values):
+    return values[:STEPS]
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +56,25 @@ def reference(reference_run):
 ])
 def test_two_process_layouts_match_single_process(reference, tmp_path, name, overrides):
     losses = _losses(tmp_path, name, overrides, world_size=2)
-    assert len(losses) == STEPS
+    assert len(losses) == STEPS + 2  # 8 training losses, then the validation loss at steps 4 and 8
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
 
 
 def test_losses_change_over_steps(reference):
     # Guards the parity test against a trainer that does not train (equal constant losses would pass it).
-    assert reference[-1] < reference[0] and len(set(reference)) == STEPS
+    train_losses = _train_losses(reference)
+    assert train_losses[-1] < train_losses[0] and len(set(train_losses)) == STEPS
+    assert reference[STEPS + 1] < reference[STEPS]  # validation loss fell between step 4 and step 8
 
 
 def test_resume_continues_the_same_curve(reference, tmp_path):
     first = _losses(tmp_path, "resume", ["train.steps=4", "train.save_interval=2"])
     second = _losses(tmp_path, "resume", ["train.resume=true"])
-    torch.testing.assert_close(torch.tensor(first + second), torch.tensor(reference), rtol=1e-5, atol=0)
+    # first: 4 losses + the validation at step 4; second: steps 5-8, then the validations that metrics.jsonl
+    # holds after the resume (step 4's, kept from the first run, and step 8's)
+    assert second[4] == first[4]
+    resumed = first[:4] + second[:4] + [first[4], second[5]]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-5, atol=0)
     lines = [json.loads(line) for line in (tmp_path / "resume" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1))
 
@@ -74,11 +87,12 @@ def test_outputs_metrics_tensorboard_and_checkpoint(reference_run):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops"):
         assert all(isinstance(r[key], float) for r in records), key
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in records]), torch.tensor(losses))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in records]), torch.tensor(_train_losses(losses)))
+    assert [r["step"] for r in records if "valid_ppl" in r] == [4, 8]
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert {"train/loss", "train/lr", "train/grad_norm", "memory/peak_allocated_bytes"} <= set(scalars)
     tb_losses = [e.value for e in events.Scalars("train/loss")]
-    torch.testing.assert_close(torch.tensor(tb_losses), torch.tensor(losses))
+    torch.testing.assert_close(torch.tensor(tb_losses), torch.tensor(_train_losses(losses)))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"

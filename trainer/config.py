@@ -78,6 +78,11 @@ class TrainConfig:
     """fp32, bf16 or fp16 (dynamic loss scaling)."""
     save_interval: int = 0
     """Save a checkpoint every this many steps (0 = only at the end)."""
+    eval_interval: int = 0
+    """Every this many steps (and at the end), the validation loss and perplexity on data.valid_fraction of
+    the sequences are logged with the training metrics (0 = off)."""
+    eval_batches: int = 2
+    """Global batches of the validation split scored per evaluation (always the same ones)."""
     keep_checkpoints: int = 0
     """Keep only the newest this many checkpoints (0 = keep all)."""
     log_interval: int = 1
@@ -127,6 +132,11 @@ class Config:
                               "be >= 0, and train.log_interval >= 1")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.inject_nan_steps):
             raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps}")
+        if t.eval_interval < 0 or t.eval_batches < 1:
+            raise ConfigError("train.eval_interval must be >= 0 and train.eval_batches >= 1")
+        if t.eval_interval and self.data.valid_fraction <= 0:
+            raise ConfigError(f"train.eval_interval={t.eval_interval} needs a validation split: set "
+                              f"data.valid_fraction (e.g. 0.05)")
         if t.collective_timeout_minutes <= 0:
             raise ConfigError(f"train.collective_timeout_minutes must be > 0, got {t.collective_timeout_minutes}")
         if self.optim.zero_stage not in (0, 1):

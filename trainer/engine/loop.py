@@ -7,6 +7,7 @@ and hence the step's loss (their mean) and gradient, do not depend on the layout
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,20 @@ class Trainer:
         self.consumed = consumed_samples_at(self.step, config, self.unit)
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
         self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
+        self.valid = build_dataset(config.data, config.train.seed, split="valid") if config.train.eval_interval else None
+
+    def evaluate(self) -> dict:
+        """Validation loss (mean over train.eval_batches global batches of the held-out split) and perplexity."""
+        config, engine = self.config, self.engine
+        batch_size = config.parallel.global_batch_size
+        losses = []
+        for index in range(config.train.eval_batches):
+            batches = micro_batches(self.valid, index * batch_size, batch_size // self.unit, self.topology,
+                                    config.parallel.micro_batch_size)
+            losses.append(float(engine.eval_batch(batches, num_micro_batches=batch_size // self.unit)))
+        engine.module.train()
+        loss = sum(losses) / len(losses)
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0))}
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics record."""
@@ -204,6 +219,9 @@ class Trainer:
         with PreemptionHandler() as preemption:
             while self.step < config.train.steps:
                 record = self._guarded_step()
+                every = config.train.eval_interval
+                if every and (self.step % every == 0 or self.step == config.train.steps):
+                    record.update(self.evaluate())
                 losses.append(record["loss"])
                 writer.write(record, _memory())
                 progress.update(1)
