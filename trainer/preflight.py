@@ -58,6 +58,18 @@ def check_deepspeed_json(config: Config) -> None:
         raise ConfigError(f"train.deepspeed_config {path} must hold a JSON object")
 
 
+def check_precision(config: Config) -> None:
+    """The chosen precision must exist on this machine's accelerator (DeepSpeed has no fp16 on CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator, precision = get_accelerator(), config.train.precision
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        usable = ", ".join(p for p, ok in supported.items() if ok)
+        raise ConfigError(f"train.precision={precision} is not supported on this device "
+                          f"({accelerator.device_name()}): use one of {usable}")
+
+
 def check_data(config: Config) -> int:
     """Data and tokenizer files present and usable; returns the tokenizer's vocabulary size."""
     from trainer.data.dataset import check_data_files
@@ -73,6 +85,7 @@ def preflight(config: Config, world_size: int) -> None:
     """Validate the config, the layout, the files and the disk; raise ConfigError / DataError."""
     config.validate(world_size)
     check_deepspeed_json(config)
+    check_precision(config)
     check_run_dir(config)
     vocab = check_data(config)
     if config.model.vocab_size == 0:

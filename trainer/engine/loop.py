@@ -182,7 +182,8 @@ class Trainer:
                   "batch_size": batch_size, "consumed_samples": self.consumed,
                   "skipped": int(skipped), "skipped_total": self.nonfinite.total}
         if config.train.precision == "fp16":
-            record["loss_scale"] = float(engine.optimizer.cur_scale)
+            optimizer = engine.optimizer
+            record["loss_scale"] = float(getattr(optimizer, "cur_scale", None) or optimizer.loss_scaler.cur_scale)
         return record
 
     def _guarded_step(self) -> dict:
