@@ -1,0 +1,62 @@
+"""glm-ckpt convert: a training checkpoint of any (tp, pp, dp) -> a checkpoint for another (tp, pp).
+
+The output tag directory holds the layer files of the new tensor-parallel size, one
+mp_rank_MM_model_states.pt per model-parallel rank of the new layout (client state, LR schedule,
+counters, the new {tp_degree, pp_degree}), and the optimizer state in layout-free form
+(layout_free_optimizer.pt). A run resumed from it (train.resume=true, any data-parallel size) loads it
+through trainer.checkpoint.universal.load_any_layout; a manifest and `latest` make it a checkpoint the
+engine's loader accepts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trainer.checkpoint.model_source import read_weights, training_tag_dir
+from trainer.checkpoint.pipeline_files import model_states_file, write_layer_files
+from trainer.checkpoint.universal import LAYOUT_FREE_OPTIMIZER, MOMENTS, TrainingState, read_training_state
+from trainer.errors import ConfigError
+from trainer.model.config import ModelConfig
+
+
+def write_training_state(state: TrainingState, config: ModelConfig, tp: int, pp: int, tag_dir: Path) -> None:
+    """A layout-free training state -> the files of a (tp, pp) checkpoint (see the module docstring)."""
+    from trainer.engine.checkpoint import write_manifest
+
+    config.validate(tp)
+    if pp < 1 or pp > config.num_layers:
+        raise ConfigError(f"--to-pp {pp} must be between 1 and model.num_layers={config.num_layers}")
+    write_layer_files(state.weights, config, tp, tag_dir)
+    client = dict(state.client, module=None, optimizer=None, dp_world_size=1, mp_world_size=tp * pp,
+                  checkpoint_parallel_dimensions={"tp_degree": tp, "pp_degree": pp})
+    for mp_rank in range(tp * pp):
+        torch.save(client, model_states_file(tag_dir, mp_rank))
+    if state.moments is not None:
+        torch.save({"step": state.optimizer_step, "fp32": state.weights, **{k: state.moments[k] for k in MOMENTS}},
+                   tag_dir / LAYOUT_FREE_OPTIMIZER)
+    write_manifest(tag_dir)
+
+
+def source_state(source: Path, config: Optional[ModelConfig]) -> tuple[ModelConfig, TrainingState]:
+    """Any source (model_source.read_weights) -> its training state; optimizer, schedule and counters
+    only come from a training checkpoint, anything else starts at step 0 with a fresh optimizer."""
+    tag_dir = training_tag_dir(source)
+    if tag_dir is not None and config is not None:
+        return config, read_training_state(tag_dir, config)
+    config, weights = read_weights(source, config)
+    client = {"step": 0, "consumed_samples": 0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0,
+              "skipped_steps": 0}
+    return config, TrainingState(weights, None, 0, client)
+
+
+def convert_checkpoint(source: Path, config: Optional[ModelConfig], tp: int, pp: int, out_dir: Path) -> Path:
+    """Write source as out_dir/<tag> for (tp, pp) and point out_dir/latest at it; returns the tag directory.
+    The tag is the source's (global_stepN), or global_step0 for an export or a release."""
+    config, state = source_state(source, config)
+    tag_dir = training_tag_dir(source)
+    tag_dir = out_dir / (tag_dir.name if tag_dir is not None else f"global_step{state.client['step']}")
+    write_training_state(state, config, tp, pp, tag_dir)
+    (out_dir / "latest").write_text(tag_dir.name)
+    return tag_dir

@@ -1,0 +1,163 @@
+"""The layout-free training state, read from a DeepSpeed checkpoint of any (tp, pp, dp) and loaded into a
+live engine of any other layout: weights, fp32 master weights, Adam moments and step, LR schedule,
+counters.
+
+ZeRO-1 files store, per data-parallel rank and parameter group, a flat fp32 partition, the flat Adam
+moments and `param_slice_mappings` {pipeline name: (start, numel)}. Concatenating a parameter's
+fragments over the data-parallel ranks in rank order gives its whole (tensor-rank-local) flattened
+tensor; merging the tensor ranks (trainer/checkpoint/layout.py) gives the canonical one. Loading is the
+reverse, through DeepSpeed's safe_set_full_fp32_param / safe_set_full_optimizer_state, so ZeRO
+re-partitions it for the new data-parallel size itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trainer.checkpoint.layout import merge_states, rule_for, shard
+from trainer.checkpoint.pipeline_files import (Layout, canonical_name, model_states_file, read_layout,
+                                               read_model_weights, zero_file)
+from trainer.errors import CheckpointError
+from trainer.model.config import ModelConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+LAYOUT_FREE_OPTIMIZER = "layout_free_optimizer.pt"
+"""Written by glm-ckpt convert: {"step": int, "fp32": {...}, "exp_avg": {...}, "exp_avg_sq": {...}}, canonical."""
+CLIENT_KEYS = ("step", "consumed_samples", "lr_scheduler", "global_steps", "global_samples", "skipped_steps")
+
+
+@dataclass
+class TrainingState:
+    weights: dict[str, torch.Tensor]
+    """Canonical fp32 weights (the optimizer's master copy when there is one)."""
+    moments: Optional[dict[str, dict[str, torch.Tensor]]]
+    """"exp_avg" / "exp_avg_sq" -> canonical state dict; None when the checkpoint has no optimizer state."""
+    optimizer_step: int
+    """Adam's step count (bias correction)."""
+    client: dict
+    """step, consumed_samples, lr_scheduler (state dict), global_steps, global_samples, skipped_steps."""
+
+
+def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """One model-parallel rank's ZeRO-1 files -> {pipeline name: {fp32, exp_avg, exp_avg_sq}} (full local
+    tensors, shaped) and the Adam step; ({}, 0) when the optimizer never stepped."""
+    shapes = torch.load(model_states_file(tag_dir, mp_rank), map_location="cpu", weights_only=False)["param_shapes"]
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
+    step = 0
+    for dp_rank in range(layout.dp):
+        path = zero_file(tag_dir, dp_rank, mp_rank)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = state["base_optimizer_state"]["state"]
+        for group, mapping in enumerate(state["param_slice_mappings"]):
+            if "exp_avg" not in base.get(group, {}):
+                return {}, 0
+            step = int(base[group]["step"])
+            flats = {"fp32": state["single_partition_of_fp32_groups"][group],
+                     **{key: base[group][key] for key in MOMENTS}}
+            for name, address in mapping.items():
+                for key, flat in flats.items():
+                    pieces.setdefault(name, {}).setdefault(key, []).append(flat.narrow(0, address.start, address.numel))
+    full = {}
+    for group_shapes in shapes:
+        for name, shape in group_shapes.items():
+            full[name] = {key: torch.cat(parts).float().view(shape) for key, parts in pieces[name].items()}
+    return full, step
+
+
+def read_zero_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[dict, dict, int]]:
+    """ZeRO-1 files of any layout -> (canonical fp32 weights, canonical moments, step); None without them."""
+    layout = read_layout(tag_dir)
+    if not zero_file(tag_dir, 0, 0).is_file():
+        return None
+    per_key: dict[str, list[dict[str, torch.Tensor]]] = {key: [{} for _ in range(layout.tp)]
+                                                         for key in ("fp32", *MOMENTS)}
+    step = 0
+    for mp_rank in range(layout.tp * layout.pp):
+        fragments, step = _zero_fragments(tag_dir, layout, mp_rank)
+        if not fragments:
+            return None
+        for name, tensors in fragments.items():
+            for key, value in tensors.items():
+                per_key[key][mp_rank % layout.tp][canonical_name(name, config)] = value
+    merged = {key: merge_states(states, config) for key, states in per_key.items()}
+    return merged.pop("fp32"), merged, step
+
+
+def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
+    """Everything a resume needs from a checkpoint of any layout (or one glm-ckpt convert wrote)."""
+    weights = read_model_weights(tag_dir, config)
+    moments, step = None, 0
+    layout_free = tag_dir / LAYOUT_FREE_OPTIMIZER
+    if layout_free.is_file():
+        saved = torch.load(layout_free, map_location="cpu", weights_only=True)
+        weights, moments, step = saved["fp32"], {key: saved[key] for key in MOMENTS}, int(saved["step"])
+    elif (zero := read_zero_optimizer(tag_dir, config)) is not None:
+        weights, moments, step = zero
+    states = torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)
+    client = {key: states.get(key) for key in CLIENT_KEYS}
+    return TrainingState(weights, moments, step, client)
+
+
+def _initialise_zero_moments(optimizer, step: int) -> None:
+    """Create the flat Adam state of every ZeRO partition (torch creates it lazily at the first step) and
+    link it to the parameters, so safe_set_full_optimizer_state has somewhere to write."""
+    for flat in optimizer.single_partition_of_fp32_groups:
+        optimizer.optimizer.state[flat] = {"step": torch.tensor(float(step)),
+                                           **{key: torch.zeros_like(flat) for key in MOMENTS}}
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def load_into_engine(engine, topology, config: ModelConfig, state: TrainingState) -> None:
+    """Set this rank's shard of every weight, master weight and Adam moment, the LR schedule and counters."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    optimizer = engine.optimizer
+    zero = hasattr(optimizer, "single_partition_of_fp32_groups")
+    if state.moments is not None and zero:
+        _initialise_zero_moments(optimizer, state.optimizer_step)
+    for pipeline_name, param in engine.module.named_parameters():
+        name = canonical_name(pipeline_name, config)
+        rule = rule_for(name, config)
+        value = shard(state.weights[name], rule, config, topology.tp, topology.tp_rank).to(param.device)
+        with torch.no_grad():
+            param.copy_(value)
+        if zero:
+            safe_set_full_fp32_param(param, value)
+        if state.moments is None:
+            continue
+        moments = {key: shard(state.moments[key][name], rule, config, topology.tp, topology.tp_rank).to(param.device)
+                   for key in MOMENTS}
+        if zero:
+            for key, moment in moments.items():
+                safe_set_full_optimizer_state(param, moment, key)
+        else:
+            optimizer.state[param] = {"step": torch.tensor(float(state.optimizer_step)), **moments}
+    client = state.client
+    scheduler = engine.lr_scheduler
+    if client["lr_scheduler"] is not None and scheduler is not None:
+        scheduler.load_state_dict(client["lr_scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the next step's lr; DeepSpeed's own load restores it with the optimizer groups
+    engine.global_steps = int(client["global_steps"] or 0)
+    engine.global_samples = int(client["global_samples"] or 0)
+    engine.skipped_steps = int(client["skipped_steps"] or 0)
+
+
+def load_any_layout(engine, topology, config: ModelConfig, checkpoint_dir: Path, tag: str) -> Optional[tuple[int, int]]:
+    """The engine's resume hook. When checkpoint_dir/tag was written by this very layout with its DeepSpeed
+    optimizer files, return None (DeepSpeed loads it, RNG states included). Otherwise load it here and
+    return (step, consumed_samples). RNG states are not carried across layouts (with dropout > 0 the
+    dropout masks differ from the uninterrupted run)."""
+    tag_dir = Path(checkpoint_dir) / tag
+    layout = read_layout(tag_dir)
+    same = layout == Layout(topology.tp, topology.pp, topology.dp)
+    if same and zero_file(tag_dir, 0, 0).is_file() and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file():
+        return None
+    state = read_training_state(tag_dir, config)
+    load_into_engine(engine, topology, config, state)
+    return int(state.client["step"] or 0), int(state.client["consumed_samples"] or 0)
