@@ -1,0 +1,81 @@
+"""Bad input to glm-train: each kind gets its own one-line message naming the fix, exit status 2, and
+nothing written to the run directory (checked before any process group starts)."""
+import pytest
+
+from trainer.train import main
+
+CONFIG = "configs/glm-debug.yaml"
+
+
+def _run(capsys, tmp_path, *overrides, config=CONFIG, run_dir=None):
+    run_dir = run_dir or tmp_path / "run"
+    argv = ["--config", str(config), "--set", f"train.run_dir={run_dir}"]
+    for item in overrides:
+        argv += ["--set", item]
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err, run_dir
+
+
+def _files(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: {num_layers: [\n")
+    bad_json = tmp_path / "ds.json"
+    bad_json.write_text("{not json")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return {"bad_yaml": bad_yaml, "bad_json": bad_json, "a_file": a_file}
+
+
+CASES = [
+    ("unknown key", ["train.stpes=3"], "did you mean train.steps"),
+    ("unknown section", ["trainn.steps=3"], "did you mean train"),
+    ("wrong type", ["train.steps=many"], "train.steps expects int"),
+    ("malformed --set", ["train.steps"], "section.key=value"),
+    ("tp does not divide heads", ["parallel.tp=3"], "not divisible by parallel.tp=3"),
+    ("pp above layers", ["parallel.pp=5"], "greater than model.num_layers"),
+    ("batch arithmetic", ["parallel.global_batch_size=6"], "micro-batch * grad-accumulation * dp"),
+    ("hidden vs heads", ["model.hidden_size=66"], "not divisible by model.num_attention_heads"),
+    ("sequence above positions", ["data.seq_length=256"], "exceeds model.max_sequence_length"),
+    ("unknown precision", ["train.precision=fp8"], "train.precision='fp8' is not one of"),
+    ("fp16 on cpu", ["train.precision=fp16"], "not supported on this device"),
+    ("zero steps", ["train.steps=0"], "train.steps must be >= 1"),
+    ("dropout range", ["model.hidden_dropout=1.5"], "model.hidden_dropout must be in [0, 1)"),
+    ("unknown mode", ["data.modes={mask: 1, span: 1}"], "unknown mode"),
+    ("gmask range", ["data.gmask_ratio_min=0.9", "data.gmask_ratio_max=0.5"], "gmask_ratio_min/max"),
+    ("zero stage", ["optim.zero_stage=3"], "optim.zero_stage=3"),
+    ("eval without split", ["train.eval_interval=5"], "needs a validation split"),
+    ("bad fault injection", ["train.inject_nan_steps=[0]"], "train.inject_nan_steps"),
+    ("resume without checkpoint", ["train.resume=true"], "holds no checkpoint"),
+    ("unknown position embedding", ["model.position_embedding=alibi"], "model.position_embedding='alibi'"),
+    ("negative lr", ["optim.lr=-1"], "optim.lr must be > 0"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_overrides(capsys, tmp_path, name, overrides, message):
+    code, err, run_dir = _run(capsys, tmp_path, *overrides)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not run_dir.exists()
+
+
+def test_messages_are_distinct():
+    assert len({message for _, _, message in CASES}) == len(CASES)
+
+
+def test_bad_files(capsys, tmp_path):
+    files = _files(tmp_path)
+    checks = [
+        (dict(config=tmp_path / "missing.yaml"), (), "does not exist"),
+        (dict(config=files["bad_yaml"]), (), "not valid YAML"),
+        (dict(), (f"train.deepspeed_config={tmp_path / 'none.json'}",), "train.deepspeed_config"),
+        (dict(), (f"train.deepspeed_config={files['bad_json']}",), "is not valid JSON"),
+        (dict(run_dir=files["a_file"]), (), "is a file"),
+        (dict(run_dir=files["a_file"] / "sub"), (), "cannot be created"),
+    ]
+    for kwargs, overrides, message in checks:
+        code, err, _ = _run(capsys, tmp_path, *overrides, **kwargs)
+        assert code == 2 and message in err, (kwargs, overrides, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.yaml", "ds.json"]
