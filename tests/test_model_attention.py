@@ -4,9 +4,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.model.attention import MASKED_SCORE, KVCache, SelfAttention, fp32_softmax_attention
+from deepspeed.accelerator import get_accelerator
+
+from trainer.data.blank_infilling import attention_mask_from_sep
+from trainer.model.attention import (MASKED_SCORE, KVCache, SelfAttention, SepMask, flex_glm_attention,
+                                     fp32_softmax_attention)
 from trainer.model.config import ModelConfig
 from trainer.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, model_parallel_seed
 from trainer.parallel.topology import Topology
@@ -106,3 +111,58 @@ def test_attention_dropout_draws_from_the_tensor_parallel_stream(fp32_softmax):
     assert torch.equal(torch.get_rng_state(), default_before)  # the default stream did not move
     assert not torch.equal(get_rng_tracker().get_states()[MODEL_PARALLEL_RNG], fork_before)
     assert (dropped - attention.eval()(hidden, ids, ids, mask)).abs().max() > 1e-3
+
+
+def test_sep_mask_is_the_data_mask_and_is_shared_while_sep_is_the_same_tensor():
+    sep = torch.tensor([3, 130, 200])
+    mask = SepMask.of(sep, 200)
+    assert torch.equal(mask.dense(), attention_mask_from_sep(sep, 200))
+    assert SepMask.of(sep, 200) is mask  # the next block of the stage reuses it
+    assert SepMask.of(sep.clone(), 200) is not mask  # a new micro-batch's sep
+    sep[0] = 5  # changed in place: rebuilt
+    changed = SepMask.of(sep, 200)
+    assert changed is not mask and torch.equal(changed.dense(), attention_mask_from_sep(sep, 200))
+
+
+def test_attention_with_sep_mask_equals_dense_mask_outputs_and_grads():
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=32, num_attention_heads=4, attention_dropout=0.0, position_embedding="rope_1d")
+    attention = SelfAttention(config, layer_number=2, seed=1)
+    sep, s = torch.tensor([2, 5]), 9
+    hidden = torch.randn(2, s, 32, requires_grad=True)
+    ids = torch.arange(s).expand(2, s)
+    results = []
+    for mask in (attention_mask_from_sep(sep, s), SepMask(sep, s)):
+        out = attention(hidden, ids, ids, mask)
+        grads = torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])
+        results.append((out, grads))
+    assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("s", [200, 256])
+def test_flex_attention_equals_sdpa_with_the_dense_mask(s):
+    """FlexAttention's block-sparse GLM mask (eager reference kernel on CPU, forward) against SDPA:
+    seps inside a tile, on a tile boundary, past the diagonal tiles."""
+    torch.manual_seed(0)
+    b, n, d = 4, 2, 16
+    q, k, v = (torch.randn(b, n, s, d) for _ in range(3))
+    mask = SepMask(torch.tensor([1, 37, 128, s - 3]), s)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+    assert_close(flex_glm_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(get_accelerator().device_name() == "cpu",
+                    reason="FlexAttention has no backward on CPU; the kernel trains on accelerators only")
+def test_flex_attention_path_equals_sdpa_path_outputs_and_grads_on_the_accelerator():
+    torch.manual_seed(0)
+    device = get_accelerator().device_name(0)
+    config = ModelConfig(hidden_size=128, num_attention_heads=4, attention_dropout=0.0)
+    attention = SelfAttention(config, layer_number=1, seed=3).to(device)
+    sep, s = torch.tensor([40, 300], device=device), 384
+    hidden = torch.randn(2, s, 128, device=device, requires_grad=True)
+    ids = torch.zeros(2, s, dtype=torch.long, device=device)
+    results = []
+    for mask in (attention_mask_from_sep(sep, s), SepMask(sep, s)):  # SDPA, then FlexAttention
+        out = attention(hidden, ids, ids, mask)
+        results.append((out, torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])))
+    assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)

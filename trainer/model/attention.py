@@ -6,17 +6,28 @@ optional RoPE, the blank-infilling mask, and a row-parallel output projection.
 The mask lets row i see column j iff j < sep or j <= i (trainer.data.blank_infilling).
 W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], each holding its heads' d-sized chunks.
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
+
+Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`SepMask`: sep [b]).
+A SepMask is built once per micro-batch and shared by every block that sees the same `sep` tensor; it is
+served to the kernels as
+- a FlexAttention block mask on an accelerator (no dropout, no FP32-softmax switch, no KV cache): the
+  tiles wholly above the diagonal and right of sep are skipped, the wholly visible ones run unmasked;
+- otherwise its dense bool form, for SDPA (which takes a bool mask directly) or the FP32-softmax formula.
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from trainer.data.blank_infilling import attention_mask_from_sep
 from trainer.model.config import ModelConfig
 from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.model.rotary import apply_position_rotary
@@ -39,6 +50,67 @@ def fp32_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     scores = (scores.to(torch.float32) * layer_number).masked_fill(~mask, MASKED_SCORE)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(dropout(probs), v)
+
+
+class SepMask:
+    """The GLM mask in compact form: row i sees column j iff j < sep or j <= i, for sep [b] and s x s positions.
+    Its dense form comes from attention_mask_from_sep (the mask's one definition); the FlexAttention block
+    mask reads that dense form on the tiles it cannot decide wholesale. Both are built on first use and kept.
+    `SepMask.of(sep, s)` hands every caller the same object while they pass the same, unmodified sep tensor:
+    the blocks of one pipeline stage (and the recomputation of a checkpointed block) share one mask per
+    micro-batch instead of building one per layer."""
+
+    _latest: Optional[tuple[weakref.ref, int, int, "SepMask"]] = None
+
+    def __init__(self, sep: torch.Tensor, seq_length: int):
+        self.sep, self.seq_length = sep, seq_length
+        self._dense: Optional[torch.Tensor] = None
+        self._block_mask: Optional[BlockMask] = None
+
+    @classmethod
+    def of(cls, sep: torch.Tensor, seq_length: int) -> "SepMask":
+        """The mask of this sep tensor: the last one built if sep is the same object, unchanged since."""
+        latest = cls._latest
+        if latest is not None and latest[0]() is sep and latest[1:3] == (sep._version, seq_length):
+            return latest[3]
+        mask = cls(sep, seq_length)
+        cls._latest = (weakref.ref(sep), sep._version, seq_length, mask)
+        return mask
+
+    def dense(self) -> torch.Tensor:
+        """[b, 1, s, s] bool, True = may attend."""
+        if self._dense is None:
+            self._dense = attention_mask_from_sep(self.sep, self.seq_length)
+        return self._dense
+
+    def block_mask(self) -> BlockMask:
+        """The FlexAttention BlockMask (128 x 128 tiles) of the dense form."""
+        if self._block_mask is None:
+            dense = self.dense()[:, 0]  # [b, s, s]
+
+            def visible(b, h, q_index, kv_index):
+                return dense[b, q_index, kv_index]
+
+            s = self.seq_length
+            self._block_mask = create_block_mask(visible, dense.shape[0], None, s, s, device=dense.device)
+        return self._block_mask
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_glm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SepMask) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), GLM mask) v by FlexAttention's fused kernel (compiled on first use), skipping
+    the tiles the mask hides. q, k, v [b, n, s, d] -> [b, n, s, d]. On CPU FlexAttention has no backward and
+    runs eagerly (the reference math), so training on CPU takes SDPA instead."""
+    kernel = flex_attention if q.device.type == "cpu" else _compiled_flex_attention()
+    return kernel(q, k, v, block_mask=mask.block_mask())
+
+
+AttentionMask = Union[torch.Tensor, SepMask]
+"""A dense [b, 1, s_q, s_k] bool mask (True = may attend) or the compact SepMask."""
 
 
 class KVCache:
@@ -82,9 +154,10 @@ class SelfAttention(nn.Module):
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
-                mask: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """hidden [b, s, h], position ids [b, s], mask [b, 1, s, s_k] bool (True = may attend) -> [b, s, h].
-        With a kv_cache, hidden holds only the new positions and the mask's s_k counts the cached ones too."""
+                mask: AttentionMask, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """hidden [b, s, h], position ids [b, s], mask [b, 1, s, s_k] bool (True = may attend) or a SepMask
+        -> [b, s, h]. With a kv_cache, hidden holds only the new positions and the mask (dense) counts the
+        cached ones too in s_k."""
         b, s, _ = hidden.shape
         d = self.config.head_dim
         qkv = self.query_key_value(hidden).view(b, s, 3, self.local_heads, d)  # [b, s, 3, n/tp, d]
@@ -101,8 +174,13 @@ class SelfAttention(nn.Module):
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * d)  # [b, s, h/tp]
         return self.dense(context)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
-        """Scaled dot-product attention with dropout probability p on the probabilities."""
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:
+        """Scaled dot-product attention with dropout probability p on the probabilities (kernels: module docstring)."""
+        if isinstance(mask, SepMask):
+            flex = q.device.type != "cpu" and p == 0.0 and not self.config.fp32_softmax_layer_scaling
+            if flex and q.shape[-2] == k.shape[-2] == mask.seq_length:
+                return flex_glm_attention(q, k, v, mask)
+            mask = mask.dense()
         if self.config.fp32_softmax_layer_scaling:
             return fp32_softmax_attention(q, k, v, mask, self.layer_number, lambda probs: F.dropout(probs, p))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
