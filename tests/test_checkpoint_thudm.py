@@ -1,0 +1,68 @@
+"""Import of THUDM/GLM release checkpoints: a two-way model-parallel release built here with THUDM/GLM's
+parameter names and per-rank shapes (GLM-SPEC section 2) imports to a model with the original logits."""
+import torch
+
+from tests.checkpoint_helpers import VOCAB, glm_inputs, perturb_
+from trainer.checkpoint.cli import main as glm_ckpt
+from trainer.checkpoint.model_source import build_model, read_weights
+from trainer.checkpoint.thudm import read_release
+from trainer.model import GLMModel
+from trainer.model.config import ModelConfig
+
+# Released GLMs use 64-wide heads: h=128 is two of them, so the shape can be inferred from the tensors.
+CONFIG = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=2, vocab_size=VOCAB, max_sequence_length=16,
+                     hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def thudm_rank_state(full: dict, rank: int, p: int) -> dict:
+    """Rank `rank` of p of a THUDM/GLM release, from full tensors, by the reference code's rules."""
+    state = {"word_embeddings.weight": full["embedding.word_embeddings.weight"][:VOCAB].chunk(p)[rank],
+             "transformer.position_embeddings.weight": full["embedding.position_embeddings.weight"],
+             "transformer.block_position_embeddings.weight": full["embedding.block_position_embeddings.weight"],
+             "transformer.final_layernorm.weight": full["transformer.final_layernorm.weight"],
+             "transformer.final_layernorm.bias": full["transformer.final_layernorm.bias"]}
+    for i in range(CONFIG.num_layers):
+        prefix = f"transformer.layers.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = full[f"{prefix}attention.query_key_value.{kind}"].chunk(3)
+            state[f"{prefix}attention.query_key_value.{kind}"] = torch.cat([t.chunk(p)[rank] for t in (q, k, v)])
+            state[f"{prefix}mlp.dense_h_to_4h.{kind}"] = full[f"{prefix}mlp.dense_h_to_4h.{kind}"].chunk(p)[rank]
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                state[f"{prefix}{norm}.{kind}"] = full[f"{prefix}{norm}.{kind}"]
+        for name in ("attention.dense", "mlp.dense_4h_to_h"):
+            state[f"{prefix}{name}.weight"] = full[f"{prefix}{name}.weight"].chunk(p, dim=1)[rank]
+            state[f"{prefix}{name}.bias"] = full[f"{prefix}{name}.bias"]
+    return state
+
+
+def _release(tmp_path, p: int = 2):
+    model = GLMModel(CONFIG, seed=3).eval()
+    perturb_(model.named_parameters(), CONFIG, tp_rank=0)
+    full = model.state_dict()
+    root = tmp_path / "glm-release"
+    (root / "250000").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("250000")
+    for rank in range(p):
+        torch.save({"module": thudm_rank_state(full, rank, p), "iteration": 250000},
+                   root / "250000" / f"mp_rank_{rank:02d}_model_states.pt")
+    return model, root
+
+
+def test_two_rank_release_imports_to_the_same_logits(tmp_path):
+    torch.set_num_threads(1)
+    model, root = _release(tmp_path)
+    config, weights = read_release(root)
+    shape = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length", "ffn_size", "mlp")
+    assert [getattr(config, k) for k in shape] == [getattr(CONFIG, k) for k in shape]  # inferred from the tensors
+    with torch.no_grad():
+        torch.testing.assert_close(build_model(config, weights)(*glm_inputs()), model(*glm_inputs()), rtol=0, atol=1e-6)
+
+
+def test_import_thudm_cli_writes_an_export(tmp_path, capsys):
+    model, root = _release(tmp_path)
+    assert glm_ckpt(["import-thudm", str(root), "--out", str(tmp_path / "export")]) == 0
+    config, weights = read_weights(tmp_path / "export", None)
+    with torch.no_grad():
+        torch.testing.assert_close(build_model(config, weights)(*glm_inputs()), model(*glm_inputs()), rtol=0, atol=1e-6)
+    assert glm_ckpt(["import-thudm", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
