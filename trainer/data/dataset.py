@@ -1,0 +1,137 @@
+"""Training sequences from a prepared corpus, the sample for any global index, and batches.
+
+Documents are kept apart: a document of m tokens becomes p = ceil(m / n) consecutive texts of near-equal
+length (text j = tokens [floor(j m / p), floor((j + 1) m / p))), where n = text_length(data) is the
+longest text whose sample fits seq_length in every mode. No text mixes two documents.
+
+Sample i (a global index over every data-parallel rank) is epoch e = i // N of the N sequences of the
+split, at place i % N of that epoch's order (a permutation seeded by (seed, split, e)), blank-infilled
+with the generator sample_rng(seed, i). Any i works: the data wraps around and never runs out.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.data.blank_infilling import BlankInfilling, sample_rng, text_length
+from trainer.data.config import DataConfig
+from trainer.data.corpus import embedded_corpus
+from trainer.data.indexed import IndexedDataset
+from trainer.data.tokenizer import GLMTokenizer, load_tokenizer
+from trainer.errors import DataError
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "valid")
+CHECKED_TOKENS = 1 << 20
+"""Tokens at the start of the corpus compared against the tokenizer's vocabulary when opening it."""
+
+
+def resolve_paths(data: DataConfig) -> tuple[str, Path]:
+    """(prefix, tokenizer path): data.path or the embedded corpus; data.tokenizer or PREFIX.tokenizer.json."""
+    prefix = data.path or str(embedded_corpus())
+    return prefix, Path(data.tokenizer or f"{prefix}.tokenizer.json")
+
+
+def open_corpus(data: DataConfig) -> tuple[IndexedDataset, GLMTokenizer]:
+    """The prepared corpus and its tokenizer, checked against each other."""
+    prefix, tokenizer_path = resolve_paths(data)
+    indexed, tokenizer = IndexedDataset(prefix), load_tokenizer(tokenizer_path)
+    head = indexed.tokens[:CHECKED_TOKENS]
+    if head.size and int(head.max()) >= tokenizer.vocab_size:
+        raise DataError(f"{prefix}.bin holds token id {int(head.max())} but the tokenizer {tokenizer_path} has only "
+                        f"{tokenizer.vocab_size} ids: use the tokenizer the data was prepared with")
+    return indexed, tokenizer
+
+
+def check_data_files(data: DataConfig) -> int:
+    """Open the data, the tokenizer and the sample layout as training will; returns the vocabulary size."""
+    _, tokenizer = open_corpus(data)
+    text_length(data)
+    return tokenizer.vocab_size
+
+
+def cut_sequences(doc_lengths: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) in stream coordinates of the texts: each document cut into ceil(m / n) near-equal
+    pieces (length <= n); empty documents give none."""
+    m = doc_lengths.astype(np.int64)
+    pieces = -(-m // n)  # ceil(m / n)
+    doc = np.repeat(np.arange(len(m)), pieces)  # [S] the document of each text
+    j = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # [S] piece number within it
+    base, m_doc, p_doc = np.asarray(offsets[:-1])[doc], m[doc], pieces[doc]
+    return base + j * m_doc // p_doc, base + (j + 1) * m_doc // p_doc
+
+
+class GLMDataset:
+    """`ds[i]` is the blank-infilling sample of global index i >= 0; `len(ds)` sequences per epoch."""
+
+    def __init__(self, indexed: IndexedDataset, tokenizer: GLMTokenizer, infilling: BlankInfilling,
+                 starts: np.ndarray, ends: np.ndarray, seed: int, split: str):
+        self.indexed, self.tokenizer, self.infilling = indexed, tokenizer, infilling
+        self.starts, self.ends, self.seed, self.split = starts, ends, seed, split
+        self._orders: dict[int, np.ndarray] = {}
+        self._announced: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of the split's sequences used in `epoch`, a function of (seed, split, epoch)."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a batch spans at most two epochs
+                self._orders.pop(min(self._orders))
+            rng = np.random.default_rng([self.seed % 2 ** 64, SPLITS.index(self.split), epoch])
+            self._orders[epoch] = rng.permutation(len(self))
+        return self._orders[epoch]
+
+    def sequence(self, index: int) -> np.ndarray:
+        """The text tokens of global sample `index` (a zero-copy view of the corpus)."""
+        if index < 0:
+            raise IndexError(f"sample index {index} is negative")
+        epoch, place = divmod(index, len(self))
+        if epoch not in self._announced:
+            self._announced.add(epoch)
+            logger.info("data (%s): starting epoch %d at sample %d (%d sequences per epoch, order reshuffled)",
+                        self.split, epoch, index, len(self))
+        s = self.epoch_order(epoch)[place]
+        return self.indexed.tokens[self.starts[s]: self.ends[s]]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.infilling(self.sequence(index), sample_rng(self.seed, index))
+
+
+def build_dataset(data: DataConfig, seed: int, split: str = "train") -> GLMDataset:
+    """The dataset of `split`: "train", or "valid" = the last data.valid_fraction of the sequences
+    (in corpus order, so mostly whole documents that training never sees)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown data split {split!r}: use one of {', '.join(SPLITS)}")
+    indexed, tokenizer = open_corpus(data)
+    infilling = BlankInfilling(data, tokenizer)
+    starts, ends = cut_sequences(indexed.doc_lengths, indexed.offsets, infilling.text_length)
+    held_out = 0 if data.valid_fraction == 0 else max(1, round(data.valid_fraction * len(starts)))
+    if split == "valid" and held_out == 0:
+        raise DataError("a validation split was requested but data.valid_fraction is 0: set it, e.g. 0.05")
+    if len(starts) - held_out < 1:
+        raise DataError(f"{indexed.prefix} holds {len(starts)} sequence(s), too few for training"
+                        f"{' after the validation split' if held_out else ''}: give more text")
+    cut = len(starts) - held_out
+    chosen = slice(0, cut) if split == "train" else slice(cut, None)
+    return GLMDataset(indexed, tokenizer, infilling, starts[chosen], ends[chosen], seed, split)
+
+
+def micro_batch_indices(consumed_samples: int, micro_step: int, dp_rank: int, dp_size: int,
+                        micro_batch_size: int) -> list[int]:
+    """Global indices of one micro-batch: consumed + (micro_step * dp + dp_rank) * mbs + [0, mbs).
+    The micro-batches of a step tile [consumed, consumed + steps * dp * mbs) whatever dp is."""
+    first = consumed_samples + (micro_step * dp_size + dp_rank) * micro_batch_size
+    return list(range(first, first + micro_batch_size))
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack samples: every array key -> int64 [b, s], `sep` -> int64 [b]."""
+    batch = {key: torch.from_numpy(np.stack([s[key] for s in samples]).astype(np.int64))
+             for key in samples[0] if key != "sep"}
+    batch["sep"] = torch.tensor([int(s["sep"]) for s in samples], dtype=torch.int64)
+    return batch
