@@ -9,12 +9,13 @@ step each per round. Then pp = 2 runs in two spawned processes (CPU: gloo; GPU: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import platform
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -75,6 +76,21 @@ def device_description() -> str:
     return f"{accelerator.device_name()} x{accelerator.device_count()}, torch {torch.__version__}"
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr for the block (the libraries' and spawned ranks' prints included),
+    so that stdout carries only the report."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -83,7 +99,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = bench_config(args)
         from trainer.bench.run import run_bench  # deepspeed is imported only once the config is valid
 
-        report = run_bench(config, args, device_description(), MEMORY_NOTE)
+        with stdout_to_stderr():
+            report = run_bench(config, args, device_description(), MEMORY_NOTE)
     except GLMError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

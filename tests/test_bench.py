@@ -1,0 +1,98 @@
+"""glm-bench: the JSON report of a tiny run (fields, and every figure recomputed from the measured step
+times), the synthetic batch format, the ratio arithmetic and the CLI's errors. No speed is asserted."""
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.glm_processes import REPO, TINY, _env
+from trainer.bench.batches import synthetic_micro_batch
+from trainer.bench.report import build_report
+from trainer.engine.flops import PEAK_TFLOPS, peak_tflops, train_flops_per_token
+from trainer.errors import ConfigError
+from trainer.model.config import ModelConfig
+
+STEPS = 3
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "trainer.bench.cli", "--config", str(REPO / "configs" / "glm-debug.yaml")]
+    for item in TINY + ["model.vocab_size=300"]:
+        command += ["--set", item]
+    return subprocess.run(command + list(args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    result = bench("--steps", str(STEPS), "--warmup", "1", "--json", "--peak-tflops", "0.5",
+                   "--pipeline-micro-batches", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_json_has_the_issue_fields_and_the_shape(report):
+    for key in ("tokens_per_s", "tflops", "mfu", "peak_memory_bytes", "vs_bare_loop", "vs_hf_gpt2"):
+        assert isinstance(report[key], (int, float)) and report[key] > 0, key
+    assert report["shape"] == {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_size": 128,
+                               "seq_length": 64, "padded_vocab_size": 384, "micro_batch_size": 2, "grad_accum": 2,
+                               "activation_checkpoint_interval": 0}
+    assert "4 s h" in report["flop_formula"]
+
+
+def test_figures_are_computed_from_the_measured_step_times(report):
+    seconds = {name: report[name]["seconds"] for name in ("engine", "bare_loop", "hf_gpt2")}
+    assert all(len(s) == STEPS and min(s) > 0 for s in seconds.values())
+    tokens_per_step = 2 * 2 * 64
+    assert report["tokens_per_step"] == tokens_per_step
+    flops = train_flops_per_token(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300), 64)
+    assert report["flops_per_token"] == flops
+    assert_close(report["tokens_per_s"], tokens_per_step / statistics.median(seconds["engine"]))
+    assert_close(report["tflops"], report["tokens_per_s"] * flops / 1e12)
+    assert_close(report["mfu"], report["tflops"] / 0.5)
+    engine, bare, gpt2 = seconds["engine"], seconds["bare_loop"], seconds["hf_gpt2"]
+    assert_close(report["vs_bare_loop"], statistics.median([e / b for e, b in zip(engine, bare)]))
+    assert_close(report["vs_hf_gpt2"], statistics.median([g / e for g, e in zip(gpt2, engine)]))
+
+
+def test_pipeline_efficiency_is_measured_against_the_ideal(report):
+    pipeline = report["pipeline"]
+    assert pipeline["stages"] == 2 and pipeline["micro_batches"] == 2
+    assert_close(pipeline["ideal_efficiency"], 2 / 3)
+    single, staged = pipeline["single_stage_step_s"]["median"], pipeline["pipeline_step_s"]["median"]
+    assert_close(pipeline["efficiency"], single / (2 * staged))
+
+
+def test_report_ratios_pair_the_steps_of_one_round():
+    times = {"engine": [1.0, 4.0, 2.0], "bare_loop": [1.0, 2.0, 2.0], "hf_gpt2": [3.0, 4.0, 2.0]}
+    report = build_report(times, tokens_per_step=100, flops_per_token=10 ** 10, peak=None, peak_memory_bytes=1,
+                          context={}, pipeline=None)
+    assert report["tokens_per_s"] == 50.0 and report["tflops"] == 0.5 and report["mfu"] is None
+    assert report["vs_bare_loop"] == 1.0 and report["vs_bare_loop_spread"] == {"median": 1.0, "min": 1.0, "max": 2.0}
+    assert report["vs_hf_gpt2"] == 1.0 and report["vs_hf_gpt2_spread"]["max"] == 3.0
+
+
+def test_synthetic_batch_is_a_gmask_sample_in_the_dataset_format():
+    (input_ids, position_ids, block_position_ids, sep), (labels, loss_mask) = synthetic_micro_batch(2, 8, 50, seed=0)
+    assert sep.tolist() == [4, 4] and input_ids.shape == labels.shape == (2, 8)
+    assert all(t.dtype == torch.long for t in (input_ids, position_ids, block_position_ids, sep, labels, loss_mask))
+    assert position_ids[0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert block_position_ids[0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    assert loss_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert int(input_ids.max()) < 50
+
+
+def test_peak_tflops_by_number_or_known_device():
+    assert peak_tflops(None, "bf16") is None
+    assert peak_tflops("123.5", "fp32") == 123.5
+    assert peak_tflops("H100-SXM", "bf16") == PEAK_TFLOPS[("h100-sxm", "bf16")]
+    with pytest.raises(ConfigError, match="h100-sxm"):
+        peak_tflops("tpu-v9", "bf16")
+
+
+def test_cli_errors_are_one_line_and_exit_2():
+    result = bench("--steps", "0")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --steps, --warmup and --pipeline-micro-batches must be >= 1"
