@@ -1,0 +1,94 @@
+"""glm-generate: the KV-cache path equals recomputing the whole sequence (logits to 1e-5, same tokens),
+greedy and top-p, several blanks and [gMASK]; tp=2 generates what tp=1 does; the CLI on an export."""
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from trainer.checkpoint.export import write_export
+from trainer.checkpoint.model_source import build_model
+from trainer.data.tokenizer import train_tokenizer
+from trainer.generate import cached_step, encode_prompt, fill_blanks, main, recompute_step
+from trainer.model import GLMModel
+from trainer.model.config import ModelConfig
+
+TEXTS = ["the cat sat on the mat. the dog sat on the log.", "a bird in the hand is worth two in the bush."] * 20
+VARIANTS = {"glm": {}, "glm130b": {"position_embedding": "rope_1d", "norm": "deepnorm", "mlp": "geglu"},
+            "rope2d": {"position_embedding": "rope_2d", "fp32_softmax_layer_scaling": True}}
+
+
+def _setup(variant="glm"):
+    torch.set_num_threads(1)
+    tokenizer = train_tokenizer(TEXTS, 300)
+    config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=tokenizer.vocab_size,
+                         max_sequence_length=64, hidden_dropout=0.0, attention_dropout=0.0, **VARIANTS[variant])
+    model = GLMModel(config, seed=5).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["embedding.word_embeddings.weight"] = weights["embedding.word_embeddings.weight"][:config.vocab_size]
+    return tokenizer, config, model, weights
+
+
+def test_prompt_encoding_marks_every_blank():
+    tokenizer, *_ = _setup()
+    part_a, masks = encode_prompt("the cat [MASK] on the [MASK].", tokenizer)
+    assert part_a[0] == tokenizer.cls_id and [part_a[m] for m in masks] == [tokenizer.mask_id] * 2
+    part_a, masks = encode_prompt("the cat sat", tokenizer)
+    assert masks == [len(part_a) - 1] and part_a[-1] == tokenizer.gmask_id
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_logits_equal_recomputed_logits(variant):
+    tokenizer, config, model, _ = _setup(variant)
+    part_a, masks = encode_prompt("the cat [MASK] on the [MASK].", tokenizer)
+    feeds = [(part_a, list(range(len(part_a))), [0] * len(part_a))]
+    feeds += [([t], [masks[0]], [i + 1]) for i, t in enumerate([tokenizer.sop_id, 17, 40, 9])]
+    feeds += [([t], [masks[1]], [i + 1]) for i, t in enumerate([tokenizer.sop_id, 3])]
+    cached = cached_step(model, len(part_a), config.vocab_size)
+    recomputed = recompute_step(model, len(part_a), config.vocab_size)
+    with torch.no_grad():
+        for ids, positions, blocks in feeds:
+            torch.testing.assert_close(cached(ids, positions, blocks), recomputed(ids, positions, blocks),
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_p", [0.0, 0.9])
+def test_generation_with_and_without_cache_is_the_same(top_p):
+    tokenizer, config, model, _ = _setup()
+    for text in ("the cat [MASK] on the [MASK].", "a bird in the"):
+        runs = [fill_blanks(model, tokenizer, text, config.max_sequence_length, config.vocab_size, max_new_tokens=6,
+                            top_p=top_p, seed=3, use_cache=use_cache) for use_cache in (True, False)]
+        assert runs[0] == runs[1]
+        assert len(runs[0][1]) == max(text.count("[MASK]"), 1)  # one fill per blank; [gMASK] when none
+
+
+def _generate_tp2(rank, world_size, out_path):
+    import torch.distributed as dist
+
+    tokenizer, config, _, weights = _setup()
+    group = dist.new_group([0, 1])
+    model = build_model(config, weights, group)
+    result = fill_blanks(model, tokenizer, "the cat [MASK] on the [MASK].", config.max_sequence_length,
+                         config.vocab_size, max_new_tokens=6, top_p=0.9, seed=3, tp_group=group)
+    gathered = [None, None]
+    dist.all_gather_object(gathered, result)
+    assert gathered[0] == gathered[1]  # every tensor rank sampled the same tokens
+    if rank == 0:
+        torch.save(result, out_path)
+
+
+def test_tp2_generates_what_tp1_generates(tmp_path):
+    tokenizer, config, model, _ = _setup()
+    expected = fill_blanks(model, tokenizer, "the cat [MASK] on the [MASK].", config.max_sequence_length,
+                           config.vocab_size, max_new_tokens=6, top_p=0.9, seed=3)
+    run_distributed(_generate_tp2, 2, tmp_path / "tp2.pt")
+    assert torch.load(tmp_path / "tp2.pt") == expected
+
+
+def test_cli_on_an_export(tmp_path, capsys):
+    tokenizer, config, model, weights = _setup()
+    tokenizer.save(tmp_path / "tokenizer.json")
+    write_export(weights, config, tmp_path / "export", tmp_path / "tokenizer.json")
+    assert main([str(tmp_path / "export"), "--text", "the cat [MASK] on the mat.", "--max-new-tokens", "4"]) == 0
+    expected, _ = fill_blanks(model, tokenizer, "the cat [MASK] on the mat.", 64, config.vocab_size, max_new_tokens=4)
+    assert capsys.readouterr().out.strip() == expected.strip()
+    assert main([str(tmp_path / "export"), "--text", "x", "--top-p", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -1,0 +1,224 @@
+"""glm-generate: fill every [MASK] of a text, or continue it after [gMASK], with GLM's blank infilling.
+
+    glm-generate SOURCE --text "The capital of France is [MASK]." [--top-p 0.9 --seed 0] [--max-new-tokens 32]
+
+Part A = [CLS] + the text, each [MASK] / [sMASK] / [gMASK] marker one mask token (a text without a marker
+gets [gMASK] appended: continue after it). Part A positions 0..sep-1, block positions 0. The blanks are
+filled in text order, each as Part B: [sop] + generated tokens with position id = the mask's position and
+block positions 1, 2, ..., until [eop]; a later blank sees the earlier fills (Part B is causal).
+With the KV cache every step feeds only the new token; the keys and values of all earlier positions are
+kept per block, which equals recomputing the whole sequence. Under tensor parallelism (glm-generate run
+with WORLD_SIZE = tp ranks) the vocabulary-sharded logits are gathered and every rank samples the same
+token from the same seeded generator. SOURCE is anything glm-ckpt reads (docs/CHECKPOINTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from trainer.errors import ConfigError, DataError, GLMError
+
+MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
+Step = Callable[[list[int], list[int], list[int]], torch.Tensor]
+"""Feed new (ids, position ids, block position ids) -> the full-vocabulary logits [V] after the last one."""
+
+
+def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """Text with mask markers -> (Part A ids, the positions of its mask tokens in text order)."""
+    if not MARKERS.search(text):
+        text += "[gMASK]"
+    marker_ids = {"[MASK]": tokenizer.mask_id, "[sMASK]": tokenizer.smask_id, "[gMASK]": tokenizer.gmask_id}
+    part_a, masks = [tokenizer.cls_id], []
+    for piece in MARKERS.split(text):
+        if piece in marker_ids:
+            masks.append(len(part_a))
+            part_a.append(marker_ids[piece])
+        elif piece:
+            part_a += tokenizer.encode(piece)
+    return part_a, masks
+
+
+def block_step(layer, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
+               mask: torch.Tensor, cache) -> torch.Tensor:
+    """GLMBlock's forward (eval: no dropout) on the new positions only, attention reading the KV cache.
+    GLMBlock.forward builds a square mask and takes no cache, hence this twin of its two residual forms."""
+    def attend(x):
+        return layer.attention(x, position_ids, block_position_ids, mask, kv_cache=cache)
+
+    if layer.deepnorm_alpha is None:
+        hidden = hidden + attend(layer.input_layernorm(hidden))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    alpha = layer.deepnorm_alpha
+    attention_input = layer.input_layernorm(hidden)
+    mlp_input = layer.post_attention_layernorm(alpha * attention_input + attend(attention_input))
+    return alpha * mlp_input + layer.mlp(mlp_input)
+
+
+def full_vocab_logits(model, hidden: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """Final hidden [b, s, h] -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
+    from trainer.parallel.mappings import gather_from_tp
+
+    return gather_from_tp(model.embedding.logits(hidden), tp_group)[..., :vocab_size].float()
+
+
+def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
+    """A Step that keeps one KVCache per block and runs only the new positions."""
+    from trainer.data.blank_infilling import attention_mask_from_sep
+    from trainer.model.attention import KVCache
+
+    layers = model.transformer["layers"]
+    caches = [KVCache() for _ in layers]
+    seen = [0]
+
+    def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in (ids, positions, blocks))  # [1, s_new]
+        sep_t = torch.tensor([sep], device=device)
+        past, seen[0] = seen[0], seen[0] + len(ids)
+        mask = attention_mask_from_sep(sep_t, seen[0])[:, :, past:]  # [1, 1, s_new, past + s_new]
+        hidden = model.embedding((ids_t, pos_t, block_t, sep_t))[0]  # [1, s_new, h]
+        for layer, cache in zip(layers, caches):
+            hidden = block_step(layer, hidden, pos_t, block_t, mask, cache)
+        hidden = model.transformer["final_layernorm"]((hidden,))
+        return full_vocab_logits(model, hidden, vocab_size, tp_group)[0, -1]
+
+    return step
+
+
+def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
+    """A Step that reruns GLMModel over the whole sequence so far (the reference for the cache)."""
+    context: list[list[int]] = [[], [], []]
+
+    def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
+        for held, new in zip(context, (ids, positions, blocks)):
+            held += new
+        device = next(model.parameters()).device
+        ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in context)  # [1, s]
+        activations = model.embedding((ids_t, pos_t, block_t, torch.tensor([sep], device=device)))
+        for layer in model.transformer["layers"]:
+            activations = layer(activations)
+        hidden = model.transformer["final_layernorm"](activations)
+        return full_vocab_logits(model, hidden, vocab_size, tp_group)[0, -1]
+
+    return step
+
+
+def sample(logits: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator) -> int:
+    """Greedy (top_p = 0) or nucleus sampling: the smallest set of most likely tokens whose probability
+    reaches top_p, renormalised. The same generator state on every tp rank gives the same token."""
+    if top_p <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the token that crosses top_p is kept
+    kept = sorted_probs * keep
+    choice = torch.multinomial((kept / kept.sum()).cpu(), 1, generator=generator)
+    return int(order[choice])
+
+
+@torch.no_grad()
+def fill_blanks(model, tokenizer, text: str, max_sequence_length: int, vocab_size: int, max_new_tokens: int = 32,
+                top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, use_cache: bool = True,
+                tp_group=None) -> tuple[str, list[list[int]]]:
+    """The text with every blank filled, and the generated ids of each blank."""
+    part_a, masks = encode_prompt(text, tokenizer)
+    sep = len(part_a)
+    if sep > max_sequence_length:
+        raise DataError(f"the prompt is {sep} tokens but the model holds {max_sequence_length} positions: shorten it")
+    step = (cached_step if use_cache else recompute_step)(model, sep, vocab_size, tp_group)
+    generator = torch.Generator().manual_seed(seed)
+    step(part_a, list(range(sep)), [0] * sep)  # Part A fills the caches
+    spans = []
+    longest = min(max_new_tokens, max_sequence_length - 1)  # block positions index a learned table
+    for position in masks:
+        span: list[int] = []
+        logits = step([tokenizer.sop_id], [position], [1])
+        while len(span) < longest:
+            token = sample(logits, top_p, temperature, generator)
+            if token == tokenizer.eop_id:
+                break
+            span.append(token)
+            logits = step([token], [position], [len(span) + 1])
+        spans.append(span)
+    pieces, previous = [], 1
+    for position, span in zip(masks, spans):
+        pieces.append(tokenizer.decode(part_a[previous:position]) + tokenizer.decode(span))
+        previous = position + 1
+    return "".join(pieces) + tokenizer.decode(part_a[previous:]), spans
+
+
+def load_inference(args: argparse.Namespace):
+    """(model shard, ModelConfig, tokenizer, tp_group) from the common arguments of glm-generate / glm-eval.
+    Under a launcher (WORLD_SIZE > 1) every rank is one tensor-parallel rank."""
+    from trainer.checkpoint.cli import model_config
+    from trainer.checkpoint.export import TOKENIZER
+    from trainer.checkpoint.model_source import build_model, read_weights
+    from trainer.data.tokenizer import load_tokenizer
+
+    tokenizer_path = args.tokenizer or (args.source / TOKENIZER if (args.source / TOKENIZER).is_file() else None)
+    config_given = model_config(args) if args.config else None
+    if tokenizer_path is None and args.config:
+        from trainer.config import load_config
+
+        tokenizer_path = load_config(args.config, args.overrides).data.tokenizer or None
+    if tokenizer_path is None:
+        raise ConfigError(f"no tokenizer: {args.source} has no tokenizer.json; pass --tokenizer PATH")
+    config, weights = read_weights(args.source, config_given)
+    tp_group = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from trainer.engine.distributed import init_distributed
+        from trainer.parallel.topology import Topology
+
+        _, world_size = init_distributed()
+        config.validate(world_size)
+        tp_group = Topology.create(world_size, 1).tp_group
+    return build_model(config, weights, tp_group), config, load_tokenizer(tokenizer_path), tp_group
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, help="export, training checkpoint or THUDM/GLM release directory")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in an export)")
+    parser.add_argument("--config", help="the run's YAML config (needed for training checkpoints)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key, as for glm-train")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="glm-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(parser)
+    parser.add_argument("--text", required=True, help="the prompt, with [MASK] / [sMASK] / [gMASK] markers")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest fill of one blank")
+    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every token")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or args.temperature <= 0:
+            raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature > 0")
+        model, config, tokenizer, tp_group = load_inference(args)
+        text, _ = fill_blanks(model, tokenizer, args.text, config.max_sequence_length, config.vocab_size,
+                              args.max_new_tokens, args.top_p, args.temperature, args.seed,
+                              use_cache=not args.no_kv_cache, tp_group=tp_group)
+    except GLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
