@@ -1,0 +1,121 @@
+"""glm-eval: cloze classification with verbalizers (GLM's fine-tuning format), reporting accuracy.
+
+    glm-eval SOURCE --data task.jsonl --template "{text} It was [MASK]." \
+             --verbalizers '{"positive": " great", "negative": " terrible"}'
+
+Each JSONL record fills the template (str.format with its fields) into a text with exactly one [MASK],
+and names its class in "label". A class c with verbalizer tokens v_1..v_m is scored by the likelihood of
+its word filling the blank, as GLM's Part B:
+    score(c) = sum_j log p(v_j | Part A, [sop], v_<j)      (position id = the mask's, block ids 1..m)
+and the prediction is argmax_c score(c). Under a launcher (WORLD_SIZE = tp ranks) the vocabulary-parallel
+logits are gathered before the softmax, so every rank scores the same.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trainer.errors import ConfigError, DataError, GLMError
+from trainer.generate import add_source_arguments, encode_prompt, full_vocab_logits, load_inference
+
+
+def cloze_inputs(part_a: list[int], mask: int, word: list[int], sop_id: int) -> tuple[torch.Tensor, ...]:
+    """Part A + [sop] + word[:-1] as one sample: (ids, position ids, block position ids) [1, s], sep [1]."""
+    part_b = [sop_id] + word[:-1]
+    sep = len(part_a)
+    ids = torch.tensor([part_a + part_b])
+    positions = torch.tensor([list(range(sep)) + [mask] * len(part_b)])
+    blocks = torch.tensor([[0] * sep + list(range(1, len(part_b) + 1))])
+    return ids, positions, blocks, torch.tensor([sep])
+
+
+@torch.no_grad()
+def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab_size: int,
+                 tp_group=None) -> dict[str, float]:
+    """{class: sum of log-probabilities of its verbalizer tokens filling the text's one [MASK]}."""
+    part_a, masks = encode_prompt(text, tokenizer)
+    if len(masks) != 1 or part_a[masks[0]] != tokenizer.mask_id:
+        raise DataError(f"a cloze text needs exactly one [MASK] and no other blank, got {text!r}")
+    device = next(model.parameters()).device
+    scores = {}
+    for label, word in words.items():
+        ids, positions, blocks, sep = (t.to(device) for t in cloze_inputs(part_a, masks[0], word, tokenizer.sop_id))
+        activations = model.embedding((ids, positions, blocks, sep))
+        for layer in model.transformer["layers"]:
+            activations = layer(activations)
+        logits = full_vocab_logits(model, model.transformer["final_layernorm"](activations), vocab_size, tp_group)
+        log_probs = torch.log_softmax(logits[0, len(part_a):], dim=-1)  # [m, V]: position j predicts v_j
+        scores[label] = float(log_probs.gather(1, torch.tensor(word, device=device)[:, None]).sum())
+    return scores
+
+
+def evaluate_cloze(model, tokenizer, records: list[dict], template: str, verbalizers: dict[str, str],
+                   vocab_size: int, tp_group=None) -> dict:
+    """Accuracy of argmax-likelihood classification over the records."""
+    words = {label: tokenizer.encode(word) for label, word in verbalizers.items()}
+    if any(not word for word in words.values()):
+        raise DataError("every verbalizer must encode to at least one token")
+    correct = 0
+    for number, record in enumerate(records, 1):
+        try:
+            text, label = template.format(**record), record["label"]
+        except KeyError as missing:
+            raise DataError(f"record {number} has no field {missing}: the template and 'label' need it") from None
+        if label not in words:
+            raise DataError(f"record {number} has label {label!r}, which has no verbalizer ({', '.join(words)})")
+        scores = score_labels(model, tokenizer, text, words, vocab_size, tp_group)
+        correct += max(scores, key=scores.get) == label
+    return {"accuracy": correct / len(records), "correct": correct, "examples": len(records)}
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"task file {path} does not exist")
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise DataError(f"task file {path} is not JSON lines: {error}") from None
+    if not records:
+        raise DataError(f"task file {path} holds no records")
+    return records
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="glm-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(parser)
+    parser.add_argument("--data", type=Path, required=True, help="JSONL task: template fields and 'label'")
+    parser.add_argument("--template", default="{text}", help="str.format template with one [MASK]")
+    parser.add_argument("--verbalizers", required=True, help='JSON {label: word}, e.g. {"yes": " yes", "no": " no"}')
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        try:
+            verbalizers = json.loads(args.verbalizers)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--verbalizers is not JSON: {args.verbalizers!r}") from None
+        if not isinstance(verbalizers, dict) or len(verbalizers) < 2:
+            raise ConfigError("--verbalizers must map at least two labels to words")
+        records = read_records(args.data)
+        model, config, tokenizer, tp_group = load_inference(args)
+        result = evaluate_cloze(model, tokenizer, records, args.template, verbalizers, config.vocab_size, tp_group)
+    except GLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
