@@ -166,7 +166,9 @@ def load_inference(args: argparse.Namespace):
     if tokenizer_path is None and args.config:
         from trainer.config import load_config
 
-        tokenizer_path = load_config(args.config, args.overrides).data.tokenizer or None
+        from trainer.data.dataset import resolve_paths
+
+        tokenizer_path = resolve_paths(load_config(args.config, args.overrides).data)[1]  # the run's tokenizer
     if tokenizer_path is None:
         raise ConfigError(f"no tokenizer: {args.source} has no tokenizer.json; pass --tokenizer PATH")
     config, weights = read_weights(args.source, config_given)

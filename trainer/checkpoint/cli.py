@@ -49,6 +49,11 @@ def convert(args: argparse.Namespace) -> str:
 def export(args: argparse.Namespace) -> str:
     config, weights = read_weights(args.source, model_config(args))
     tokenizer = args.tokenizer or (args.source / TOKENIZER if (args.source / TOKENIZER).is_file() else None)
+    if tokenizer is None and args.config:
+        from trainer.config import load_config
+        from trainer.data.dataset import resolve_paths
+
+        tokenizer = resolve_paths(load_config(args.config, args.overrides).data)[1]  # the run's tokenizer
     write_export(weights, config, args.out, tokenizer, DTYPES[args.dtype])
     return f"wrote {args.out} ({sum(w.numel() for w in weights.values())} parameters, {args.dtype})"
 
