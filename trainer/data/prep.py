@@ -19,10 +19,14 @@ from trainer.data.tokenizer import GLMTokenizer, load_tokenizer, train_tokenizer
 from trainer.errors import GLMError
 
 DEFAULT_VOCAB_SIZE = 8192
+PARALLEL_FROM = 64 << 20
+"""Input bytes from which worker processes pay for their start-up (about a second each on 2 cores)."""
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="glm-prep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="glm-prep", description="text files / JSON lines -> PREFIX.bin + "
+                                     "PREFIX.idx + PREFIX.tokenizer.json; --samples shows blank-infilling samples "
+                                     "(docs/DATA.md)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="FILE",
                         help="text files (one document each) or JSON lines (.jsonl/.ndjson/.json, field `text`)")
@@ -35,8 +39,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                        help=f"train a byte-level BPE of N ids on the input (default {DEFAULT_VOCAB_SIZE})")
     parser.add_argument("--add-special-tokens", action="store_true",
                         help="with --tokenizer: append the GLM special tokens it lacks")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                        help="tokenizer processes (default: the number of CPUs)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help=f"tokenizer processes (default: 1 below {PARALLEL_FROM >> 20} MiB of input, else one per CPU)")
     parser.add_argument("--samples", type=int, default=0, metavar="K",
                         help="print K decoded blank-infilling samples, cycling [MASK], [sMASK], [gMASK]")
     parser.add_argument("--seq-length", type=int, default=DataConfig.seq_length, metavar="S",
@@ -49,7 +53,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error("--embedded takes neither --output-prefix, --tokenizer nor --vocab-size")
     if args.add_special_tokens and not args.tokenizer:
         parser.error("--add-special-tokens needs --tokenizer")
-    if args.workers < 1 or args.samples < 0:
+    if (args.workers is not None and args.workers < 1) or args.samples < 0:
         parser.error("--workers must be >= 1 and --samples >= 0")
     return args
 
@@ -67,11 +71,12 @@ def prepare_inputs(args: argparse.Namespace) -> str:
     else:
         tokenizer = train_tokenizer(documents_of(args.input), args.vocab_size or DEFAULT_VOCAB_SIZE)
     total = sum(Path(p).stat().st_size for p in args.input)
+    workers = args.workers or ((os.cpu_count() or 1) if total >= PARALLEL_FROM else 1)
     start = time.perf_counter()
-    documents, tokens = prepare(documents_of(args.input), args.output_prefix, tokenizer, args.workers,
+    documents, tokens = prepare(documents_of(args.input), args.output_prefix, tokenizer, workers,
                                 total_chars=total)
     seconds = time.perf_counter() - start
-    print(f"glm-prep: {documents} documents, {tokens} tokens ({tokens / seconds:,.0f} tokens/s with {args.workers} "
+    print(f"glm-prep: {documents} documents, {tokens} tokens ({tokens / seconds:,.0f} tokens/s with {workers} "
           f"worker(s)), vocabulary {tokenizer.vocab_size} -> {args.output_prefix}.bin/.idx/.tokenizer.json")
     return args.output_prefix
 
