@@ -34,7 +34,8 @@ def test_save_and_load_give_the_same_ids(tmp_path):
     tokenizer.save(tmp_path / "tok.json")
     loaded = load_tokenizer(tmp_path / "tok.json")
     assert loaded.encode(TRICKY) == tokenizer.encode(TRICKY)
-    assert (loaded.vocab_size, loaded.mask_id, loaded.eop_id) == (tokenizer.vocab_size, tokenizer.mask_id, tokenizer.eop_id)
+    assert (loaded.vocab_size, loaded.mask_id, loaded.eop_id) == (tokenizer.vocab_size, tokenizer.mask_id,
+                                                                  tokenizer.eop_id)
     assert [p.name for p in tmp_path.iterdir()] == ["tok.json"]  # no temporary left behind
 
 

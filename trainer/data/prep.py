@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -32,7 +32,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="text files (one document each) or JSON lines (.jsonl/.ndjson/.json, field `text`)")
     source.add_argument("--embedded", action="store_true",
                         help="prepare (or reuse) the embedded pydoc corpus in the cache directory")
-    parser.add_argument("--output-prefix", metavar="PREFIX", help="write PREFIX.bin, PREFIX.idx, PREFIX.tokenizer.json")
+    parser.add_argument("--output-prefix", metavar="PREFIX",
+                        help="write PREFIX.bin, PREFIX.idx, PREFIX.tokenizer.json")
     vocab = parser.add_mutually_exclusive_group()
     vocab.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead of training one")
     vocab.add_argument("--vocab-size", type=int, metavar="N",
@@ -58,7 +59,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def documents_of(paths: list[str]):
+def documents_of(paths: list[str]) -> Iterator[str]:
     for path in paths:
         yield from read_documents(path)
 
