@@ -165,9 +165,17 @@ def choose_tag(checkpoint_dir: Path) -> str:
     return choice[0]
 
 
-def load_latest(engine, checkpoint_dir: Path) -> tuple[int, int]:
-    """Load the newest good checkpoint into the engine; returns (step, consumed_samples)."""
+def load_latest(engine, checkpoint_dir: Path, topology, model_config) -> tuple[int, int]:
+    """Load the newest good checkpoint into the engine; returns (step, consumed_samples). A checkpoint
+    written by another (tp, pp, dp) layout is resharded on the fly, optimizer state included."""
+    from trainer.checkpoint.universal import load_any_layout
+
     tag = choose_tag(checkpoint_dir)
+    resharded = load_any_layout(engine, topology, model_config, checkpoint_dir, tag)
+    if resharded is not None:
+        log.warning(f"resumed {checkpoint_dir / tag} on a new layout (tp={topology.tp}, pp={topology.pp}, "
+                    f"dp={topology.dp}); RNG states restart from the seed")
+        return resharded
     path, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None or client is None:

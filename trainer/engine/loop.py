@@ -134,7 +134,7 @@ class Trainer:
             self.own_clipping = OwnClipping(self.engine, self.topology, config.optim.grad_clip)
         self.step = 0
         if config.train.resume:
-            self.step, _ = checkpoint.load_latest(self.engine, self.checkpoint_dir)
+            self.step, _ = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology, config.model)
         if config.train.inject_nan_steps:
             module = self.engine.module
             module.loss_fn = PoisonedLoss(module.loss_fn, set(config.train.inject_nan_steps), lambda: self.step + 1)
