@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional
 
-from trainer.config import Config, load_config
+from trainer.config import load_config
 from trainer.errors import GLMError
 from trainer.preflight import check_data, preflight
 
@@ -30,14 +30,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def print_outcome(config: Config, result) -> None:
+def print_outcome(result) -> None:
     from trainer.engine.demo import fill_one_blank
 
     print(f"metrics:      {result.run_dir / 'metrics.jsonl'}")
     print(f"tensorboard:  tensorboard --logdir {result.run_dir / 'tb'}")
     print(f"checkpoint:   {result.checkpoint_dir / (result.checkpoint_dir / 'latest').read_text().strip()}")
     if result.topology.world_size == 1:
-        print(fill_one_blank(result.engine.module, result.dataset, config))
+        print(fill_one_blank(result.engine.module, result.dataset))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -59,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         result = train(config)
         if result.topology.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
-            print_outcome(config, result)
+            print_outcome(result)
     except GLMError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,7 +5,6 @@ from typing import Callable
 
 import torch
 
-from trainer.config import Config
 from trainer.data.dataset import GLMDataset
 
 
@@ -29,10 +28,21 @@ def greedy_fill(logits_fn: Callable, part_a: list[int], mask_position: int, sop_
     return generated
 
 
-def fill_one_blank(module: torch.nn.Module, dataset: GLMDataset, config: Config, sample_index: int = 0) -> str:
-    """Decode the first blank of a sample: the text around it, the original span and the model's fill."""
+def first_mask_sample(dataset: GLMDataset, search: int = 64) -> int:
+    """Index of the first sample whose first blank is a short [MASK] span with text before it."""
+    mask_id = dataset.tokenizer.mask_id
+    for index in range(search):
+        part_a = list(dataset[index]["input_ids"][: int(dataset[index]["sep"])])
+        if mask_id in part_a and part_a.index(mask_id) > 8:
+            return index
+    return 0
+
+
+def fill_one_blank(module: torch.nn.Module, dataset: GLMDataset) -> str:
+    """Decode the first blank of a [MASK] sample: the text around it, the original span and the model's fill."""
     tokenizer = dataset.tokenizer
     blanks = {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id}
+    sample_index = first_mask_sample(dataset)
     sample = dataset[sample_index]
     sep = int(sample["sep"])
     part_a = [int(t) for t in sample["input_ids"][:sep]]
