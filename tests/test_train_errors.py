@@ -79,3 +79,43 @@ def test_bad_files(capsys, tmp_path):
         code, err, _ = _run(capsys, tmp_path, *overrides, **kwargs)
         assert code == 2 and message in err, (kwargs, overrides, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.yaml", "ds.json"]
+
+
+def _prepared(tmp_path):
+    """A small prepared corpus made with glm-prep (in-process)."""
+    from trainer.data.prep import main as prep
+
+    tmp_path.mkdir()
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert prep(["--input", str(text), "--output-prefix", str(tmp_path / "corpus"), "--vocab-size", "300"]) == 0
+    return tmp_path / "corpus"
+
+
+def test_bad_data_files(capsys, tmp_path):
+    prefix = _prepared(tmp_path / "data")
+    bare = tmp_path / "bare.json"
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(bare))
+    truncated = tmp_path / "truncated"
+    for suffix in (".idx", ".tokenizer.json"):
+        (truncated.parent / f"truncated{suffix}").write_bytes(prefix.with_suffix(suffix).read_bytes())
+    (truncated.parent / "truncated.bin").write_bytes(prefix.with_suffix(".bin").read_bytes()[:100])
+    bad_magic = tmp_path / "magic"
+    for suffix in (".bin", ".tokenizer.json"):
+        (bad_magic.parent / f"magic{suffix}").write_bytes(prefix.with_suffix(suffix).read_bytes())
+    (bad_magic.parent / "magic.idx").write_bytes(b"NOTGLM00" + prefix.with_suffix(".idx").read_bytes()[8:])
+    checks = [
+        ([f"data.path={tmp_path / 'nothing'}"], "nothing"),
+        ([f"data.path={truncated}"], "truncated.bin"),
+        ([f"data.path={bad_magic}"], "magic.idx"),
+        ([f"data.path={prefix}", f"data.tokenizer={bare}"], "special token"),
+        ([f"data.path={prefix}", "model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer"),
+        (["data.seq_length=4"], "data.seq_length=4 is too short"),
+    ]
+    for overrides, message in checks:
+        code, err, run_dir = _run(capsys, tmp_path, *overrides)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (overrides, err)
+        assert not run_dir.exists()
