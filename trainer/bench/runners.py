@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.bench.batches import MicroBatch
 from trainer.config import Config
-from trainer.engine.loop import build_engine
+from trainer.engine.loop import OwnClipping, build_engine
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.schedule import lr_lambda
 from trainer.errors import ConfigError
@@ -35,10 +35,13 @@ def compute_dtype(config: Config) -> torch.dtype:
 
 
 class EngineRunner:
-    """One optimizer step of the DeepSpeed engine: engine.train_batch over the step's micro-batches."""
+    """One optimizer step of the DeepSpeed engine: engine.train_batch over the step's micro-batches, with the
+    trainer's own gradient clipping where the Trainer installs it (fp32 without ZeRO)."""
 
     def __init__(self, config: Config, topology: Topology, world_size: int, batches: list[MicroBatch]):
         self.engine = build_engine(config, topology, world_size)
+        if config.train.precision == "fp32" and config.optim.zero_stage == 0:
+            self.clipping = OwnClipping(self.engine, topology, config.optim.grad_clip)
         if config.model.compile and not self.engine.is_compiled:
             self.engine.compile()
         self.batches = batches
@@ -86,10 +89,11 @@ def run_blocks(layers: list[torch.nn.Module], activations: tuple, interval: int)
 def bare_loop_runner(config: Config, batches: list[MicroBatch], device: torch.device | str) -> PlainLoop:
     """GLMModel + GLMLoss + AdamW without DeepSpeed."""
     model = GLMModel(config.model, None, config.train.seed).to(device, compute_dtype(config))
-    if config.model.compile:
-        model.compile()
     loss_fn, interval = GLMLoss(config.model), config.parallel.activation_checkpoint_interval
     layers = list(model.transformer["layers"])
+    if config.model.compile:  # piece by piece, as DeepSpeed's PipelineModule.compile does
+        for piece in (model.embedding, *layers, model.transformer["final_layernorm"]):
+            piece.compile()
 
     def loss_of(micro_batch: MicroBatch) -> torch.Tensor:
         inputs, targets = micro_batch

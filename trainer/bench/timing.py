@@ -39,11 +39,14 @@ def timed(step: Callable[[], object]) -> float:
 
 
 def round_robin(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Every step once per round, in the dict's order, for `rounds` rounds -> seconds per call, by name."""
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            seconds[name].append(timed(step))
+    """Every step once per round for `rounds` rounds -> seconds per call, by name. Round r starts with the
+    (r mod n)-th step, so each step follows each other one equally often: what a step leaves behind (a
+    freed heap, cold caches) costs every contender alike."""
+    names = list(steps)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            seconds[name].append(timed(steps[name]))
     return seconds
 
 
