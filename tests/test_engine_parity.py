@@ -60,6 +60,15 @@ def test_two_process_layouts_match_single_process(reference, tmp_path, name, ove
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("name, overrides", [
+    ("tp2_pp2", ["parallel.tp=2", "parallel.pp=2"]),
+    ("pp2_dp2", ["parallel.pp=2"]),
+])
+def test_four_process_layouts_match_single_process(reference, tmp_path, name, overrides):
+    losses = _losses(tmp_path, name, overrides, world_size=4)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
+
+
 def test_losses_change_over_steps(reference):
     # Guards the parity test against a trainer that does not train (equal constant losses would pass it).
     train_losses = _train_losses(reference)
