@@ -99,12 +99,25 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init_from: str = ""
+    """Start from these weights with a fresh optimizer, LR schedule and step 0: an export (glm-ckpt export), a
+    run's checkpoints/ or global_stepN directory (model shape from this config), or a THUDM/GLM release.
+    Empty: random init. Ignored on train.resume (the run's own checkpoint wins)."""
+    freeze_embeddings: bool = False
+    """Keep the word, position and block-position embeddings fixed (the tied output layer with them)."""
+    freeze_blocks: int = 0
+    """Keep the first this many transformer blocks fixed."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,9 +156,22 @@ class Config:
             raise ConfigError(f"optim.zero_stage={self.optim.zero_stage}: only 0 or 1 work with the pipeline engine")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        self._validate_finetune()
         if world_size is not None:
             self.data_parallel_size(world_size)
             self.grad_accum_steps(world_size)
+
+    def _validate_finetune(self) -> None:
+        f = self.finetune
+        if not 0 <= f.freeze_blocks <= self.model.num_layers:
+            raise ConfigError(f"finetune.freeze_blocks={f.freeze_blocks} must be in [0, model.num_layers="
+                              f"{self.model.num_layers}]")
+        if (f.freeze_blocks or f.freeze_embeddings) and not f.init_from:
+            raise ConfigError("finetune.freeze_embeddings / freeze_blocks keep weights fixed, which only makes sense "
+                              "for trained ones: set finetune.init_from to a checkpoint, export or release")
+        if f.init_from and not Path(f.init_from).exists():
+            raise ConfigError(f"finetune.init_from={f.init_from} does not exist: point it at an export, a run's "
+                              f"checkpoints/ directory or a THUDM/GLM release")
 
     def data_parallel_size(self, world_size: int) -> int:
         tp, pp = self.parallel.tp, self.parallel.pp

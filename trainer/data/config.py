@@ -29,6 +29,16 @@ class DataConfig:
     GLM-10B: {mask: 0.5, smask: 0.3, gmask: 0.2}; GLM-130B: {mask: 0.3, gmask: 0.7}."""
     valid_fraction: float = 0.0
     """Fraction of the sequences held out for validation (0 = no validation split)."""
+    datasets: list = field(default_factory=list)
+    """Datasets mixed by weight, each {path: PREFIX, weight: w} (path "" = the embedded corpus); a prefix from
+    `glm-prep --instructions` gives instruction samples, any other blank-infilling samples (data.modes). One
+    tokenizer for all (data.tokenizer, else the first prefix's). Non-empty: data.path must be empty."""
+    mixture_unit: str = "samples"
+    """What the data.datasets weights share: `samples`, or `tokens` (corpus tokens per sample; GLM-130B put
+    instruction data on 5% of tokens)."""
+    instruction_truncation: str = "left"
+    """Instruction records longer than seq_length: cut the prompt from the `left` (keep its end), from the
+    `right` (keep its start), or `error`. The response is never cut."""
 
     def validate(self) -> None:
         if self.seq_length < 8:
@@ -48,3 +58,19 @@ class DataConfig:
             raise ConfigError(f"data.modes weights must be >= 0 with a positive sum, got {self.modes}")
         if not 0.0 <= self.valid_fraction < 0.5:
             raise ConfigError(f"data.valid_fraction must be in [0, 0.5), got {self.valid_fraction}")
+        self._validate_mixture()
+
+    def _validate_mixture(self) -> None:
+        if self.mixture_unit not in ("samples", "tokens"):
+            raise ConfigError(f"data.mixture_unit={self.mixture_unit!r}: use samples or tokens")
+        if self.instruction_truncation not in ("left", "right", "error"):
+            raise ConfigError(f"data.instruction_truncation={self.instruction_truncation!r}: use left, right or error")
+        if self.datasets and self.path:
+            raise ConfigError("data.path and data.datasets are both set: list every dataset (this one included) "
+                              "in data.datasets and leave data.path empty")
+        for i, entry in enumerate(self.datasets):
+            if (not isinstance(entry, dict) or set(entry) != {"path", "weight"} or not isinstance(entry["path"], str)
+                    or isinstance(entry["weight"], bool) or not isinstance(entry["weight"], (int, float))
+                    or entry["weight"] <= 0):
+                raise ConfigError(f"data.datasets[{i}] = {entry!r}: each entry must be {{path: PREFIX, weight: w}} "
+                                  f"with w > 0")

@@ -11,6 +11,7 @@ with the generator sample_rng(seed, i). Any i works: the data wraps around and n
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from trainer.data.blank_infilling import BlankInfilling, sample_rng, text_length
 from trainer.data.config import DataConfig
 from trainer.data.corpus import embedded_corpus
 from trainer.data.indexed import IndexedDataset
+from trainer.data.mixture import MixtureDataset, component_seed, sample_shares
 from trainer.data.tokenizer import GLMTokenizer, load_tokenizer
 from trainer.errors import DataError
 
@@ -30,8 +32,9 @@ CHECKED_TOKENS = 1 << 20
 
 
 def resolve_paths(data: DataConfig) -> tuple[str, Path]:
-    """(prefix, tokenizer path): data.path or the embedded corpus; data.tokenizer or PREFIX.tokenizer.json."""
-    prefix = data.path or str(embedded_corpus())
+    """(prefix, tokenizer path): data.path (of a mixture: its first dataset) or the embedded corpus;
+    data.tokenizer or PREFIX.tokenizer.json."""
+    prefix = data.path or (data.datasets[0]["path"] if data.datasets else "") or str(embedded_corpus())
     return prefix, Path(data.tokenizer or f"{prefix}.tokenizer.json")
 
 
@@ -48,6 +51,10 @@ def open_corpus(data: DataConfig) -> tuple[IndexedDataset, GLMTokenizer]:
 
 def check_data_files(data: DataConfig) -> int:
     """Open the data, the tokenizer and the sample layout as training will; returns the vocabulary size."""
+    from trainer.data.instruction import is_instruction_prefix  # instruction.py subclasses GLMDataset
+
+    if data.datasets or is_instruction_prefix(resolve_paths(data)[0]):
+        return build_dataset(data, 0).tokenizer.vocab_size
     _, tokenizer = open_corpus(data)
     text_length(data)
     return tokenizer.vocab_size
@@ -86,8 +93,8 @@ class GLMDataset:
             self._orders[epoch] = rng.permutation(len(self))
         return self._orders[epoch]
 
-    def sequence(self, index: int) -> np.ndarray:
-        """The text tokens of global sample `index` (a zero-copy view of the corpus)."""
+    def sequence_number(self, index: int) -> int:
+        """The sequence of the split that global sample `index` reads."""
         if index < 0:
             raise IndexError(f"sample index {index} is negative")
         epoch, place = divmod(index, len(self))
@@ -95,19 +102,34 @@ class GLMDataset:
             self._announced.add(epoch)
             logger.info("data (%s): starting epoch %d at sample %d (%d sequences per epoch, order reshuffled)",
                         self.split, epoch, index, len(self))
-        s = self.epoch_order(epoch)[place]
+        return int(self.epoch_order(epoch)[place])
+
+    def sequence(self, index: int) -> np.ndarray:
+        """The text tokens of global sample `index` (a zero-copy view of the corpus)."""
+        s = self.sequence_number(index)
         return self.indexed.tokens[self.starts[s]: self.ends[s]]
+
+    def source_tokens(self) -> np.ndarray:
+        """Corpus tokens of each sequence.  # [N]"""
+        return self.ends - self.starts
 
     def __getitem__(self, index: int) -> dict:
         return self.infilling(self.sequence(index), sample_rng(self.seed, index))
 
 
-def build_dataset(data: DataConfig, seed: int, split: str = "train") -> GLMDataset:
+def build_dataset(data: DataConfig, seed: int, split: str = "train"):
     """The dataset of `split`: "train", or "valid" = the last data.valid_fraction of the sequences
-    (in corpus order, so mostly whole documents that training never sees)."""
+    (in corpus order, so mostly whole documents that training never sees). A GLMDataset, an
+    InstructionDataset for a `glm-prep --instructions` prefix, or a MixtureDataset of data.datasets."""
     if split not in SPLITS:
         raise DataError(f"unknown data split {split!r}: use one of {', '.join(SPLITS)}")
+    if data.datasets:
+        return build_mixture(data, seed, split)
+    from trainer.data.instruction import build_instruction_dataset, is_instruction_prefix  # subclasses GLMDataset
+
     indexed, tokenizer = open_corpus(data)
+    if is_instruction_prefix(indexed.prefix):
+        return build_instruction_dataset(indexed, tokenizer, data, seed, split)
     infilling = BlankInfilling(data, tokenizer)
     starts, ends = cut_sequences(indexed.doc_lengths, indexed.offsets, infilling.text_length)
     held_out = 0 if data.valid_fraction == 0 else max(1, round(data.valid_fraction * len(starts)))
@@ -119,6 +141,24 @@ def build_dataset(data: DataConfig, seed: int, split: str = "train") -> GLMDatas
     cut = len(starts) - held_out
     chosen = slice(0, cut) if split == "train" else slice(cut, None)
     return GLMDataset(indexed, tokenizer, infilling, starts[chosen], ends[chosen], seed, split)
+
+
+def build_mixture(data: DataConfig, seed: int, split: str) -> MixtureDataset:
+    """data.datasets mixed by weight (trainer/data/mixture.py), every one read with the same tokenizer."""
+    tokenizer_path = resolve_paths(data)[1]
+    components = []
+    for c, entry in enumerate(data.datasets):
+        own = Path(f"{entry['path'] or embedded_corpus()}.tokenizer.json")
+        if own.is_file() and own.resolve() != tokenizer_path.resolve() and \
+                load_tokenizer(own).to_str() != load_tokenizer(tokenizer_path).to_str():
+            raise DataError(f"data.datasets[{c}] ({entry['path'] or 'embedded corpus'}) was prepared with {own}, not "
+                            f"the mixture's tokenizer {tokenizer_path}: prepare every dataset with one tokenizer "
+                            f"(glm-prep --tokenizer FILE)")
+        single = replace(data, path=entry["path"], tokenizer=str(tokenizer_path), datasets=[])
+        components.append(build_dataset(single, component_seed(seed, c), split))
+    shares = sample_shares([e["weight"] for e in data.datasets],
+                           [float(np.mean(c.source_tokens())) for c in components], data.mixture_unit)
+    return MixtureDataset(components, shares, seed)
 
 
 def micro_batch_indices(consumed_samples: int, micro_step: int, dp_rank: int, dp_size: int,

@@ -15,6 +15,8 @@ from trainer.data.blank_infilling import MODES, sample_rng
 from trainer.data.config import DataConfig
 from trainer.data.corpus import check_inputs, embedded_corpus, prepare, read_documents
 from trainer.data.dataset import build_dataset
+from trainer.data.instruction import (MARKER_SUFFIX, as_documents, is_instruction_prefix, marker_path,
+                                      read_instructions, write_marker)
 from trainer.data.tokenizer import GLMTokenizer, load_tokenizer, train_tokenizer
 from trainer.errors import GLMError
 
@@ -38,6 +40,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     vocab.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead of training one")
     vocab.add_argument("--vocab-size", type=int, metavar="N",
                        help=f"train a byte-level BPE of N ids on the input (default {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument("--instructions", action="store_true",
+                        help="the inputs are JSON lines of {prompt, response[, history]}: write instruction records "
+                             "(docs/FINETUNE.md)")
     parser.add_argument("--add-special-tokens", action="store_true",
                         help="with --tokenizer: append the GLM special tokens it lacks")
     parser.add_argument("--workers", type=int, metavar="N",
@@ -52,6 +57,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error("--input needs --output-prefix")
     if args.embedded and (args.output_prefix or args.tokenizer or args.vocab_size):
         parser.error("--embedded takes neither --output-prefix, --tokenizer nor --vocab-size")
+    if args.instructions and not args.input:
+        parser.error("--instructions needs --input")
     if args.add_special_tokens and not args.tokenizer:
         parser.error("--add-special-tokens needs --tokenizer")
     if (args.workers is not None and args.workers < 1) or args.samples < 0:
@@ -59,9 +66,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def documents_of(paths: list[str]) -> Iterator[str]:
+def documents_of(paths: list[str], instructions: bool = False) -> Iterator[str]:
+    """The documents of the inputs; instruction records as two documents each (prompt, response)."""
     for path in paths:
-        yield from read_documents(path)
+        yield from as_documents(read_instructions(path)) if instructions else read_documents(path)
 
 
 def prepare_inputs(args: argparse.Namespace) -> str:
@@ -70,15 +78,21 @@ def prepare_inputs(args: argparse.Namespace) -> str:
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, add_special_tokens=args.add_special_tokens)
     else:
-        tokenizer = train_tokenizer(documents_of(args.input), args.vocab_size or DEFAULT_VOCAB_SIZE)
+        tokenizer = train_tokenizer(documents_of(args.input, args.instructions), args.vocab_size or DEFAULT_VOCAB_SIZE)
     total = sum(Path(p).stat().st_size for p in args.input)
     workers = args.workers or ((os.cpu_count() or 1) if total >= PARALLEL_FROM else 1)
     start = time.perf_counter()
-    documents, tokens = prepare(documents_of(args.input), args.output_prefix, tokenizer, workers,
+    documents, tokens = prepare(documents_of(args.input, args.instructions), args.output_prefix, tokenizer, workers,
                                 total_chars=total)
+    if args.instructions:
+        write_marker(args.output_prefix, documents // 2)
+    else:
+        marker_path(args.output_prefix).unlink(missing_ok=True)  # the prefix now holds text, not records
     seconds = time.perf_counter() - start
-    print(f"glm-prep: {documents} documents, {tokens} tokens ({tokens / seconds:,.0f} tokens/s with {workers} "
-          f"worker(s)), vocabulary {tokenizer.vocab_size} -> {args.output_prefix}.bin/.idx/.tokenizer.json")
+    kind = f"{documents // 2} instruction records" if args.instructions else f"{documents} documents"
+    print(f"glm-prep: {kind}, {tokens} tokens ({tokens / seconds:,.0f} tokens/s with {workers} "
+          f"worker(s)), vocabulary {tokenizer.vocab_size} -> {args.output_prefix}.bin/.idx/.tokenizer.json"
+          + (f"/{MARKER_SUFFIX}" if args.instructions else ""))
     return args.output_prefix
 
 
@@ -98,6 +112,12 @@ def show_samples(prefix: str, args: argparse.Namespace) -> None:
     data = DataConfig(path=prefix, seq_length=args.seq_length, modes={mode: 1.0 for mode in MODES})
     data.validate()
     dataset = build_dataset(data, args.seed)
+    if is_instruction_prefix(prefix):
+        for k in range(args.samples):
+            sample = dataset[k]
+            print(f"sample {k} (instruction, sep={sample['sep']}, seq_length={data.seq_length}):")
+            print("\n".join(describe(sample, dataset.tokenizer)))
+        return
     for k in range(args.samples):
         mode = MODES[k % len(MODES)]
         sample = dataset.infilling(dataset.sequence(k), sample_rng(args.seed, k), mode=mode)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trainer.config import Config
 from trainer.data.dataset import GLMDataset, build_dataset, collate, micro_batch_indices
-from trainer.engine import checkpoint
+from trainer.engine import checkpoint, finetune
 from trainer.engine.distributed import init_distributed
 from trainer.engine.ds_config import build_ds_config
 from trainer.engine.faults import NonFiniteSteps, PoisonedLoss, PreemptionHandler, TrainingFault, is_finite
@@ -135,6 +135,7 @@ class Trainer:
         self.step = 0
         if config.train.resume:
             self.step, _ = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology, config.model)
+        finetune.start(self.engine, config, self.topology, resumed=config.train.resume)
         if config.train.inject_nan_steps:
             module = self.engine.module
             module.loss_fn = PoisonedLoss(module.loss_fn, set(config.train.inject_nan_steps), lambda: self.step + 1)

@@ -1,0 +1,119 @@
+"""Fine-tuning: start a run from trained weights with a fresh optimizer and LR schedule, and freeze parts.
+
+Initialisation (finetune.init_from, skipped on train.resume): any source trainer.checkpoint.model_source
+reads (an export, a run's checkpoints/ or global_stepN directory of any layout, a THUDM/GLM release)
+gives canonical weights, which are sharded onto this rank's parameters and, under ZeRO, its fp32 master
+partition. Adam's moments start at zero, the LR schedule at step 0, the data at sample 0.
+
+Freezing (finetune.freeze_embeddings / freeze_blocks): the engine and its optimizer already hold every
+parameter when this runs (trainer/engine/loop.py builds them first), so freezing is done in two parts that
+need nothing from DeepSpeed's internals:
+  - a gradient hook replaces a frozen parameter's gradient by zeros, so the clipping norm and Adam see
+    only the trainable parameters (Adam's update of a zero gradient from zero moments is 0);
+  - after every optimizer step the frozen values are written back (parameter and ZeRO fp32 master),
+    which undoes AdamW's decoupled weight decay, p <- p - lr * wd * p, the only change left.
+Frozen weights therefore stay bit-identical. Their gradients are still computed (then zeroed).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trainer.checkpoint.model_source import read_weights
+from trainer.checkpoint.pipeline_files import canonical_name
+from trainer.checkpoint.universal import TrainingState, load_into_engine
+from trainer.config import Config, FinetuneConfig
+from trainer.errors import CheckpointError
+from trainer.model.config import ModelConfig
+
+log = logging.getLogger("glm.finetune")
+ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length", "ffn_size",
+                "position_embedding", "norm", "mlp")
+"""The ModelConfig values a source must share with the run: they fix the weights' shapes and meaning."""
+BLOCK = re.compile(r"^transformer\.layers\.(\d+)\.")
+FRESH_CLIENT = {"step": 0, "consumed_samples": 0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0,
+                "skipped_steps": 0}
+
+
+def is_frozen(name: str, finetune: FinetuneConfig) -> bool:
+    """Whether the parameter of canonical `name` is kept fixed."""
+    if name.startswith("embedding."):
+        return finetune.freeze_embeddings
+    block = BLOCK.match(name)
+    return block is not None and int(block.group(1)) < finetune.freeze_blocks
+
+
+def check_compatible(source: ModelConfig, model: ModelConfig, path: Path) -> None:
+    """The source's architecture must be the run's (model section of the config)."""
+    different = [f"{key}: source {getattr(source, key)!r}, run {getattr(model, key)!r}"
+                 for key in ARCHITECTURE if getattr(source, key) != getattr(model, key)]
+    if different:
+        raise CheckpointError(f"finetune.init_from={path} has another architecture than the run ({'; '.join(different)}): "
+                              f"set the model section (and the tokenizer's vocabulary) to match the source")
+
+
+def initialise(engine, topology, config: Config) -> None:
+    """Load finetune.init_from's weights into the engine; optimizer and schedule stay fresh."""
+    path = Path(config.finetune.init_from)
+    source, weights = read_weights(path, config.model)
+    check_compatible(source, config.model, path)
+    names = {canonical_name(name, config.model) for name, _ in engine.module.named_parameters()}
+    missing = sorted(names - set(weights))
+    if missing:
+        raise CheckpointError(f"finetune.init_from={path} lacks {len(missing)} weight(s) of the model, e.g. "
+                              f"{missing[0]}: it is not a checkpoint of this architecture")
+    load_into_engine(engine, topology, config.model, TrainingState(weights, None, 0, dict(FRESH_CLIENT)))
+    log.info("finetune: weights from %s (optimizer, LR schedule and data position start fresh)", path)
+
+
+class FrozenParameters:
+    """Keeps the given parameters at their current values through training (module docstring)."""
+
+    def __init__(self, engine, named: list[tuple[str, torch.nn.Parameter]]):
+        self.names = [name for name, _ in named]
+        self.params = [param for _, param in named]
+        self.values = [param.detach().clone() for param in self.params]
+        self.masters = []  # the fp32 master copies under ZeRO (exact even when the parameters are half precision)
+        if hasattr(engine.optimizer, "single_partition_of_fp32_groups"):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            self.masters = [safe_get_full_fp32_param(param) for param in self.params]  # a collective over dp
+        for param in self.params:
+            param.register_hook(torch.zeros_like)
+        original_step = engine._take_model_step
+
+        def take_model_step(*args, **kwargs):
+            result = original_step(*args, **kwargs)
+            self.restore()
+            return result
+
+        engine._take_model_step = take_model_step
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for param, value in zip(self.params, self.values):
+            param.copy_(value)
+        for param, master in zip(self.params, self.masters):
+            safe_set_full_fp32_param(param, master)
+
+
+def start(engine, config: Config, topology, resumed: bool) -> Optional[FrozenParameters]:
+    """The trainer's fine-tuning hook, called once the engine is built: load finetune.init_from unless the
+    run resumed from its own checkpoint, then freeze what finetune asks (also after a resume)."""
+    finetune = config.finetune
+    if finetune.init_from and not resumed:
+        initialise(engine, topology, config)
+    named = [(name, param) for name, param in engine.module.named_parameters()
+             if is_frozen(canonical_name(name, config.model), finetune)]
+    if not named:
+        return None
+    log.info("finetune: %d parameter tensors frozen (%s)", len(named),
+             ", ".join(filter(None, ["embeddings" if finetune.freeze_embeddings else "",
+                                     f"blocks 1..{finetune.freeze_blocks}" if finetune.freeze_blocks else ""])))
+    return FrozenParameters(engine, named)
