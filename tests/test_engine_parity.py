@@ -105,3 +105,12 @@ def test_outputs_metrics_tensorboard_and_checkpoint(reference_run):
     tb_losses = [e.value for e in events.Scalars("train/loss")]
     torch.testing.assert_close(torch.tensor(tb_losses), torch.tensor(_train_losses(losses)))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"
+
+
+def test_batch_size_warmup_is_layout_independent(tmp_path):
+    warmup = ["optim.batch_size_warmup_steps=4", "optim.batch_size_warmup_start=4"]
+    single = _losses(tmp_path, "warm1", warmup)
+    dp2 = _losses(tmp_path, "warm2", warmup, world_size=2)
+    torch.testing.assert_close(torch.tensor(dp2), torch.tensor(single), rtol=1e-5, atol=0)
+    records = [json.loads(line) for line in (tmp_path / "warm1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch_size"] for r in records] == [4, 4, 4, 4, 8, 8, 8, 8]

@@ -17,13 +17,17 @@ def test_warmup_then_cosine_to_a_tenth():
     assert lr_multiplier(500, 10, 90, 0.1) == pytest.approx(0.1)
 
 
-def test_batch_size_warmup_ramps_in_whole_micro_batches():
+def test_batch_size_warmup_ramps_in_whole_increments():
     config = load_config(None, ["parallel.global_batch_size=64", "optim.batch_size_warmup_steps=4",
-                                "optim.batch_size_warmup_start=16"])
-    sizes = [global_batch_at(step, config, unit=8) for step in range(6)]
+                                "optim.batch_size_warmup_start=16", "optim.batch_size_warmup_increment=8"])
+    sizes = [global_batch_at(step, config) for step in range(6)]
     assert sizes == [16, 24, 40, 48, 64, 64]
-    assert consumed_samples_at(6, config, unit=8) == sum(sizes)
-    assert consumed_samples_at(0, config, unit=8) == 0
+    assert consumed_samples_at(6, config) == sum(sizes)
+    assert consumed_samples_at(0, config) == 0
+    config.validate(world_size=4)
+    config.parallel.micro_batch_size = 3
+    with pytest.raises(ConfigError, match="batch-size warmup"):
+        config.check_batch_size_warmup(world_size=1)
 
 
 def test_glm130b_partition_and_bounds():

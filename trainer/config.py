@@ -59,9 +59,12 @@ class OptimConfig:
     """DeepSpeed ZeRO stage: 0 or 1 (pipeline parallelism supports no more)."""
     batch_size_warmup_steps: int = 0
     """Ramp the global batch from batch_size_warmup_start to parallel.global_batch_size over this many
-    steps (0 = off)."""
+    steps (0 = off; GLM-130B: 192 -> 4224 over 2.5% of the samples)."""
     batch_size_warmup_start: int = 0
-    """First global batch of the batch-size warmup."""
+    """First global batch of the batch-size warmup (a multiple of micro_batch_size * dp)."""
+    batch_size_warmup_increment: int = 0
+    """The ramp grows the global batch in steps of this many samples (0 = batch_size_warmup_start); a
+    multiple of micro_batch_size * dp that divides global_batch_size - batch_size_warmup_start."""
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Config:
         if world_size is not None:
             self.data_parallel_size(world_size)
             self.grad_accum_steps(world_size)
+            self.check_batch_size_warmup(world_size)
 
     def _validate_finetune(self) -> None:
         f = self.finetune
@@ -179,6 +183,19 @@ class Config:
             raise ConfigError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}: "
                               f"tp * pp * dp must equal the number of processes")
         return world_size // (tp * pp)
+
+    def check_batch_size_warmup(self, world_size: int) -> None:
+        o, p = self.optim, self.parallel
+        if o.batch_size_warmup_steps <= 0:
+            return
+        unit = p.micro_batch_size * self.data_parallel_size(world_size)
+        start, increment = o.batch_size_warmup_start, o.batch_size_warmup_increment or o.batch_size_warmup_start
+        if not 0 < start < p.global_batch_size or start % unit or increment % unit \
+                or (p.global_batch_size - start) % increment:
+            raise ConfigError(f"batch-size warmup: optim.batch_size_warmup_start={start} and _increment={increment} "
+                              f"must be multiples of micro_batch_size * dp = {unit}, start below "
+                              f"parallel.global_batch_size={p.global_batch_size}, and the increment must divide "
+                              f"the difference")
 
     def grad_accum_steps(self, world_size: int, global_batch: Optional[int] = None) -> int:
         dp = self.data_parallel_size(world_size)

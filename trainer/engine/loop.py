@@ -140,7 +140,7 @@ class Trainer:
             module = self.engine.module
             module.loss_fn = PoisonedLoss(module.loss_fn, set(config.train.inject_nan_steps), lambda: self.step + 1)
         self.unit = config.parallel.micro_batch_size * self.topology.dp
-        self.consumed = consumed_samples_at(self.step, config, self.unit)
+        self.consumed = consumed_samples_at(self.step, config)
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
         self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
         self.valid = build_dataset(config.data, config.train.seed, split="valid") if config.train.eval_interval else None
@@ -161,7 +161,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics record."""
         config, engine = self.config, self.engine
-        batch_size = global_batch_at(self.step, config, self.unit)
+        batch_size = global_batch_at(self.step, config)
         if batch_size != engine.train_batch_size():
             engine.set_train_batch_size(batch_size)
         skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]

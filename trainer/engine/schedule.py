@@ -22,20 +22,20 @@ def lr_lambda(config: Config):
     return lambda step: lr_multiplier(step, optim.warmup_steps, decay, optim.min_lr_ratio)
 
 
-def global_batch_at(step: int, config: Config, unit: int) -> int:
-    """Global batch of optimizer step `step` under batch-size warmup: a linear ramp from
-    batch_size_warmup_start to global_batch_size, rounded down to a multiple of `unit`
-    (micro_batch * dp) so every step is a whole number of micro-batches per rank."""
+def global_batch_at(step: int, config: Config) -> int:
+    """Global batch of optimizer step `step` under batch-size warmup (Megatron's rampup): from
+    batch_size_warmup_start up to global_batch_size in whole increments of batch_size_warmup_increment,
+    linearly over batch_size_warmup_steps. It depends on the config only, never on the layout."""
     optim, final = config.optim, config.parallel.global_batch_size
     if optim.batch_size_warmup_steps <= 0 or step >= optim.batch_size_warmup_steps:
         return final
-    start = optim.batch_size_warmup_start or unit
-    size = start + (final - start) * step / optim.batch_size_warmup_steps
-    return max(unit, int(size) // unit * unit)
+    start = optim.batch_size_warmup_start
+    increment = optim.batch_size_warmup_increment or start
+    increments = (final - start) // increment
+    return start + increment * (increments * step // optim.batch_size_warmup_steps)
 
 
-def consumed_samples_at(step: int, config: Config, unit: int) -> int:
+def consumed_samples_at(step: int, config: Config) -> int:
     """Samples consumed by steps [0, step): the data position of a resume."""
     warm = min(step, max(0, config.optim.batch_size_warmup_steps))
-    return sum(global_batch_at(s, config, unit) for s in range(warm)) + \
-        (step - warm) * config.parallel.global_batch_size
+    return sum(global_batch_at(s, config) for s in range(warm)) + (step - warm) * config.parallel.global_batch_size
