@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from tests.glm_processes import REPO, TINY, _env
 from trainer.bench.batches import synthetic_micro_batch
 from trainer.bench.report import build_report
+from trainer.bench.timing import Timings, round_robin
 from trainer.engine.flops import PEAK_TFLOPS, peak_tflops, train_flops_per_token
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
@@ -45,7 +46,8 @@ def test_json_has_the_issue_fields_and_the_shape(report):
 
 def test_figures_are_computed_from_the_measured_step_times(report):
     seconds = {name: report[name]["seconds"] for name in ("engine", "bare_loop", "hf_gpt2")}
-    assert all(len(s) == STEPS and min(s) > 0 for s in seconds.values())
+    cpu = {name: report[name]["cpu_seconds"] for name in ("engine", "bare_loop", "hf_gpt2")}
+    assert all(len(s) == STEPS and min(s) > 0 for s in (*seconds.values(), *cpu.values()))
     tokens_per_step = 2 * 2 * 64
     assert report["tokens_per_step"] == tokens_per_step
     flops = train_flops_per_token(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300), 64)
@@ -53,9 +55,10 @@ def test_figures_are_computed_from_the_measured_step_times(report):
     assert_close(report["tokens_per_s"], tokens_per_step / statistics.median(seconds["engine"]))
     assert_close(report["tflops"], report["tokens_per_s"] * flops / 1e12)
     assert_close(report["mfu"], report["tflops"] / 0.5)
-    engine, bare, gpt2 = seconds["engine"], seconds["bare_loop"], seconds["hf_gpt2"]
-    assert_close(report["vs_bare_loop"], statistics.median([e / b for e, b in zip(engine, bare)]))
-    assert_close(report["vs_hf_gpt2"], statistics.median([g / e for g, e in zip(gpt2, engine)]))
+    for times, suffix in ((seconds, ""), (cpu, "_cpu")):
+        engine, bare, gpt2 = times["engine"], times["bare_loop"], times["hf_gpt2"]
+        assert_close(report["vs_bare_loop" + suffix], statistics.median([e / b for e, b in zip(engine, bare)]))
+        assert_close(report["vs_hf_gpt2" + suffix], statistics.median([g / e for g, e in zip(gpt2, engine)]))
 
 
 def test_pipeline_efficiency_is_measured_against_the_ideal(report):
@@ -67,12 +70,21 @@ def test_pipeline_efficiency_is_measured_against_the_ideal(report):
 
 
 def test_report_ratios_pair_the_steps_of_one_round():
-    times = {"engine": [1.0, 4.0, 2.0], "bare_loop": [1.0, 2.0, 2.0], "hf_gpt2": [3.0, 4.0, 2.0]}
+    times = {"engine": Timings([1.0, 4.0, 2.0], [2.0, 2.0, 2.0]), "bare_loop": Timings([1.0, 2.0, 2.0], [1.0, 1.0, 4.0]),
+             "hf_gpt2": Timings([3.0, 4.0, 2.0], [2.0, 2.0, 2.0])}
     report = build_report(times, tokens_per_step=100, flops_per_token=10 ** 10, peak=None, peak_memory_bytes=1,
                           context={}, pipeline=None)
     assert report["tokens_per_s"] == 50.0 and report["tflops"] == 0.5 and report["mfu"] is None
     assert report["vs_bare_loop"] == 1.0 and report["vs_bare_loop_spread"] == {"median": 1.0, "min": 1.0, "max": 2.0}
+    assert report["vs_bare_loop_cpu"] == 2.0 and report["vs_bare_loop_cpu_spread"]["min"] == 0.5
     assert report["vs_hf_gpt2"] == 1.0 and report["vs_hf_gpt2_spread"]["max"] == 3.0
+
+
+def test_round_robin_rotates_the_order_every_round():
+    order = []
+    times = round_robin({name: (lambda name=name: order.append(name)) for name in "abc"}, rounds=3)
+    assert order == list("abcbcacab")
+    assert all(len(t.wall) == len(t.cpu) == 3 for t in times.values())
 
 
 def test_synthetic_batch_is_a_gmask_sample_in_the_dataset_format():

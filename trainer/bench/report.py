@@ -4,27 +4,35 @@
     TFLOP/s    = tokens/s * train FLOPs per token (trainer.engine.flops) / 1e12;  MFU = TFLOP/s / peak
     vs_bare_loop = median over rounds of (engine step s / bare-loop step s)   (1.0 = no engine overhead)
     vs_hf_gpt2   = median over rounds of (GPT-2 step s / engine step s)      (= GLM tokens/s / GPT-2 tokens/s)
+Each ratio also comes as `<ratio>_cpu`, the same from process CPU seconds (on a shared CPU the steadier one).
 """
 from __future__ import annotations
 
 import json
 from typing import Optional
 
-from trainer.bench.timing import Spread, per_round_ratio
+from trainer.bench.timing import Spread, Timings, per_round_ratio
 from trainer.engine.flops import FLOP_FORMULA
 
 
-def throughput(seconds: list[float], tokens_per_step: int, flops_per_token: int) -> dict:
-    """Step seconds -> their spread, tokens/s and TFLOP/s at the median step."""
-    step = Spread.of(seconds)
+def throughput(timings: Timings, tokens_per_step: int, flops_per_token: int) -> dict:
+    """Step timings -> their spread, tokens/s and TFLOP/s at the median wall-clock step."""
+    step = Spread.of(timings.wall)
     tokens_per_s = tokens_per_step / step.median
-    return {"step_s": step.as_dict(), "seconds": seconds, "tokens_per_s": tokens_per_s,
-            "tflops": tokens_per_s * flops_per_token / 1e12}
+    return {"step_s": step.as_dict(), "seconds": timings.wall, "cpu_step_s": Spread.of(timings.cpu).as_dict(),
+            "cpu_seconds": timings.cpu, "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12}
 
 
-def build_report(times: dict[str, list[float]], tokens_per_step: int, flops_per_token: int,
+def _ratios(report: dict, key: str, numerator: Timings, denominator: Timings) -> None:
+    """report[key] (wall) and report[key + '_cpu'] (process CPU time): medians of per-round ratios, with spreads."""
+    wall, cpu = per_round_ratio(numerator.wall, denominator.wall), per_round_ratio(numerator.cpu, denominator.cpu)
+    report[key], report[f"{key}_spread"] = wall.median, wall.as_dict()
+    report[f"{key}_cpu"], report[f"{key}_cpu_spread"] = cpu.median, cpu.as_dict()
+
+
+def build_report(times: dict[str, Timings], tokens_per_step: int, flops_per_token: int,
                  peak: Optional[float], peak_memory_bytes: int, context: dict, pipeline: Optional[dict]) -> dict:
-    """times: step seconds by contender ("engine", optionally "bare_loop", "hf_gpt2"), measured in rounds."""
+    """times: step timings by contender ("engine", optionally "bare_loop", "hf_gpt2"), measured in rounds."""
     engine = throughput(times["engine"], tokens_per_step, flops_per_token)
     report = {**context, "flop_formula": FLOP_FORMULA, "flops_per_token": flops_per_token,
               "tokens_per_step": tokens_per_step,
@@ -34,12 +42,10 @@ def build_report(times: dict[str, list[float]], tokens_per_step: int, flops_per_
               "vs_bare_loop": None, "vs_hf_gpt2": None, "pipeline": pipeline}
     if "bare_loop" in times:
         report["bare_loop"] = throughput(times["bare_loop"], tokens_per_step, flops_per_token)
-        ratio = per_round_ratio(times["engine"], times["bare_loop"])
-        report["vs_bare_loop"], report["vs_bare_loop_spread"] = ratio.median, ratio.as_dict()
+        _ratios(report, "vs_bare_loop", times["engine"], times["bare_loop"])
     if "hf_gpt2" in times:
         report["hf_gpt2"] = throughput(times["hf_gpt2"], tokens_per_step, flops_per_token)
-        ratio = per_round_ratio(times["hf_gpt2"], times["engine"])
-        report["vs_hf_gpt2"], report["vs_hf_gpt2_spread"] = ratio.median, ratio.as_dict()
+        _ratios(report, "vs_hf_gpt2", times["hf_gpt2"], times["engine"])
     return report
 
 
@@ -50,8 +56,9 @@ def to_json(report: dict) -> str:
 def _ratio_line(report: dict, key: str, label: str) -> str:
     if report[key] is None:
         return f"{label:<24} not measured"
-    spread = report[f"{key}_spread"]
-    return f"{label:<24} {report[key]:.3f}  (rounds: {spread['min']:.3f} .. {spread['max']:.3f})"
+    wall, cpu = report[f"{key}_spread"], report[f"{key}_cpu_spread"]
+    return (f"{label:<24} {report[key]:.3f} wall (rounds {wall['min']:.3f}..{wall['max']:.3f}), "
+            f"{report[key + '_cpu']:.3f} CPU time (rounds {cpu['min']:.3f}..{cpu['max']:.3f})")
 
 
 def to_text(report: dict) -> str:

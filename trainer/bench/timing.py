@@ -38,16 +38,26 @@ def timed(step: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def round_robin(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Every step once per round for `rounds` rounds -> seconds per call, by name. Round r starts with the
+@dataclass
+class Timings:
+    """Per call: wall seconds, and this process's CPU seconds (all its threads), which other tenants of a
+    shared CPU do not inflate the way they inflate wall time."""
+    wall: list[float]
+    cpu: list[float]
+
+
+def round_robin(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timings]:
+    """Every step once per round for `rounds` rounds -> its timings, by name. Round r starts with the
     (r mod n)-th step, so each step follows each other one equally often: what a step leaves behind (a
     freed heap, cold caches) costs every contender alike."""
     names = list(steps)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    timings = {name: Timings([], []) for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            seconds[name].append(timed(steps[name]))
-    return seconds
+            cpu_start = time.process_time()
+            timings[name].wall.append(timed(steps[name]))
+            timings[name].cpu.append(time.process_time() - cpu_start)
+    return timings
 
 
 def per_round_ratio(numerator: list[float], denominator: list[float]) -> Spread:
