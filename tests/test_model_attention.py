@@ -122,6 +122,9 @@ def test_sep_mask_is_the_data_mask_and_is_shared_while_sep_is_the_same_tensor():
     sep[0] = 5  # changed in place: rebuilt
     changed = SepMask.of(sep, 200)
     assert changed is not mask and torch.equal(changed.dense(), attention_mask_from_sep(sep, 200))
+    additive = changed.additive(torch.bfloat16)
+    assert additive.dtype == torch.bfloat16 and changed.additive(torch.bfloat16) is additive
+    assert torch.equal(additive == 0, changed.dense()) and torch.isinf(additive[~changed.dense()]).all()
 
 
 def test_attention_with_sep_mask_equals_dense_mask_outputs_and_grads():
@@ -137,6 +140,17 @@ def test_attention_with_sep_mask_equals_dense_mask_outputs_and_grads():
         grads = torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])
         results.append((out, grads))
     assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("fp32_softmax", [False, True])
+def test_attention_with_sep_mask_equals_dense_mask_for_both_softmax_paths(fp32_softmax):
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=32, num_attention_heads=4, attention_dropout=0.0,
+                         fp32_softmax_layer_scaling=fp32_softmax)
+    attention = SelfAttention(config, layer_number=3, seed=1)
+    sep, s = torch.tensor([1, 6]), 8
+    hidden, ids = torch.randn(2, s, 32), torch.zeros(2, s, dtype=torch.long)
+    assert_close(attention(hidden, ids, ids, SepMask(sep, s)), attention(hidden, ids, ids, attention_mask_from_sep(sep, s)))
 
 
 @pytest.mark.parametrize("s", [200, 256])

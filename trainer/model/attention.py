@@ -12,7 +12,8 @@ A SepMask is built once per micro-batch and shared by every block that sees the 
 served to the kernels as
 - a FlexAttention block mask on an accelerator (no dropout, no FP32-softmax switch, no KV cache): the
   tiles wholly above the diagonal and right of sep are skipped, the wholly visible ones run unmasked;
-- otherwise its dense bool form, for SDPA (which takes a bool mask directly) or the FP32-softmax formula.
+- otherwise to SDPA as an additive float mask built once per micro-batch (given a bool mask, SDPA would
+  convert it to that float mask in every layer), or as the bool mask to the FP32-softmax formula.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class SepMask:
     def __init__(self, sep: torch.Tensor, seq_length: int):
         self.sep, self.seq_length = sep, seq_length
         self._dense: Optional[torch.Tensor] = None
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
         self._block_mask: Optional[BlockMask] = None
 
     @classmethod
@@ -82,6 +84,14 @@ class SepMask:
         if self._dense is None:
             self._dense = attention_mask_from_sep(self.sep, self.seq_length)
         return self._dense
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """[b, 1, s, s] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool
+        one at every call, i.e. in every layer. Every GLM row sees column 0, so no row is all -inf."""
+        if dtype not in self._additive:
+            zeros = torch.zeros(self.dense().shape, dtype=dtype, device=self.sep.device)
+            self._additive[dtype] = zeros.masked_fill(~self.dense(), float("-inf"))
+        return self._additive[dtype]
 
     def block_mask(self) -> BlockMask:
         """The FlexAttention BlockMask (128 x 128 tiles) of the dense form."""
@@ -180,6 +190,8 @@ class SelfAttention(nn.Module):
             flex = q.device.type != "cpu" and p == 0.0 and not self.config.fp32_softmax_layer_scaling
             if flex and q.shape[-2] == k.shape[-2] == mask.seq_length:
                 return flex_glm_attention(q, k, v, mask)
+            if not self.config.fp32_softmax_layer_scaling:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype), dropout_p=p)
             mask = mask.dense()
         if self.config.fp32_softmax_layer_scaling:
             return fp32_softmax_attention(q, k, v, mask, self.layer_number, lambda probs: F.dropout(probs, p))
