@@ -102,3 +102,21 @@ def test_frozen_weights_stay_bit_identical(prefixes, pretrained, tmp_path, zero_
             assert torch.equal(tuned[name], source[name]), name
         else:
             assert not torch.equal(tuned[name], source[name]), name
+
+
+def test_an_export_starts_from_the_same_weights_and_a_mismatch_is_refused(prefixes, pretrained, tmp_path):
+    from trainer.checkpoint.export import write_export
+    from trainer.errors import CheckpointError
+
+    base = _config(f"data.path={prefixes[0]}", "train.steps=1")
+    source_config, source = read_weights(pretrained, base.model)
+    source_config.vocab_size = load_tokenizer(f"{prefixes[0]}.tokenizer.json").vocab_size
+    write_export(source, source_config, tmp_path / "export")
+    result = _train(_config(f"data.path={prefixes[0]}", "train.steps=1", f"finetune.init_from={tmp_path / 'export'}",
+                            f"train.run_dir={tmp_path / 'from_export'}"))
+    dataset = build_dataset(base.data, base.train.seed)
+    base.model.vocab_size = source_config.vocab_size
+    torch.testing.assert_close(result.losses[0], _response_loss(base, source, dataset), rtol=1e-5, atol=0)
+    with pytest.raises(CheckpointError, match="hidden_size: source 32, run 64"):
+        _train(_config(f"data.path={prefixes[0]}", "train.steps=1", "model.hidden_size=64",
+                       f"finetune.init_from={tmp_path / 'export'}", f"train.run_dir={tmp_path / 'mismatch'}"))
