@@ -24,7 +24,7 @@ from typing import Optional
 from launch.devices import Cluster, discover, local_accelerator
 from launch.planner import Fixed, Plan, plan_layout
 from trainer.config import Config, load_config, parse_override
-from trainer.errors import ConfigError, GLMError
+from trainer.errors import ConfigError, exits_on_error
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
                 "activation_checkpoint_interval": "checkpoint_interval"}
@@ -165,13 +165,10 @@ def launch(plan: Plan, args: argparse.Namespace, train_args: list[str]) -> int:
         return subprocess.call(command, env=env)
 
 
+@exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args, train_args, _, plan = prepare(argv)
-    except GLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args, train_args, _, plan = prepare(argv)
     if args.dry_run:
         print(json.dumps(plan.to_dict(), indent=1))
         return 0

@@ -91,7 +91,7 @@ def test_prepared_records_round_trip_with_their_boundaries(tmp_path):
     assert len(ds) == 8 and len(build_dataset(DataConfig(path=prefix, seq_length=64, valid_fraction=0.2), 3, "valid")) == 2
     seen = set()
     for i in range(len(ds)):
-        sample, (prompt, response) = ds[i], ds.record(i)
+        sample, (_, response) = ds[i], ds.record(i)
         text_a = ds.tokenizer.decode(sample["input_ids"][1:sample["sep"] - 1])
         k = int(text_a.split("question ")[1].split("?")[0])
         assert text_a == format_prompt(lines[k]["prompt"], lines[k]["history"])

@@ -1,5 +1,8 @@
 """User-facing errors: each one names the problem and the fix, and the CLIs turn it into one line
 on stderr and a non-zero exit."""
+import functools
+import sys
+from typing import Callable
 
 
 class GLMError(Exception):
@@ -16,3 +19,18 @@ class DataError(GLMError):
 
 class CheckpointError(GLMError):
     """A checkpoint that is missing, corrupted or does not match the model."""
+
+
+def exits_on_error(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a console script's main: a GLMError becomes one line `error: ...` on stderr and exit
+    status 2, the contract of every glm-* command."""
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except GLMError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return guarded

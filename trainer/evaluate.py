@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from trainer.errors import ConfigError, DataError, GLMError
+from trainer.errors import ConfigError, DataError, exits_on_error
 from trainer.generate import add_source_arguments, encode_prompt, full_vocab_logits, load_inference
 
 
@@ -97,21 +97,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        try:
-            verbalizers = json.loads(args.verbalizers)
-        except json.JSONDecodeError:
-            raise ConfigError(f"--verbalizers is not JSON: {args.verbalizers!r}") from None
-        if not isinstance(verbalizers, dict) or len(verbalizers) < 2:
-            raise ConfigError("--verbalizers must map at least two labels to words")
-        records = read_records(args.data)
-        model, config, tokenizer, tp_group = load_inference(args)
-        result = evaluate_cloze(model, tokenizer, records, args.template, verbalizers, config.vocab_size, tp_group)
-    except GLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        verbalizers = json.loads(args.verbalizers)
+    except json.JSONDecodeError:
+        raise ConfigError(f"--verbalizers is not JSON: {args.verbalizers!r}") from None
+    if not isinstance(verbalizers, dict) or len(verbalizers) < 2:
+        raise ConfigError("--verbalizers must map at least two labels to words")
+    records = read_records(args.data)
+    model, config, tokenizer, tp_group = load_inference(args)
+    result = evaluate_cloze(model, tokenizer, records, args.template, verbalizers, config.vocab_size, tp_group)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0

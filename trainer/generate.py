@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer.errors import ConfigError, DataError, GLMError
+from trainer.errors import ConfigError, DataError, exits_on_error
 
 MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
 Step = Callable[[list[int], list[int], list[int]], torch.Tensor]
@@ -205,18 +205,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or args.temperature <= 0:
-            raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature > 0")
-        model, config, tokenizer, tp_group = load_inference(args)
-        text, _ = fill_blanks(model, tokenizer, args.text, config.max_sequence_length, config.vocab_size,
-                              args.max_new_tokens, args.top_p, args.temperature, args.seed,
-                              use_cache=not args.no_kv_cache, tp_group=tp_group)
-    except GLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or args.temperature <= 0:
+        raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature > 0")
+    model, config, tokenizer, tp_group = load_inference(args)
+    text, _ = fill_blanks(model, tokenizer, args.text, config.max_sequence_length, config.vocab_size,
+                          args.max_new_tokens, args.top_p, args.temperature, args.seed,
+                          use_cache=not args.no_kv_cache, tp_group=tp_group)
     if int(os.environ.get("RANK", "0")) == 0:
         print(text)
     return 0

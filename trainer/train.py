@@ -14,7 +14,7 @@ import sys
 from typing import Optional
 
 from trainer.config import load_config
-from trainer.errors import GLMError
+from trainer.errors import exits_on_error
 from trainer.preflight import check_data, preflight
 
 
@@ -40,29 +40,26 @@ def print_outcome(result) -> None:
         print(fill_one_blank(result.engine.module, result.dataset))
 
 
+@exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        config = load_config(args.config, args.overrides)
-        if args.print_model:
-            from trainer.model.summary import parameter_summary
+    config = load_config(args.config, args.overrides)
+    if args.print_model:
+        from trainer.model.summary import parameter_summary
 
-            config.validate()
-            if config.model.vocab_size == 0:
-                config.model.vocab_size = check_data(config)
-            print(parameter_summary(config.model, tp=config.parallel.tp))
-            return 0
-        preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
-        from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
+        config.validate()
+        if config.model.vocab_size == 0:
+            config.model.vocab_size = check_data(config)
+        print(parameter_summary(config.model, tp=config.parallel.tp))
+        return 0
+    preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
+    from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
 
-        result = train(config)
-        if result.topology.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
-            print_outcome(result)
-    except GLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    result = train(config)
+    if result.topology.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print_outcome(result)
     return 0
 
 

@@ -21,7 +21,7 @@ from trainer.checkpoint.convert import convert_checkpoint
 from trainer.checkpoint.export import TOKENIZER, write_export
 from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.thudm import is_release, read_release
-from trainer.errors import CheckpointError, GLMError
+from trainer.errors import CheckpointError, exits_on_error
 from trainer.model.config import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,13 +91,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        print(args.run(args))
-    except GLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(args.run(args))
     return 0
 
 

@@ -18,7 +18,7 @@ from trainer.data.dataset import build_dataset
 from trainer.data.instruction import (MARKER_SUFFIX, as_documents, is_instruction_prefix, marker_path,
                                       read_instructions, write_marker)
 from trainer.data.tokenizer import GLMTokenizer, load_tokenizer, train_tokenizer
-from trainer.errors import GLMError
+from trainer.errors import exits_on_error
 
 DEFAULT_VOCAB_SIZE = 8192
 PARALLEL_FROM = 64 << 20
@@ -125,19 +125,16 @@ def show_samples(prefix: str, args: argparse.Namespace) -> None:
         print("\n".join(describe(sample, dataset.tokenizer)))
 
 
+@exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.embedded:
-            prefix = str(embedded_corpus())
-            print(f"glm-prep: embedded corpus at {prefix}.bin/.idx/.tokenizer.json")
-        else:
-            prefix = prepare_inputs(args)
-        if args.samples:
-            show_samples(prefix, args)
-    except GLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.embedded:
+        prefix = str(embedded_corpus())
+        print(f"glm-prep: embedded corpus at {prefix}.bin/.idx/.tokenizer.json")
+    else:
+        prefix = prepare_inputs(args)
+    if args.samples:
+        show_samples(prefix, args)
     return 0
 
 
