@@ -187,16 +187,13 @@ class Trainer:
             record["loss_scale"] = float(getattr(optimizer, "cur_scale", None) or optimizer.loss_scaler.cur_scale)
         return record
 
-    def _guarded_step(self) -> dict:
-        """A step whose collective failure (a dead or hung peer) names this rank's place in the layout."""
-        try:
-            return self.train_step()
-        except RuntimeError as error:
-            t = self.topology
-            raise TrainingFault(f"rank {self.rank} (pipeline stage {t.pp_rank}, tensor rank {t.tp_rank}, data rank "
-                                f"{t.dp_rank}) stopped at step {self.step + 1}: {error}. If a peer rank died or hung, "
-                                f"its own log names the cause; collectives time out after "
-                                f"train.collective_timeout_minutes") from error
+    def _collective_fault(self, error: RuntimeError) -> TrainingFault:
+        """A failed collective (a dead or hung peer) reported with this rank's place in the layout."""
+        t = self.topology
+        return TrainingFault(f"rank {self.rank} (pipeline stage {t.pp_rank}, tensor rank {t.tp_rank}, data rank "
+                             f"{t.dp_rank}) stopped at step {self.step + 1}: {error}. If a peer rank died or hung, "
+                             f"its own log names the cause; collectives time out after "
+                             f"train.collective_timeout_minutes")
 
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.consumed,
@@ -211,35 +208,41 @@ class Trainer:
                   f"lr {record['lr']:.3e} grad_norm {norm} tokens/s {record['tokens_per_s']:.0f}"
                   + (f" skipped {record['skipped_total']}" if record["skipped_total"] else ""), flush=True)
 
-    def run(self) -> RunResult:
+    def _iteration(self, preemption: PreemptionHandler, writer: MetricsWriter, progress) -> tuple[float, bool]:
+        """One step with its evaluation, logging and checkpointing; returns (loss, stop requested)."""
         config = self.config
+        record = self.train_step()
+        every = config.train.eval_interval
+        if every and (self.step % every == 0 or self.step == config.train.steps):
+            record.update(self.evaluate())
+        writer.write(record, _memory())
+        progress.update(1)
+        self._log(record, progress)
+        if self.nonfinite.exceeded:
+            self.save()
+            raise TrainingFault(
+                f"{self.nonfinite.in_a_row} steps in a row had a non-finite loss or gradient norm "
+                f"(limit train.max_nonfinite_in_a_row={self.nonfinite.limit}); the last good state is "
+                f"saved in {self.checkpoint_dir}: lower optim.lr or check the data, then resume")
+        stop = preemption.should_stop(self.engine.device)
+        interval = config.train.save_interval
+        if stop or (interval and self.step % interval == 0) or self.step == config.train.steps:
+            self.save()
+        return record["loss"], stop
+
+    def run(self) -> RunResult:
         writer = MetricsWriter(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
-        progress = tqdm(total=config.train.steps, initial=self.step, desc="train", unit="step",
+        progress = tqdm(total=self.config.train.steps, initial=self.step, desc="train", unit="step",
                         disable=self.world_size != 1)
         losses: list[float] = []
         stopped = False
         with PreemptionHandler() as preemption:
-            while self.step < config.train.steps:
-                record = self._guarded_step()
-                every = config.train.eval_interval
-                if every and (self.step % every == 0 or self.step == config.train.steps):
-                    record.update(self.evaluate())
-                losses.append(record["loss"])
-                writer.write(record, _memory())
-                progress.update(1)
-                self._log(record, progress)
-                if self.nonfinite.exceeded:
-                    self.save()
-                    raise TrainingFault(
-                        f"{self.nonfinite.in_a_row} steps in a row had a non-finite loss or gradient norm "
-                        f"(limit train.max_nonfinite_in_a_row={self.nonfinite.limit}); the last good state is "
-                        f"saved in {self.checkpoint_dir}: lower optim.lr or check the data, then resume")
-                stopped = preemption.should_stop(self.engine.device)
-                interval = config.train.save_interval
-                if stopped or (interval and self.step % interval == 0) or self.step == config.train.steps:
-                    self.save()
-                if stopped:
-                    break
+            while self.step < self.config.train.steps and not stopped:
+                try:
+                    loss, stopped = self._iteration(preemption, writer, progress)
+                except RuntimeError as error:
+                    raise self._collective_fault(error) from error
+                losses.append(loss)
         progress.close()
         writer.close()
         return RunResult(losses, self.run_dir, self.checkpoint_dir, self.engine, self.dataset, self.topology, stopped)
