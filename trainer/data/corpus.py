@@ -66,8 +66,9 @@ def _text_file(path: Path) -> str:
     return text
 
 
-def _json_lines(path: Path) -> Iterator[str]:
-    documents = 0
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """(where, line) of every non-blank line of a UTF-8 JSON-lines file; `where` names the file and line
+    for error messages."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"input {path} line {number}"
@@ -76,18 +77,23 @@ def _json_lines(path: Path) -> Iterator[str]:
             except UnicodeDecodeError as error:
                 raise DataError(f"{where} is not valid UTF-8 (byte {error.start} of the line: {error.reason}): "
                                 f"convert the file to UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where} is not valid JSON ({error.msg}): one JSON object per line, "
-                                f"e.g. {{\"text\": \"...\"}}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{where} has no string field \"text\": each line must be an object like "
-                                f"{{\"text\": \"...\"}}")
-            documents += 1
-            yield record["text"]
+            if line.strip():
+                yield where, line
+
+
+def _json_lines(path: Path) -> Iterator[str]:
+    documents = 0
+    for where, line in json_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where} is not valid JSON ({error.msg}): one JSON object per line, "
+                            f"e.g. {{\"text\": \"...\"}}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{where} has no string field \"text\": each line must be an object like "
+                            f"{{\"text\": \"...\"}}")
+        documents += 1
+        yield record["text"]
     if documents == 0:
         raise DataError(f"input {path} holds no JSON lines: one object {{\"text\": \"...\"}} per line")
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from trainer.data.blank_infilling import assemble
 from trainer.data.config import DataConfig
+from trainer.data.corpus import json_lines
 from trainer.data.dataset import GLMDataset
 from trainer.data.indexed import IndexedDataset
 from trainer.data.tokenizer import GLMTokenizer
@@ -76,17 +77,10 @@ def _record(line: str, where: str) -> tuple[str, str]:
 
 def read_instructions(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
     """(formatted prompt, response) of every JSON line of `path`, in file order; blank lines skipped."""
-    path, records = Path(path), 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"input {path} line {number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where} is not valid UTF-8 (byte {error.start} of the line: {error.reason})") from None
-            if line.strip():
-                records += 1
-                yield _record(line, where)
+    records = 0
+    for where, line in json_lines(path):
+        records += 1
+        yield _record(line, where)
     if records == 0:
         raise DataError(f"input {path} holds no instruction records: one {{\"prompt\", \"response\"}} object per line")
 
