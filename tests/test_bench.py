@@ -107,4 +107,5 @@ def test_peak_tflops_by_number_or_known_device():
 
 def test_cli_errors_are_one_line_and_exit_2():
     result = bench("--steps", "0")
-    assert result.returncode == 2 and result.stderr.strip() == "error: --steps, --warmup and --pipeline-micro-batches must be >= 1"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --steps, --warmup and --pipeline-micro-batches must be >= 1"

@@ -150,7 +150,8 @@ def test_attention_with_sep_mask_equals_dense_mask_for_both_softmax_paths(fp32_s
     attention = SelfAttention(config, layer_number=3, seed=1)
     sep, s = torch.tensor([1, 6]), 8
     hidden, ids = torch.randn(2, s, 32), torch.zeros(2, s, dtype=torch.long)
-    assert_close(attention(hidden, ids, ids, SepMask(sep, s)), attention(hidden, ids, ids, attention_mask_from_sep(sep, s)))
+    dense = attention_mask_from_sep(sep, s)
+    assert_close(attention(hidden, ids, ids, SepMask(sep, s)), attention(hidden, ids, ids, dense))
 
 
 @pytest.mark.parametrize("s", [200, 256])

@@ -75,7 +75,9 @@ def to_text(report: dict) -> str:
             step = entry["step_s"]
             lines.append(f"{label:<24} {step['median']:.4f} ({step['min']:.4f}..{step['max']:.4f}){'':<8} "
                          f"{entry['tokens_per_s']:>10.0f} {entry['tflops']:>9.4f}")
-    mfu = "n/a (pass --peak-tflops)" if report["mfu"] is None else f"{100 * report['mfu']:.1f}% of {report['peak_tflops']} TFLOP/s"
+    mfu = "n/a (pass --peak-tflops)"
+    if report["mfu"] is not None:
+        mfu = f"{100 * report['mfu']:.1f}% of {report['peak_tflops']} TFLOP/s"
     lines += [f"{'MFU':<24} {mfu}",
               f"{'peak memory':<24} {report['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({report['memory_note']})",
               _ratio_line(report, "vs_bare_loop", "engine / bare loop"),
@@ -86,5 +88,6 @@ def to_text(report: dict) -> str:
     else:
         lines.append(f"{'pipeline pp=2':<24} efficiency {pipeline['efficiency']:.3f} vs ideal m/(m+p-1) = "
                      f"{pipeline['ideal_efficiency']:.3f} (m={pipeline['micro_batches']}; step "
-                     f"{pipeline['pipeline_step_s']['median']:.4f} s vs one stage {pipeline['single_stage_step_s']['median']:.4f} s)")
+                     f"{pipeline['pipeline_step_s']['median']:.4f} s vs one stage "
+                     f"{pipeline['single_stage_step_s']['median']:.4f} s)")
     return "\n".join(lines)
