@@ -69,6 +69,11 @@ def test_four_process_layouts_match_single_process(reference, tmp_path, name, ov
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
 
 
+def test_activation_checkpointing_changes_no_loss(reference, tmp_path):
+    losses = _losses(tmp_path, "recompute", ["parallel.activation_checkpoint_interval=1"])
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
+
+
 def test_losses_change_over_steps(reference):
     # Guards the parity test against a trainer that does not train (equal constant losses would pass it).
     train_losses = _train_losses(reference)

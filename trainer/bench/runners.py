@@ -98,7 +98,8 @@ def bare_loop_runner(config: Config, batches: list[MicroBatch], device: torch.de
     def loss_of(micro_batch: MicroBatch) -> torch.Tensor:
         inputs, targets = micro_batch
         activations = run_blocks(layers, model.embedding(inputs), interval)
-        return loss_fn(model.embedding.logits(model.transformer["final_layernorm"](activations)), targets)
+        hidden = model.transformer["final_layernorm"](activations)
+        return loss_fn((hidden, model.embedding.word_embeddings.weight), targets)  # as the pipeline's last stage
 
     return PlainLoop(model, loss_of, config, batches)
 

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from trainer.data.dataset import GLMDataset
+from trainer.model.embedding import tied_logits
 
 
 @torch.no_grad()
@@ -39,7 +40,8 @@ def first_mask_sample(dataset: GLMDataset, search: int = 64) -> int:
 
 
 def fill_one_blank(module: torch.nn.Module, dataset: GLMDataset) -> str:
-    """Decode the first blank of a [MASK] sample: the text around it, the original span and the model's fill."""
+    """Decode the first blank of a [MASK] sample: the text around it, the original span and the model's fill.
+    `module` is the one-stage pipeline, whose output is (hidden, tied output weight)."""
     tokenizer = dataset.tokenizer
     blanks = {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id}
     sample_index = first_mask_sample(dataset)
@@ -53,7 +55,7 @@ def fill_one_blank(module: torch.nn.Module, dataset: GLMDataset) -> str:
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()
-    fill = greedy_fill(module, part_a, mask_position, tokenizer.sop_id, tokenizer.eop_id,
+    fill = greedy_fill(lambda inputs: tied_logits(*module(inputs)), part_a, mask_position, tokenizer.sop_id, tokenizer.eop_id,
                        max_new_tokens=max(1, min(32, len(original) + 8)), device=device)
     module.train(was_training)
     context = tokenizer.decode(part_a[max(0, mask_position - 24): mask_position + 8])

@@ -77,6 +77,8 @@ def build_engine(config: Config, topology: Topology, world_size: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_ds_config(config, world_size))
+    if config.model.compile:
+        engine.compile()  # torch.compile, layer by layer (DeepSpeed's PipelineModule.compile)
     return engine
 
 

@@ -9,6 +9,7 @@ weights under every pipeline split.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -23,8 +24,10 @@ TIED_KEY = "embed"
 TIED_WEIGHT = "word_embeddings.weight"
 
 
-def _output_logits(embedding: GLMEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    return embedding.logits(hidden)
+def _output_layer(embedding: GLMEmbedding, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last stage hands the loss the final hidden states and the tied weight; GLMLoss computes the
+    logits only where the loss counts them."""
+    return hidden, embedding.word_embeddings.weight
 
 
 def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list:
@@ -34,7 +37,7 @@ def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list
     specs += [LayerSpec(GLMBlock, model, layer_number, tp_group, seed) for layer_number in range(1, model.num_layers + 1)]
     specs.append(LayerSpec(FinalLayerNorm, model))
     # Built only where the stage has no embedding yet (pp > 1): the word embedding alone.
-    specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, False, forward_fn=_output_logits,
+    specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, False, forward_fn=_output_layer,
                                tied_weight_attr=TIED_WEIGHT))
     return specs
 
@@ -53,6 +56,11 @@ class GLMPipeline(PipelineModule):
                          loss_fn=GLMLoss(model, topology.tp_group),
                          activation_checkpoint_interval=activation_checkpoint_interval,
                          **kwargs)
+
+    def _is_checkpointable(self, funcs: list) -> bool:
+        """Recompute ranges holding transformer blocks, never the output layer (it hands its weight to
+        the loss, and its logits are computed there)."""
+        return any(isinstance(f, GLMBlock) for f in funcs) and not any(isinstance(f, partial) for f in funcs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
         self.parts = stage_layer_bounds(self._num_blocks, self.num_stages)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.data.blank_infilling import attention_mask_from_sep
-from trainer.model.attention import SelfAttention
+from trainer.model.attention import SelfAttention, SepMask
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
 from trainer.model.mlp import GLMMLP
@@ -33,7 +32,7 @@ class GLMBlock(nn.Module):
 
     def forward(self, inputs: Activations) -> Activations:
         hidden, position_ids, block_position_ids, sep = inputs  # hidden [b, s, h]
-        mask = attention_mask_from_sep(sep, hidden.shape[1])  # [b, 1, s, s]
+        mask = SepMask.of(sep, hidden.shape[1])  # the GLM mask from sep, shared by the blocks of a micro-batch
 
         def attend(x):
             return self.dropout(self.attention(x, position_ids, block_position_ids, mask))

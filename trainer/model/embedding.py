@@ -33,6 +33,12 @@ def _position_table(rows: int, width: int, init) -> nn.Embedding:
     return table
 
 
+def tied_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """The output layer tied to the vocabulary-parallel embedding: [..., h] -> [..., V_pad / tp]
+    (the input is copied to the group, so its gradient is summed over the vocabulary shards)."""
+    return F.linear(copy_to_tp(hidden, tp_group), weight)
+
+
 class GLMEmbedding(nn.Module):
     """The first pipeline piece (forward) and, tied to it, the output layer (logits).
     with_positions=False builds the word embedding alone: the copy on the last pipeline stage only
@@ -70,4 +76,4 @@ class GLMEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [b, s, h] -> this rank's logits [b, s, V_pad / tp] (the tied output layer)."""
-        return F.linear(copy_to_tp(hidden, self.tp_group), self.word_embeddings.weight)
+        return tied_logits(hidden, self.word_embeddings.weight, self.tp_group)

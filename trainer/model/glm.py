@@ -10,7 +10,7 @@ from torch import nn
 
 from trainer.model.block import GLMBlock
 from trainer.model.config import ModelConfig
-from trainer.model.embedding import Activations, GLMEmbedding
+from trainer.model.embedding import Activations, GLMEmbedding, tied_logits
 from trainer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
 
 
@@ -33,9 +33,19 @@ class GLMLoss(nn.Module):
         self.vocab_size = config.vocab_size
         self.tp_group = tp_group
 
-    def forward(self, logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """logits [b, s, V_pad / tp], target (labels [b, s], loss_mask [b, s]) -> scalar."""
+    def forward(self, outputs, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """outputs: logits [b, s, V_pad / tp], or (hidden [b, s, h], the tied output weight [V_pad / tp, h])
+        as the pipeline's output layer hands them over, in which case the logits are computed only at the
+        positions the loss counts (Part B: 15-30% of a GLM sample); target (labels [b, s], loss_mask [b, s])."""
         labels, loss_mask = target
+        if isinstance(outputs, tuple):
+            hidden, weight = outputs
+            counted = loss_mask.reshape(-1) != 0
+            hidden = hidden.reshape(-1, hidden.shape[-1])[counted]  # [n, h], n = counted positions
+            logits = tied_logits(hidden, weight, self.tp_group)  # [n, V_pad / tp]
+            labels, loss_mask = labels.reshape(-1)[counted], loss_mask.reshape(-1)[counted]
+        else:
+            logits = outputs
         per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group, vocab_size=self.vocab_size)
         return masked_mean(per_token, loss_mask)
 
