@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from trainer.parallel.mappings import Group, group_rank, group_size
 
@@ -91,6 +92,12 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
                                  vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-token fp32 cross entropy: logits [b, s, V/p] (this rank's vocabulary slice, rank-ordered),
     labels [b, s] global ids -> loss [b, s]. Columns >= vocab_size (padding) are left out of the softmax."""
+    if group_size(group) == 1:
+        # One partition holds the whole vocabulary: PyTorch's fused log-softmax + NLL is the same math in
+        # fewer passes over the [.., V] logits.
+        logits = logits if vocab_size is None else logits[..., :vocab_size]
+        per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return per_token.view(labels.shape)
     return _VocabParallelCrossEntropy.apply(logits, labels, group, vocab_size)
 
 
