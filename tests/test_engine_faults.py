@@ -57,10 +57,12 @@ def test_sigterm_saves_the_current_step_and_resume_continues(reference, tmp_path
     torch.testing.assert_close(_losses(run_dir), reference, rtol=1e-5, atol=0)
 
 
-def test_injected_nan_is_skipped_and_counted(tmp_path):
-    clean = run_train(train_args(tmp_path / "clean", 5))
+@pytest.mark.parametrize("zero_stage", [1, 0])  # DeepSpeed's ZeRO-1 overflow path, and the trainer's own
+def test_injected_nan_is_skipped_and_counted(tmp_path, zero_stage):
+    zero = f"optim.zero_stage={zero_stage}"
+    clean = run_train(train_args(tmp_path / "clean", 5, zero))
     assert clean.returncode == 0, clean.stderr[-3000:]
-    faulty = run_train(train_args(tmp_path / "nan", 5, "train.inject_nan_steps=[3]"))
+    faulty = run_train(train_args(tmp_path / "nan", 5, zero, "train.inject_nan_steps=[3]"))
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     good, bad = metrics(tmp_path / "clean"), metrics(tmp_path / "nan")
     assert [r["skipped"] for r in bad] == [0, 0, 1, 0, 0] and bad[-1]["skipped_total"] == 1

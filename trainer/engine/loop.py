@@ -85,14 +85,16 @@ def build_engine(config: Config, topology: Topology, world_size: int):
 class OwnClipping:
     """fp32 without ZeRO: DeepSpeed's clip_fp32_gradients counts the tied embedding twice and drops the
     replicated weights of later pipeline stages, and nothing skips a non-finite step. This replaces it
-    with the layout-aware norm (engine/grad_norm.py); a non-finite norm drops the gradients, so AdamW
-    leaves every weight and moment as it was."""
+    with the layout-aware norm (engine/grad_norm.py). A non-finite norm drops the gradients, so AdamW
+    leaves every weight and moment as it was, and raises DeepSpeed's `overflow` flag on the optimizer, so
+    the engine counts the step as skipped and does not advance the LR schedule (as under ZeRO-1)."""
 
     def __init__(self, engine, topology: Topology, max_norm: float):
         self.norm: Optional[float] = None
         self._params = [p for p in engine.module.parameters() if p.requires_grad]
         self._group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
         self._tp_rank, self._max_norm, self._device = topology.tp_rank, max_norm, engine.device
+        self._optimizer = engine.optimizer
         original_step = engine._take_model_step
 
         def take_model_step(*args, **kwargs):
@@ -105,7 +107,8 @@ class OwnClipping:
     def clip(self) -> None:
         norm = clip_grads_(self._params, self._max_norm, self._tp_rank, self._group, self._device).item()
         self.norm = norm
-        if not is_finite(norm):
+        self._optimizer.overflow = not is_finite(norm)
+        if self._optimizer.overflow:
             for param in self._params:
                 param.grad = None
 
