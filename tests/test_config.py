@@ -15,6 +15,9 @@ def test_overrides_win_over_the_file(tmp_path):
 def test_int_accepted_for_float_and_optional():
     config = load_config(None, ["optim.lr=1", "model.ffn_hidden_size=96", "model.ffn_hidden_size=null"])
     assert isinstance(config.optim.lr, float) and config.model.ffn_hidden_size is None
+    assert load_config(None, ["optim.lr=5e-3"]).optim.lr == 5e-3  # YAML 1.1 would keep "5e-3" a string
+    with pytest.raises(ConfigError, match="optim.lr expects float"):
+        load_config(None, ["optim.lr=fast"])
 
 
 @pytest.mark.parametrize("override, message", [

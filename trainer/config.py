@@ -215,6 +215,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None:
             return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-3 (no dot) as a string; the user meant the number
+            value = float(value)
+        except ValueError:
+            pass
     expected = {int: int, float: (int, float), bool: bool, str: str, dict: dict, list: list}.get(annotation, object)
     if isinstance(value, bool) and annotation is not bool:
         raise ConfigError(f"{key} expects {annotation.__name__}, got the boolean {value}")
