@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 
 from trainer.config import Config, load_config
-from trainer.errors import ConfigError, GLMError
+from trainer.errors import ConfigError, GLMError, exits_on_error
 
 MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
                "gpu": "accelerator peak allocated during the engine's warm-up"}
@@ -91,19 +91,16 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+@exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        config = bench_config(args)
-        from trainer.bench.run import run_bench  # deepspeed is imported only once the config is valid
+    config = bench_config(args)
+    from trainer.bench.run import run_bench  # deepspeed is imported only once the config is valid
 
-        with stdout_to_stderr():
-            report = run_bench(config, args, device_description(), MEMORY_NOTE)
-    except GLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with stdout_to_stderr():
+        report = run_bench(config, args, device_description(), MEMORY_NOTE)
     from trainer.bench.report import to_json, to_text
 
     print(to_json(report) if args.json else to_text(report))
