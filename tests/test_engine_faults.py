@@ -1,5 +1,6 @@
 """Reliability: preemption, a killed rank, injected NaNs and a corrupted checkpoint all end in a clean
 resume whose losses equal an uninterrupted run's (fp32, 1e-5)."""
+import json
 import math
 import random
 import signal
@@ -97,3 +98,14 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     records = metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(_losses(run_dir), _losses(tmp_path / "ref"), rtol=1e-5, atol=0)
+
+
+def test_keep_the_newest_checkpoints_each_with_a_manifest(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(train_args(run_dir, 4, "train.save_interval=1", "train.keep_checkpoints=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("global_step*")) == ["global_step3", "global_step4"]
+    assert not list(checkpoints.glob(".*partial"))
+    manifest = json.loads((checkpoints / "global_step4" / "manifest.json").read_text())["files"]
+    assert "rng/rank0.pt" in manifest and any(name.startswith("layer_") for name in manifest)
