@@ -211,6 +211,7 @@ class Trainer:
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
             print(f"step {record['step']}/{self.config.train.steps} loss {record['loss']:.4f} "
                   f"lr {record['lr']:.3e} grad_norm {norm} tokens/s {record['tokens_per_s']:.0f}"
+                  + (f" valid_loss {record['valid_loss']:.4f}" if "valid_loss" in record else "")
                   + (f" skipped {record['skipped_total']}" if record["skipped_total"] else ""), flush=True)
 
     def _iteration(self, preemption: PreemptionHandler, writer: MetricsWriter, progress) -> tuple[float, bool]:
