@@ -46,18 +46,8 @@ def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
 
 def block_step(layer, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
                mask: torch.Tensor, cache) -> torch.Tensor:
-    """GLMBlock's forward (eval: no dropout) on the new positions only, attention reading the KV cache.
-    GLMBlock.forward builds a square mask and takes no cache, hence this twin of its two residual forms."""
-    def attend(x):
-        return layer.attention(x, position_ids, block_position_ids, mask, kv_cache=cache)
-
-    if layer.deepnorm_alpha is None:
-        hidden = hidden + attend(layer.input_layernorm(hidden))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    alpha = layer.deepnorm_alpha
-    attention_input = layer.input_layernorm(hidden)
-    mlp_input = layer.post_attention_layernorm(alpha * attention_input + attend(attention_input))
-    return alpha * mlp_input + layer.mlp(mlp_input)
+    """GLMBlock on the new positions only, its attention reading and extending the KV cache."""
+    return layer.residual(hidden, lambda x: layer.attention(x, position_ids, block_position_ids, mask, kv_cache=cache))
 
 
 def full_vocab_logits(model, hidden: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:

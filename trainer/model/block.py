@@ -9,6 +9,9 @@ Dropout is applied to each sublayer output f(x) before the residual sum.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import nn
 
 from trainer.model.attention import SelfAttention, SepMask
@@ -30,19 +33,21 @@ class GLMBlock(nn.Module):
         self.mlp = GLMMLP(config, layer_number, tp_group, seed)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
+    def residual(self, hidden: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block around `attend` (normalised input [b, s, h] -> attention output [b, s, h]):
+        pre-LN  x = x + Attn(LN(x)); x = x + MLP(LN(x)), or
+        DeepNorm with GLM-130B's placement  a = LN_in(x); m = LN_post(alpha a + Attn(a)); x = alpha m + MLP(m)
+        (the closing LayerNorm of the second sublayer is the next block's input_layernorm)."""
+        if self.deepnorm_alpha is None:
+            hidden = hidden + self.dropout(attend(self.input_layernorm(hidden)))
+            return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
+        alpha = self.deepnorm_alpha
+        attention_input = self.input_layernorm(hidden)
+        mlp_input = self.post_attention_layernorm(alpha * attention_input + self.dropout(attend(attention_input)))
+        return alpha * mlp_input + self.dropout(self.mlp(mlp_input))
+
     def forward(self, inputs: Activations) -> Activations:
         hidden, position_ids, block_position_ids, sep = inputs  # hidden [b, s, h]
         mask = SepMask.of(sep, hidden.shape[1])  # the GLM mask from sep, shared by the blocks of a micro-batch
-
-        def attend(x):
-            return self.dropout(self.attention(x, position_ids, block_position_ids, mask))
-
-        if self.deepnorm_alpha is None:
-            hidden = hidden + attend(self.input_layernorm(hidden))
-            hidden = hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
-        else:
-            alpha = self.deepnorm_alpha
-            attention_input = self.input_layernorm(hidden)
-            mlp_input = self.post_attention_layernorm(alpha * attention_input + attend(attention_input))
-            hidden = alpha * mlp_input + self.dropout(self.mlp(mlp_input))
+        hidden = self.residual(hidden, lambda x: self.attention(x, position_ids, block_position_ids, mask))
         return hidden, position_ids, block_position_ids, sep
