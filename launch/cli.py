@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Optional
 from launch.devices import Cluster, discover, local_accelerator
 from launch.planner import Fixed, Plan, plan_layout
 from trainer.config import Config, load_config, parse_override
+from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, exits_on_error
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
@@ -81,12 +81,6 @@ def fixed_choices(args: argparse.Namespace, overrides: list[str]) -> Fixed:
     return Fixed(**fixed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def runner_command(plan: Plan, args: argparse.Namespace, train_args: list[str], hostfile: Optional[str],
                    env: dict) -> list[str]:
     """`python -m deepspeed.launcher.runner ... --module trainer.train --config FILE ... --set layout`.
@@ -102,7 +96,7 @@ def runner_command(plan: Plan, args: argparse.Namespace, train_args: list[str], 
     elif cluster.source == "hostfile":
         command += ["--hostfile", hostfile, "--master_port", str(args.master_port or 29500)]
     else:
-        command += ["--num_gpus", str(cluster.world_size), "--master_port", str(args.master_port or _free_port())]
+        command += ["--num_gpus", str(cluster.world_size), "--master_port", str(args.master_port or free_port())]
     command += ["--no_local_rank", "--module", "trainer.train", "--config", str(Path(args.config).resolve())]
     return command + train_args + [arg for value in plan.overrides() for arg in ("--set", value)]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
@@ -10,11 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.engine.rendezvous import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors: Any) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tests.distributed import free_port
+from trainer.engine.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 # The tiny layout every fault test trains: seconds per run on two CPU cores.

@@ -5,6 +5,7 @@ Every key is checked against the dataclasses; an unknown key names the nearest v
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import typing
@@ -260,6 +261,15 @@ def parse_override(text: str) -> dict:
     for part in reversed(dotted.strip().split(".")):
         nested = {part: nested}
     return nested
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
+                         config_help: str = "YAML run configuration (configs/*.yaml)") -> None:
+    """`--config FILE` and repeatable `--set section.key=value`, as every glm-* command takes them
+    (read back with load_config(args.config, args.overrides))."""
+    parser.add_argument("--config", required=required, help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key (YAML value); repeatable; wins over the file")
 
 
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from trainer.config import add_config_arguments
 from trainer.errors import ConfigError, DataError, exits_on_error
 
 MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
@@ -176,9 +177,7 @@ def load_inference(args: argparse.Namespace):
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", type=Path, help="export, training checkpoint or THUDM/GLM release directory")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in an export)")
-    parser.add_argument("--config", help="the run's YAML config (needed for training checkpoints)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key, as for glm-train")
+    add_config_arguments(parser, required=False, config_help="the run's YAML config (needed for training checkpoints)")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

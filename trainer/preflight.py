@@ -2,12 +2,12 @@
 says what to change, and writes nothing."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from trainer.config import Config
+from trainer.engine.ds_config import read_user_config
 from trainer.errors import ConfigError
 
 # Bytes per parameter in a checkpoint: fp32 weights plus Adam's two fp32 moments; half precision adds
@@ -44,20 +44,6 @@ def check_disk_space(config: Config) -> None:
                           f"{needed / 2**30:.1f} GiB: free space or move train.run_dir")
 
 
-def check_deepspeed_json(config: Config) -> None:
-    path = config.train.deepspeed_config
-    if not path:
-        return
-    try:
-        value = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"train.deepspeed_config {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"train.deepspeed_config {path} is not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"train.deepspeed_config {path} must hold a JSON object")
-
-
 def check_precision(config: Config) -> None:
     """The chosen precision must exist on this machine's accelerator (DeepSpeed has no fp16 on CPU)."""
     from deepspeed.accelerator import get_accelerator
@@ -70,24 +56,28 @@ def check_precision(config: Config) -> None:
                           f"({accelerator.device_name()}): use one of {usable}")
 
 
-def check_data(config: Config) -> int:
-    """Data and tokenizer files present and usable; returns the tokenizer's vocabulary size."""
-    from trainer.data.dataset import check_data_files
-
-    vocab = check_data_files(config.data)
-    if config.model.vocab_size and config.model.vocab_size < vocab:
+def resolve_vocab(config: Config, vocab: int) -> None:
+    """Take the vocabulary from the tokenizer, or check that the configured one can hold it."""
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = vocab
+    elif config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab} "
                           f"tokens: set model.vocab_size to 0 (take it from the tokenizer) or >= {vocab}")
-    return vocab
+
+
+def check_data(config: Config) -> None:
+    """Data and tokenizer files present and usable, and model.vocab_size resolved against the tokenizer."""
+    from trainer.data.dataset import check_data_files
+
+    resolve_vocab(config, check_data_files(config.data))
 
 
 def preflight(config: Config, world_size: int) -> None:
     """Validate the config, the layout, the files and the disk; raise ConfigError / DataError."""
     config.validate(world_size)
-    check_deepspeed_json(config)
+    if config.train.deepspeed_config:
+        read_user_config(config.train.deepspeed_config)
     check_precision(config)
     check_run_dir(config)
-    vocab = check_data(config)
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = vocab
+    check_data(config)
     check_disk_space(config)

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional
 
-from trainer.config import load_config
+from trainer.config import Config, add_config_arguments, load_config
 from trainer.errors import exits_on_error
 from trainer.preflight import check_data, preflight
 
@@ -21,23 +21,21 @@ from trainer.preflight import check_data, preflight
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="glm-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key (YAML value); repeatable; wins over the file")
+    add_config_arguments(parser)
     parser.add_argument("--print-model", action="store_true",
                         help="print the model's parameter count (counted and closed form) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
 
 
-def print_outcome(result) -> None:
+def print_outcome(config: Config, result) -> None:
     from trainer.engine.demo import fill_one_blank
 
     print(f"metrics:      {result.run_dir / 'metrics.jsonl'}")
     print(f"tensorboard:  tensorboard --logdir {result.run_dir / 'tb'}")
     print(f"checkpoint:   {result.checkpoint_dir / (result.checkpoint_dir / 'latest').read_text().strip()}")
     if result.topology.world_size == 1:
-        print(fill_one_blank(result.engine.module, result.dataset))
+        print(fill_one_blank(result.checkpoint_dir, config.model, result.dataset))
 
 
 @exits_on_error
@@ -51,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         config.validate()
         if config.model.vocab_size == 0:
-            config.model.vocab_size = check_data(config)
+            check_data(config)
         print(parameter_summary(config.model, tp=config.parallel.tp))
         return 0
     preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
@@ -59,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     result = train(config)
     if result.topology.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
-        print_outcome(result)
+        print_outcome(config, result)
     return 0
 
 

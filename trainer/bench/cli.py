@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from trainer.config import Config, load_config
+from trainer.config import Config, add_config_arguments, load_config
 from trainer.errors import ConfigError, GLMError, exits_on_error
 
 MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
@@ -29,9 +29,7 @@ MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="glm-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key (YAML value); repeatable; wins over the file")
+    add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per contender (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -58,7 +56,7 @@ def bench_config(args: argparse.Namespace) -> Config:
         from trainer.preflight import check_data
 
         try:
-            config.model.vocab_size = check_data(config)
+            check_data(config)
         except GLMError as error:
             raise ConfigError(f"model.vocab_size is 0 and the tokenizer is not readable ({error}): "
                               f"pass --set model.vocab_size=N") from None

@@ -20,7 +20,7 @@ from deepspeed.accelerator import get_accelerator
 from trainer.bench.batches import synthetic_step
 from trainer.bench.timing import Spread, timed
 from trainer.config import Config
-from trainer.engine.distributed import _free_port
+from trainer.engine.rendezvous import free_port
 
 
 def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: int, warmup: int, threads: int,
@@ -60,7 +60,7 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
 def _run_stages(config: Config, world_size: int, steps: int, warmup: int, threads: int) -> list[float]:
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_stage_worker, args=(r, world_size, port, config, steps, warmup, threads, results))
              for r in range(world_size)]
     for proc in procs:

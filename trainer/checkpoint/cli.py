@@ -21,6 +21,7 @@ from trainer.checkpoint.convert import convert_checkpoint
 from trainer.checkpoint.export import TOKENIZER, write_export
 from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.thudm import is_release, read_release
+from trainer.config import add_config_arguments
 from trainer.errors import CheckpointError, exits_on_error
 from trainer.model.config import ModelConfig
 
@@ -37,7 +38,7 @@ def model_config(args: argparse.Namespace) -> Optional[ModelConfig]:
     if config.model.vocab_size == 0:
         from trainer.preflight import check_data
 
-        config.model.vocab_size = check_data(config)
+        check_data(config)
     return config.model
 
 
@@ -79,9 +80,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         sub.set_defaults(run=run)
         sub.add_argument("source", type=Path, help="checkpoint, export or release directory")
         sub.add_argument("--out", type=Path, required=True, help="output directory")
-        sub.add_argument("--config", help="the run's YAML config (needed for training checkpoints)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="override one config key, as for glm-train")
+        add_config_arguments(sub, required=False,
+                             config_help="the run's YAML config (needed for training checkpoints)")
         if name == "convert":
             sub.add_argument("--to-tp", type=int, required=True, help="tensor-parallel size of the output")
             sub.add_argument("--to-pp", type=int, required=True, help="pipeline-parallel size of the output")

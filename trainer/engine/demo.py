@@ -1,32 +1,13 @@
-"""After the single-process main job: show one blank of a held-out-style sample filled by the model."""
+"""After the single-process main job: one blank of a training sample filled by the trained model, read
+back from the checkpoint the run just saved and decoded exactly as glm-generate does."""
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
 
-import torch
-
+from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.data.dataset import GLMDataset
-from trainer.model.embedding import tied_logits
-
-
-@torch.no_grad()
-def greedy_fill(logits_fn: Callable, part_a: list[int], mask_position: int, sop_id: int, eop_id: int,
-                max_new_tokens: int, device) -> list[int]:
-    """Generate the span of the blank at `mask_position` left to right (GLM Part B, no KV cache):
-    the span's tokens take the blank's position id and block positions 1, 2, ..."""
-    generated: list[int] = []
-    sep = len(part_a)
-    for _ in range(max_new_tokens):
-        part_b = [sop_id] + generated
-        ids = torch.tensor([part_a + part_b], device=device)
-        positions = torch.tensor([list(range(sep)) + [mask_position] * len(part_b)], device=device)
-        blocks = torch.tensor([[0] * sep + list(range(1, len(part_b) + 1))], device=device)
-        logits = logits_fn((ids, positions, blocks, torch.tensor([sep], device=device)))
-        token = int(logits[0, -1].float().argmax())
-        if token == eop_id:
-            break
-        generated.append(token)
-    return generated
+from trainer.generate import fill_blanks
+from trainer.model.config import ModelConfig
 
 
 def first_mask_sample(dataset: GLMDataset, search: int = 64) -> int:
@@ -39,9 +20,9 @@ def first_mask_sample(dataset: GLMDataset, search: int = 64) -> int:
     return 0
 
 
-def fill_one_blank(module: torch.nn.Module, dataset: GLMDataset) -> str:
-    """Decode the first blank of a [MASK] sample: the text around it, the original span and the model's fill.
-    `module` is the one-stage pipeline, whose output is (hidden, tied output weight)."""
+def fill_one_blank(checkpoint_dir: Path, model_config: ModelConfig, dataset: GLMDataset) -> str:
+    """Decode the first blank of a [MASK] sample: the text around it, the original span and the model's
+    greedy fill (every blank of the sample is filled in text order; the first one is shown)."""
     tokenizer = dataset.tokenizer
     blanks = {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id}
     sample_index = first_mask_sample(dataset)
@@ -52,12 +33,10 @@ def fill_one_blank(module: torch.nn.Module, dataset: GLMDataset) -> str:
     # The original span: the Part B labels that carry this blank's position, up to its eop.
     original = [int(t) for t, p, m in zip(sample["labels"][sep:], sample["position_ids"][sep:], sample["loss_mask"][sep:])
                 if m and p == mask_position and t != tokenizer.eop_id]
-    device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
-    fill = greedy_fill(lambda inputs: tied_logits(*module(inputs)), part_a, mask_position, tokenizer.sop_id, tokenizer.eop_id,
-                       max_new_tokens=max(1, min(32, len(original) + 8)), device=device)
-    module.train(was_training)
+    config, weights = read_weights(checkpoint_dir, model_config)
+    _, spans = fill_blanks(build_model(config, weights), tokenizer, tokenizer.decode(part_a[1:]),
+                           config.max_sequence_length, config.vocab_size,
+                           max_new_tokens=max(1, min(32, len(original) + 8)))
     context = tokenizer.decode(part_a[max(0, mask_position - 24): mask_position + 8])
     return (f"blank-infilling demo (sample {sample_index}, {tokenizer.decode([part_a[mask_position]])}):\n"
-            f"  context:  {context!r}\n  original: {tokenizer.decode(original)!r}\n  model:    {tokenizer.decode(fill)!r}")
+            f"  context:  {context!r}\n  original: {tokenizer.decode(original)!r}\n  model:    {tokenizer.decode(spans[0])!r}")

@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.engine.rendezvous import free_port
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
@@ -24,7 +19,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     # Also when torch.distributed is already up (a test harness, an embedding program): DeepSpeed's
     # communication backend wraps the existing group then.
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),

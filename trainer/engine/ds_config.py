@@ -15,6 +15,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def read_user_config(path: str | Path) -> dict:
+    """The user's DeepSpeed JSON (train.deepspeed_config), checked: present, valid JSON, an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.deepspeed_config {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"train.deepspeed_config {path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"train.deepspeed_config {path} must hold a JSON object")
+    return value
+
+
 def build_ds_config(config: Config, world_size: int) -> dict:
     """DeepSpeed's own settings in DeepSpeed's own shape. The optimizer and LR schedule are built by
     the trainer (engine/optimizer.py, engine/schedule.py) so their exact math is ours and tested."""
@@ -32,12 +45,5 @@ def build_ds_config(config: Config, world_size: int) -> dict:
         "bf16": {"enabled": precision == "bf16"},
     }
     if config.train.deepspeed_config:
-        path = Path(config.train.deepspeed_config)
-        try:
-            user = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"train.deepspeed_config {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"train.deepspeed_config {path} is not valid JSON: {error}") from None
-        ds = _merge(ds, user)
+        ds = _merge(ds, read_user_config(config.train.deepspeed_config))
     return ds

@@ -30,10 +30,10 @@ from trainer.engine.metrics import MetricsWriter
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.pipeline import GLMPipeline
 from trainer.engine.schedule import consumed_samples_at, global_batch_at, lr_lambda
-from trainer.errors import ConfigError
 from trainer.parallel.random import checkpoint as recompute_checkpoint
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
+from trainer.preflight import resolve_vocab
 
 log = logging.getLogger("glm.train")
 
@@ -58,15 +58,6 @@ def micro_batches(dataset: GLMDataset, consumed: int, grad_accum: int, topology:
         batch = collate([dataset[i] for i in indices])
         yield ((batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"]),
                (batch["labels"], batch["loss_mask"]))
-
-
-def resolve_vocab(config: Config, vocab: int) -> None:
-    """Take the vocabulary from the tokenizer, or check that the configured one can hold it."""
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = vocab
-    elif config.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                          f"{vocab} tokens: set model.vocab_size to 0 (take it from the tokenizer) or >= {vocab}")
 
 
 def build_engine(config: Config, topology: Topology, world_size: int):
