@@ -4,6 +4,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch.testing import assert_close
 from tests.glm_processes import REPO, TINY, _env
 from trainer.bench.batches import synthetic_micro_batch
 from trainer.bench.report import build_report
-from trainer.bench.timing import Timings, round_robin
+from trainer.bench.timing import Timings, round_orders, round_robin
 from trainer.engine.flops import PEAK_TFLOPS, peak_tflops, train_flops_per_token
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
@@ -80,11 +81,16 @@ def test_report_ratios_pair_the_steps_of_one_round():
     assert report["vs_hf_gpt2"] == 1.0 and report["vs_hf_gpt2_spread"]["max"] == 3.0
 
 
-def test_round_robin_rotates_the_order_every_round():
+def test_round_robin_runs_every_order_in_turn():
     order = []
-    times = round_robin({name: (lambda name=name: order.append(name)) for name in "abc"}, rounds=3)
-    assert order == list("abcbcacab")
-    assert all(len(t.wall) == len(t.cpu) == 3 for t in times.values())
+    times = round_robin({name: (lambda name=name: order.append(name)) for name in "abc"}, rounds=6)
+    rounds = ["".join(order[i:i + 3]) for i in range(0, 18, 3)]
+    assert sorted(rounds) == ["abc", "acb", "bac", "bca", "cab", "cba"]
+    assert all(len(t.wall) == len(t.cpu) == 6 for t in times.values())
+    # within the rounds each contender runs right after each other one equally often
+    follows = Counter((order[i], order[i + 1]) for i in range(0, 18, 3) for i in (i, i + 1))
+    assert set(follows.values()) == {2} and len(follows) == 6
+    assert round_orders(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
 
 
 def test_synthetic_batch_is_a_gmask_sample_in_the_dataset_format():

@@ -1,6 +1,8 @@
 """Resume at another layout through the user's entry point: a run trained at tp=2 and resumed with
-`--set train.resume=true` at tp=1 x pp=2 (and at dp=2) continues the loss curve of an uninterrupted run
-(fp32, 1e-5 relative), weights and the ZeRO-1 Adam state carried over (trainer.checkpoint.universal)."""
+`--set train.resume=true` at tp=1 x pp=2 (and at dp=2), and one trained at dp=2 and resumed at tp=2,
+continue the loss curve of an uninterrupted run (fp32, 1e-5 relative), weights and Adam state carried
+over (trainer.checkpoint.universal). In fp32 the dp=1 layouts run without ZeRO (trainer/engine/ds_config.py)
+and dp=2 with ZeRO-1, so both optimizer formats are read and written."""
 import shutil
 
 import pytest
@@ -22,15 +24,17 @@ def _run(run_dir, log_dir, steps, *overrides):
 def first_half(tmp_path_factory):
     root = tmp_path_factory.mktemp("universal")
     reference = _run(root / "uninterrupted", root, STEPS, "parallel.tp=2")
-    first = _run(root / "tp2", root, FIRST, "parallel.tp=2")
+    first = {"tp2": _run(root / "tp2", root, FIRST, "parallel.tp=2"), "dp2": _run(root / "dp2", root, FIRST)}
     return root, reference, first
 
 
-@pytest.mark.parametrize("name, overrides", [("tp1_pp2", ["parallel.pp=2"]), ("dp2", [])])
-def test_resume_at_another_layout_continues_the_curve(first_half, tmp_path, name, overrides):
+@pytest.mark.parametrize("source, name, overrides", [("tp2", "tp1_pp2", ["parallel.pp=2"]), ("tp2", "dp2", []),
+                                                     ("dp2", "tp2", ["parallel.tp=2"])])
+def test_resume_at_another_layout_continues_the_curve(first_half, tmp_path, source, name, overrides):
     root, reference, first = first_half
+    first = first[source]
     run_dir = tmp_path / name
-    shutil.copytree(root / "tp2", run_dir)
+    shutil.copytree(root / source, run_dir)
     losses = _run(run_dir, tmp_path, STEPS, "train.resume=true", *overrides)
     assert len(first) == FIRST and len(losses) == STEPS
     torch.testing.assert_close(torch.tensor(losses[:FIRST]), torch.tensor(first))

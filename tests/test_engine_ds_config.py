@@ -35,3 +35,17 @@ def test_a_bad_user_json_is_one_clear_error(tmp_path):
     bad.write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         build_ds_config(load_config("configs/glm-debug.yaml", [f"train.deepspeed_config={bad}"]), world_size=1)
+
+
+@pytest.mark.parametrize("precision, tp, world_size, stage", [
+    ("fp32", 1, 1, 0),  # one data-parallel rank: nothing to partition
+    ("fp32", 2, 2, 0),  # tp=2 on two ranks is still dp=1
+    ("fp32", 1, 2, 1),  # dp=2 partitions the optimizer states
+    ("bf16", 1, 1, 1),  # DeepSpeed's stage-0 bf16 optimizer would not skip non-finite steps
+    ("fp16", 1, 1, 1),
+])
+def test_zero_1_runs_as_stage_0_without_data_parallelism_in_fp32(precision, tp, world_size, stage):
+    config = load_config("configs/glm-debug.yaml", [f"train.precision={precision}", f"parallel.tp={tp}",
+                                                    "parallel.global_batch_size=8"])
+    assert config.optim.zero_stage == 1
+    assert build_ds_config(config, world_size)["zero_optimization"] == {"stage": stage}

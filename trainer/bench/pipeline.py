@@ -43,7 +43,7 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
         grad_accum = config.grad_accum_steps(world_size)
         batches = synthetic_step(grad_accum, config.parallel.micro_batch_size, config.data.seq_length,
                                  config.model.vocab_size, local_device())
-        engine = build_engine(config, topology, world_size)
+        engine, _ = build_engine(config, topology, world_size)
         for _ in range(warmup):
             engine.train_batch(iter(batches))
         seconds = []

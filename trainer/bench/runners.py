@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.bench.batches import MicroBatch
 from trainer.config import Config
-from trainer.engine.loop import OwnClipping, build_engine
+from trainer.engine.loop import build_engine
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.schedule import lr_lambda
 from trainer.errors import ConfigError
@@ -35,15 +35,11 @@ def compute_dtype(config: Config) -> torch.dtype:
 
 
 class EngineRunner:
-    """One optimizer step of the DeepSpeed engine: engine.train_batch over the step's micro-batches, with the
-    trainer's own gradient clipping where the Trainer installs it (fp32 without ZeRO)."""
+    """One optimizer step of the DeepSpeed engine: engine.train_batch over the step's micro-batches, built as
+    the Trainer builds it (trainer.engine.loop.build_engine: ZeRO stage, clipping, torch.compile)."""
 
     def __init__(self, config: Config, topology: Topology, world_size: int, batches: list[MicroBatch]):
-        self.engine = build_engine(config, topology, world_size)
-        if config.train.precision == "fp32" and config.optim.zero_stage == 0:
-            self.clipping = OwnClipping(self.engine, topology, config.optim.grad_clip)
-        if config.model.compile and not self.engine.is_compiled:
-            self.engine.compile()
+        self.engine, self.clipping = build_engine(config, topology, world_size)
         self.batches = batches
 
     def step(self) -> float:

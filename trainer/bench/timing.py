@@ -6,6 +6,7 @@ its median and range.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -46,14 +47,20 @@ class Timings:
     cpu: list[float]
 
 
+def round_orders(names: list[str], rounds: int) -> list[list[str]]:
+    """The order of the contenders in each round: all n! orders in turn (n <= 3 here: 6 rounds cycle).
+    Each contender then runs first, middle and last equally often, and right after each other contender
+    equally often within a round, so what a step leaves behind (a freed heap, cold caches) costs every
+    contender alike. (Rotating one order would not: in e b h | b h e | h e b, b always follows e.)"""
+    orders = [list(order) for order in itertools.permutations(names)]
+    return [orders[r % len(orders)] for r in range(rounds)]
+
+
 def round_robin(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, Timings]:
-    """Every step once per round for `rounds` rounds -> its timings, by name. Round r starts with the
-    (r mod n)-th step, so each step follows each other one equally often: what a step leaves behind (a
-    freed heap, cold caches) costs every contender alike."""
-    names = list(steps)
-    timings = {name: Timings([], []) for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    """Every step once per round for `rounds` rounds, in the orders of round_orders -> its timings, by name."""
+    timings = {name: Timings([], []) for name in steps}
+    for order in round_orders(list(steps), rounds):
+        for name in order:
             cpu_start = time.process_time()
             timings[name].wall.append(timed(steps[name]))
             timings[name].cpu.append(time.process_time() - cpu_start)

@@ -8,9 +8,14 @@ fragments over the data-parallel ranks in rank order gives its whole (tensor-ran
 tensor; merging the tensor ranks (trainer/checkpoint/layout.py) gives the canonical one. Loading is the
 reverse, through DeepSpeed's safe_set_full_fp32_param / safe_set_full_optimizer_state, so ZeRO
 re-partitions it for the new data-parallel size itself.
+
+Without ZeRO (fp32 at dp = 1, trainer/engine/ds_config.py) each model-parallel rank's mp_rank file holds
+torch's AdamW state dict, its states keyed by position in the parameter groups, and the trainer's client
+state names those positions (OPTIMIZER_PARAM_NAMES, written by trainer/engine/checkpoint.py).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,9 +28,13 @@ from trainer.checkpoint.pipeline_files import (Layout, canonical_name, model_sta
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 
+log = logging.getLogger("glm.checkpoint")
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 LAYOUT_FREE_OPTIMIZER = "layout_free_optimizer.pt"
 """Written by glm-ckpt convert: {"step": int, "fp32": {...}, "exp_avg": {...}, "exp_avg_sq": {...}}, canonical."""
+OPTIMIZER_PARAM_NAMES = "optimizer_param_names"
+"""Client state of a checkpoint without ZeRO: the pipeline names of the optimizer's parameters, per group."""
 CLIENT_KEYS = ("step", "consumed_samples", "lr_scheduler", "global_steps", "global_samples", "skipped_steps")
 
 
@@ -88,6 +97,28 @@ def read_zero_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[di
     return merged.pop("fp32"), merged, step
 
 
+def read_plain_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[dict, int]]:
+    """A checkpoint without ZeRO of any layout -> (canonical moments, step); None when it holds no Adam
+    state this trainer can name (ZeRO files, another optimizer wrapper, or an optimizer that never stepped)."""
+    layout = read_layout(tag_dir)
+    per_key: dict[str, list[dict[str, torch.Tensor]]] = {key: [{} for _ in range(layout.tp)] for key in MOMENTS}
+    step = 0
+    for mp_rank in range(layout.tp * layout.pp):
+        states = torch.load(model_states_file(tag_dir, mp_rank), map_location="cpu", weights_only=False)
+        optimizer, names = states.get("optimizer"), states.get(OPTIMIZER_PARAM_NAMES)
+        if not optimizer or not names or "state" not in optimizer:
+            return None
+        positions = [name for group in names for name in group]  # torch numbers them group after group
+        for position, name in enumerate(positions):
+            state = optimizer["state"].get(position, {})
+            if not all(key in state for key in MOMENTS):
+                return None
+            step = int(state["step"])
+            for key in MOMENTS:
+                per_key[key][mp_rank % layout.tp][canonical_name(name, config)] = state[key].float()
+    return {key: merge_states(states, config) for key, states in per_key.items()}, step
+
+
 def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
     """Everything a resume needs from a checkpoint of any layout (or one glm-ckpt convert wrote)."""
     weights = read_model_weights(tag_dir, config)
@@ -98,6 +129,8 @@ def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
         weights, moments, step = saved["fp32"], {key: saved[key] for key in MOMENTS}, int(saved["step"])
     elif (zero := read_zero_optimizer(tag_dir, config)) is not None:
         weights, moments, step = zero
+    elif (plain := read_plain_optimizer(tag_dir, config)) is not None:
+        moments, step = plain  # the weights are the fp32 master copy
     states = torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)
     client = {key: states.get(key) for key in CLIENT_KEYS}
     return TrainingState(weights, moments, step, client)
@@ -149,15 +182,19 @@ def load_into_engine(engine, topology, config: ModelConfig, state: TrainingState
 
 
 def load_any_layout(engine, topology, config: ModelConfig, checkpoint_dir: Path, tag: str) -> Optional[tuple[int, int]]:
-    """The engine's resume hook. When checkpoint_dir/tag was written by this very layout with its DeepSpeed
-    optimizer files, return None (DeepSpeed loads it, RNG states included). Otherwise load it here and
-    return (step, consumed_samples). RNG states are not carried across layouts (with dropout > 0 the
-    dropout masks differ from the uninterrupted run)."""
+    """The engine's resume hook. When checkpoint_dir/tag was written by this very layout with the same
+    optimizer files (ZeRO or not), return None (DeepSpeed loads it, RNG states included). Otherwise load
+    it here and return (step, consumed_samples). RNG states are not carried across layouts (with
+    dropout > 0 the dropout masks differ from the uninterrupted run)."""
     tag_dir = Path(checkpoint_dir) / tag
     layout = read_layout(tag_dir)
-    same = layout == Layout(topology.tp, topology.pp, topology.dp)
-    if same and zero_file(tag_dir, 0, 0).is_file() and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file():
+    same_layout = layout == Layout(topology.tp, topology.pp, topology.dp)
+    same_optimizer = zero_file(tag_dir, 0, 0).is_file() == bool(engine.zero_optimization())
+    if same_layout and same_optimizer and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file():
         return None
     state = read_training_state(tag_dir, config)
+    if state.moments is None:
+        log.warning(f"warning: {tag_dir} holds no Adam state this trainer can read on another layout; "
+                    f"the weights are loaded and the Adam moments start from zero")
     load_into_engine(engine, topology, config, state)
     return int(state.client["step"] or 0), int(state.client["consumed_samples"] or 0)

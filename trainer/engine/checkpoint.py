@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint.universal import OPTIMIZER_PARAM_NAMES
 from trainer.errors import CheckpointError
 from trainer.parallel import random as parallel_random
 
@@ -114,6 +115,16 @@ def list_tags(checkpoint_dir: Path) -> list[str]:
     return sorted(tags, key=lambda t: int(TAG.match(t).group(1)), reverse=True)
 
 
+def optimizer_param_names(engine) -> Optional[list[list[str]]]:
+    """The pipeline names of a plain torch optimizer's parameters, group by group (its state dict numbers
+    them in this order): what lets a checkpoint without ZeRO resume on another layout. None under ZeRO or
+    DeepSpeed's fp16/bf16 optimizers, whose files name their parameters themselves."""
+    if not isinstance(engine.optimizer, torch.optim.Optimizer):
+        return None
+    names = {id(param): name for name, param in engine.module.named_parameters()}
+    return [[names[id(param)] for param in group["params"]] for group in engine.optimizer.param_groups]
+
+
 def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0) -> Path:
     """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones."""
     tag, staging = tag_for(step), f".{tag_for(step)}.partial"
@@ -122,7 +133,8 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
         shutil.rmtree(checkpoint_dir / staging)
     dist.barrier()
     engine.save_checkpoint(str(checkpoint_dir), tag=staging, save_latest=False,
-                           client_state={"step": step, "consumed_samples": consumed_samples})
+                           client_state={"step": step, "consumed_samples": consumed_samples,
+                                         OPTIMIZER_PARAM_NAMES: optimizer_param_names(engine)})
     rng_dir = checkpoint_dir / staging / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_states(), rng_dir / f"rank{rank}.pt")

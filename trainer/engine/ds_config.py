@@ -28,6 +28,19 @@ def read_user_config(path: str | Path) -> dict:
     return value
 
 
+def zero_stage(config: Config, world_size: int) -> int:
+    """The ZeRO stage the engine runs. ZeRO-1 partitions the optimizer states over the data-parallel
+    ranks; with one data-parallel rank there is nothing to partition and DeepSpeed's stage 1 only adds
+    flat-buffer gradient copies (docs/PERFORMANCE.md), so an fp32 run there uses stage 0
+    (the Trainer's own clipping, trainer/engine/loop.py). bf16 and fp16 keep the stage they ask for:
+    DeepSpeed's stage-0 bf16 optimizer does not skip a non-finite step. Checkpoints of either stage
+    resume at any layout (trainer/checkpoint/universal.py)."""
+    data_parallel = world_size // (config.parallel.tp * config.parallel.pp)
+    if config.optim.zero_stage == 1 and data_parallel == 1 and config.train.precision == "fp32":
+        return 0
+    return config.optim.zero_stage
+
+
 def build_ds_config(config: Config, world_size: int) -> dict:
     """DeepSpeed's own settings in DeepSpeed's own shape. The optimizer and LR schedule are built by
     the trainer (engine/optimizer.py, engine/schedule.py) so their exact math is ours and tested."""
@@ -37,9 +50,10 @@ def build_ds_config(config: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": parallel.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum_steps(world_size),
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": optim.zero_stage},
+        "zero_optimization": {"stage": zero_stage(config, world_size)},
         "steps_per_print": 10 ** 9,  # the trainer prints its own log line
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},  # the trainer measures its own tokens/s
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "bf16": {"enabled": precision == "bf16"},

@@ -21,23 +21,20 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
 def global_grad_norm(params: Iterable[torch.Tensor], tp_rank: int,
                      model_parallel_group: Optional[dist.ProcessGroup], device: torch.device | str) -> torch.Tensor:
     """L2 norm of all gradients of the model (a 0-dim fp32 tensor, the same on every rank of the group)."""
-    squares = [param.grad.detach().float().pow(2).sum() for param in params
-               if param.grad is not None and not getattr(param, "ds_pipe_replicated", False)
-               and (is_tensor_parallel(param) or tp_rank == 0)]
-    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float32, device=device)
+    grads = [param.grad.detach().float() for param in params
+             if param.grad is not None and not getattr(param, "ds_pipe_replicated", False)
+             and (is_tensor_parallel(param) or tp_rank == 0)]
+    local = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True) if grads else torch.zeros((), device=device)
+    squares = local.float().square()
     if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
-        dist.all_reduce(total, group=model_parallel_group)
-    return total.sqrt()
+        dist.all_reduce(squares, group=model_parallel_group)
+    return squares.sqrt()
 
 
 def clip_grads_(params: list[torch.Tensor], max_norm: float, tp_rank: int,
                 model_parallel_group: Optional[dist.ProcessGroup], device: torch.device | str) -> torch.Tensor:
-    """Scale every gradient by min(1, max_norm / norm) in place; returns the norm before clipping."""
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)) in place; returns the norm before clipping."""
     norm = global_grad_norm(params, tp_rank, model_parallel_group, device)
     if max_norm > 0:
-        coefficient = max_norm / (norm.item() + 1e-6)
-        if coefficient < 1.0:
-            for param in params:
-                if param.grad is not None:
-                    param.grad.detach().mul_(coefficient)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm

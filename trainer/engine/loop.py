@@ -60,7 +60,9 @@ def micro_batches(dataset: GLMDataset, consumed: int, grad_accum: int, topology:
                (batch["labels"], batch["loss_mask"]))
 
 
-def build_engine(config: Config, topology: Topology, world_size: int):
+def build_engine(config: Config, topology: Topology, world_size: int) -> tuple[object, Optional["OwnClipping"]]:
+    """The DeepSpeed pipeline engine of the run, and the Trainer's own gradient clipping where it replaces
+    DeepSpeed's (fp32 without ZeRO: the default with one data-parallel rank, engine/ds_config.py)."""
     module = GLMPipeline(config.model, topology, config.train.seed,
                          activation_checkpoint_interval=config.parallel.activation_checkpoint_interval,
                          activation_checkpoint_func=recompute_checkpoint)
@@ -68,9 +70,15 @@ def build_engine(config: Config, topology: Topology, world_size: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_ds_config(config, world_size))
+    clipping = None
+    if config.train.precision == "fp32" and not engine.zero_optimization():
+        clipping = OwnClipping(engine, topology, config.optim.grad_clip)
+        # One data-parallel rank: the flat-buffer all-reduce of the gradients would be a copy onto
+        # itself. The tied embedding's all-reduce between pipeline stages is a separate instruction.
+        engine.pipeline_enable_backward_allreduce = topology.dp > 1
     if config.model.compile:
         engine.compile()  # torch.compile, layer by layer (DeepSpeed's PipelineModule.compile)
-    return engine
+    return engine, clipping
 
 
 class OwnClipping:
@@ -124,10 +132,7 @@ class Trainer:
         config.model.validate(config.parallel.tp)
         self.run_dir = Path(config.train.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.engine = build_engine(config, self.topology, self.world_size)
-        self.own_clipping = None
-        if config.train.precision == "fp32" and config.optim.zero_stage == 0:
-            self.own_clipping = OwnClipping(self.engine, self.topology, config.optim.grad_clip)
+        self.engine, self.own_clipping = build_engine(config, self.topology, self.world_size)
         self.step = 0
         if config.train.resume:
             self.step, _ = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology, config.model)
