@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from trainer.config import Config
+from trainer.engine.ds_config import effective_zero_stage
 from trainer.model.config import ModelConfig
 
 MARGIN = 0.10
@@ -181,7 +182,7 @@ def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_b
 def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> StageMemory:
     """The estimate for one GPU of `stage` (0-based), which holds `blocks` transformer blocks."""
     half = work.precision in ("bf16", "fp16")
-    zero = work.zero_stage >= 1
+    zero = effective_zero_stage(work.zero_stage, work.precision, layout.dp) >= 1
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if half else (4, 4, 12 if zero else 8)
     params = stage_parameters(work.model, layout.tp, layout.pp, stage, blocks)
     optimizer_shards = layout.dp if zero else 1

@@ -26,6 +26,16 @@ def train_args(run_dir: Path, steps: int, *overrides: str) -> list[str]:
     return args
 
 
+def zero_stage_overrides(stage: int, directory: Path) -> list[str]:
+    """Config overrides that run the engine at ZeRO `stage` even with one data-parallel rank, where an fp32 run
+    would otherwise use stage 0 (trainer/engine/ds_config.py): a user DeepSpeed JSON forces stage 1."""
+    if stage == 0:
+        return ["optim.zero_stage=0"]
+    path = directory / f"zero{stage}.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    return [f"train.deepspeed_config={path}"]
+
+
 def _env(extra: Optional[dict] = None) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

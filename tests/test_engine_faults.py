@@ -8,7 +8,8 @@ import signal
 import pytest
 import torch
 
-from tests.glm_processes import metrics, run_train, start_ranks, train_args, wait_all, wait_for_step
+from tests.glm_processes import (metrics, run_train, start_ranks, train_args, wait_all, wait_for_step,
+                                 zero_stage_overrides)
 
 STEPS = 8
 
@@ -60,12 +61,14 @@ def test_sigterm_saves_the_current_step_and_resume_continues(reference, tmp_path
 
 @pytest.mark.parametrize("zero_stage", [1, 0])  # DeepSpeed's ZeRO-1 overflow path, and the trainer's own
 def test_injected_nan_is_skipped_and_counted(tmp_path, zero_stage):
-    zero = f"optim.zero_stage={zero_stage}"
-    clean = run_train(train_args(tmp_path / "clean", 5, zero))
+    zero = zero_stage_overrides(zero_stage, tmp_path)
+    clean = run_train(train_args(tmp_path / "clean", 5, *zero))
     assert clean.returncode == 0, clean.stderr[-3000:]
-    faulty = run_train(train_args(tmp_path / "nan", 5, zero, "train.inject_nan_steps=[3]"))
+    faulty = run_train(train_args(tmp_path / "nan", 5, *zero, "train.inject_nan_steps=[3]"))
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     good, bad = metrics(tmp_path / "clean"), metrics(tmp_path / "nan")
+    saved = tmp_path / "nan" / "checkpoints" / "global_step5"
+    assert (saved / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() == (zero_stage == 1)  # the path under test
     assert [r["skipped"] for r in bad] == [0, 0, 1, 0, 0] and bad[-1]["skipped_total"] == 1
     assert math.isnan(bad[2]["loss"])
     torch.testing.assert_close([r["loss"] for r in bad[:2]], [r["loss"] for r in good[:2]])

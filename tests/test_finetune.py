@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tests.glm_processes import zero_stage_overrides
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.config import load_config
 from trainer.data.dataset import build_dataset, collate
@@ -88,7 +89,7 @@ def test_finetuning_learns_the_responses_and_generation_answers(prefixes, pretra
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_frozen_weights_stay_bit_identical(prefixes, pretrained, tmp_path, zero_stage):
-    config = _config(f"data.path={prefixes[0]}", "train.steps=3", "optim.lr=0.01", f"optim.zero_stage={zero_stage}",
+    config = _config(f"data.path={prefixes[0]}", "train.steps=3", "optim.lr=0.01", *zero_stage_overrides(zero_stage, tmp_path),
                      f"finetune.init_from={pretrained}", "finetune.freeze_embeddings=true", "finetune.freeze_blocks=1",
                      f"train.run_dir={tmp_path / 'frozen'}")
     result = _train(config)

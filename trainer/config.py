@@ -57,7 +57,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 0 or 1 (pipeline parallelism supports no more)."""
+    """DeepSpeed ZeRO stage: 0 or 1 (pipeline parallelism supports no more). An fp32 run with one
+    data-parallel rank runs stage 0: ZeRO-1 would have nothing to partition."""
     batch_size_warmup_steps: int = 0
     """Ramp the global batch from batch_size_warmup_start to parallel.global_batch_size over this many
     steps (0 = off; GLM-130B: 192 -> 4224 over 2.5% of the samples)."""

@@ -30,8 +30,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="glm-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per contender (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first (default 2)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="timed rounds: one optimizer step per contender each (default 30, a multiple of the 6 contender orders)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--peak-tflops", default=None, metavar="X|DEVICE",
                         help="peak TFLOP/s for MFU: a number or h100-sxm, h100-pcie, h200, a100")

@@ -28,17 +28,22 @@ def read_user_config(path: str | Path) -> dict:
     return value
 
 
-def zero_stage(config: Config, world_size: int) -> int:
+def effective_zero_stage(requested: int, precision: str, data_parallel: int) -> int:
     """The ZeRO stage the engine runs. ZeRO-1 partitions the optimizer states over the data-parallel
     ranks; with one data-parallel rank there is nothing to partition and DeepSpeed's stage 1 only adds
-    flat-buffer gradient copies (docs/PERFORMANCE.md), so an fp32 run there uses stage 0
-    (the Trainer's own clipping, trainer/engine/loop.py). bf16 and fp16 keep the stage they ask for:
-    DeepSpeed's stage-0 bf16 optimizer does not skip a non-finite step. Checkpoints of either stage
-    resume at any layout (trainer/checkpoint/universal.py)."""
-    data_parallel = world_size // (config.parallel.tp * config.parallel.pp)
-    if config.optim.zero_stage == 1 and data_parallel == 1 and config.train.precision == "fp32":
+    flat-buffer gradient copies and a second fp32 copy of the weights (docs/PERFORMANCE.md), so an fp32
+    run there uses stage 0 (with the Trainer's own clipping, trainer/engine/loop.py). bf16 and fp16 keep
+    the stage they ask for: DeepSpeed's stage-0 bf16 optimizer does not skip a non-finite step.
+    Checkpoints of either stage resume at any layout (trainer/checkpoint/universal.py)."""
+    if requested == 1 and data_parallel == 1 and precision == "fp32":
         return 0
-    return config.optim.zero_stage
+    return requested
+
+
+def zero_stage(config: Config, world_size: int) -> int:
+    """effective_zero_stage of a run on `world_size` ranks."""
+    data_parallel = world_size // (config.parallel.tp * config.parallel.pp)
+    return effective_zero_stage(config.optim.zero_stage, config.train.precision, data_parallel)
 
 
 def build_ds_config(config: Config, world_size: int) -> dict:

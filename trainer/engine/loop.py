@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
@@ -25,7 +26,7 @@ from trainer.engine.distributed import init_distributed
 from trainer.engine.ds_config import build_ds_config
 from trainer.engine.faults import NonFiniteSteps, PoisonedLoss, PreemptionHandler, TrainingFault, is_finite
 from trainer.engine.flops import train_flops_per_token
-from trainer.engine.grad_norm import clip_grads_
+from trainer.engine.grad_norm import clip_grads_, counted_in_norm
 from trainer.engine.metrics import MetricsWriter
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.pipeline import GLMPipeline
@@ -91,8 +92,10 @@ class OwnClipping:
     def __init__(self, engine, topology: Topology, max_norm: float):
         self.norm: Optional[float] = None
         self._params = [p for p in engine.module.parameters() if p.requires_grad]
-        self._group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
-        self._tp_rank, self._max_norm, self._device = topology.tp_rank, max_norm, engine.device
+        self._counted = counted_in_norm(self._params, topology.tp_rank)
+        group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
+        self._group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self._max_norm, self._device = max_norm, engine.device
         self._optimizer = engine.optimizer
         original_step = engine._take_model_step
 
@@ -104,7 +107,7 @@ class OwnClipping:
         engine._take_model_step = take_model_step
 
     def clip(self) -> None:
-        norm = clip_grads_(self._params, self._max_norm, self._tp_rank, self._group, self._device).item()
+        norm = clip_grads_(self._params, self._counted, self._max_norm, self._group, self._device).item()
         self.norm = norm
         self._optimizer.overflow = not is_finite(norm)
         if self._optimizer.overflow:

@@ -103,22 +103,23 @@ class _GatherFromTP(torch.autograd.Function):
 
 
 # ---- public verbs -----------------------------------------------------------------------------------
+# Without tensor parallelism (group None) each verb returns its input: no autograd node either.
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: identity, backward: all-reduce (sum) of the gradient over the group."""
-    return _CopyToTP.apply(x, group)
+    return x if group is None else _CopyToTP.apply(x, group)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: all-reduce (sum) over the group, backward: identity."""
-    return _ReduceFromTP.apply(x, group)
+    return x if group is None else _ReduceFromTP.apply(x, group)
 
 
 def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: keep this rank's slice of the last dim, backward: all-gather the gradient on the last dim."""
-    return _ScatterToTP.apply(x, group)
+    return x if group is None else _ScatterToTP.apply(x, group)
 
 
 def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: all-gather on the last dim (rank order), backward: keep this rank's slice of the gradient."""
-    return _GatherFromTP.apply(x, group)
+    return x if group is None else _GatherFromTP.apply(x, group)
