@@ -28,8 +28,9 @@ def counted_in_norm(params: Iterable[torch.Tensor], tp_rank: int) -> list[torch.
 def global_grad_norm(counted: list[torch.Tensor], model_parallel_group: Optional[dist.ProcessGroup],
                      device: torch.device | str) -> torch.Tensor:
     """L2 norm of all gradients of the model (a 0-dim fp32 tensor, the same on every rank of the group),
-    from each rank's `counted_in_norm` parameters."""
-    grads = [param.grad.detach().float() for param in counted if param.grad is not None]
+    from each rank's `counted_in_norm` parameters (fp32 gradients: the per-tensor norms are taken in the
+    gradients' dtype)."""
+    grads = [param.grad for param in counted if param.grad is not None]
     local = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True) if grads else torch.zeros((), device=device)
     squares = local.float().square()
     if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
