@@ -1,5 +1,6 @@
 """Resume at another layout through the user's entry point: a run trained at tp=2 and resumed with
-`--set train.resume=true` at tp=1 x pp=2 (and at dp=2), and one trained at dp=2 and resumed at tp=2,
+`--set train.resume=true` at tp=1 x pp=2 (and at dp=2), one trained at dp=2 and resumed at tp=2, and one
+trained at pp=2 (the tied embedding's Adam state on both stages) and resumed at dp=2,
 continue the loss curve of an uninterrupted run (fp32, 1e-5 relative), weights and Adam state carried
 over (trainer.checkpoint.universal). In fp32 the dp=1 layouts run without ZeRO (trainer/engine/ds_config.py)
 and dp=2 with ZeRO-1, so both optimizer formats are read and written."""
@@ -24,12 +25,13 @@ def _run(run_dir, log_dir, steps, *overrides):
 def first_half(tmp_path_factory):
     root = tmp_path_factory.mktemp("universal")
     reference = _run(root / "uninterrupted", root, STEPS, "parallel.tp=2")
-    first = {"tp2": _run(root / "tp2", root, FIRST, "parallel.tp=2"), "dp2": _run(root / "dp2", root, FIRST)}
+    first = {"tp2": _run(root / "tp2", root, FIRST, "parallel.tp=2"), "dp2": _run(root / "dp2", root, FIRST),
+             "pp2": _run(root / "pp2", root, FIRST, "parallel.pp=2")}
     return root, reference, first
 
 
 @pytest.mark.parametrize("source, name, overrides", [("tp2", "tp1_pp2", ["parallel.pp=2"]), ("tp2", "dp2", []),
-                                                     ("dp2", "tp2", ["parallel.tp=2"])])
+                                                     ("dp2", "tp2", ["parallel.tp=2"]), ("pp2", "dp2", [])])
 def test_resume_at_another_layout_continues_the_curve(first_half, tmp_path, source, name, overrides):
     root, reference, first = first_half
     first = first[source]
