@@ -43,6 +43,8 @@ def test_json_has_the_issue_fields_and_the_shape(report):
                                "seq_length": 64, "padded_vocab_size": 384, "micro_batch_size": 2, "grad_accum": 2,
                                "activation_checkpoint_interval": 0}
     assert "4 s h" in report["flop_formula"]
+    for name in ("engine", "bare_loop", "hf_gpt2"):  # counted per step, as a median over the rounds
+        assert isinstance(report[name]["page_faults_per_step"], (int, float)) and report[name]["page_faults_per_step"] >= 0
 
 
 def test_figures_are_computed_from_the_measured_step_times(report):
@@ -71,11 +73,12 @@ def test_pipeline_efficiency_is_measured_against_the_ideal(report):
 
 
 def test_report_ratios_pair_the_steps_of_one_round():
-    times = {"engine": Timings([1.0, 4.0, 2.0], [2.0, 2.0, 2.0]), "bare_loop": Timings([1.0, 2.0, 2.0], [1.0, 1.0, 4.0]),
-             "hf_gpt2": Timings([3.0, 4.0, 2.0], [2.0, 2.0, 2.0])}
+    times = {"engine": Timings([1.0, 4.0, 2.0], [2.0, 2.0, 2.0], [0, 10, 30]),
+             "bare_loop": Timings([1.0, 2.0, 2.0], [1.0, 1.0, 4.0]), "hf_gpt2": Timings([3.0, 4.0, 2.0], [2.0, 2.0, 2.0])}
     report = build_report(times, tokens_per_step=100, flops_per_token=10 ** 10, peak=None, peak_memory_bytes=1,
                           context={}, pipeline=None)
     assert report["tokens_per_s"] == 50.0 and report["tflops"] == 0.5 and report["mfu"] is None
+    assert report["engine"]["page_faults_per_step"] == 10 and report["bare_loop"]["page_faults_per_step"] is None
     assert report["vs_bare_loop"] == 1.0 and report["vs_bare_loop_spread"] == {"median": 1.0, "min": 1.0, "max": 2.0}
     assert report["vs_bare_loop_cpu"] == 2.0 and report["vs_bare_loop_cpu_spread"]["min"] == 0.5
     assert report["vs_hf_gpt2"] == 1.0 and report["vs_hf_gpt2_spread"]["max"] == 3.0

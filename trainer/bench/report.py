@@ -5,10 +5,12 @@
     vs_bare_loop = median over rounds of (engine step s / bare-loop step s)   (1.0 = no engine overhead)
     vs_hf_gpt2   = median over rounds of (GPT-2 step s / engine step s)      (= GLM tokens/s / GPT-2 tokens/s)
 Each ratio also comes as `<ratio>_cpu`, the same from process CPU seconds (on a shared CPU the steadier one).
+Each contender also reports its median minor page faults per step (`page_faults_per_step`).
 """
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Optional
 
 from trainer.bench.timing import Spread, Timings, per_round_ratio
@@ -19,8 +21,10 @@ def throughput(timings: Timings, tokens_per_step: int, flops_per_token: int) -> 
     """Step timings -> their spread, tokens/s and TFLOP/s at the median wall-clock step."""
     step = Spread.of(timings.wall)
     tokens_per_s = tokens_per_step / step.median
+    faults = statistics.median(timings.faults) if timings.faults else None
     return {"step_s": step.as_dict(), "seconds": timings.wall, "cpu_step_s": Spread.of(timings.cpu).as_dict(),
-            "cpu_seconds": timings.cpu, "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12}
+            "cpu_seconds": timings.cpu, "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12,
+            "page_faults_per_step": faults}
 
 
 def _ratios(report: dict, key: str, numerator: Timings, denominator: Timings) -> None:
@@ -67,14 +71,15 @@ def to_text(report: dict) -> str:
              f"{report['steps']} timed steps after {report['warmup']} warm-up)",
              f"shape: {report['shape']}",
              f"FLOPs: {report['flop_formula']}",
-             f"{'contender':<24} {'step s (median, min..max)':<30} {'tokens/s':>10} {'TFLOP/s':>9}"]
+             f"{'contender':<24} {'step s (median, min..max)':<30} {'tokens/s':>10} {'TFLOP/s':>9} {'faults/step':>12}"]
     for key, label in (("engine", "GLM, DeepSpeed engine"), ("bare_loop", "GLM, bare PyTorch loop"),
                        ("hf_gpt2", "HF GPT-2, plain loop")):
         if key in report:
             entry = report[key]
             step = entry["step_s"]
+            faults = "n/a" if entry["page_faults_per_step"] is None else f"{entry['page_faults_per_step']:.0f}"
             lines.append(f"{label:<24} {step['median']:.4f} ({step['min']:.4f}..{step['max']:.4f}){'':<8} "
-                         f"{entry['tokens_per_s']:>10.0f} {entry['tflops']:>9.4f}")
+                         f"{entry['tokens_per_s']:>10.0f} {entry['tflops']:>9.4f} {faults:>12}")
     mfu = "n/a (pass --peak-tflops)"
     if report["mfu"] is not None:
         mfu = f"{100 * report['mfu']:.1f}% of {report['peak_tflops']} TFLOP/s"

@@ -9,10 +9,15 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from deepspeed.accelerator import get_accelerator
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 
 @dataclass
@@ -41,10 +46,18 @@ def timed(step: Callable[[], object]) -> float:
 
 @dataclass
 class Timings:
-    """Per call: wall seconds, and this process's CPU seconds (all its threads), which other tenants of a
-    shared CPU do not inflate the way they inflate wall time."""
+    """Per call: wall seconds, this process's CPU seconds (all its threads), which other tenants of a
+    shared CPU do not inflate the way they inflate wall time, and the minor page faults of the call (the
+    host allocator handing freed memory back to the kernel and faulting it in again; see
+    docs/PERFORMANCE.md)."""
     wall: list[float]
     cpu: list[float]
+    faults: list[int] = field(default_factory=list)
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where the platform does not count them)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def round_orders(names: list[str], rounds: int) -> list[list[str]]:
@@ -61,9 +74,10 @@ def round_robin(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str
     timings = {name: Timings([], []) for name in steps}
     for order in round_orders(list(steps), rounds):
         for name in order:
-            cpu_start = time.process_time()
+            cpu_start, faults_start = time.process_time(), minor_faults()
             timings[name].wall.append(timed(steps[name]))
             timings[name].cpu.append(time.process_time() - cpu_start)
+            timings[name].faults.append(minor_faults() - faults_start)
     return timings
 
 
