@@ -48,20 +48,27 @@ def test_json_has_the_issue_fields_and_the_shape(report):
 
 
 def test_figures_are_computed_from_the_measured_step_times(report):
-    seconds = {name: report[name]["seconds"] for name in ("engine", "bare_loop", "hf_gpt2")}
-    cpu = {name: report[name]["cpu_seconds"] for name in ("engine", "bare_loop", "hf_gpt2")}
-    assert all(len(s) == STEPS and min(s) > 0 for s in (*seconds.values(), *cpu.values()))
+    # each ratio pairs the contender with the engine steps of its own rounds
+    pairs = {name: {"engine": report[name]["engine_seconds"], "other": report[name]["seconds"]}
+             for name in ("bare_loop", "hf_gpt2")}
+    cpu = {name: {"engine": report[name]["engine_cpu_seconds"], "other": report[name]["cpu_seconds"]}
+           for name in ("bare_loop", "hf_gpt2")}
+    all_engine = pairs["bare_loop"]["engine"] + pairs["hf_gpt2"]["engine"]
+    assert report["engine"]["seconds"] == all_engine and len(all_engine) == 2 * STEPS
+    assert all(len(s) == STEPS and min(s) > 0 for times in (pairs, cpu) for pair in times.values() for s in pair.values())
     tokens_per_step = 2 * 2 * 64
     assert report["tokens_per_step"] == tokens_per_step
     flops = train_flops_per_token(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300), 64)
     assert report["flops_per_token"] == flops
-    assert_close(report["tokens_per_s"], tokens_per_step / statistics.median(seconds["engine"]))
+    assert_close(report["tokens_per_s"], tokens_per_step / statistics.median(all_engine))
     assert_close(report["tflops"], report["tokens_per_s"] * flops / 1e12)
     assert_close(report["mfu"], report["tflops"] / 0.5)
-    for times, suffix in ((seconds, ""), (cpu, "_cpu")):
-        engine, bare, gpt2 = times["engine"], times["bare_loop"], times["hf_gpt2"]
-        assert_close(report["vs_bare_loop" + suffix], statistics.median([e / b for e, b in zip(engine, bare)]))
-        assert_close(report["vs_hf_gpt2" + suffix], statistics.median([g / e for g, e in zip(gpt2, engine)]))
+    for times, suffix in ((pairs, ""), (cpu, "_cpu")):
+        bare, gpt2 = times["bare_loop"], times["hf_gpt2"]
+        assert_close(report["vs_bare_loop" + suffix],
+                     statistics.median([e / b for e, b in zip(bare["engine"], bare["other"])]))
+        assert_close(report["vs_hf_gpt2" + suffix],
+                     statistics.median([g / e for g, e in zip(gpt2["other"], gpt2["engine"])]))
 
 
 def test_pipeline_efficiency_is_measured_against_the_ideal(report):
@@ -73,15 +80,18 @@ def test_pipeline_efficiency_is_measured_against_the_ideal(report):
 
 
 def test_report_ratios_pair_the_steps_of_one_round():
-    times = {"engine": Timings([1.0, 4.0, 2.0], [2.0, 2.0, 2.0], [0, 10, 30]),
-             "bare_loop": Timings([1.0, 2.0, 2.0], [1.0, 1.0, 4.0]), "hf_gpt2": Timings([3.0, 4.0, 2.0], [2.0, 2.0, 2.0])}
-    report = build_report(times, tokens_per_step=100, flops_per_token=10 ** 10, peak=None, peak_memory_bytes=1,
+    pairs = {"bare_loop": (Timings([1.0, 4.0, 2.0], [2.0, 2.0, 2.0], [0, 10, 30]), Timings([1.0, 2.0, 2.0], [1.0, 1.0, 4.0])),
+             "hf_gpt2": (Timings([2.0, 2.0, 2.0], [2.0, 2.0, 2.0]), Timings([6.0, 2.0, 2.0], [2.0, 2.0, 2.0]))}
+    report = build_report(pairs, tokens_per_step=100, flops_per_token=10 ** 10, peak=None, peak_memory_bytes=1,
                           context={}, pipeline=None)
-    assert report["tokens_per_s"] == 50.0 and report["tflops"] == 0.5 and report["mfu"] is None
+    assert report["tokens_per_s"] == 50.0 and report["tflops"] == 0.5 and report["mfu"] is None  # median of all 6
     assert report["engine"]["page_faults_per_step"] == 10 and report["bare_loop"]["page_faults_per_step"] is None
     assert report["vs_bare_loop"] == 1.0 and report["vs_bare_loop_spread"] == {"median": 1.0, "min": 1.0, "max": 2.0}
     assert report["vs_bare_loop_cpu"] == 2.0 and report["vs_bare_loop_cpu_spread"]["min"] == 0.5
     assert report["vs_hf_gpt2"] == 1.0 and report["vs_hf_gpt2_spread"]["max"] == 3.0
+    alone = build_report({}, tokens_per_step=100, flops_per_token=1, peak=None, peak_memory_bytes=1, context={},
+                         pipeline=None, engine_alone=Timings([4.0], [4.0]))
+    assert alone["tokens_per_s"] == 25.0 and alone["vs_bare_loop"] is None and alone["vs_hf_gpt2"] is None
 
 
 def test_round_robin_runs_every_order_in_turn():

@@ -4,6 +4,7 @@
     TFLOP/s    = tokens/s * train FLOPs per token (trainer.engine.flops) / 1e12;  MFU = TFLOP/s / peak
     vs_bare_loop = median over rounds of (engine step s / bare-loop step s)   (1.0 = no engine overhead)
     vs_hf_gpt2   = median over rounds of (GPT-2 step s / engine step s)      (= GLM tokens/s / GPT-2 tokens/s)
+Each ratio comes from its own rounds, in which only the engine and that contender take turns.
 Each ratio also comes as `<ratio>_cpu`, the same from process CPU seconds (on a shared CPU the steadier one).
 Each contender also reports its median minor page faults per step (`page_faults_per_step`).
 """
@@ -34,22 +35,28 @@ def _ratios(report: dict, key: str, numerator: Timings, denominator: Timings) ->
     report[f"{key}_cpu"], report[f"{key}_cpu_spread"] = cpu.median, cpu.as_dict()
 
 
-def build_report(times: dict[str, Timings], tokens_per_step: int, flops_per_token: int,
-                 peak: Optional[float], peak_memory_bytes: int, context: dict, pipeline: Optional[dict]) -> dict:
-    """times: step timings by contender ("engine", optionally "bare_loop", "hf_gpt2"), measured in rounds."""
-    engine = throughput(times["engine"], tokens_per_step, flops_per_token)
+def build_report(pairs: dict[str, tuple[Timings, Timings]], tokens_per_step: int, flops_per_token: int,
+                 peak: Optional[float], peak_memory_bytes: int, context: dict, pipeline: Optional[dict],
+                 engine_alone: Optional[Timings] = None) -> dict:
+    """pairs: contender ("bare_loop", "hf_gpt2") -> (the engine's timings, the contender's timings) of the rounds
+    the two ran in together; engine_alone: the engine's timings when there is no other contender. The
+    engine's throughput is taken over all its steps."""
+    engine_times = sum((engine for engine, _ in pairs.values()), engine_alone or Timings([], [], []))
+    engine = throughput(engine_times, tokens_per_step, flops_per_token)
     report = {**context, "flop_formula": FLOP_FORMULA, "flops_per_token": flops_per_token,
               "tokens_per_step": tokens_per_step,
               "tokens_per_s": engine["tokens_per_s"], "tflops": engine["tflops"],
               "peak_tflops": peak, "mfu": None if peak is None else engine["tflops"] / peak,
               "peak_memory_bytes": peak_memory_bytes, "engine": engine,
               "vs_bare_loop": None, "vs_hf_gpt2": None, "pipeline": pipeline}
-    if "bare_loop" in times:
-        report["bare_loop"] = throughput(times["bare_loop"], tokens_per_step, flops_per_token)
-        _ratios(report, "vs_bare_loop", times["engine"], times["bare_loop"])
-    if "hf_gpt2" in times:
-        report["hf_gpt2"] = throughput(times["hf_gpt2"], tokens_per_step, flops_per_token)
-        _ratios(report, "vs_hf_gpt2", times["hf_gpt2"], times["engine"])
+    for name, (engine_rounds, timings) in pairs.items():
+        report[name] = {**throughput(timings, tokens_per_step, flops_per_token),
+                        "engine_seconds": engine_rounds.wall, "engine_cpu_seconds": engine_rounds.cpu}
+    if "bare_loop" in pairs:
+        _ratios(report, "vs_bare_loop", *pairs["bare_loop"])
+    if "hf_gpt2" in pairs:
+        engine_rounds, gpt2 = pairs["hf_gpt2"]
+        _ratios(report, "vs_hf_gpt2", gpt2, engine_rounds)
     return report
 
 

@@ -54,6 +54,9 @@ class Timings:
     cpu: list[float]
     faults: list[int] = field(default_factory=list)
 
+    def __add__(self, other: "Timings") -> "Timings":
+        return Timings(self.wall + other.wall, self.cpu + other.cpu, self.faults + other.faults)
+
 
 def minor_faults() -> int:
     """This process's minor page faults so far (0 where the platform does not count them)."""
