@@ -31,7 +31,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=30,
-                        help="timed rounds: one optimizer step per contender each (default 30, a multiple of the 6 contender orders)")
+                        help="timed rounds per comparison (engine and one contender, one optimizer step each; default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--peak-tflops", default=None, metavar="X|DEVICE",

@@ -64,8 +64,8 @@ def minor_faults() -> int:
 
 
 def round_orders(names: list[str], rounds: int) -> list[list[str]]:
-    """The order of the contenders in each round: all n! orders in turn (n <= 3 here: 6 rounds cycle).
-    Each contender then runs first, middle and last equally often, and right after each other contender
+    """The order of the contenders in each round: all n! orders in turn (glm-bench times pairs: e b, b e, ...).
+    Each contender then runs in every position equally often, and right after each other contender
     equally often within a round, so what a step leaves behind (a freed heap, cold caches) costs every
     contender alike. (Rotating one order would not: in e b h | b h e | h e b, b always follows e.)"""
     orders = [list(order) for order in itertools.permutations(names)]
