@@ -75,7 +75,7 @@ def _ratio_line(report: dict, key: str, label: str) -> str:
 def to_text(report: dict) -> str:
     """A human-readable summary of the report."""
     lines = [f"glm-bench  {report['config']}  on {report['device']}  ({report['precision']}, "
-             f"{report['steps']} timed steps after {report['warmup']} warm-up)",
+             f"{report['steps']} timed rounds per comparison after {report['warmup']} warm-up steps)",
              f"shape: {report['shape']}",
              f"FLOPs: {report['flop_formula']}",
              f"{'contender':<24} {'step s (median, min..max)':<30} {'tokens/s':>10} {'TFLOP/s':>9} {'faults/step':>12}"]
