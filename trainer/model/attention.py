@@ -89,8 +89,8 @@ class SepMask:
         """[b, 1, s, s] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool
         one at every call, i.e. in every layer. Every GLM row sees column 0, so no row is all -inf."""
         if dtype not in self._additive:
-            zeros = torch.zeros(self.dense().shape, dtype=dtype, device=self.sep.device)
-            self._additive[dtype] = zeros.masked_fill(~self.dense(), float("-inf"))
+            additive = torch.zeros(self.dense().shape, dtype=dtype, device=self.sep.device)
+            self._additive[dtype] = additive.masked_fill_(~self.dense(), float("-inf"))  # in place: one [b, 1, s, s] buffer
         return self._additive[dtype]
 
     def block_mask(self) -> BlockMask:
