@@ -8,6 +8,7 @@ A tag directory global_stepN/ holds, as DeepSpeed 0.19.8 writes them:
                                         (step, consumed_samples), LR scheduler, counters, param_shapes,
                                         checkpoint_parallel_dimensions {pp_degree, tp_degree}, dp_world_size
     zero_pp_rank_D_mp_rank_MM_optim_states.pt   ZeRO-1 optimizer partition of data-parallel rank D
+    bf16_zero_pp_rank_D_mp_rank_MM_optim_states.pt   the same from DeepSpeed's bf16 optimizer (bf16 pipelines)
 Layer indices are global, so a pipeline split changes no layer file; the tensor-parallel size changes
 every split parameter. Pipeline parameter names are `tied_modules.embed.<p>` (the embedding, on the
 first and last stage) and `<XX>.<p>` (a block or the final norm).
@@ -45,6 +46,12 @@ def model_states_file(tag_dir: Path, mp_rank: int) -> Path:
 
 def zero_file(tag_dir: Path, dp_rank: int, mp_rank: int) -> Path:
     return tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def has_deepspeed_optimizer_files(tag_dir: Path) -> bool:
+    """Whether DeepSpeed wrote partitioned optimizer files: ZeRO-1's, or (bf16 pipelines) its bf16 optimizer's
+    `bf16_zero_pp_rank_D_mp_rank_MM_optim_states.pt`."""
+    return zero_file(tag_dir, 0, 0).is_file() or (tag_dir / f"bf16_{zero_file(tag_dir, 0, 0).name}").is_file()
 
 
 def canonical_prefix(layer: int, config: ModelConfig) -> str:

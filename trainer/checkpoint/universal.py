@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint.layout import merge_states, rule_for, shard
-from trainer.checkpoint.pipeline_files import (Layout, canonical_name, model_states_file, read_layout,
-                                               read_model_weights, zero_file)
+from trainer.checkpoint.pipeline_files import (Layout, canonical_name, has_deepspeed_optimizer_files, model_states_file,
+                                               read_layout, read_model_weights, zero_file)
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 
@@ -170,6 +170,8 @@ def load_into_engine(engine, topology, config: ModelConfig, state: TrainingState
                 safe_set_full_optimizer_state(param, moment, key)
         else:
             optimizer.state[param] = {"step": torch.tensor(float(state.optimizer_step)), **moments}
+    if not zero and hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()  # DeepSpeed's bf16/fp16 optimizers: master weights from the loaded ones
     client = state.client
     scheduler = engine.lr_scheduler
     if client["lr_scheduler"] is not None and scheduler is not None:
@@ -189,8 +191,11 @@ def load_any_layout(engine, topology, config: ModelConfig, checkpoint_dir: Path,
     tag_dir = Path(checkpoint_dir) / tag
     layout = read_layout(tag_dir)
     same_layout = layout == Layout(topology.tp, topology.pp, topology.dp)
-    same_optimizer = zero_file(tag_dir, 0, 0).is_file() == bool(engine.zero_optimization())
-    if same_layout and same_optimizer and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file():
+    same_optimizer = has_deepspeed_optimizer_files(tag_dir) == bool(engine.zero_optimization())
+    # DeepSpeed 0.19.8 cannot load its own bf16 checkpoints without ZeRO into a pipeline engine (its bf16
+    # optimizer's load_state_dict fails on the saved state): those go through this module, weights only.
+    deepspeed_loads = same_optimizer and not (engine.bfloat16_enabled() and not engine.zero_optimization())
+    if same_layout and deepspeed_loads and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file():
         return None
     state = read_training_state(tag_dir, config)
     if state.moments is None:
