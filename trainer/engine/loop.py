@@ -15,7 +15,6 @@ from typing import Iterator, Optional
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
@@ -93,8 +92,7 @@ class OwnClipping:
         self.norm: Optional[float] = None
         self._params = [p for p in engine.module.parameters() if p.requires_grad]
         self._counted = counted_in_norm(self._params, topology.tp_rank)
-        group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
-        self._group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self._group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
         self._max_norm, self._device = max_norm, engine.device
         self._optimizer = engine.optimizer
         original_step = engine._take_model_step
