@@ -6,6 +6,7 @@ import hashlib
 import torch
 
 from trainer.config import Config, load_config
+from trainer.model.mask import segments_of_sep
 
 VOCAB = 300
 # GeGLU and 4 heads so that tp=2 splits fused QKV and both GeGLU halves; dropout 0 (configs/glm-debug.yaml).
@@ -24,7 +25,7 @@ def glm_inputs(batch: int = 2, seq: int = 12, sep: int = 7) -> tuple[torch.Tenso
     ids = torch.randint(0, VOCAB, (batch, seq), generator=generator)
     positions = torch.cat([torch.arange(sep), torch.full((seq - sep,), 3)]).expand(batch, seq).contiguous()
     blocks = torch.cat([torch.zeros(sep, dtype=torch.long), torch.arange(1, seq - sep + 1)]).expand(batch, seq).contiguous()
-    return ids, positions, blocks, torch.full((batch,), sep)
+    return ids, positions, blocks, segments_of_sep(torch.full((batch,), sep), seq)
 
 
 def build_engine(config: Config, world_size: int):

@@ -107,9 +107,9 @@ def test_round_robin_runs_every_order_in_turn():
 
 
 def test_synthetic_batch_is_a_gmask_sample_in_the_dataset_format():
-    (input_ids, position_ids, block_position_ids, sep), (labels, loss_mask) = synthetic_micro_batch(2, 8, 50, seed=0)
-    assert sep.tolist() == [4, 4] and input_ids.shape == labels.shape == (2, 8)
-    assert all(t.dtype == torch.long for t in (input_ids, position_ids, block_position_ids, sep, labels, loss_mask))
+    (input_ids, position_ids, block_position_ids, segments), (labels, loss_mask) = synthetic_micro_batch(2, 8, 50, seed=0)
+    assert segments[:, 0].eq(0).all() and segments[:, 1].eq(4).all() and input_ids.shape == labels.shape == (2, 8)
+    assert all(t.dtype == torch.long for t in (input_ids, position_ids, block_position_ids, segments, labels, loss_mask))
     assert position_ids[0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3]
     assert block_position_ids[0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
     assert loss_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]

@@ -1,16 +1,15 @@
 """Blank infilling (GLM-SPEC section 1): properties over random documents, seeds and modes; the
-attention mask from sep; the sequence-length rule."""
+sequence-length rule. (The attention mask is the model's: tests/test_model_mask.py.)"""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.data.blank_infilling import (MODES, BlankInfilling, assemble, attention_mask_from_sep, covered_target,
+from trainer.data.blank_infilling import (MODES, BlankInfilling, assemble, covered_target,
                                           max_blanks, sample_rng, text_length)
 from trainer.data.config import DataConfig
 from trainer.data.tokenizer import train_tokenizer
@@ -159,18 +158,3 @@ def test_seq_length_too_short_for_one_span_is_a_clear_error():
         text_length(dataclasses.replace(DataConfig(), seq_length=3))
     with pytest.raises(DataError, match="texts must hold 1..5 tokens"):
         BlankInfilling(DataConfig(seq_length=8), TOKENIZER)(ORDINARY[:6], sample_rng(0, 0))
-
-
-def test_attention_mask_from_sep():
-    torch.manual_seed(0)
-    s = 12
-    sep = torch.tensor([1, 5, 11, 12])
-    mask = attention_mask_from_sep(sep, s)
-    assert mask.shape == (4, 1, s, s) and mask.dtype == torch.bool
-    for b, a in enumerate(sep.tolist()):
-        m = mask[b, 0]
-        assert m[:a, :a].all(), "Part A attends to all of Part A"
-        assert not m[:a, a:].any(), "Part A never sees Part B"
-        assert m[a:, :a].all(), "Part B sees all of Part A"
-        expected_b = torch.tril(torch.ones(s - a, s - a, dtype=torch.bool))
-        torch.testing.assert_close(m[a:, a:], expected_b)  # Part B: causal, itself included

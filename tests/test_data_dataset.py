@@ -82,7 +82,7 @@ def test_a_step_takes_the_same_samples_at_every_data_parallel_size(prefix, micro
 def test_collate_stacks_int64_and_sep_is_one_per_sample(prefix):
     ds = build_dataset(config(prefix), seed=0)
     batch = collate([ds[i] for i in range(3)])
-    assert set(batch) == {"input_ids", "labels", "loss_mask", "position_ids", "block_position_ids", "sep"}
+    assert set(batch) == {"input_ids", "labels", "loss_mask", "position_ids", "block_position_ids", "sep", "length"}
     assert all(t.dtype == torch.int64 for t in batch.values())
     assert batch["input_ids"].shape == (3, 64) and batch["sep"].shape == (3,)
     assert batch["sep"].tolist() == [ds[i]["sep"] for i in range(3)]

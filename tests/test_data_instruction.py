@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.data.blank_infilling import attention_mask_from_sep
 from trainer.data.config import DataConfig
 from trainer.data.dataset import build_dataset, check_data_files
 from trainer.data.instruction import InstructionFormat, format_prompt
 from trainer.data.prep import main as prep_main
 from trainer.data.tokenizer import train_tokenizer
 from trainer.errors import DataError
+from trainer.model.mask import dense_mask, segments_of_sep
 
 import torch
 
@@ -54,7 +54,7 @@ def test_instruction_sample_layout(record, truncation):
     expected_prompt = prompt[len(prompt) - kept:] if truncation == "left" else prompt[:kept]
     np.testing.assert_array_equal(ids[:sep], np.concatenate([[tok.cls_id], expected_prompt, [tok.gmask_id]]))
     assert not np.isin(ids[:sep], np.arange(RESPONSE_IDS[0], RESPONSE_IDS[1] + 1)).any()
-    visible = attention_mask_from_sep(torch.tensor([sep]), seq_length)[0, 0].numpy()  # [s, s]
+    visible = dense_mask(segments_of_sep(torch.tensor([sep]), seq_length))[0, 0].numpy()  # [s, s]
     assert not visible[:sep, sep:].any()
     # Part B: sop + the whole response, predicting the response then eop; the loss covers exactly those.
     end = sep + R + 1

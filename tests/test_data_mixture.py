@@ -14,6 +14,7 @@ from trainer.data.corpus import embedded_documents, prepare
 from trainer.data.dataset import build_dataset, micro_batch_indices
 from trainer.data.instruction import as_documents, write_marker
 from trainer.data.mixture import BLOCK, block_counts, sample_shares
+from trainer.data.packing import build_sequences
 from trainer.data.tokenizer import train_tokenizer
 from trainer.errors import ConfigError, DataError
 
@@ -82,21 +83,21 @@ def _dp_stream(rank, world_size, prefixes, out):
     from trainer.parallel.topology import Topology
 
     topology = Topology.create(1, 1)
-    _write_stream(build_dataset(mixed(prefixes, share=0.3), seed=5), topology, micro_batch_size=2,
+    _write_stream(build_sequences(mixed(prefixes, share=0.3), seed=5), topology, micro_batch_size=2,
                   out=out.with_suffix(f".rank{rank}.json"))
 
 
-def _write_stream(dataset, topology, micro_batch_size, out, steps=6, global_batch=8):
+def _write_stream(rows, topology, micro_batch_size, out, steps=6, global_batch=8):
     from trainer.engine.loop import micro_batches
 
     stream = {}
     for step in range(steps):
         consumed, accum = step * global_batch, global_batch // (micro_batch_size * topology.dp)
-        batches = micro_batches(dataset, consumed, accum, topology, micro_batch_size)
-        for micro_step, ((ids, positions, blocks, sep), (labels, mask)) in enumerate(batches):
+        batches = micro_batches(rows, consumed, accum, topology, micro_batch_size)
+        for micro_step, ((ids, positions, blocks, segments), (labels, mask)) in enumerate(batches):
             indices = micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp, micro_batch_size)
             for row, index in enumerate(indices):
-                stream[index] = [t[row].tolist() for t in (ids, positions, blocks, sep, labels, mask)]
+                stream[index] = [t[row].tolist() for t in (ids, positions, blocks, segments, labels, mask)]
     out.write_text(json.dumps(stream))
 
 
@@ -104,7 +105,7 @@ def test_mixed_stream_is_identical_at_dp1_and_dp2(prefixes, tmp_path):
     from trainer.parallel.topology import Topology
 
     single = tmp_path / "dp1.json"
-    _write_stream(build_dataset(mixed(prefixes, share=0.3), seed=5), Topology.single(), 4, single)
+    _write_stream(build_sequences(mixed(prefixes, share=0.3), seed=5), Topology.single(), 4, single)
     run_distributed(_dp_stream, 2, prefixes, tmp_path / "dp2")
     merged = {}
     for rank in range(2):

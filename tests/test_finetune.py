@@ -10,9 +10,11 @@ from tests.glm_processes import zero_stage_overrides
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.config import load_config
 from trainer.data.dataset import build_dataset, collate
+from trainer.data.packing import build_sequences
 from trainer.data.prep import main as prep_main
 from trainer.data.tokenizer import load_tokenizer
 from trainer.engine.finetune import is_frozen
+from trainer.engine.loop import pipeline_format
 from trainer.generate import fill_blanks
 from trainer.model import GLMLoss
 
@@ -60,17 +62,16 @@ def pretrained(prefixes, tmp_path_factory):
 def _response_loss(config, weights, dataset) -> float:
     """GLMLoss of a GLMModel holding `weights` on the first global batch of the instruction set."""
     model = build_model(config.model, weights)
-    batch = collate([dataset[i] for i in range(config.parallel.global_batch_size)])
+    inputs, targets = pipeline_format(collate([dataset[i] for i in range(config.parallel.global_batch_size)]))
     with torch.no_grad():
-        logits = model(batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"])
-        return float(GLMLoss(config.model)(logits, (batch["labels"], batch["loss_mask"])))
+        return float(GLMLoss(config.model)(model(*inputs), targets))
 
 
 def test_finetuning_learns_the_responses_and_generation_answers(prefixes, pretrained, tmp_path):
     config = _config(f"data.path={prefixes[0]}", f"train.steps={FINETUNE_STEPS}", "optim.lr=0.01",
                      f"finetune.init_from={pretrained}", f"train.run_dir={tmp_path / 'sft'}")
     result = _train(config)
-    dataset = build_dataset(config.data, config.train.seed)
+    dataset = build_sequences(config.data, config.train.seed)
     _, source = read_weights(pretrained, config.model)
     before = _response_loss(config, source, dataset)
     # Step 1 trains the first global batch from the checkpoint's weights: its loss is that model's loss.
@@ -115,7 +116,7 @@ def test_an_export_starts_from_the_same_weights_and_a_mismatch_is_refused(prefix
     write_export(source, source_config, tmp_path / "export")
     result = _train(_config(f"data.path={prefixes[0]}", "train.steps=1", f"finetune.init_from={tmp_path / 'export'}",
                             f"train.run_dir={tmp_path / 'from_export'}"))
-    dataset = build_dataset(base.data, base.train.seed)
+    dataset = build_sequences(base.data, base.train.seed)
     base.model.vocab_size = source_config.vocab_size
     torch.testing.assert_close(result.losses[0], _response_loss(base, source, dataset), rtol=1e-5, atol=0)
     with pytest.raises(CheckpointError, match="hidden_size: source 32, run 64"):

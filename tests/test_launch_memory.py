@@ -45,7 +45,9 @@ def _measure(fields: dict, seq: int, micro_batch: int) -> tuple[int, int, int, "
     model = GLMModel(config, tp_group=None, seed=0).train()
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq))
     positions = torch.arange(seq).expand(micro_batch, seq)
-    sep = torch.full((micro_batch,), seq // 2)
+    from trainer.model.mask import segments_of_sep
+
+    segments = segments_of_sep(torch.full((micro_batch,), seq // 2), seq)
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -56,7 +58,7 @@ def _measure(fields: dict, seq: int, micro_batch: int) -> tuple[int, int, int, "
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = model(ids, positions, torch.zeros_like(positions), sep)
+        logits = model(ids, positions, torch.zeros_like(positions), segments)
         loss = GLMLoss(config)(logits, (ids, torch.ones_like(ids)))
     saved[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()
     activations = sum(saved.values())

@@ -9,12 +9,20 @@ from torch.testing import assert_close
 
 from deepspeed.accelerator import get_accelerator
 
-from trainer.data.blank_infilling import attention_mask_from_sep
-from trainer.model.attention import (MASKED_SCORE, KVCache, SelfAttention, SepMask, flex_glm_attention,
-                                     fp32_softmax_attention)
+from trainer.model.attention import MASKED_SCORE, KVCache, SelfAttention, flex_glm_attention, fp32_softmax_attention
+from trainer.model.mask import GLMMask, dense_mask, segments_of_sep
 from trainer.model.config import ModelConfig
 from trainer.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, model_parallel_seed
 from trainer.parallel.topology import Topology
+
+
+def SepMask(sep: torch.Tensor, s: int) -> GLMMask:
+    """The compact mask of one sample per row."""
+    return GLMMask(segments_of_sep(sep, s))
+
+
+def attention_mask_from_sep(sep: torch.Tensor, s: int) -> torch.Tensor:
+    return dense_mask(segments_of_sep(sep, s))
 
 
 def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
@@ -113,15 +121,16 @@ def test_attention_dropout_draws_from_the_tensor_parallel_stream(fp32_softmax):
     assert (dropped - attention.eval()(hidden, ids, ids, mask)).abs().max() > 1e-3
 
 
-def test_sep_mask_is_the_data_mask_and_is_shared_while_sep_is_the_same_tensor():
+def test_glm_mask_is_the_formula_and_is_shared_while_segments_are_the_same_tensor():
     sep = torch.tensor([3, 130, 200])
-    mask = SepMask.of(sep, 200)
-    assert torch.equal(mask.dense(), attention_mask_from_sep(sep, 200))
-    assert SepMask.of(sep, 200) is mask  # the next block of the stage reuses it
-    assert SepMask.of(sep.clone(), 200) is not mask  # a new micro-batch's sep
-    sep[0] = 5  # changed in place: rebuilt
-    changed = SepMask.of(sep, 200)
-    assert changed is not mask and torch.equal(changed.dense(), attention_mask_from_sep(sep, 200))
+    segments = segments_of_sep(sep, 200)
+    mask = GLMMask.of(segments)
+    assert torch.equal(mask.dense(), glm_mask(sep, 200))
+    assert GLMMask.of(segments) is mask  # the next block of the stage reuses it
+    assert GLMMask.of(segments.clone()) is not mask  # a new micro-batch's segments
+    segments[0, 1] = 5  # changed in place: rebuilt
+    changed = GLMMask.of(segments)
+    assert changed is not mask and torch.equal(changed.dense(), glm_mask(torch.tensor([5, 130, 200]), 200))
     additive = changed.additive(torch.bfloat16)
     assert additive.dtype == torch.bfloat16 and changed.additive(torch.bfloat16) is additive
     assert torch.equal(additive == 0, changed.dense()) and torch.isinf(additive[~changed.dense()]).all()

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from trainer.model.block import GLMBlock
 from trainer.model.config import ModelConfig
 from trainer.model.init import split_rank_major
+from trainer.model.mask import segments_of_sep
 
 
 def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
@@ -28,7 +29,7 @@ def _run(norm):
     hidden = torch.randn(2, 6, 32)
     positions = torch.arange(6).repeat(2, 1)
     sep = torch.tensor([3, 4])
-    out = block((hidden, positions, positions * 0, sep))
+    out = block((hidden, positions, positions * 0, segments_of_sep(sep, 6)))
     attend = lambda x: block.attention(x, positions, positions * 0, glm_mask(sep, 6))
     return config, block, hidden, out, attend
 

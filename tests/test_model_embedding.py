@@ -6,6 +6,7 @@ from torch.testing import assert_close
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import GLMEmbedding
+from trainer.model.mask import segments_of_sep
 
 
 def _inputs():
@@ -13,7 +14,7 @@ def _inputs():
     ids = torch.randint(0, 100, (2, 6))
     positions = torch.tensor([[0, 1, 2, 3, 2, 2], [0, 1, 2, 3, 4, 1]])
     blocks = torch.tensor([[0, 0, 0, 0, 1, 2], [0, 0, 0, 0, 0, 1]])
-    return ids, positions, blocks, torch.tensor([4, 5])
+    return ids, positions, blocks, segments_of_sep(torch.tensor([4, 5]), ids.shape[1])
 
 
 def _config(**switches):

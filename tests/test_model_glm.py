@@ -8,6 +8,7 @@ from tests.distributed import run_distributed
 from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMLoss, GLMModel
 from trainer.model.init import split_rank_major
+from trainer.model.mask import segments_of_sep
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from trainer.parallel.topology import Topology
 
@@ -36,7 +37,7 @@ def glm_batch(b: int = 2, s: int = 12, vocab: int = 100):
     blank = torch.tensor([2, 6])[:b, None]
     position_ids = torch.where(part_b, blank, index)
     block_position_ids = torch.where(part_b, index - sep[:, None] + 1, 0)
-    return (input_ids, position_ids, block_position_ids, sep), (labels, part_b.long())
+    return (input_ids, position_ids, block_position_ids, segments_of_sep(sep, s)), (labels, part_b.long())
 
 
 @pytest.mark.parametrize("switches", list(SWITCH_SETS.values()), ids=list(SWITCH_SETS))

@@ -23,16 +23,17 @@ import torch
 
 from trainer.errors import ConfigError, DataError, exits_on_error
 from trainer.generate import add_source_arguments, encode_prompt, full_vocab_logits, load_inference
+from trainer.model.mask import segments_of_sep
 
 
 def cloze_inputs(part_a: list[int], mask: int, word: list[int], sop_id: int) -> tuple[torch.Tensor, ...]:
-    """Part A + [sop] + word[:-1] as one sample: (ids, position ids, block position ids) [1, s], sep [1]."""
+    """Part A + [sop] + word[:-1] as one sample: (ids, position ids, block position ids) [1, s], segments [1, 2, s]."""
     part_b = [sop_id] + word[:-1]
     sep = len(part_a)
     ids = torch.tensor([part_a + part_b])
     positions = torch.tensor([list(range(sep)) + [mask] * len(part_b)])
     blocks = torch.tensor([[0] * sep + list(range(1, len(part_b) + 1))])
-    return ids, positions, blocks, torch.tensor([sep])
+    return ids, positions, blocks, segments_of_sep(torch.tensor([sep]), ids.shape[1])
 
 
 @torch.no_grad()
@@ -45,8 +46,8 @@ def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab
     device = next(model.parameters()).device
     scores = {}
     for label, word in words.items():
-        ids, positions, blocks, sep = (t.to(device) for t in cloze_inputs(part_a, masks[0], word, tokenizer.sop_id))
-        activations = model.embedding((ids, positions, blocks, sep))
+        inputs = tuple(t.to(device) for t in cloze_inputs(part_a, masks[0], word, tokenizer.sop_id))
+        activations = model.embedding(inputs)
         for layer in model.transformer["layers"]:
             activations = layer(activations)
         logits = full_vocab_logits(model, model.transformer["final_layernorm"](activations), vocab_size, tp_group)

@@ -60,8 +60,8 @@ def full_vocab_logits(model, hidden: torch.Tensor, vocab_size: int, tp_group) ->
 
 def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
     """A Step that keeps one KVCache per block and runs only the new positions."""
-    from trainer.data.blank_infilling import attention_mask_from_sep
     from trainer.model.attention import KVCache
+    from trainer.model.mask import dense_mask, segments_of_sep
 
     layers = model.transformer["layers"]
     caches = [KVCache() for _ in layers]
@@ -70,10 +70,10 @@ def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
     def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
         device = next(model.parameters()).device
         ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in (ids, positions, blocks))  # [1, s_new]
-        sep_t = torch.tensor([sep], device=device)
-        past, seen[0] = seen[0], seen[0] + len(ids)
-        mask = attention_mask_from_sep(sep_t, seen[0])[:, :, past:]  # [1, 1, s_new, past + s_new]
-        hidden = model.embedding((ids_t, pos_t, block_t, sep_t))[0]  # [1, s_new, h]
+        segments = segments_of_sep(torch.tensor([sep], device=device), len(ids))  # [1, 2, s_new]
+        seen[0] += len(ids)
+        mask = dense_mask(segments, num_keys=seen[0])  # [1, 1, s_new, s_past + s_new]
+        hidden = model.embedding((ids_t, pos_t, block_t, segments))[0]  # [1, s_new, h]
         for layer, cache in zip(layers, caches):
             hidden = block_step(layer, hidden, pos_t, block_t, mask, cache)
         hidden = model.transformer["final_layernorm"]((hidden,))
@@ -84,6 +84,8 @@ def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
 
 def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
     """A Step that reruns GLMModel over the whole sequence so far (the reference for the cache)."""
+    from trainer.model.mask import segments_of_sep
+
     context: list[list[int]] = [[], [], []]
 
     def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
@@ -91,7 +93,8 @@ def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
             held += new
         device = next(model.parameters()).device
         ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in context)  # [1, s]
-        activations = model.embedding((ids_t, pos_t, block_t, torch.tensor([sep], device=device)))
+        segments = segments_of_sep(torch.tensor([sep], device=device), ids_t.shape[1])  # [1, 2, s]
+        activations = model.embedding((ids_t, pos_t, block_t, segments))
         for layer in model.transformer["layers"]:
             activations = layer(activations)
         hidden = model.transformer["final_layernorm"](activations)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from trainer.model.mask import segments_of_sep
+
 MicroBatch = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""((input_ids, position_ids, block_position_ids, sep), (labels, loss_mask)): DeepSpeed's pipeline format."""
+"""((input_ids, position_ids, block_position_ids, segments), (labels, loss_mask)): DeepSpeed's pipeline format."""
 
 
 def synthetic_micro_batch(micro_batch_size: int, seq_length: int, vocab_size: int, seed: int,
@@ -26,11 +28,11 @@ def synthetic_micro_batch(micro_batch_size: int, seq_length: int, vocab_size: in
     position_ids = torch.where(part_b, torch.tensor(sep - 1), index).expand(b, s)  # [b, s]
     block_position_ids = torch.where(part_b, index - sep + 1, torch.tensor(0)).expand(b, s)  # [b, s]
     loss_mask = part_b.to(torch.long).expand(b, s)  # [b, s], int64 like the dataset's
-    seps = torch.full((b,), sep, dtype=torch.long)
-    tensors = [input_ids, position_ids.contiguous(), block_position_ids.contiguous(), seps, labels,
+    segments = segments_of_sep(torch.full((b,), sep, dtype=torch.long), s)  # [b, 2, s]
+    tensors = [input_ids, position_ids.contiguous(), block_position_ids.contiguous(), segments, labels,
                loss_mask.contiguous()]
-    input_ids, position_ids, block_position_ids, seps, labels, loss_mask = (t.to(device) for t in tensors)
-    return (input_ids, position_ids, block_position_ids, seps), (labels, loss_mask)
+    input_ids, position_ids, block_position_ids, segments, labels, loss_mask = (t.to(device) for t in tensors)
+    return (input_ids, position_ids, block_position_ids, segments), (labels, loss_mask)
 
 
 def synthetic_step(grad_accum: int, micro_batch_size: int, seq_length: int, vocab_size: int,

@@ -3,7 +3,7 @@
 For a text x of n tokens and blanks (spans) s_1 .. s_k in text order:
     Part A = [CLS] + x with every span replaced by one mask token         (|Part A| = sep = n + 1 - sum|s| + k)
     Part B = for each span in a random order: input [sop] + s, target s + [eop]   (|Part B| = sum|s| + k)
-so a sample holds n + 1 + 2k tokens. Ids of Part A: position 0..sep-1, block position 0. Ids of a
+so a sample holds n + 1 + 2k tokens (its `length`). Ids of Part A: position 0..sep-1, block position 0. Ids of a
 Part B span: position = its mask's position in Part A, block position 1..|s|+1. The loss covers Part B.
 
 Modes: [MASK] spans of Poisson(lambda) length covering >= mask_ratio of the text; [sMASK] whole
@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from trainer.data.config import DataConfig
 from trainer.data.tokenizer import GLMTokenizer
@@ -147,18 +146,8 @@ def assemble(tokens: np.ndarray, spans: list[tuple[int, int]], mask_id: int, ord
         array = np.full(seq_length, pad_values.get(key, 0), dtype=np.int64)
         array[:total] = np.concatenate(parts)
         sample[key] = array
-    sample["sep"] = sep
+    sample["sep"], sample["length"] = sep, total
     return sample
-
-
-def attention_mask_from_sep(sep: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """GLM's mask, True = may attend: row i sees column j iff j < sep (all of Part A) or j <= i (causal).
-    So Part A attends bidirectionally within Part A and never to Part B; Part B sees Part A and itself
-    causally. sep [b] -> [b, 1, s, s]."""
-    index = torch.arange(seq_length, device=sep.device)
-    causal = index[None, :] <= index[:, None]  # [s, s]: column <= row
-    part_a = index[None, None, :] < sep[:, None, None]  # [b, 1, s]: column in Part A, for every row
-    return (causal[None] | part_a)[:, None]  # [b, 1, s, s]
 
 
 class BlankInfilling:
@@ -178,6 +167,18 @@ class BlankInfilling:
     def __call__(self, tokens: np.ndarray, rng: np.random.Generator, mode: str | None = None) -> dict:
         """One sample from `tokens` [n] (1 <= n <= text_length); `mode` None draws it from data.modes."""
         tokens = np.asarray(tokens, dtype=np.int64)
+        mode, spans = self.draw_spans(tokens, rng, mode)
+        order = rng.permutation(len(spans))
+        return assemble(tokens, spans, self.mask_ids[mode], order, self.tokenizer, self.data.seq_length)
+
+    def length(self, tokens: np.ndarray, rng: np.random.Generator) -> int:
+        """The length n + 1 + 2k of the sample __call__ makes from the same tokens and generator state, from
+        the draws of its spans alone (the packer reads lengths of many samples it has not built yet)."""
+        return len(tokens) + 1 + 2 * len(self.draw_spans(np.asarray(tokens, dtype=np.int64), rng)[1])
+
+    def draw_spans(self, tokens: np.ndarray, rng: np.random.Generator,
+                   mode: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """(mode, the blanks [(start, end)] in text order): the first draws of a sample from `rng`."""
         n = len(tokens)
         if not 1 <= n <= self.text_length:
             raise DataError(f"a text of {n} tokens cannot become a sample: texts must hold 1..{self.text_length} "
@@ -190,8 +191,7 @@ class BlankInfilling:
             spans = sentence_spans(self.sentence_end[tokens], rng, self.data.mask_ratio)
         else:
             spans = gmask_span(n, rng, self.data.gmask_ratio_min, self.data.gmask_ratio_max)
-        order = rng.permutation(len(spans))
-        return assemble(tokens, spans, self.mask_ids[mode], order, self.tokenizer, self.data.seq_length)
+        return mode, spans
 
 
 def sentence_end_table(tokenizer: GLMTokenizer) -> np.ndarray:

@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
 
+ENTRY_KEYS = ("path", "weight", "modes", "seq_length")
+"""The keys of a data.datasets entry (path and weight required)."""
+
 
 @dataclass
 class DataConfig:
@@ -15,7 +18,13 @@ class DataConfig:
     """Path of a tokenizer.json. Empty: the tokenizer next to `path` (PREFIX.tokenizer.json), or the
     embedded default's."""
     seq_length: int = 128
-    """Length every sample is padded to (Part A + Part B)."""
+    """Slots of a training sequence (row): one sample, or several packed ones (data.packing), then padding."""
+    packing: bool = True
+    """Pack several whole samples into each row, each attending only to itself (docs/DATA.md); false: one
+    sample per row, padded."""
+    packing_window: int = 1000
+    """Consecutive samples the packer fits into rows together (best-fit decreasing within each window); a
+    larger window wastes less at the cost of a longer scan to find a row."""
     mask_ratio: float = 0.15
     """[MASK] and [sMASK]: at least this fraction of the text's tokens is masked."""
     poisson_lambda: float = 3.0
@@ -31,7 +40,9 @@ class DataConfig:
     """Fraction of the sequences held out for validation (0 = no validation split)."""
     datasets: list = field(default_factory=list)
     """Datasets mixed by weight, each {path: PREFIX, weight: w} (path "" = the embedded corpus); a prefix from
-    `glm-prep --instructions` gives instruction samples, any other blank-infilling samples (data.modes). One
+    `glm-prep --instructions` gives instruction samples, any other blank-infilling samples (data.modes). An
+    entry may set its own `modes` and `seq_length` (the longest sample it makes, <= data.seq_length): GLM-130B's
+    mixture packs 512-token [MASK] samples four to a 2048 row beside [gMASK] samples as long as the row. One
     tokenizer for all (data.tokenizer, else the first prefix's). Non-empty: data.path must be empty."""
     mixture_unit: str = "samples"
     """What the data.datasets weights share: `samples`, or `tokens` (corpus tokens per sample; GLM-130B put
@@ -56,6 +67,8 @@ class DataConfig:
             raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use mask, smask, gmask")
         if any(w < 0 for w in self.modes.values()) or sum(self.modes.values()) <= 0:
             raise ConfigError(f"data.modes weights must be >= 0 with a positive sum, got {self.modes}")
+        if self.packing_window < 1:
+            raise ConfigError(f"data.packing_window must be >= 1 sample, got {self.packing_window}")
         if not 0.0 <= self.valid_fraction < 0.5:
             raise ConfigError(f"data.valid_fraction must be in [0, 0.5), got {self.valid_fraction}")
         self._validate_mixture()
@@ -69,8 +82,24 @@ class DataConfig:
             raise ConfigError("data.path and data.datasets are both set: list every dataset (this one included) "
                               "in data.datasets and leave data.path empty")
         for i, entry in enumerate(self.datasets):
-            if (not isinstance(entry, dict) or set(entry) != {"path", "weight"} or not isinstance(entry["path"], str)
+            if (not isinstance(entry, dict) or not {"path", "weight"} <= set(entry) <= set(ENTRY_KEYS)
+                    or not isinstance(entry["path"], str)
                     or isinstance(entry["weight"], bool) or not isinstance(entry["weight"], (int, float))
                     or entry["weight"] <= 0):
                 raise ConfigError(f"data.datasets[{i}] = {entry!r}: each entry must be {{path: PREFIX, weight: w}} "
-                                  f"with w > 0")
+                                  f"with w > 0, optionally with modes: {{mask: w, ...}} and seq_length: n")
+            self._validate_entry(i, entry)
+
+    def _validate_entry(self, i: int, entry: dict) -> None:
+        """An entry's own modes and seq_length, checked as the component dataset will use them."""
+        length = entry.get("seq_length", self.seq_length)
+        if isinstance(length, bool) or not isinstance(length, int) or not 8 <= length <= self.seq_length:
+            raise ConfigError(f"data.datasets[{i}].seq_length={length!r}: use an integer in [8, data.seq_length="
+                              f"{self.seq_length}] (the longest sample this dataset makes)")
+        modes = entry.get("modes", self.modes)
+        if not isinstance(modes, dict):
+            raise ConfigError(f"data.datasets[{i}].modes={modes!r}: use a mapping like {{mask: 0.3, gmask: 0.7}}")
+        try:
+            DataConfig(seq_length=length, modes=modes, mask_ratio=self.mask_ratio).validate()
+        except ConfigError as error:
+            raise ConfigError(f"data.datasets[{i}]: {error}") from None

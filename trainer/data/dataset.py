@@ -1,8 +1,9 @@
 """Training sequences from a prepared corpus, the sample for any global index, and batches.
 
-Documents are kept apart: a document of m tokens becomes p = ceil(m / n) consecutive texts of near-equal
-length (text j = tokens [floor(j m / p), floor((j + 1) m / p))), where n = text_length(data) is the
-longest text whose sample fits seq_length in every mode. No text mixes two documents.
+Documents are kept apart: a document of m tokens becomes p = ceil(m / n) consecutive texts, where
+n = text_length(data) is the longest text whose sample fits seq_length in every mode: of near-equal length
+(text j = tokens [floor(j m / p), floor((j + 1) m / p))) one sample per row, or, with packing, p - 1 texts of
+n tokens and the remainder. No text mixes two documents.
 
 Sample i (a global index over every data-parallel rank) is epoch e = i // N of the N sequences of the
 split, at place i % N of that epoch's order (a permutation seeded by (seed, split, e)), blank-infilled
@@ -60,15 +61,20 @@ def check_data_files(data: DataConfig) -> int:
     return tokenizer.vocab_size
 
 
-def cut_sequences(doc_lengths: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, ends) in stream coordinates of the texts: each document cut into ceil(m / n) near-equal
-    pieces (length <= n); empty documents give none."""
+def cut_sequences(doc_lengths: np.ndarray, offsets: np.ndarray, n: int,
+                  equal: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) in stream coordinates of the texts: each document of m tokens cut into p = ceil(m / n)
+    pieces of length <= n, near-equal (`equal`: text j = [floor(j m / p), floor((j + 1) m / p))) or, for
+    packing, p - 1 pieces of n and the remainder last (short texts fill the rows full pieces leave open).
+    Empty documents give none."""
     m = doc_lengths.astype(np.int64)
     pieces = -(-m // n)  # ceil(m / n)
     doc = np.repeat(np.arange(len(m)), pieces)  # [S] the document of each text
     j = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # [S] piece number within it
     base, m_doc, p_doc = np.asarray(offsets[:-1])[doc], m[doc], pieces[doc]
-    return base + j * m_doc // p_doc, base + (j + 1) * m_doc // p_doc
+    if equal:
+        return base + j * m_doc // p_doc, base + (j + 1) * m_doc // p_doc
+    return base + j * n, base + np.minimum((j + 1) * n, m_doc)
 
 
 class GLMDataset:
@@ -116,6 +122,10 @@ class GLMDataset:
     def __getitem__(self, index: int) -> dict:
         return self.infilling(self.sequence(index), sample_rng(self.seed, index))
 
+    def sample_length(self, index: int) -> int:
+        """`self[index]["length"]`, from the sample's span draws alone (what the packer reads)."""
+        return self.infilling.length(self.sequence(index), sample_rng(self.seed, index))
+
 
 def build_dataset(data: DataConfig, seed: int, split: str = "train"):
     """The dataset of `split`: "train", or "valid" = the last data.valid_fraction of the sequences
@@ -131,7 +141,7 @@ def build_dataset(data: DataConfig, seed: int, split: str = "train"):
     if is_instruction_prefix(indexed.prefix):
         return build_instruction_dataset(indexed, tokenizer, data, seed, split)
     infilling = BlankInfilling(data, tokenizer)
-    starts, ends = cut_sequences(indexed.doc_lengths, indexed.offsets, infilling.text_length)
+    starts, ends = cut_sequences(indexed.doc_lengths, indexed.offsets, infilling.text_length, equal=not data.packing)
     held_out = 0 if data.valid_fraction == 0 else max(1, round(data.valid_fraction * len(starts)))
     if split == "valid" and held_out == 0:
         raise DataError("a validation split was requested but data.valid_fraction is 0: set it, e.g. 0.05")
@@ -154,7 +164,8 @@ def build_mixture(data: DataConfig, seed: int, split: str) -> MixtureDataset:
             raise DataError(f"data.datasets[{c}] ({entry['path'] or 'embedded corpus'}) was prepared with {own}, not "
                             f"the mixture's tokenizer {tokenizer_path}: prepare every dataset with one tokenizer "
                             f"(glm-prep --tokenizer FILE)")
-        single = replace(data, path=entry["path"], tokenizer=str(tokenizer_path), datasets=[])
+        single = replace(data, path=entry["path"], tokenizer=str(tokenizer_path), datasets=[],
+                         modes=entry.get("modes", data.modes), seq_length=entry.get("seq_length", data.seq_length))
         components.append(build_dataset(single, component_seed(seed, c), split))
     shares = sample_shares([e["weight"] for e in data.datasets],
                            [float(np.mean(c.source_tokens())) for c in components], data.mixture_unit)
@@ -169,9 +180,13 @@ def micro_batch_indices(consumed_samples: int, micro_step: int, dp_rank: int, dp
     return list(range(first, first + micro_batch_size))
 
 
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack samples: every array key -> int64 [b, s], `sep` -> int64 [b]."""
-    batch = {key: torch.from_numpy(np.stack([s[key] for s in samples]).astype(np.int64))
-             for key in samples[0] if key != "sep"}
-    batch["sep"] = torch.tensor([int(s["sep"]) for s in samples], dtype=torch.int64)
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack samples or rows: every array key -> int64 [b, s], every integer key (`sep`, `length`, `tokens`)
+    -> int64 [b]; other keys (a row's list of sample starts) are left out."""
+    batch = {}
+    for key, value in items[0].items():
+        if isinstance(value, np.ndarray):
+            batch[key] = torch.from_numpy(np.stack([item[key] for item in items]).astype(np.int64))
+        elif isinstance(value, (int, np.integer)):
+            batch[key] = torch.tensor([int(item[key]) for item in items], dtype=torch.int64)
     return batch

@@ -147,6 +147,12 @@ class InstructionDataset(GLMDataset):
     def __getitem__(self, index: int) -> dict:
         return self.infilling(*self.record(index))
 
+    def sample_length(self, index: int) -> int:
+        """`self[index]["length"]`: the record's kept prompt and response plus [CLS], [gMASK] and sop."""
+        s = self.sequence_number(index)
+        prompt, response = self.bounds[s] - self.starts[s], self.ends[s] - self.bounds[s]
+        return int(kept_prompt_length(prompt, response, self.infilling.seq_length) + response) + EXTRA_TOKENS
+
     def source_tokens(self) -> np.ndarray:
         """Corpus tokens each record's sample carries after truncation: kept prompt + response.  # [N]"""
         prompt, response = self.bounds - self.starts, self.ends - self.bounds

@@ -87,3 +87,7 @@ class MixtureDataset:
     def __getitem__(self, index: int) -> dict:
         c, local = self.locate(index)
         return self.components[c][local]
+
+    def sample_length(self, index: int) -> int:
+        c, local = self.locate(index)
+        return self.components[c].sample_length(local)

@@ -1,8 +1,9 @@
 """The training run: one code path for one CPU, one GPU or a 3D-parallel cluster.
 
-Data order: optimizer step t consumes the global samples [c_t, c_t + B_t). On data-parallel rank r,
-micro-batch k holds samples c_t + (k * dp + r) * b + [0, b), so the set of micro-batches of a step,
-and hence the step's loss (their mean) and gradient, do not depend on the layout.
+Data order: optimizer step t consumes the global rows [c_t, c_t + B_t) (a row is one sample, or several
+packed: trainer/data/packing.py). On data-parallel rank r, micro-batch k holds rows c_t + (k * dp + r) * b
++ [0, b), so the set of micro-batches of a step, and hence the step's loss (their mean) and gradient, do not
+depend on the layout.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from trainer.config import Config
-from trainer.data.dataset import GLMDataset, build_dataset, collate, micro_batch_indices
+from trainer.data.dataset import collate, micro_batch_indices
+from trainer.data.packing import OneSamplePerRow, build_sequences
 from trainer.engine import checkpoint, finetune
 from trainer.engine.distributed import init_distributed
 from trainer.engine.ds_config import build_ds_config
@@ -44,20 +46,25 @@ class RunResult:
     run_dir: Path
     checkpoint_dir: Path
     engine: object
-    dataset: GLMDataset
+    dataset: OneSamplePerRow
     topology: Topology
     stopped_by_signal: bool = False
 
 
-def micro_batches(dataset: GLMDataset, consumed: int, grad_accum: int, topology: Topology,
+def pipeline_format(batch: dict) -> tuple:
+    """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
+    (labels, loss_mask)); segments [b, 2, s] = (segment_start, segment_sep), the mask's input."""
+    segments = torch.stack([batch["segment_start"], batch["segment_sep"]], dim=1)  # [b, 2, s]
+    return ((batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments),
+            (batch["labels"], batch["loss_mask"]))
+
+
+def micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topology: Topology,
                   micro_batch_size: int) -> Iterator[tuple]:
-    """The micro-batches of one optimizer step on this rank, in DeepSpeed's pipeline format
-    ((input_ids, position_ids, block_position_ids, sep), (labels, loss_mask))."""
+    """The micro-batches of one optimizer step on this rank, in DeepSpeed's pipeline format."""
     for micro_step in range(grad_accum):
         indices = micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp, micro_batch_size)
-        batch = collate([dataset[i] for i in indices])
-        yield ((batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"]),
-               (batch["labels"], batch["loss_mask"]))
+        yield pipeline_format(collate([rows[i] for i in indices]))
 
 
 def build_engine(config: Config, topology: Topology, world_size: int) -> tuple[object, Optional["OwnClipping"]]:
@@ -128,7 +135,7 @@ class Trainer:
         config.validate(self.world_size)
         self.topology = Topology.create(config.parallel.tp, config.parallel.pp)
         model_parallel_seed(config.train.seed, self.topology)
-        self.dataset = build_dataset(config.data, config.train.seed)
+        self.dataset = build_sequences(config.data, config.train.seed)
         resolve_vocab(config, self.dataset.tokenizer.vocab_size)
         config.model.validate(config.parallel.tp)
         self.run_dir = Path(config.train.run_dir)
@@ -145,7 +152,7 @@ class Trainer:
         self.consumed = consumed_samples_at(self.step, config)
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
         self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
-        self.valid = build_dataset(config.data, config.train.seed, split="valid") if config.train.eval_interval else None
+        self.valid = build_sequences(config.data, config.train.seed, split="valid") if config.train.eval_interval else None
 
     def evaluate(self) -> dict:
         """Validation loss (mean over train.eval_batches global batches of the held-out split) and perplexity."""
@@ -178,8 +185,10 @@ class Trainer:
         grad_norm = None if grad_norm is None else float(grad_norm)
         skipped = engine.skipped_steps > skipped_before or not (is_finite(loss) and is_finite(grad_norm))
         self.nonfinite.record(skipped)
-        tokens = batch_size * config.data.seq_length
+        # Real tokens of every row of the step (all ranks' rows, from the packing plan: the same at any layout).
+        tokens = sum(self.dataset.real_tokens(row) for row in range(self.consumed - batch_size, self.consumed))
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "padding_fraction": 1.0 - tokens / (batch_size * config.data.seq_length),
                   "tokens_per_s": tokens / elapsed,
                   "tflops": tokens * self.flops_per_token / elapsed / self.world_size / 1e12,
                   "batch_size": batch_size, "consumed_samples": self.consumed,

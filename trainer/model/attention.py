@@ -3,15 +3,16 @@ optional RoPE, the blank-infilling mask, and a row-parallel output projection.
 
     [q; k; v] = x W_qkv^T,  q, k <- rope(q), rope(k) (RoPE configs),
     o = softmax(q k^T / sqrt(d), masked) v   per head,   y = o W_dense^T
-The mask lets row i see column j iff j < sep or j <= i (trainer.data.blank_infilling).
+The mask is GLM's blank-infilling mask, block-diagonal over the samples packed in a row (trainer/model/mask.py).
 W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], each holding its heads' d-sized chunks.
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
 
-Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`SepMask`: sep [b]).
-A SepMask is built once per micro-batch and shared by every block that sees the same `sep` tensor; it is
-served to the kernels as
+Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`GLMMask`: the rows'
+segments [b, 2, s]). A GLMMask is built once per micro-batch and shared by every block that sees the same
+`segments` tensor; it is served to the kernels as
 - a FlexAttention block mask on an accelerator (no dropout, no FP32-softmax switch, no KV cache): the
-  tiles wholly above the diagonal and right of sep are skipped, the wholly visible ones run unmasked;
+  tiles wholly hidden (between two packed samples, above the diagonal right of a sep) are skipped, the
+  wholly visible ones run unmasked;
 - otherwise to SDPA as an additive float mask built once per micro-batch (given a bool mask, SDPA would
   convert it to that float mask in every layer), or as the bool mask to the FP32-softmax formula.
 """
@@ -19,18 +20,17 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from contextlib import nullcontext
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
-from trainer.data.blank_infilling import attention_mask_from_sep
 from trainer.model.config import ModelConfig
 from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
+from trainer.model.mask import GLMMask
 from trainer.model.rotary import apply_position_rotary
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from trainer.parallel.mappings import group_size
@@ -53,65 +53,12 @@ def fp32_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return torch.matmul(dropout(probs), v)
 
 
-class SepMask:
-    """The GLM mask in compact form: row i sees column j iff j < sep or j <= i, for sep [b] and s x s positions.
-    Its dense form comes from attention_mask_from_sep (the mask's one definition); the FlexAttention block
-    mask reads that dense form on the tiles it cannot decide wholesale. Both are built on first use and kept.
-    `SepMask.of(sep, s)` hands every caller the same object while they pass the same, unmodified sep tensor:
-    the blocks of one pipeline stage (and the recomputation of a checkpointed block) share one mask per
-    micro-batch instead of building one per layer."""
-
-    _latest: Optional[tuple[weakref.ref, int, int, "SepMask"]] = None
-
-    def __init__(self, sep: torch.Tensor, seq_length: int):
-        self.sep, self.seq_length = sep, seq_length
-        self._dense: Optional[torch.Tensor] = None
-        self._additive: dict[torch.dtype, torch.Tensor] = {}
-        self._block_mask: Optional[BlockMask] = None
-
-    @classmethod
-    def of(cls, sep: torch.Tensor, seq_length: int) -> "SepMask":
-        """The mask of this sep tensor: the last one built if sep is the same object, unchanged since."""
-        latest = cls._latest
-        if latest is not None and latest[0]() is sep and latest[1:3] == (sep._version, seq_length):
-            return latest[3]
-        mask = cls(sep, seq_length)
-        cls._latest = (weakref.ref(sep), sep._version, seq_length, mask)
-        return mask
-
-    def dense(self) -> torch.Tensor:
-        """[b, 1, s, s] bool, True = may attend."""
-        if self._dense is None:
-            self._dense = attention_mask_from_sep(self.sep, self.seq_length)
-        return self._dense
-
-    def additive(self, dtype: torch.dtype) -> torch.Tensor:
-        """[b, 1, s, s] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool
-        one at every call, i.e. in every layer. Every GLM row sees column 0, so no row is all -inf."""
-        if dtype not in self._additive:
-            additive = torch.zeros(self.dense().shape, dtype=dtype, device=self.sep.device)
-            self._additive[dtype] = additive.masked_fill_(~self.dense(), float("-inf"))  # in place: one [b, 1, s, s] buffer
-        return self._additive[dtype]
-
-    def block_mask(self) -> BlockMask:
-        """The FlexAttention BlockMask (128 x 128 tiles) of the dense form."""
-        if self._block_mask is None:
-            dense = self.dense()[:, 0]  # [b, s, s]
-
-            def visible(b, h, q_index, kv_index):
-                return dense[b, q_index, kv_index]
-
-            s = self.seq_length
-            self._block_mask = create_block_mask(visible, dense.shape[0], None, s, s, device=dense.device)
-        return self._block_mask
-
-
 @functools.cache
 def _compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_glm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SepMask) -> torch.Tensor:
+def flex_glm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: GLMMask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d), GLM mask) v by FlexAttention's fused kernel (compiled on first use), skipping
     the tiles the mask hides. q, k, v [b, n, s, d] -> [b, n, s, d]. On CPU FlexAttention has no backward and
     runs eagerly (the reference math), so training on CPU takes SDPA instead."""
@@ -119,8 +66,8 @@ def flex_glm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return kernel(q, k, v, block_mask=mask.block_mask())
 
 
-AttentionMask = Union[torch.Tensor, SepMask]
-"""A dense [b, 1, s_q, s_k] bool mask (True = may attend) or the compact SepMask."""
+AttentionMask = Union[torch.Tensor, GLMMask]
+"""A dense [b, 1, s_q, s_k] bool mask (True = may attend) or the compact GLMMask."""
 
 
 class KVCache:
@@ -165,7 +112,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
                 mask: AttentionMask, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """hidden [b, s, h], position ids [b, s], mask [b, 1, s, s_k] bool (True = may attend) or a SepMask
+        """hidden [b, s, h], position ids [b, s], mask [b, 1, s, s_k] bool (True = may attend) or a GLMMask
         -> [b, s, h]. With a kv_cache, hidden holds only the new positions and the mask (dense) counts the
         cached ones too in s_k."""
         b, s, _ = hidden.shape
@@ -186,7 +133,7 @@ class SelfAttention(nn.Module):
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:
         """Scaled dot-product attention with dropout probability p on the probabilities (kernels: module docstring)."""
-        if isinstance(mask, SepMask):
+        if isinstance(mask, GLMMask):
             flex = q.device.type != "cpu" and p == 0.0 and not self.config.fp32_softmax_layer_scaling
             if flex and q.shape[-2] == k.shape[-2] == mask.seq_length:
                 return flex_glm_attention(q, k, v, mask)

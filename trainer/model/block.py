@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.model.attention import SelfAttention, SepMask
+from trainer.model.attention import SelfAttention
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
+from trainer.model.mask import GLMMask
 from trainer.model.mlp import GLMMLP
 
 
@@ -47,7 +48,7 @@ class GLMBlock(nn.Module):
         return alpha * mlp_input + self.dropout(self.mlp(mlp_input))
 
     def forward(self, inputs: Activations) -> Activations:
-        hidden, position_ids, block_position_ids, sep = inputs  # hidden [b, s, h]
-        mask = SepMask.of(sep, hidden.shape[1])  # the GLM mask from sep, shared by the blocks of a micro-batch
+        hidden, position_ids, block_position_ids, segments = inputs  # hidden [b, s, h]
+        mask = GLMMask.of(segments)  # shared by the blocks of a micro-batch
         hidden = self.residual(hidden, lambda x: self.attention(x, position_ids, block_position_ids, mask))
-        return hidden, position_ids, block_position_ids, sep
+        return hidden, position_ids, block_position_ids, segments

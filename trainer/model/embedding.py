@@ -17,7 +17,8 @@ from trainer.parallel.layers import VocabParallelEmbedding
 from trainer.parallel.mappings import copy_to_tp, group_size
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-"""What flows between pipeline pieces: (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], sep [b])."""
+"""What flows between pipeline pieces: (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s],
+segments [b, 2, s]); segments describe the samples of each row for the mask (trainer/model/mask.py)."""
 
 
 def shrink_embedding_gradient(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -65,14 +66,14 @@ class GLMEmbedding(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, inputs: Activations) -> Activations:
-        """(input_ids, position_ids, block_position_ids, sep) -> (hidden [b, s, h], the same ids, sep)."""
-        input_ids, position_ids, block_position_ids, sep = inputs
+        """(input_ids, position_ids, block_position_ids, segments) -> (hidden [b, s, h], the same ids, segments)."""
+        input_ids, position_ids, block_position_ids, segments = inputs
         hidden = self.word_embeddings(input_ids)  # [b, s, h]
         if self.learned_positions:
             hidden = (hidden + self.position_embeddings(position_ids)
                       + self.block_position_embeddings(block_position_ids))
         hidden = shrink_embedding_gradient(hidden, self.shrink_alpha)
-        return self.dropout(hidden), position_ids, block_position_ids, sep
+        return self.dropout(hidden), position_ids, block_position_ids, segments
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [b, s, h] -> this rank's logits [b, s, V_pad / tp] (the tied output layer)."""

@@ -64,9 +64,10 @@ class GLMModel(nn.Module):
         })
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
-                sep: torch.Tensor) -> torch.Tensor:
-        """Token and position ids [b, s], sep [b] -> this rank's logits [b, s, V_pad / tp]."""
-        activations = self.embedding((input_ids, position_ids, block_position_ids, sep))
+                segments: torch.Tensor) -> torch.Tensor:
+        """Token and position ids [b, s], segments [b, 2, s] (trainer/model/mask.py; one sample per row:
+        segments_of_sep) -> this rank's logits [b, s, V_pad / tp]."""
+        activations = self.embedding((input_ids, position_ids, block_position_ids, segments))
         for layer in self.transformer["layers"]:
             activations = layer(activations)
         return self.embedding.logits(self.transformer["final_layernorm"](activations))

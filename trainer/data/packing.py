@@ -1,0 +1,167 @@
+"""Training sequences (rows) from samples: one sample per row, or several whole samples packed end to end.
+
+A row of seq_length slots holds samples one after another, each exactly as the sample datasets build it
+([CLS], Part A, Part B: position ids and block position ids start again at 0 in each), then padding. Beside
+the token arrays a row carries two integers per slot for the model's mask (trainer/model/mask.py):
+`segment_start` (where the slot's sample starts) and `segment_sep` (where that sample's Part A ends); the
+padding after the last sample is a segment of its own with an empty Part A. `tokens` counts the real ones.
+
+Packing (data.packing: true). The global sample stream (dataset index 0, 1, 2, ...: every epoch and every
+mixture component already in it) is cut into windows of W = data.packing_window consecutive samples. Each
+window is packed on its own by best-fit decreasing: its samples, longest first, each into the open row with
+the least room that still fits it, else into a new row. A row left fuller than PACKED_FILL is emitted;
+the samples of a less full row are carried into the next window and packed again with it, once: a sample
+carried once goes out with the next window whatever its row's fill. The emitted rows of a window are
+shuffled by a generator seeded with (seed, window). So row k is a pure function of (seed, k) and the data
+config: the same at every data-parallel size and after a resume. Finding the window of row k scans the
+windows before it (sample lengths only, from their span draws: no sample is built), once per process.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Protocol
+
+import numpy as np
+
+from trainer.data.config import DataConfig
+from trainer.data.dataset import build_dataset
+from trainer.data.tokenizer import GLMTokenizer
+
+ARRAY_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "block_position_ids")
+PACKED_FILL = 0.95
+"""A packed row at least this full is emitted by its window; a less full one is re-packed with the next window."""
+PACK_STREAM = 0x7061636B  # separates the row-order generator from every other stream seeded by (seed, ...)
+
+
+class SampleDataset(Protocol):
+    tokenizer: GLMTokenizer
+
+    def __getitem__(self, index: int) -> dict: ...
+
+    def sample_length(self, index: int) -> int: ...
+
+
+def pack(samples: list[dict], seq_length: int, pad_id: int) -> dict:
+    """One row: the samples end to end (each its first `length` slots), then padding (module docstring).
+    Every array [seq_length] int64; `tokens` (real slots) and `starts` (each sample's first slot) besides."""
+    row = {key: np.full(seq_length, pad_id if key in ("input_ids", "labels") else 0, dtype=np.int64)
+           for key in ARRAY_KEYS}
+    segment_start, segment_sep = np.empty(seq_length, dtype=np.int64), np.empty(seq_length, dtype=np.int64)
+    start, starts = 0, []
+    for sample in samples:
+        length = int(sample["length"])
+        if start + length > seq_length:
+            raise ValueError(f"samples of {start + length} tokens do not fit a row of {seq_length}")
+        for key in ARRAY_KEYS:
+            row[key][start:start + length] = sample[key][:length]
+        segment_start[start:start + length] = start
+        segment_sep[start:start + length] = start + int(sample["sep"])
+        starts.append(start)
+        start += length
+    segment_start[start:] = segment_sep[start:] = start  # the padding: a segment with an empty Part A
+    row.update(segment_start=segment_start, segment_sep=segment_sep, tokens=start, starts=starts)
+    return row
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of item positions: items longest first (ties by position), each into the fullest bin it fits,
+    else a new bin. Every length must be <= capacity."""
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free slots, bin number), sorted
+    for item in np.argsort(-lengths, kind="stable").tolist():
+        place = bisect.bisect_left(room, (int(lengths[item]), -1))
+        if place == len(room):
+            bins.append([item])
+            free, number = capacity - int(lengths[item]), len(bins) - 1
+        else:
+            free, number = room.pop(place)
+            bins[number].append(item)
+            free -= int(lengths[item])
+        bisect.insort(room, (free, number))
+    return bins
+
+
+class OneSamplePerRow:
+    """Row k = global sample k alone, padded (data.packing: false)."""
+
+    def __init__(self, samples: SampleDataset, seq_length: int):
+        self.samples, self.seq_length, self.tokenizer = samples, seq_length, samples.tokenizer
+
+    def members(self, row: int) -> list[int]:
+        """The global sample indices of `row`, in row order."""
+        return [row]
+
+    def real_tokens(self, row: int) -> int:
+        return self.samples.sample_length(row)
+
+    def __getitem__(self, row: int) -> dict:
+        return pack([self.samples[row]], self.seq_length, self.tokenizer.pad_id)
+
+
+class PackedSequences(OneSamplePerRow):
+    """Row k = the samples the windowed best-fit packing puts in row k (module docstring)."""
+
+    def __init__(self, samples: SampleDataset, seq_length: int, seed: int, window: int):
+        super().__init__(samples, seq_length)
+        self.seed, self.window = seed, window
+        self._first_row = [0]  # [w]: rows emitted by the windows before window w (one more entry than scanned)
+        self._carry_in = [np.empty(0, dtype=np.int64)]  # [w]: the samples carried into window w
+        self._rows: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # recent windows: (members, fills)
+
+    def _pack_window(self, w: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """(members of each emitted row, their real tokens, the samples carried into window w + 1)."""
+        carried = self._carry_in[w]
+        items = np.concatenate([carried, np.arange(w * self.window, (w + 1) * self.window)])  # [n]
+        lengths = np.array([self.samples.sample_length(int(i)) for i in items], dtype=np.int64)  # [n]
+        rows, fills, carry = [], [], []
+        for bin_items in best_fit_decreasing(lengths, self.seq_length):
+            fill = int(lengths[bin_items].sum())
+            if fill < PACKED_FILL * self.seq_length and min(bin_items) >= len(carried):  # none carried yet
+                carry.extend(items[bin_items].tolist())
+            else:
+                rows.append(np.sort(items[bin_items]))
+                fills.append(fill)
+        order = np.random.default_rng([self.seed % 2 ** 64, PACK_STREAM, w]).permutation(len(rows))
+        return [rows[i] for i in order], np.array(fills, dtype=np.int64)[order], np.sort(np.array(carry, dtype=np.int64))
+
+    def _window_rows(self, w: int) -> tuple[list[np.ndarray], np.ndarray]:
+        if w not in self._rows:
+            if len(self._rows) >= 2:  # a step's rows span at most a few windows; older ones are recomputed
+                self._rows.pop(min(self._rows))
+            members, fills, _ = self._pack_window(w)
+            self._rows[w] = (members, fills)
+        return self._rows[w]
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        """(window, place in that window's rows) of `row`, scanning windows as far as needed."""
+        if row < 0:
+            raise IndexError(f"row index {row} is negative")
+        while self._first_row[-1] <= row:
+            w = len(self._first_row) - 1
+            members, fills, carry = self._pack_window(w)
+            self._rows[w] = (members, fills)
+            while len(self._rows) > 2:
+                self._rows.pop(min(self._rows))
+            self._first_row.append(self._first_row[-1] + len(members))
+            self._carry_in.append(carry)
+        w = bisect.bisect_right(self._first_row, row) - 1
+        return w, row - self._first_row[w]
+
+    def members(self, row: int) -> list[int]:
+        w, place = self._locate(row)
+        return self._window_rows(w)[0][place].tolist()
+
+    def real_tokens(self, row: int) -> int:
+        w, place = self._locate(row)
+        return int(self._window_rows(w)[1][place])
+
+    def __getitem__(self, row: int) -> dict:
+        return pack([self.samples[i] for i in self.members(row)], self.seq_length, self.tokenizer.pad_id)
+
+
+def build_sequences(data: DataConfig, seed: int, split: str = "train") -> OneSamplePerRow:
+    """The rows of `split` that training (and validation) reads: packed when data.packing is set."""
+    samples = build_dataset(data, seed, split)
+    if data.packing:
+        return PackedSequences(samples, data.seq_length, seed, data.packing_window)
+    return OneSamplePerRow(samples, data.seq_length)

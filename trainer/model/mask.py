@@ -1,0 +1,102 @@
+"""GLM's attention mask, its one definition, for sequences that hold one sample or several packed ones.
+
+A row of s tokens holds samples laid end to end (the padding after the last one counts as a sample of its
+own with an empty Part A). For token i, `segment_start[i]` is where its sample starts and `segment_sep[i]`
+where that sample's Part A ends (absolute indices in the row). Then
+
+    row i sees column j  iff  segment_start[i] <= j  and  (j < segment_sep[i]  or  j <= i)
+
+Inside a sample this is GLM's mask (Part A bidirectional within Part A, Part B causal and seeing its own
+Part A); across samples it is block-diagonal: a column before the sample's start is hidden, and a column
+after its end is hidden too (it lies right of both sep and i). Every row sees itself, so no row is empty.
+
+What travels between pipeline stages is `segments` [b, 2, s] (segment_start, segment_sep stacked): O(s) per
+row. `GLMMask` builds the kernels' forms from it once per micro-batch: the dense bool [b, 1, s, s], SDPA's
+additive float mask, and FlexAttention's BlockMask, which skips the 128 x 128 tiles between two samples
+and above the diagonal right of every sep.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+
+def visible(q_index: torch.Tensor, kv_index: torch.Tensor, start: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+    """The rule of the module docstring for query q_index (with its sample's start and sep) and key kv_index;
+    broadcasts, so it serves the dense mask and FlexAttention's per-element mask function alike."""
+    return (kv_index >= start) & ((kv_index < sep) | (kv_index <= q_index))
+
+
+def segments_of_sep(sep: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """One sample per row, starting at 0 with |Part A| = sep [b] -> segments [b, 2, s]."""
+    b = sep.shape[0]
+    start = torch.zeros(b, seq_length, dtype=torch.long, device=sep.device)  # [b, s]
+    return torch.stack([start, sep.to(torch.long)[:, None].expand(b, seq_length)], dim=1)  # [b, 2, s]
+
+
+def dense_mask(segments: torch.Tensor, num_keys: Optional[int] = None) -> torch.Tensor:
+    """segments [b, 2, s_q] -> [b, 1, s_q, s_k] bool (True = may attend). Queries are the row's positions
+    s_k - s_q .. s_k - 1 (s_k = num_keys, default s_q): the last rows of the full mask, as a KV-cached
+    decoding step needs them."""
+    s_q = segments.shape[-1]
+    s_k = s_q if num_keys is None else num_keys
+    q_index = torch.arange(s_k - s_q, s_k, device=segments.device)[:, None]  # [s_q, 1]
+    kv_index = torch.arange(s_k, device=segments.device)[None, :]  # [1, s_k]
+    start, sep = segments[:, 0, :, None], segments[:, 1, :, None]  # [b, s_q, 1] each
+    return visible(q_index, kv_index, start, sep)[:, None]  # [b, 1, s_q, s_k]
+
+
+class GLMMask:
+    """The mask of one micro-batch from its segments [b, 2, s], each kernel's form built on first use and kept.
+    `GLMMask.of(segments)` hands every caller the same object while they pass the same, unmodified tensor: the
+    blocks of one pipeline stage (and the recomputation of a checkpointed block) share one mask per
+    micro-batch instead of building one per layer."""
+
+    _latest: Optional[tuple[weakref.ref, int, "GLMMask"]] = None
+
+    def __init__(self, segments: torch.Tensor):
+        self.segments = segments
+        self.seq_length = segments.shape[-1]
+        self._dense: Optional[torch.Tensor] = None
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
+        self._block_mask: Optional[BlockMask] = None
+
+    @classmethod
+    def of(cls, segments: torch.Tensor) -> "GLMMask":
+        """The mask of this segments tensor: the last one built if it is the same object, unchanged since."""
+        latest = cls._latest
+        if latest is not None and latest[0]() is segments and latest[1] == segments._version:
+            return latest[2]
+        mask = cls(segments)
+        cls._latest = (weakref.ref(segments), segments._version, mask)
+        return mask
+
+    def dense(self) -> torch.Tensor:
+        """[b, 1, s, s] bool, True = may attend."""
+        if self._dense is None:
+            self._dense = dense_mask(self.segments)
+        return self._dense
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """[b, 1, s, s] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool
+        one at every call, i.e. in every layer. Every row sees itself, so no row is all -inf."""
+        if dtype not in self._additive:
+            additive = torch.zeros(self.dense().shape, dtype=dtype, device=self.segments.device)
+            self._additive[dtype] = additive.masked_fill_(~self.dense(), float("-inf"))  # in place: one buffer
+        return self._additive[dtype]
+
+    def block_mask(self) -> BlockMask:
+        """The FlexAttention BlockMask (128 x 128 tiles): the rule evaluated on the row's segments."""
+        if self._block_mask is None:
+            start, sep = self.segments[:, 0], self.segments[:, 1]  # [b, s] each
+
+            def mask_mod(b, h, q_index, kv_index):
+                return visible(q_index, kv_index, start[b, q_index], sep[b, q_index])
+
+            s = self.seq_length
+            self._block_mask = create_block_mask(mask_mod, self.segments.shape[0], None, s, s,
+                                                 device=self.segments.device)
+        return self._block_mask
