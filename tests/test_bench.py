@@ -1,5 +1,7 @@
 """glm-bench: the JSON report of a tiny run (fields, and every figure recomputed from the measured step
-times), the synthetic batch format, the ratio arithmetic and the CLI's errors. No speed is asserted."""
+times), the real packed / unpacked batches of a corpus (their tokens and padding against the rows), the
+synthetic batch format, the ratio arithmetic and the CLI's errors. No speed is asserted."""
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -12,18 +14,22 @@ from torch.testing import assert_close
 
 from tests.glm_processes import REPO, TINY, _env
 from trainer.bench.batches import synthetic_micro_batch
-from trainer.bench.report import build_report
+from trainer.bench.report import build_report, to_text
 from trainer.bench.timing import Timings, round_orders, round_robin
+from trainer.config import load_config
+from trainer.data.corpus import embedded_paragraphs_corpus
+from trainer.data.packing import build_sequences
 from trainer.engine.flops import PEAK_TFLOPS, peak_tflops, train_flops_per_token
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 
 STEPS = 3
+CONFIG = REPO / "configs" / "glm-debug.yaml"
 
 
-def bench(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "trainer.bench.cli", "--config", str(REPO / "configs" / "glm-debug.yaml")]
-    for item in TINY + ["model.vocab_size=300"]:
+def bench(*args: str, overrides: tuple[str, ...] = ("model.vocab_size=300",)) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "trainer.bench.cli", "--config", str(CONFIG)]
+    for item in TINY + list(overrides):
         command += ["--set", item]
     return subprocess.run(command + list(args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
 
@@ -77,6 +83,53 @@ def test_pipeline_efficiency_is_measured_against_the_ideal(report):
     assert_close(pipeline["ideal_efficiency"], 2 / 3)
     single, staged = pipeline["single_stage_step_s"]["median"], pipeline["pipeline_step_s"]["median"]
     assert_close(pipeline["efficiency"], single / (2 * staged))
+
+
+@pytest.fixture(scope="module")
+def corpus_overrides() -> tuple[str, ...]:
+    """The short-document corpus at s = 256; the vocabulary from its tokenizer."""
+    return f"data.path={embedded_paragraphs_corpus()}", "data.seq_length=256", "model.max_sequence_length=256"
+
+
+@pytest.fixture(scope="module")
+def corpus_report(corpus_overrides) -> dict:
+    result = bench("--steps", "1", "--warmup", "1", "--json", "--no-bare", "--no-hf", "--no-pipeline",
+                   overrides=corpus_overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_real_batches_hold_the_first_step_of_the_rows(corpus_report, corpus_overrides):
+    config = load_config(CONFIG, TINY + list(corpus_overrides))
+    packing, rows_per_step, slots = corpus_report["packing"], 4, 4 * 256  # global batch 4 of micro-batches of 2
+    assert packing["corpus"] == str(embedded_paragraphs_corpus())
+    for name, packed in (("packed", True), ("unpacked", False)):
+        rows = build_sequences(dataclasses.replace(config.data, packing=packed), config.train.seed)
+        built = [rows[k] for k in range(rows_per_step)]
+        real = sum(row["tokens"] for row in built)
+        assert real == sum(rows.real_tokens(k) for k in range(rows_per_step))
+        entry = packing[name]
+        assert entry["real_tokens_per_step"] == real and entry["tokens_per_step"] == slots
+        assert entry["samples_per_step"] == sum(len(row["starts"]) for row in built)
+        assert_close(entry["padding_fraction"], 1 - real / slots)
+        assert_close(entry["real_tokens_per_s"], real / statistics.median(entry["seconds"]))
+    assert packing["packed"]["padding_fraction"] < packing["unpacked"]["padding_fraction"]
+    assert packing["unpacked"]["samples_per_step"] == rows_per_step < packing["packed"]["samples_per_step"]
+
+
+def test_packed_vs_unpacked_is_the_per_round_ratio_of_real_tokens_per_s(corpus_report):
+    packing = corpus_report["packing"]
+    for key, clock in (("packed_vs_unpacked", "seconds"), ("packed_vs_unpacked_cpu", "cpu_seconds")):
+        rates = {name: [packing[name]["real_tokens_per_step"] / t for t in packing[name][clock]]
+                 for name in ("packed", "unpacked")}
+        assert len(rates["packed"]) == len(rates["unpacked"]) == 1
+        assert_close(packing[key], statistics.median([p / u for p, u in zip(rates["packed"], rates["unpacked"])]))
+    text = to_text(corpus_report)
+    assert "packed/unpacked tok/s" in text and f"{packing['packed']['real_tokens_per_step']}" in text
+
+
+def test_no_corpus_no_real_batches(report):
+    assert report["packing"] is None and "not run (no data.path)" in to_text(report)
 
 
 def test_report_ratios_pair_the_steps_of_one_round():

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from trainer.data.config import DataConfig
+from trainer.data.corpus import embedded_corpus
 from trainer.data.indexed import IndexedDataset
-from trainer.data.prep import main
+from trainer.data.packing import build_sequences
+from trainer.data.prep import ROW_TEXT_WIDTH, clip, describe_row, main
 from trainer.data.tokenizer import load_tokenizer
 
 TEXT = "GLM fills blanks.\nPart A is read both ways; Part B left to right \u2014 caf\u00e9, \u6587\u672c\u3002\n"
@@ -49,6 +52,59 @@ def test_embedded_prints_decoded_samples_of_every_mode(tmp_path, monkeypatch, ca
     assert "sample 0 (mask" in out and "sample 1 (smask" in out and "sample 2 (gmask" in out
     assert "Part B, [MASK] at" in out and "Part B, [sMASK] at" in out and "Part B, [gMASK] at" in out
     assert "[CLS]" in out
+    assert "packed rows of the training stream (seq_length=64" in out
+    assert "row 0:" in out and "row 2:" in out and "row 3:" not in out and "  slot 0: sample " in out
+
+
+def test_describe_row_shows_each_sample_start_length_sep_and_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLM_CACHE_DIR", str(tmp_path))
+    data = DataConfig(path=str(embedded_corpus()), modes={"mask": 1.0, "smask": 1.0, "gmask": 1.0})
+    rows = build_sequences(data, seed=1234)
+    tokenizer, modes = rows.tokenizer, set()
+    for k in range(4):
+        row, members = rows[k], rows.members(k)
+        assert len(members) >= 2  # packed rows
+        lines = describe_row(rows, k)
+        assert lines[0] == (f"row {k}: {len(members)} sample(s), {row['tokens']} of {data.seq_length} slots real, "
+                            f"{data.seq_length - row['tokens']} padding")
+        layout = [line for line in lines if line.startswith("  slot ")]
+        assert layout == describe_row(rows, k, text=False)[1:]
+        for line, index, start in zip(layout, members, row["starts"], strict=True):
+            sample = rows.samples[index]
+            part_a = sample["input_ids"][:sample["sep"]].tolist()
+            mode = next(name for name, token in (("[MASK]", tokenizer.mask_id), ("[sMASK]", tokenizer.smask_id),
+                                                 ("[gMASK]", tokenizer.gmask_id)) if token in part_a)
+            assert line == f"  slot {start}: sample {index}, {sample['length']} tokens, sep {sample['sep']}, {mode}"
+            modes.add(mode)
+        assert sum(line.startswith("    Part A (") for line in lines) == len(members)
+        assert max(map(len, lines)) < ROW_TEXT_WIDTH + 60  # decoded text clipped
+    assert modes == {"[MASK]", "[sMASK]", "[gMASK]"}
+
+
+def test_clip_keeps_both_ends_of_long_text():
+    assert clip("short", 100) == "short" and clip("x" * 500, None) == "x" * 500
+    clipped = clip("".join(map(str, range(100))) + "[gMASK]", 40)
+    assert len(clipped) == 40 and clipped.startswith("0123456789") and clipped.endswith("99[gMASK]")
+    assert "\u2026" in clipped
+
+
+def test_embedded_paragraphs_prints_its_prefix_and_packed_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GLM_CACHE_DIR", str(tmp_path))
+    assert main(["--embedded-paragraphs", "--samples", "1"]) == 0
+    first = capsys.readouterr().out
+    prefix = first.splitlines()[0].removeprefix("glm-prep: embedded paragraphs corpus (short documents) at ")
+    prefix = prefix.removesuffix(".bin/.idx/.tokenizer.json")
+    assert prefix.startswith(str(tmp_path)) and len(IndexedDataset(prefix)) > len(IndexedDataset(embedded_corpus()))
+    assert "row 0:" in first and "  slot 0: sample " in first
+    assert main(["--embedded-paragraphs"]) == 0  # reused, not rebuilt
+    assert capsys.readouterr().out == first.splitlines()[0] + "\n"
+
+
+def test_embedded_sources_take_no_output_options(tmp_path, capsys):
+    for source in ("--embedded", "--embedded-paragraphs"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([source, "--output-prefix", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and f"{source} takes neither --output-prefix" in capsys.readouterr().err
 
 
 def plain_tokenizer(path) -> None:

@@ -1,5 +1,6 @@
 """The spine of the project: the same config gives the same losses on every (tp, pp, dp) layout,
-and a resumed run continues the same loss curve. CPU, gloo, fp32, dropout 0 (configs/glm-debug.yaml)."""
+and a resumed run continues the same loss curve. CPU, gloo, fp32, dropout 0 (configs/glm-debug.yaml), on
+packed rows of short documents (several samples per row), and once without packing."""
 import json
 
 import pytest
@@ -7,11 +8,15 @@ import torch
 
 from tests.distributed import run_distributed
 from trainer.config import load_config
+from trainer.data.corpus import embedded_paragraphs_corpus
+from trainer.data.packing import build_sequences
 
 STEPS = 8
-# A short, fast variant of the debug config; every layout below runs exactly this.
-BASE = ["model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "data.seq_length=64",
-        "model.max_sequence_length=64", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
+# A short, fast variant of the debug config; every layout below runs exactly this. Rows of 128 slots hold
+# two or three paragraph samples each.
+BASE = ["model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "data.seq_length=128",
+        f"data.path={embedded_paragraphs_corpus()}", "data.packing=true",
+        "model.max_sequence_length=128", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
         f"train.steps={STEPS}", "optim.warmup_steps=2", "optim.decay_steps=6", "train.save_interval=0",
         "train.eval_interval=4", "data.valid_fraction=0.1"]
 
@@ -69,6 +74,13 @@ def test_four_process_layouts_match_single_process(reference, tmp_path, name, ov
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
 
 
+def test_unpacked_rows_match_across_layouts_too(tmp_path):
+    unpacked = ["data.packing=false"]
+    single = _losses(tmp_path, "unpacked1", unpacked)
+    tp2 = _losses(tmp_path, "unpacked_tp2", unpacked + ["parallel.tp=2"], world_size=2)
+    torch.testing.assert_close(torch.tensor(tp2), torch.tensor(single), rtol=1e-5, atol=0)
+
+
 def test_activation_checkpointing_changes_no_loss(reference, tmp_path):
     losses = _losses(tmp_path, "recompute", ["parallel.activation_checkpoint_interval=1"])
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
@@ -99,14 +111,20 @@ def test_outputs_metrics_tensorboard_and_checkpoint(reference_run):
     losses, run_dir = reference_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "padding_fraction"):
         assert all(isinstance(r[key], float) for r in records), key
+    rows = build_sequences(load_config("configs/glm-debug.yaml", BASE).data, 1234)
+    for r in records:  # the share of the step's slots (every rank's rows) that hold no real token
+        step_rows = range(r["consumed_samples"] - r["batch_size"], r["consumed_samples"])
+        assert r["padding_fraction"] == 1 - sum(rows.real_tokens(k) for k in step_rows) / (r["batch_size"] * 128)
+    assert max(r["padding_fraction"] for r in records) < 0.05
     torch.testing.assert_close(torch.tensor([r["loss"] for r in records]), torch.tensor(_train_losses(losses)))
     assert [r["step"] for r in records if "valid_ppl" in r] == [4, 8]
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"train/loss", "train/lr", "train/grad_norm", "memory/peak_allocated_bytes"} <= set(scalars)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/padding_fraction",
+            "memory/peak_allocated_bytes"} <= set(scalars)
     tb_losses = [e.value for e in events.Scalars("train/loss")]
     torch.testing.assert_close(torch.tensor(tb_losses), torch.tensor(_train_losses(losses)))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"

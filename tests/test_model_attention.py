@@ -9,9 +9,10 @@ from torch.testing import assert_close
 
 from deepspeed.accelerator import get_accelerator
 
+from tests.test_model_mask import packed_segments
 from trainer.model.attention import MASKED_SCORE, KVCache, SelfAttention, flex_glm_attention, fp32_softmax_attention
-from trainer.model.mask import GLMMask, dense_mask, segments_of_sep
 from trainer.model.config import ModelConfig
+from trainer.model.mask import GLMMask, dense_mask, segments_of_sep
 from trainer.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -177,16 +178,20 @@ def test_flex_attention_equals_sdpa_with_the_dense_mask(s):
 
 @pytest.mark.skipif(get_accelerator().device_name() == "cpu",
                     reason="FlexAttention has no backward on CPU; the kernel trains on accelerators only")
-def test_flex_attention_path_equals_sdpa_path_outputs_and_grads_on_the_accelerator():
+@pytest.mark.parametrize("rows", [[[(384, 40)], [(384, 300)]],
+                                  [[(100, 40), (200, 30), (60, 60)], [(130, 129), (128, 3), (5, 2)]]],
+                         ids=["one_sample_per_row", "packed"])
+def test_flex_attention_path_equals_sdpa_path_outputs_and_grads_on_the_accelerator(rows):
     torch.manual_seed(0)
     device = get_accelerator().device_name(0)
     config = ModelConfig(hidden_size=128, num_attention_heads=4, attention_dropout=0.0)
     attention = SelfAttention(config, layer_number=1, seed=3).to(device)
-    sep, s = torch.tensor([40, 300], device=device), 384
+    s = 384
+    segments = packed_segments(rows, s).to(device)
     hidden = torch.randn(2, s, 128, device=device, requires_grad=True)
     ids = torch.zeros(2, s, dtype=torch.long, device=device)
     results = []
-    for mask in (attention_mask_from_sep(sep, s), SepMask(sep, s)):  # SDPA, then FlexAttention
+    for mask in (dense_mask(segments), GLMMask(segments)):  # SDPA, then FlexAttention
         out = attention(hidden, ids, ids, mask)
         results.append((out, torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])))
     assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)

@@ -123,3 +123,71 @@ def _tp_parity(rank: int, world_size: int, switches: dict) -> None:
 @pytest.mark.parametrize("switches", list(SWITCH_SETS.values()), ids=list(SWITCH_SETS))
 def test_tp2_equals_tp1(switches):
     run_distributed(_tp_parity, 2, switches)
+
+
+def packed_row(lengths_and_seps: list[tuple[int, int]], s: int, vocab: int = 100):
+    """Random blank-infilling-shaped samples (Part A of sep tokens, then one Part B span) laid end to end in
+    one row of s slots: (inputs, labels, each sample's (start, length), each sample alone as its own inputs)."""
+    generator = torch.Generator().manual_seed(1)
+    columns = {key: [] for key in ("ids", "labels", "positions", "blocks", "start", "sep")}
+    alone, bounds, start = [], [], 0
+    for length, sep in lengths_and_seps:
+        index = torch.arange(length)
+        sample = {"ids": torch.randint(0, vocab, (length,), generator=generator),
+                  "labels": torch.randint(0, vocab, (length,), generator=generator),
+                  "positions": torch.where(index >= sep, sep - 1, index),
+                  "blocks": torch.where(index >= sep, index - sep + 1, 0)}
+        for key, value in sample.items():
+            columns[key].append(value)
+        columns["start"].append(torch.full((length,), start))
+        columns["sep"].append(torch.full((length,), start + sep))
+        alone.append(((sample["ids"][None], sample["positions"][None], sample["blocks"][None],
+                       segments_of_sep(torch.tensor([sep]), length)), sample["labels"][None]))
+        bounds.append((start, length))
+        start += length
+    pad = s - start
+    row = {key: torch.cat(values + [torch.zeros(pad, dtype=torch.long)]) for key, values in columns.items()}
+    row["start"][start:] = row["sep"][start:] = start
+    segments = torch.stack([row["start"], row["sep"]])[None]  # [1, 2, s]
+    inputs = (row["ids"][None], row["positions"][None], row["blocks"][None], segments)
+    return inputs, row["labels"][None], bounds, alone
+
+
+PACKED = [(9, 5), (7, 3), (12, 8), (5, 2)]
+
+
+@pytest.mark.parametrize("position_embedding", ["learned_2d", "rope_1d", "rope_2d"])
+def test_packed_samples_have_the_per_token_losses_of_each_sample_alone(position_embedding):
+    from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    config = tiny_config(position_embedding=position_embedding)
+    model = GLMModel(config, seed=5)
+    inputs, labels, bounds, alone = packed_row(PACKED, 40)
+    packed = vocab_parallel_cross_entropy(model(*inputs), labels, None, vocab_size=100)[0]  # [s]
+    for (start, length), (sample_inputs, sample_labels) in zip(bounds, alone):
+        own = vocab_parallel_cross_entropy(model(*sample_inputs), sample_labels, None, vocab_size=100)[0]
+        assert_close(packed[start:start + length], own, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("position_embedding", ["learned_2d", "rope_1d", "rope_2d"])
+def test_no_gradient_crosses_from_one_packed_sample_to_another(position_embedding):
+    """d(loss of sample j) / d(input embeddings of every other slot) is exactly zero."""
+    from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    config = tiny_config(position_embedding=position_embedding)
+    model = GLMModel(config, seed=5)
+    inputs, labels, bounds, _ = packed_row(PACKED, 40)
+    for start, length in bounds:
+        activations = model.embedding(inputs)
+        embeddings = activations[0].detach().requires_grad_()  # [1, s, h]: the blocks' input
+        hidden = (embeddings, *activations[1:])
+        for layer in model.transformer["layers"]:
+            hidden = layer(hidden)
+        logits = model.embedding.logits(model.transformer["final_layernorm"](hidden))
+        loss = vocab_parallel_cross_entropy(logits, labels, None, vocab_size=100)[0, start:start + length].sum()
+        (grad,) = torch.autograd.grad(loss, embeddings)
+        outside = torch.ones(grad.shape[1], dtype=torch.bool)
+        outside[start:start + length] = False
+        assert torch.equal(grad[0, outside], torch.zeros_like(grad[0, outside]))
+        assert grad[0, start:start + length].abs().sum() > 0

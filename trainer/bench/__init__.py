@@ -3,8 +3,9 @@
     glm-bench --config configs/glm-debug.yaml [--steps N] [--json]
 
 The modules: batches (synthetic samples in the real format), timing (round-robin step timing),
-runners (the DeepSpeed engine, the bare loop, HF GPT-2), pipeline (pp=2 in spawned processes),
-report (the figures and their text / JSON form), cli (the entry point).
+runners (the DeepSpeed engine, the bare loop, HF GPT-2), packing (real batches of data.path, packed and
+unpacked), pipeline (pp=2 in spawned processes), report (the figures and their text / JSON form), cli (the
+entry point).
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
 
 In one process (the single-device debug mode, tp = pp = 1), on the same synthetic batches: the DeepSpeed
 engine, the same GLM in a bare PyTorch loop, and HF GPT-2 of the same shape take turns, one optimizer
-step each per round. Then pp = 2 runs in two spawned processes (CPU: gloo; GPU: needs two devices).
+step each per round. With a corpus (--set data.path=PREFIX) the engine then takes turns on the first
+optimizer step of real rows, packed and unpacked, and reports their real-token throughput. Then pp = 2 runs
+in two spawned processes (CPU: gloo; GPU: needs two devices).
 """
 from __future__ import annotations
 
@@ -53,9 +55,11 @@ def bench_config(args: argparse.Namespace) -> Config:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("run glm-bench directly, not under a launcher: it spawns its own pp=2 processes")
     config.validate(world_size=1)
-    if config.model.vocab_size == 0:
-        from trainer.preflight import check_data
+    from trainer.preflight import check_data
 
+    if config.data.path:  # the real batches read it: the files, the tokenizer and the vocabulary must fit
+        check_data(config)
+    elif config.model.vocab_size == 0:
         try:
             check_data(config)
         except GLMError as error:

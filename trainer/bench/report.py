@@ -7,6 +7,9 @@
 Each ratio comes from its own rounds, in which only the engine and that contender take turns.
 Each ratio also comes as `<ratio>_cpu`, the same from process CPU seconds (on a shared CPU the steadier one).
 Each contender also reports its median minor page faults per step (`page_faults_per_step`).
+With a corpus (data.path), `packing` holds the real batches' figures (trainer/bench/packing.py):
+    real_tokens_per_s  = real (non-padding) tokens per step / median step seconds
+    packed_vs_unpacked = median over rounds of (packed real tokens/s / unpacked real tokens/s)
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import statistics
 from typing import Optional
 
+from trainer.bench.packing import RealStep
 from trainer.bench.timing import Spread, Timings, per_round_ratio
 from trainer.engine.flops import FLOP_FORMULA
 
@@ -35,12 +39,33 @@ def _ratios(report: dict, key: str, numerator: Timings, denominator: Timings) ->
     report[f"{key}_cpu"], report[f"{key}_cpu_spread"] = cpu.median, cpu.as_dict()
 
 
+def real_throughput(step: RealStep, timings: Timings, flops_per_token: int) -> dict:
+    """One real step's contents and timings -> throughput() over its slots, plus its real-token figures."""
+    figures = throughput(timings, step.slots, flops_per_token)
+    return {**figures, "tokens_per_step": step.slots, "real_tokens_per_step": step.real_tokens,
+            "samples_per_step": step.samples, "padding_fraction": step.padding_fraction,
+            "real_tokens_per_s": step.real_tokens / figures["step_s"]["median"]}
+
+
+def packing_figures(steps: dict[str, RealStep], timings: dict[str, Timings], flops_per_token: int,
+                    corpus: str) -> dict:
+    """The "packed" and "unpacked" real steps' figures and packed_vs_unpacked (module docstring)."""
+    packing = {"corpus": corpus, **{name: real_throughput(steps[name], timings[name], flops_per_token)
+                                    for name in ("packed", "unpacked")}}
+    for key, clock in (("packed_vs_unpacked", "wall"), ("packed_vs_unpacked_cpu", "cpu")):
+        rates = {name: [steps[name].real_tokens / seconds for seconds in getattr(timings[name], clock)]
+                 for name in ("packed", "unpacked")}  # real tokens/s of each round's step
+        ratio = per_round_ratio(rates["packed"], rates["unpacked"])
+        packing[key], packing[f"{key}_spread"] = ratio.median, ratio.as_dict()
+    return packing
+
+
 def build_report(pairs: dict[str, tuple[Timings, Timings]], tokens_per_step: int, flops_per_token: int,
                  peak: Optional[float], peak_memory_bytes: int, context: dict, pipeline: Optional[dict],
-                 engine_alone: Optional[Timings] = None) -> dict:
+                 engine_alone: Optional[Timings] = None, packing: Optional[dict] = None) -> dict:
     """pairs: contender ("bare_loop", "hf_gpt2") -> (the engine's timings, the contender's timings) of the rounds
     the two ran in together; engine_alone: the engine's timings when there is no other contender. The
-    engine's throughput is taken over all its steps."""
+    engine's throughput is taken over all its steps. packing: packing_figures() of a run with a corpus."""
     engine_times = sum((engine for engine, _ in pairs.values()), engine_alone or Timings([], [], []))
     engine = throughput(engine_times, tokens_per_step, flops_per_token)
     report = {**context, "flop_formula": FLOP_FORMULA, "flops_per_token": flops_per_token,
@@ -48,7 +73,7 @@ def build_report(pairs: dict[str, tuple[Timings, Timings]], tokens_per_step: int
               "tokens_per_s": engine["tokens_per_s"], "tflops": engine["tflops"],
               "peak_tflops": peak, "mfu": None if peak is None else engine["tflops"] / peak,
               "peak_memory_bytes": peak_memory_bytes, "engine": engine,
-              "vs_bare_loop": None, "vs_hf_gpt2": None, "pipeline": pipeline}
+              "vs_bare_loop": None, "vs_hf_gpt2": None, "pipeline": pipeline, "packing": packing}
     for name, (engine_rounds, timings) in pairs.items():
         report[name] = {**throughput(timings, tokens_per_step, flops_per_token),
                         "engine_seconds": engine_rounds.wall, "engine_cpu_seconds": engine_rounds.cpu}
@@ -70,6 +95,21 @@ def _ratio_line(report: dict, key: str, label: str) -> str:
     wall, cpu = report[f"{key}_spread"], report[f"{key}_cpu_spread"]
     return (f"{label:<24} {report[key]:.3f} wall (rounds {wall['min']:.3f}..{wall['max']:.3f}), "
             f"{report[key + '_cpu']:.3f} CPU time (rounds {cpu['min']:.3f}..{cpu['max']:.3f})")
+
+
+def _packing_lines(packing: Optional[dict]) -> list[str]:
+    if packing is None:
+        return [f"{'real batches':<24} not run (no data.path)"]
+    lines = [f"real batches of {packing['corpus']} (first optimizer step, the same engine):",
+             f"{'data.packing':<24} {'step s (median, min..max)':<30} {'real tok/step':>13} {'samples':>8} "
+             f"{'padding':>8} {'real tokens/s':>14}"]
+    for name in ("packed", "unpacked"):
+        entry = packing[name]
+        step = entry["step_s"]
+        lines.append(f"{name:<24} {step['median']:.4f} ({step['min']:.4f}..{step['max']:.4f}){'':<8} "
+                     f"{entry['real_tokens_per_step']:>13} {entry['samples_per_step']:>8} "
+                     f"{100 * entry['padding_fraction']:>7.1f}% {entry['real_tokens_per_s']:>14.0f}")
+    return lines + [_ratio_line(packing, "packed_vs_unpacked", "packed/unpacked tok/s")]
 
 
 def to_text(report: dict) -> str:
@@ -94,6 +134,7 @@ def to_text(report: dict) -> str:
               f"{'peak memory':<24} {report['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({report['memory_note']})",
               _ratio_line(report, "vs_bare_loop", "engine / bare loop"),
               _ratio_line(report, "vs_hf_gpt2", "GLM / HF GPT-2 tokens/s")]
+    lines += _packing_lines(report["packing"])
     pipeline = report["pipeline"]
     if pipeline is None or "skipped" in pipeline:
         lines.append(f"{'pipeline pp=2':<24} {'not run' if pipeline is None else 'skipped: ' + pipeline['skipped']}")

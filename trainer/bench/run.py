@@ -1,13 +1,16 @@
-"""One glm-bench run: build the contenders on this process, time them in rounds, then the pipeline."""
+"""One glm-bench run: build the contenders on this process, time them in rounds, then (with a corpus) the
+engine on real batches packed and unpacked, then the pipeline."""
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from deepspeed.accelerator import get_accelerator
 
 from trainer.bench.batches import synthetic_step
+from trainer.bench.packing import SETTINGS, real_step, time_packing
 from trainer.bench.pipeline import pipeline_efficiency
-from trainer.bench.report import build_report
+from trainer.bench.report import build_report, packing_figures
 from trainer.bench.runners import EngineRunner, bare_loop_runner, gpt2_runner
 from trainer.bench.timing import peak_memory_of, round_robin, timed
 from trainer.config import Config
@@ -15,6 +18,17 @@ from trainer.engine.distributed import init_distributed, local_device
 from trainer.engine.flops import peak_tflops, train_flops_per_token
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
+
+
+def packing_comparison(config: Config, engine: EngineRunner, args: argparse.Namespace, grad_accum: int,
+                       flops_per_token: int) -> Optional[dict]:
+    """With a corpus (data.path): the engine on the first real step, packed and unpacked, in alternating
+    rounds -> packing_figures(); None without one."""
+    if not config.data.path:
+        return None
+    steps = {name: real_step(config, packing, grad_accum, local_device()) for name, packing in SETTINGS.items()}
+    timings = time_packing(engine, steps, args.warmup, args.steps)
+    return packing_figures(steps, timings, flops_per_token, config.data.path)
 
 
 def run_bench(config: Config, args: argparse.Namespace, device: str, memory_notes: dict) -> dict:
@@ -42,6 +56,8 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
         pairs[name] = (rounds["engine"], rounds[name])
     if not contenders:
         engine_alone = round_robin({"engine": engine.step}, args.steps)["engine"]
+    flops_per_token = train_flops_per_token(m, config.data.seq_length)
+    packing = packing_comparison(config, engine, args, grad_accum, flops_per_token)
     pipeline = None
     if not args.no_pipeline:
         pipeline = pipeline_efficiency(config, args.pipeline_micro_batches, args.steps, args.warmup)
@@ -56,6 +72,5 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
                          "activation_checkpoint_interval": config.parallel.activation_checkpoint_interval},
                "memory_note": memory_notes["cpu" if on_cpu else "gpu"]}
     tokens_per_step = grad_accum * config.parallel.micro_batch_size * config.data.seq_length
-    flops_per_token = train_flops_per_token(m, config.data.seq_length)
     return build_report(pairs, tokens_per_step, flops_per_token, peak_tflops(args.peak_tflops, config.train.precision),
-                        peak_memory, context, pipeline, engine_alone)
+                        peak_memory, context, pipeline, engine_alone, packing)

@@ -43,7 +43,11 @@ class EngineRunner:
         self.batches = batches
 
     def step(self) -> float:
-        return self.engine.train_batch(iter(self.batches)).item()
+        return self.step_on(self.batches)
+
+    def step_on(self, batches: list[MicroBatch]) -> float:
+        """One optimizer step on `batches` instead (the real batches of trainer.bench.packing) -> its loss."""
+        return self.engine.train_batch(iter(batches)).item()
 
 
 class PlainLoop:

@@ -26,6 +26,8 @@ from trainer.errors import DataError
 
 EMBEDDED_VOCAB_SIZE = 4096
 """The embedded tokenizer: 4096 ids (= 32 * 128, no vocabulary padding for tp <= 32)."""
+PARAGRAPH_MIN_CHARS = 80
+"""embedded_paragraphs() drops shorter paragraphs (headings, single code lines)."""
 BATCH_CHARS = 1 << 16
 """Text per unit of work sent to a tokenizer process."""
 
@@ -118,14 +120,37 @@ def embedded_corpus() -> Path:
     temporary directory and renames it into place (atomic); when two processes race, the loser's
     rename fails on the existing directory and it uses the winner's."""
     documents = embedded_documents()
-    digest = hashlib.sha256(json.dumps([EMBEDDED_VOCAB_SIZE, documents]).encode()).hexdigest()[:16]
-    final = cache_dir() / f"pydoc-{digest}"
+    return _cached_corpus("pydoc", documents, lambda: train_tokenizer(documents, EMBEDDED_VOCAB_SIZE))
+
+
+def embedded_paragraphs() -> list[str]:
+    """The embedded text as short documents: every paragraph (blank-line separated) of PARAGRAPH_MIN_CHARS
+    characters or more of every topic, in topic order. A corpus of short documents, as web pages, chat
+    turns and code snippets are, for packing measurements."""
+    return [paragraph.strip() for topic in embedded_documents() for paragraph in topic.split("\n\n")
+            if len(paragraph.strip()) >= PARAGRAPH_MIN_CHARS]
+
+
+def embedded_paragraphs_corpus() -> Path:
+    """The prefix of the paragraphs corpus (embedded_paragraphs(), the embedded corpus's tokenizer), built
+    on first use in the cache directory like embedded_corpus()."""
+    from trainer.data.tokenizer import load_tokenizer
+
+    tokenizer_path = f"{embedded_corpus()}.tokenizer.json"
+    return _cached_corpus("pydoc-paragraphs", embedded_paragraphs(), lambda: load_tokenizer(tokenizer_path),
+                          salt=Path(tokenizer_path).read_text())
+
+
+def _cached_corpus(name: str, documents: list[str], make_tokenizer: Callable[[], GLMTokenizer],
+                   salt: str = "") -> Path:
+    """PREFIX of `documents` prepared once under cache_dir()/NAME-HASH (the hash of text and settings)."""
+    digest = hashlib.sha256(json.dumps([EMBEDDED_VOCAB_SIZE, documents, salt]).encode()).hexdigest()[:16]
+    final = cache_dir() / f"{name}-{digest}"
     if not (final / "corpus.idx").is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=final.parent, prefix=".pydoc-"))
+        work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-"))
         try:
-            tokenizer = train_tokenizer(documents, EMBEDDED_VOCAB_SIZE)
-            prepare(documents, work / "corpus", tokenizer, workers=1, progress=False)
+            prepare(documents, work / "corpus", make_tokenizer(), workers=1, progress=False)
             try:
                 os.rename(work, final)
             except OSError:

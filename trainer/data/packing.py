@@ -10,8 +10,9 @@ Packing (data.packing: true). The global sample stream (dataset index 0, 1, 2, .
 mixture component already in it) is cut into windows of W = data.packing_window consecutive samples. Each
 window is packed on its own by best-fit decreasing: its samples, longest first, each into the open row with
 the least room that still fits it, else into a new row. A row left fuller than PACKED_FILL is emitted;
-the samples of a less full row are carried into the next window and packed again with it, once: a sample
-carried once goes out with the next window whatever its row's fill. The emitted rows of a window are
+the samples of a less full row are carried into the next window and packed again with it, once, ahead of
+that window's own samples (so they open its first rows, which the rest then fill): a sample carried once
+goes out with the next window whatever its row's fill. The emitted rows of a window are
 shuffled by a generator seeded with (seed, window). So row k is a pure function of (seed, k) and the data
 config: the same at every data-parallel size and after a resume. Finding the window of row k scans the
 windows before it (sample lengths only, from their span draws: no sample is built), once per process.
@@ -63,12 +64,13 @@ def pack(samples: list[dict], seq_length: int, pad_id: int) -> dict:
     return row
 
 
-def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Bins of item positions: items longest first (ties by position), each into the fullest bin it fits,
-    else a new bin. Every length must be <= capacity."""
+def best_fit_decreasing(lengths: np.ndarray, capacity: int, first: int = 0) -> list[list[int]]:
+    """Bins of item positions: the first `first` items, then the others, each group longest first (ties by
+    position), each item into the fullest bin it fits, else a new bin. Every length must be <= capacity."""
     bins: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (free slots, bin number), sorted
-    for item in np.argsort(-lengths, kind="stable").tolist():
+    order = [*np.argsort(-lengths[:first], kind="stable"), *(first + np.argsort(-lengths[first:], kind="stable"))]
+    for item in map(int, order):
         place = bisect.bisect_left(room, (int(lengths[item]), -1))
         if place == len(room):
             bins.append([item])
@@ -114,7 +116,8 @@ class PackedSequences(OneSamplePerRow):
         items = np.concatenate([carried, np.arange(w * self.window, (w + 1) * self.window)])  # [n]
         lengths = np.array([self.samples.sample_length(int(i)) for i in items], dtype=np.int64)  # [n]
         rows, fills, carry = [], [], []
-        for bin_items in best_fit_decreasing(lengths, self.seq_length):
+        # The carried samples go first, into the first rows, which the window's own samples then fill.
+        for bin_items in best_fit_decreasing(lengths, self.seq_length, first=len(carried)):
             fill = int(lengths[bin_items].sum())
             if fill < PACKED_FILL * self.seq_length and min(bin_items) >= len(carried):  # none carried yet
                 carry.extend(items[bin_items].tolist())

@@ -1,32 +1,36 @@
-"""After the single-process main job: one blank of a training sample filled by the trained model, read
-back from the checkpoint the run just saved and decoded exactly as glm-generate does."""
+"""After the single-process main job: the first training row as packed (where each sample starts, its mode),
+and one blank of a training sample filled by the trained model, read back from the checkpoint the run just
+saved and decoded exactly as glm-generate does."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from trainer.checkpoint.model_source import build_model, read_weights
-from trainer.data.dataset import GLMDataset
+from trainer.data.packing import OneSamplePerRow, SampleDataset
+from trainer.data.prep import describe_row
 from trainer.generate import fill_blanks
 from trainer.model.config import ModelConfig
 
 
-def first_mask_sample(dataset: GLMDataset, search: int = 64) -> int:
+def first_mask_sample(samples: SampleDataset, search: int = 64) -> int:
     """Index of the first sample whose first blank is a short [MASK] span with text before it."""
-    mask_id = dataset.tokenizer.mask_id
+    mask_id = samples.tokenizer.mask_id
     for index in range(search):
-        part_a = list(dataset[index]["input_ids"][: int(dataset[index]["sep"])])
+        sample = samples[index]
+        part_a = list(sample["input_ids"][: int(sample["sep"])])
         if mask_id in part_a and part_a.index(mask_id) > 8:
             return index
     return 0
 
 
-def fill_one_blank(checkpoint_dir: Path, model_config: ModelConfig, dataset: GLMDataset) -> str:
-    """Decode the first blank of a [MASK] sample: the text around it, the original span and the model's
-    greedy fill (every blank of the sample is filled in text order; the first one is shown)."""
-    tokenizer = dataset.tokenizer
+def fill_one_blank(checkpoint_dir: Path, model_config: ModelConfig, rows: OneSamplePerRow) -> str:
+    """Row 0 of the training rows (its layout only), then the first blank of a [MASK] sample: the text
+    around it, the original span and the model's greedy fill (every blank of the sample is filled in text
+    order; the first one is shown)."""
+    tokenizer = rows.tokenizer
     blanks = {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id}
-    sample_index = first_mask_sample(dataset)
-    sample = dataset[sample_index]
+    sample_index = first_mask_sample(rows.samples)
+    sample = rows.samples[sample_index]
     sep = int(sample["sep"])
     part_a = [int(t) for t in sample["input_ids"][:sep]]
     mask_position = next(i for i, t in enumerate(part_a) if t in blanks)
@@ -38,5 +42,7 @@ def fill_one_blank(checkpoint_dir: Path, model_config: ModelConfig, dataset: GLM
                            config.max_sequence_length, config.vocab_size,
                            max_new_tokens=max(1, min(32, len(original) + 8)))
     context = tokenizer.decode(part_a[max(0, mask_position - 24): mask_position + 8])
-    return (f"blank-infilling demo (sample {sample_index}, {tokenizer.decode([part_a[mask_position]])}):\n"
+    layout = "\n".join("  " + line for line in describe_row(rows, 0, text=False))
+    return (f"first training row:\n{layout}\n"
+            f"blank-infilling demo (sample {sample_index}, {tokenizer.decode([part_a[mask_position]])}):\n"
             f"  context:  {context!r}\n  original: {tokenizer.decode(original)!r}\n  model:    {tokenizer.decode(spans[0])!r}")
