@@ -2,8 +2,9 @@
 
     [TiedLayerSpec embed -> GLMEmbedding, GLMBlock 1 .. N, FinalLayerNorm, TiedLayerSpec embed -> logits]
 
-Between stages travel only (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], sep [b]):
-each stage rebuilds the attention mask from `sep`, never a dense [s, s] mask. Layer indices in the
+Between stages travel only (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], segments
+[b, 2, s]): each stage rebuilds the attention mask from `segments` (trainer/model/mask.py), never a dense
+[s, s] mask. Layer indices in the
 list are global, so DeepSpeed's per-layer checkpoint files (layer_XX-model_states.pt) name the same
 weights under every pipeline split.
 """
