@@ -13,7 +13,8 @@ from tests.test_data_blank_infilling import ORDINARY, TOKENIZER, check_sample
 from trainer.data.blank_infilling import MODES, BlankInfilling, sample_rng, text_length
 from trainer.data.config import DataConfig
 from trainer.data.corpus import embedded_paragraphs_corpus
-from trainer.data.packing import ARRAY_KEYS, OneSamplePerRow, PackedSequences, best_fit_decreasing, build_sequences, pack
+from trainer.data.packing import (ARRAY_KEYS, MAX_CARRIES, OneSamplePerRow, PackedSequences, best_fit_decreasing,
+                                  build_sequences, pack)
 from trainer.data.prep import main as prep_main
 from trainer.errors import ConfigError
 from trainer.model.mask import dense_mask
@@ -111,7 +112,8 @@ def test_every_sample_is_used_once(paragraphs):
     used = [i for k in range(300) for i in rows.members(k)]
     assert len(used) == len(set(used))
     missing = set(range(max(used))) - set(used)
-    assert all(i >= max(used) - 2 * window for i in missing)  # only samples still waiting in the last windows
+    # only samples still waiting: a sample is carried into at most MAX_CARRIES later windows
+    assert all(i >= max(used) - (MAX_CARRIES + 1) * window for i in missing)
 
 
 @pytest.mark.parametrize("seq_length", [1024, 2048])
@@ -189,3 +191,18 @@ def test_dataset_entry_settings_are_checked():
         DataConfig(datasets=[{"path": "", "weight": 1, "mode": {"mask": 1}}]).validate()
     with pytest.raises(ConfigError, match="packing_window"):
         DataConfig(packing_window=0).validate()
+
+
+def test_a_saved_position_resumes_the_scan_without_the_windows_before(paragraphs):
+    data = DataConfig(path=paragraphs, seq_length=512, modes=MIXTURE, packing_window=64)
+    walked = build_sequences(data, seed=7)
+    expected = [walked.members(k) for k in range(200)]
+    position = json.loads(json.dumps(walked.position(150)))  # as the checkpoint stores it
+    resumed = build_sequences(data, seed=7)
+    resumed.restore(position)
+    assert [resumed.members(k) for k in range(150, 200)] == expected[150:]
+    assert resumed._base == position["window"] > 0  # it did not scan from window 0
+    assert resumed.members(3) == expected[3]  # a row before the position: scanned again from the start
+    other = build_sequences(DataConfig(path=paragraphs, seq_length=512, modes=MIXTURE, packing_window=32), seed=7)
+    other.restore(position)  # another data config's position is not used
+    assert other._base == 0 and other.members(150) == [other.members(k) for k in range(151)][150]

@@ -128,6 +128,8 @@ def test_outputs_metrics_tensorboard_and_checkpoint(reference_run):
     tb_losses = [e.value for e in events.Scalars("train/loss")]
     torch.testing.assert_close(torch.tensor(tb_losses), torch.tensor(_train_losses(losses)))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"
+    position = json.loads((run_dir / "checkpoints" / f"global_step{STEPS}" / "data_position.json").read_text())
+    assert position["first_row"] <= STEPS * 8 and position["fingerprint"] == rows.fingerprint
 
 
 def test_batch_size_warmup_is_layout_independent(tmp_path):

@@ -10,17 +10,21 @@ Packing (data.packing: true). The global sample stream (dataset index 0, 1, 2, .
 mixture component already in it) is cut into windows of W = data.packing_window consecutive samples. Each
 window is packed on its own by best-fit decreasing: its samples, longest first, each into the open row with
 the least room that still fits it, else into a new row. A row left fuller than PACKED_FILL is emitted;
-the samples of a less full row are carried into the next window and packed again with it, once, ahead of
-that window's own samples (so they open its first rows, which the rest then fill): a sample carried once
-goes out with the next window whatever its row's fill. The emitted rows of a window are
+the samples of a less full row are carried into the next window and packed again with it, ahead of that
+window's own samples (so they open its first rows, which the rest then fill), at most MAX_CARRIES times: a
+sample carried that often goes out with its window whatever its row's fill. The emitted rows of a window are
 shuffled by a generator seeded with (seed, window). So row k is a pure function of (seed, k) and the data
 config: the same at every data-parallel size and after a resume. Finding the window of row k scans the
-windows before it (sample lengths only, from their span draws: no sample is built), once per process.
+windows before it (sample lengths only, from their span draws: no sample is built), once per process; a
+checkpoint keeps the scan state at its row (`position`), so a resumed process starts the scan there.
 """
 from __future__ import annotations
 
 import bisect
-from typing import Protocol
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -31,6 +35,11 @@ from trainer.data.tokenizer import GLMTokenizer
 ARRAY_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "block_position_ids")
 PACKED_FILL = 0.95
 """A packed row at least this full is emitted by its window; a less full one is re-packed with the next window."""
+MAX_CARRIES = 3
+"""How many windows a sample may be carried into before its row is emitted however full (its delay is bounded)."""
+PLAN_VERSION = 2
+"""Bumped whenever the packing rules change, so that saved positions of the old rules are not used."""
+NO_CARRY = np.empty((0, 2), dtype=np.int64)
 PACK_STREAM = 0x7061636B  # separates the row-order generator from every other stream seeded by (seed, ...)
 
 
@@ -99,33 +108,48 @@ class OneSamplePerRow:
     def __getitem__(self, row: int) -> dict:
         return pack([self.samples[row]], self.seq_length, self.tokenizer.pad_id)
 
+    def position(self, row: int) -> Optional[dict]:
+        """What a resumed process needs to find `row` quickly: nothing here (row k is sample k)."""
+        return None
+
+    def restore(self, position: Optional[dict]) -> None:
+        """Start from a `position` saved by a run of the same data config (a no-op here)."""
+
 
 class PackedSequences(OneSamplePerRow):
     """Row k = the samples the windowed best-fit packing puts in row k (module docstring)."""
 
-    def __init__(self, samples: SampleDataset, seq_length: int, seed: int, window: int):
+    def __init__(self, samples: SampleDataset, seq_length: int, seed: int, window: int, fingerprint: str = ""):
         super().__init__(samples, seq_length)
-        self.seed, self.window = seed, window
-        self._first_row = [0]  # [w]: rows emitted by the windows before window w (one more entry than scanned)
-        self._carry_in = [np.empty(0, dtype=np.int64)]  # [w]: the samples carried into window w
+        self.seed, self.window, self.fingerprint = seed, window, fingerprint
         self._rows: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # recent windows: (members, fills)
+        self._scan_from(0, 0, NO_CARRY)
+
+    def _scan_from(self, window: int, first_row: int, carry_in: np.ndarray) -> None:
+        """Forget the scan and start it again at `window`, which begins at `first_row` with `carry_in`."""
+        self._base = window  # the window that entry 0 of the two lists below describes
+        self._first_row = [first_row]  # [w - base]: rows emitted before window w (one entry more than scanned)
+        self._carry_in = [carry_in]  # [w - base]: [(sample, times carried)] into window w
+        self._rows.clear()
 
     def _pack_window(self, w: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """(members of each emitted row, their real tokens, the samples carried into window w + 1)."""
-        carried = self._carry_in[w]
-        items = np.concatenate([carried, np.arange(w * self.window, (w + 1) * self.window)])  # [n]
+        carried = self._carry_in[w - self._base]  # [c, 2]
+        items = np.concatenate([carried[:, 0], np.arange(w * self.window, (w + 1) * self.window)])  # [n]
+        times = np.concatenate([carried[:, 1], np.zeros(self.window, dtype=np.int64)])  # [n] times carried
         lengths = np.array([self.samples.sample_length(int(i)) for i in items], dtype=np.int64)  # [n]
         rows, fills, carry = [], [], []
         # The carried samples go first, into the first rows, which the window's own samples then fill.
         for bin_items in best_fit_decreasing(lengths, self.seq_length, first=len(carried)):
             fill = int(lengths[bin_items].sum())
-            if fill < PACKED_FILL * self.seq_length and min(bin_items) >= len(carried):  # none carried yet
-                carry.extend(items[bin_items].tolist())
+            if fill < PACKED_FILL * self.seq_length and times[bin_items].max() < MAX_CARRIES:
+                carry += [(int(items[i]), int(times[i]) + 1) for i in bin_items]
             else:
                 rows.append(np.sort(items[bin_items]))
                 fills.append(fill)
         order = np.random.default_rng([self.seed % 2 ** 64, PACK_STREAM, w]).permutation(len(rows))
-        return [rows[i] for i in order], np.array(fills, dtype=np.int64)[order], np.sort(np.array(carry, dtype=np.int64))
+        carry_out = np.array(sorted(carry), dtype=np.int64).reshape(-1, 2)  # [c', 2]
+        return [rows[i] for i in order], np.array(fills, dtype=np.int64)[order], carry_out
 
     def _window_rows(self, w: int) -> tuple[list[np.ndarray], np.ndarray]:
         if w not in self._rows:
@@ -139,16 +163,18 @@ class PackedSequences(OneSamplePerRow):
         """(window, place in that window's rows) of `row`, scanning windows as far as needed."""
         if row < 0:
             raise IndexError(f"row index {row} is negative")
+        if row < self._first_row[0]:  # before a restored position: scan from the start
+            self._scan_from(0, 0, NO_CARRY)
         while self._first_row[-1] <= row:
-            w = len(self._first_row) - 1
+            w = self._base + len(self._first_row) - 1
             members, fills, carry = self._pack_window(w)
             self._rows[w] = (members, fills)
             while len(self._rows) > 2:
                 self._rows.pop(min(self._rows))
             self._first_row.append(self._first_row[-1] + len(members))
             self._carry_in.append(carry)
-        w = bisect.bisect_right(self._first_row, row) - 1
-        return w, row - self._first_row[w]
+        i = bisect.bisect_right(self._first_row, row) - 1
+        return self._base + i, row - self._first_row[i]
 
     def members(self, row: int) -> list[int]:
         w, place = self._locate(row)
@@ -161,10 +187,32 @@ class PackedSequences(OneSamplePerRow):
     def __getitem__(self, row: int) -> dict:
         return pack([self.samples[i] for i in self.members(row)], self.seq_length, self.tokenizer.pad_id)
 
+    def position(self, row: int) -> dict:
+        """The scan state at the window holding `row` (JSON-serialisable), tagged with the data config."""
+        w, _ = self._locate(row)
+        i = w - self._base
+        return {"fingerprint": self.fingerprint, "window": w, "first_row": self._first_row[i],
+                "carry_in": self._carry_in[i].tolist()}
+
+    def restore(self, position: Optional[dict]) -> None:
+        """Resume the scan at a saved position, if it was made with this data config (else scan from 0)."""
+        if position and position.get("fingerprint") == self.fingerprint:
+            self._scan_from(int(position["window"]), int(position["first_row"]),
+                            np.array(position["carry_in"], dtype=np.int64).reshape(-1, 2))
+
 
 def build_sequences(data: DataConfig, seed: int, split: str = "train") -> OneSamplePerRow:
     """The rows of `split` that training (and validation) reads: packed when data.packing is set."""
     samples = build_dataset(data, seed, split)
     if data.packing:
-        return PackedSequences(samples, data.seq_length, seed, data.packing_window)
+        return PackedSequences(samples, data.seq_length, seed, data.packing_window,
+                               fingerprint(data, seed, split, len(samples)))
     return OneSamplePerRow(samples, data.seq_length)
+
+
+def fingerprint(data: DataConfig, seed: int, split: str, sequences: int) -> str:
+    """What the packing plan depends on (the data config, the seed, the split, the corpus's sequence count,
+    this file's rules), hashed: a saved position is used only by a run with the same one."""
+    inputs = json.dumps([asdict(data), seed, split, sequences, PACKED_FILL, PLAN_VERSION], sort_keys=True,
+                        default=str)
+    return hashlib.sha256(inputs.encode()).hexdigest()[:16]

@@ -35,6 +35,8 @@ from trainer.parallel import random as parallel_random
 
 log = logging.getLogger("glm.checkpoint")
 MANIFEST = "manifest.json"
+DATA_POSITION = "data_position.json"
+"""The packing plan's scan state at the checkpoint's next row (trainer/data/packing.py), from rank 0."""
 TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -125,8 +127,11 @@ def optimizer_param_names(engine) -> Optional[list[list[str]]]:
     return [[names[id(param)] for param in group["params"]] for group in engine.optimizer.param_groups]
 
 
-def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0) -> Path:
-    """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones."""
+def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0,
+         data_position: Optional[dict] = None) -> Path:
+    """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones.
+    data_position (the packing plan's scan state at the next row, trainer/data/packing.py) goes to
+    DATA_POSITION beside the weights."""
     tag, staging = tag_for(step), f".{tag_for(step)}.partial"
     rank = dist.get_rank()
     if rank == 0 and (checkpoint_dir / staging).exists():
@@ -141,6 +146,8 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
     dist.barrier()
     final = checkpoint_dir / tag
     if rank == 0:
+        if data_position is not None:
+            (checkpoint_dir / staging / DATA_POSITION).write_text(json.dumps(data_position))
         write_manifest(checkpoint_dir / staging)
         if final.exists():
             shutil.rmtree(final)
@@ -177,17 +184,24 @@ def choose_tag(checkpoint_dir: Path) -> str:
     return choice[0]
 
 
-def load_latest(engine, checkpoint_dir: Path, topology, model_config) -> tuple[int, int]:
-    """Load the newest good checkpoint into the engine; returns (step, consumed_samples). A checkpoint
-    written by another (tp, pp, dp) layout is resharded on the fly, optimizer state included."""
+def load_latest(engine, checkpoint_dir: Path, topology, model_config) -> tuple[int, Optional[dict]]:
+    """Load the newest good checkpoint into the engine; returns (step, its data position or None). A
+    checkpoint written by another (tp, pp, dp) layout is resharded on the fly, optimizer state included."""
+    tag = choose_tag(checkpoint_dir)
+    position_file = checkpoint_dir / tag / DATA_POSITION
+    position = json.loads(position_file.read_text()) if position_file.is_file() else None
+    return _load_tag(engine, checkpoint_dir, tag, topology, model_config), position
+
+
+def _load_tag(engine, checkpoint_dir: Path, tag: str, topology, model_config) -> int:
+    """Weights, optimizer, schedule and RNG states of checkpoint `tag`; returns its step."""
     from trainer.checkpoint.universal import load_any_layout
 
-    tag = choose_tag(checkpoint_dir)
     resharded = load_any_layout(engine, topology, model_config, checkpoint_dir, tag)
     if resharded is not None:
         log.warning(f"resumed {checkpoint_dir / tag} on a new layout (tp={topology.tp}, pp={topology.pp}, "
                     f"dp={topology.dp}); RNG states restart from the seed")
-        return resharded
+        return resharded[0]
     path, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None or client is None:
@@ -195,4 +209,4 @@ def load_latest(engine, checkpoint_dir: Path, topology, model_config) -> tuple[i
     rng_file = checkpoint_dir / tag / "rng" / f"rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_states(torch.load(rng_file, weights_only=False))
-    return int(client["step"]), int(client["consumed_samples"])
+    return int(client["step"])

@@ -143,7 +143,9 @@ class Trainer:
         self.engine, self.own_clipping = build_engine(config, self.topology, self.world_size)
         self.step = 0
         if config.train.resume:
-            self.step, _ = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology, config.model)
+            self.step, data_position = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology,
+                                                              config.model)
+            self.dataset.restore(data_position)
         finetune.start(self.engine, config, self.topology, resumed=config.train.resume)
         if config.train.inject_nan_steps:
             module = self.engine.module
@@ -208,7 +210,8 @@ class Trainer:
 
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.consumed,
-                               keep=self.config.train.keep_checkpoints)
+                               keep=self.config.train.keep_checkpoints,
+                               data_position=self.dataset.position(self.consumed))
 
     def _log(self, record: dict, progress) -> None:
         if self.world_size == 1:
