@@ -149,7 +149,7 @@ def test_instruction_samples_pack_with_prompt_and_response_together(tmp_path):
     tokenizer = rows.tokenizer
     for k in range(4):
         row = rows[k]
-        assert len(row["starts"]) > 2
+        assert len(row["starts"]) > 2 and row["tokens"] == rows.real_tokens(k)  # the plan's lengths are the samples'
         for start, index in zip(row["starts"], rows.members(k)):
             sample = rows.samples[index]
             sep, length = sample["sep"], sample["length"]
@@ -170,6 +170,7 @@ def test_glm130b_mixture_packs_short_mask_samples_beside_full_length_gmask_sampl
     mask_lengths, gmask_lengths, mask_rows = [], [], 0
     for k in range(60):
         row, members = rows[k], rows.members(k)
+        assert row["tokens"] == rows.real_tokens(k)  # the plan's lengths are the samples'
         kinds = [rows.samples.locate(i)[0] for i in members]
         for start, index, kind in zip(row["starts"], members, kinds):
             part_a = row["input_ids"][start:start + rows.samples[index]["sep"]]
