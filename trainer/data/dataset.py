@@ -99,20 +99,21 @@ class GLMDataset:
             self._orders[epoch] = rng.permutation(len(self))
         return self._orders[epoch]
 
-    def sequence_number(self, index: int) -> int:
-        """The sequence of the split that global sample `index` reads."""
+    def sequence_number(self, index: int, announce: bool = True) -> int:
+        """The sequence of the split that global sample `index` reads; the first sample read of an epoch
+        logs the epoch's start (`announce` False: a look ahead, e.g. the packer reading lengths, does not)."""
         if index < 0:
             raise IndexError(f"sample index {index} is negative")
         epoch, place = divmod(index, len(self))
-        if epoch not in self._announced:
+        if announce and epoch not in self._announced:
             self._announced.add(epoch)
             logger.info("data (%s): starting epoch %d at sample %d (%d sequences per epoch, order reshuffled)",
                         self.split, epoch, index, len(self))
         return int(self.epoch_order(epoch)[place])
 
-    def sequence(self, index: int) -> np.ndarray:
+    def sequence(self, index: int, announce: bool = True) -> np.ndarray:
         """The text tokens of global sample `index` (a zero-copy view of the corpus)."""
-        s = self.sequence_number(index)
+        s = self.sequence_number(index, announce)
         return self.indexed.tokens[self.starts[s]: self.ends[s]]
 
     def source_tokens(self) -> np.ndarray:
@@ -124,7 +125,7 @@ class GLMDataset:
 
     def sample_length(self, index: int) -> int:
         """`self[index]["length"]`, from the sample's span draws alone (what the packer reads)."""
-        return self.infilling.length(self.sequence(index), sample_rng(self.seed, index))
+        return self.infilling.length(self.sequence(index, announce=False), sample_rng(self.seed, index))
 
 
 def build_dataset(data: DataConfig, seed: int, split: str = "train"):

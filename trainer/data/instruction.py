@@ -149,7 +149,7 @@ class InstructionDataset(GLMDataset):
 
     def sample_length(self, index: int) -> int:
         """`self[index]["length"]`: the record's kept prompt and response plus [CLS], [gMASK] and sop."""
-        s = self.sequence_number(index)
+        s = self.sequence_number(index, announce=False)
         prompt, response = self.bounds[s] - self.starts[s], self.ends[s] - self.bounds[s]
         return int(kept_prompt_length(prompt, response, self.infilling.seq_length) + response) + EXTRA_TOKENS
 
