@@ -13,8 +13,8 @@ from tests.test_data_blank_infilling import ORDINARY, TOKENIZER, check_sample
 from trainer.data.blank_infilling import MODES, BlankInfilling, sample_rng, text_length
 from trainer.data.config import DataConfig
 from trainer.data.corpus import embedded_paragraphs_corpus
-from trainer.data.packing import (ARRAY_KEYS, MAX_CARRIES, OneSamplePerRow, PackedSequences, best_fit_decreasing,
-                                  build_sequences, pack)
+from trainer.data.packing import (ARRAY_KEYS, KEPT_WINDOWS, MAX_CARRIES, OneSamplePerRow, PackedSequences,
+                                  best_fit_decreasing, build_sequences, pack)
 from trainer.data.prep import main as prep_main
 from trainer.errors import ConfigError
 from trainer.model.mask import dense_mask
@@ -207,3 +207,11 @@ def test_a_saved_position_resumes_the_scan_without_the_windows_before(paragraphs
     other = build_sequences(DataConfig(path=paragraphs, seq_length=512, modes=MIXTURE, packing_window=32), seed=7)
     other.restore(position)  # another data config's position is not used
     assert other._base == 0 and other.members(150) == [other.members(k) for k in range(151)][150]
+
+
+def test_the_scan_state_stays_bounded_and_old_rows_are_found_again(paragraphs):
+    data = DataConfig(path=paragraphs, seq_length=256, modes=MIXTURE, packing_window=16)
+    walked = build_sequences(data, seed=2)
+    expected = [walked.members(k) for k in range(400)]
+    assert len(walked._carry_in) <= KEPT_WINDOWS and walked._base > 0
+    assert walked.members(5) == expected[5] and walked.members(399) == expected[399]  # rescanned from 0

@@ -40,6 +40,8 @@ MAX_CARRIES = 3
 PLAN_VERSION = 2
 """Bumped whenever the packing rules change, so that saved positions of the old rules are not used."""
 NO_CARRY = np.empty((0, 2), dtype=np.int64)
+KEPT_WINDOWS = 16
+"""Windows whose scan state a process keeps (training reads rows in order; an older row rescans from 0)."""
 PACK_STREAM = 0x7061636B  # separates the row-order generator from every other stream seeded by (seed, ...)
 
 
@@ -163,7 +165,7 @@ class PackedSequences(OneSamplePerRow):
         """(window, place in that window's rows) of `row`, scanning windows as far as needed."""
         if row < 0:
             raise IndexError(f"row index {row} is negative")
-        if row < self._first_row[0]:  # before a restored position: scan from the start
+        if row < self._first_row[0]:  # before the windows kept (or a restored position): scan from the start
             self._scan_from(0, 0, NO_CARRY)
         while self._first_row[-1] <= row:
             w = self._base + len(self._first_row) - 1
@@ -173,6 +175,9 @@ class PackedSequences(OneSamplePerRow):
                 self._rows.pop(min(self._rows))
             self._first_row.append(self._first_row[-1] + len(members))
             self._carry_in.append(carry)
+            if len(self._carry_in) > KEPT_WINDOWS:  # a long run's scan state stays bounded
+                del self._first_row[0], self._carry_in[0]
+                self._base += 1
         i = bisect.bisect_right(self._first_row, row) - 1
         return self._base + i, row - self._first_row[i]
 
