@@ -13,8 +13,8 @@ from tests.test_data_blank_infilling import ORDINARY, TOKENIZER, check_sample
 from trainer.data.blank_infilling import MODES, BlankInfilling, sample_rng, text_length
 from trainer.data.config import DataConfig
 from trainer.data.corpus import embedded_paragraphs_corpus
-from trainer.data.packing import (ARRAY_KEYS, KEPT_WINDOWS, MAX_CARRIES, OneSamplePerRow, PackedSequences,
-                                  best_fit_decreasing, build_sequences, pack)
+from trainer.data.packing import (ARRAY_KEYS, KEPT_WINDOWS, OneSamplePerRow, PackedSequences, best_fit_decreasing,
+                                  build_sequences, pack)
 from trainer.data.prep import main as prep_main
 from trainer.errors import ConfigError
 from trainer.model.mask import dense_mask
@@ -106,14 +106,17 @@ def test_plan_is_a_function_of_seed_and_row_and_random_access(paragraphs):
     assert build_sequences(data, seed=8).members(0) != expected[0]
 
 
-def test_every_sample_is_used_once(paragraphs):
+def test_every_sample_is_used_once_and_never_after_its_window(paragraphs):
     window = 64
     rows = build_sequences(DataConfig(path=paragraphs, seq_length=512, modes=MIXTURE, packing_window=window), seed=7)
     used = [i for k in range(300) for i in rows.members(k)]
     assert len(used) == len(set(used))
-    missing = set(range(max(used))) - set(used)
-    # only samples still waiting: a sample is carried into at most MAX_CARRIES later windows
-    assert all(i >= max(used) - (MAX_CARRIES + 1) * window for i in missing)
+    last_window = rows._locate(299)[0]
+    assert set(range(last_window * window)) <= set(used)  # every earlier window's samples are all out
+    assert max(used) < (last_window + 2) * window  # at most one window early
+    for k in range(300):  # a row holds samples of its own window and of the next one only
+        w = rows._locate(k)[0]
+        assert all(w * window <= i < (w + 2) * window for i in rows.members(k))
 
 
 @pytest.mark.parametrize("seq_length", [1024, 2048])
@@ -213,5 +216,5 @@ def test_the_scan_state_stays_bounded_and_old_rows_are_found_again(paragraphs):
     data = DataConfig(path=paragraphs, seq_length=256, modes=MIXTURE, packing_window=16)
     walked = build_sequences(data, seed=2)
     expected = [walked.members(k) for k in range(400)]
-    assert len(walked._carry_in) <= KEPT_WINDOWS and walked._base > 0
+    assert len(walked._taken) <= KEPT_WINDOWS and walked._base > 0
     assert walked.members(5) == expected[5] and walked.members(399) == expected[399]  # rescanned from 0

@@ -7,13 +7,13 @@ the token arrays a row carries two integers per slot for the model's mask (train
 padding after the last sample is a segment of its own with an empty Part A. `tokens` counts the real ones.
 
 Packing (data.packing: true). The global sample stream (dataset index 0, 1, 2, ...: every epoch and every
-mixture component already in it) is cut into windows of W = data.packing_window consecutive samples. Each
-window is packed on its own by best-fit decreasing: its samples, longest first, each into the open row with
-the least room that still fits it, else into a new row. A row left fuller than PACKED_FILL is emitted;
-the samples of a less full row are carried into the next window and packed again with it, ahead of that
-window's own samples (so they open its first rows, which the rest then fill), at most MAX_CARRIES times: a
-sample carried that often goes out with its window whatever its row's fill. The emitted rows of a window are
-shuffled by a generator seeded with (seed, window). So row k is a pure function of (seed, k) and the data
+mixture component already in it) is cut into windows of W = data.packing_window consecutive samples (one
+epoch, for a split of fewer). Window w packs its samples (those window w - 1 has not taken) by best-fit
+decreasing: longest first, each into the row with the least room that still fits it, else into a new row.
+Then every row less full than PACKED_FILL, emptiest first, is topped up from window w + 1: the longest of its
+samples that fits the room, again and again; those samples are taken from window w + 1. So no sample is
+trained later than its own window (some one window early), and every sample is used once. The rows of a
+window are shuffled by a generator seeded with (seed, window). So row k is a pure function of (seed, k) and the data
 config: the same at every data-parallel size and after a resume. Finding the window of row k scans the
 windows before it (sample lengths only, from their span draws: no sample is built), once per process; a
 checkpoint keeps the scan state at its row (`position`), so a resumed process starts the scan there.
@@ -34,12 +34,10 @@ from trainer.data.tokenizer import GLMTokenizer
 
 ARRAY_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "block_position_ids")
 PACKED_FILL = 0.95
-"""A packed row at least this full is emitted by its window; a less full one is re-packed with the next window."""
-MAX_CARRIES = 3
-"""How many windows a sample may be carried into before its row is emitted however full (its delay is bounded)."""
-PLAN_VERSION = 2
+"""A packed row less full than this after its window is packed is topped up with samples of the next window."""
+PLAN_VERSION = 3
 """Bumped whenever the packing rules change, so that saved positions of the old rules are not used."""
-NO_CARRY = np.empty((0, 2), dtype=np.int64)
+NONE_TAKEN = np.empty(0, dtype=np.int64)
 KEPT_WINDOWS = 16
 """Windows whose scan state a process keeps (training reads rows in order; an older row rescans from 0)."""
 PACK_STREAM = 0x7061636B  # separates the row-order generator from every other stream seeded by (seed, ...)
@@ -125,33 +123,56 @@ class PackedSequences(OneSamplePerRow):
         super().__init__(samples, seq_length)
         self.seed, self.window, self.fingerprint = seed, window, fingerprint
         self._rows: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # recent windows: (members, fills)
-        self._scan_from(0, 0, NO_CARRY)
+        self._lengths: dict[int, np.ndarray] = {}  # recent windows: the length of each of their samples
+        self._scan_from(0, 0, NONE_TAKEN)
 
-    def _scan_from(self, window: int, first_row: int, carry_in: np.ndarray) -> None:
-        """Forget the scan and start it again at `window`, which begins at `first_row` with `carry_in`."""
+    def _scan_from(self, window: int, first_row: int, taken: np.ndarray) -> None:
+        """Forget the scan and start it again at `window`, which begins at `first_row`, `taken` of its samples
+        already in the rows of the window before."""
         self._base = window  # the window that entry 0 of the two lists below describes
         self._first_row = [first_row]  # [w - base]: rows emitted before window w (one entry more than scanned)
-        self._carry_in = [carry_in]  # [w - base]: [(sample, times carried)] into window w
+        self._taken = [taken]  # [w - base]: window w's samples that window w - 1 took, sorted
         self._rows.clear()
 
+    def _window_lengths(self, w: int) -> np.ndarray:
+        """The lengths of window w's samples, [W], kept for the two windows a pass reads."""
+        if w not in self._lengths:
+            if len(self._lengths) >= 3:
+                self._lengths.pop(min(self._lengths))
+            first = w * self.window
+            self._lengths[w] = np.array([self.samples.sample_length(i) for i in range(first, first + self.window)],
+                                        dtype=np.int64)
+        return self._lengths[w]
+
     def _pack_window(self, w: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """(members of each emitted row, their real tokens, the samples carried into window w + 1)."""
-        carried = self._carry_in[w - self._base]  # [c, 2]
-        items = np.concatenate([carried[:, 0], np.arange(w * self.window, (w + 1) * self.window)])  # [n]
-        times = np.concatenate([carried[:, 1], np.zeros(self.window, dtype=np.int64)])  # [n] times carried
-        lengths = np.array([self.samples.sample_length(int(i)) for i in items], dtype=np.int64)  # [n]
-        rows, fills, carry = [], [], []
-        # The carried samples go first, into the first rows, which the window's own samples then fill.
-        for bin_items in best_fit_decreasing(lengths, self.seq_length, first=len(carried)):
-            fill = int(lengths[bin_items].sum())
-            if fill < PACKED_FILL * self.seq_length and times[bin_items].max() < MAX_CARRIES:
-                carry += [(int(items[i]), int(times[i]) + 1) for i in bin_items]
-            else:
-                rows.append(np.sort(items[bin_items]))
-                fills.append(fill)
+        """(members of each row of window w, their real tokens, the samples of window w + 1 they took)."""
+        first = w * self.window
+        own = np.setdiff1d(np.arange(first, first + self.window), self._taken[w - self._base])  # [n]
+        lengths = self._window_lengths(w)[own - first]  # [n]
+        bins = best_fit_decreasing(lengths, self.seq_length)
+        rows, fills = [own[b].tolist() for b in bins], [int(lengths[b].sum()) for b in bins]
+        taken = self._top_up(rows, fills, w + 1)
         order = np.random.default_rng([self.seed % 2 ** 64, PACK_STREAM, w]).permutation(len(rows))
-        carry_out = np.array(sorted(carry), dtype=np.int64).reshape(-1, 2)  # [c', 2]
-        return [rows[i] for i in order], np.array(fills, dtype=np.int64)[order], carry_out
+        return ([np.sort(rows[i]) for i in order], np.array(fills, dtype=np.int64)[order],
+                np.array(sorted(taken), dtype=np.int64))
+
+    def _top_up(self, rows: list[list[int]], fills: list[int], lookahead: int) -> list[int]:
+        """Fill the rows less full than PACKED_FILL, emptiest first, with the longest samples of window
+        `lookahead` that fit their room (in place); returns the samples taken."""
+        first = lookahead * self.window
+        lengths = self._window_lengths(lookahead)
+        available = sorted(zip(lengths.tolist(), range(first, first + self.window)))  # (length, sample)
+        taken = []
+        for number in sorted(range(len(rows)), key=lambda n: (fills[n], n)):
+            while available and fills[number] < PACKED_FILL * self.seq_length:
+                place = bisect.bisect_right(available, (self.seq_length - fills[number], first + self.window)) - 1
+                if place < 0:
+                    break
+                length, sample = available.pop(place)
+                rows[number].append(sample)
+                fills[number] += length
+                taken.append(sample)
+        return taken
 
     def _window_rows(self, w: int) -> tuple[list[np.ndarray], np.ndarray]:
         if w not in self._rows:
@@ -166,17 +187,17 @@ class PackedSequences(OneSamplePerRow):
         if row < 0:
             raise IndexError(f"row index {row} is negative")
         if row < self._first_row[0]:  # before the windows kept (or a restored position): scan from the start
-            self._scan_from(0, 0, NO_CARRY)
+            self._scan_from(0, 0, NONE_TAKEN)
         while self._first_row[-1] <= row:
             w = self._base + len(self._first_row) - 1
-            members, fills, carry = self._pack_window(w)
+            members, fills, taken = self._pack_window(w)
             self._rows[w] = (members, fills)
             while len(self._rows) > 2:
                 self._rows.pop(min(self._rows))
             self._first_row.append(self._first_row[-1] + len(members))
-            self._carry_in.append(carry)
-            if len(self._carry_in) > KEPT_WINDOWS:  # a long run's scan state stays bounded
-                del self._first_row[0], self._carry_in[0]
+            self._taken.append(taken)
+            if len(self._taken) > KEPT_WINDOWS:  # a long run's scan state stays bounded
+                del self._first_row[0], self._taken[0]
                 self._base += 1
         i = bisect.bisect_right(self._first_row, row) - 1
         return self._base + i, row - self._first_row[i]
@@ -197,20 +218,21 @@ class PackedSequences(OneSamplePerRow):
         w, _ = self._locate(row)
         i = w - self._base
         return {"fingerprint": self.fingerprint, "window": w, "first_row": self._first_row[i],
-                "carry_in": self._carry_in[i].tolist()}
+                "taken": self._taken[i].tolist()}
 
     def restore(self, position: Optional[dict]) -> None:
         """Resume the scan at a saved position, if it was made with this data config (else scan from 0)."""
         if position and position.get("fingerprint") == self.fingerprint:
             self._scan_from(int(position["window"]), int(position["first_row"]),
-                            np.array(position["carry_in"], dtype=np.int64).reshape(-1, 2))
+                            np.array(position["taken"], dtype=np.int64))
 
 
 def build_sequences(data: DataConfig, seed: int, split: str = "train") -> OneSamplePerRow:
     """The rows of `split` that training (and validation) reads: packed when data.packing is set."""
     samples = build_dataset(data, seed, split)
     if data.packing:
-        return PackedSequences(samples, data.seq_length, seed, data.packing_window,
+        window = min(data.packing_window, len(samples))  # a split smaller than a window: one epoch a window
+        return PackedSequences(samples, data.seq_length, seed, window,
                                fingerprint(data, seed, split, len(samples)))
     return OneSamplePerRow(samples, data.seq_length)
 
