@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trainer.data.config import DataConfig
-from trainer.data.corpus import embedded_corpus
+from trainer.data.corpus import embedded_corpus, embedded_paragraphs_corpus
 from trainer.data.indexed import IndexedDataset
 from trainer.data.packing import build_sequences
 from trainer.data.prep import ROW_TEXT_WIDTH, clip, describe_row, main
@@ -58,12 +58,12 @@ def test_embedded_prints_decoded_samples_of_every_mode(tmp_path, monkeypatch, ca
 
 def test_describe_row_shows_each_sample_start_length_sep_and_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("GLM_CACHE_DIR", str(tmp_path))
-    data = DataConfig(path=str(embedded_corpus()), modes={"mask": 1.0, "smask": 1.0, "gmask": 1.0})
-    rows = build_sequences(data, seed=1234)
-    tokenizer, modes = rows.tokenizer, set()
+    data = DataConfig(path=str(embedded_paragraphs_corpus()), modes={"mask": 1.0, "smask": 1.0, "gmask": 1.0})
+    rows = build_sequences(data, seed=1234)  # short documents: several samples a row
+    tokenizer, modes, packed = rows.tokenizer, set(), 0
     for k in range(4):
         row, members = rows[k], rows.members(k)
-        assert len(members) >= 2  # packed rows
+        packed += len(members) >= 2
         lines = describe_row(rows, k)
         assert lines[0] == (f"row {k}: {len(members)} sample(s), {row['tokens']} of {data.seq_length} slots real, "
                             f"{data.seq_length - row['tokens']} padding")
@@ -78,7 +78,7 @@ def test_describe_row_shows_each_sample_start_length_sep_and_mode(tmp_path, monk
             modes.add(mode)
         assert sum(line.startswith("    Part A (") for line in lines) == len(members)
         assert max(map(len, lines)) < ROW_TEXT_WIDTH + 60  # decoded text clipped
-    assert modes == {"[MASK]", "[sMASK]", "[gMASK]"}
+    assert modes == {"[MASK]", "[sMASK]", "[gMASK]"} and packed == 4
 
 
 def test_clip_keeps_both_ends_of_long_text():
