@@ -1,4 +1,4 @@
-"""After the single-process main job: the first training row as packed (where each sample starts, its mode),
+"""After the single-process main job: a packed training row (where each sample starts, its mode),
 and one blank of a training sample filled by the trained model, read back from the checkpoint the run just
 saved and decoded exactly as glm-generate does."""
 from __future__ import annotations
@@ -10,6 +10,9 @@ from trainer.data.packing import OneSamplePerRow, SampleDataset
 from trainer.data.prep import describe_row
 from trainer.generate import fill_blanks
 from trainer.model.config import ModelConfig
+
+ROWS_SEARCHED = 32
+"""The demo shows the row with the most samples among the first ROWS_SEARCHED training rows."""
 
 
 def first_mask_sample(samples: SampleDataset, search: int = 64) -> int:
@@ -24,9 +27,9 @@ def first_mask_sample(samples: SampleDataset, search: int = 64) -> int:
 
 
 def fill_one_blank(checkpoint_dir: Path, model_config: ModelConfig, rows: OneSamplePerRow) -> str:
-    """Row 0 of the training rows (its layout only), then the first blank of a [MASK] sample: the text
-    around it, the original span and the model's greedy fill (every blank of the sample is filled in text
-    order; the first one is shown)."""
+    """The training row with the most samples among the first ROWS_SEARCHED (its layout only), then the first
+    blank of a [MASK] sample: the text around it, the original span and the model's greedy fill (every blank
+    of the sample is filled in text order; the first one is shown)."""
     tokenizer = rows.tokenizer
     blanks = {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id}
     sample_index = first_mask_sample(rows.samples)
@@ -42,7 +45,8 @@ def fill_one_blank(checkpoint_dir: Path, model_config: ModelConfig, rows: OneSam
                            config.max_sequence_length, config.vocab_size,
                            max_new_tokens=max(1, min(32, len(original) + 8)))
     context = tokenizer.decode(part_a[max(0, mask_position - 24): mask_position + 8])
-    layout = "\n".join("  " + line for line in describe_row(rows, 0, text=False))
-    return (f"first training row:\n{layout}\n"
+    shown = max(range(ROWS_SEARCHED), key=lambda k: (len(rows.members(k)), -k))  # the most samples, first
+    layout = "\n".join("  " + line for line in describe_row(rows, shown, text=False))
+    return (f"a packed training row:\n{layout}\n"
             f"blank-infilling demo (sample {sample_index}, {tokenizer.decode([part_a[mask_position]])}):\n"
             f"  context:  {context!r}\n  original: {tokenizer.decode(original)!r}\n  model:    {tokenizer.decode(spans[0])!r}")
