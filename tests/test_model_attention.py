@@ -17,12 +17,13 @@ from trainer.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, model_p
 from trainer.parallel.topology import Topology
 
 
-def SepMask(sep: torch.Tensor, s: int) -> GLMMask:
+def compact_sep_mask(sep: torch.Tensor, s: int) -> GLMMask:
     """The compact mask of one sample per row."""
     return GLMMask(segments_of_sep(sep, s))
 
 
-def attention_mask_from_sep(sep: torch.Tensor, s: int) -> torch.Tensor:
+def dense_sep_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
+    """The dense [b, 1, s, s] mask of one sample per row, from the model's rule."""
     return dense_mask(segments_of_sep(sep, s))
 
 
@@ -137,7 +138,7 @@ def test_glm_mask_is_the_formula_and_is_shared_while_segments_are_the_same_tenso
     assert torch.equal(additive == 0, changed.dense()) and torch.isinf(additive[~changed.dense()]).all()
 
 
-def test_attention_with_sep_mask_equals_dense_mask_outputs_and_grads():
+def test_attention_with_compact_mask_equals_dense_mask_outputs_and_grads():
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_attention_heads=4, attention_dropout=0.0, position_embedding="rope_1d")
     attention = SelfAttention(config, layer_number=2, seed=1)
@@ -145,7 +146,7 @@ def test_attention_with_sep_mask_equals_dense_mask_outputs_and_grads():
     hidden = torch.randn(2, s, 32, requires_grad=True)
     ids = torch.arange(s).expand(2, s)
     results = []
-    for mask in (attention_mask_from_sep(sep, s), SepMask(sep, s)):
+    for mask in (dense_sep_mask(sep, s), compact_sep_mask(sep, s)):
         out = attention(hidden, ids, ids, mask)
         grads = torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])
         results.append((out, grads))
@@ -153,15 +154,15 @@ def test_attention_with_sep_mask_equals_dense_mask_outputs_and_grads():
 
 
 @pytest.mark.parametrize("fp32_softmax", [False, True])
-def test_attention_with_sep_mask_equals_dense_mask_for_both_softmax_paths(fp32_softmax):
+def test_attention_with_compact_mask_equals_dense_mask_for_both_softmax_paths(fp32_softmax):
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_attention_heads=4, attention_dropout=0.0,
                          fp32_softmax_layer_scaling=fp32_softmax)
     attention = SelfAttention(config, layer_number=3, seed=1)
     sep, s = torch.tensor([1, 6]), 8
     hidden, ids = torch.randn(2, s, 32), torch.zeros(2, s, dtype=torch.long)
-    dense = attention_mask_from_sep(sep, s)
-    assert_close(attention(hidden, ids, ids, SepMask(sep, s)), attention(hidden, ids, ids, dense))
+    dense = dense_sep_mask(sep, s)
+    assert_close(attention(hidden, ids, ids, compact_sep_mask(sep, s)), attention(hidden, ids, ids, dense))
 
 
 @pytest.mark.parametrize("s", [200, 256])
@@ -171,7 +172,7 @@ def test_flex_attention_equals_sdpa_with_the_dense_mask(s):
     torch.manual_seed(0)
     b, n, d = 4, 2, 16
     q, k, v = (torch.randn(b, n, s, d) for _ in range(3))
-    mask = SepMask(torch.tensor([1, 37, 128, s - 3]), s)
+    mask = compact_sep_mask(torch.tensor([1, 37, 128, s - 3]), s)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
     assert_close(flex_glm_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
 
