@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer.engine import grad_norm
-from trainer.engine.grad_norm import clip_grads_, counted_in_norm, global_grad_norm, sum_of_squares
+from trainer.engine.grad_norm import clip_grads_, counted_in_norm, global_grad_norm
 
 
 def _param(grad: torch.Tensor, **flags) -> torch.nn.Parameter:
@@ -27,16 +26,8 @@ def test_the_norm_is_accurate_on_a_wide_range_of_entries():
     grad = wide_range_gradient()
     norm = global_grad_norm([_param(grad)], None, "cpu")
     assert norm.dtype == torch.float32
-    # fp32 sums are good to ~1e-6 here; torch.linalg.vector_norm in fp32 was 9.4e-5 off on this tensor
-    assert_close(norm.double(), grad.double().norm(), rtol=1e-6, atol=0)
-
-
-def test_chunks_change_nothing(monkeypatch):
-    grad = torch.randn(1000, 7)
-    whole = sum_of_squares(grad)
-    monkeypatch.setattr(grad_norm, "NORM_CHUNK", 64)
-    assert_close(sum_of_squares(grad), whole, rtol=1e-6, atol=0)
-    assert_close(whole.double(), grad.double().square().sum(), rtol=1e-6, atol=0)
+    # torch.linalg.vector_norm in fp32 is 9.4e-5 off on this tensor on CPU; accumulated in fp64 it is exact
+    assert_close(norm.double(), grad.double().norm(), rtol=1e-7, atol=0)
 
 
 def test_each_weight_is_counted_once_per_replica():

@@ -74,8 +74,8 @@ def test_two_process_layouts_match_single_process(reference, reference_norms, tm
     assert len(losses) == STEPS + 2  # 8 training losses, then the validation loss at steps 4 and 8
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
     # The gradient norm clipping uses (the trainer's own at tp=2 and pp=2, DeepSpeed's under ZeRO-1 at dp=2):
-    # measured within 1.1e-7 of the single process's, whose squares are summed by `sum`, not by the fp32
-    # norm kernel (engine/grad_norm.py).
+    # measured within 1.1e-7 of the single process's, whose per-gradient norms are accumulated in fp64 on
+    # CPU (engine/grad_norm.py).
     torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, name), dtype=torch.float64),
                                torch.tensor(reference_norms, dtype=torch.float64), rtol=1e-6, atol=0)
 

@@ -6,13 +6,12 @@ row-parallel biases) on tensor rank 0 only, and the tied word embedding only on 
 (DeepSpeed marks the other copy `ds_pipe_replicated`). The squares are summed over the tensor and
 pipeline ranks of this replica.
 
-The squares are summed by `sum` (a pairwise reduction on CPU, a tree on accelerators), not by the norm
-kernel: PyTorch's fp32 CPU norm kernel loses up to ~1e-4 relative on a tensor of many small entries and a
-few large ones, which is what an output-layer gradient is (every vocabulary row gets a little softmax
-gradient, the batch's tokens a lot): the word embedding's gradient norm was 3e-5 off, and differently so
-at tp=1 and tp=2 (half the rows per shard), which made the logged norms of the two layouts differ by ~1e-5
-with equal gradients. Chunks of NORM_CHUNK elements bound the squares' temporary; fp32 throughout, so
-every accelerator (some have no fp64) computes it the same way.
+On CPU each gradient's norm is accumulated in fp64: PyTorch's fp32 CPU norm kernel loses up to ~1e-4
+relative on a tensor of many small entries and a few large ones, which is what an output-layer gradient
+is (every vocabulary row gets a little softmax gradient, the batch's tokens a lot): the word embedding's
+gradient norm was 3e-5 off, and differently so at tp=1 and tp=2 (half the rows per shard), which made the
+logged norms of the two layouts differ by ~1e-5 with equal gradients. On accelerators the norms stay fp32
+(their reductions are trees, and some accelerators have no fp64); not measured on one yet.
 """
 from __future__ import annotations
 
@@ -20,10 +19,6 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-
-
-NORM_CHUNK = 1 << 22
-"""Elements per temporary when summing a gradient's squares (16 MiB in fp32)."""
 
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:
@@ -40,19 +35,13 @@ def counted_in_norm(params: Iterable[torch.Tensor], tp_rank: int) -> list[torch.
 def global_grad_norm(counted: list[torch.Tensor], model_parallel_group: Optional[dist.ProcessGroup],
                      device: torch.device | str) -> torch.Tensor:
     """L2 norm of all gradients of the model (a 0-dim fp32 tensor, the same on every rank of the group),
-    from each rank's `counted_in_norm` parameters, their squares summed by `sum` (module docstring)."""
-    squares = [sum_of_squares(param.grad) for param in counted if param.grad is not None]
-    total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
+    from each rank's `counted_in_norm` parameters (fp64 accumulation on CPU: module docstring)."""
+    dtype = torch.float64 if torch.device(device).type == "cpu" else None
+    norms = [torch.linalg.vector_norm(param.grad, 2.0, dtype=dtype) for param in counted if param.grad is not None]
+    squares = torch.stack(norms).square().sum().float() if norms else torch.zeros((), device=device)
     if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
-        dist.all_reduce(total, group=model_parallel_group)
-    return total.sqrt()
-
-
-def sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
-    """sum(tensor ** 2) as a 0-dim fp32 tensor, NORM_CHUNK elements at a time (module docstring)."""
-    flat = tensor.reshape(-1)  # [n]
-    chunks = [chunk.float().square().sum() for chunk in flat.split(NORM_CHUNK)]
-    return torch.stack(chunks).sum() if chunks else torch.zeros((), device=tensor.device)
+        dist.all_reduce(squares, group=model_parallel_group)
+    return squares.sqrt()
 
 
 def clip_grads_(params: list[torch.Tensor], counted: list[torch.Tensor], max_norm: float,
