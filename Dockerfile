@@ -1,6 +1,6 @@
 # GLM trainer on a CUDA PyTorch image. The devel flavour carries nvcc, which DeepSpeed needs to build
 # its fused ops (Adam, communication) at first use.
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel
 
 ENV PYTHONUNBUFFERED=1 \
     GLM_CACHE_DIR=/workspace/.cache/glm-trainer
