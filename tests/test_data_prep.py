@@ -160,6 +160,15 @@ def test_seq_length_too_short_for_one_span(tmp_path, monkeypatch, capsys):
     assert "too short for one blank" in capsys.readouterr().err
 
 
+def test_a_bad_seq_length_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(TEXT * 5)
+    prefix = tmp_path / "out"
+    assert main(["--input", str(tmp_path / "in.txt"), "--output-prefix", str(prefix), "--vocab-size", "300",
+                 "--samples", "1", "--seq-length", "5"]) == 2
+    assert "too short for one blank" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*"))  # no PREFIX.bin / .idx / .tokenizer.json left behind
+
+
 def test_console_script_exit_status(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainer.data.prep", "--input", str(tmp_path / "none.txt"),
                              "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True)

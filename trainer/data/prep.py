@@ -150,11 +150,17 @@ def describe_row(rows: OneSamplePerRow, k: int, text: bool = True) -> list[str]:
     return lines
 
 
+def samples_config(prefix: str, args: argparse.Namespace) -> DataConfig:
+    """The data config --samples reads with (every mode equally likely), checked."""
+    data = DataConfig(path=prefix, seq_length=args.seq_length, modes={mode: 1.0 for mode in MODES})
+    data.validate()
+    return data
+
+
 def show_samples(prefix: str, args: argparse.Namespace) -> None:
     """K samples (one per mode in turn, or instruction samples), then the first K rows training would read
     with every mode equally likely."""
-    data = DataConfig(path=prefix, seq_length=args.seq_length, modes={mode: 1.0 for mode in MODES})
-    data.validate()
+    data = samples_config(prefix, args)
     rows, instructions = build_sequences(data, args.seed), is_instruction_prefix(prefix)
     dataset = rows.samples
     for k in range(args.samples):
@@ -174,6 +180,8 @@ def show_samples(prefix: str, args: argparse.Namespace) -> None:
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.samples:
+        samples_config("", args)  # a bad --seq-length is refused before anything is written
     if args.embedded:
         prefix = str(embedded_corpus())
         print(f"glm-prep: embedded corpus at {prefix}.bin/.idx/.tokenizer.json")
