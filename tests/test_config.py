@@ -40,6 +40,14 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(empty)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  hidden_size: 64\n  num_layers: 2\n  hidden_size: 128\n")
+    with pytest.raises(ConfigError, match="key 'hidden_size' is given twice \\(line 4\\)"):
+        load_config(twice)
 
 
 @pytest.mark.parametrize("overrides, world, message", [

@@ -169,6 +169,15 @@ def test_a_bad_seq_length_is_refused_before_anything_is_written(tmp_path, capsys
     assert not list(tmp_path.glob("out*"))  # no PREFIX.bin / .idx / .tokenizer.json left behind
 
 
+@pytest.mark.parametrize("vocab_size", ["0", "5"])
+def test_a_vocabulary_too_small_is_refused(tmp_path, capsys, vocab_size):
+    (tmp_path / "in.txt").write_text(TEXT * 5)
+    assert main(["--input", str(tmp_path / "in.txt"), "--output-prefix", str(tmp_path / "out"),
+                 "--vocab-size", vocab_size]) == 2
+    assert f"vocab size {vocab_size} is too small" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_console_script_exit_status(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainer.data.prep", "--input", str(tmp_path / "none.txt"),
                              "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True)

@@ -249,6 +249,20 @@ def _apply(obj: Any, values: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (line "
+                                                        f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(text: str) -> dict:
     """`section.key=value` -> {"section": {"key": value}}, the value parsed as YAML."""
     if "=" not in text:
@@ -281,9 +295,11 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist: pass a YAML file such as configs/glm-debug.yaml")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if values is None:
+            raise ConfigError(f"config file {path} is empty: give at least one section, as configs/glm-debug.yaml does")
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
         _apply(config, values, "")

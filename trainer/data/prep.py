@@ -85,7 +85,8 @@ def prepare_inputs(args: argparse.Namespace) -> str:
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, add_special_tokens=args.add_special_tokens)
     else:
-        tokenizer = train_tokenizer(documents_of(args.input, args.instructions), args.vocab_size or DEFAULT_VOCAB_SIZE)
+        vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size  # 0 is refused, not the default
+        tokenizer = train_tokenizer(documents_of(args.input, args.instructions), vocab_size)
     total = sum(Path(p).stat().st_size for p in args.input)
     workers = args.workers or ((os.cpu_count() or 1) if total >= PARALLEL_FROM else 1)
     start = time.perf_counter()
