@@ -65,6 +65,20 @@ def test_bad_layouts(overrides, world, message):
         config.validate(world)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.beta1=1.5", "optim.beta1 must be a finite number in \\[0, 1\\)"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be a finite number in \\[0, 1\\]"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be a finite number >= 0"),
+    ("model.ffn_hidden_size=-4", "model.ffn_hidden_size must be > 0"),
+    ("model.layernorm_epsilon=-1e-5", "model.layernorm_epsilon must be a finite number > 0"),
+])
+def test_values_that_would_train_to_nonsense_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/glm-debug.yaml", [override]).validate()
+
+
 def test_grad_accum_arithmetic():
     config = load_config("configs/glm-debug.yaml", ["parallel.micro_batch_size=2", "parallel.global_batch_size=8"])
     assert config.grad_accum_steps(1) == 4 and config.grad_accum_steps(2) == 2 and config.data_parallel_size(2) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,13 +160,23 @@ class Config:
             raise ConfigError(f"train.collective_timeout_minutes must be > 0, got {t.collective_timeout_minutes}")
         if self.optim.zero_stage not in (0, 1):
             raise ConfigError(f"optim.zero_stage={self.optim.zero_stage}: only 0 or 1 work with the pipeline engine")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        self._validate_optim()
         self._validate_finetune()
         if world_size is not None:
             self.data_parallel_size(world_size)
             self.grad_accum_steps(world_size)
             self.check_batch_size_warmup(world_size)
+
+    def _validate_optim(self) -> None:
+        """Ranges of the optimizer and schedule keys (a NaN or an infinity is refused, not trained on)."""
+        ranges = {"lr": ("> 0", lambda v: v > 0), "eps": ("> 0", lambda v: v > 0),
+                  "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+                  "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1), "weight_decay": (">= 0", lambda v: v >= 0),
+                  "grad_clip": (">= 0 (0 = off)", lambda v: v >= 0)}
+        for name, (wanted, holds) in ranges.items():
+            value = getattr(self.optim, name)
+            if not (math.isfinite(value) and holds(value)):
+                raise ConfigError(f"optim.{name} must be a finite number {wanted}, got {value}")
 
     def _validate_finetune(self) -> None:
         f = self.finetune

@@ -99,6 +99,11 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if self.vocab_size < 0:
             raise ConfigError(f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {self.vocab_size}")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+            raise ConfigError(f"model.ffn_hidden_size must be > 0 (or unset for the default), got {self.ffn_hidden_size}")
+        for name in ("layernorm_epsilon", "init_std", "rope_base"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"model.{name} must be a finite number > 0, got {getattr(self, name)}")
         for name, allowed in (("position_embedding", POSITION_EMBEDDINGS), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
