@@ -90,5 +90,7 @@ def test_cli_on_an_export(tmp_path, capsys):
     assert main([str(tmp_path / "export"), "--text", "the cat [MASK] on the mat.", "--max-new-tokens", "4"]) == 0
     expected, _ = fill_blanks(model, tokenizer, "the cat [MASK] on the mat.", 64, config.vocab_size, max_new_tokens=4)
     assert capsys.readouterr().out.strip() == expected.strip()
-    assert main([str(tmp_path / "export"), "--text", "x", "--top-p", "2"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    for bad in (["--top-p", "2"], ["--temperature", "nan"], ["--temperature", "inf"], ["--max-new-tokens", "0"]):
+        assert main([str(tmp_path / "export"), "--text", "x", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, bad

@@ -14,6 +14,7 @@ token from the same seeded generator. SOURCE is anything glm-ckpt reads (docs/CH
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -200,8 +201,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or args.temperature <= 0:
-        raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature > 0")
+    finite_temperature = math.isfinite(args.temperature) and args.temperature > 0
+    if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or not finite_temperature:
+        raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature a finite number > 0")
     model, config, tokenizer, tp_group = load_inference(args)
     text, _ = fill_blanks(model, tokenizer, args.text, config.max_sequence_length, config.vocab_size,
                           args.max_new_tokens, args.top_p, args.temperature, args.seed,
