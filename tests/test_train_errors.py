@@ -48,7 +48,13 @@ CASES = [
     ("bad fault injection", ["train.inject_nan_steps=[0]"], "train.inject_nan_steps"),
     ("resume without checkpoint", ["train.resume=true"], "holds no checkpoint"),
     ("unknown position embedding", ["model.position_embedding=alibi"], "model.position_embedding='alibi'"),
-    ("negative lr", ["optim.lr=-1"], "optim.lr must be > 0"),
+    ("negative lr", ["optim.lr=-1"], "optim.lr must be a finite number > 0, got -1"),
+    ("lr not a number", ["optim.lr=.nan"], "optim.lr must be a finite number > 0, got nan"),
+    ("beta1 above 1", ["optim.beta1=1.5"], "optim.beta1 must be a finite number in [0, 1)"),
+    ("min lr ratio above 1", ["optim.min_lr_ratio=2"], "optim.min_lr_ratio must be a finite number in [0, 1]"),
+    ("negative grad clip", ["optim.grad_clip=-1"], "optim.grad_clip must be a finite number >= 0"),
+    ("negative ffn width", ["model.ffn_hidden_size=-8"], "model.ffn_hidden_size must be > 0"),
+    ("negative layernorm epsilon", ["model.layernorm_epsilon=-1e-5"], "model.layernorm_epsilon must be a finite"),
 ]
 
 
@@ -59,6 +65,16 @@ def test_bad_overrides(capsys, tmp_path, name, overrides, message):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err
     assert not run_dir.exists()
+
+
+def test_steps_at_or_below_the_checkpoint_are_refused(capsys, tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "global_step5").mkdir(parents=True)
+    (checkpoints / "latest").write_text("global_step5")
+    code, err, _ = _run(capsys, tmp_path, "train.resume=true", "train.steps=5")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "is at step 5" in lines[0] and "train.steps=5" in lines[0], err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step5", "latest"]
 
 
 def test_messages_are_distinct():

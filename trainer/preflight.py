@@ -33,6 +33,19 @@ def check_run_dir(config: Config) -> None:
     if config.train.resume and not (run_dir / "checkpoints" / "latest").is_file():
         raise ConfigError(f"train.resume=true but {run_dir / 'checkpoints'} holds no checkpoint: "
                           f"train without resume first, or point train.run_dir at a run that saved one")
+    if config.train.resume:
+        check_steps_left(run_dir / "checkpoints", config.train.steps)
+
+
+def check_steps_left(checkpoint_dir: Path, steps: int) -> None:
+    """A resume with train.steps (the total) at or below the newest checkpoint's step would do nothing."""
+    from trainer.engine.checkpoint import TAG
+
+    match = TAG.match((checkpoint_dir / "latest").read_text().strip())
+    if match and int(match.group(1)) >= steps:
+        raise ConfigError(f"the newest checkpoint in {checkpoint_dir} is at step {match.group(1)}, and "
+                          f"train.steps={steps} is the total to train: nothing is left; raise train.steps "
+                          f"above {match.group(1)}")
 
 
 def check_disk_space(config: Config) -> None:
