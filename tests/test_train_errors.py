@@ -22,9 +22,11 @@ def _files(tmp_path):
     bad_yaml.write_text("model: {num_layers: [\n")
     bad_json = tmp_path / "ds.json"
     bad_json.write_text("{not json")
+    batch_json = tmp_path / "batch.json"
+    batch_json.write_text('{"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4}')
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    return {"bad_yaml": bad_yaml, "bad_json": bad_json, "a_file": a_file}
+    return {"bad_yaml": bad_yaml, "bad_json": bad_json, "a_file": a_file, "batch_json": batch_json}
 
 
 CASES = [
@@ -88,13 +90,14 @@ def test_bad_files(capsys, tmp_path):
         (dict(config=files["bad_yaml"]), (), "not valid YAML"),
         (dict(), (f"train.deepspeed_config={tmp_path / 'none.json'}",), "train.deepspeed_config"),
         (dict(), (f"train.deepspeed_config={files['bad_json']}",), "is not valid JSON"),
+        (dict(), (f"train.deepspeed_config={files['batch_json']}",), "sets train_batch_size=64 but parallel.global_batch_size gives 8"),
         (dict(run_dir=files["a_file"]), (), "is a file"),
         (dict(run_dir=files["a_file"] / "sub"), (), "cannot be created"),
     ]
     for kwargs, overrides, message in checks:
         code, err, _ = _run(capsys, tmp_path, *overrides, **kwargs)
         assert code == 2 and message in err, (kwargs, overrides, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.yaml", "ds.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.yaml", "batch.json", "ds.json"]
 
 
 def _prepared(tmp_path):

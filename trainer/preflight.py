@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from trainer.config import Config
-from trainer.engine.ds_config import read_user_config
+from trainer.engine.ds_config import check_user_config
 from trainer.errors import ConfigError
 
 # Bytes per parameter in a checkpoint: fp32 weights plus Adam's two fp32 moments; half precision adds
@@ -89,7 +89,7 @@ def preflight(config: Config, world_size: int) -> None:
     """Validate the config, the layout, the files and the disk; raise ConfigError / DataError."""
     config.validate(world_size)
     if config.train.deepspeed_config:
-        read_user_config(config.train.deepspeed_config)
+        check_user_config(config, world_size)
     check_precision(config)
     check_run_dir(config)
     check_data(config)

@@ -28,6 +28,19 @@ def read_user_config(path: str | Path) -> dict:
     return value
 
 
+def check_user_config(config: Config, world_size: int) -> None:
+    """The user JSON may not give a batch size other than the YAML's: the trainer's data order and schedule
+    are built from parallel.* (a conflict would make DeepSpeed fail inside the ranks, or train another batch)."""
+    user = read_user_config(config.train.deepspeed_config)
+    ours = {"train_batch_size": ("parallel.global_batch_size", config.parallel.global_batch_size),
+            "train_micro_batch_size_per_gpu": ("parallel.micro_batch_size", config.parallel.micro_batch_size),
+            "gradient_accumulation_steps": ("the grad accumulation of parallel.*", config.grad_accum_steps(world_size))}
+    for key, (source, value) in ours.items():
+        if key in user and user[key] != value:
+            raise ConfigError(f"train.deepspeed_config {config.train.deepspeed_config} sets {key}={user[key]!r} but "
+                              f"{source} gives {value}: batch sizes come from the YAML; remove {key} from the JSON")
+
+
 def effective_zero_stage(requested: int, precision: str, data_parallel: int) -> int:
     """The ZeRO stage the engine runs. ZeRO-1 partitions the optimizer states over the data-parallel
     ranks; with one data-parallel rank there is nothing to partition and DeepSpeed's stage 1 only adds
