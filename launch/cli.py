@@ -131,6 +131,9 @@ def _check_local(cluster: Cluster, args: argparse.Namespace) -> None:
 def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Plan]:
     """Parse, discover, plan and validate: everything that must succeed before a process starts."""
     args, train_args = parse_args(argv)
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        raise ConfigError(f"--master-port {args.master_port} is not a TCP port: use 1..65535 (1024 and up "
+                          f"without root)")
     overrides = _user_overrides(train_args)
     config = load_config(args.config, overrides)
     config.validate()

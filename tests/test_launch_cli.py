@@ -51,6 +51,7 @@ BAD_INPUT = [
     (["--nproc", "2", "--", "--config", "x.yaml"], "give --config to glm-launch"),
     (["--gpus", "8", "--nproc", "2"], "not allowed with argument"),
     (["--gpus", "16", "--gpu-memory", "80GB"], "asks for more GPUs than this node has"),
+    (["--nproc", "2", "--master-port", "99999"], "--master-port 99999 is not a TCP port"),
 ]
 
 
