@@ -95,3 +95,8 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
     assert glm_ckpt(["convert", str(tmp_path), "--to-tp", "1", "--to-pp", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "neither an export" in err[0]
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):  # checked before the source is read
+        assert glm_ckpt(["export", str(tmp_path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {out} cannot be written") and "is a file" in err[0]

@@ -178,6 +178,16 @@ def test_a_vocabulary_too_small_is_refused(tmp_path, capsys, vocab_size):
     assert not list(tmp_path.glob("out*"))
 
 
+def test_an_output_prefix_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(TEXT * 5)
+    (tmp_path / "a_file").write_text("x")
+    assert main(["--input", str(tmp_path / "in.txt"), "--output-prefix", str(tmp_path / "a_file" / "out"),
+                 "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output-prefix") and "is a file" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in.txt"]
+
+
 def test_console_script_exit_status(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainer.data.prep", "--input", str(tmp_path / "none.txt"),
                              "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True)

@@ -2,34 +2,24 @@
 says what to change, and writes nothing."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from trainer.config import Config
 from trainer.engine.ds_config import check_user_config
 from trainer.errors import ConfigError
+from trainer.paths import nearest_existing, uncreatable_directory
 
 # Bytes per parameter in a checkpoint: fp32 weights plus Adam's two fp32 moments; half precision adds
 # the half copy of the weights that DeepSpeed stores beside the fp32 master.
 CHECKPOINT_BYTES_PER_PARAM = {"fp32": 12, "bf16": 14, "fp16": 14}
 
 
-def nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def check_run_dir(config: Config) -> None:
     run_dir = Path(config.train.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"train.run_dir={run_dir} is a file: point it at a directory")
-    anchor = nearest_existing(run_dir)
-    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.run_dir={run_dir} cannot be created: {anchor} is not writable; "
-                          f"choose a directory you can write to")
+    problem = uncreatable_directory(run_dir)
+    if problem:
+        raise ConfigError(f"train.run_dir={run_dir} cannot be used: {problem}; choose a directory you can write to")
     if config.train.resume and not (run_dir / "checkpoints" / "latest").is_file():
         raise ConfigError(f"train.resume=true but {run_dir / 'checkpoints'} holds no checkpoint: "
                           f"train without resume first, or point train.run_dir at a run that saved one")

@@ -24,6 +24,7 @@ from trainer.checkpoint.thudm import is_release, read_release
 from trainer.config import add_config_arguments
 from trainer.errors import CheckpointError, exits_on_error
 from trainer.model.config import ModelConfig
+from trainer.paths import uncreatable_directory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,6 +95,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    problem = uncreatable_directory(args.out)
+    if problem:
+        raise CheckpointError(f"--out {args.out} cannot be written: {problem}; choose another directory")
     print(args.run(args))
     return 0
 

@@ -18,7 +18,8 @@ from trainer.data.instruction import (MARKER_SUFFIX, as_documents, is_instructio
                                       read_instructions, write_marker)
 from trainer.data.packing import ARRAY_KEYS, OneSamplePerRow, build_sequences
 from trainer.data.tokenizer import GLMTokenizer, load_tokenizer, train_tokenizer
-from trainer.errors import exits_on_error
+from trainer.errors import DataError, exits_on_error
+from trainer.paths import uncreatable_directory
 
 DEFAULT_VOCAB_SIZE = 8192
 PARALLEL_FROM = 64 << 20
@@ -82,6 +83,9 @@ def documents_of(paths: list[str], instructions: bool = False) -> Iterator[str]:
 def prepare_inputs(args: argparse.Namespace) -> str:
     """Tokenize the --input files; returns the output prefix."""
     check_inputs(args.input)
+    problem = uncreatable_directory(Path(args.output_prefix).parent)
+    if problem:
+        raise DataError(f"--output-prefix {args.output_prefix} cannot be written: {problem}; choose another prefix")
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, add_special_tokens=args.add_special_tokens)
     else:

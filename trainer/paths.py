@@ -1,0 +1,28 @@
+"""Where an output may go: the checks every command makes before it writes anything."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+
+def nearest_existing(path: Path) -> Path:
+    """The path itself, or its nearest ancestor that exists (absolute)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def uncreatable_directory(directory: Path) -> Optional[str]:
+    """Why `directory` cannot be used or created for writing (a file in the way, no write permission), or
+    None when it can."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        return f"{directory} is a file"
+    anchor = nearest_existing(directory)
+    if not anchor.is_dir():
+        return f"{anchor} is a file, so {directory} cannot be created under it"
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        return f"{anchor} is not writable"
+    return None
