@@ -24,22 +24,16 @@ from launch.devices import Cluster, discover, local_accelerator
 from launch.planner import Fixed, Plan, plan_layout
 from trainer.config import Config, load_config, parse_override
 from trainer.engine.rendezvous import free_port
-from trainer.errors import ConfigError, exits_on_error
+from trainer.errors import ConfigError, OneLineParser, exits_on_error
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
                 "activation_checkpoint_interval": "checkpoint_interval"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
-        print(f"error: {message} (see glm-launch --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """glm-launch's own arguments, and the glm-train arguments after `--`."""
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = _Parser(prog="glm-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="glm-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
     devices = parser.add_mutually_exclusive_group()
     devices.add_argument("--nproc", type=int, help="run N CPU processes (gloo) on this machine, for debugging")
@@ -59,7 +53,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def _user_overrides(train_args: list[str]) -> list[str]:
     """The `--set` values among the glm-train arguments (they shape the plan too)."""
-    parser = _Parser(prog="glm-launch -- (glm-train arguments)", add_help=False)
+    parser = OneLineParser(prog="glm-launch -- (glm-train arguments)", add_help=False)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--config")
     known, _ = parser.parse_known_args(train_args)

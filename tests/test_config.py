@@ -38,8 +38,9 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML: .* at line 2, column 1") as raised:
         load_config(bad)
+    assert "\n" not in str(raised.value)  # one line, as every error of the commands
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\n")
     with pytest.raises(ConfigError, match="is empty"):

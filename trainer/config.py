@@ -260,6 +260,13 @@ def _apply(obj: Any, values: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+def yaml_error_line(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where (line and column, 1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
 
@@ -282,7 +289,7 @@ def parse_override(text: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error})") from None
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({yaml_error_line(error)})") from None
     nested: dict = value
     for part in reversed(dotted.strip().split(".")):
         nested = {part: nested}
@@ -308,7 +315,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         try:
             values = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(error)}") from None
         if values is None:
             raise ConfigError(f"config file {path} is empty: give at least one section, as configs/glm-debug.yaml does")
         if not isinstance(values, dict):

@@ -1,5 +1,6 @@
 """User-facing errors: each one names the problem and the fix, and the CLIs turn it into one line
 on stderr and a non-zero exit."""
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -34,3 +35,12 @@ def exits_on_error(main: Callable[..., int]) -> Callable[..., int]:
             return 2
 
     return guarded
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line `error: ...` and exit status 2 (argparse prints its usage block
+    first); `--help` still prints the whole usage."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from trainer.errors import ConfigError, DataError, exits_on_error
+from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
 from trainer.generate import add_source_arguments, encode_prompt, full_vocab_logits, load_inference
 from trainer.model.mask import segments_of_sep
 
@@ -88,7 +88,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="glm-eval", description=__doc__,
+    parser = OneLineParser(prog="glm-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     parser.add_argument("--data", type=Path, required=True, help="JSONL task: template fields and 'label'")

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from trainer.config import add_config_arguments
-from trainer.errors import ConfigError, DataError, exits_on_error
+from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
 
 MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
 Step = Callable[[list[int], list[int], list[int]], torch.Tensor]
@@ -185,7 +185,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="glm-generate", description=__doc__,
+    parser = OneLineParser(prog="glm-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     parser.add_argument("--text", required=True, help="the prompt, with [MASK] / [sMASK] / [gMASK] markers")

@@ -14,12 +14,12 @@ import sys
 from typing import Optional
 
 from trainer.config import Config, add_config_arguments, load_config
-from trainer.errors import exits_on_error
+from trainer.errors import OneLineParser, exits_on_error
 from trainer.preflight import check_data, preflight
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="glm-train", description=__doc__,
+    parser = OneLineParser(prog="glm-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--print-model", action="store_true",

@@ -22,14 +22,14 @@ from typing import Iterator, Optional
 import torch
 
 from trainer.config import Config, add_config_arguments, load_config
-from trainer.errors import ConfigError, GLMError, exits_on_error
+from trainer.errors import ConfigError, GLMError, OneLineParser, exits_on_error
 
 MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
                "gpu": "accelerator peak allocated during the engine's warm-up"}
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="glm-bench", description=__doc__,
+    parser = OneLineParser(prog="glm-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=30,

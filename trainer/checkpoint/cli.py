@@ -22,7 +22,7 @@ from trainer.checkpoint.export import TOKENIZER, write_export
 from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.thudm import is_release, read_release
 from trainer.config import add_config_arguments
-from trainer.errors import CheckpointError, exits_on_error
+from trainer.errors import CheckpointError, OneLineParser, exits_on_error
 from trainer.model.config import ModelConfig
 from trainer.paths import uncreatable_directory
 
@@ -71,7 +71,7 @@ def import_thudm(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="glm-ckpt", description=__doc__,
+    parser = OneLineParser(prog="glm-ckpt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, run, help_text in (("convert", convert, "write a training checkpoint for another (tp, pp)"),

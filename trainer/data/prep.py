@@ -18,7 +18,7 @@ from trainer.data.instruction import (MARKER_SUFFIX, as_documents, is_instructio
                                       read_instructions, write_marker)
 from trainer.data.packing import ARRAY_KEYS, OneSamplePerRow, build_sequences
 from trainer.data.tokenizer import GLMTokenizer, load_tokenizer, train_tokenizer
-from trainer.errors import DataError, exits_on_error
+from trainer.errors import DataError, OneLineParser, exits_on_error
 from trainer.paths import uncreatable_directory
 
 DEFAULT_VOCAB_SIZE = 8192
@@ -29,7 +29,7 @@ ROW_TEXT_WIDTH = 100
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="glm-prep", description="text files / JSON lines -> PREFIX.bin + "
+    parser = OneLineParser(prog="glm-prep", description="text files / JSON lines -> PREFIX.bin + "
                                      "PREFIX.idx + PREFIX.tokenizer.json; --samples shows blank-infilling samples "
                                      "and packed rows (docs/DATA.md)")
     source = parser.add_mutually_exclusive_group(required=True)

@@ -1,0 +1,27 @@
+"""Every command's argument errors are one line `error: ...` and exit status 2 (trainer/errors.py), like
+every other bad input; `--help` still prints the whole usage."""
+import importlib
+
+import pytest
+
+COMMANDS = {"glm-train": "trainer.train", "glm-prep": "trainer.data.prep", "glm-generate": "trainer.generate",
+            "glm-eval": "trainer.evaluate", "glm-ckpt": "trainer.checkpoint.cli", "glm-bench": "trainer.bench.cli",
+            "glm-launch": "launch.cli"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_an_unknown_argument_is_one_line_and_exit_2(command, capsys):
+    main = importlib.import_module(COMMANDS[command]).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--no-such-flag"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and err[0].endswith(f"(see {command} --help)"), err
+
+
+def test_help_still_prints_the_usage(capsys):
+    from trainer.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: glm-train")
