@@ -188,6 +188,20 @@ def test_an_output_prefix_under_a_file_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in.txt"]
 
 
+def test_outputs_get_the_mode_the_umask_gives(tmp_path):
+    import os
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "Q?", "response": "A."}\n' * 3)
+    old = os.umask(0o022)
+    try:
+        assert main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                     "--vocab-size", "300", "--instructions"]) == 0
+    finally:
+        os.umask(old)
+    written = sorted(tmp_path.glob("out*"))
+    assert len(written) == 4 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), written
+
+
 def test_console_script_exit_status(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainer.data.prep", "--input", str(tmp_path / "none.txt"),
                              "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True)

@@ -94,3 +94,5 @@ def test_cli_on_an_export(tmp_path, capsys):
         assert main([str(tmp_path / "export"), "--text", "x", *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, bad
+    assert main([str(tmp_path / "nowhere"), "--text", "x"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'} does not exist")

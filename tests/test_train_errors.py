@@ -50,6 +50,8 @@ CASES = [
     ("bad fault injection", ["train.inject_nan_steps=[0]"], "train.inject_nan_steps"),
     ("resume without checkpoint", ["train.resume=true"], "holds no checkpoint"),
     ("unknown position embedding", ["model.position_embedding=alibi"], "model.position_embedding='alibi'"),
+    ("negative save interval", ["train.save_interval=-1"], "train.save_interval must be >= 0, got -1"),
+    ("zero log interval", ["train.log_interval=0"], "train.log_interval must be >= 1, got 0"),
     ("negative lr", ["optim.lr=-1"], "optim.lr must be a finite number > 0, got -1"),
     ("lr not a number", ["optim.lr=.nan"], "optim.lr must be a finite number > 0, got nan"),
     ("beta1 above 1", ["optim.beta1=1.5"], "optim.beta1 must be a finite number in [0, 1)"),

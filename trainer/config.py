@@ -146,9 +146,10 @@ class Config:
             raise ConfigError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
-        if t.save_interval < 0 or t.log_interval < 1 or t.keep_checkpoints < 0 or t.max_nonfinite_in_a_row < 0:
-            raise ConfigError("train.save_interval, train.keep_checkpoints and train.max_nonfinite_in_a_row must "
-                              "be >= 0, and train.log_interval >= 1")
+        for name, least in (("save_interval", 0), ("keep_checkpoints", 0), ("max_nonfinite_in_a_row", 0),
+                            ("log_interval", 1)):
+            if getattr(t, name) < least:
+                raise ConfigError(f"train.{name} must be >= {least}, got {getattr(t, name)}")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.inject_nan_steps):
             raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps}")
         if t.eval_interval < 0 or t.eval_batches < 1:

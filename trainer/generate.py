@@ -156,6 +156,8 @@ def load_inference(args: argparse.Namespace):
     from trainer.checkpoint.model_source import build_model, read_weights
     from trainer.data.tokenizer import load_tokenizer
 
+    if not args.source.exists():
+        raise ConfigError(f"{args.source} does not exist: give a checkpoint directory, an export or a THUDM release")
     tokenizer_path = args.tokenizer or (args.source / TOKENIZER if (args.source / TOKENIZER).is_file() else None)
     config_given = model_config(args) if args.config else None
     if tokenizer_path is None and args.config:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -26,3 +27,15 @@ def uncreatable_directory(directory: Path) -> Optional[str]:
     if not os.access(anchor, os.W_OK | os.X_OK):
         return f"{anchor} is not writable"
     return None
+
+
+def temporary_beside(final: Path) -> Path:
+    """An empty temporary file in `final`'s directory, to be renamed onto `final` once written (an atomic
+    write). Its mode is what a plain open() would give under the process's umask (mkstemp's is 0600,
+    which the rename would carry onto the output)."""
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return Path(name)

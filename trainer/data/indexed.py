@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from pathlib import Path
 import numpy as np
 
 from trainer.errors import DataError
+from trainer.paths import temporary_beside
 
 MAGIC = b"GLMIDX\0\0"
 VERSION = 1
@@ -56,9 +56,7 @@ class IndexedDatasetWriter:
 
     @staticmethod
     def _temp_path(final: Path) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-        os.close(fd)
-        return Path(tmp)
+        return temporary_beside(final)
 
     def add_document(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,6 +31,7 @@ from trainer.data.dataset import GLMDataset
 from trainer.data.indexed import IndexedDataset
 from trainer.data.tokenizer import GLMTokenizer
 from trainer.errors import DataError
+from trainer.paths import temporary_beside
 
 logger = logging.getLogger(__name__)
 MARKER_SUFFIX = ".instructions.json"
@@ -88,9 +88,8 @@ def read_instructions(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
 def write_marker(prefix: str | os.PathLike, records: int) -> None:
     """PREFIX.instructions.json, atomically (temporary file + os.replace)."""
     final = marker_path(prefix)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": FORMAT, "version": 1, "records": records}, f)
+    tmp = temporary_beside(final)
+    tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "records": records}))
     os.replace(tmp, final)
 
 

@@ -7,13 +7,13 @@ tokens are matched only when the trainer inserts them by id; a user's text that 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trainer.errors import DataError
+from trainer.paths import temporary_beside
 
 # The start token opens Part A (the reference code's [CLS]); <|endoftext|> doubles as padding.
 CLS, MASK, SMASK, GMASK = "[CLS]", "[MASK]", "[sMASK]", "[gMASK]"
@@ -55,10 +55,9 @@ class GLMTokenizer:
         """Write tokenizer.json atomically (temp file in the same directory, then os.replace)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = temporary_beside(path)
         try:
-            self.backend.save(tmp)
+            self.backend.save(str(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -170,13 +170,13 @@ def choose_tag(checkpoint_dir: Path) -> str:
         if latest.is_file() and latest.read_text().strip() in candidates:
             first = latest.read_text().strip()
             candidates = [first] + [t for t in candidates if t != first]
-        for tag in candidates:
+        for number, tag in enumerate(candidates):
             problem = verify(checkpoint_dir / tag)
             if problem is None:
                 choice[0] = tag
                 break
-            log.warning(f"warning: checkpoint {checkpoint_dir / tag} is unusable ({problem}); "
-                        f"falling back to the previous one")
+            fallback = "falling back to the previous one" if number + 1 < len(candidates) else "no other checkpoint is left"
+            log.warning(f"warning: checkpoint {checkpoint_dir / tag} is unusable ({problem}); {fallback}")
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         raise CheckpointError(f"train.resume=true but {checkpoint_dir} holds no complete checkpoint: "
