@@ -60,3 +60,8 @@ def test_cli_reports_accuracy_and_rejects_bad_input(tmp_path, capsys):
     assert main(args[:3] + ["--template", "{missing}", "--verbalizers", json.dumps(VERBALIZERS)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    for template, message in (("{sentence", "is not a str.format template"), ("{0}", "is not a str.format template"),
+                              ("{sentence}" + " and more words" * 40, "positions but the model holds")):
+        assert main(args[:3] + ["--template", template, "--verbalizers", json.dumps(VERBALIZERS)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (template, err)

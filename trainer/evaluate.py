@@ -38,11 +38,16 @@ def cloze_inputs(part_a: list[int], mask: int, word: list[int], sop_id: int) -> 
 
 @torch.no_grad()
 def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab_size: int,
-                 tp_group=None) -> dict[str, float]:
-    """{class: sum of log-probabilities of its verbalizer tokens filling the text's one [MASK]}."""
+                 tp_group=None, max_sequence_length: Optional[int] = None) -> dict[str, float]:
+    """{class: sum of log-probabilities of its verbalizer tokens filling the text's one [MASK]};
+    max_sequence_length (the model's positions) refuses a text and verbalizer that do not fit."""
     part_a, masks = encode_prompt(text, tokenizer)
     if len(masks) != 1 or part_a[masks[0]] != tokenizer.mask_id:
         raise DataError(f"a cloze text needs exactly one [MASK] and no other blank, got {text!r}")
+    longest = len(part_a) + max(len(word) for word in words.values())  # Part A, sop, the word but its last token
+    if max_sequence_length is not None and longest > max_sequence_length:
+        raise DataError(f"the cloze text and its longest verbalizer need {longest} positions but the model holds "
+                        f"{max_sequence_length}: shorten the text ({text[:40]!r}...)")
     device = next(model.parameters()).device
     scores = {}
     for label, word in words.items():
@@ -57,7 +62,7 @@ def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab
 
 
 def evaluate_cloze(model, tokenizer, records: list[dict], template: str, verbalizers: dict[str, str],
-                   vocab_size: int, tp_group=None) -> dict:
+                   vocab_size: int, tp_group=None, max_sequence_length: Optional[int] = None) -> dict:
     """Accuracy of argmax-likelihood classification over the records."""
     words = {label: tokenizer.encode(word) for label, word in verbalizers.items()}
     if any(not word for word in words.values()):
@@ -68,9 +73,11 @@ def evaluate_cloze(model, tokenizer, records: list[dict], template: str, verbali
             text, label = template.format(**record), record["label"]
         except KeyError as missing:
             raise DataError(f"record {number} has no field {missing}: the template and 'label' need it") from None
+        except (ValueError, IndexError) as error:
+            raise DataError(f"--template {template!r} is not a str.format template with named fields ({error})") from None
         if label not in words:
             raise DataError(f"record {number} has label {label!r}, which has no verbalizer ({', '.join(words)})")
-        scores = score_labels(model, tokenizer, text, words, vocab_size, tp_group)
+        scores = score_labels(model, tokenizer, text, words, vocab_size, tp_group, max_sequence_length)
         correct += max(scores, key=scores.get) == label
     return {"accuracy": correct / len(records), "correct": correct, "examples": len(records)}
 
@@ -89,7 +96,7 @@ def read_records(path: Path) -> list[dict]:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     parser.add_argument("--data", type=Path, required=True, help="JSONL task: template fields and 'label'")
     parser.add_argument("--template", default="{text}", help="str.format template with one [MASK]")
@@ -109,7 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise ConfigError("--verbalizers must map at least two labels to words")
     records = read_records(args.data)
     model, config, tokenizer, tp_group = load_inference(args)
-    result = evaluate_cloze(model, tokenizer, records, args.template, verbalizers, config.vocab_size, tp_group)
+    result = evaluate_cloze(model, tokenizer, records, args.template, verbalizers, config.vocab_size, tp_group,
+                            config.max_sequence_length)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0

@@ -188,7 +188,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     parser.add_argument("--text", required=True, help="the prompt, with [MASK] / [sMASK] / [gMASK] markers")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest fill of one blank")

@@ -20,7 +20,7 @@ from trainer.preflight import check_data, preflight
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--print-model", action="store_true",
                         help="print the model's parameter count (counted and closed form) and exit")

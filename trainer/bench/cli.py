@@ -30,7 +30,7 @@ MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=30,
                         help="timed rounds per comparison (engine and one contender, one optimizer step each; default 30)")

@@ -72,7 +72,7 @@ def import_thudm(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-ckpt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, run, help_text in (("convert", convert, "write a training checkpoint for another (tp, pp)"),
                                  ("export", export, "write one safetensors file + config.json + tokenizer.json"),

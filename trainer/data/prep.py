@@ -30,8 +30,8 @@ ROW_TEXT_WIDTH = 100
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-prep", description="text files / JSON lines -> PREFIX.bin + "
-                                     "PREFIX.idx + PREFIX.tokenizer.json; --samples shows blank-infilling samples "
-                                     "and packed rows (docs/DATA.md)")
+                           "PREFIX.idx + PREFIX.tokenizer.json; --samples shows blank-infilling samples "
+                           "and packed rows (docs/DATA.md)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="FILE",
                         help="text files (one document each) or JSON lines (.jsonl/.ndjson/.json, field `text`)")
