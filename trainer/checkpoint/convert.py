@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from trainer.checkpoint.manifest import write_manifest
 from trainer.checkpoint.model_source import read_weights, training_tag_dir
 from trainer.checkpoint.pipeline_files import model_states_file, write_layer_files
 from trainer.checkpoint.universal import LAYOUT_FREE_OPTIMIZER, MOMENTS, TrainingState, read_training_state
@@ -23,8 +24,6 @@ from trainer.model.config import ModelConfig
 
 def write_training_state(state: TrainingState, config: ModelConfig, tp: int, pp: int, tag_dir: Path) -> None:
     """A layout-free training state -> the files of a (tp, pp) checkpoint (see the module docstring)."""
-    from trainer.engine.checkpoint import write_manifest
-
     config.validate(tp)
     if pp < 1 or pp > config.num_layers:
         raise ConfigError(f"--to-pp {pp} must be between 1 and model.num_layers={config.num_layers}")

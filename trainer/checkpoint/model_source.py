@@ -11,6 +11,7 @@ import torch
 from trainer.checkpoint import thudm
 from trainer.checkpoint.export import is_export, read_export
 from trainer.checkpoint.layout import shard_state
+from trainer.checkpoint.manifest import MANIFEST, verify
 from trainer.checkpoint.pipeline_files import model_states_file, read_model_weights
 from trainer.errors import CheckpointError, ConfigError
 from trainer.model.config import ModelConfig
@@ -36,6 +37,10 @@ def read_weights(path: Path, config: Optional[ModelConfig]) -> tuple[ModelConfig
     if tag_dir is None:
         raise CheckpointError(f"{path} is neither an export, a THUDM/GLM release nor a training checkpoint "
                               f"(run_dir/checkpoints or a global_stepN directory)")
+    problem = verify(tag_dir) if (tag_dir / MANIFEST).is_file() else None  # DeepSpeed's own saves have none
+    if problem:
+        raise CheckpointError(f"checkpoint {tag_dir} is corrupted ({problem}): point at an earlier global_stepN "
+                              f"of the run, whose manifest checks")
     if config is None:
         raise ConfigError(f"{path} is a training checkpoint, which does not store the model shape: pass the "
                           f"run's --config (and its --set overrides)")

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -29,12 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.universal import OPTIMIZER_PARAM_NAMES
 from trainer.errors import CheckpointError
 from trainer.parallel import random as parallel_random
 
 log = logging.getLogger("glm.checkpoint")
-MANIFEST = "manifest.json"
 DATA_POSITION = "data_position.json"
 """The packing plan's scan state at the checkpoint's next row (trainer/data/packing.py), from rank 0."""
 TAG = re.compile(r"^global_step(\d+)$")
@@ -53,60 +52,6 @@ def set_rng_states(states: dict) -> None:
     parallel_random.set_rng_states(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    for path in files:
-        _fsync(path)
-    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in files}
-    _write_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1))
-
-
-def verify(directory: Path) -> Optional[str]:
-    """None when every file of the checkpoint matches its manifest, else what is wrong."""
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return "no manifest (the save did not finish)"
-    try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return "unreadable manifest"
-    for name, expected in entries.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
-        if _crc32(path) != expected["crc32"]:
-            return f"{name} fails its CRC-32 check"
-    return None
 
 
 def list_tags(checkpoint_dir: Path) -> list[str]:
@@ -152,8 +97,8 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
         if final.exists():
             shutil.rmtree(final)
         os.replace(checkpoint_dir / staging, final)
-        _fsync(checkpoint_dir)
-        _write_atomic(checkpoint_dir / "latest", tag)
+        fsync(checkpoint_dir)
+        write_atomic(checkpoint_dir / "latest", tag)
         if keep > 0:
             for old in list_tags(checkpoint_dir)[keep:]:
                 shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
