@@ -145,6 +145,10 @@ def test_outputs_metrics_tensorboard_and_checkpoint(reference_run):
     tb_losses = [e.value for e in events.Scalars("train/loss")]
     torch.testing.assert_close(torch.tensor(tb_losses), torch.tensor(_train_losses(losses)))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"
+    record = json.loads((run_dir / "checkpoints" / f"global_step{STEPS}" / "run.json").read_text())
+    config = load_config("configs/glm-debug.yaml", BASE)
+    config.model.vocab_size = rows.tokenizer.vocab_size
+    assert record == {"model": config.model.shape(), "layout": {"tp": 1, "pp": 1, "dp": 1}}
     position = json.loads((run_dir / "checkpoints" / f"global_step{STEPS}" / "data_position.json").read_text())
     assert position["first_row"] <= STEPS * 8 and position["fingerprint"] == rows.fingerprint
 

@@ -1,5 +1,7 @@
 """Bad input to glm-train: each kind gets its own one-line message naming the fix, exit status 2, and
 nothing written to the run directory (checked before any process group starts)."""
+import json
+
 import pytest
 
 from trainer.train import main
@@ -79,6 +81,26 @@ def test_steps_at_or_below_the_checkpoint_are_refused(capsys, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "is at step 5" in lines[0] and "train.steps=5" in lines[0], err
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step5", "latest"]
+
+
+def test_resuming_another_model_shape_is_refused_naming_the_keys(capsys, tmp_path):
+    from trainer.config import load_config
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "global_step2").mkdir(parents=True)
+    (checkpoints / "latest").write_text("global_step2")
+    recorded = load_config(CONFIG, ["model.vocab_size=4096"]).model.shape()
+    (checkpoints / "global_step2" / "run.json").write_text(json.dumps({"model": recorded}))
+    code, err, _ = _run(capsys, tmp_path, "train.resume=true", "model.hidden_size=32", "model.num_layers=2")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert "model.hidden_size: checkpoint 64, this run 32" in lines[0] and "model.num_layers: checkpoint 4" in lines[0]
+    assert "model.ffn_size: checkpoint 256, this run 128" in lines[0]
+    assert sorted(p.name for p in (checkpoints / "global_step2").iterdir()) == ["run.json"]
+    from trainer.preflight import check_resume_shape
+
+    same = load_config(CONFIG, ["model.vocab_size=4096", "train.resume=true", f"train.run_dir={tmp_path / 'run'}"])
+    check_resume_shape(same)  # the recorded shape: accepted
 
 
 def test_messages_are_distinct():

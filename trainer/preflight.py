@@ -2,6 +2,7 @@
 says what to change, and writes nothing."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def check_run_dir(config: Config) -> None:
                           f"train without resume first, or point train.run_dir at a run that saved one")
     if config.train.resume:
         check_steps_left(run_dir / "checkpoints", config.train.steps)
+
+
+def check_resume_shape(config: Config) -> None:
+    """A resume whose model shape differs from the newest checkpoint's is refused, naming the keys (the
+    weights would not load). Checkpoints written before the run record existed are not checked here."""
+    from trainer.engine.checkpoint import RUN_RECORD
+
+    checkpoint_dir = Path(config.train.run_dir) / "checkpoints"
+    record = checkpoint_dir / (checkpoint_dir / "latest").read_text().strip() / RUN_RECORD
+    if not record.is_file():
+        return
+    differences = config.model.shape_differences(json.loads(record.read_text()).get("model", {}))
+    if differences:
+        raise ConfigError(f"train.resume: {record.parent} holds another model ({'; '.join(differences)}): resume "
+                          f"with the run's model config, or train into a new train.run_dir")
 
 
 def check_steps_left(checkpoint_dir: Path, steps: int) -> None:
@@ -83,4 +99,6 @@ def preflight(config: Config, world_size: int) -> None:
     check_precision(config)
     check_run_dir(config)
     check_data(config)
+    if config.train.resume:
+        check_resume_shape(config)
     check_disk_space(config)

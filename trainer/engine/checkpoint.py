@@ -36,6 +36,8 @@ from trainer.parallel import random as parallel_random
 log = logging.getLogger("glm.checkpoint")
 DATA_POSITION = "data_position.json"
 """The packing plan's scan state at the checkpoint's next row (trainer/data/packing.py), from rank 0."""
+RUN_RECORD = "run.json"
+"""The model's shape keys (ModelConfig.shape) and the (tp, pp, dp) layout a checkpoint was written at."""
 TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -73,10 +75,10 @@ def optimizer_param_names(engine) -> Optional[list[list[str]]]:
 
 
 def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0,
-         data_position: Optional[dict] = None) -> Path:
+         data_position: Optional[dict] = None, run_record: Optional[dict] = None) -> Path:
     """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones.
     data_position (the packing plan's scan state at the next row, trainer/data/packing.py) goes to
-    DATA_POSITION beside the weights."""
+    DATA_POSITION, run_record (the model's shape and the layout) to RUN_RECORD, beside the weights."""
     tag, staging = tag_for(step), f".{tag_for(step)}.partial"
     rank = dist.get_rank()
     if rank == 0 and (checkpoint_dir / staging).exists():
@@ -93,6 +95,8 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
     if rank == 0:
         if data_position is not None:
             (checkpoint_dir / staging / DATA_POSITION).write_text(json.dumps(data_position))
+        if run_record is not None:
+            (checkpoint_dir / staging / RUN_RECORD).write_text(json.dumps(run_record, indent=1))
         write_manifest(checkpoint_dir / staging)
         if final.exists():
             shutil.rmtree(final)

@@ -211,7 +211,11 @@ class Trainer:
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.consumed,
                                keep=self.config.train.keep_checkpoints,
-                               data_position=self.dataset.position(self.consumed))
+                               data_position=self.dataset.position(self.consumed), run_record=self._run_record())
+
+    def _run_record(self) -> dict:
+        t = self.topology
+        return {"model": self.config.model.shape(), "layout": {"tp": t.tp, "pp": t.pp, "dp": t.dp}}
 
     def _log(self, record: dict, progress) -> None:
         if self.world_size == 1:

@@ -12,6 +12,11 @@ NORMS = ("pre_ln", "deepnorm")
 MLPS = ("gelu", "geglu")
 
 
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_size", "vocab_size", "max_sequence_length",
+              "position_embedding", "mlp", "norm")
+"""What a checkpoint's tensors are tied to: a resume that changes one of them is refused, naming it."""
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = 2
@@ -72,6 +77,15 @@ class ModelConfig:
     @property
     def deepnorm_beta(self) -> float:
         return (2 * self.num_layers) ** -0.5
+
+    def shape(self) -> dict:
+        """The keys a checkpoint's weights are tied to (SHAPE_KEYS), as a checkpoint records them."""
+        return {key: getattr(self, key) for key in SHAPE_KEYS}
+
+    def shape_differences(self, recorded: dict) -> list[str]:
+        """`model.key: checkpoint X, this run Y` for every SHAPE_KEYS value that differs from `recorded`."""
+        return [f"model.{key}: checkpoint {recorded[key]!r}, this run {value!r}" for key, value in self.shape().items()
+                if key in recorded and recorded[key] != value]
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rounded up to a multiple of vocab_pad_multiple * tp."""
