@@ -28,13 +28,18 @@ def check_run_dir(config: Config) -> None:
         check_steps_left(run_dir / "checkpoints", config.train.steps)
 
 
+def latest_tag(checkpoint_dir: Path) -> str:
+    """The tag `checkpoints/latest` names (check_run_dir has made sure the file is there)."""
+    return (checkpoint_dir / "latest").read_text().strip()
+
+
 def check_resume_shape(config: Config) -> None:
     """A resume whose model shape differs from the newest checkpoint's is refused, naming the keys (the
     weights would not load). Checkpoints written before the run record existed are not checked here."""
     from trainer.engine.checkpoint import RUN_RECORD
 
     checkpoint_dir = Path(config.train.run_dir) / "checkpoints"
-    record = checkpoint_dir / (checkpoint_dir / "latest").read_text().strip() / RUN_RECORD
+    record = checkpoint_dir / latest_tag(checkpoint_dir) / RUN_RECORD
     if not record.is_file():
         return
     differences = config.model.shape_differences(json.loads(record.read_text()).get("model", {}))
@@ -47,7 +52,7 @@ def check_steps_left(checkpoint_dir: Path, steps: int) -> None:
     """A resume with train.steps (the total) at or below the newest checkpoint's step would do nothing."""
     from trainer.engine.checkpoint import TAG
 
-    match = TAG.match((checkpoint_dir / "latest").read_text().strip())
+    match = TAG.match(latest_tag(checkpoint_dir))
     if match and int(match.group(1)) >= steps:
         raise ConfigError(f"the newest checkpoint in {checkpoint_dir} is at step {match.group(1)}, and "
                           f"train.steps={steps} is the total to train: nothing is left; raise train.steps "

@@ -50,13 +50,9 @@ class IndexedDatasetWriter:
         self._bin = None
 
     def __enter__(self) -> IndexedDatasetWriter:
-        self._tmp = [self._temp_path(p) for p in (self.bin_path, self.idx_path)]
+        self._tmp = [temporary_beside(p) for p in (self.bin_path, self.idx_path)]
         self._bin = open(self._tmp[0], "wb")
         return self
-
-    @staticmethod
-    def _temp_path(final: Path) -> Path:
-        return temporary_beside(final)
 
     def add_document(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)

@@ -176,11 +176,16 @@ class PackedSequences(OneSamplePerRow):
 
     def _window_rows(self, w: int) -> tuple[list[np.ndarray], np.ndarray]:
         if w not in self._rows:
-            if len(self._rows) >= 2:  # a step's rows span at most a few windows; older ones are recomputed
-                self._rows.pop(min(self._rows))
             members, fills, _ = self._pack_window(w)
-            self._rows[w] = (members, fills)
+            self._remember(w, members, fills)
         return self._rows[w]
+
+    def _remember(self, w: int, members: list[np.ndarray], fills: np.ndarray) -> None:
+        """Keep window w's rows and one other window's, the latest (a step's rows span at most a few
+        windows; a window let go is packed again when asked for)."""
+        self._rows[w] = (members, fills)
+        while len(self._rows) > 2:
+            self._rows.pop(min(k for k in self._rows if k != w))
 
     def _locate(self, row: int) -> tuple[int, int]:
         """(window, place in that window's rows) of `row`, scanning windows as far as needed."""
@@ -191,9 +196,7 @@ class PackedSequences(OneSamplePerRow):
         while self._first_row[-1] <= row:
             w = self._base + len(self._first_row) - 1
             members, fills, taken = self._pack_window(w)
-            self._rows[w] = (members, fills)
-            while len(self._rows) > 2:
-                self._rows.pop(min(self._rows))
+            self._remember(w, members, fills)
             self._first_row.append(self._first_row[-1] + len(members))
             self._taken.append(taken)
             if len(self._taken) > KEPT_WINDOWS:  # a long run's scan state stays bounded
