@@ -1,11 +1,17 @@
 """Import of THUDM/GLM release checkpoints: a two-way model-parallel release built here with THUDM/GLM's
 parameter names and per-rank shapes (GLM-SPEC section 2) imports to a model with the original logits."""
+import dataclasses
+import re
+
+import pytest
 import torch
+import yaml
 
 from tests.checkpoint_helpers import VOCAB, glm_inputs, perturb_
 from trainer.checkpoint.cli import main as glm_ckpt
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.checkpoint.thudm import read_release
+from trainer.errors import ConfigError
 from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
 
@@ -66,3 +72,30 @@ def test_import_thudm_cli_writes_an_export(tmp_path, capsys):
         torch.testing.assert_close(build_model(config, weights)(*glm_inputs()), model(*glm_inputs()), rtol=0, atol=1e-6)
     assert glm_ckpt(["import-thudm", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"vocab_size": 4096}, "embedding.word_embeddings.weight is [300, 128], the config needs [4096, 128]"),
+    ({"max_sequence_length": 32}, "embedding.position_embeddings.weight is [16, 128], the config needs [32, 128]"),
+    ({"num_layers": 3}, "transformer.layers.2.input_layernorm.weight missing"),
+    ({"ffn_hidden_size": 256}, "mlp.dense_h_to_4h.weight is [512, 128], the config needs [256, 128]"),
+    ({"mlp": "geglu"}, "mlp.dense_h_to_4h.weight is [512, 128], the config needs"),
+    ({"position_embedding": "rope_1d"}, "embedding.position_embeddings.weight unexpected"),
+    ({"norm": "deepnorm"}, "releases are model.norm=pre_ln"),
+    ({"num_attention_heads": 4}, "64-wide heads"),
+])
+def test_a_config_that_does_not_match_the_tensors_is_refused(tmp_path, change, named):
+    _, root = _release(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        read_release(root, dataclasses.replace(CONFIG, **change))
+
+
+def test_import_under_a_mismatched_config_writes_nothing(tmp_path, capsys):
+    _, root = _release(tmp_path)
+    config = tmp_path / "wrong.yaml"
+    config.write_text(yaml.safe_dump({"model": {**{k: getattr(CONFIG, k) for k in (
+        "num_layers", "hidden_size", "num_attention_heads", "max_sequence_length")}, "vocab_size": 4096}}))
+    assert glm_ckpt(["import-thudm", str(root), "--out", str(tmp_path / "export"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--config does not match the release" in err[0] and "[4096, 128]" in err[0], err
+    assert not (tmp_path / "export").exists()

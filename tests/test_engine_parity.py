@@ -8,6 +8,7 @@ import torch
 
 from tests.distributed import run_distributed
 from trainer.config import load_config
+from trainer.preflight import preflight
 from trainer.data.corpus import embedded_paragraphs_corpus
 from trainer.data.packing import build_sequences
 
@@ -21,11 +22,11 @@ BASE = ["model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads
         "train.eval_interval=4", "data.valid_fraction=0.1"]
 
 
-def _train(rank, world_size, overrides, out_path):
+def _train(rank, world_size, config, out_path):
     from trainer.engine.loop import train
 
     torch.set_num_threads(1)
-    result = train(load_config("configs/glm-debug.yaml", BASE + overrides))
+    result = train(config)
     if rank == 0:
         records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         valid = [r["valid_loss"] for r in records if "valid_loss" in r]
@@ -36,7 +37,8 @@ def _train(rank, world_size, overrides, out_path):
 def _losses(tmp_path, name, overrides, world_size=1):
     out = tmp_path / f"{name}.json"
     overrides = overrides + [f"train.run_dir={tmp_path / name}"]
-    run_distributed(_train, world_size, overrides, out)
+    config = preflight(load_config("configs/glm-debug.yaml", BASE + overrides), world_size)  # as glm-train does
+    run_distributed(_train, world_size, config, out)
     return json.loads(out.read_text())
 
 

@@ -9,6 +9,7 @@ import torch
 from tests.glm_processes import zero_stage_overrides
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.config import load_config
+from trainer.preflight import preflight
 from trainer.data.dataset import build_dataset, collate
 from trainer.data.packing import build_sequences
 from trainer.data.prep import main as prep_main
@@ -41,7 +42,8 @@ def prefixes(tmp_path_factory):
 
 
 def _config(*overrides):
-    return load_config("configs/glm-debug.yaml", TINY + list(overrides))
+    """The resolved config, as glm-train's preflight hands it to the trainer."""
+    return preflight(load_config("configs/glm-debug.yaml", TINY + list(overrides)), 1)
 
 
 def _train(config):
@@ -110,7 +112,7 @@ def test_an_export_starts_from_the_same_weights_and_a_mismatch_is_refused(prefix
     from trainer.checkpoint.export import write_export
     from trainer.errors import CheckpointError
 
-    base = _config(f"data.path={prefixes[0]}", "train.steps=1")
+    base = _config(f"data.path={prefixes[0]}", "train.steps=1", f"train.run_dir={tmp_path / 'unused'}")
     source_config, source = read_weights(pretrained, base.model)
     source_config.vocab_size = load_tokenizer(f"{prefixes[0]}.tokenizer.json").vocab_size
     write_export(source, source_config, tmp_path / "export")

@@ -80,6 +80,9 @@ class TrainConfig:
     """Where metrics.jsonl, tb/ and checkpoints/ go."""
     resume: bool = False
     """Continue from the latest checkpoint in run_dir/checkpoints."""
+    overwrite: bool = False
+    """Start afresh in a run_dir that holds an earlier run: its metrics.jsonl, tb/ and checkpoints/ are deleted
+    first. Without this (or resume), a run_dir holding an earlier run is refused."""
     precision: str = "fp32"
     """fp32, bf16 or fp16 (dynamic loss scaling)."""
     save_interval: int = 0
@@ -144,6 +147,9 @@ class Config:
                               f"{self.model.max_sequence_length}: raise the latter or shorten the former")
         if t.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if t.resume and t.overwrite:
+            raise ConfigError("train.resume and train.overwrite are both true: continue the run (resume) or delete "
+                              "it and start afresh (overwrite), not both")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
         for name, least in (("save_interval", 0), ("keep_checkpoints", 0), ("max_nonfinite_in_a_row", 0),
@@ -327,5 +333,6 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return config
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_yaml(config: Config) -> str:
+    """The config as YAML that load_config reads back to an equal Config."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
-from trainer.generate import add_source_arguments, encode_prompt, full_vocab_logits, load_inference
+from trainer.generate import encode_prompt, full_vocab_logits, load_inference
+from trainer.source_args import add_source_arguments
 from trainer.model.mask import segments_of_sep
 
 

@@ -18,13 +18,12 @@ import math
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from trainer.config import add_config_arguments
 from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
+from trainer.source_args import add_source_arguments, given_model_config, tokenizer_path
 
 MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
 Step = Callable[[list[int], list[int], list[int]], torch.Tensor]
@@ -151,24 +150,16 @@ def fill_blanks(model, tokenizer, text: str, max_sequence_length: int, vocab_siz
 def load_inference(args: argparse.Namespace):
     """(model shard, ModelConfig, tokenizer, tp_group) from the common arguments of glm-generate / glm-eval.
     Under a launcher (WORLD_SIZE > 1) every rank is one tensor-parallel rank."""
-    from trainer.checkpoint.cli import model_config
-    from trainer.checkpoint.export import TOKENIZER
     from trainer.checkpoint.model_source import build_model, read_weights
     from trainer.data.tokenizer import load_tokenizer
 
     if not args.source.exists():
-        raise ConfigError(f"{args.source} does not exist: give a checkpoint directory, an export or a THUDM release")
-    tokenizer_path = args.tokenizer or (args.source / TOKENIZER if (args.source / TOKENIZER).is_file() else None)
-    config_given = model_config(args) if args.config else None
-    if tokenizer_path is None and args.config:
-        from trainer.config import load_config
-
-        from trainer.data.dataset import resolve_paths
-
-        tokenizer_path = resolve_paths(load_config(args.config, args.overrides).data)[1]  # the run's tokenizer
-    if tokenizer_path is None:
-        raise ConfigError(f"no tokenizer: {args.source} has no tokenizer.json; pass --tokenizer PATH")
-    config, weights = read_weights(args.source, config_given)
+        raise ConfigError(f"{args.source} does not exist: give a run directory, a checkpoint, an export or a "
+                          f"THUDM release")
+    tokenizer = tokenizer_path(args)
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer: {args.source} ships no tokenizer.json; pass --tokenizer PATH")
+    config, weights = read_weights(args.source, given_model_config(args))
     tp_group = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from trainer.engine.distributed import init_distributed
@@ -177,13 +168,7 @@ def load_inference(args: argparse.Namespace):
         _, world_size = init_distributed()
         config.validate(world_size)
         tp_group = Topology.create(world_size, 1).tp_group
-    return build_model(config, weights, tp_group), config, load_tokenizer(tokenizer_path), tp_group
-
-
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", type=Path, help="export, training checkpoint or THUDM/GLM release directory")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in an export)")
-    add_config_arguments(parser, required=False, config_help="the run's YAML config (needed for training checkpoints)")
+    return build_model(config, weights, tp_group), config, load_tokenizer(tokenizer), tp_group
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -1,11 +1,14 @@
 """Everything checked before a process group starts: a bad run fails in a second with one line that
-says what to change, and writes nothing."""
+says what to change, and writes nothing. preflight() returns the resolved config (the vocabulary filled
+in from the tokenizer), which the trainer and every tool take as it is."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 from pathlib import Path
+from typing import Optional
 
+from trainer.checkpoint.run_record import read_run_record
 from trainer.config import Config
 from trainer.engine.ds_config import check_user_config
 from trainer.errors import ConfigError
@@ -16,11 +19,24 @@ from trainer.paths import nearest_existing, uncreatable_directory
 CHECKPOINT_BYTES_PER_PARAM = {"fp32": 12, "bf16": 14, "fp16": 14}
 
 
+def earlier_run(run_dir: Path) -> Optional[str]:
+    """What of an earlier run `run_dir` holds (its metrics or checkpoints), or None when it holds none."""
+    checkpoints = run_dir / "checkpoints"
+    held = [name for name, present in (
+        ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()),
+        ("checkpoints", checkpoints.is_dir() and any(checkpoints.iterdir()))) if present]
+    return " and ".join(held) or None
+
+
 def check_run_dir(config: Config) -> None:
     run_dir = Path(config.train.run_dir)
     problem = uncreatable_directory(run_dir)
     if problem:
         raise ConfigError(f"train.run_dir={run_dir} cannot be used: {problem}; choose a directory you can write to")
+    held = earlier_run(run_dir)
+    if held and not (config.train.resume or config.train.overwrite):
+        raise ConfigError(f"train.run_dir={run_dir} holds an earlier run ({held}): set train.resume=true to continue "
+                          f"it, train.overwrite=true to delete it and start afresh, or choose another train.run_dir")
     if config.train.resume and not (run_dir / "checkpoints" / "latest").is_file():
         raise ConfigError(f"train.resume=true but {run_dir / 'checkpoints'} holds no checkpoint: "
                           f"train without resume first, or point train.run_dir at a run that saved one")
@@ -36,15 +52,11 @@ def latest_tag(checkpoint_dir: Path) -> str:
 def check_resume_shape(config: Config) -> None:
     """A resume whose model shape differs from the newest checkpoint's is refused, naming the keys (the
     weights would not load). Checkpoints written before the run record existed are not checked here."""
-    from trainer.engine.checkpoint import RUN_RECORD
-
     checkpoint_dir = Path(config.train.run_dir) / "checkpoints"
-    record = checkpoint_dir / latest_tag(checkpoint_dir) / RUN_RECORD
-    if not record.is_file():
-        return
-    differences = config.model.shape_differences(json.loads(record.read_text()).get("model", {}))
+    tag_dir = checkpoint_dir / latest_tag(checkpoint_dir)
+    differences = config.model.shape_differences((read_run_record(tag_dir) or {}).get("model", {}))
     if differences:
-        raise ConfigError(f"train.resume: {record.parent} holds another model ({'; '.join(differences)}): resume "
+        raise ConfigError(f"train.resume: {tag_dir} holds another model ({'; '.join(differences)}): resume "
                           f"with the run's model config, or train into a new train.run_dir")
 
 
@@ -80,30 +92,35 @@ def check_precision(config: Config) -> None:
                           f"({accelerator.device_name()}): use one of {usable}")
 
 
-def resolve_vocab(config: Config, vocab: int) -> None:
-    """Take the vocabulary from the tokenizer, or check that the configured one can hold it."""
+def with_vocab(config: Config, vocab: int) -> Config:
+    """The config with model.vocab_size taken from the tokenizer (when 0), after checking that a configured
+    one can hold the tokenizer's ids."""
     if config.model.vocab_size == 0:
-        config.model.vocab_size = vocab
-    elif config.model.vocab_size < vocab:
+        return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
+    if config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab} "
                           f"tokens: set model.vocab_size to 0 (take it from the tokenizer) or >= {vocab}")
+    return config
 
 
-def check_data(config: Config) -> None:
-    """Data and tokenizer files present and usable, and model.vocab_size resolved against the tokenizer."""
+def check_data(config: Config) -> Config:
+    """Data and tokenizer files present and usable; returns the config with the vocabulary resolved."""
     from trainer.data.dataset import check_data_files
 
-    resolve_vocab(config, check_data_files(config.data))
+    return with_vocab(config, check_data_files(config.data))
 
 
-def preflight(config: Config, world_size: int) -> None:
-    """Validate the config, the layout, the files and the disk; raise ConfigError / DataError."""
+def preflight(config: Config, world_size: int) -> Config:
+    """Validate the config, the layout, the files and the disk (raise ConfigError / DataError); returns the
+    resolved config."""
     config.validate(world_size)
     if config.train.deepspeed_config:
         check_user_config(config, world_size)
     check_precision(config)
     check_run_dir(config)
-    check_data(config)
+    config = check_data(config)
+    config.model.validate(config.parallel.tp)
     if config.train.resume:
         check_resume_shape(config)
     check_disk_space(config)
+    return config

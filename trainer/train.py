@@ -49,10 +49,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         config.validate()
         if config.model.vocab_size == 0:
-            check_data(config)
+            config = check_data(config)
         print(parameter_summary(config.model, tp=config.parallel.tp))
         return 0
-    preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
+    config = preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
     from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
 
     result = train(config)

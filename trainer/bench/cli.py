@@ -58,10 +58,10 @@ def bench_config(args: argparse.Namespace) -> Config:
     from trainer.preflight import check_data
 
     if config.data.path:  # the real batches read it: the files, the tokenizer and the vocabulary must fit
-        check_data(config)
+        config = check_data(config)
     elif config.model.vocab_size == 0:
         try:
-            check_data(config)
+            config = check_data(config)
         except GLMError as error:
             raise ConfigError(f"model.vocab_size is 0 and the tokenizer is not readable ({error}): "
                               f"pass --set model.vocab_size=N") from None

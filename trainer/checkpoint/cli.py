@@ -4,9 +4,9 @@
     glm-ckpt export  SOURCE --out DIR [--tokenizer tokenizer.json] [--dtype fp32|bf16|fp16] [--config YAML ...]
     glm-ckpt import-thudm RELEASE --out DIR [--tokenizer tokenizer.json] [--config YAML ...]
 
-SOURCE is a run's checkpoints/ directory (its latest), a global_stepN directory of any (tp, pp, dp),
-an export directory or a THUDM/GLM release. Training checkpoints need the run's --config / --set (they do
-not store the model shape). docs/CHECKPOINTS.md has examples.
+SOURCE is a run directory or its checkpoints/ (their latest), a global_stepN directory of any (tp, pp, dp),
+an export directory or a THUDM/GLM release. Each carries its model config; a --config given must agree
+with it (for a release it supplies what the release does not say). docs/CHECKPOINTS.md has examples.
 """
 from __future__ import annotations
 
@@ -18,45 +18,24 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint.convert import convert_checkpoint
-from trainer.checkpoint.export import TOKENIZER, write_export
+from trainer.checkpoint.export import write_export
 from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.thudm import is_release, read_release
-from trainer.config import add_config_arguments
 from trainer.errors import CheckpointError, OneLineParser, exits_on_error
-from trainer.model.config import ModelConfig
 from trainer.paths import uncreatable_directory
+from trainer.source_args import add_source_arguments, given_model_config, tokenizer_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def model_config(args: argparse.Namespace) -> Optional[ModelConfig]:
-    """The model section of --config / --set (vocab_size 0 taken from the run's tokenizer); None without --config."""
-    if args.config is None:
-        return None
-    from trainer.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    if config.model.vocab_size == 0:
-        from trainer.preflight import check_data
-
-        check_data(config)
-    return config.model
-
-
 def convert(args: argparse.Namespace) -> str:
-    tag_dir = convert_checkpoint(args.source, model_config(args), args.to_tp, args.to_pp, args.out)
+    tag_dir = convert_checkpoint(args.source, given_model_config(args), args.to_tp, args.to_pp, args.out)
     return f"wrote {tag_dir} (tp={args.to_tp}, pp={args.to_pp})"
 
 
 def export(args: argparse.Namespace) -> str:
-    config, weights = read_weights(args.source, model_config(args))
-    tokenizer = args.tokenizer or (args.source / TOKENIZER if (args.source / TOKENIZER).is_file() else None)
-    if tokenizer is None and args.config:
-        from trainer.config import load_config
-        from trainer.data.dataset import resolve_paths
-
-        tokenizer = resolve_paths(load_config(args.config, args.overrides).data)[1]  # the run's tokenizer
-    write_export(weights, config, args.out, tokenizer, DTYPES[args.dtype])
+    config, weights = read_weights(args.source, given_model_config(args))
+    write_export(weights, config, args.out, tokenizer_path(args), DTYPES[args.dtype])
     return f"wrote {args.out} ({sum(w.numel() for w in weights.values())} parameters, {args.dtype})"
 
 
@@ -64,7 +43,7 @@ def import_thudm(args: argparse.Namespace) -> str:
     if not is_release(args.source):
         raise CheckpointError(f"{args.source} is not a THUDM/GLM release: it needs latest_checkpointed_iteration.txt "
                               f"and <iteration>/mp_rank_XX_model_states.pt")
-    config, weights = read_release(args.source, model_config(args))
+    config, weights = read_release(args.source, given_model_config(args))
     write_export(weights, config, args.out, args.tokenizer, DTYPES[args.dtype])
     return (f"wrote {args.out} ({config.num_layers} layers, h={config.hidden_size}, "
             f"{config.num_attention_heads} heads, vocab {config.vocab_size})")
@@ -79,15 +58,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                  ("import-thudm", import_thudm, "turn a THUDM/GLM release into an export")):
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(run=run)
-        sub.add_argument("source", type=Path, help="checkpoint, export or release directory")
+        add_source_arguments(sub, tokenizer=name != "convert")
         sub.add_argument("--out", type=Path, required=True, help="output directory")
-        add_config_arguments(sub, required=False,
-                             config_help="the run's YAML config (needed for training checkpoints)")
         if name == "convert":
             sub.add_argument("--to-tp", type=int, required=True, help="tensor-parallel size of the output")
             sub.add_argument("--to-pp", type=int, required=True, help="pipeline-parallel size of the output")
         else:
-            sub.add_argument("--tokenizer", type=Path, help="tokenizer.json to ship with the export")
             sub.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the export")
     return parser.parse_args(argv)
 

@@ -3,27 +3,32 @@
 The output tag directory holds the layer files of the new tensor-parallel size, one
 mp_rank_MM_model_states.pt per model-parallel rank of the new layout (client state, LR schedule,
 counters, the new {tp_degree, pp_degree}), and the optimizer state in layout-free form
-(layout_free_optimizer.pt). A run resumed from it (train.resume=true, any data-parallel size) loads it
+(layout_free_optimizer.pt), the run record (run.json, dp left open) and the source's data position. A run resumed from it (train.resume=true, any data-parallel size) loads it
 through trainer.checkpoint.universal.load_any_layout; a manifest and `latest` make it a checkpoint the
 engine's loader accepts.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from trainer.checkpoint.manifest import write_manifest
-from trainer.checkpoint.model_source import read_weights, training_tag_dir
+from trainer.checkpoint.model_source import check_manifest, read_weights, training_tag_dir
 from trainer.checkpoint.pipeline_files import model_states_file, write_layer_files
+from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD, checkpoint_model, read_run_record, run_record
 from trainer.checkpoint.universal import LAYOUT_FREE_OPTIMIZER, MOMENTS, TrainingState, read_training_state
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 
 
-def write_training_state(state: TrainingState, config: ModelConfig, tp: int, pp: int, tag_dir: Path) -> None:
-    """A layout-free training state -> the files of a (tp, pp) checkpoint (see the module docstring)."""
+def write_training_state(state: TrainingState, config: ModelConfig, tp: int, pp: int, tag_dir: Path,
+                         source_tag: Optional[Path] = None) -> None:
+    """A layout-free training state -> the files of a (tp, pp) checkpoint (see the module docstring), with its
+    run record (the source checkpoint's tokenizer fingerprint) and the source's data position."""
     config.validate(tp)
     if pp < 1 or pp > config.num_layers:
         raise ConfigError(f"--to-pp {pp} must be between 1 and model.num_layers={config.num_layers}")
@@ -35,6 +40,10 @@ def write_training_state(state: TrainingState, config: ModelConfig, tp: int, pp:
     if state.moments is not None:
         torch.save({"step": state.optimizer_step, "fp32": state.weights, **{k: state.moments[k] for k in MOMENTS}},
                    tag_dir / LAYOUT_FREE_OPTIMIZER)
+    fingerprint = (read_run_record(source_tag) or {}).get("tokenizer_sha256") if source_tag else None
+    (tag_dir / RUN_RECORD).write_text(json.dumps(run_record(config, {"tp": tp, "pp": pp, "dp": None}, fingerprint)))
+    if source_tag is not None and (source_tag / DATA_POSITION).is_file():
+        shutil.copyfile(source_tag / DATA_POSITION, tag_dir / DATA_POSITION)
     write_manifest(tag_dir)
 
 
@@ -42,7 +51,9 @@ def source_state(source: Path, config: Optional[ModelConfig]) -> tuple[ModelConf
     """Any source (model_source.read_weights) -> its training state; optimizer, schedule and counters
     only come from a training checkpoint, anything else starts at step 0 with a fresh optimizer."""
     tag_dir = training_tag_dir(source)
-    if tag_dir is not None and config is not None:
+    if tag_dir is not None:
+        check_manifest(tag_dir)
+        config = checkpoint_model(tag_dir, config)
         return config, read_training_state(tag_dir, config)
     config, weights = read_weights(source, config)
     client = {"step": 0, "consumed_samples": 0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0,
@@ -54,8 +65,8 @@ def convert_checkpoint(source: Path, config: Optional[ModelConfig], tp: int, pp:
     """Write source as out_dir/<tag> for (tp, pp) and point out_dir/latest at it; returns the tag directory.
     The tag is the source's (global_stepN), or global_step0 for an export or a release."""
     config, state = source_state(source, config)
-    tag_dir = training_tag_dir(source)
-    tag_dir = out_dir / (tag_dir.name if tag_dir is not None else f"global_step{state.client['step']}")
-    write_training_state(state, config, tp, pp, tag_dir)
+    source_tag = training_tag_dir(source)
+    tag_dir = out_dir / (source_tag.name if source_tag is not None else f"global_step{state.client['step']}")
+    write_training_state(state, config, tp, pp, tag_dir, source_tag)
     (out_dir / "latest").write_text(tag_dir.name)
     return tag_dir

@@ -47,6 +47,5 @@ def read_export(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     meta = json.loads((path / CONFIG).read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / CONFIG} is not a {FORMAT} config")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    config = ModelConfig.from_dict(meta["model"])
     return config, {name: value.float() for name, value in load_file(str(path / WEIGHTS)).items()}

@@ -78,6 +78,28 @@ def shard_state(canonical: dict[str, torch.Tensor], config: ModelConfig, tp: int
     return {name: shard(value, rule_for(name, config), config, tp, tp_rank) for name, value in canonical.items()}
 
 
+def canonical_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """The canonical tensor shapes of a config's weights (from a model built on the meta device)."""
+    from trainer.model import GLMModel
+
+    with torch.device("meta"):
+        state = GLMModel(config).state_dict()
+    shapes = {name: value.shape for name, value in state.items()}
+    shapes[WORD_EMBEDDINGS] = torch.Size([config.vocab_size, config.hidden_size])
+    return shapes
+
+
+def shape_mismatches(weights: dict[str, torch.Tensor], config: ModelConfig) -> list[str]:
+    """How canonical weights differ from what `config` describes: missing and unexpected tensors, and
+    tensors of another shape (each named with both shapes)."""
+    expected = canonical_shapes(config)
+    problems = [f"{name} missing" for name in expected if name not in weights]
+    problems += [f"{name} unexpected" for name in weights if name not in expected]
+    problems += [f"{name} is {list(weights[name].shape)}, the config needs {list(shape)}"
+                 for name, shape in expected.items() if name in weights and weights[name].shape != shape]
+    return problems
+
+
 def merge_states(per_rank: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
     """One state dict per tensor-parallel rank (same names) -> the canonical state dict."""
     return {name: merge([state[name] for state in per_rank], rule_for(name, config), config)

@@ -1,6 +1,7 @@
-"""Any model a user points at -> a GLMModel on this process: an export directory, a run's checkpoints/
-directory (its `latest`), one global_stepN directory of any layout, or a THUDM/GLM release directory.
-Training checkpoints do not store the model config, so they need the run's config; the others carry it."""
+"""Any model a user points at -> a GLMModel on this process: an export directory, a run directory or its
+checkpoints/ (their `latest`), one global_stepN directory of any layout, or a THUDM/GLM release directory.
+Each carries its model config (a training checkpoint in its run.json, trainer/checkpoint/run_record.py); a
+config the user passes must agree with it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,17 +10,21 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint import thudm
-from trainer.checkpoint.export import is_export, read_export
+from trainer.checkpoint.export import TOKENIZER, is_export, read_export
 from trainer.checkpoint.layout import shard_state
 from trainer.checkpoint.manifest import MANIFEST, verify
 from trainer.checkpoint.pipeline_files import model_states_file, read_model_weights
-from trainer.errors import CheckpointError, ConfigError
+from trainer.checkpoint.run_record import checkpoint_model, run_tokenizer
+from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 from trainer.parallel.mappings import group_rank, group_size
 
 
 def training_tag_dir(path: Path) -> Optional[Path]:
-    """The global_stepN directory `path` names (itself, or its checkpoints/latest); None if it is not one."""
+    """The global_stepN directory `path` names (itself, a checkpoints/ directory's latest, or a run
+    directory's checkpoints/latest); None if it is not one."""
+    if (path / "checkpoints" / "latest").is_file():
+        path = path / "checkpoints"
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     return path if model_states_file(path, 0).is_file() and any(path.glob("layer_*-model_states.pt")) else None
@@ -37,14 +42,26 @@ def read_weights(path: Path, config: Optional[ModelConfig]) -> tuple[ModelConfig
     if tag_dir is None:
         raise CheckpointError(f"{path} is neither an export, a THUDM/GLM release nor a training checkpoint "
                               f"(run_dir/checkpoints or a global_stepN directory)")
-    problem = verify(tag_dir) if (tag_dir / MANIFEST).is_file() else None  # DeepSpeed's own saves have none
+    check_manifest(tag_dir)
+    config = checkpoint_model(tag_dir, config)
+    return config, read_model_weights(tag_dir, config)
+
+
+def check_manifest(tag_dir: Path) -> None:
+    """Refuse a training checkpoint whose files do not match its manifest (DeepSpeed's own saves have none)."""
+    problem = verify(tag_dir) if (tag_dir / MANIFEST).is_file() else None
     if problem:
         raise CheckpointError(f"checkpoint {tag_dir} is corrupted ({problem}): point at an earlier global_stepN "
                               f"of the run, whose manifest checks")
-    if config is None:
-        raise ConfigError(f"{path} is a training checkpoint, which does not store the model shape: pass the "
-                          f"run's --config (and its --set overrides)")
-    return config, read_model_weights(tag_dir, config)
+
+
+def source_tokenizer(path: Path) -> Optional[Path]:
+    """The tokenizer a source ships: an export's tokenizer.json, or a training checkpoint's run's (checked
+    against the checkpoint's fingerprint); None for a release or a run dir without one."""
+    if (path / TOKENIZER).is_file() and is_export(path):
+        return path / TOKENIZER
+    tag_dir = training_tag_dir(path) if path.is_dir() else None
+    return run_tokenizer(tag_dir) if tag_dir is not None else None
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], tp_group=None,

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from trainer.checkpoint.layout import merge_states
-from trainer.errors import CheckpointError
+from trainer.checkpoint.layout import merge_states, shape_mismatches
+from trainer.errors import CheckpointError, ConfigError
 from trainer.model.config import ModelConfig
 
 ITERATION_FILE = "latest_checkpointed_iteration.txt"
@@ -63,7 +63,23 @@ def read_release(path: Path, config: Optional[ModelConfig] = None) -> tuple[Mode
         per_rank.append({RENAMES.get(name, name): value.float() for name, value in module.items()})
     if "embedding.word_embeddings.weight" not in per_rank[0]:
         raise CheckpointError(f"{path} has no word_embeddings.weight: not a THUDM/GLM model checkpoint")
-    if config is None:
-        config = infer_config({name: value.shape for name, value in per_rank[0].items()}, len(per_rank))
+    inferred = infer_config({name: value.shape for name, value in per_rank[0].items()}, len(per_rank))
+    if config is not None:
+        check_release_config(path, config, inferred)
+    config = config or inferred
     config.validate()
-    return config, merge_states(per_rank, config)
+    weights = merge_states(per_rank, config)
+    problems = shape_mismatches(weights, config)
+    if problems:
+        raise ConfigError(f"--config does not match the release {path} ({'; '.join(problems[:3])}"
+                          f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''}): import without --config "
+                          f"(the shape is read from the tensors) or fix the config")
+    return config, weights
+
+
+def check_release_config(path: Path, config: ModelConfig, inferred: ModelConfig) -> None:
+    """What the tensors cannot show but every THUDM/GLM release is: pre-LN, 64-wide heads."""
+    if config.norm != inferred.norm or config.head_dim != HEAD_DIM:
+        raise ConfigError(f"--config does not match the release {path}: THUDM/GLM releases are model.norm=pre_ln "
+                          f"with {HEAD_DIM}-wide heads (num_attention_heads={inferred.num_attention_heads}), the "
+                          f"config says norm={config.norm} with {config.head_dim}-wide heads")

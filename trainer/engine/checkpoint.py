@@ -29,15 +29,12 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
+from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
 from trainer.checkpoint.universal import OPTIMIZER_PARAM_NAMES
 from trainer.errors import CheckpointError
 from trainer.parallel import random as parallel_random
 
 log = logging.getLogger("glm.checkpoint")
-DATA_POSITION = "data_position.json"
-"""The packing plan's scan state at the checkpoint's next row (trainer/data/packing.py), from rank 0."""
-RUN_RECORD = "run.json"
-"""The model's shape keys (ModelConfig.shape) and the (tp, pp, dp) layout a checkpoint was written at."""
 TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -78,7 +75,8 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
          data_position: Optional[dict] = None, run_record: Optional[dict] = None) -> Path:
     """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones.
     data_position (the packing plan's scan state at the next row, trainer/data/packing.py) goes to
-    DATA_POSITION, run_record (the model's shape and the layout) to RUN_RECORD, beside the weights."""
+    DATA_POSITION, run_record (the model config, the layout, the tokenizer's fingerprint:
+    trainer/checkpoint/run_record.py) to RUN_RECORD, beside the weights."""
     tag, staging = tag_for(step), f".{tag_for(step)}.partial"
     rank = dist.get_rank()
     if rank == 0 and (checkpoint_dir / staging).exists():

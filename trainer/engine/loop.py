@@ -19,8 +19,9 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
+from trainer.checkpoint.run_record import run_record
 from trainer.config import Config
-from trainer.data.dataset import collate, micro_batch_indices
+from trainer.data.dataset import collate, micro_batch_indices, resolve_paths
 from trainer.data.packing import OneSamplePerRow, build_sequences
 from trainer.engine import checkpoint, finetune
 from trainer.engine.distributed import init_distributed
@@ -31,11 +32,12 @@ from trainer.engine.grad_norm import clip_grads_, counted_in_norm
 from trainer.engine.metrics import MetricsWriter
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.pipeline import GLMPipeline
+from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at, lr_lambda
+from trainer.errors import ConfigError
 from trainer.parallel.random import checkpoint as recompute_checkpoint
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
-from trainer.preflight import resolve_vocab
 
 log = logging.getLogger("glm.train")
 
@@ -136,9 +138,11 @@ class Trainer:
         self.topology = Topology.create(config.parallel.tp, config.parallel.pp)
         model_parallel_seed(config.train.seed, self.topology)
         self.dataset = build_sequences(config.data, config.train.seed)
-        resolve_vocab(config, self.dataset.tokenizer.vocab_size)
-        config.model.validate(config.parallel.tp)
+        if config.model.vocab_size < self.dataset.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size} cannot hold the tokenizer's "
+                              f"{self.dataset.tokenizer.vocab_size} ids: train() takes the config preflight() returns")
         self.run_dir = Path(config.train.run_dir)
+        self.tokenizer_sha256 = start_run_dir(config, resolve_paths(config.data)[1])
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.engine, self.own_clipping = build_engine(config, self.topology, self.world_size)
         self.step = 0
@@ -215,7 +219,7 @@ class Trainer:
 
     def _run_record(self) -> dict:
         t = self.topology
-        return {"model": self.config.model.shape(), "layout": {"tp": t.tp, "pp": t.pp, "dp": t.dp}}
+        return run_record(self.config.model, {"tp": t.tp, "pp": t.pp, "dp": t.dp}, self.tokenizer_sha256)
 
     def _log(self, record: dict, progress) -> None:
         if self.world_size == 1:

@@ -1,6 +1,7 @@
 """The GLM model configuration: one dataclass, every GLM-130B switch a field."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -77,6 +78,13 @@ class ModelConfig:
     @property
     def deepnorm_beta(self) -> float:
         return (2 * self.num_layers) ** -0.5
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """A config from recorded fields (an export's config.json, a checkpoint's run.json); fields this
+        version does not know are ignored, missing ones take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
 
     def shape(self) -> dict:
         """The keys a checkpoint's weights are tied to (SHAPE_KEYS), as a checkpoint records them."""

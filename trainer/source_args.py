@@ -1,0 +1,49 @@
+"""The model source every offline tool takes (glm-ckpt, glm-generate, glm-eval): SOURCE, `--tokenizer` and an
+optional `--config` / `--set`. Every source carries its model config (trainer/checkpoint/model_source.py),
+so `--config` is needed only for checkpoints saved before they recorded it; a given one must agree."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from trainer.config import add_config_arguments, load_config
+from trainer.model.config import ModelConfig
+
+SOURCE_HELP = "a run directory, its checkpoints/ or a global_stepN directory, an export or a THUDM/GLM release"
+CONFIG_HELP = "a YAML config whose model must match the source's (needed only for checkpoints saved without run.json)"
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
+    parser.add_argument("source", type=Path, help=SOURCE_HELP)
+    if tokenizer:
+        parser.add_argument("--tokenizer", type=Path,
+                            help="tokenizer.json (default: the export's, or the run's run_dir/tokenizer.json)")
+    add_config_arguments(parser, required=False, config_help=CONFIG_HELP)
+
+
+def given_model_config(args: argparse.Namespace) -> Optional[ModelConfig]:
+    """The model section of --config / --set, its vocabulary resolved against its data's tokenizer when 0;
+    None without --config."""
+    if args.config is None:
+        return None
+    config = load_config(args.config, args.overrides)
+    if config.model.vocab_size == 0:
+        from trainer.preflight import check_data
+
+        config = check_data(config)
+    return config.model
+
+
+def tokenizer_path(args: argparse.Namespace) -> Optional[Path]:
+    """--tokenizer, else the source's own (an export's, a training checkpoint's run's), else the data
+    tokenizer of --config; None when there is none."""
+    from trainer.checkpoint.model_source import source_tokenizer
+    from trainer.data.dataset import resolve_paths
+
+    if getattr(args, "tokenizer", None) is not None:
+        return args.tokenizer
+    own = source_tokenizer(args.source) if args.source.is_dir() else None
+    if own is None and args.config:
+        return resolve_paths(load_config(args.config, args.overrides).data)[1]
+    return own
