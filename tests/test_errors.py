@@ -25,3 +25,15 @@ def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: glm-train")
+
+
+def test_under_a_launcher_an_error_before_the_ranks_meet_is_printed_once_per_node(tmp_path):
+    from tests.glm_processes import start_ranks, train_args, wait_all
+
+    procs = start_ranks(train_args(tmp_path / "run", 2, "parallel.tp=3"), 2, tmp_path)
+    assert wait_all(procs, timeout=120) == [2, 2]
+    logs = [[line for line in (tmp_path / f"rank{rank}.log").read_text().splitlines() if "error" in line]
+            for rank in (0, 1)]
+    assert len(logs[0]) == 1 and logs[0][0].startswith("error: ") and "parallel.tp=3" in logs[0][0], logs
+    assert logs[1] == []
+    assert not (tmp_path / "run").exists()

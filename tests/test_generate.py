@@ -96,3 +96,16 @@ def test_cli_on_an_export(tmp_path, capsys):
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, bad
     assert main([str(tmp_path / "nowhere"), "--text", "x"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'} does not exist")
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_blank_that_never_ends_stops_inside_the_position_table(monkeypatch, use_cache):
+    # --max-new-tokens beyond the model's positions: a fill that never samples [eop] stops at the last block
+    # position the learned table holds (an IndexError in the embedding before).
+    import trainer.generate
+
+    tokenizer, config, model, _ = _setup()
+    monkeypatch.setattr(trainer.generate, "sample", lambda *args: 7)
+    _, spans = fill_blanks(model, tokenizer, "the cat [MASK] on the [MASK].", config.max_sequence_length,
+                           config.vocab_size, max_new_tokens=1000, use_cache=use_cache)
+    assert [len(span) for span in spans] == [config.max_sequence_length - 1] * 2

@@ -1,5 +1,6 @@
 """glm-train run directly, as the README's first command does (shortened): it trains, says where its
-outputs went, and shows a blank filled by the model; --print-model prints the closed-form count."""
+outputs went, the held-out perplexity beside a unigram baseline's, and blanks of held-out samples filled by
+the model; --print-model prints the closed-form count."""
 from tests.glm_processes import metrics, run_train, train_args
 
 
@@ -9,7 +10,8 @@ def test_single_process_main_job(tmp_path):
     assert f"metrics:      {tmp_path / 'run' / 'metrics.jsonl'}" in result.stdout
     assert f"tensorboard --logdir {tmp_path / 'run' / 'tb'}" in result.stdout
     assert f"checkpoint:   {tmp_path / 'run' / 'checkpoints' / 'global_step3'}" in result.stdout
-    assert "blank-infilling demo" in result.stdout and "[MASK]" in result.stdout
+    assert "blank-infilling demo (held-out sample" in result.stdout and "[MASK]" in result.stdout
+    assert "held-out perplexity (" in result.stdout and "unigram baseline" in result.stdout
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
 
 

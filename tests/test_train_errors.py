@@ -48,7 +48,7 @@ CASES = [
     ("unknown mode", ["data.modes={mask: 1, span: 1}"], "unknown mode"),
     ("gmask range", ["data.gmask_ratio_min=0.9", "data.gmask_ratio_max=0.5"], "gmask_ratio_min/max"),
     ("zero stage", ["optim.zero_stage=3"], "optim.zero_stage=3"),
-    ("eval without split", ["train.eval_interval=5"], "needs a validation split"),
+    ("eval without split", ["train.eval_interval=5", "data.valid_fraction=0"], "needs a validation split"),
     ("bad fault injection", ["train.inject_nan_steps=[0]"], "train.inject_nan_steps"),
     ("resume without checkpoint", ["train.resume=true"], "holds no checkpoint"),
     ("unknown position embedding", ["model.position_embedding=alibi"], "model.position_embedding='alibi'"),
@@ -61,6 +61,8 @@ CASES = [
     ("negative grad clip", ["optim.grad_clip=-1"], "optim.grad_clip must be a finite number >= 0"),
     ("negative ffn width", ["model.ffn_hidden_size=-8"], "model.ffn_hidden_size must be > 0"),
     ("negative layernorm epsilon", ["model.layernorm_epsilon=-1e-5"], "model.layernorm_epsilon must be a finite"),
+    ("run dir on a pseudo file system", ["train.run_dir=/proc/glm-run"], "on a file system without storage"),
+    ("resume and overwrite", ["train.resume=true", "train.overwrite=true"], "continue the run (resume) or delete"),
 ]
 
 

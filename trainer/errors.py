@@ -2,6 +2,7 @@
 on stderr and a non-zero exit."""
 import argparse
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -22,16 +23,27 @@ class CheckpointError(GLMError):
     """A checkpoint that is missing, corrupted or does not match the model."""
 
 
+def echoes_its_node() -> bool:
+    """Whether this process is a launcher's rank other than its node's first, failing before the process group
+    is up: it checked the same config, arguments and files as the node's first rank (local rank 0), so its error
+    would repeat that one's. After the process group is up every failing rank speaks for itself."""
+    dist = sys.modules.get("torch.distributed")
+    started = dist is not None and dist.is_available() and dist.is_initialized()
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 and not started
+
+
 def exits_on_error(main: Callable[..., int]) -> Callable[..., int]:
     """Decorate a console script's main: a GLMError becomes one line `error: ...` on stderr and exit
-    status 2, the contract of every glm-* command."""
+    status 2, the contract of every glm-* command. Under a launcher an error found before the ranks meet is
+    printed once per node (echoes_its_node)."""
 
     @functools.wraps(main)
     def guarded(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
         except GLMError as error:
-            print(f"error: {error}", file=sys.stderr)
+            if not echoes_its_node():
+                print(f"error: {error}", file=sys.stderr)
             return 2
 
     return guarded

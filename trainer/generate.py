@@ -129,15 +129,19 @@ def fill_blanks(model, tokenizer, text: str, max_sequence_length: int, vocab_siz
     generator = torch.Generator().manual_seed(seed)
     step(part_a, list(range(sep)), [0] * sep)  # Part A fills the caches
     spans = []
-    longest = min(max_new_tokens, max_sequence_length - 1)  # block positions index a learned table
+    # Block positions 1, 2, ... index a learned table of max_sequence_length rows: a span fed up to block
+    # position longest fits it whatever --max-new-tokens asks.
+    longest = min(max_new_tokens, max_sequence_length - 1)
     for position in masks:
         span: list[int] = []
         logits = step([tokenizer.sop_id], [position], [1])
-        while len(span) < longest:
+        while True:
             token = sample(logits, top_p, temperature, generator)
             if token == tokenizer.eop_id:
                 break
             span.append(token)
+            if len(span) == longest:
+                break
             logits = step([token], [position], [len(span) + 1])
         spans.append(span)
     pieces, previous = [], 1

@@ -74,10 +74,18 @@ def check_steps_left(checkpoint_dir: Path, steps: int) -> None:
 def check_disk_space(config: Config) -> None:
     """Room for one checkpoint (weights and Adam states) on the run directory's file system."""
     needed = config.model.num_parameters(config.parallel.tp) * CHECKPOINT_BYTES_PER_PARAM[config.train.precision]
-    free = shutil.disk_usage(nearest_existing(Path(config.train.run_dir))).free
-    if free < needed:
-        raise ConfigError(f"train.run_dir has {free / 2**30:.1f} GiB free but one checkpoint needs about "
-                          f"{needed / 2**30:.1f} GiB: free space or move train.run_dir")
+    anchor = nearest_existing(Path(config.train.run_dir))
+    usage = shutil.disk_usage(anchor)
+    if usage.total == 0:
+        raise ConfigError(f"train.run_dir={config.train.run_dir} is on a file system without storage ({anchor}, like "
+                          f"/proc or /sys): choose a directory on a disk")
+    if usage.free < needed:
+        raise ConfigError(f"train.run_dir has {_size(usage.free)} free but one checkpoint needs about {_size(needed)}: "
+                          f"free space or move train.run_dir")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def check_precision(config: Config) -> None:

@@ -29,13 +29,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def print_outcome(config: Config, result) -> None:
-    from trainer.engine.demo import fill_one_blank
+    from trainer.engine.demo import show_what_was_learned
 
     print(f"metrics:      {result.run_dir / 'metrics.jsonl'}")
     print(f"tensorboard:  tensorboard --logdir {result.run_dir / 'tb'}")
     print(f"checkpoint:   {result.checkpoint_dir / (result.checkpoint_dir / 'latest').read_text().strip()}")
     if result.topology.world_size == 1:
-        print(fill_one_blank(result.checkpoint_dir, config.model, result.dataset))
+        print(show_what_was_learned(result.checkpoint_dir, config, result.dataset, result.consumed_samples))
 
 
 @exits_on_error

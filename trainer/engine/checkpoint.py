@@ -137,7 +137,19 @@ def load_latest(engine, checkpoint_dir: Path, topology, model_config) -> tuple[i
     tag = choose_tag(checkpoint_dir)
     position_file = checkpoint_dir / tag / DATA_POSITION
     position = json.loads(position_file.read_text()) if position_file.is_file() else None
-    return _load_tag(engine, checkpoint_dir, tag, topology, model_config), position
+    base_lrs = list(engine.lr_scheduler.base_lrs)  # this run's peak lr, before the checkpoint's replaces it
+    step = _load_tag(engine, checkpoint_dir, tag, topology, model_config)
+    follow_schedule(engine.lr_scheduler, base_lrs)
+    return step, position
+
+
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """Make the next step's lr this run's schedule at the resumed step: the checkpoint holds the lr of the run
+    that wrote it, whose cosine ended at its own train.steps (a resume with a larger train.steps, or another
+    optim.lr, would start at that lr). The lr is then a function of the config and the step alone."""
+    scheduler.base_lrs = list(base_lrs)
+    for group, multiplier, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, base_lrs):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
 
 
 def _load_tag(engine, checkpoint_dir: Path, tag: str, topology, model_config) -> int:

@@ -50,6 +50,7 @@ class RunResult:
     engine: object
     dataset: OneSamplePerRow
     topology: Topology
+    consumed_samples: int
     stopped_by_signal: bool = False
 
 
@@ -268,7 +269,8 @@ class Trainer:
                 losses.append(loss)
         progress.close()
         writer.close()
-        return RunResult(losses, self.run_dir, self.checkpoint_dir, self.engine, self.dataset, self.topology, stopped)
+        return RunResult(losses, self.run_dir, self.checkpoint_dir, self.engine, self.dataset, self.topology,
+                         self.consumed, stopped)
 
 
 def train(config: Config) -> RunResult:
