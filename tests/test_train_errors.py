@@ -61,7 +61,7 @@ CASES = [
     ("negative grad clip", ["optim.grad_clip=-1"], "optim.grad_clip must be a finite number >= 0"),
     ("negative ffn width", ["model.ffn_hidden_size=-8"], "model.ffn_hidden_size must be > 0"),
     ("negative layernorm epsilon", ["model.layernorm_epsilon=-1e-5"], "model.layernorm_epsilon must be a finite"),
-    ("run dir on a pseudo file system", ["train.run_dir=/proc/glm-run"], "on a file system without storage"),
+    ("run dir on a pseudo file system", ["train.run_dir=/proc/glm-run"], "a file system without storage"),
     ("resume and overwrite", ["train.resume=true", "train.overwrite=true"], "continue the run (resume) or delete"),
 ]
 

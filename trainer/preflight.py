@@ -77,7 +77,7 @@ def check_disk_space(config: Config) -> None:
     anchor = nearest_existing(Path(config.train.run_dir))
     usage = shutil.disk_usage(anchor)
     if usage.total == 0:
-        raise ConfigError(f"train.run_dir={config.train.run_dir} is on a file system without storage ({anchor}, like "
+        raise ConfigError(f"train.run_dir={config.train.run_dir} is on {anchor}, a file system without storage (like "
                           f"/proc or /sys): choose a directory on a disk")
     if usage.free < needed:
         raise ConfigError(f"train.run_dir has {_size(usage.free)} free but one checkpoint needs about {_size(needed)}: "

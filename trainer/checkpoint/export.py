@@ -30,13 +30,13 @@ def is_export(path: Path) -> bool:
 def write_export(weights: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path,
                  tokenizer: Optional[Path] = None, dtype: torch.dtype = torch.float32) -> None:
     """Write the canonical weights (cast to dtype), the config and the tokenizer to out_dir."""
+    if tokenizer is not None and not tokenizer.is_file():
+        raise CheckpointError(f"tokenizer {tokenizer} does not exist: pass the tokenizer.json the run used")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({name: value.to(dtype).contiguous() for name, value in weights.items()}, str(out_dir / WEIGHTS),
               metadata={"format": FORMAT})
     (out_dir / CONFIG).write_text(json.dumps({"format": FORMAT, "model": dataclasses.asdict(config)}, indent=1))
     if tokenizer is not None:
-        if not tokenizer.is_file():
-            raise CheckpointError(f"tokenizer {tokenizer} does not exist: pass the tokenizer.json the run used")
         shutil.copyfile(tokenizer, out_dir / TOKENIZER)
 
 
