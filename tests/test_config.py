@@ -54,7 +54,7 @@ def test_missing_and_invalid_files(tmp_path):
 @pytest.mark.parametrize("overrides, world, message", [
     (["parallel.tp=3"], 3, "num_attention_heads=4 is not divisible by parallel.tp=3"),
     (["parallel.pp=8", "model.num_layers=4"], 8, "greater than model.num_layers"),
-    (["parallel.tp=2"], 3, "tp \\* pp \\* dp must equal"),
+    (["parallel.tp=2"], 3, "tp\\*pp\\*dp != world size"),
     (["parallel.global_batch_size=6", "parallel.micro_batch_size=4"], 1, "micro-batch \\* grad-accumulation \\* dp"),
     (["model.hidden_size=66"], 1, "not divisible by model.num_attention_heads"),
     (["data.seq_length=1024"], 1, "exceeds model.max_sequence_length"),

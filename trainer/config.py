@@ -23,6 +23,17 @@ from trainer.model.config import ModelConfig
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def data_parallel_size(tp: int, pp: int, world_size: int) -> int:
+    """dp = world_size / (tp * pp), the one place it is computed; a ConfigError when tp * pp does not divide
+    the world size."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(f"tp*pp*dp != world size: parallel.tp * parallel.pp = {tp}*{pp} = {tp * pp} does not "
+                          f"divide the world size {world_size}; choose tp and pp whose product divides {world_size}")
+    return world_size // (tp * pp)
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1
@@ -198,11 +209,7 @@ class Config:
                               f"checkpoints/ directory or a THUDM/GLM release")
 
     def data_parallel_size(self, world_size: int) -> int:
-        tp, pp = self.parallel.tp, self.parallel.pp
-        if world_size % (tp * pp):
-            raise ConfigError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}: "
-                              f"tp * pp * dp must equal the number of processes")
-        return world_size // (tp * pp)
+        return data_parallel_size(self.parallel.tp, self.parallel.pp, world_size)
 
     def check_batch_size_warmup(self, world_size: int) -> None:
         o, p = self.optim, self.parallel

@@ -55,8 +55,7 @@ def effective_zero_stage(requested: int, precision: str, data_parallel: int) -> 
 
 def zero_stage(config: Config, world_size: int) -> int:
     """effective_zero_stage of a run on `world_size` ranks."""
-    data_parallel = world_size // (config.parallel.tp * config.parallel.pp)
-    return effective_zero_stage(config.optim.zero_stage, config.train.precision, data_parallel)
+    return effective_zero_stage(config.optim.zero_stage, config.train.precision, config.data_parallel_size(world_size))
 
 
 def build_ds_config(config: Config, world_size: int) -> dict:

@@ -14,20 +14,10 @@ from typing import Optional
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-from trainer.errors import ConfigError
+from trainer.config import data_parallel_size
 
 AXES = ("tensor", "pipe", "data", "model")
 """Group kinds: the three axes, and "model" = all tp x pp ranks of one data-parallel replica."""
-
-
-def data_parallel_size(tp: int, pp: int, world_size: int) -> int:
-    """dp = world_size / (tp * pp); a ConfigError when tp * pp does not divide the world size."""
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(f"tp*pp*dp != world size: parallel.tp * parallel.pp = {tp}*{pp} = {tp * pp} does not "
-                          f"divide the world size {world_size}; choose tp and pp whose product divides {world_size}")
-    return world_size // (tp * pp)
 
 
 def coordinates(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
