@@ -3,11 +3,15 @@
 DeepSpeed's `launch.py` polls its children once a second, reaps the first that failed and terminates the
 others; it reports no rank and exits with that child's status. To say which rank failed and how, glm-launch
 reads each rank's state from /proc (Linux) while it runs: a rank that has exited is a zombie until its parent
-reaps it, and a zombie's /proc/PID/stat holds its wait status (field 52, Linux >= 3.5).
+reaps it, and a zombie's /proc/PID/stat holds its wait status (field 52, Linux >= 3.5). A pidfd per rank
+(Linux >= 5.3) wakes glm-launch the moment a rank exits, well before launch.py's next poll reaps it.
 """
 from __future__ import annotations
 
+import os
+import select
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +42,8 @@ class RankProcesses:
         self.expected = expected
         self.pids: dict[int, int] = {}
         """global rank -> pid"""
+        self._pidfds: dict[int, int] = {}
+        """global rank -> pidfd, while the rank runs"""
 
     def refresh(self) -> None:
         """Find the ranks not yet seen: the topmost descendants with RANK in their environment (the
@@ -55,8 +61,19 @@ class RankProcesses:
             except psutil.Error:
                 continue
         for pid, (parent, rank) in with_rank.items():
-            if rank is not None and with_rank.get(parent, (None, None))[1] is None:
-                self.pids.setdefault(int(rank), pid)
+            if rank is not None and with_rank.get(parent, (None, None))[1] is None and int(rank) not in self.pids:
+                self.pids[int(rank)] = pid
+                try:
+                    self._pidfds[int(rank)] = os.pidfd_open(pid)
+                except OSError:  # already gone: failure() reads its status, or it was reaped
+                    pass
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, less when a rank exits."""
+        if self._pidfds:
+            select.select(list(self._pidfds.values()), [], [], seconds)
+        else:
+            time.sleep(seconds)
 
     def failure(self) -> Optional[tuple[int, str]]:
         """(rank, 'rank 1 was killed by SIGKILL') of a rank that ended abnormally and is not reaped yet;
@@ -65,7 +82,14 @@ class RankProcesses:
             fields = _stat(pid)
             if fields and fields[_STATE] == "Z" and int(fields[_EXIT_CODE]):
                 return rank, f"rank {rank} {describe_status(int(fields[_EXIT_CODE]))}"
+            if (not fields or fields[_STATE] == "Z") and rank in self._pidfds:  # ended well: stop waking on it
+                os.close(self._pidfds.pop(rank))
         return None
+
+    def close(self) -> None:
+        for descriptor in self._pidfds.values():
+            os.close(descriptor)
+        self._pidfds.clear()
 
     def stopped(self) -> list[int]:
         """Ranks whose process is stopped (SIGSTOP, a debugger): they make no progress and hold their peers."""

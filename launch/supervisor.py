@@ -1,10 +1,10 @@
 """Start DeepSpeed's launcher, watch it, and restart the job after a failure (glm-launch --max-restarts).
 
 A failure is a rank that ended abnormally (launch/ranks.py names it), DeepSpeed's launcher exiting non-zero,
-or a stall: no step finished for train.collective_timeout_minutes. Progress is the size of metrics.jsonl,
+or a stall: no step finished for train.collective_timeout_minutes. Progress is a write to metrics.jsonl,
 which global rank 0 appends to after every step, so stalls are watched only by the glm-launch that runs
-rank 0; the clock starts with the ranks (start-up and the first step count). On a failure every rank of this
-node is killed at once: SIGKILL to the launcher's process group, the one signal a stopped rank obeys, and
+rank 0; the clock starts when the ranks open that file, after start-up and loading the checkpoint. On a
+failure every rank of this node is killed at once: SIGKILL to the launcher's process group, the one signal a stopped rank obeys, and
 nothing is lost that the newest checkpoint does not hold. Then, while restarts are left, the caller plans
 the next start (devices discovered again) and the ranks resume from the newest complete checkpoint.
 
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from launch.ranks import RankProcesses
 
 POLL_SECONDS = 0.05
-"""Often enough to read a failed rank's status before DeepSpeed's launcher reaps it (it polls every second)."""
+"""How often the launcher's exit and the progress are checked (a rank's exit wakes glm-launch at once)."""
 RESTARTS_LOG = "restarts.jsonl"
 """One JSON object per restart in train.run_dir, written by the glm-launch that runs global rank 0."""
 
@@ -81,23 +81,20 @@ class _ForwardSignals:
 
 
 class _Progress:
-    """Seconds since metrics.jsonl last changed (or since the start)."""
+    """Seconds since metrics.jsonl was last written in this start; 0 until the ranks first write it (they open
+    it once the engine is built and any checkpoint loaded, so start-up is not timed here: the rendezvous has
+    its own timeout). The file's own time, not when glm-launch noticed, so a stall fires before rank 0's
+    collective timeout, which starts after the write."""
 
     def __init__(self, path: Optional[Path]):
-        self.path = path
-        self.size, self.since = self._size(), time.monotonic()
-
-    def _size(self) -> int:
-        try:
-            return self.path.stat().st_size if self.path else 0
-        except OSError:
-            return -1
+        self.path, self.started = path, time.time()
 
     def idle_seconds(self) -> float:
-        size = self._size()
-        if size != self.size:
-            self.size, self.since = size, time.monotonic()
-        return time.monotonic() - self.since if self.path else 0.0
+        try:
+            written = self.path.stat().st_mtime if self.path else 0.0
+        except OSError:
+            return 0.0
+        return time.time() - written if written >= self.started else 0.0
 
 
 def _kill_group(process: subprocess.Popen, ranks: RankProcesses) -> None:
@@ -138,10 +135,12 @@ def run_once(start: Start) -> Outcome:
                 if status is not None:
                     failure = f"DeepSpeed's launcher exited with status {status}" if status else None
                     return Outcome(status, failure, None, signals.received)
-                time.sleep(POLL_SECONDS)
+                ranks.wait(POLL_SECONDS)
     except BaseException:  # glm-launch itself failing must not leave the ranks running
         _kill_group(process, ranks)
         raise
+    finally:
+        ranks.close()
 
 
 def _stall(ranks: RankProcesses, idle: float, limit: float) -> Optional[tuple[Optional[int], str]]:
