@@ -190,14 +190,15 @@ def _record(start: Start, restarts: int, max_restarts: int, outcome: Outcome, fi
     """The restart in glm-launch's log and, where rank 0 runs, in run_dir/restarts.jsonl."""
     first = (resumed or 0) + 1
     recomputed = [first, finished] if finished is not None and finished >= first else None
-    record = {"restart": restarts, "rank": outcome.rank, "reason": outcome.failure,
-              "step": None if finished is None else finished + 1, "resumed_from": resumed,
-              "recomputed": recomputed, **start.summary}
-    where = f"during step {record['step']}" if finished is not None else "before the first step"
-    again = (f"resuming from step {resumed}" if resumed is not None else "starting from step 0") + (
-        f", steps {recomputed[0]}-{recomputed[1]} recomputed" if recomputed else "")
-    print(f"glm-launch: restart {restarts}/{max_restarts}: {outcome.failure} {where}; {again}; on "
-          f"{start.summary['world_size']} devices", flush=True)
+    record = {"restart": restarts, "rank": outcome.rank, "reason": outcome.failure, "after_step": finished,
+              "resumed_from": resumed, "recomputed": recomputed, **start.summary}
+    where = f"after step {finished}" if finished is not None else "before the first step"
+    again = f"resuming from step {resumed}" if resumed is not None else "starting from step 0"
+    if recomputed:
+        again += f", step{'s' * (recomputed[0] != recomputed[1])} {'-'.join(map(str, sorted(set(recomputed))))} recomputed"
+    devices = start.summary["world_size"]
+    print(f"glm-launch: restart {restarts}/{max_restarts}: {outcome.failure} {where}; {again}; on {devices} "
+          f"device{'s' * (devices != 1)}", flush=True)
     if start.metrics is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / RESTARTS_LOG, "a") as log:

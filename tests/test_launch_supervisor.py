@@ -48,13 +48,12 @@ def _restarts(run_dir: Path) -> list[dict]:
 
 def _check_one_restart(run_dir: Path, log: str, reference: torch.Tensor, reason: str) -> dict:
     """Each step once with the reference's loss; the restart in restarts.jsonl, the log and the metrics.
-    The fault came after step 3, so the step in flight is 4 or later and the newest checkpoint (every 2
-    steps) at least step 2."""
+    The fault came after step 3, so the newest checkpoint (every 2 steps) was at least step 2's."""
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     torch.testing.assert_close(_losses(run_dir), reference, rtol=1e-5, atol=0)
     [restart] = _restarts(run_dir)
-    resumed, finished = restart["resumed_from"], restart["step"] - 1
+    resumed, finished = restart["resumed_from"], restart["after_step"]
     assert reason in restart["reason"] and restart["restart"] == 1
     assert finished >= 3 and resumed % 2 == 0 and 2 <= resumed <= finished
     assert restart["recomputed"] == ([resumed + 1, finished] if finished > resumed else None)
@@ -68,8 +67,9 @@ def test_sigkill_of_a_rank_restarts_from_the_checkpoint(reference, tmp_path):
     launch = start_launch(["--nproc", "2", "--max-restarts", "1", "--",
                            *tiny_overrides(run_dir, STEPS, SAVE, "train.collective_timeout_minutes=1")],
                           tmp_path / "launch.log")
+    victim = _rank_pid(launch, 1)
     wait_for_step(run_dir, 3, [launch])
-    os.kill(_rank_pid(launch, 1), signal.SIGKILL)
+    os.kill(victim, signal.SIGKILL)
     assert wait_all([launch]) == [0], (tmp_path / "launch.log").read_text()[-3000:]
     restart = _check_one_restart(run_dir, (tmp_path / "launch.log").read_text(), reference,
                                  "rank 1 was killed by SIGKILL")
@@ -81,9 +81,10 @@ def test_sigstop_of_a_rank_is_a_stall_detected_within_the_timeout(reference, tmp
     launch = start_launch(["--nproc", "2", "--max-restarts", "1", "--",
                            *tiny_overrides(run_dir, STEPS, SAVE, f"train.collective_timeout_minutes={timeout_minutes}")],
                           tmp_path / "launch.log")
+    victim = _rank_pid(launch, 1)
     wait_for_step(run_dir, 3, [launch])
     stopped_at = time.monotonic()
-    os.kill(_rank_pid(launch, 1), signal.SIGSTOP)
+    os.kill(victim, signal.SIGSTOP)
     while not (run_dir / "restarts.jsonl").exists():
         assert time.monotonic() - stopped_at < timeout_minutes * 60 + 10, "the stall was not detected"
         assert launch.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
@@ -102,9 +103,10 @@ def test_devices_that_shrink_to_one_continue_on_one_rank(reference, tmp_path):
                            "--max-restarts", "1", "--",
                            *tiny_overrides(run_dir, STEPS, SAVE, "train.collective_timeout_minutes=1")],
                           tmp_path / "launch.log")
+    victim = _rank_pid(launch, 1)
     wait_for_step(run_dir, 3, [launch])
     hosts.write_text("localhost slots=1\n")
-    os.kill(_rank_pid(launch, 1), signal.SIGKILL)
+    os.kill(victim, signal.SIGKILL)
     assert wait_all([launch]) == [0], (tmp_path / "launch.log").read_text()[-3000:]
     log = (tmp_path / "launch.log").read_text()
     restart = _check_one_restart(run_dir, log, reference, "rank 1 was killed by SIGKILL")
