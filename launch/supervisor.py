@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from launch.ranks import RankProcesses
+from trainer.errors import GLMError
 
 POLL_SECONDS = 0.05
 """How often the launcher's exit and the progress are checked (a rank's exit wakes glm-launch at once)."""
@@ -181,7 +182,10 @@ def supervise(plan_start: Callable[[int], Start], resumable_step: Callable[[], O
         restarts += 1
         finished = _steps(start.metrics) if start.metrics else None
         resumed = resumable_step()
-        start = plan_start(restarts)
+        try:
+            start = plan_start(restarts)
+        except GLMError as error:  # e.g. fewer devices left than --min-devices
+            raise type(error)(f"{outcome.failure}; {error}") from error
         _record(start, restarts, max_restarts, outcome, finished, resumed, run_dir)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from launch.ranks import RankProcesses
+from launch.supervisor import Start, supervise
+from trainer.errors import ConfigError
 from tests.glm_processes import metrics, start_launch, tiny_overrides, wait_all, wait_for_step
 
 STEPS = 6
@@ -60,6 +63,35 @@ def _check_one_restart(run_dir: Path, log: str, reference: torch.Tensor, reason:
     assert [r["restarts"] for r in records] == [0] * resumed + [1] * (STEPS - resumed)
     assert f"glm-launch: restart 1/1: {restart['reason']}" in log
     return restart
+
+
+def _failing_start(tmp_path: Path, restarts: int) -> Start:
+    """A 'launcher' that records its start in metrics.jsonl as a step and exits with status 3."""
+    metrics_file = tmp_path / "metrics.jsonl"
+    script = f"open({str(metrics_file)!r}, 'a').write('{{\"step\": {restarts + 1}}}\\n'); raise SystemExit(3)"
+    return Start([sys.executable, "-c", script], dict(os.environ), local_ranks=0, metrics=metrics_file,
+                 stall_seconds=60, summary={"world_size": 2, "layout": {"tp": 1, "pp": 1, "dp": 2}})
+
+
+def test_restarts_stop_after_max_restarts_with_the_last_status(tmp_path, capsys):
+    status = supervise(lambda restarts: _failing_start(tmp_path, restarts), lambda: None, 2, tmp_path)
+    assert status == 3
+    assert [r["after_step"] for r in _restarts(tmp_path)] == [1, 2]
+    assert [r["recomputed"] for r in _restarts(tmp_path)] == [[1, 1], [1, 2]]
+    out = capsys.readouterr().out
+    assert "glm-launch: restart 2/2: DeepSpeed's launcher exited with status 3 after step 2; starting from step 0" in out
+    assert "no restart left (--max-restarts 2)" in out
+
+
+def test_too_few_devices_left_stop_with_the_reason(tmp_path):
+    def plan_start(restarts: int) -> Start:
+        if restarts:
+            raise ConfigError("1 device(s) found, fewer than --min-devices 2: no restart")
+        return _failing_start(tmp_path, restarts)
+
+    with pytest.raises(ConfigError, match="^DeepSpeed's launcher exited with status 3; 1 device.s. found, fewer than "
+                                          "--min-devices 2: no restart$"):
+        supervise(plan_start, lambda: None, 1, tmp_path)
 
 
 def test_sigkill_of_a_rank_restarts_from_the_checkpoint(reference, tmp_path):
