@@ -37,7 +37,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = OneLineParser(prog="glm-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
     devices = parser.add_mutually_exclusive_group()
-    devices.add_argument("--nproc", type=int, help="run N CPU processes (gloo) on this machine, for debugging")
+    devices.add_argument("--nproc", type=int, help="run N CPU processes (gloo) on this machine, or on each node of "
+                                                   "a SLURM job, for debugging")
     devices.add_argument("--gpus", type=int, help="use N GPUs (this node), or with --dry-run plan for N GPUs anywhere")
     devices.add_argument("--hostfile", help="DeepSpeed hostfile, one 'hostname slots=N' line per node")
     parser.add_argument("--gpus-per-node", type=int, help="node size for --gpus (default: N up to 8, else 8)")

@@ -34,6 +34,11 @@ def describe_status(status: int) -> str:
     return f"exited with status {status >> 8}"
 
 
+def exit_status(status: int) -> int:
+    """A waitpid status as a shell reports it: the exit code, or 128 + the signal."""
+    return 128 + (status & 0x7F) if status & 0x7F else status >> 8
+
+
 class RankProcesses:
     """The glm-train processes below one launcher process, by global rank (their RANK variable)."""
 
@@ -75,22 +80,25 @@ class RankProcesses:
         else:
             time.sleep(seconds)
 
-    def failure(self) -> Optional[tuple[int, str]]:
-        """(rank, 'rank 1 was killed by SIGKILL') of a rank that ended abnormally and is not reaped yet;
-        None when there is none."""
+    def failure(self) -> Optional[tuple[int, int]]:
+        """(rank, waitpid status) of a rank that ended abnormally and is not reaped yet; None when none did."""
         for rank, pid in sorted(self.pids.items()):
             fields = _stat(pid)
             if fields and fields[_STATE] == "Z" and int(fields[_EXIT_CODE]):
-                return rank, f"rank {rank} {describe_status(int(fields[_EXIT_CODE]))}"
+                return rank, int(fields[_EXIT_CODE])
             if (not fields or fields[_STATE] == "Z") and rank in self._pidfds:  # ended well: stop waking on it
                 os.close(self._pidfds.pop(rank))
         return None
+
+    def running(self) -> bool:
+        """Whether a rank process is still alive (not exited, not a zombie)."""
+        return any((_stat(pid) or ["Z"])[_STATE] != "Z" for pid in self.pids.values())
+
+    def stopped(self) -> list[int]:
+        """Ranks whose process is stopped (SIGSTOP, a debugger): they make no progress and hold their peers."""
+        return [rank for rank, pid in sorted(self.pids.items()) if (_stat(pid) or ["?"])[_STATE] in ("T", "t")]
 
     def close(self) -> None:
         for descriptor in self._pidfds.values():
             os.close(descriptor)
         self._pidfds.clear()
-
-    def stopped(self) -> list[int]:
-        """Ranks whose process is stopped (SIGSTOP, a debugger): they make no progress and hold their peers."""
-        return [rank for rank, pid in sorted(self.pids.items()) if (_stat(pid) or ["?"])[_STATE] in ("T", "t")]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from launch.ranks import RankProcesses
+from launch.ranks import RankProcesses, describe_status, exit_status
 from trainer.errors import GLMError
 
 POLL_SECONDS = 0.05
@@ -106,15 +106,8 @@ def _kill_group(process: subprocess.Popen, ranks: RankProcesses) -> None:
         pass
     process.wait()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(pid) for pid in ranks.pids.values()):
+    while time.monotonic() < deadline and ranks.running():
         time.sleep(POLL_SECONDS)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def run_once(start: Start) -> Outcome:
@@ -128,11 +121,16 @@ def run_once(start: Start) -> Outcome:
                 status = process.poll()
                 ranks.refresh()
                 failed = ranks.failure()
-                if failed is None and status is None and not signals.received:
-                    failed = _stall(ranks, progress.idle_seconds(), start.stall_seconds)
                 if failed is not None:
                     _kill_group(process, ranks)
-                    return Outcome(max(process.returncode, 1), failed[1], failed[0], signals.received)
+                    rank, wait_status = failed
+                    return Outcome(exit_status(wait_status), f"rank {rank} {describe_status(wait_status)}", rank,
+                                   signals.received)
+                stalled = None if status is not None or signals.received else _stall(
+                    ranks, progress.idle_seconds(), start.stall_seconds)
+                if stalled is not None:
+                    _kill_group(process, ranks)
+                    return Outcome(1, stalled[1], stalled[0], signals.received)
                 if status is not None:
                     failure = f"DeepSpeed's launcher exited with status {status}" if status else None
                     return Outcome(status, failure, None, signals.received)
@@ -177,7 +175,8 @@ def supervise(plan_start: Callable[[int], Start], resumable_step: Callable[[], O
         if outcome.failure is None or outcome.interrupted:
             return outcome.status
         if restarts == max_restarts:
-            print(f"glm-launch: {outcome.failure}; no restart left (--max-restarts {max_restarts})", flush=True)
+            left = f"; no restart left (--max-restarts {max_restarts})" if max_restarts else ""
+            print(f"glm-launch: {outcome.failure}{left}", flush=True)
             return outcome.status if outcome.status > 0 else 1
         restarts += 1
         finished = _steps(start.metrics) if start.metrics else None
