@@ -1,8 +1,9 @@
 """glm-launch: discover the devices, plan the 3D layout, start the ranks with DeepSpeed's launcher.
 
-    glm-launch --config FILE [--nproc N | --gpus N [--gpus-per-node G] | --hostfile F]
+    glm-launch --config FILE [--nproc N | --gpus N [--gpus-per-node G] | --hostfile F [--node-rank R]]
                [--tp T] [--pp P] [--micro-batch M] [--checkpoint-interval K] [--gpu-memory 80GB]
-               [--master-port PORT] [--dry-run] [-- glm-train arguments]
+               [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
+               [--dry-run] [-- glm-train arguments]
 
 The plan reaches every rank as glm-train `--set parallel.*` overrides after the user's own, so all
 ranks read the same resolved layout. The planner chooses parallel.tp, pp, micro_batch_size and
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Optional
 
 from launch.devices import Cluster, discover, local_accelerator
 from launch.planner import Fixed, Plan, plan_layout
+from launch.supervisor import Start, supervise
 from trainer.config import Config, load_config, parse_override
 from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
@@ -36,7 +37,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = OneLineParser(prog="glm-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
     devices = parser.add_mutually_exclusive_group()
-    devices.add_argument("--nproc", type=int, help="run N CPU processes (gloo) on this machine, for debugging")
+    devices.add_argument("--nproc", type=int, help="run N CPU processes (gloo) on this machine, or on each node of "
+                                                   "a SLURM job, for debugging")
     devices.add_argument("--gpus", type=int, help="use N GPUs (this node), or with --dry-run plan for N GPUs anywhere")
     devices.add_argument("--hostfile", help="DeepSpeed hostfile, one 'hostname slots=N' line per node")
     parser.add_argument("--gpus-per-node", type=int, help="node size for --gpus (default: N up to 8, else 8)")
@@ -45,8 +47,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--micro-batch", type=int, help="fix the micro-batch size per rank")
     parser.add_argument("--checkpoint-interval", type=int, help="fix activation checkpointing (every K blocks; 0 off)")
     parser.add_argument("--gpu-memory", help="memory per device, e.g. 80GB or 40GiB (default: measured here)")
+    parser.add_argument("--node-rank", type=int, help="with --hostfile: start only the ranks of this node (the "
+                                                      "hostfile's host R, from 0), without ssh; one glm-launch per node")
+    parser.add_argument("--master-addr", help="address of node 0, the rendezvous (with --node-rank; under SLURM "
+                                              "default: the first node)")
     parser.add_argument("--master-port", type=int, help="rendezvous port (default: a free port locally, 29500 "
                                                         "across nodes)")
+    parser.add_argument("--max-restarts", type=int, default=0, help="after a rank fails or no step finishes for "
+                        "train.collective_timeout_minutes, restart from the newest checkpoint up to N times")
+    parser.add_argument("--min-devices", type=int, default=1, help="do not start (or restart) on fewer devices")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
@@ -75,20 +84,34 @@ def fixed_choices(args: argparse.Namespace, overrides: list[str]) -> Fixed:
     return Fixed(**fixed)
 
 
+def node_rank(args: argparse.Namespace, cluster: Cluster, env: dict) -> Optional[int]:
+    """This node's index in the host list when glm-launch starts only this node's ranks; None when
+    DeepSpeed's runner starts every node of a hostfile itself (pdsh, ssh)."""
+    if args.node_rank is not None:
+        return args.node_rank
+    if cluster.source == "slurm":
+        return int(env.get("SLURM_NODEID", "0"))
+    return None if cluster.source == "hostfile" else 0
+
+
 def runner_command(plan: Plan, args: argparse.Namespace, train_args: list[str], hostfile: Optional[str],
                    env: dict) -> list[str]:
     """`python -m deepspeed.launcher.runner ... --module trainer.train --config FILE ... --set layout`.
 
     One node: --num_gpus N on localhost. A hostfile: DeepSpeed reaches the nodes itself (pdsh, ssh).
-    SLURM (glm-launch started once per node by srun): each node runs the runner with --no_ssh and
-    its --node_rank, so no ssh between nodes is needed."""
+    One glm-launch per node (--node-rank, or SLURM's srun): the runner with --no_ssh and this node's
+    --node_rank hands DeepSpeed's per-node launcher (deepspeed.launcher.launch) the whole host list, and
+    it starts only this node's ranks, so no ssh between nodes is needed."""
     cluster = plan.cluster
+    node = node_rank(args, cluster, env)
     command = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
-    if cluster.source == "slurm":
-        command += ["--hostfile", hostfile, "--no_ssh", "--node_rank", env.get("SLURM_NODEID", "0"),
-                    "--master_addr", cluster.hosts[0][0], "--master_port", str(args.master_port or 29500)]
+    if cluster.source in ("slurm", "hostfile") and node is not None:
+        command += ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
+                    "--master_addr", args.master_addr or cluster.hosts[0][0],
+                    "--master_port", str(args.master_port or 29500)]
     elif cluster.source == "hostfile":
         command += ["--hostfile", hostfile, "--master_port", str(args.master_port or 29500)]
+        command += ["--master_addr", args.master_addr] if args.master_addr else []
     else:
         command += ["--num_gpus", str(cluster.world_size), "--master_port", str(args.master_port or free_port())]
     command += ["--no_local_rank", "--module", "trainer.train", "--config", str(Path(args.config).resolve())]
@@ -122,50 +145,103 @@ def _check_local(cluster: Cluster, args: argparse.Namespace) -> None:
                           f"for several nodes, or --dry-run to only plan")
 
 
+def _check_node(args: argparse.Namespace, cluster: Cluster) -> None:
+    """--node-rank names a host of the hostfile and comes with the rendezvous address."""
+    if args.node_rank is None:
+        if args.master_addr is not None and cluster.source not in ("hostfile", "slurm"):
+            raise ConfigError("--master-addr is for several nodes: give it with --hostfile (and --node-rank) or "
+                              "under SLURM")
+        return
+    if cluster.source != "hostfile":
+        raise ConfigError("--node-rank needs --hostfile: the hostfile lists every node, in rank order")
+    if not 0 <= args.node_rank < len(cluster.hosts):
+        raise ConfigError(f"--node-rank {args.node_rank} is not a node of the hostfile: it lists "
+                          f"{len(cluster.hosts)} host(s), so use 0..{len(cluster.hosts) - 1}")
+    if not args.master_addr:
+        raise ConfigError("--node-rank needs --master-addr: the address of node 0 (the hostfile's first host), "
+                          "where every node meets")
+
+
+def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: bool = False) -> tuple[Config, Plan]:
+    """Discover the devices and plan the layout for them: at the start, and again before each restart."""
+    config = load_config(args.config, overrides)
+    config.validate()
+    cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
+                       nproc=args.nproc, gpu_memory=args.gpu_memory)
+    _check_node(args, cluster)
+    if cluster.world_size < args.min_devices:
+        raise ConfigError(f"{cluster.world_size} device(s) found, fewer than --min-devices {args.min_devices}: "
+                          f"{'no restart' if restarting else 'nothing started'}")
+    plan = plan_layout(config, cluster, fixed_choices(args, overrides))
+    resolved = load_config(args.config, overrides + plan.overrides())
+    resolved.validate(cluster.world_size)
+    return resolved, plan
+
+
 def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Plan]:
     """Parse, discover, plan and validate: everything that must succeed before a process starts."""
     args, train_args = parse_args(argv)
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise ConfigError(f"--master-port {args.master_port} is not a TCP port: use 1..65535 (1024 and up "
                           f"without root)")
-    overrides = _user_overrides(train_args)
-    config = load_config(args.config, overrides)
-    config.validate()
-    cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-                       nproc=args.nproc, gpu_memory=args.gpu_memory)
-    plan = plan_layout(config, cluster, fixed_choices(args, overrides))
-    resolved = load_config(args.config, overrides + plan.overrides())
-    resolved.validate(cluster.world_size)
+    if args.max_restarts < 0 or args.min_devices < 1:
+        raise ConfigError(f"--max-restarts must be >= 0 and --min-devices >= 1, got {args.max_restarts} and "
+                          f"{args.min_devices}")
+    resolved, plan = plan_devices(args, _user_overrides(train_args))
     if not args.dry_run:
-        _check_local(cluster, args)
+        _check_local(plan.cluster, args)
     return args, train_args, resolved, plan
 
 
-def launch(plan: Plan, args: argparse.Namespace, train_args: list[str]) -> int:
-    """Start the ranks through DeepSpeed's runner and return its exit status."""
+def resumable_step(run_dir: Path) -> Optional[int]:
+    """The step of the checkpoint `checkpoints/latest` names (written only once that checkpoint is complete);
+    asked only before a restart, so planning never imports DeepSpeed."""
+    from trainer.engine.checkpoint import TAG
+
+    latest = run_dir / "checkpoints" / "latest"
+    match = TAG.match(latest.read_text().strip()) if latest.is_file() else None
+    return int(match.group(1)) if match else None
+
+
+def plan_start(args: argparse.Namespace, train_args: list[str], scratch: str, restarts: int) -> Start:
+    """One start of the ranks on the devices found now. A restart resumes from the newest checkpoint (when
+    there is one) and tells the ranks how many restarts came before (`restarts` in metrics.jsonl)."""
+    resolved, plan = plan_devices(args, _user_overrides(train_args), restarting=restarts > 0)
+    run_dir = Path(resolved.train.run_dir)
+    if restarts:  # the run dir holds this job's own failed start: continue it, or start over it if it saved nothing
+        own = ["train.resume=true", "train.overwrite=false"] if resumable_step(run_dir) is not None \
+            else ["train.resume=false", "train.overwrite=true"]
+        train_args = train_args + [arg for item in own + [f"train.restarts={restarts}"] for arg in ("--set", item)]
     env = dict(os.environ)
     if plan.cluster.kind == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     hostfile = args.hostfile
-    with tempfile.TemporaryDirectory(prefix="glm-launch-") as scratch:
-        if plan.cluster.source == "slurm":  # the same hostfile on every node, from SLURM's node list
-            hostfile = os.path.join(scratch, "hostfile")
-            Path(hostfile).write_text("".join(f"{host} slots={slots}\n" for host, slots in plan.cluster.hosts))
-        command = runner_command(plan, args, train_args, hostfile, env)
-        print(f"starting: {' '.join(command)}", flush=True)
-        return subprocess.call(command, env=env)
+    if plan.cluster.source == "slurm":  # the same hostfile on every node, from SLURM's node list
+        hostfile = os.path.join(scratch, "hostfile")
+        Path(hostfile).write_text("".join(f"{host} slots={slots}\n" for host, slots in plan.cluster.hosts))
+    node = node_rank(args, plan.cluster, env)
+    if node in (None, 0):  # once per job, not once per node
+        print(describe(plan), flush=True)
+    layout = plan.layout
+    return Start(runner_command(plan, args, train_args, hostfile, env), env,
+                 local_ranks=0 if node is None else plan.cluster.hosts[node][1],
+                 metrics=run_dir / "metrics.jsonl" if node == 0 else None,
+                 stall_seconds=resolved.train.collective_timeout_minutes * 60,
+                 summary={"world_size": plan.cluster.world_size,
+                          "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}})
 
 
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args, train_args, _, plan = prepare(argv)
+    args, train_args, resolved, plan = prepare(argv)
     if args.dry_run:
         print(json.dumps(plan.to_dict(), indent=1))
         return 0
-    if os.environ.get("SLURM_NODEID", "0") == "0":
-        print(describe(plan), flush=True)
-    return launch(plan, args, train_args)
+    run_dir = Path(resolved.train.run_dir)
+    with tempfile.TemporaryDirectory(prefix="glm-launch-") as scratch:
+        return supervise(lambda restarts: plan_start(args, train_args, scratch, restarts),
+                         lambda: resumable_step(run_dir), args.max_restarts, run_dir)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Device discovery: which hosts, how many devices on each, how much memory per device.
 
 Sources, first match wins: a DeepSpeed hostfile (`host slots=N` per line), `--gpus N` (a cluster
-that need not be this machine), `--nproc N` (CPU processes on gloo, for debugging), SLURM's
-environment, and last the accelerators of this node through DeepSpeed's accelerator abstraction.
+that need not be this machine), `--nproc N` (CPU processes on gloo: on this machine, or on every node
+of a SLURM allocation), SLURM's environment, and last the accelerators of this node through
+DeepSpeed's accelerator abstraction. A hostfile's slots are processes of this node's accelerator, as
+DeepSpeed's launcher reads them: on a node whose accelerator is the CPU, CPU processes on gloo.
 """
 from __future__ import annotations
 
@@ -147,16 +149,18 @@ def discover(*, hostfile: Optional[str] = None, gpus: Optional[int] = None, gpus
     if sum(x is not None for x in (hostfile, gpus, nproc)) > 1:
         raise ConfigError("give only one of --hostfile, --gpus and --nproc")
     memory = parse_memory(gpu_memory) if gpu_memory else None
+    slurm_nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if nproc is not None:
         if nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-        return Cluster((("localhost", nproc),), memory or _host_memory() // nproc, "cpu", "nproc")
+        names, source = (expand_nodelist(slurm_nodes), "slurm") if slurm_nodes else (["localhost"], "nproc")
+        return Cluster(tuple((host, nproc) for host in names), memory or _host_memory() // nproc, "cpu", source)
 
     if hostfile is not None:
         hosts, source = parse_hostfile(hostfile), "hostfile"
     elif gpus is not None:
         hosts, source = _hosts_for_gpus(gpus, gpus_per_node), "gpus"
-    elif env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"):
+    elif slurm_nodes:
         hosts, source = None, "slurm"
     else:
         hosts, source = None, "local"
@@ -164,13 +168,15 @@ def discover(*, hostfile: Optional[str] = None, gpus: Optional[int] = None, gpus
     if hosts is not None and memory is not None:  # planning for other machines: nothing to ask this one
         return Cluster(hosts, memory, "gpu", source)
     name, count, local_memory = local_accelerator()
+    if source == "hostfile" and name == "cpu":  # DeepSpeed's launcher starts one CPU process per slot
+        return Cluster(hosts, _host_memory() // max(slots for _, slots in hosts), "cpu", source)
     if hosts is None:
         per_node = (_slurm_gpus_per_node(env) if source == "slurm" else None) or count
         if per_node == 0:
-            raise ConfigError("no GPU found on this machine: pass --nproc N to run N CPU processes (gloo), or "
+            raise ConfigError("no GPU found on this machine: pass --nproc N to run N CPU processes (gloo) here or on "
+                              "each node of a SLURM job, or "
                               "--gpus N / --hostfile F with --dry-run to plan for other machines")
-        names = (expand_nodelist(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
-                 if source == "slurm" else ["localhost"])
+        names = expand_nodelist(slurm_nodes) if source == "slurm" else ["localhost"]
         hosts = tuple((host, per_node) for host in names)
     if memory is None:
         if count == 0:

@@ -19,11 +19,20 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads
         "optim.warmup_steps=2", "optim.decay_steps=10"]
 
 
+def tiny_overrides(run_dir: Path, steps: int, *overrides: str) -> list[str]:
+    """`--set` arguments of the tiny run (what follows `--` for glm-launch)."""
+    return [arg for item in TINY + [f"train.run_dir={run_dir}", f"train.steps={steps}", *overrides]
+            for arg in ("--set", item)]
+
+
 def train_args(run_dir: Path, steps: int, *overrides: str) -> list[str]:
-    args = ["--config", str(REPO / "configs" / "glm-debug.yaml")]
-    for item in TINY + [f"train.run_dir={run_dir}", f"train.steps={steps}", *overrides]:
-        args += ["--set", item]
-    return args
+    return ["--config", str(REPO / "configs" / "glm-debug.yaml"), *tiny_overrides(run_dir, steps, *overrides)]
+
+
+def start_launch(launch_args: list[str], log: Path) -> subprocess.Popen:
+    """glm-launch with the tiny config; stdout+stderr to `log`."""
+    return subprocess.Popen(["glm-launch", "--config", str(REPO / "configs" / "glm-debug.yaml"), *launch_args],
+                            cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def zero_stage_overrides(stage: int, directory: Path) -> list[str]:

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from launch.cli import main, parse_args, prepare, runner_command
+from tests.glm_processes import metrics, run_train, start_launch, tiny_overrides, train_args, wait_all
+from trainer.engine.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # this machine has no GPU: say so instead of a warning
@@ -52,12 +56,28 @@ BAD_INPUT = [
     (["--gpus", "8", "--nproc", "2"], "not allowed with argument"),
     (["--gpus", "16", "--gpu-memory", "80GB"], "asks for more GPUs than this node has"),
     (["--nproc", "2", "--master-port", "99999"], "--master-port 99999 is not a TCP port"),
+    (["--nproc", "2", "--node-rank", "0"], "--node-rank needs --hostfile"),
+    (["--nproc", "2", "--master-addr", "10.0.0.1"], "--master-addr is for several nodes"),
+    (["--nproc", "2", "--min-devices", "3"], "2 device(s) found, fewer than --min-devices 3"),
+    (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts must be >= 0"),
 ]
 
 
 @pytest.mark.parametrize("extra, message", BAD_INPUT)
 def test_bad_input_is_one_line_and_exit_2(extra, message, capsys):
-    argv = ["--config", "configs/glm-base.yaml"] + extra
+    _expect_one_error_line(["--config", "configs/glm-base.yaml"] + extra, message, capsys)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank 2 is not a node of the hostfile: it lists 2"),
+    (["--node-rank", "1"], "--node-rank needs --master-addr"),
+])
+def test_bad_node_rank_is_one_line_and_exit_2(extra, message, capsys, tmp_path):
+    argv = ["--config", "configs/glm-base.yaml", "--hostfile", hostfile(tmp_path, 2, 8), "--gpu-memory", "80GB"]
+    _expect_one_error_line(argv + extra, message, capsys)
+
+
+def _expect_one_error_line(argv: list[str], message: str, capsys) -> None:
     try:
         code = main(argv)
     except SystemExit as exit_:  # argparse's own errors
@@ -105,6 +125,39 @@ def test_runner_command_under_slurm_runs_one_launcher_per_node_without_ssh(tmp_p
     parsed = __import__("deepspeed.launcher.runner", fromlist=["parse_args"]).parse_args(
         runner_command(plan, args, train_args, "/tmp/h", {"SLURM_NODEID": "1"})[4:])
     assert (parsed.hostfile, parsed.no_ssh, parsed.node_rank, parsed.master_addr) == ("/tmp/h", True, 1, "n1")
+
+
+def test_runner_command_for_one_node_of_a_hostfile(tmp_path):
+    argv = ["--config", "configs/glm-base.yaml", "--hostfile", hostfile(tmp_path, 2, 8), "--gpu-memory", "80GB",
+            "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "29123"]
+    args, train_args_, _, plan = prepare(argv)
+    parsed = __import__("deepspeed.launcher.runner", fromlist=["parse_args"]).parse_args(
+        runner_command(plan, args, train_args_, args.hostfile, {})[4:])
+    assert (parsed.hostfile, parsed.no_ssh, parsed.node_rank) == (args.hostfile, True, 1)
+    assert (parsed.master_addr, parsed.master_port) == ("10.1.2.3", 29123)
+
+
+def test_two_nodes_on_this_machine_match_one_process(tmp_path):
+    """Two glm-launch processes, node ranks 0 and 1 of a two-host hostfile (one CPU rank each, dp 2), meet at
+    127.0.0.1 without ssh and train the losses of one process run directly."""
+    steps = 4
+    single = run_train(train_args(tmp_path / "single", steps))
+    assert single.returncode == 0, single.stderr[-3000:]
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port())
+    nodes = [start_launch(["--hostfile", str(hosts), "--node-rank", str(node), "--master-addr", "127.0.0.1",
+                           "--master-port", port, "--", *tiny_overrides(tmp_path / "two", steps)],
+                          tmp_path / f"node{node}.log") for node in (0, 1)]
+    assert wait_all(nodes, timeout=300) == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
+    log = (tmp_path / "node0.log").read_text()
+    assert "layout:  tp 1 x pp 1 x dp 2" in log and "devices: 2 cpu on 2 nodes (hostfile)" in log
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in (tmp_path / "node1.log").read_text()
+    two = metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == list(range(1, steps + 1))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two], dtype=torch.float64),
+                               torch.tensor([r["loss"] for r in metrics(tmp_path / "single")], dtype=torch.float64),
+                               rtol=1e-5, atol=0)
 
 
 def test_nproc_2_trains_on_cpu_with_gloo(tmp_path):

@@ -116,6 +116,9 @@ class TrainConfig:
     """A collective that waits longer than this fails with an error naming the rank, instead of hanging."""
     deepspeed_config: str = ""
     """Path of a DeepSpeed JSON merged over the generated one (its keys win)."""
+    restarts: int = 0
+    """How many times glm-launch --max-restarts has restarted this run before this start (glm-launch sets it;
+    every metrics.jsonl record carries it as `restarts`)."""
 
 
 @dataclass
@@ -164,7 +167,7 @@ class Config:
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
         for name, least in (("save_interval", 0), ("keep_checkpoints", 0), ("max_nonfinite_in_a_row", 0),
-                            ("log_interval", 1)):
+                            ("log_interval", 1), ("restarts", 0)):
             if getattr(t, name) < least:
                 raise ConfigError(f"train.{name} must be >= {least}, got {getattr(t, name)}")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.inject_nan_steps):

@@ -199,7 +199,7 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed,
                   "tflops": tokens * self.flops_per_token / elapsed / self.world_size / 1e12,
                   "batch_size": batch_size, "consumed_samples": self.consumed,
-                  "skipped": int(skipped), "skipped_total": self.nonfinite.total}
+                  "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": config.train.restarts}
         if config.train.precision == "fp16":
             optimizer = engine.optimizer
             record["loss_scale"] = float(getattr(optimizer, "cur_scale", None) or optimizer.loss_scaler.cur_scale)
