@@ -107,7 +107,7 @@ def block_parameters(model: ModelConfig, tp: int) -> int:
     split over tp; the row-parallel biases and the two LayerNorms are replicated.
     """
     h, f = model.hidden_size, model.ffn_size
-    f_in = 2 * f if model.mlp == "geglu" else f
+    f_in = 2 * f if model.gated_mlp else f
     split = (3 * h * h + 3 * h) + h * h + (f_in * h + f_in) + f * h
     replicated = 2 * h + 2 * 2 * h
     return split // tp + replicated
@@ -149,7 +149,7 @@ def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
     model, e = work.model, work.activation_bytes
     s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
     sbh = s * b * h
-    mlp_factor = 4 if model.mlp == "geglu" else 2
+    mlp_factor = 4 if model.gated_mlp else 2
     mask = work.dropout_mask_bytes
     total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp + s * s * b + 16 * s * b
     if model.position_embedding != "learned_2d":

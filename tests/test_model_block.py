@@ -61,7 +61,7 @@ def test_deepnorm_init_gains(mlp_kind):
     beta, f = (2 * n) ** -0.5, config.ffn_size
     f_in = 2 * f if mlp_kind == "geglu" else f
     xavier = lambda gain, fan_in, fan_out: gain * math.sqrt(2 / (fan_in + fan_out))
-    q, k, v = split_rank_major(block.attention.query_key_value.weight, 3, tp=1)
+    q, k, v = split_rank_major(block.attention.query_key_value.weight, config.qkv_rows, tp=1)
     expected = [(q, xavier(1, h, h)), (k, xavier(1, h, h)), (v, xavier(beta, h, h)),
                 (block.attention.dense.weight, xavier(beta, h, h)),
                 (block.mlp.dense_h_to_4h.weight, xavier(beta, h, f_in)),

@@ -9,6 +9,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMLoss, GLMModel
 from trainer.model.init import split_rank_major
 from trainer.model.mask import segments_of_sep
+from trainer.model.output import OutputLayer
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from trainer.parallel.topology import Topology
 
@@ -84,15 +85,15 @@ def _full_grads(model: GLMModel, config: ModelConfig, group, tp: int) -> dict:
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             grad = param.grad
-            if group is not None and isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            if group is not None and isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding, OutputLayer)):
                 grad = _gather(grad, 0, group)
             if group is not None and isinstance(module, RowParallelLinear) and param_name == "weight":
                 grad = _gather(grad, 1, group)
             if module_name.endswith("query_key_value"):
-                grad = torch.cat(split_rank_major(grad, 3, tp))
-            if module_name.endswith("dense_h_to_4h") and config.mlp == "geglu":
-                grad = torch.cat(split_rank_major(grad, 2, tp))
-            if isinstance(module, VocabParallelEmbedding):
+                grad = torch.cat(split_rank_major(grad, config.qkv_rows, tp))
+            if module_name.endswith("dense_h_to_4h") and config.gated_mlp:
+                grad = torch.cat(split_rank_major(grad, [config.ffn_size] * 2, tp))
+            if isinstance(module, (VocabParallelEmbedding, OutputLayer)):
                 assert not grad[config.vocab_size:].any()
                 grad = grad[:config.vocab_size]
             grads[f"{module_name}.{param_name}"] = grad
@@ -184,7 +185,7 @@ def test_no_gradient_crosses_from_one_packed_sample_to_another(position_embeddin
         hidden = (embeddings, *activations[1:])
         for layer in model.transformer["layers"]:
             hidden = layer(hidden)
-        logits = model.embedding.logits(model.transformer["final_layernorm"](hidden))
+        logits = model.logits(model.transformer["final_layernorm"](hidden))
         loss = vocab_parallel_cross_entropy(logits, labels, None, vocab_size=100)[0, start:start + length].sum()
         (grad,) = torch.autograd.grad(loss, embeddings)
         outside = torch.ones(grad.shape[1], dtype=torch.bool)

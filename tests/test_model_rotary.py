@@ -37,7 +37,7 @@ def _rotated_dot(config, q, k, pos_q, block_q, pos_k, block_k):
 
 def test_rope_1d_uses_position_plus_block_position():
     config = ModelConfig(position_embedding="rope_1d")
-    x = torch.randn(1, 1, 1, 8)
+    x = torch.randn(1, 1, 1, config.head_dim)
     got = apply_position_rotary(x, torch.tensor([[9]]), torch.tensor([[3]]), config)
     assert_close(got, apply_rotary(x, torch.tensor([[12]]), config.rope_base))
 

@@ -56,7 +56,7 @@ def full_vocab_logits(model, hidden: torch.Tensor, vocab_size: int, tp_group) ->
     """Final hidden [b, s, h] -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
     from trainer.parallel.mappings import gather_from_tp
 
-    return gather_from_tp(model.embedding.logits(hidden), tp_group)[..., :vocab_size].float()
+    return gather_from_tp(model.logits(hidden), tp_group)[..., :vocab_size].float()
 
 
 def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
