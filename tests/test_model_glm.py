@@ -19,6 +19,9 @@ SWITCH_SETS = {
                            fp32_softmax_layer_scaling=True),
     "glm130b_rope2d": dict(position_embedding="rope_2d", norm="deepnorm", mlp="geglu", embedding_shrink_alpha=0.1,
                            fp32_softmax_layer_scaling=True),
+    "glm4": dict(position_embedding="rope_1d", rotary_fraction=0.5, rotary_pairing="interleaved",
+                 normalization="rmsnorm", mlp="swiglu", num_key_value_heads=2, add_bias_linear=False,
+                 tie_word_embeddings=False),
 }
 
 
@@ -70,6 +73,18 @@ def test_parameter_names_and_seeded_init():
     other = GLMModel(config, seed=3)
     for (name, p), q in zip(model.named_parameters(), other.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_untied_output_layer_has_its_own_weight():
+    config = tiny_config(**SWITCH_SETS["glm4"])
+    model = GLMModel(config, seed=3)
+    names = dict(model.named_parameters())
+    assert names["output_layer.weight"].shape == (128, 32)  # the vocabulary padded to 128 rows
+    assert not torch.equal(names["output_layer.weight"], names["embedding.word_embeddings.weight"])
+    assert "transformer.final_layernorm.bias" not in names and "transformer.layers.0.mlp.dense_4h_to_h.bias" not in names
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+    hidden = torch.randn(2, 3, 32)
+    assert_close(model.logits(hidden), hidden @ names["output_layer.weight"].T)
 
 
 def _gather(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
