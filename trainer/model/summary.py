@@ -48,9 +48,10 @@ def parameter_summary(config: ModelConfig, tp: int = 1) -> str:
     rows = [("embedding", _numel(model.embedding)),
             ("one block", _numel(layers[0])),
             (f"{len(layers)} blocks", _numel(layers)),
-            ("final layernorm", _numel(final_norm)),
-            ("output layer (untied)", 0 if model.output_layer is None else _numel(model.output_layer)),
-            ("total (counted)", counted),
+            ("final layernorm", _numel(final_norm))]
+    if model.output_layer is not None:
+        rows.append(("output layer (untied)", _numel(model.output_layer)))
+    rows += [("total (counted)", counted),
             ("total (closed form)", closed),
             (f"per tensor-parallel rank (tp={tp})", sharded // tp + counted - sharded)]
     header = (f"GLM: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
