@@ -1,5 +1,6 @@
 """Any model a user points at -> a GLMModel on this process: an export directory, a run's checkpoints/
-directory (its `latest`), one global_stepN directory of any layout, or a THUDM/GLM release directory.
+directory (its `latest`), one global_stepN directory of any layout, a THUDM/GLM release directory, or a
+transformers directory of model type glm or chatglm (trainer/checkpoint/hf.py).
 Training checkpoints do not store the model config, so they need the run's config; the others carry it."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from trainer.checkpoint import thudm
+from trainer.checkpoint import hf, thudm
 from trainer.checkpoint.export import is_export, read_export
 from trainer.checkpoint.layout import shard_state
 from trainer.checkpoint.manifest import MANIFEST, verify
@@ -29,14 +30,16 @@ def read_weights(path: Path, config: Optional[ModelConfig]) -> tuple[ModelConfig
     """(ModelConfig, canonical fp32 weights) of any supported source."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if hf.is_hf_directory(path):
+        return hf.read_hf(path)
     if is_export(path):
         return read_export(path)
     if thudm.is_release(path):
         return thudm.read_release(path, config)
     tag_dir = training_tag_dir(path)
     if tag_dir is None:
-        raise CheckpointError(f"{path} is neither an export, a THUDM/GLM release nor a training checkpoint "
-                              f"(run_dir/checkpoints or a global_stepN directory)")
+        raise CheckpointError(f"{path} is neither an export, a THUDM/GLM release, a transformers glm/chatglm "
+                              f"directory nor a training checkpoint (run_dir/checkpoints or a global_stepN directory)")
     problem = verify(tag_dir) if (tag_dir / MANIFEST).is_file() else None  # DeepSpeed's own saves have none
     if problem:
         raise CheckpointError(f"checkpoint {tag_dir} is corrupted ({problem}): point at an earlier global_stepN "
