@@ -43,7 +43,7 @@ def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
     if not MARKERS.search(text):
         text += "[gMASK]"
     marker_ids = {"[MASK]": tokenizer.mask_id, "[sMASK]": tokenizer.smask_id, "[gMASK]": tokenizer.gmask_id}
-    part_a, masks = [tokenizer.cls_id], []
+    part_a, masks = [tokenizer.require_cls("blank infilling")], []
     for piece in MARKERS.split(text):
         if piece in marker_ids:
             masks.append(len(part_a))

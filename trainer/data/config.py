@@ -34,8 +34,9 @@ class DataConfig:
     gmask_ratio_max: float = 1.0
     """Upper end of the [gMASK] suffix ratio range."""
     modes: dict = field(default_factory=lambda: {"mask": 1.0})
-    """Mixture of blank-infilling modes: weights for `mask`, `smask`, `gmask` (normalised).
-    GLM-10B: {mask: 0.5, smask: 0.3, gmask: 0.2}; GLM-130B: {mask: 0.3, gmask: 0.7}."""
+    """Mixture of modes: weights for the blank-infilling `mask`, `smask`, `gmask`, and `causal` (GLM-4's
+    objective: the whole text after [gMASK] <sop>, left to right), normalised. GLM-10B: {mask: 0.5, smask: 0.3,
+    gmask: 0.2}; GLM-130B: {mask: 0.3, gmask: 0.7}; GLM-4: {causal: 1.0}."""
     valid_fraction: float = 0.0
     """Fraction of the sequences held out for validation (0 = no validation split)."""
     datasets: list = field(default_factory=list)
@@ -62,9 +63,9 @@ class DataConfig:
         if not 0.0 < self.gmask_ratio_min <= self.gmask_ratio_max <= 1.0:
             raise ConfigError(f"data.gmask_ratio_min/max must satisfy 0 < min <= max <= 1, got "
                               f"{self.gmask_ratio_min}, {self.gmask_ratio_max}")
-        unknown = set(self.modes) - {"mask", "smask", "gmask"}
+        unknown = set(self.modes) - {"mask", "smask", "gmask", "causal"}
         if unknown:
-            raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use mask, smask, gmask")
+            raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use mask, smask, gmask, causal")
         if any(w < 0 for w in self.modes.values()) or sum(self.modes.values()) <= 0:
             raise ConfigError(f"data.modes weights must be >= 0 with a positive sum, got {self.modes}")
         if self.packing_window < 1:
