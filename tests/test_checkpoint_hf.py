@@ -3,7 +3,6 @@ biases and norm gains perturbed away from their init) imported gives transformer
 at tp=2; exported back (sharded too) transformers loads it and gives the original's logits; greedy generation
 equals transformers' generate; ChatGLM2/3's names import to the same weights; GLM-2021 is refused."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

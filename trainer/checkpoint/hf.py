@@ -256,17 +256,25 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
     return len(shards)
 
 
-def write_tokenizer_files(tokenizer: Path, config: ModelConfig, out_dir: Path) -> dict[str, object]:
-    """Copy tokenizer.json and write tokenizer_config.json for PreTrainedTokenizerFast; returns the special
-    ids for config.json (padding and <|endoftext|>; generation also stops at <|endofpiece|>)."""
-    from trainer.data.tokenizer import EOT, load_tokenizer
+def special_ids(tokenizer: Optional[Path]) -> dict[str, object]:
+    """config.json's pad/bos/eos_token_id from the run's tokenizer: padding and end <|endoftext|>, generation
+    also stopping at the end of a piece (eop); None each without a tokenizer."""
+    if tokenizer is None:
+        return {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    from trainer.data.tokenizer import load_tokenizer
 
-    glm_tokenizer = load_tokenizer(tokenizer)
+    loaded = load_tokenizer(tokenizer)
+    return {"pad_token_id": loaded.pad_id, "bos_token_id": None, "eos_token_id": [loaded.eot_id, loaded.eop_id]}
+
+
+def write_tokenizer_files(tokenizer: Path, config: ModelConfig, out_dir: Path) -> None:
+    """Copy tokenizer.json and write tokenizer_config.json for PreTrainedTokenizerFast."""
+    from trainer.data.tokenizer import EOT
+
     shutil.copyfile(tokenizer, out_dir / TOKENIZER)
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_sequence_length,
                 "eos_token": EOT, "pad_token": EOT, "clean_up_tokenization_spaces": False}
     (out_dir / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=1))
-    return {"pad_token_id": glm_tokenizer.pad_id, "eos_token_id": [glm_tokenizer.eot_id, glm_tokenizer.eop_id]}
 
 
 def write_hf(canonical: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path, tokenizer: Optional[Path] = None,
@@ -277,13 +285,13 @@ def write_hf(canonical: dict[str, torch.Tensor], config: ModelConfig, out_dir: P
     check_hf_exportable(config)
     if tokenizer is not None and not tokenizer.is_file():
         raise CheckpointError(f"tokenizer {tokenizer} does not exist: pass the tokenizer.json the run used")
+    ids = special_ids(tokenizer)  # a tokenizer without the special tokens is refused before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    special_ids = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # unknown without a tokenizer
     if tokenizer is not None:
-        special_ids.update(write_tokenizer_files(tokenizer, config, out_dir))
+        write_tokenizer_files(tokenizer, config, out_dir)
     tensors = {name: value.to(dtype) for name, value in hf_tensors(canonical, config).items()}
     files = write_safetensors(tensors, out_dir, max_shard_bytes)
-    (out_dir / CONFIG).write_text(json.dumps(hf_config(config, dtype, special_ids), indent=1))
-    generation = {"do_sample": False, **special_ids}
+    (out_dir / CONFIG).write_text(json.dumps(hf_config(config, dtype, ids), indent=1))
+    generation = {"do_sample": False, **ids}
     (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation, indent=1))
     return files
