@@ -51,6 +51,10 @@ class DataConfig:
     instruction_truncation: str = "left"
     """Instruction records longer than seq_length: cut the prompt from the `left` (keep its end), from the
     `right` (keep its start), or `error`. The response is never cut."""
+    instruction_format: str = "glm"
+    """How an instruction record becomes a sample: `glm` (Part A = [CLS] + prompt + [gMASK], the response
+    generated as Part B) or `chat`, GLM-4's causal chat layout [gMASK] <sop> <|user|> \\n prompt <|assistant|>
+    \\n response, the loss on the response and the <|endoftext|> after it (needs a GLM-4-style tokenizer)."""
 
     def validate(self) -> None:
         if self.seq_length < 8:
@@ -79,6 +83,8 @@ class DataConfig:
             raise ConfigError(f"data.mixture_unit={self.mixture_unit!r}: use samples or tokens")
         if self.instruction_truncation not in ("left", "right", "error"):
             raise ConfigError(f"data.instruction_truncation={self.instruction_truncation!r}: use left, right or error")
+        if self.instruction_format not in ("glm", "chat"):
+            raise ConfigError(f"data.instruction_format={self.instruction_format!r}: use glm or chat")
         if self.datasets and self.path:
             raise ConfigError("data.path and data.datasets are both set: list every dataset (this one included) "
                               "in data.datasets and leave data.path empty")
