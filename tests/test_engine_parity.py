@@ -165,8 +165,8 @@ def test_batch_size_warmup_is_layout_independent(tmp_path):
 GLM4_DEBUG = "configs/glm-4-debug.yaml"
 GLM4_RUN = ["train.steps=10", "train.save_interval=0", "train.eval_interval=0", "optim.warmup_steps=2",
             "optim.decay_steps=8", f"data.path={embedded_paragraphs_corpus()}", "data.seq_length=64",
-            "model.max_sequence_length=64", "parallel.micro_batch_size=2"]
-"""configs/glm-4-debug.yaml's model, 10 steps of 8 rows of 64 slots."""
+            "model.max_sequence_length=64"]
+"""configs/glm-4-debug.yaml's model, 10 steps of 8 rows of 64 slots (2 micro-batches of 4)."""
 
 
 def test_glm4_debug_at_tp2_pp2_matches_single_process_and_exports_to_transformers(tmp_path):

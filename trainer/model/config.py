@@ -139,18 +139,29 @@ class ModelConfig:
 
     def num_parameters(self, tp: int = 1) -> int:
         """Closed-form parameter count of the whole model (a tied output layer counted once)."""
-        h, f, n = self.hidden_size, self.ffn_size, self.num_layers
+        h = self.hidden_size
         vocabulary = self.padded_vocab_size(tp) * h
         embedding = vocabulary if self.tie_word_embeddings else 2 * vocabulary
         if self.position_embedding == "learned_2d":
             embedding += 2 * self.max_sequence_length * h
+        return embedding + self.num_layers * sum(self.block_parameters()) + self.norm_parameters
+
+    @property
+    def norm_parameters(self) -> int:
+        """Parameters of one normalisation: gain and bias (LayerNorm) or gain (RMSNorm)."""
+        return 2 * self.hidden_size if self.normalization == "layernorm" else self.hidden_size
+
+    def block_parameters(self) -> tuple[int, int]:
+        """One block's parameters as (split over the tensor-parallel ranks, replicated on each): the
+        column-parallel q/k/v and h -> ffn weights and biases and the row-parallel weights are split; the
+        row-parallel biases and the two norms are replicated."""
+        h, f = self.hidden_size, self.ffn_size
         qkv = sum(self.qkv_rows)
-        linear_bias = 1 if self.add_bias_linear else 0
-        attention = qkv * h + (qkv if self.add_qkv_bias else 0) + h * h + linear_bias * h
         ffn_in = 2 * f if self.gated_mlp else f
-        mlp = ffn_in * h + f * h + linear_bias * (ffn_in + h)
-        norm = 2 * h if self.normalization == "layernorm" else h
-        return embedding + n * (attention + mlp + 2 * norm) + norm
+        split = qkv * h + (qkv if self.add_qkv_bias else 0) + h * h + ffn_in * h + f * h
+        split += ffn_in if self.add_bias_linear else 0
+        replicated = (2 * h if self.add_bias_linear else 0) + 2 * self.norm_parameters
+        return split, replicated
 
     def validate(self, tp: int = 1) -> None:
         """Raise ConfigError naming the problem and the fix."""
