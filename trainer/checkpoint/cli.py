@@ -8,8 +8,8 @@ and transformers checkpoints.
     glm-ckpt import-hf DIR --out DIR [--tokenizer tokenizer.json] [--dtype fp32|bf16|fp16]
 
 SOURCE is a run's checkpoints/ directory (its latest), a global_stepN directory of any (tp, pp, dp),
-an export directory, a THUDM/GLM release or a transformers glm / chatglm directory. Training checkpoints need the run's --config / --set (they do
-not store the model shape). docs/CHECKPOINTS.md has examples.
+an export directory, a THUDM/GLM release or a transformers glm / chatglm directory. Training checkpoints need
+the run's --config / --set (they do not store the model shape). docs/CHECKPOINTS.md has examples.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for name, run, help_text in (("convert", convert, "write a training checkpoint for another (tp, pp)"),
                                  ("export", export, "write one safetensors file + config.json + tokenizer.json"),
                                  ("import-thudm", import_thudm, "turn a THUDM/GLM release into an export"),
-                                 ("import-hf", import_hf, "turn a transformers glm / chatglm directory into an export")):
+                                 ("import-hf", import_hf, "turn a transformers glm / chatglm checkpoint into an export")):
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(run=run)
         sub.add_argument("source", type=Path, help="checkpoint, export, release or transformers directory")

@@ -37,8 +37,8 @@ from trainer.model.output import OUTPUT_WEIGHT
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG = "generation_config.json", "tokenizer.json", "tokenizer_config.json"
 MODEL_TYPES = ("glm", "chatglm")
-GLM_TOP_LEVEL = {"model.embed_tokens.weight": WORD_EMBEDDINGS, "model.norm.weight": "transformer.final_layernorm.weight",
-                 "lm_head.weight": OUTPUT_WEIGHT}
+GLM_TOP_LEVEL = {"model.embed_tokens.weight": WORD_EMBEDDINGS,
+                 "model.norm.weight": "transformer.final_layernorm.weight", "lm_head.weight": OUTPUT_WEIGHT}
 GLM_LAYER = {"input_layernorm.weight": "input_layernorm.weight", "self_attn.o_proj.weight": "attention.dense.weight",
              "post_attention_layernorm.weight": "post_attention_layernorm.weight",
              "mlp.gate_up_proj.weight": "mlp.dense_h_to_4h.weight", "mlp.down_proj.weight": "mlp.dense_4h_to_h.weight"}
