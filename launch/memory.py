@@ -101,22 +101,16 @@ class StageMemory:
 
 
 def block_parameters(model: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer block on one tensor-parallel rank.
-
-    Column-parallel (qkv, h -> ffn) weights and biases and row-parallel (dense, ffn -> h) weights are
-    split over tp; the row-parallel biases and the two LayerNorms are replicated.
-    """
-    h, f = model.hidden_size, model.ffn_size
-    f_in = 2 * f if model.mlp == "geglu" else f
-    split = (3 * h * h + 3 * h) + h * h + (f_in * h + f_in) + f * h
-    replicated = 2 * h + 2 * 2 * h
+    """Parameters of one transformer block on one tensor-parallel rank (ModelConfig.block_parameters: the
+    split ones over tp, the replicated ones whole)."""
+    split, replicated = model.block_parameters()
     return split // tp + replicated
 
 
 def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: int) -> int:
     """Parameters on one rank of a stage: its blocks, plus the word embedding (and learned position
-    tables) on the first stage, plus the final LayerNorm and the tied output layer on the last (a
-    second copy of the word embedding when pp > 1)."""
+    tables) on the first stage, plus the final norm and the output layer on the last (tied: a second copy
+    of the word embedding when pp > 1; untied: its own weight)."""
     h = model.hidden_size
     word = model.padded_vocab_size(tp) * h // tp
     count = blocks * block_parameters(model, tp)
@@ -125,7 +119,7 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: i
         if model.position_embedding == "learned_2d":
             count += 2 * model.max_sequence_length * h
     if stage == pp - 1:
-        count += 2 * h + (word if pp > 1 else 0)
+        count += model.norm_parameters + (word if pp > 1 or not model.tie_word_embeddings else 0)
     return count
 
 
@@ -149,7 +143,7 @@ def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
     model, e = work.model, work.activation_bytes
     s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
     sbh = s * b * h
-    mlp_factor = 4 if model.mlp == "geglu" else 2
+    mlp_factor = 4 if model.gated_mlp else 2
     mask = work.dropout_mask_bytes
     total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp + s * s * b + 16 * s * b
     if model.position_embedding != "learned_2d":

@@ -102,7 +102,7 @@ def _tp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
         return [fixed.tp]
     model = work.model
     return [tp for tp in range(1, cluster.devices_per_node + 1)
-            if model.num_attention_heads % tp == 0 and model.ffn_size % tp == 0
+            if model.num_attention_heads % tp == 0 and model.num_kv_heads % tp == 0 and model.ffn_size % tp == 0
             and all(slots % tp == 0 for _, slots in cluster.hosts)]
 
 

@@ -8,9 +8,11 @@ import torch.distributed as dist
 from tests.checkpoint_helpers import OVERRIDES, VOCAB, build_engine, glm_inputs, perturb_, tiny_config
 from tests.distributed import run_distributed
 from trainer.checkpoint.cli import main as glm_ckpt
-from trainer.checkpoint.layout import shard_state
+from trainer.checkpoint.layout import merge_states, shard_state
 from trainer.checkpoint.model_source import build_model, read_weights
-from trainer.checkpoint.pipeline_files import canonical_name, read_layout, read_model_weights
+from trainer.checkpoint.pipeline_files import (canonical_name, layer_file, layers_with_files, read_layout,
+                                               read_model_weights, write_layer_files)
+from trainer.model.config import ModelConfig
 
 TAG = "global_step0"
 
@@ -89,6 +91,30 @@ def test_pp2_to_pp1_gives_the_same_logits(tmp_path):
     assert sorted(p.name for p in (tmp_path / "tp2pp2" / TAG).glob("mp_rank_*")) == [f"mp_rank_0{i}_model_states.pt"
                                                                                       for i in range(4)]
     torch.testing.assert_close(_logits(tmp_path / "tp2pp2", tiny_config().model), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_swiglu_untied_weights_shard_by_their_rules_and_merge_back(tmp_path):
+    """q, k, v of unequal sizes and the SwiGLU halves rank-major, the untied output layer vocabulary-parallel
+    with its own layer file (N + 2)."""
+    from trainer.model import GLMModel
+
+    config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                         position_embedding="rope_1d", normalization="rmsnorm", mlp="swiglu", ffn_hidden_size=48,
+                         add_bias_linear=False, tie_word_embeddings=False)
+    canonical = merge_states([GLMModel(config, seed=1).state_dict()], config)
+    shards = [shard_state(canonical, config, 2, rank) for rank in range(2)]
+    qkv = canonical["transformer.layers.0.attention.query_key_value.weight"]  # [q 32; k 16; v 16] rows
+    q, k, v = qkv.split([32, 16, 16])
+    for rank, shard in enumerate(shards):
+        torch.testing.assert_close(shard["transformer.layers.0.attention.query_key_value.weight"],
+                                   torch.cat([q.chunk(2)[rank], k.chunk(2)[rank], v.chunk(2)[rank]]), rtol=0, atol=0)
+        assert shard["output_layer.weight"].shape == (128, 32)  # V_pad = 256 rows over 2 ranks
+    merged = merge_states(shards, config)
+    assert merged.keys() == canonical.keys()
+    assert all(torch.equal(merged[name], value) for name, value in canonical.items())
+    write_layer_files(canonical, config, 2, tmp_path)
+    assert list(layers_with_files(config)) == [0, 1, 2, 3, 4] and layer_file(tmp_path, 4, 1).is_file()
+    assert set(torch.load(layer_file(tmp_path, 4, 0), weights_only=True)) == {"weight"}
 
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):

@@ -8,6 +8,7 @@ from tests.checkpoint_helpers import VOCAB, glm_inputs, perturb_, tiny_config
 from trainer.checkpoint.cli import main as glm_ckpt
 from trainer.checkpoint.convert import convert_checkpoint
 from trainer.checkpoint.export import read_export, write_export
+from trainer.checkpoint.manifest import write_manifest
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.model import GLMModel
 
@@ -53,13 +54,17 @@ def test_export_to_checkpoint_and_back_through_the_cli(tmp_path):
                                    rtol=0, atol=0)
 
 
-def test_bf16_export_and_missing_config_errors(tmp_path, capsys):
+def test_bf16_export_and_a_checkpoint_without_its_model_needs_the_config(tmp_path, capsys):
     config, _, weights = _model_and_weights()
     write_export(weights, config, tmp_path / "export", dtype=torch.bfloat16)
     _, loaded = read_export(tmp_path / "export")
     torch.testing.assert_close(loaded["transformer.layers.0.attention.dense.weight"],
                                weights["transformer.layers.0.attention.dense.weight"].bfloat16().float(), rtol=0, atol=0)
-    convert_checkpoint(tmp_path / "export", None, 1, 1, tmp_path / "checkpoints")
-    assert glm_ckpt(["export", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "x")]) == 2
+    tag_dir = convert_checkpoint(tmp_path / "export", None, 1, 1, tmp_path / "checkpoints")
+    assert glm_ckpt(["export", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "x")]) == 0  # run.json
+    assert read_export(tmp_path / "x")[0] == config
+    (tag_dir / "run.json").unlink()  # a checkpoint saved before run.json recorded the model: --config is needed
+    write_manifest(tag_dir)
+    assert glm_ckpt(["export", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "--config" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "--config" in err[0] and not (tmp_path / "y").exists()

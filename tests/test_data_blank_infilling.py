@@ -37,16 +37,20 @@ def check_sample(sample: dict, tokens: np.ndarray, mode: str, data: DataConfig) 
         assert sample[key].dtype == np.int64 and sample[key].shape == (s,)
     spans = part_b_spans(sample)
     total = sep + int(loss_mask.sum())
-    # sep = |Part A|: Part A is [CLS] + text with one mask token per blank, positions 0..sep-1, block 0
-    assert ids[0] == tok.cls_id and sep == n + 1 - sum(e - b - 1 for b, e in spans) + len(spans)
+    # sep = |Part A|: Part A is [CLS] + text with one mask token per blank (causal: [gMASK] alone),
+    # positions 0..sep-1, block 0
+    opening, end_id = (0, tok.eot_id) if mode == "causal" else (1, tok.eop_id)
+    assert (opening == 0 or ids[0] == tok.cls_id) and sep == n + opening - sum(e - b - 1 for b, e in spans) + len(spans)
     np.testing.assert_array_equal(positions[:sep], np.arange(sep))
     assert not blocks[:sep].any() and not loss_mask[:sep].any()
     mask_positions = np.flatnonzero(np.isin(ids[:sep], list(MASK_IDS.values())))
-    assert set(ids[mask_positions]) == {MASK_IDS[mode]} and len(mask_positions) == len(spans)
-    # Part B: sop + span, targets span + eop, one position (its mask's), block 1..L+1; loss exactly there
+    mask_id = TOKENIZER.gmask_id if mode == "causal" else MASK_IDS[mode]  # causal: the [gMASK] prefix
+    assert set(ids[mask_positions]) == {mask_id} and len(mask_positions) == len(spans)
+    # Part B: sop + span, targets span + eop (causal: <|endoftext|>), one position (its mask's), block 1..L+1;
+    # loss exactly there
     fills = {}
     for b, e in spans:
-        assert ids[b] == tok.sop_id and labels[e - 1] == tok.eop_id
+        assert ids[b] == tok.sop_id and labels[e - 1] == end_id
         np.testing.assert_array_equal(labels[b:e - 1], ids[b + 1:e])
         np.testing.assert_array_equal(blocks[b:e], np.arange(1, e - b + 1))
         assert len(set(positions[b:e])) == 1 and positions[b] in mask_positions and positions[b] not in fills
@@ -55,13 +59,16 @@ def check_sample(sample: dict, tokens: np.ndarray, mode: str, data: DataConfig) 
     assert (labels[loss_mask == 0] == tok.pad_id).all() and (ids[total:] == tok.pad_id).all()
     assert not positions[total:].any() and not blocks[total:].any()
     # every blank filled exactly once; Part B put back at the mask positions gives the document
-    restored = np.concatenate([fills[p] if p in fills else [ids[p]] for p in range(1, sep)])
+    restored = np.concatenate([fills[p] if p in fills else [ids[p]] for p in range(opening, sep)])
     np.testing.assert_array_equal(restored, tokens)
     masked = sum(len(f) for f in fills.values())
     if mode in ("mask", "smask"):
         assert masked >= data.mask_ratio * n - 1e-9
     if mode == "mask":  # spans never touch: two masks are never neighbours in Part A
         assert np.all(np.diff(mask_positions) >= 2)
+    if mode == "causal":  # the whole text, left to right: positions + block positions count 0, 1, 2, ...
+        assert sep == 1 and masked == n
+        np.testing.assert_array_equal((positions + blocks)[:total], np.arange(total))
     if mode == "gmask":
         assert mask_positions.tolist() == [sep - 1]
         assert 1 <= masked <= n and data.gmask_ratio_min * n - 1 < masked < data.gmask_ratio_max * n + 1
@@ -158,3 +165,17 @@ def test_seq_length_too_short_for_one_span_is_a_clear_error():
         text_length(dataclasses.replace(DataConfig(), seq_length=3))
     with pytest.raises(DataError, match="texts must hold 1..5 tokens"):
         BlankInfilling(DataConfig(seq_length=8), TOKENIZER)(ORDINARY[:6], sample_rng(0, 0))
+
+
+def test_causal_mode_is_gmask_sop_text_endoftext():
+    """GLM-4's objective: [gMASK] <sop> x_1 .. x_n predicted as x_1 .. x_n <|endoftext|>, causal (sep 1)."""
+    data = DataConfig(seq_length=16, modes={"causal": 1.0})
+    infilling = BlankInfilling(data, TOKENIZER)
+    tokens = ORDINARY[:5]
+    sample = infilling(tokens, sample_rng(0, 0))
+    tok = TOKENIZER
+    assert (sample["sep"], sample["length"]) == (1, 7) and infilling.length(tokens, sample_rng(0, 0)) == 7
+    np.testing.assert_array_equal(sample["input_ids"][:7], [tok.gmask_id, tok.sop_id, *tokens])
+    np.testing.assert_array_equal(sample["labels"][:7], [tok.pad_id, *tokens, tok.eot_id])
+    np.testing.assert_array_equal(sample["loss_mask"][:7], [0] + [1] * 6)
+    np.testing.assert_array_equal(sample["position_ids"] + sample["block_position_ids"], [*range(7)] + [0] * 9)

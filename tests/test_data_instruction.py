@@ -1,5 +1,5 @@
 """Instruction samples: properties of the [gMASK] prompt/response layout (hypothesis), truncation, glm-prep
---instructions round trip, history format, refusals and the truncation count."""
+--instructions round trip, history format, refusals and the truncation count; GLM-4's chat layout."""
 from __future__ import annotations
 
 import functools
@@ -139,3 +139,35 @@ def test_a_text_prep_over_an_instruction_prefix_removes_the_marker(tmp_path):
     text.write_text("plain text " * 30)
     assert prep_main(["--input", str(text), "--output-prefix", prefix, "--vocab-size", "300"]) == 0
     assert type(build_dataset(DataConfig(path=prefix, seq_length=32), 0)).__name__ == "GLMDataset"
+
+
+def chat_tokenizer():
+    """A test tokenizer with GLM-4's role tokens added (special, after its vocabulary)."""
+    from tokenizers import AddedToken
+
+    from trainer.data.tokenizer import ROLE_TOKENS, GLMTokenizer
+
+    backend = train_tokenizer(["question and answer " * 20], 300).backend
+    backend.add_special_tokens([AddedToken(role, special=True, normalized=False) for role in ROLE_TOKENS])
+    return GLMTokenizer(backend)
+
+
+def test_chat_layout_is_causal_with_the_loss_on_the_response_only():
+    tok = chat_tokenizer()
+    user, assistant, newline = tok.role_ids["<|user|>"], tok.role_ids["<|assistant|>"], tok.encode("\n")
+    prompt, response = np.arange(10, 15), np.arange(100, 103)
+    formatter = InstructionFormat(tok, 32, layout="chat")
+    sample = formatter(prompt, response)
+    expected = [tok.gmask_id, tok.sop_id, user, *newline, *prompt, assistant, *newline, *response]
+    total = len(expected)
+    assert (sample["sep"], sample["length"]) == (1, total) == (1, len(prompt) + len(response) + formatter.extra_tokens)
+    np.testing.assert_array_equal(sample["input_ids"][:total], expected)
+    counted = np.flatnonzero(sample["loss_mask"])
+    np.testing.assert_array_equal(counted, np.arange(total - len(response) - 1, total))
+    np.testing.assert_array_equal(sample["labels"][counted], [*response, tok.eot_id])
+    np.testing.assert_array_equal((sample["position_ids"] + sample["block_position_ids"])[:total], np.arange(total))
+    # truncation keeps the whole response and the prompt's end
+    short = InstructionFormat(tok, formatter.extra_tokens + len(response) + 2, layout="chat")(prompt, response)
+    np.testing.assert_array_equal(short["input_ids"][3 + len(newline):5 + len(newline)], prompt[-2:])
+    with pytest.raises(DataError, match="needs a GLM-4-style tokenizer"):
+        InstructionFormat(tokenizer(), 32, layout="chat")

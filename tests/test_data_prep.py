@@ -145,7 +145,7 @@ def test_tokenizer_without_special_tokens(tmp_path, inputs, capsys):
     args = ["--input", *inputs, "--output-prefix", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "plain.json"),
             "--workers", "1"]
     assert main(args) == 2
-    assert "lacks the GLM special token(s) [CLS], [MASK]" in capsys.readouterr().err and outputs(tmp_path) == []
+    assert "lacks the GLM special token(s) [MASK], [sMASK]" in capsys.readouterr().err and outputs(tmp_path) == []
     assert main([*args, "--add-special-tokens"]) == 0
     plain = Tokenizer.from_file(str(tmp_path / "plain.json")).get_vocab_size()
     completed = load_tokenizer(tmp_path / "out.tokenizer.json")

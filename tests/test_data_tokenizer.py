@@ -51,7 +51,7 @@ def plain_bpe(path) -> None:
 def test_tokenizer_without_special_tokens_is_refused_or_completed(tmp_path):
     path = tmp_path / "plain.json"
     plain_bpe(path)
-    with pytest.raises(DataError, match=r"lacks the GLM special token\(s\) \[CLS\], \[sMASK\].*--add-special-tokens"):
+    with pytest.raises(DataError, match=r"lacks the GLM special token\(s\) \[sMASK\], \[gMASK\].*--add-special-tokens"):
         load_tokenizer(path)
     completed = load_tokenizer(path, add_special_tokens=True)
     before = Tokenizer.from_file(str(path))
@@ -68,3 +68,27 @@ def test_unusable_tokenizer_files_and_sizes(tmp_path):
         load_tokenizer(tmp_path / "bad.json")
     with pytest.raises(DataError, match=f"at least {MIN_VOCAB_SIZE}"):
         train_tokenizer([TEXT], 100)
+
+
+GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>"]
+"""GLM-4's special tokens, in its order (no [CLS]; the piece delimiters spelled <sop> / <eop>)."""
+
+
+def test_glm4_style_tokenizer_maps_onto_the_special_ids(tmp_path):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=GLM4_SPECIALS,
+                                                              show_progress=False))
+    tokenizer.save(str(tmp_path / "glm4.json"))
+    glm4 = load_tokenizer(tmp_path / "glm4.json")
+    ids = {name: tokenizer.token_to_id(name) for name in GLM4_SPECIALS}
+    assert (glm4.eot_id, glm4.mask_id, glm4.gmask_id, glm4.smask_id) == tuple(ids[t] for t in GLM4_SPECIALS[:4])
+    assert (glm4.sop_id, glm4.eop_id, glm4.pad_id) == (ids["<sop>"], ids["<eop>"], ids["<|endoftext|>"])
+    assert glm4.role_ids == {role: ids[role] for role in GLM4_SPECIALS[6:]}
+    assert glm4.cls_id is None and glm4.vocab_size == tokenizer.get_vocab_size()
+    with pytest.raises(DataError, match="lacks: use the causal mode"):
+        glm4.require_cls("blank infilling")
+    completed = load_tokenizer(tmp_path / "glm4.json", add_special_tokens=True)
+    assert completed.cls_id == tokenizer.get_vocab_size() and completed.sop_id == ids["<sop>"]

@@ -34,10 +34,10 @@ def _train(rank, world_size, config, out_path):
         out_path.with_suffix(".norms.json").write_text(json.dumps([r["grad_norm"] for r in records]))
 
 
-def _losses(tmp_path, name, overrides, world_size=1):
+def _losses(tmp_path, name, overrides, world_size=1, config_path="configs/glm-debug.yaml", base=BASE):
     out = tmp_path / f"{name}.json"
-    overrides = overrides + [f"train.run_dir={tmp_path / name}"]
-    config = preflight(load_config("configs/glm-debug.yaml", BASE + overrides), world_size)  # as glm-train does
+    overrides = base + overrides + [f"train.run_dir={tmp_path / name}"]
+    config = preflight(load_config(config_path, overrides), world_size)  # as glm-train does
     run_distributed(_train, world_size, config, out)
     return json.loads(out.read_text())
 
@@ -162,3 +162,42 @@ def test_batch_size_warmup_is_layout_independent(tmp_path):
     torch.testing.assert_close(torch.tensor(dp2), torch.tensor(single), rtol=1e-5, atol=0)
     records = [json.loads(line) for line in (tmp_path / "warm1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["batch_size"] for r in records] == [4, 4, 4, 4, 8, 8, 8, 8]
+
+
+GLM4_DEBUG = "configs/glm-4-debug.yaml"
+GLM4_RUN = ["train.steps=10", "train.save_interval=0", "train.eval_interval=0", "optim.warmup_steps=2",
+            "optim.decay_steps=8", f"data.path={embedded_paragraphs_corpus()}", "data.seq_length=64",
+            "model.max_sequence_length=64"]
+"""configs/glm-4-debug.yaml's model, 10 steps of 8 rows of 64 slots (2 micro-batches of 4)."""
+
+
+def test_glm4_debug_at_tp2_pp2_matches_single_process_and_exports_to_transformers(tmp_path):
+    """GLM-4's architecture (GQA, partial interleaved rotary, RMSNorm, SwiGLU, untied output) trained at
+    tp=2 x pp=2 gives the single process's losses; its checkpoint exported to transformers loads there and
+    gives the trainer's logits."""
+    from argparse import Namespace
+
+    import transformers
+
+    from trainer.checkpoint import cli
+    from trainer.checkpoint.model_source import build_model, read_weights
+    from trainer.model.mask import segments_of_sep
+
+    single = _losses(tmp_path, "glm4_single", [], config_path=GLM4_DEBUG, base=GLM4_RUN)
+    layout = _losses(tmp_path, "glm4_tp2_pp2", ["parallel.tp=2", "parallel.pp=2"], world_size=4,
+                     config_path=GLM4_DEBUG, base=GLM4_RUN)
+    assert len(single) == 10
+    torch.testing.assert_close(torch.tensor(layout), torch.tensor(single), rtol=1e-5, atol=0)
+    overrides = GLM4_RUN + ["parallel.tp=2", "parallel.pp=2"]
+    checkpoints, out = tmp_path / "glm4_tp2_pp2" / "checkpoints", tmp_path / "hf"
+    assert cli.main(["export", str(checkpoints), "--format", "hf", "--out", str(out), "--config", GLM4_DEBUG,
+                     *[arg for override in overrides for arg in ("--set", override)]]) == 0
+    config, weights = read_weights(checkpoints, cli.model_config(Namespace(config=GLM4_DEBUG, overrides=overrides)))
+    input_ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(20).expand(2, 20)
+    ours = build_model(config, weights)(input_ids, positions, torch.zeros_like(positions),
+                                        segments_of_sep(torch.ones(2, dtype=torch.long), 20))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids).logits
+    torch.testing.assert_close(theirs, ours[..., :config.vocab_size], atol=1e-5, rtol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer.encode("def f(x):")) == "def f(x):"

@@ -10,7 +10,7 @@ from tests.glm_processes import zero_stage_overrides
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.config import load_config
 from trainer.preflight import preflight
-from trainer.data.dataset import build_dataset, collate
+from trainer.data.dataset import collate
 from trainer.data.packing import build_sequences
 from trainer.data.prep import main as prep_main
 from trainer.data.tokenizer import load_tokenizer
@@ -23,7 +23,7 @@ RECORDS = [("What is the capital of France?", " Paris."), ("Name a primary colou
            ("What is two plus two?", " Four."), ("Who wrote Hamlet?", " William Shakespeare.")]
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.max_sequence_length=32",
         "data.seq_length=32", "parallel.micro_batch_size=4", "parallel.global_batch_size=4", "optim.warmup_steps=0",
-        "optim.weight_decay=0.1", "train.save_interval=0"]
+        "optim.weight_decay=0.1", "train.save_interval=0", "data.valid_fraction=0"]  # every record is trained
 FINETUNE_STEPS = 150
 
 

@@ -1,5 +1,6 @@
 """glm-generate: the KV-cache path equals recomputing the whole sequence (logits to 1e-5, same tokens),
-greedy and top-p, several blanks and [gMASK]; tp=2 generates what tp=1 does; the CLI on an export."""
+greedy and top-p, several blanks and [gMASK], and GLM-4's causal format; tp=2 generates what tp=1 does; the
+CLI on an export."""
 import pytest
 import torch
 
@@ -7,13 +8,17 @@ from tests.distributed import run_distributed
 from trainer.checkpoint.export import write_export
 from trainer.checkpoint.model_source import build_model
 from trainer.data.tokenizer import train_tokenizer
-from trainer.generate import cached_step, encode_prompt, fill_blanks, main, recompute_step
+from trainer.generate import (cached_step, causal_prompt, continue_causal, encode_prompt, fill_blanks, main,
+                              recompute_step)
 from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
 
 TEXTS = ["the cat sat on the mat. the dog sat on the log.", "a bird in the hand is worth two in the bush."] * 20
 VARIANTS = {"glm": {}, "glm130b": {"position_embedding": "rope_1d", "norm": "deepnorm", "mlp": "geglu"},
-            "rope2d": {"position_embedding": "rope_2d", "fp32_softmax_layer_scaling": True}}
+            "rope2d": {"position_embedding": "rope_2d", "fp32_softmax_layer_scaling": True},
+            "glm4": {"position_embedding": "rope_1d", "rotary_fraction": 0.5, "rotary_pairing": "interleaved",
+                     "normalization": "rmsnorm", "mlp": "swiglu", "num_key_value_heads": 2, "add_bias_linear": False,
+                     "tie_word_embeddings": False}}
 
 
 def _setup(variant="glm"):
@@ -23,7 +28,9 @@ def _setup(variant="glm"):
                          max_sequence_length=64, hidden_dropout=0.0, attention_dropout=0.0, **VARIANTS[variant])
     model = GLMModel(config, seed=5).eval()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    weights["embedding.word_embeddings.weight"] = weights["embedding.word_embeddings.weight"][:config.vocab_size]
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in weights:
+            weights[name] = weights[name][:config.vocab_size]
     return tokenizer, config, model, weights
 
 
@@ -109,3 +116,20 @@ def test_a_blank_that_never_ends_stops_inside_the_position_table(monkeypatch, us
     _, spans = fill_blanks(model, tokenizer, "the cat [MASK] on the [MASK].", config.max_sequence_length,
                            config.vocab_size, max_new_tokens=1000, use_cache=use_cache)
     assert [len(span) for span in spans] == [config.max_sequence_length - 1] * 2
+
+
+@pytest.mark.parametrize("top_p", [0.0, 0.9])
+def test_causal_generation_with_and_without_cache_is_the_same_and_the_cli_prints_it(top_p, tmp_path, capsys):
+    tokenizer, config, model, weights = _setup("glm4")
+    prompt = causal_prompt("a bird in the", tokenizer)
+    assert prompt[:2] == [tokenizer.gmask_id, tokenizer.sop_id]
+    runs = [continue_causal(model, prompt, 64, config.vocab_size, 6, frozenset({tokenizer.eot_id}), top_p, seed=3,
+                            use_cache=use_cache) for use_cache in (True, False)]
+    assert runs[0] == runs[1] and 1 <= len(runs[0]) <= 6
+    tokenizer.save(tmp_path / "tokenizer.json")
+    write_export(weights, config, tmp_path / "export", tmp_path / "tokenizer.json")
+    stops = frozenset({tokenizer.eot_id, tokenizer.eop_id})
+    expected = continue_causal(model, prompt, 64, config.vocab_size, 6, stops, top_p, seed=3)
+    assert main([str(tmp_path / "export"), "--causal", "--text", "a bird in the", "--max-new-tokens", "6",
+                 "--top-p", str(top_p), "--seed", "3"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == "a bird in the" + tokenizer.decode(expected)

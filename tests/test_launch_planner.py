@@ -90,6 +90,12 @@ def test_glm_base_on_eight_gpus_is_data_parallel_8():
     assert plan.layout.micro_batch * plan.layout.grad_accum * 8 == 1024
 
 
+def test_tp_is_chosen_among_the_divisors_of_the_key_value_heads():
+    """GLM-4-9B's 2 key/value heads: tp 4 or 8 would split one head over ranks."""
+    plan = plan_layout(load_config("configs/glm-4-9b.yaml"), nodes(1, 8, 80))
+    assert plan.layout.tp in (1, 2)
+
+
 def test_tp_not_dividing_the_heads_is_refused():
     with pytest.raises(ConfigError, match="num_attention_heads=12 is not divisible by parallel.tp=5"):
         plan_layout(load_config("configs/glm-base.yaml"), nodes(1, 8, 40), Fixed(tp=5))

@@ -1,5 +1,6 @@
 """Attention: the FP32-softmax switch against plain fp32 softmax, the SDPA path against the formula,
-and the KV cache against full-sequence attention."""
+grouped-query attention against multi-head attention with repeated key/value heads, and the KV cache
+against full-sequence attention."""
 import math
 
 import pytest
@@ -87,11 +88,35 @@ def test_attention_module_matches_the_formula(fp32_softmax):
     assert_close(attention(hidden, ids, ids, mask), attention.dense(context), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("position_embedding", ["rope_1d", "rope_2d"])
-def test_kv_cache_equals_full_sequence(position_embedding):
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["grouped_query", "multi_query"])
+def test_grouped_query_equals_multi_head_with_repeated_key_value_heads(kv_heads):
+    """n = 4 query heads, g key/value heads: query head j uses key/value head j // (n / g)."""
+    torch.manual_seed(0)
+    switches = dict(hidden_size=32, num_attention_heads=4, attention_dropout=0.0, position_embedding="rope_1d",
+                    rotary_fraction=0.5, rotary_pairing="interleaved", add_bias_linear=False)
+    grouped = SelfAttention(ModelConfig(num_key_value_heads=kv_heads, **switches), layer_number=1, seed=2)
+    multi_head = SelfAttention(ModelConfig(**switches), layer_number=1, seed=2)
+    assert grouped.dense.bias is None
+    d, repeat = 8, 4 // kv_heads
+    with torch.no_grad():
+        grouped.query_key_value.bias.normal_()
+        for name in ("weight", "bias"):
+            q, k, v = getattr(grouped.query_key_value, name).split([32, kv_heads * d, kv_heads * d])
+            repeated = [t.unflatten(0, (kv_heads, d)).repeat_interleave(repeat, dim=0).flatten(0, 1) for t in (k, v)]
+            getattr(multi_head.query_key_value, name).copy_(torch.cat([q, *repeated]))
+        multi_head.dense.weight.copy_(grouped.dense.weight)
+    hidden = torch.randn(2, 7, 32)
+    positions = torch.arange(7).expand(2, 7)
+    mask = glm_mask(torch.tensor([2, 4]), 7)
+    assert_close(grouped(hidden, positions, positions * 0, mask), multi_head(hidden, positions, positions * 0, mask),
+                 atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("position_embedding, kv_heads", [("rope_1d", None), ("rope_2d", None), ("rope_1d", 1)])
+def test_kv_cache_equals_full_sequence(position_embedding, kv_heads):
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_attention_heads=2, attention_dropout=0.0,
-                         position_embedding=position_embedding)
+                         position_embedding=position_embedding, num_key_value_heads=kv_heads)
     attention = SelfAttention(config, layer_number=1, seed=2).eval()
     s, sep, first = 9, 4, 6
     hidden = torch.randn(1, s, 32)

@@ -1,4 +1,5 @@
-"""The block: pre-LN and DeepNorm formulas with the block's own sublayers, and the DeepNorm init gains."""
+"""The block: pre-LN (LayerNorm and RMSNorm), DeepNorm and ChatGLM-6B's residual formulas with the block's own
+sublayers, and the DeepNorm init gains."""
 import math
 
 import pytest
@@ -17,15 +18,16 @@ def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
     return ((j < sep[:, None, None]) | (j <= i))[:, None]
 
 
-def _run(norm):
+def _run(norm, **switches):
     torch.manual_seed(0)
     config = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, norm=norm,
-                         hidden_dropout=0.0, attention_dropout=0.0)
+                         hidden_dropout=0.0, attention_dropout=0.0, **switches)
     block = GLMBlock(config, layer_number=2, seed=1)
     with torch.no_grad():  # non-trivial LayerNorm affines, so that a misplaced LayerNorm shows
         for norm_layer in (block.input_layernorm, block.post_attention_layernorm):
             norm_layer.weight.uniform_(0.5, 1.5)
-            norm_layer.bias.normal_()
+            if norm_layer.bias is not None:
+                norm_layer.bias.normal_()
     hidden = torch.randn(2, 6, 32)
     positions = torch.arange(6).repeat(2, 1)
     sep = torch.tensor([3, 4])
@@ -39,6 +41,27 @@ def test_pre_ln_block_formula():
     x = x + attend(block.input_layernorm(x))
     x = x + block.mlp(block.post_attention_layernorm(x))
     assert_close(out[0], x, atol=1e-5, rtol=1e-5)
+
+
+def test_pre_rmsnorm_block_formula():
+    """ChatGLM2/3 and GLM-4: x = x + Attn(RMS_in(x)); x = x + MLP(RMS_post(x)), RMS(x) = x / rms(x) * g."""
+    config, block, x, out, attend = _run("pre_ln", normalization="rmsnorm", mlp="swiglu", add_bias_linear=False)
+    def rms(v, norm_layer):
+        return v * torch.rsqrt(v.square().mean(-1, keepdim=True) + config.layernorm_epsilon) * norm_layer.weight
+
+    x = x + attend(rms(x, block.input_layernorm))
+    x = x + block.mlp(rms(x, block.post_attention_layernorm))
+    assert_close(out[0], x, atol=1e-5, rtol=1e-5)
+
+
+def test_chatglm_6b_residual_is_the_deepnorm_switch():
+    """ChatGLM-6B's blocks: per sublayer x <- alpha LN(x) + f(LN(x)), alpha = (2N)^1/2, with 2D rotary."""
+    config, block, x, out, attend = _run("deepnorm", position_embedding="rope_2d")
+    alpha = math.sqrt(2 * 3)
+    a = block.input_layernorm(x)
+    x = alpha * a + attend(a)
+    m = block.post_attention_layernorm(x)
+    assert_close(out[0], alpha * m + block.mlp(m), atol=1e-5, rtol=1e-5)
 
 
 def test_deepnorm_block_formula():
@@ -61,7 +84,7 @@ def test_deepnorm_init_gains(mlp_kind):
     beta, f = (2 * n) ** -0.5, config.ffn_size
     f_in = 2 * f if mlp_kind == "geglu" else f
     xavier = lambda gain, fan_in, fan_out: gain * math.sqrt(2 / (fan_in + fan_out))
-    q, k, v = split_rank_major(block.attention.query_key_value.weight, 3, tp=1)
+    q, k, v = split_rank_major(block.attention.query_key_value.weight, config.qkv_rows, tp=1)
     expected = [(q, xavier(1, h, h)), (k, xavier(1, h, h)), (v, xavier(beta, h, h)),
                 (block.attention.dense.weight, xavier(beta, h, h)),
                 (block.mlp.dense_h_to_4h.weight, xavier(beta, h, f_in)),

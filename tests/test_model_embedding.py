@@ -7,6 +7,7 @@ from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import GLMEmbedding
 from trainer.model.mask import segments_of_sep
+from trainer.model.output import head_outputs, vocab_parallel_logits
 
 
 def _inputs():
@@ -52,7 +53,7 @@ def test_tied_logits_and_rope_has_no_tables():
     embedding = GLMEmbedding(_config(position_embedding="rope_1d"), seed=5)
     assert not hasattr(embedding, "position_embeddings")
     hidden = torch.randn(2, 3, 16)
-    assert_close(embedding.logits(hidden), hidden @ embedding.word_embeddings.weight.T)
+    assert_close(vocab_parallel_logits(*head_outputs(embedding, hidden)), hidden @ embedding.word_embeddings.weight.T)
 
 
 def test_same_seed_same_weights_and_missing_vocab_is_refused():

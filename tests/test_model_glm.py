@@ -9,6 +9,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMLoss, GLMModel
 from trainer.model.init import split_rank_major
 from trainer.model.mask import segments_of_sep
+from trainer.model.output import OutputLayer
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from trainer.parallel.topology import Topology
 
@@ -18,6 +19,9 @@ SWITCH_SETS = {
                            fp32_softmax_layer_scaling=True),
     "glm130b_rope2d": dict(position_embedding="rope_2d", norm="deepnorm", mlp="geglu", embedding_shrink_alpha=0.1,
                            fp32_softmax_layer_scaling=True),
+    "glm4": dict(position_embedding="rope_1d", rotary_fraction=0.5, rotary_pairing="interleaved",
+                 normalization="rmsnorm", mlp="swiglu", num_key_value_heads=2, add_bias_linear=False,
+                 tie_word_embeddings=False),
 }
 
 
@@ -71,6 +75,18 @@ def test_parameter_names_and_seeded_init():
         assert torch.equal(p, q), name
 
 
+def test_untied_output_layer_has_its_own_weight():
+    config = tiny_config(**SWITCH_SETS["glm4"])
+    model = GLMModel(config, seed=3)
+    names = dict(model.named_parameters())
+    assert names["output_layer.weight"].shape == (128, 32)  # the vocabulary padded to 128 rows
+    assert not torch.equal(names["output_layer.weight"], names["embedding.word_embeddings.weight"])
+    assert "transformer.final_layernorm.bias" not in names and "transformer.layers.0.mlp.dense_4h_to_h.bias" not in names
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+    hidden = torch.randn(2, 3, 32)
+    assert_close(model.logits(hidden), hidden @ names["output_layer.weight"].T)
+
+
 def _gather(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
     shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, shard.contiguous(), group=group)
@@ -84,15 +100,15 @@ def _full_grads(model: GLMModel, config: ModelConfig, group, tp: int) -> dict:
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             grad = param.grad
-            if group is not None and isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            if group is not None and isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding, OutputLayer)):
                 grad = _gather(grad, 0, group)
             if group is not None and isinstance(module, RowParallelLinear) and param_name == "weight":
                 grad = _gather(grad, 1, group)
             if module_name.endswith("query_key_value"):
-                grad = torch.cat(split_rank_major(grad, 3, tp))
-            if module_name.endswith("dense_h_to_4h") and config.mlp == "geglu":
-                grad = torch.cat(split_rank_major(grad, 2, tp))
-            if isinstance(module, VocabParallelEmbedding):
+                grad = torch.cat(split_rank_major(grad, config.qkv_rows, tp))
+            if module_name.endswith("dense_h_to_4h") and config.gated_mlp:
+                grad = torch.cat(split_rank_major(grad, [config.ffn_size] * 2, tp))
+            if isinstance(module, (VocabParallelEmbedding, OutputLayer)):
                 assert not grad[config.vocab_size:].any()
                 grad = grad[:config.vocab_size]
             grads[f"{module_name}.{param_name}"] = grad
@@ -184,7 +200,7 @@ def test_no_gradient_crosses_from_one_packed_sample_to_another(position_embeddin
         hidden = (embeddings, *activations[1:])
         for layer in model.transformer["layers"]:
             hidden = layer(hidden)
-        logits = model.embedding.logits(model.transformer["final_layernorm"](hidden))
+        logits = model.logits(model.transformer["final_layernorm"](hidden))
         loss = vocab_parallel_cross_entropy(logits, labels, None, vocab_size=100)[0, start:start + length].sum()
         (grad,) = torch.autograd.grad(loss, embeddings)
         outside = torch.ones(grad.shape[1], dtype=torch.bool)

@@ -1,4 +1,5 @@
-"""The MLP: tanh GeLU, GeGLU = a * gelu(b) on the two halves of the first projection, init stds."""
+"""The MLP: tanh GeLU, GeGLU = a * gelu(b) and SwiGLU = silu(gate) * up on the two halves of the first
+projection, the bias switch, init stds."""
 import math
 
 import pytest
@@ -31,7 +32,19 @@ def test_geglu_is_a_times_gelu_b():
     assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mlp_kind", ["gelu", "geglu"])
+def test_swiglu_is_silu_gate_times_up_without_biases():
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=16, mlp="swiglu", ffn_hidden_size=24, add_bias_linear=False)
+    mlp = GLMMLP(config, layer_number=1, seed=3)
+    assert mlp.dense_h_to_4h.bias is None and mlp.dense_4h_to_h.bias is None
+    x = torch.randn(2, 5, 16)
+    w = mlp.dense_h_to_4h.weight  # [2f, h]: the gate's rows, then up's rows (tp = 1)
+    gate, up = x @ w[:24].T, x @ w[24:].T
+    want = (gate / (1 + torch.exp(-gate)) * up) @ mlp.dense_4h_to_h.weight.T
+    assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mlp_kind", ["gelu", "geglu", "swiglu"])
 def test_pre_ln_init_stds(mlp_kind):
     config = ModelConfig(num_layers=8, hidden_size=256, mlp=mlp_kind, init_std=0.02)
     mlp = GLMMLP(config, layer_number=2, seed=0)

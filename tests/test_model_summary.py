@@ -7,7 +7,11 @@ from trainer.config import load_config
 from trainer.model.config import ModelConfig
 from trainer.model.summary import meta_model, parameter_summary
 
-CONFIGS = ["configs/glm-base.yaml", "configs/glm-large.yaml", "configs/glm-10b.yaml", "configs/glm-130b.yaml"]
+CONFIGS = ["configs/glm-base.yaml", "configs/glm-large.yaml", "configs/glm-10b.yaml", "configs/glm-130b.yaml",
+           "configs/chatglm-6b.yaml", "configs/chatglm3-6b.yaml", "configs/glm-4-9b.yaml"]
+PUBLISHED = {"configs/chatglm-6b.yaml": 6_173_286_400, "configs/chatglm3-6b.yaml": 6_243_584_000,
+             "configs/glm-4-9b.yaml": 9_399_951_360}
+"""The parameter counts of the published checkpoints (GLM-SPEC section 6)."""
 
 
 def _counted(config: ModelConfig, tp: int) -> int:
@@ -26,7 +30,16 @@ def test_counted_equals_closed_form(path):
         assert "counted == closed form" in summary
 
 
-@pytest.mark.parametrize("switches", [{}, {"position_embedding": "rope_2d", "norm": "deepnorm", "mlp": "geglu"}])
+@pytest.mark.parametrize("path, published", list(PUBLISHED.items()))
+def test_later_generations_have_their_published_sizes(path, published):
+    config = load_config(path)
+    assert config.model.num_parameters(config.parallel.tp) == published
+    assert re.search(rf"total \(counted\)\s+{published:,}\s", parameter_summary(config.model, config.parallel.tp))
+
+
+@pytest.mark.parametrize("switches", [{}, {"position_embedding": "rope_2d", "norm": "deepnorm", "mlp": "geglu"},
+                                      {"num_key_value_heads": 1, "normalization": "rmsnorm", "mlp": "swiglu",
+                                       "add_bias_linear": False, "add_qkv_bias": False, "tie_word_embeddings": False}])
 def test_small_models_counted_equals_closed_form(switches):
     config = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=1000, **switches)
     for tp in (1, 2, 4):

@@ -1,6 +1,8 @@
-"""glm-generate: fill every [MASK] of a text, or continue it after [gMASK], with GLM's blank infilling.
+"""glm-generate: fill every [MASK] of a text, or continue it after [gMASK], with GLM's blank infilling; or
+continue it left to right in GLM-4's format (--causal).
 
     glm-generate SOURCE --text "The capital of France is [MASK]." [--top-p 0.9 --seed 0] [--max-new-tokens 32]
+    glm-generate SOURCE --causal --text "Once upon a time"
 
 Part A = [CLS] + the text, each [MASK] / [sMASK] / [gMASK] marker one mask token (a text without a marker
 gets [gMASK] appended: continue after it). Part A positions 0..sep-1, block positions 0. The blanks are
@@ -10,6 +12,11 @@ With the KV cache every step feeds only the new token; the keys and values of al
 kept per block, which equals recomputing the whole sequence. Under tensor parallelism (glm-generate run
 with WORLD_SIZE = tp ranks) the vocabulary-sharded logits are gathered and every rank samples the same
 token from the same seeded generator. SOURCE is anything glm-ckpt reads (docs/CHECKPOINTS.md).
+
+--causal prompts as ChatGLM2/3 and GLM-4 do: [gMASK] <sop> + the text, generated left to right until
+<|endoftext|> or <|endofpiece|>. [gMASK] is Part A (position 0) and everything after it one Part B span
+(position 0, block positions 1, 2, ...), so rope_1d sees the positions 0, 1, 2, ... of a causal language model
+and the mask is causal: the same computation as transformers' GlmForCausalLM.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
     if not MARKERS.search(text):
         text += "[gMASK]"
     marker_ids = {"[MASK]": tokenizer.mask_id, "[sMASK]": tokenizer.smask_id, "[gMASK]": tokenizer.gmask_id}
-    part_a, masks = [tokenizer.cls_id], []
+    part_a, masks = [tokenizer.require_cls("blank infilling")], []
     for piece in MARKERS.split(text):
         if piece in marker_ids:
             masks.append(len(part_a))
@@ -55,7 +62,7 @@ def full_vocab_logits(model, hidden: torch.Tensor, vocab_size: int, tp_group) ->
     """Final hidden [b, s, h] -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
     from trainer.parallel.mappings import gather_from_tp
 
-    return gather_from_tp(model.embedding.logits(hidden), tp_group)[..., :vocab_size].float()
+    return gather_from_tp(model.logits(hidden), tp_group)[..., :vocab_size].float()
 
 
 def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
@@ -101,6 +108,35 @@ def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
         return full_vocab_logits(model, hidden, vocab_size, tp_group)[0, -1]
 
     return step
+
+
+def causal_prompt(text: str, tokenizer) -> list[int]:
+    """GLM-4's prompt: [gMASK] <sop> + the text (no markers: it is continued, not infilled)."""
+    return [tokenizer.gmask_id, tokenizer.sop_id] + tokenizer.encode(text)
+
+
+@torch.no_grad()
+def continue_causal(model, prompt: list[int], max_sequence_length: int, vocab_size: int, max_new_tokens: int,
+                    stop_ids: frozenset[int] = frozenset(), top_p: float = 0.0, temperature: float = 1.0,
+                    seed: int = 0, use_cache: bool = True, tp_group=None) -> list[int]:
+    """The tokens generated after `prompt` (its first token the one-token Part A, e.g. [gMASK]; the rest
+    Part B at position 0, block positions 1, 2, ...), until a token of stop_ids (not returned) or
+    max_new_tokens."""
+    n = len(prompt)
+    if n + max_new_tokens > max_sequence_length:
+        raise DataError(f"a prompt of {n} tokens plus {max_new_tokens} new ones exceeds the model's "
+                        f"{max_sequence_length} positions: shorten it or lower --max-new-tokens")
+    step = (cached_step if use_cache else recompute_step)(model, 1, vocab_size, tp_group)
+    generator = torch.Generator().manual_seed(seed)
+    logits = step(prompt, [0] * n, list(range(n)))
+    generated: list[int] = []
+    while len(generated) < max_new_tokens:
+        token = sample(logits, top_p, temperature, generator)
+        if token in stop_ids:
+            break
+        generated.append(token)
+        logits = step([token], [0], [n + len(generated) - 1])
+    return generated
 
 
 def sample(logits: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator) -> int:
@@ -180,6 +216,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     parser.add_argument("--text", required=True, help="the prompt, with [MASK] / [sMASK] / [gMASK] markers")
+    parser.add_argument("--causal", action="store_true",
+                        help="GLM-4's format: [gMASK]<sop> + the text, continued left to right")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest fill of one blank")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = greedy)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature when sampling")
@@ -196,9 +234,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or not finite_temperature:
         raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature a finite number > 0")
     model, config, tokenizer, tp_group = load_inference(args)
-    text, _ = fill_blanks(model, tokenizer, args.text, config.max_sequence_length, config.vocab_size,
-                          args.max_new_tokens, args.top_p, args.temperature, args.seed,
-                          use_cache=not args.no_kv_cache, tp_group=tp_group)
+    if args.causal:
+        generated = continue_causal(model, causal_prompt(args.text, tokenizer), config.max_sequence_length,
+                                    config.vocab_size, args.max_new_tokens,
+                                    frozenset({tokenizer.eot_id, tokenizer.eop_id}), args.top_p, args.temperature,
+                                    args.seed, use_cache=not args.no_kv_cache, tp_group=tp_group)
+        text = args.text + tokenizer.decode(generated)
+    else:
+        text, _ = fill_blanks(model, tokenizer, args.text, config.max_sequence_length, config.vocab_size,
+                              args.max_new_tokens, args.top_p, args.temperature, args.seed,
+                              use_cache=not args.no_kv_cache, tp_group=tp_group)
     if int(os.environ.get("RANK", "0")) == 0:
         print(text)
     return 0

@@ -10,22 +10,24 @@ from typing import Optional
 from trainer.config import add_config_arguments, load_config
 from trainer.model.config import ModelConfig
 
-SOURCE_HELP = "a run directory, its checkpoints/ or a global_stepN directory, an export or a THUDM/GLM release"
+SOURCE_HELP = ("a run directory, its checkpoints/ or a global_stepN directory, an export, a THUDM/GLM release or a "
+               "transformers glm / chatglm directory")
 CONFIG_HELP = "a YAML config whose model must match the source's (needed only for checkpoints saved without run.json)"
 
 
-def add_source_arguments(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
+def add_source_arguments(parser: argparse.ArgumentParser, tokenizer: bool = True, config: bool = True) -> None:
     parser.add_argument("source", type=Path, help=SOURCE_HELP)
     if tokenizer:
-        parser.add_argument("--tokenizer", type=Path,
-                            help="tokenizer.json (default: the export's, or the run's run_dir/tokenizer.json)")
-    add_config_arguments(parser, required=False, config_help=CONFIG_HELP)
+        parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one an export or a "
+                                                           "transformers directory ships, or the run's run_dir/tokenizer.json)")
+    if config:
+        add_config_arguments(parser, required=False, config_help=CONFIG_HELP)
 
 
 def given_model_config(args: argparse.Namespace) -> Optional[ModelConfig]:
     """The model section of --config / --set, its vocabulary resolved against its data's tokenizer when 0;
     None without --config."""
-    if args.config is None:
+    if getattr(args, "config", None) is None:
         return None
     config = load_config(args.config, args.overrides)
     if config.model.vocab_size == 0:
@@ -44,6 +46,6 @@ def tokenizer_path(args: argparse.Namespace) -> Optional[Path]:
     if getattr(args, "tokenizer", None) is not None:
         return args.tokenizer
     own = source_tokenizer(args.source) if args.source.is_dir() else None
-    if own is None and args.config:
+    if own is None and getattr(args, "config", None):
         return resolve_paths(load_config(args.config, args.overrides).data)[1]
     return own

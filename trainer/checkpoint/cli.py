@@ -1,12 +1,16 @@
-"""glm-ckpt: change a checkpoint's layout, export it to one file, import THUDM/GLM releases.
+"""glm-ckpt: change a checkpoint's layout, export it to one file or to transformers, import THUDM/GLM releases
+and transformers checkpoints.
 
     glm-ckpt convert SOURCE --to-tp T --to-pp P --out RUN/checkpoints [--config YAML --set k=v ...]
-    glm-ckpt export  SOURCE --out DIR [--tokenizer tokenizer.json] [--dtype fp32|bf16|fp16] [--config YAML ...]
+    glm-ckpt export  SOURCE --out DIR [--format glm|hf] [--max-shard-gb G] [--tokenizer tokenizer.json]
+                     [--dtype fp32|bf16|fp16] [--config YAML ...]
     glm-ckpt import-thudm RELEASE --out DIR [--tokenizer tokenizer.json] [--config YAML ...]
+    glm-ckpt import-hf DIR --out DIR [--tokenizer tokenizer.json] [--dtype fp32|bf16|fp16]
 
 SOURCE is a run directory or its checkpoints/ (their latest), a global_stepN directory of any (tp, pp, dp),
-an export directory or a THUDM/GLM release. Each carries its model config; a --config given must agree
-with it (for a release it supplies what the release does not say). docs/CHECKPOINTS.md has examples.
+an export directory, a THUDM/GLM release or a transformers glm / chatglm directory. Each carries its model
+config; a --config given must agree with it (for a release it supplies what the release does not say).
+docs/CHECKPOINTS.md has examples.
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint.convert import convert_checkpoint
+from trainer.checkpoint import hf
 from trainer.checkpoint.export import write_export
 from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.thudm import is_release, read_release
-from trainer.errors import CheckpointError, OneLineParser, exits_on_error
+from trainer.errors import CheckpointError, ConfigError, OneLineParser, exits_on_error
 from trainer.paths import uncreatable_directory
 from trainer.source_args import add_source_arguments, given_model_config, tokenizer_path
 
@@ -34,9 +39,17 @@ def convert(args: argparse.Namespace) -> str:
 
 
 def export(args: argparse.Namespace) -> str:
+    if not args.max_shard_gb > 0:
+        raise ConfigError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     config, weights = read_weights(args.source, given_model_config(args))
-    write_export(weights, config, args.out, tokenizer_path(args), DTYPES[args.dtype])
-    return f"wrote {args.out} ({sum(w.numel() for w in weights.values())} parameters, {args.dtype})"
+    tokenizer = tokenizer_path(args)
+    parameters = f"{sum(w.numel() for w in weights.values())} parameters, {args.dtype}"
+    if args.format == "hf":
+        files = hf.write_hf(weights, config, args.out, tokenizer, DTYPES[args.dtype],
+                            int(args.max_shard_gb * 2 ** 30))
+        return f"wrote {args.out} (transformers glm, {parameters}, {files} safetensors file(s))"
+    write_export(weights, config, args.out, tokenizer, DTYPES[args.dtype])
+    return f"wrote {args.out} ({parameters})"
 
 
 def import_thudm(args: argparse.Namespace) -> str:
@@ -49,22 +62,38 @@ def import_thudm(args: argparse.Namespace) -> str:
             f"{config.num_attention_heads} heads, vocab {config.vocab_size})")
 
 
+def import_hf(args: argparse.Namespace) -> str:
+    if not hf.is_hf_directory(args.source):
+        raise CheckpointError(f"{args.source} is not a transformers checkpoint of model type "
+                              f"{' or '.join(hf.MODEL_TYPES)}: it needs a config.json naming one")
+    config, weights = hf.read_hf(args.source)
+    write_export(weights, config, args.out, tokenizer_path(args), DTYPES[args.dtype])
+    return (f"wrote {args.out} ({config.num_layers} layers, h={config.hidden_size}, {config.num_attention_heads} "
+            f"heads, {config.num_kv_heads} key/value heads, vocab {config.vocab_size})")
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-ckpt", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, run, help_text in (("convert", convert, "write a training checkpoint for another (tp, pp)"),
                                  ("export", export, "write one safetensors file + config.json + tokenizer.json"),
-                                 ("import-thudm", import_thudm, "turn a THUDM/GLM release into an export")):
+                                 ("import-thudm", import_thudm, "turn a THUDM/GLM release into an export"),
+                                 ("import-hf", import_hf, "turn a transformers glm / chatglm checkpoint into an export")):
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(run=run)
-        add_source_arguments(sub, tokenizer=name != "convert")
+        add_source_arguments(sub, tokenizer=name != "convert", config=name != "import-hf")
         sub.add_argument("--out", type=Path, required=True, help="output directory")
         if name == "convert":
             sub.add_argument("--to-tp", type=int, required=True, help="tensor-parallel size of the output")
             sub.add_argument("--to-pp", type=int, required=True, help="pipeline-parallel size of the output")
         else:
             sub.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the export")
+        if name == "export":
+            sub.add_argument("--format", choices=("glm", "hf"), default="glm",
+                             help="glm: this trainer's export; hf: a transformers glm directory (GlmForCausalLM)")
+            sub.add_argument("--max-shard-gb", type=float, default=hf.DEFAULT_MAX_SHARD_BYTES / 2 ** 30,
+                             help="--format hf: largest safetensors file, in GiB (default 5, as transformers)")
     return parser.parse_args(argv)
 
 

@@ -1,7 +1,8 @@
 """Any model a user points at -> a GLMModel on this process: an export directory, a run directory or its
-checkpoints/ (their `latest`), one global_stepN directory of any layout, or a THUDM/GLM release directory.
-Each carries its model config (a training checkpoint in its run.json, trainer/checkpoint/run_record.py); a
-config the user passes must agree with it."""
+checkpoints/ (their `latest`), one global_stepN directory of any layout, a THUDM/GLM release directory, or a
+transformers directory of model type glm or chatglm (trainer/checkpoint/hf.py). Each carries its model config
+(a training checkpoint in its run.json, trainer/checkpoint/run_record.py); a config the user passes must
+agree with it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,13 @@ from typing import Optional
 
 import torch
 
-from trainer.checkpoint import thudm
+from trainer.checkpoint import hf, thudm
 from trainer.checkpoint.export import TOKENIZER, is_export, read_export
 from trainer.checkpoint.layout import shard_state
 from trainer.checkpoint.manifest import MANIFEST, verify
 from trainer.checkpoint.pipeline_files import model_states_file, read_model_weights
-from trainer.checkpoint.run_record import checkpoint_model, run_tokenizer
-from trainer.errors import CheckpointError
+from trainer.checkpoint.run_record import checkpoint_model, read_run_record, recorded_model, run_tokenizer
+from trainer.errors import CheckpointError, ConfigError
 from trainer.model.config import ModelConfig
 from trainer.parallel.mappings import group_rank, group_size
 
@@ -34,14 +35,15 @@ def read_weights(path: Path, config: Optional[ModelConfig]) -> tuple[ModelConfig
     """(ModelConfig, canonical fp32 weights) of any supported source."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if is_export(path):
-        return read_export(path)
+    if hf.is_hf_directory(path) or is_export(path):
+        carried, weights = hf.read_hf(path) if hf.is_hf_directory(path) else read_export(path)
+        return check_given(path, carried, config), weights
     if thudm.is_release(path):
         return thudm.read_release(path, config)
     tag_dir = training_tag_dir(path)
     if tag_dir is None:
-        raise CheckpointError(f"{path} is neither an export, a THUDM/GLM release nor a training checkpoint "
-                              f"(run_dir/checkpoints or a global_stepN directory)")
+        raise CheckpointError(f"{path} is neither an export, a THUDM/GLM release, a transformers glm/chatglm "
+                              f"directory nor a training checkpoint (run_dir/checkpoints or a global_stepN directory)")
     check_manifest(tag_dir)
     config = checkpoint_model(tag_dir, config)
     return config, read_model_weights(tag_dir, config)
@@ -55,10 +57,29 @@ def check_manifest(tag_dir: Path) -> None:
                               f"of the run, whose manifest checks")
 
 
+def carries_config(path: Path) -> bool:
+    """Whether a source holds its own model config (all but THUDM releases and training checkpoints saved before
+    run.json recorded it)."""
+    if hf.is_hf_directory(path) or is_export(path):
+        return True
+    tag_dir = training_tag_dir(path) if path.is_dir() else None
+    return tag_dir is not None and recorded_model(read_run_record(tag_dir)) is not None
+
+
+def check_given(path: Path, carried: ModelConfig, given: Optional[ModelConfig]) -> ModelConfig:
+    """The config a source carries; a given one (the user's --config) must describe the same shape."""
+    differences = given.shape_differences(carried.shape()) if given is not None else []
+    if differences:
+        raise ConfigError(f"--config does not match {path} ({'; '.join(differences)}): pass none, the source "
+                          f"carries its own")
+    return carried
+
+
 def source_tokenizer(path: Path) -> Optional[Path]:
-    """The tokenizer a source ships: an export's tokenizer.json, or a training checkpoint's run's (checked
-    against the checkpoint's fingerprint); None for a release or a run dir without one."""
-    if (path / TOKENIZER).is_file() and is_export(path):
+    """The tokenizer a source ships: an export's or a transformers directory's tokenizer.json, or a training
+    checkpoint's run's (checked against the checkpoint's fingerprint); None for a release or a run dir without
+    one."""
+    if (path / TOKENIZER).is_file() and (is_export(path) or hf.is_hf_directory(path)):
         return path / TOKENIZER
     tag_dir = training_tag_dir(path) if path.is_dir() else None
     return run_tokenizer(tag_dir) if tag_dir is not None else None

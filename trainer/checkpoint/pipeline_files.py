@@ -2,8 +2,9 @@
 
 A tag directory global_stepN/ holds, as DeepSpeed 0.19.8 writes them:
     layer_XX-model_YY-model_states.pt   the state dict of global layer XX on tensor rank YY
-                                        (XX: 0 embedding, 1..N blocks, N+1 final norm; the tied output
-                                        layer N+2 has no file of its own). Written once per (XX, YY).
+                                        (XX: 0 embedding, 1..N blocks, N+1 final norm, N+2 the untied
+                                        output layer; a tied one has no file of its own). Written once
+                                        per (XX, YY).
     mp_rank_MM_model_states.pt          per model-parallel rank MM = pp_rank * tp + tp_rank: client state
                                         (step, consumed_samples), LR scheduler, counters, param_shapes,
                                         checkpoint_parallel_dimensions {pp_degree, tp_degree}, dp_world_size
@@ -24,6 +25,7 @@ import torch
 from trainer.checkpoint.layout import merge_states, shard_state
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
+from trainer.model.output import OUTPUT_WEIGHT
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 TIED_PREFIX = "tied_modules.embed."
@@ -62,8 +64,15 @@ def canonical_prefix(layer: int, config: ModelConfig) -> str:
         return f"transformer.layers.{layer - 1}."
     if layer == config.num_layers + 1:
         return "transformer.final_layernorm."
+    if layer == config.num_layers + 2 and not config.tie_word_embeddings:
+        return OUTPUT_WEIGHT.split(".")[0] + "."
     raise CheckpointError(f"layer {layer} does not exist in a model of {config.num_layers} blocks: "
                           f"check model.num_layers against the checkpoint")
+
+
+def layers_with_files(config: ModelConfig) -> range:
+    """The global layers that have layer files: all but a tied output layer."""
+    return range(config.num_layers + (2 if config.tie_word_embeddings else 3))
 
 
 def canonical_name(pipeline_name: str, config: ModelConfig) -> str:
@@ -90,7 +99,7 @@ def read_model_weights(tag_dir: Path, config: ModelConfig) -> dict[str, torch.Te
     """The layer files of any (tp, pp) -> the canonical state dict (fp32)."""
     tp = read_layout(tag_dir).tp
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    for layer in range(config.num_layers + 2):
+    for layer in layers_with_files(config):
         for tp_rank in range(tp):
             path = layer_file(tag_dir, layer, tp_rank)
             if not path.is_file():
@@ -107,7 +116,7 @@ def write_layer_files(canonical: dict[str, torch.Tensor], config: ModelConfig, t
     tag_dir.mkdir(parents=True, exist_ok=True)
     for tp_rank in range(tp):
         shards = shard_state(canonical, config, tp, tp_rank)
-        for layer in range(config.num_layers + 2):
+        for layer in layers_with_files(config):
             prefix = canonical_prefix(layer, config)
             state = {name[len(prefix):]: value for name, value in shards.items() if name.startswith(prefix)}
             torch.save(state, layer_file(tag_dir, layer, tp_rank))

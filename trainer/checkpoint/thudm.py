@@ -68,13 +68,12 @@ def read_release(path: Path, config: Optional[ModelConfig] = None) -> tuple[Mode
         check_release_config(path, config, inferred)
     config = config or inferred
     config.validate()
-    weights = merge_states(per_rank, config)
-    problems = shape_mismatches(weights, config)
+    problems = shape_mismatches({name: value.shape for name, value in per_rank[0].items()}, config, len(per_rank))
     if problems:
         raise ConfigError(f"--config does not match the release {path} ({'; '.join(problems[:3])}"
                           f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''}): import without --config "
                           f"(the shape is read from the tensors) or fix the config")
-    return config, weights
+    return config, merge_states(per_rank, config)
 
 
 def check_release_config(path: Path, config: ModelConfig, inferred: ModelConfig) -> None:

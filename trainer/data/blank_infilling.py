@@ -7,7 +7,11 @@ so a sample holds n + 1 + 2k tokens (its `length`). Ids of Part A: position 0..s
 Part B span: position = its mask's position in Part A, block position 1..|s|+1. The loss covers Part B.
 
 Modes: [MASK] spans of Poisson(lambda) length covering >= mask_ratio of the text; [sMASK] whole
-sentences covering >= mask_ratio; [gMASK] one suffix of length in [gmask_ratio_min, gmask_ratio_max] * n.
+sentences covering >= mask_ratio; [gMASK] one suffix of length in [gmask_ratio_min, gmask_ratio_max] * n;
+causal, GLM-4's objective: the whole text after the [gMASK] <sop> prefix, left to right. A causal sample is
+Part A = [gMASK] alone (no [CLS]: the mask is causal) and one Part B span [sop] + x predicted as
+x + <|endoftext|> (the end of the document, as GLM-4 ends its texts): n + 2 tokens, positions 0, block
+positions 0, 1, .., n + 1, so rope_1d sees 0, 1, .., n + 1.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from trainer.data.config import DataConfig
 from trainer.data.tokenizer import GLMTokenizer
 from trainer.errors import DataError
 
-MODES = ("mask", "smask", "gmask")
+BLANK_MODES = ("mask", "smask", "gmask")
+"""The modes that cut blanks out of the text (glm-prep --samples shows these)."""
+MODES = BLANK_MODES + ("causal",)
 MAX_SPAN_LENGTH = 39
 """[MASK] span lengths are Poisson(lambda) truncated to 1..39 (the reference code's table)."""
 SENTENCE_ENDS = ".?!;:\u3002\uff1f\uff01\uff1b\uff1a\n"
@@ -114,10 +120,13 @@ def gmask_span(n: int, rng: np.random.Generator, ratio_min: float, ratio_max: fl
 
 
 def assemble(tokens: np.ndarray, spans: list[tuple[int, int]], mask_id: int, order: np.ndarray,
-             tokenizer: GLMTokenizer, seq_length: int) -> dict:
-    """Build Part A and Part B (Part B spans in `order`) and pad every array to seq_length."""
-    part_a, mask_positions, previous = [np.array([tokenizer.cls_id])], [], 0
-    a_length = 1
+             tokenizer: GLMTokenizer, seq_length: int, causal: bool = False) -> dict:
+    """Build Part A and Part B (Part B spans in `order`) and pad every array to seq_length. causal: Part A
+    without the [CLS] opening, the span predicted up to <|endoftext|> instead of [eop]."""
+    opening = [] if causal else [tokenizer.require_cls("blank infilling")]
+    end_id = tokenizer.eot_id if causal else tokenizer.eop_id
+    part_a, mask_positions, previous = [np.array(opening, dtype=np.int64)], [], 0
+    a_length = len(opening)
     for start, end in spans:
         part_a += [tokens[previous:start], np.array([mask_id])]
         a_length += start - previous
@@ -132,7 +141,7 @@ def assemble(tokens: np.ndarray, spans: list[tuple[int, int]], mask_id: int, ord
     for j in order:
         start, end = spans[j]
         inputs.append(np.concatenate([[tokenizer.sop_id], tokens[start:end]]))
-        labels.append(np.concatenate([tokens[start:end], [tokenizer.eop_id]]))
+        labels.append(np.concatenate([tokens[start:end], [end_id]]))
         positions.append(np.full(end - start + 1, mask_positions[j]))
         blocks.append(np.arange(1, end - start + 2))
     total = sep + sum(end - start + 1 for start, end in spans)
@@ -162,19 +171,25 @@ class BlankInfilling:
         self.mode_probabilities = weights / weights.sum()
         self.span_weights = poisson_span_weights(data.poisson_lambda)
         self.sentence_end = sentence_end_table(tokenizer)
-        self.mask_ids = {"mask": tokenizer.mask_id, "smask": tokenizer.smask_id, "gmask": tokenizer.gmask_id}
+        self.mask_ids = {"mask": tokenizer.mask_id, "smask": tokenizer.smask_id, "gmask": tokenizer.gmask_id,
+                         "causal": tokenizer.gmask_id}
+        if set(self.modes) - {"causal"}:
+            tokenizer.require_cls(f"blank infilling (data.modes {sorted(set(self.modes) - {'causal'})})")
 
     def __call__(self, tokens: np.ndarray, rng: np.random.Generator, mode: str | None = None) -> dict:
         """One sample from `tokens` [n] (1 <= n <= text_length); `mode` None draws it from data.modes."""
         tokens = np.asarray(tokens, dtype=np.int64)
         mode, spans = self.draw_spans(tokens, rng, mode)
         order = rng.permutation(len(spans))
-        return assemble(tokens, spans, self.mask_ids[mode], order, self.tokenizer, self.data.seq_length)
+        return assemble(tokens, spans, self.mask_ids[mode], order, self.tokenizer, self.data.seq_length,
+                        causal=mode == "causal")
 
     def length(self, tokens: np.ndarray, rng: np.random.Generator) -> int:
-        """The length n + 1 + 2k of the sample __call__ makes from the same tokens and generator state, from
-        the draws of its spans alone (the packer reads lengths of many samples it has not built yet)."""
-        return len(tokens) + 1 + 2 * len(self.draw_spans(np.asarray(tokens, dtype=np.int64), rng)[1])
+        """The length n + 1 + 2k (causal: n + 2, no [CLS]) of the sample __call__ makes from the same tokens and
+        generator state, from the draws of its spans alone (the packer reads lengths of many samples it has
+        not built yet)."""
+        mode, spans = self.draw_spans(np.asarray(tokens, dtype=np.int64), rng)
+        return len(tokens) + 2 * len(spans) + (0 if mode == "causal" else 1)
 
     def draw_spans(self, tokens: np.ndarray, rng: np.random.Generator,
                    mode: str | None = None) -> tuple[str, list[tuple[int, int]]]:
@@ -189,6 +204,8 @@ class BlankInfilling:
             spans = mask_spans(n, rng, self.data.mask_ratio, self.span_weights)
         elif mode == "smask":
             spans = sentence_spans(self.sentence_end[tokens], rng, self.data.mask_ratio)
+        elif mode == "causal":
+            spans = [(0, n)]
         else:
             spans = gmask_span(n, rng, self.data.gmask_ratio_min, self.data.gmask_ratio_max)
         return mode, spans

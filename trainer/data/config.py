@@ -34,8 +34,9 @@ class DataConfig:
     gmask_ratio_max: float = 1.0
     """Upper end of the [gMASK] suffix ratio range."""
     modes: dict = field(default_factory=lambda: {"mask": 1.0})
-    """Mixture of blank-infilling modes: weights for `mask`, `smask`, `gmask` (normalised).
-    GLM-10B: {mask: 0.5, smask: 0.3, gmask: 0.2}; GLM-130B: {mask: 0.3, gmask: 0.7}."""
+    """Mixture of modes: weights for the blank-infilling `mask`, `smask`, `gmask`, and `causal` (GLM-4's
+    objective: the whole text after [gMASK] <sop>, left to right), normalised. GLM-10B: {mask: 0.5, smask: 0.3,
+    gmask: 0.2}; GLM-130B: {mask: 0.3, gmask: 0.7}; GLM-4: {causal: 1.0}."""
     valid_fraction: float = 0.0
     """Fraction of the sequences held out for validation (0 = no validation split)."""
     datasets: list = field(default_factory=list)
@@ -50,6 +51,10 @@ class DataConfig:
     instruction_truncation: str = "left"
     """Instruction records longer than seq_length: cut the prompt from the `left` (keep its end), from the
     `right` (keep its start), or `error`. The response is never cut."""
+    instruction_format: str = "glm"
+    """How an instruction record becomes a sample: `glm` (Part A = [CLS] + prompt + [gMASK], the response
+    generated as Part B) or `chat`, GLM-4's causal chat layout [gMASK] <sop> <|user|> \\n prompt <|assistant|>
+    \\n response, the loss on the response and the <|endoftext|> after it (needs a GLM-4-style tokenizer)."""
 
     def validate(self) -> None:
         if self.seq_length < 8:
@@ -62,9 +67,9 @@ class DataConfig:
         if not 0.0 < self.gmask_ratio_min <= self.gmask_ratio_max <= 1.0:
             raise ConfigError(f"data.gmask_ratio_min/max must satisfy 0 < min <= max <= 1, got "
                               f"{self.gmask_ratio_min}, {self.gmask_ratio_max}")
-        unknown = set(self.modes) - {"mask", "smask", "gmask"}
+        unknown = set(self.modes) - {"mask", "smask", "gmask", "causal"}
         if unknown:
-            raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use mask, smask, gmask")
+            raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use mask, smask, gmask, causal")
         if any(w < 0 for w in self.modes.values()) or sum(self.modes.values()) <= 0:
             raise ConfigError(f"data.modes weights must be >= 0 with a positive sum, got {self.modes}")
         if self.packing_window < 1:
@@ -78,6 +83,8 @@ class DataConfig:
             raise ConfigError(f"data.mixture_unit={self.mixture_unit!r}: use samples or tokens")
         if self.instruction_truncation not in ("left", "right", "error"):
             raise ConfigError(f"data.instruction_truncation={self.instruction_truncation!r}: use left, right or error")
+        if self.instruction_format not in ("glm", "chat"):
+            raise ConfigError(f"data.instruction_format={self.instruction_format!r}: use glm or chat")
         if self.datasets and self.path:
             raise ConfigError("data.path and data.datasets are both set: list every dataset (this one included) "
                               "in data.datasets and leave data.path empty")

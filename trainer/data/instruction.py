@@ -1,15 +1,20 @@
-"""Instruction samples: prompt/response records in GLM's generation ([gMASK]) format.
+"""Instruction samples: prompt/response records in GLM's generation ([gMASK]) format or GLM-4's chat layout.
 
 A record with prompt tokens p (|p| = P, history already folded in by format_prompt) and response tokens r
-(|r| = R) becomes
+(|r| = R) becomes, in data.instruction_format `glm`,
     Part A = [CLS] + p + [gMASK]                          sep = P + 2, positions 0..sep-1, block positions 0
     Part B = input [sop] + r, target r + [eop]            positions sep-1 (the [gMASK]), block positions 1..R+1
 so the sample holds P + R + 3 tokens and the loss covers exactly r and [eop]. It is assemble()'s [gMASK]
 sample of the text p + r with the blank over r: the same arrays blank infilling makes.
+In `chat` (GLM-4's layout, causal like the causal mode: Part A = [gMASK] alone, everything after it at position
+0 with block positions 1, 2, ...):
+    [gMASK] <sop> <|user|> \\n p <|assistant|> \\n r       target: the next token, <|endoftext|> after r
+with the loss on exactly the positions that predict r and the <|endoftext|> (the prompt is context only).
 
-Too long (P + R + 3 > seq_length): the prompt is cut to seq_length - 3 - R tokens, from the left (keeping
-its end, next to the response; the default) or from the right (data.instruction_truncation). The response
-is never cut; a record whose response alone does not fit is refused when the dataset is built.
+Too long (P + R + extra > seq_length, extra = 3 in `glm`, the role and newline tokens in `chat`): the prompt is
+cut to seq_length - extra - R tokens, from the left (keeping its end, next to the response; the default) or
+from the right (data.instruction_truncation). The response is never cut; a record whose response alone does
+not fit is refused when the dataset is built.
 
 Storage (glm-prep --instructions): record k is documents 2k (the formatted prompt) and 2k + 1 (the response)
 of PREFIX.bin/.idx, and PREFIX.instructions.json marks the prefix as instruction data.
@@ -100,28 +105,62 @@ def as_documents(records: Iterable[tuple[str, str]]) -> Iterator[str]:
         yield response
 
 
-def kept_prompt_length(prompt_length: np.ndarray | int, response_length: np.ndarray | int, seq_length: int):
-    """Prompt tokens that fit beside the whole response: min(P, seq_length - 3 - R)."""
-    return np.minimum(prompt_length, seq_length - EXTRA_TOKENS - np.asarray(response_length))
+def kept_prompt_length(prompt_length: np.ndarray | int, response_length: np.ndarray | int, seq_length: int,
+                       extra: int = EXTRA_TOKENS):
+    """Prompt tokens that fit beside the whole response: min(P, seq_length - extra - R)."""
+    return np.minimum(prompt_length, seq_length - extra - np.asarray(response_length))
+
+
+def chat_sample(prompt: np.ndarray, response: np.ndarray, user_turn: list[int], assistant_turn: list[int],
+                tokenizer: GLMTokenizer, seq_length: int) -> dict:
+    """GLM-4's chat layout (module docstring): user_turn = [gMASK] <sop> <|user|> \\n, assistant_turn =
+    <|assistant|> \\n, each as ids."""
+    ids = np.concatenate([user_turn, prompt, assistant_turn, response]).astype(np.int64)  # [T]
+    total = len(ids)
+    labels = np.append(ids[1:], tokenizer.eot_id)  # [T]: the next token, <|endoftext|> after the response
+    counted = np.arange(total) >= total - len(response) - 1  # the positions predicting r and <|endoftext|>
+    sample = {"input_ids": ids, "labels": np.where(counted, labels, tokenizer.pad_id),
+              "loss_mask": counted.astype(np.int64), "position_ids": np.zeros(total, dtype=np.int64),
+              "block_position_ids": np.arange(total, dtype=np.int64)}
+    for key, values in sample.items():
+        array = np.full(seq_length, tokenizer.pad_id if key in ("input_ids", "labels") else 0, dtype=np.int64)
+        array[:total] = values
+        sample[key] = array
+    sample["sep"], sample["length"] = 1, total
+    return sample
 
 
 class InstructionFormat:
-    """(prompt tokens, response tokens) -> one [gMASK] sample of seq_length, the prompt truncated if needed."""
+    """(prompt tokens, response tokens) -> one sample of seq_length in `layout` (glm or chat), the prompt
+    truncated if needed; extra_tokens: the positions a sample adds to P + R."""
 
-    def __init__(self, tokenizer: GLMTokenizer, seq_length: int, truncation: str = "left"):
-        self.tokenizer, self.seq_length, self.truncation = tokenizer, seq_length, truncation
+    def __init__(self, tokenizer: GLMTokenizer, seq_length: int, truncation: str = "left", layout: str = "glm"):
+        self.tokenizer, self.seq_length, self.truncation, self.layout = tokenizer, seq_length, truncation, layout
+        if layout == "chat":
+            roles = tokenizer.role_ids
+            if not {"<|user|>", "<|assistant|>"} <= set(roles):
+                raise DataError("data.instruction_format=chat needs a GLM-4-style tokenizer with the role tokens "
+                                "<|user|> and <|assistant|>: use the model's tokenizer.json, or instruction_format glm")
+            newline = tokenizer.encode("\n")
+            self.user_turn = [tokenizer.gmask_id, tokenizer.sop_id, roles["<|user|>"], *newline]
+            self.assistant_turn = [roles["<|assistant|>"], *newline]
+            self.extra_tokens = len(self.user_turn) + len(self.assistant_turn)
+        else:
+            self.extra_tokens = EXTRA_TOKENS
 
     def __call__(self, prompt: np.ndarray, response: np.ndarray) -> dict:
         prompt, response = np.asarray(prompt, dtype=np.int64), np.asarray(response, dtype=np.int64)
-        keep = int(kept_prompt_length(len(prompt), len(response), self.seq_length))
+        keep = int(kept_prompt_length(len(prompt), len(response), self.seq_length, self.extra_tokens))
         if keep < 0:
             raise DataError(f"a response of {len(response)} tokens does not fit data.seq_length={self.seq_length} "
-                            f"(it needs {len(response) + EXTRA_TOKENS}): raise data.seq_length")
+                            f"(it needs {len(response) + self.extra_tokens}): raise data.seq_length")
         if keep < len(prompt):
             if self.truncation == "error":
-                raise DataError(f"an instruction record of {len(prompt) + len(response) + EXTRA_TOKENS} tokens exceeds "
-                                f"data.seq_length={self.seq_length} and data.instruction_truncation is 'error'")
+                raise DataError(f"an instruction record of {len(prompt) + len(response) + self.extra_tokens} tokens "
+                                f"exceeds data.seq_length={self.seq_length} and data.instruction_truncation is 'error'")
             prompt = prompt[len(prompt) - keep:] if self.truncation == "left" else prompt[:keep]
+        if self.layout == "chat":
+            return chat_sample(prompt, response, self.user_turn, self.assistant_turn, self.tokenizer, self.seq_length)
         text = np.concatenate([prompt, response])
         return assemble(text, [(len(prompt), len(text))], self.tokenizer.gmask_id, np.zeros(1, dtype=np.int64),
                         self.tokenizer, self.seq_length)
@@ -147,15 +186,16 @@ class InstructionDataset(GLMDataset):
         return self.infilling(*self.record(index))
 
     def sample_length(self, index: int) -> int:
-        """`self[index]["length"]`: the record's kept prompt and response plus [CLS], [gMASK] and sop."""
+        """`self[index]["length"]`: the record's kept prompt and response plus the format's extra tokens."""
         s = self.sequence_number(index, announce=False)
         prompt, response = self.bounds[s] - self.starts[s], self.ends[s] - self.bounds[s]
-        return int(kept_prompt_length(prompt, response, self.infilling.seq_length) + response) + EXTRA_TOKENS
+        extra = self.infilling.extra_tokens
+        return int(kept_prompt_length(prompt, response, self.infilling.seq_length, extra) + response) + extra
 
     def source_tokens(self) -> np.ndarray:
         """Corpus tokens each record's sample carries after truncation: kept prompt + response.  # [N]"""
         prompt, response = self.bounds - self.starts, self.ends - self.bounds
-        return kept_prompt_length(prompt, response, self.infilling.seq_length) + response
+        return kept_prompt_length(prompt, response, self.infilling.seq_length, self.infilling.extra_tokens) + response
 
 
 def check_marker(indexed: IndexedDataset) -> int:
@@ -188,14 +228,16 @@ def build_instruction_dataset(indexed: IndexedDataset, tokenizer: GLMTokenizer, 
     chosen = slice(0, records - held_out) if split == "train" else slice(records - held_out, None)
     starts, bounds, ends = starts[chosen], bounds[chosen], ends[chosen]
     prompt, response = bounds - starts, ends - bounds
-    too_long = np.flatnonzero(response + EXTRA_TOKENS > data.seq_length)
+    formatter = InstructionFormat(tokenizer, data.seq_length, data.instruction_truncation, data.instruction_format)
+    extra = formatter.extra_tokens
+    too_long = np.flatnonzero(response + extra > data.seq_length)
     if too_long.size:
         worst = int(too_long[np.argmax(response[too_long])])
         raise DataError(f"{indexed.prefix}: {too_long.size} instruction record(s) of split {split} have a response "
-                        f"longer than data.seq_length - 3 = {data.seq_length - EXTRA_TOKENS} tokens (the longest, "
+                        f"longer than data.seq_length - {extra} = {data.seq_length - extra} tokens (the longest, "
                         f"record {worst + chosen.indices(records)[0]}, has {int(response[worst])}); responses are "
                         f"never cut: raise data.seq_length or shorten those responses")
-    truncated = int(np.count_nonzero(prompt + response + EXTRA_TOKENS > data.seq_length))
+    truncated = int(np.count_nonzero(prompt + response + extra > data.seq_length))
     if truncated and data.instruction_truncation == "error":
         raise DataError(f"{indexed.prefix}: {truncated} instruction record(s) exceed data.seq_length="
                         f"{data.seq_length} and data.instruction_truncation is 'error': set it to left or right, "
@@ -203,5 +245,4 @@ def build_instruction_dataset(indexed: IndexedDataset, tokenizer: GLMTokenizer, 
     if truncated:
         logger.info("data (%s): %d of %d instruction records truncated to data.seq_length=%d (prompt cut from the %s)",
                     split, truncated, len(starts), data.seq_length, data.instruction_truncation)
-    formatter = InstructionFormat(tokenizer, data.seq_length, data.instruction_truncation)
     return InstructionDataset(indexed, tokenizer, formatter, starts, bounds, ends, seed, split)

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from trainer.data.blank_infilling import MODES, sample_rng
+from trainer.data.blank_infilling import BLANK_MODES, sample_rng
 from trainer.data.config import DataConfig
 from trainer.data.corpus import check_inputs, embedded_corpus, embedded_paragraphs_corpus, prepare, read_documents
 from trainer.data.instruction import (MARKER_SUFFIX, as_documents, is_instruction_prefix, marker_path,
@@ -156,8 +156,8 @@ def describe_row(rows: OneSamplePerRow, k: int, text: bool = True) -> list[str]:
 
 
 def samples_config(prefix: str, args: argparse.Namespace) -> DataConfig:
-    """The data config --samples reads with (every mode equally likely), checked."""
-    data = DataConfig(path=prefix, seq_length=args.seq_length, modes={mode: 1.0 for mode in MODES})
+    """The data config --samples reads with (every blank-infilling mode equally likely), checked."""
+    data = DataConfig(path=prefix, seq_length=args.seq_length, modes={mode: 1.0 for mode in BLANK_MODES})
     data.validate()
     return data
 
@@ -172,7 +172,7 @@ def show_samples(prefix: str, args: argparse.Namespace) -> None:
         if instructions:
             sample, mode = dataset[k], "instruction"
         else:
-            mode = MODES[k % len(MODES)]
+            mode = BLANK_MODES[k % len(BLANK_MODES)]
             sample = dataset.infilling(dataset.sequence(k), sample_rng(args.seed, k), mode=mode)
         print(f"sample {k} ({mode}, sep={sample['sep']}, seq_length={data.seq_length}):")
         print("\n".join(describe(sample, dataset.tokenizer)))

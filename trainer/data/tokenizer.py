@@ -3,6 +3,13 @@
 Byte-level BPE maps any text to ids and back exactly: decode(encode(text)) == text. The special
 tokens are matched only when the trainer inserts them by id; a user's text that happens to contain
 "[MASK]" is encoded as ordinary bytes, so documents never smuggle control tokens into a sample.
+
+A GLM-4-style tokenizer.json (ChatGLM2/3, GLM-4) spells the piece delimiters `<sop>` / `<eop>` and has no
+`[CLS]`: its `<sop>` and `<eop>` serve as the trainer's start and end of piece (ALIASES), so a pretrained
+model keeps the ids it learned. Without `[CLS]` (cls_id None) the tokenizer serves the causal mode and
+glm-generate --causal; blank infilling, whose Part A opens with it, refuses it (`add_special_tokens` appends
+one). Its role tokens (`<|system|>`, `<|user|>`, `<|assistant|>`, `<|observation|>`) are
+read into `role_ids`.
 """
 from __future__ import annotations
 
@@ -21,13 +28,25 @@ SOP, EOP, EOT = "<|startofpiece|>", "<|endofpiece|>", "<|endoftext|>"
 SPECIAL_TOKENS = (CLS, MASK, SMASK, GMASK, SOP, EOP, EOT)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 """The 256 byte symbols of byte-level BPE plus the special tokens."""
+ALIASES = {SOP: (SOP, "<sop>"), EOP: (EOP, "<eop>")}
+"""Each special token's spellings, GLM's first: a tokenizer holding any of them has the token."""
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+"""GLM-4's chat roles."""
+
+
+def special_token_id(tokenizer: Tokenizer, token: str) -> int | None:
+    """The id of the special token under its first spelling the tokenizer has (ALIASES), or None."""
+    for spelling in ALIASES.get(token, (token,)):
+        if tokenizer.token_to_id(spelling) is not None:
+            return tokenizer.token_to_id(spelling)
+    return None
 
 
 class GLMTokenizer:
-    """A `tokenizers.Tokenizer` with GLM's special tokens; `vocab_size` counts them."""
+    """A `tokenizers.Tokenizer` with GLM's special tokens ([CLS] optional); `vocab_size` counts them."""
 
     def __init__(self, tokenizer: Tokenizer):
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        missing = [t for t in SPECIAL_TOKENS if t != CLS and special_token_id(tokenizer, t) is None]
         if missing:
             raise DataError(f"the tokenizer lacks the GLM special token(s) {', '.join(missing)}: add them with "
                             f"`glm-prep --tokenizer FILE --add-special-tokens ...` or "
@@ -35,11 +54,21 @@ class GLMTokenizer:
         tokenizer.encode_special_tokens = True
         self.backend = tokenizer
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
-        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        ids = {t: special_token_id(tokenizer, t) for t in SPECIAL_TOKENS}
         self.cls_id, self.mask_id, self.smask_id, self.gmask_id = ids[CLS], ids[MASK], ids[SMASK], ids[GMASK]
         self.sop_id, self.eop_id, self.eot_id = ids[SOP], ids[EOP], ids[EOT]
         self.pad_id = self.eot_id
-        self.special_ids: frozenset[int] = frozenset(ids.values())
+        self.role_ids = {role: tokenizer.token_to_id(role) for role in ROLE_TOKENS
+                         if tokenizer.token_to_id(role) is not None}
+        self.special_ids: frozenset[int] = (frozenset(i for i in ids.values() if i is not None)
+                                            | frozenset(self.role_ids.values()))
+
+    def require_cls(self, what: str) -> int:
+        """cls_id, or a DataError naming `what` needs it (a GLM-4-style tokenizer has no [CLS])."""
+        if self.cls_id is None:
+            raise DataError(f"{what} opens Part A with {CLS}, which this tokenizer (GLM-4 style) lacks: use the "
+                            f"causal mode / glm-generate --causal, or append it with glm-prep --add-special-tokens")
+        return self.cls_id
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -65,8 +94,8 @@ class GLMTokenizer:
 
 
 def add_glm_special_tokens(tokenizer: Tokenizer) -> Tokenizer:
-    """Append whichever GLM special tokens `tokenizer` lacks (new ids after its vocabulary)."""
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    """Append whichever GLM special tokens `tokenizer` lacks under every spelling (new ids after its vocabulary)."""
+    missing = [t for t in SPECIAL_TOKENS if special_token_id(tokenizer, t) is None]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return tokenizer
 

@@ -1,6 +1,7 @@
 """After the single-process main job, what shows that the model learned: a packed training row (where each
 sample starts, its mode); the held-out perplexity of the model read back from the checkpoint the run just
-saved, beside a unigram model's on the same tokens; and blanks of held-out samples filled by the model,
+saved, beside a unigram model's on the same tokens; and blanks of held-out samples filled by the model (or,
+when the data has no blanks, the causal mode, GLM-4's objective: the start of held-out texts continued),
 decoded exactly as glm-generate does.
 
 The unigram baseline is what a model that learned only token frequencies would score: the frequencies of the
@@ -21,7 +22,7 @@ from trainer.data.dataset import collate
 from trainer.data.packing import OneSamplePerRow, SampleDataset, build_sequences
 from trainer.data.prep import describe_row
 from trainer.engine.loop import pipeline_format
-from trainer.generate import fill_blanks
+from trainer.generate import continue_causal, fill_blanks
 from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 ROWS_SEARCHED = 32
@@ -88,6 +89,19 @@ def fill_held_out_blank(model, samples: SampleDataset, index: int, max_sequence_
             f"  model:    {tokenizer.decode(spans[0])!r}")
 
 
+def continue_held_out_text(model, samples: SampleDataset, index: int, max_sequence_length: int, vocab_size: int,
+                           prompt_tokens: int = 16) -> str:
+    """Causal sample `index`: its [gMASK] <sop> and first prompt_tokens text tokens, the text that follows and
+    the model's greedy continuation of the same length (as glm-generate --causal)."""
+    tokenizer, sample = samples.tokenizer, samples[index]
+    ids = [int(t) for t in sample["input_ids"][:int(sample["length"])]]
+    prompt, original = ids[:2 + prompt_tokens], ids[2 + prompt_tokens:2 + 2 * prompt_tokens]
+    generated = continue_causal(model, prompt, max_sequence_length, vocab_size, max(1, len(original)),
+                                frozenset({tokenizer.eot_id, tokenizer.eop_id}))
+    return (f"  context:  {tokenizer.decode(prompt[2:])!r}\n  original: {tokenizer.decode(original)!r}\n"
+            f"  model:    {tokenizer.decode(generated)!r}")
+
+
 def show_what_was_learned(checkpoint_dir: Path, config: Config, rows: OneSamplePerRow, consumed: int) -> str:
     """The demo's text: a packed row's layout, the held-out perplexities, and BLANKS_SHOWN held-out fills."""
     model_config, weights = read_weights(checkpoint_dir, config.model)
@@ -105,8 +119,12 @@ def show_what_was_learned(checkpoint_dir: Path, config: Config, rows: OneSampleP
     lines.append(f"held-out perplexity ({min(HELD_OUT_SAMPLES, len(valid.samples))} validation samples, {tokens} "
                  f"target tokens): model {ppl:.1f}, unigram baseline {unigram_ppl:.1f} (token frequencies of the "
                  f"{consumed} training rows, add-one smoothed)")
+    shape = (model_config.max_sequence_length, model_config.vocab_size)
     for index in mask_samples(valid.samples, BLANKS_SHOWN):
         lines.append(f"blank-infilling demo (held-out sample {index}):\n"
-                     + fill_held_out_blank(model, valid.samples, index, model_config.max_sequence_length,
-                                           model_config.vocab_size))
+                     + fill_held_out_blank(model, valid.samples, index, *shape))
+    causal = [i for i in range(min(64, len(valid.samples))) if int(valid.samples[i]["sep"]) == 1][:BLANKS_SHOWN]
+    for index in causal if len(lines) == 2 else []:  # no [MASK] blank to show: the data is causal
+        lines.append(f"causal demo (held-out sample {index}):\n"
+                     + continue_held_out_text(model, valid.samples, index, *shape))
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from trainer.checkpoint.model_source import read_weights
+from trainer.checkpoint.model_source import carries_config, read_weights
 from trainer.checkpoint.pipeline_files import canonical_name
 from trainer.checkpoint.universal import TrainingState, load_into_engine
 from trainer.config import Config, FinetuneConfig
@@ -59,7 +59,7 @@ def check_compatible(source: ModelConfig, model: ModelConfig, path: Path) -> Non
 def initialise(engine, topology, config: Config) -> None:
     """Load finetune.init_from's weights into the engine; optimizer and schedule stay fresh."""
     path = Path(config.finetune.init_from)
-    source, weights = read_weights(path, config.model)
+    source, weights = read_weights(path, None if carries_config(path) else config.model)  # compared just below
     check_compatible(source, config.model, path)
     names = {canonical_name(name, config.model) for name, _ in engine.module.named_parameters()}
     missing = sorted(names - set(weights))

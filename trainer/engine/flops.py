@@ -32,7 +32,7 @@ PEAK_TFLOPS = {
 
 def forward_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) -> int:
     h, f = model.hidden_size, model.ffn_size
-    mlp_matrices = 3 if model.mlp == "geglu" else 2
+    mlp_matrices = 3 if model.gated_mlp else 2
     per_layer = 2 * 4 * h * h + 2 * mlp_matrices * h * f + 4 * seq_length * h
     return model.num_layers * per_layer + 2 * h * model.padded_vocab_size(tp)
 

@@ -1,6 +1,8 @@
 """GLM as a DeepSpeed PipelineModule: a flat list of LayerSpecs cut into stages.
 
-    [TiedLayerSpec embed -> GLMEmbedding, GLMBlock 1 .. N, FinalLayerNorm, TiedLayerSpec embed -> logits]
+    [TiedLayerSpec embed -> GLMEmbedding, GLMBlock 1 .. N, FinalLayerNorm, output head]
+The output head is the embedding again (TiedLayerSpec, tied output layer) or an OutputLayer (untied); either
+hands the loss (hidden, output weight), as the single-process GLMModel does (trainer/model/output.py).
 
 Between stages travel only (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], segments
 [b, 2, s]): each stage rebuilds the attention mask from `segments` (trainer/model/mask.py), never a dense
@@ -13,22 +15,16 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Optional
 
-import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from trainer.engine.partition import stage_layer_bounds
 from trainer.model import FinalLayerNorm, GLMBlock, GLMEmbedding, GLMLoss
 from trainer.model.config import ModelConfig
+from trainer.model.output import OutputLayer, head_outputs
 from trainer.parallel.topology import Topology
 
 TIED_KEY = "embed"
 TIED_WEIGHT = "word_embeddings.weight"
-
-
-def _output_layer(embedding: GLMEmbedding, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last stage hands the loss the final hidden states and the tied weight; GLMLoss computes the
-    logits only where the loss counts them."""
-    return hidden, embedding.word_embeddings.weight
 
 
 def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list:
@@ -37,9 +33,12 @@ def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list
     specs = [TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, tied_weight_attr=TIED_WEIGHT)]
     specs += [LayerSpec(GLMBlock, model, layer_number, tp_group, seed) for layer_number in range(1, model.num_layers + 1)]
     specs.append(LayerSpec(FinalLayerNorm, model))
-    # Built only where the stage has no embedding yet (pp > 1): the word embedding alone.
-    specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, False, forward_fn=_output_layer,
-                               tied_weight_attr=TIED_WEIGHT))
+    if model.tie_word_embeddings:
+        # Built only where the stage has no embedding yet (pp > 1): the word embedding alone.
+        specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, False, forward_fn=head_outputs,
+                                   tied_weight_attr=TIED_WEIGHT))
+    else:
+        specs.append(LayerSpec(OutputLayer, model, tp_group, seed))
     return specs
 
 
@@ -59,9 +58,10 @@ class GLMPipeline(PipelineModule):
                          **kwargs)
 
     def _is_checkpointable(self, funcs: list) -> bool:
-        """Recompute ranges holding transformer blocks, never the output layer (it hands its weight to
-        the loss, and its logits are computed there)."""
-        return any(isinstance(f, GLMBlock) for f in funcs) and not any(isinstance(f, partial) for f in funcs)
+        """Recompute ranges holding transformer blocks, never the output head (the tied one is a partial; it hands
+        its weight to the loss, and its logits are computed there)."""
+        return (any(isinstance(f, GLMBlock) for f in funcs)
+                and not any(isinstance(f, (partial, OutputLayer)) for f in funcs))
 
     def _partition_layers(self, method: str = "uniform") -> None:
         self.parts = stage_layer_bounds(self._num_blocks, self.num_stages)

@@ -4,7 +4,10 @@ optional RoPE, the blank-infilling mask, and a row-parallel output projection.
     [q; k; v] = x W_qkv^T,  q, k <- rope(q), rope(k) (RoPE configs),
     o = softmax(q k^T / sqrt(d), masked) v   per head,   y = o W_dense^T
 The mask is GLM's blank-infilling mask, block-diagonal over the samples packed in a row (trainer/model/mask.py).
-W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], each holding its heads' d-sized chunks.
+Grouped-query attention (ChatGLM2/3, GLM-4): q has n heads, k and v have g = num_key_value_heads, and query
+head j attends with key/value head j // (n / g); g = n is multi-head attention, g = 1 multi-query attention.
+W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], each holding its heads' d-sized chunks
+(n / tp query heads and the g / tp key/value heads they use: tp divides g, so no rank shares a KV head).
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
 
 Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`GLMMask`: the rows'
@@ -71,14 +74,14 @@ AttentionMask = Union[torch.Tensor, GLMMask]
 
 
 class KVCache:
-    """Keys and values of earlier positions, [b, n, s_past, d] each, for incremental decoding."""
+    """Keys and values of earlier positions, [b, g, s_past, d] each (g key/value heads), for incremental decoding."""
 
     def __init__(self) -> None:
         self.key: Optional[torch.Tensor] = None
         self.value: Optional[torch.Tensor] = None
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new positions' key/value [b, n, s_new, d]; return all positions' [b, n, s_past + s_new, d]."""
+        """Store the new positions' key/value [b, g, s_new, d]; return all positions' [b, g, s_past + s_new, d]."""
         if self.key is not None:
             key = torch.cat([self.key, key], dim=2)
             value = torch.cat([self.value, value], dim=2)
@@ -87,27 +90,31 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention of block `layer_number` (1-based); each tensor-parallel rank computes
-    num_attention_heads / tp whole heads and the row-parallel dense layer sums their contributions."""
+    """Multi-head (or grouped-query) self-attention of block `layer_number` (1-based); each tensor-parallel
+    rank computes num_attention_heads / tp whole heads and the row-parallel dense layer sums their
+    contributions."""
 
     def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
         super().__init__()
         h, n = config.hidden_size, config.num_layers
         tp = group_size(tp_group)
+        q_rows, kv_rows, _ = config.qkv_rows
         self.config = config
         self.layer_number = layer_number
         self.local_heads = config.num_attention_heads // tp
+        self.local_kv_heads = config.num_kv_heads // tp
         if config.norm == "deepnorm":  # DeepNet: q, k gain 1; v and the output projection gain beta
-            qk_std = xavier_normal_std(1.0, h, h)
-            qkv_stds = (qk_std, qk_std, xavier_normal_std(config.deepnorm_beta, h, h))
+            qkv_stds = (xavier_normal_std(1.0, h, q_rows), xavier_normal_std(1.0, h, kv_rows),
+                        xavier_normal_std(config.deepnorm_beta, h, kv_rows))
             dense_std = xavier_normal_std(config.deepnorm_beta, h, h)
         else:
             qkv_stds = (config.init_std,) * 3
             dense_std = config.init_std / math.sqrt(2 * n)
         name = f"layers.{layer_number - 1}.attention"
         self.query_key_value = ColumnParallelLinear(
-            h, 3 * h, group=tp_group, init_method=fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp))
-        self.dense = RowParallelLinear(h, h, group=tp_group,
+            h, sum(config.qkv_rows), group=tp_group, bias=config.add_qkv_bias,
+            init_method=fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp, config.qkv_rows))
+        self.dense = RowParallelLinear(q_rows, h, group=tp_group, bias=config.add_bias_linear,
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
@@ -117,18 +124,22 @@ class SelfAttention(nn.Module):
         cached ones too in s_k."""
         b, s, _ = hidden.shape
         d = self.config.head_dim
-        qkv = self.query_key_value(hidden).view(b, s, 3, self.local_heads, d)  # [b, s, 3, n/tp, d]
-        q, k, v = qkv.unbind(dim=2)  # [b, s, n/tp, d] each
+        heads = (self.local_heads, self.local_kv_heads, self.local_kv_heads)
+        qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, (n + 2g)/tp, d]
+        q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g/tp, d] twice
         if self.config.position_embedding != "learned_2d":
             q = apply_position_rotary(q, position_ids, block_position_ids, self.config)
             k = apply_position_rotary(k, position_ids, block_position_ids, self.config)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, n/tp, s, d]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads/tp, s, d]
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # [b, n/tp, s_k, d]
+            k, v = kv_cache.append(k, v)  # [b, g/tp, s_k, d]
+        group = self.local_heads // self.local_kv_heads
+        if group > 1:  # each key/value head serves `group` consecutive query heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, n/tp, s_k, d]
         p = self.config.attention_dropout if self.training else 0.0
         with get_rng_tracker().fork() if p > 0 else nullcontext():  # only dropout draws random numbers
             context = self._core(q, k, v, mask, p)  # [b, n/tp, s, d]
-        context = context.transpose(1, 2).reshape(b, s, self.local_heads * d)  # [b, s, h/tp]
+        context = context.transpose(1, 2).reshape(b, s, self.local_heads * d)  # [b, s, n d/tp]
         return self.dense(context)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""One GLM transformer block: self-attention and MLP sublayers with pre-LN (GLM) or DeepNorm (GLM-130B).
+"""One GLM transformer block: self-attention and MLP sublayers with pre-LN (GLM, ChatGLM2/3, GLM-4) or
+DeepNorm (GLM-130B, ChatGLM-6B); LN is config.normalization (LayerNorm or RMSNorm, trainer/model/norm.py).
 
     pre_ln:    x = x + Attn(LN_in(x));              x = x + MLP(LN_post(x))
     deepnorm:  a = LN_in(x);  m = LN_post(alpha a + Attn(a));  x = alpha m + MLP(m),  alpha = (2N)^(1/2)
 The DeepNorm form is GLM-130B's placement of the same post-LN update x <- LN(alpha x + f(x)): the LayerNorm
 that closes a sublayer is the next block's input_layernorm (or the final LayerNorm), so the LayerNorm
-count and names match the pre-LN model and GLM-130B's checkpoints.
+count and names match the pre-LN model and GLM-130B's checkpoints. Written per sublayer it is ChatGLM-6B's
+residual x <- alpha LN(x) + f(LN(x)) (its blocks compute exactly this, with the same LayerNorm names).
 Dropout is applied to each sublayer output f(x) before the residual sum.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
 from trainer.model.mask import GLMMask
 from trainer.model.mlp import GLMMLP
+from trainer.model.norm import Norm
 
 
 class GLMBlock(nn.Module):
@@ -26,11 +29,10 @@ class GLMBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
         super().__init__()
-        h, eps = config.hidden_size, config.layernorm_epsilon
         self.deepnorm_alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
-        self.input_layernorm = nn.LayerNorm(h, eps=eps)
+        self.input_layernorm = Norm(config)
         self.attention = SelfAttention(config, layer_number, tp_group, seed)
-        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
+        self.post_attention_layernorm = Norm(config)
         self.mlp = GLMMLP(config, layer_number, tp_group, seed)
         self.dropout = nn.Dropout(config.hidden_dropout)
 

@@ -9,12 +9,16 @@ from typing import Optional
 from trainer.errors import ConfigError
 
 POSITION_EMBEDDINGS = ("learned_2d", "rope_1d", "rope_2d")
+ROTARY_PAIRINGS = ("half", "interleaved")
 NORMS = ("pre_ln", "deepnorm")
-MLPS = ("gelu", "geglu")
+NORMALIZATIONS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "geglu", "swiglu")
+GATED_MLPS = ("geglu", "swiglu")
 
 
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_size", "vocab_size", "max_sequence_length",
-              "position_embedding", "mlp", "norm")
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_size", "vocab_size",
+              "max_sequence_length", "position_embedding", "mlp", "norm", "normalization", "add_bias_linear",
+              "add_qkv_bias", "tie_word_embeddings")
 """What a checkpoint's tensors are tied to: a resume that changes one of them is refused, naming it."""
 
 
@@ -26,6 +30,10 @@ class ModelConfig:
     """Model width h."""
     num_attention_heads: int = 4
     """Attention heads; must divide hidden_size, and tensor-parallel size must divide it."""
+    num_key_value_heads: Optional[int] = None
+    """Key/value heads of grouped-query attention (each serves num_attention_heads / num_key_value_heads query
+    heads); 1 is multi-query attention, None (or num_attention_heads) multi-head attention. Tensor parallelism
+    splits them, so parallel.tp must divide it (ChatGLM2/3 and GLM-4: 2)."""
     vocab_size: int = 0
     """True vocabulary size. 0 takes it from the tokenizer at start-up."""
     vocab_pad_multiple: int = 128
@@ -40,12 +48,29 @@ class ModelConfig:
     (half the head dims rotated by position, half by block position)."""
     rope_base: float = 10000.0
     """RoPE base frequency."""
+    rotary_fraction: float = 1.0
+    """The share of each head's dims that rope_1d rotates (the first rotary_fraction * head_dim; the rest pass
+    through unrotated). ChatGLM2/3 and GLM-4: 0.5 (transformers' partial_rotary_factor)."""
+    rotary_pairing: str = "half"
+    """Which dims RoPE rotates together: half pairs (x_i, x_{i + r/2}) (GLM-130B, ChatGLM-6B), interleaved
+    pairs (x_{2i}, x_{2i + 1}) (GPT-J; ChatGLM2/3, GLM-4 and transformers' glm); r = the rotated dims."""
     norm: str = "pre_ln"
-    """pre_ln (GLM) or deepnorm (GLM-130B post-LN: x = LN(alpha * x + f(x)), alpha = (2N)^1/2)."""
+    """pre_ln (GLM, ChatGLM2/3, GLM-4) or deepnorm (GLM-130B post-LN: x = LN(alpha * x + f(x)),
+    alpha = (2N)^1/2; with GLM-130B's placement it is also ChatGLM-6B's x <- alpha LN(x) + f(LN(x)))."""
+    normalization: str = "layernorm"
+    """layernorm (with bias) or rmsnorm (x / sqrt(mean(x^2) + eps) * g, no bias; ChatGLM2/3, GLM-4)."""
     mlp: str = "gelu"
-    """gelu (h -> 4h -> h, tanh GeLU) or geglu (a * gelu(b), GLM-130B)."""
+    """gelu (h -> 4h -> h, tanh GeLU), geglu (a * gelu(b), GLM-130B) or swiglu (silu(gate) * up, first half
+    the gate as in ChatGLM2/3, GLM-4 and transformers' gate_up_proj)."""
+    add_bias_linear: bool = True
+    """Biases on the attention output projection and both MLP layers (ChatGLM2/3, GLM-4: none)."""
+    add_qkv_bias: bool = True
+    """Biases on the fused query/key/value projection (ChatGLM2/3, GLM-4 keep these)."""
+    tie_word_embeddings: bool = True
+    """The output layer is the word embedding (GLM, GLM-130B, ChatGLM-6B); False gives it its own
+    vocabulary-parallel weight output_layer.weight (ChatGLM2/3, GLM-4)."""
     layernorm_epsilon: float = 1e-5
-    """LayerNorm epsilon."""
+    """LayerNorm / RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init; output projections use init_std / sqrt(2N) (pre_ln only)."""
     hidden_dropout: float = 0.1
@@ -64,10 +89,30 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def num_kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
+    def qkv_rows(self) -> tuple[int, int, int]:
+        """Rows of the q, k and v parts of the fused query_key_value weight."""
+        kv = self.num_kv_heads * self.head_dim
+        return self.num_attention_heads * self.head_dim, kv, kv
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rope_1d rotates."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def gated_mlp(self) -> bool:
+        """The MLP's first layer outputs two halves, one gating the other (GeGLU, SwiGLU)."""
+        return self.mlp in GATED_MLPS
+
+    @property
     def ffn_size(self) -> int:
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
-        if self.mlp == "geglu":
+        if self.gated_mlp:
             return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
         return 4 * self.hidden_size
 
@@ -101,16 +146,30 @@ class ModelConfig:
         return multiple * math.ceil(self.vocab_size / multiple)
 
     def num_parameters(self, tp: int = 1) -> int:
-        """Closed-form parameter count of the whole model (tied output layer counted once)."""
-        h, f, n = self.hidden_size, self.ffn_size, self.num_layers
-        embedding = self.padded_vocab_size(tp) * h
+        """Closed-form parameter count of the whole model (a tied output layer counted once)."""
+        h = self.hidden_size
+        vocabulary = self.padded_vocab_size(tp) * h
+        embedding = vocabulary if self.tie_word_embeddings else 2 * vocabulary
         if self.position_embedding == "learned_2d":
             embedding += 2 * self.max_sequence_length * h
-        attention = 3 * h * h + 3 * h + h * h + h
-        ffn_in = 2 * f if self.mlp == "geglu" else f
-        mlp = ffn_in * h + ffn_in + f * h + h
-        norms = 2 * 2 * h
-        return embedding + n * (attention + mlp + norms) + 2 * h
+        return embedding + self.num_layers * sum(self.block_parameters()) + self.norm_parameters
+
+    @property
+    def norm_parameters(self) -> int:
+        """Parameters of one normalisation: gain and bias (LayerNorm) or gain (RMSNorm)."""
+        return 2 * self.hidden_size if self.normalization == "layernorm" else self.hidden_size
+
+    def block_parameters(self) -> tuple[int, int]:
+        """One block's parameters as (split over the tensor-parallel ranks, replicated on each): the
+        column-parallel q/k/v and h -> ffn weights and biases and the row-parallel weights are split; the
+        row-parallel biases and the two norms are replicated."""
+        h, f = self.hidden_size, self.ffn_size
+        qkv = sum(self.qkv_rows)
+        ffn_in = 2 * f if self.gated_mlp else f
+        split = qkv * h + (qkv if self.add_qkv_bias else 0) + h * h + ffn_in * h + f * h
+        split += ffn_in if self.add_bias_linear else 0
+        replicated = (2 * h if self.add_bias_linear else 0) + 2 * self.norm_parameters
+        return split, replicated
 
     def validate(self, tp: int = 1) -> None:
         """Raise ConfigError naming the problem and the fix."""
@@ -126,7 +185,8 @@ class ModelConfig:
         for name in ("layernorm_epsilon", "init_std", "rope_base"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigError(f"model.{name} must be a finite number > 0, got {getattr(self, name)}")
-        for name, allowed in (("position_embedding", POSITION_EMBEDDINGS), ("norm", NORMS), ("mlp", MLPS)):
+        for name, allowed in (("position_embedding", POSITION_EMBEDDINGS), ("norm", NORMS), ("mlp", MLPS),
+                              ("normalization", NORMALIZATIONS), ("rotary_pairing", ROTARY_PAIRINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.hidden_size % self.num_attention_heads:
@@ -137,9 +197,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by parallel.tp={tp}: "
                 f"each tensor-parallel rank must hold whole heads; choose tp from the divisors of the head count")
-        if self.position_embedding != "learned_2d" and self.head_dim % (4 if self.position_embedding == "rope_2d" else 2):
-            raise ConfigError(f"model.position_embedding={self.position_embedding} needs a head dim divisible by "
-                              f"{4 if self.position_embedding == 'rope_2d' else 2}, got {self.head_dim}")
+        self._validate_key_value_heads(tp)
+        self._validate_rotary()
         if self.ffn_size % tp:
             raise ConfigError(f"the MLP width {self.ffn_size} is not divisible by parallel.tp={tp}: "
                               f"set model.ffn_hidden_size to a multiple of tp")
@@ -148,3 +207,28 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.embedding_shrink_alpha <= 1.0:
             raise ConfigError(f"model.embedding_shrink_alpha must be in (0, 1], got {self.embedding_shrink_alpha}")
+
+    def _validate_key_value_heads(self, tp: int) -> None:
+        kv, n = self.num_kv_heads, self.num_attention_heads
+        if kv <= 0 or n % kv:
+            raise ConfigError(f"model.num_key_value_heads={kv} must be > 0 and divide model.num_attention_heads={n} "
+                              f"(each key/value head serves the same number of query heads)")
+        if kv % tp:
+            raise ConfigError(f"model.num_key_value_heads={kv} is not divisible by parallel.tp={tp}: each "
+                              f"tensor-parallel rank holds whole key/value heads (replicating them over more ranks "
+                              f"is not supported); choose tp from the divisors of {kv}")
+
+    def _validate_rotary(self) -> None:
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            raise ConfigError(f"model.rotary_fraction must be in (0, 1], got {self.rotary_fraction}")
+        if self.position_embedding == "learned_2d":
+            return
+        if self.position_embedding == "rope_2d" and self.rotary_fraction != 1.0:
+            raise ConfigError("model.rotary_fraction < 1 needs model.position_embedding=rope_1d: rope_2d rotates "
+                              "each half of a head by one of the two position ids")
+        if self.position_embedding == "rope_2d" and self.head_dim % 4:
+            raise ConfigError(f"model.position_embedding=rope_2d needs a head dim divisible by 4, got {self.head_dim}")
+        if self.position_embedding == "rope_1d" and (self.rotary_dim == 0 or self.rotary_dim % 2):
+            raise ConfigError(f"model.position_embedding=rope_1d rotates pairs of dims: head dim {self.head_dim} * "
+                              f"model.rotary_fraction={self.rotary_fraction} gives {self.rotary_dim} rotated dims; "
+                              f"choose a fraction that gives an even, non-zero number")

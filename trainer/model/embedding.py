@@ -1,20 +1,19 @@
-"""GLM's input embedding and its tied output layer (one module, so the pipeline can tie it across stages).
+"""GLM's input embedding, also the tied output layer's weight (one module, so the pipeline can tie it across
+stages; the logits are made in trainer/model/output.py).
 
     x = E_word[input_ids] (+ E_pos[position_ids] + E_block[block_position_ids] for learned_2d)
     x = x * a + x.detach() * (1 - a)            (embedding-gradient shrink, GLM-130B a = 0.1)
-    logits = x_final E_word^T                   (vocabulary-parallel: rank r gets its V_pad / tp columns)
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.init import normal_init
 from trainer.parallel.layers import VocabParallelEmbedding
-from trainer.parallel.mappings import copy_to_tp, group_size
+from trainer.parallel.mappings import group_size
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """What flows between pipeline pieces: (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s],
@@ -34,16 +33,10 @@ def _position_table(rows: int, width: int, init) -> nn.Embedding:
     return table
 
 
-def tied_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group=None) -> torch.Tensor:
-    """The output layer tied to the vocabulary-parallel embedding: [..., h] -> [..., V_pad / tp]
-    (the input is copied to the group, so its gradient is summed over the vocabulary shards)."""
-    return F.linear(copy_to_tp(hidden, tp_group), weight)
-
-
 class GLMEmbedding(nn.Module):
-    """The first pipeline piece (forward) and, tied to it, the output layer (logits).
+    """The first pipeline piece (forward) and, when the output layer is tied, its weight (output_weight).
     with_positions=False builds the word embedding alone: the copy on the last pipeline stage only
-    computes logits, so it carries no position tables."""
+    serves the output layer, so it carries no position tables."""
 
     def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, with_positions: bool = True):
         super().__init__()
@@ -51,7 +44,6 @@ class GLMEmbedding(nn.Module):
             raise ConfigError("model.vocab_size is 0 when building the model: set it, or let the trainer take "
                               "it from the tokenizer before the model is built")
         h = config.hidden_size
-        self.tp_group = tp_group
         self.shrink_alpha = config.embedding_shrink_alpha
         self.word_embeddings = VocabParallelEmbedding(
             config.padded_vocab_size(group_size(tp_group)), h, group=tp_group,
@@ -75,6 +67,7 @@ class GLMEmbedding(nn.Module):
         hidden = shrink_embedding_gradient(hidden, self.shrink_alpha)
         return self.dropout(hidden), position_ids, block_position_ids, segments
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [b, s, h] -> this rank's logits [b, s, V_pad / tp] (the tied output layer)."""
-        return tied_logits(hidden, self.word_embeddings.weight, self.tp_group)
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The tied output layer's weight [V_pad / tp, h]."""
+        return self.word_embeddings.weight

@@ -1,10 +1,12 @@
 """The GLM feed-forward block on a column-parallel / row-parallel pair.
 
-    gelu:  y = gelu(x A^T) B^T,              A [f, h], B [h, f]
-    geglu: y = (a * gelu(g)) B^T, [a, g] = x A^T,  A [2f, h] (GLM-130B)
-gelu is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). For GeGLU the full A is
-laid out rank-major, [A_a^(r); A_g^(r)] per rank r, so each rank holds its slice of both halves and
-splits its own output into (a, g) with no communication.
+    gelu:   y = gelu(x A^T) B^T,                   A [f, h], B [h, f]
+    geglu:  y = (a * gelu(g)) B^T,  [a, g] = x A^T,   A [2f, h] (GLM-130B)
+    swiglu: y = (silu(g) * u) B^T,  [g, u] = x A^T,   A [2f, h] (ChatGLM2/3, GLM-4; the gate comes first, as in
+            their checkpoints and transformers' gate_up_proj), silu(g) = g * sigmoid(g)
+gelu is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). For the gated MLPs the full A
+is laid out rank-major, [A_1^(r); A_2^(r)] per rank r, so each rank holds its slice of both halves and
+splits its own output in two with no communication. add_bias_linear=False drops both biases.
 """
 from __future__ import annotations
 
@@ -31,29 +33,39 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return a * gelu(g)
 
 
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """[g, u] on the last dim -> silu(g) * u."""
+    g, u = x.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+ACTIVATIONS = {"gelu": gelu, "geglu": geglu, "swiglu": swiglu}
+
+
 class GLMMLP(nn.Module):
-    """h -> f (or 2f for GeGLU) -> h; weights named dense_h_to_4h / dense_4h_to_h as in THUDM/GLM."""
+    """h -> f (or 2f for GeGLU / SwiGLU) -> h; weights named dense_h_to_4h / dense_4h_to_h as in THUDM/GLM."""
 
     def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
         super().__init__()
         h, f, n = config.hidden_size, config.ffn_size, config.num_layers
-        self.glu = config.mlp == "geglu"
-        f_in = 2 * f if self.glu else f
+        self.activation = ACTIVATIONS[config.mlp]
+        f_in = 2 * f if config.gated_mlp else f
         if config.norm == "deepnorm":  # Xavier normal with gain beta, fans of the full matrices
             std_in = xavier_normal_std(config.deepnorm_beta, h, f_in)
             std_out = xavier_normal_std(config.deepnorm_beta, f, h)
         else:
             std_in, std_out = config.init_std, config.init_std / math.sqrt(2 * n)
         name = f"layers.{layer_number - 1}.mlp"
-        if self.glu:
+        if config.gated_mlp:
             init_in = fused_normal_init(seed, f"{name}.dense_h_to_4h", (std_in, std_in), group_size(tp_group))
         else:
             init_in = normal_init(seed, f"{name}.dense_h_to_4h", std_in)
-        self.dense_h_to_4h = ColumnParallelLinear(h, f_in, group=tp_group, init_method=init_in)
-        self.dense_4h_to_h = RowParallelLinear(f, h, group=tp_group,
+        bias = config.add_bias_linear
+        self.dense_h_to_4h = ColumnParallelLinear(h, f_in, group=tp_group, bias=bias, init_method=init_in)
+        self.dense_4h_to_h = RowParallelLinear(f, h, group=tp_group, bias=bias,
                                                init_method=normal_init(seed, f"{name}.dense_4h_to_h", std_out))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [b, s, h] (replicated over the tp group) -> [b, s, h]."""
         intermediate = self.dense_h_to_4h(hidden)  # [b, s, f_in / tp]
-        return self.dense_4h_to_h(geglu(intermediate) if self.glu else gelu(intermediate))
+        return self.dense_4h_to_h(self.activation(intermediate))

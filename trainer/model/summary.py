@@ -11,6 +11,7 @@ from torch import nn
 
 from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMModel
+from trainer.model.output import OutputLayer
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
@@ -18,7 +19,7 @@ def _sharded_numel(model: nn.Module) -> int:
     """Parameters that tensor parallelism splits (the rest are replicated on every tp rank)."""
     total = 0
     for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding, OutputLayer)):
             total += sum(p.numel() for p in module.parameters(recurse=False))
         elif isinstance(module, RowParallelLinear):
             total += module.weight.numel()
@@ -47,13 +48,16 @@ def parameter_summary(config: ModelConfig, tp: int = 1) -> str:
     rows = [("embedding", _numel(model.embedding)),
             ("one block", _numel(layers[0])),
             (f"{len(layers)} blocks", _numel(layers)),
-            ("final layernorm", _numel(final_norm)),
-            ("total (counted)", counted),
+            ("final layernorm", _numel(final_norm))]
+    if model.output_layer is not None:
+        rows.append(("output layer (untied)", _numel(model.output_layer)))
+    rows += [("total (counted)", counted),
             ("total (closed form)", closed),
             (f"per tensor-parallel rank (tp={tp})", sharded // tp + counted - sharded)]
-    header = (f"GLM: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
-              f"ffn {config.ffn_size} ({config.mlp}), {config.position_embedding}, {config.norm}, "
-              f"vocab {config.vocab_size} padded to {config.padded_vocab_size(tp)}")
+    header = (f"GLM: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
+              f"({config.num_kv_heads} key/value), ffn {config.ffn_size} ({config.mlp}), {config.position_embedding}, "
+              f"{config.norm} {config.normalization}, vocab {config.vocab_size} padded to "
+              f"{config.padded_vocab_size(tp)}, output layer {'tied' if config.tie_word_embeddings else 'untied'}")
     lines = [header] + [f"  {name:<36}{count:>18,}  ({count / 1e9:.3f} B)" for name, count in rows]
     lines.append("  counted == closed form" if counted == closed
                  else f"  MISMATCH: counted - closed form = {counted - closed:,}")

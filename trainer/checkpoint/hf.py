@@ -1,0 +1,297 @@
+"""The bridge to HF transformers: read a `glm` (GlmForCausalLM) or ChatGLM2/3 (`chatglm`, remote code)
+directory, and write one that `AutoModelForCausalLM.from_pretrained(DIR)` loads with no remote code.
+
+A directory is config.json plus model.safetensors, or model-0000i-of-0000n.safetensors shards listed in
+model.safetensors.index.json. Canonical <- transformers' glm names (layer i):
+    embedding.word_embeddings.weight                 model.embed_tokens.weight
+    transformer.layers.i.input_layernorm.weight      model.layers.i.input_layernorm.weight
+    ...attention.query_key_value.{weight,bias}       [q_proj; k_proj; v_proj] of model.layers.i.self_attn
+    ...attention.dense.weight                        model.layers.i.self_attn.o_proj.weight
+    ...post_attention_layernorm.weight               model.layers.i.post_attention_layernorm.weight
+    ...mlp.dense_h_to_4h.weight                      model.layers.i.mlp.gate_up_proj.weight ([gate; up] both)
+    ...mlp.dense_4h_to_h.weight                      model.layers.i.mlp.down_proj.weight
+    transformer.final_layernorm.weight               model.norm.weight
+    output_layer.weight                              lm_head.weight (absent when tied)
+ChatGLM2/3 name the same tensors transformer.embedding.*, transformer.encoder.layers.i.self_attention.*,
+transformer.encoder.final_layernorm.*, transformer.output_layer.*, with query_key_value already fused
+[all q; all k; all v] as ours. transformers' glm is pre-RMSNorm, SwiGLU, rotary on the first
+partial_rotary_factor of each head with interleaved pairs, positions 0, 1, 2, ... and causal attention:
+a model with another switch (GLM-2021, GLM-130B, ChatGLM-6B) has no transformers class and is refused.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.checkpoint.layout import WORD_EMBEDDINGS, rule_for
+from trainer.errors import CheckpointError
+from trainer.model.config import ModelConfig
+from trainer.model.glm import GLMModel
+from trainer.model.output import OUTPUT_WEIGHT
+
+CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG = "generation_config.json", "tokenizer.json", "tokenizer_config.json"
+MODEL_TYPES = ("glm", "chatglm")
+GLM_TOP_LEVEL = {"model.embed_tokens.weight": WORD_EMBEDDINGS,
+                 "model.norm.weight": "transformer.final_layernorm.weight", "lm_head.weight": OUTPUT_WEIGHT}
+GLM_LAYER = {"input_layernorm.weight": "input_layernorm.weight", "self_attn.o_proj.weight": "attention.dense.weight",
+             "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+             "mlp.gate_up_proj.weight": "mlp.dense_h_to_4h.weight", "mlp.down_proj.weight": "mlp.dense_4h_to_h.weight"}
+"""transformers' glm names -> canonical names (per layer: the suffix after model.layers.i.)."""
+CHATGLM_PREFIXES = (("transformer.embedding.", "embedding."), ("transformer.encoder.layers.", "transformer.layers."),
+                    ("transformer.encoder.final_layernorm.", "transformer.final_layernorm."),
+                    ("transformer.output_layer.", "output_layer."))
+QKV = ("q_proj", "k_proj", "v_proj")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
+"""transformers' default shard size."""
+
+
+def is_hf_directory(path: Path) -> bool:
+    """A directory whose config.json names a model type this bridge reads (glm or chatglm)."""
+    try:
+        return json.loads((path / CONFIG).read_text()).get("model_type") in MODEL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _rope(meta: dict) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) from transformers' rope_parameters or the older top-level keys."""
+    rope = meta.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"rope type {rope['rope_type']!r} is not supported: only the default (unscaled) RoPE")
+    theta = rope.get("rope_theta", meta.get("rope_theta", 10000.0))
+    return float(theta), float(rope.get("partial_rotary_factor", meta.get("partial_rotary_factor", 0.5)))
+
+
+def glm_model_config(meta: dict) -> ModelConfig:
+    """A transformers `glm` config.json -> ModelConfig."""
+    if meta.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act {meta['hidden_act']!r} is not supported: glm checkpoints use silu (SwiGLU)")
+    h, n = meta["hidden_size"], meta["num_attention_heads"]
+    if meta.get("head_dim", h // n) * n != h:
+        raise CheckpointError(f"head_dim {meta['head_dim']} * {n} heads != hidden_size {h}: this trainer's heads "
+                              f"are hidden_size / num_attention_heads wide")
+    theta, fraction = _rope(meta)
+    return ModelConfig(num_layers=meta["num_hidden_layers"], hidden_size=h, num_attention_heads=n,
+                       num_key_value_heads=meta.get("num_key_value_heads") or n, vocab_size=meta["vocab_size"],
+                       max_sequence_length=meta["max_position_embeddings"], ffn_hidden_size=meta["intermediate_size"],
+                       position_embedding="rope_1d", rope_base=theta, rotary_fraction=fraction,
+                       rotary_pairing="interleaved", normalization="rmsnorm", mlp="swiglu",
+                       layernorm_epsilon=meta.get("rms_norm_eps", 1e-6), add_bias_linear=False,
+                       add_qkv_bias=meta.get("attention_bias", True),
+                       tie_word_embeddings=meta.get("tie_word_embeddings", False),
+                       hidden_dropout=0.0, attention_dropout=float(meta.get("attention_dropout", 0.0)))
+
+
+def chatglm_model_config(meta: dict) -> ModelConfig:
+    """A ChatGLM2/3 (remote code) config.json -> ModelConfig."""
+    if "position_encoding_2d" in meta:
+        raise CheckpointError("this is a ChatGLM-6B (first generation) checkpoint, whose per-head q/k/v layout this "
+                              "importer does not read: only ChatGLM2/3 and transformers' glm")
+    if meta.get("apply_residual_connection_post_layernorm") or not meta.get("rmsnorm", True):
+        raise CheckpointError("ChatGLM checkpoints with post-LN residuals or LayerNorm are not supported")
+    h, n = meta["hidden_size"], meta["num_attention_heads"]
+    if meta.get("kv_channels", h // n) * n != h:
+        raise CheckpointError(f"kv_channels {meta['kv_channels']} * {n} heads != hidden_size {h}")
+    kv_heads = meta["multi_query_group_num"] if meta.get("multi_query_attention") else n
+    return ModelConfig(num_layers=meta["num_layers"], hidden_size=h, num_attention_heads=n,
+                       num_key_value_heads=kv_heads, vocab_size=meta["padded_vocab_size"],
+                       max_sequence_length=meta["seq_length"], ffn_hidden_size=meta["ffn_hidden_size"],
+                       position_embedding="rope_1d", rope_base=10000.0 * meta.get("rope_ratio", 1.0),
+                       rotary_fraction=0.5, rotary_pairing="interleaved", normalization="rmsnorm", mlp="swiglu",
+                       layernorm_epsilon=meta.get("layernorm_epsilon", 1e-5),
+                       add_bias_linear=meta.get("add_bias_linear", False), add_qkv_bias=meta.get("add_qkv_bias", True),
+                       tie_word_embeddings=meta.get("tie_word_embeddings", False),
+                       hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    if (path / WEIGHTS).is_file():
+        return load_file(str(path / WEIGHTS))
+    if not (path / INDEX).is_file():
+        raise CheckpointError(f"{path} has neither {WEIGHTS} nor {INDEX}: only safetensors checkpoints are read "
+                              f"(convert pytorch_model*.bin files to safetensors first)")
+    shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise CheckpointError(f"{path / shard} (listed in {INDEX}) is missing")
+        tensors.update(load_file(str(path / shard)))
+    return tensors
+
+
+def canonical_from_glm(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' glm tensors -> canonical fp32 weights (q, k, v fused)."""
+    canonical = {GLM_TOP_LEVEL[name]: value for name, value in tensors.items() if name in GLM_TOP_LEVEL}
+    for i in range(config.num_layers):
+        source, target = f"model.layers.{i}.", f"transformer.layers.{i}."
+        for suffix, ours in GLM_LAYER.items():
+            canonical[target + ours] = tensors[source + suffix]
+        kinds = ("weight", "bias") if config.add_qkv_bias else ("weight",)
+        for kind in kinds:
+            parts = [tensors[f"{source}self_attn.{proj}.{kind}"] for proj in QKV]
+            canonical[f"{target}attention.query_key_value.{kind}"] = torch.cat(parts, dim=0)
+    return {name: value.float() for name, value in canonical.items()}
+
+
+def canonical_from_chatglm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ChatGLM2/3 tensors -> canonical fp32 weights (prefix renames; the rotary buffer is dropped)."""
+    canonical = {}
+    for name, value in tensors.items():
+        for prefix, ours in CHATGLM_PREFIXES:
+            if name.startswith(prefix):
+                canonical[ours + name[len(prefix):].replace("self_attention.", "attention.")] = value.float()
+    return canonical
+
+
+def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A transformers directory of model type glm or chatglm -> (ModelConfig, canonical fp32 weights)."""
+    meta = json.loads((path / CONFIG).read_text())
+    try:
+        if meta["model_type"] == "glm":
+            config = glm_model_config(meta)
+            weights = canonical_from_glm(read_tensors(path), config)
+        else:
+            config = chatglm_model_config(meta)
+            weights = canonical_from_chatglm(read_tensors(path))
+    except KeyError as missing:
+        raise CheckpointError(f"{path} lacks {missing} for a {meta['model_type']} checkpoint") from None
+    config.validate()
+    expected = _canonical_shapes(config)
+    if set(weights) != set(expected):
+        extra, lacking = sorted(set(weights) - set(expected)), sorted(set(expected) - set(weights))
+        raise CheckpointError(f"{path} does not hold the tensors of its config.json: missing {lacking[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(weights[name].shape)}, config.json says {shape}")
+    return config, weights
+
+
+def _canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The canonical name -> shape of every weight of a model of this config (a meta-device GLMModel)."""
+    with torch.device("meta"):
+        model = GLMModel(config)
+    shapes = {}
+    for name, param in model.named_parameters():
+        rule = rule_for(name, config)
+        shapes[name] = ((config.vocab_size, *param.shape[1:]) if rule.vocab else tuple(param.shape))
+    return shapes
+
+
+def hf_unsupported(config: ModelConfig) -> list[str]:
+    """Why transformers' glm cannot express this model (empty when it can)."""
+    expected = {"position_embedding": "rope_1d", "rotary_pairing": "interleaved", "norm": "pre_ln",
+                "normalization": "rmsnorm", "mlp": "swiglu", "add_bias_linear": False}
+    return [f"model.{key}={getattr(config, key)!r} (glm has {value!r})" for key, value in expected.items()
+            if getattr(config, key) != value]
+
+
+def check_hf_exportable(config: ModelConfig) -> None:
+    """Raise CheckpointError in one line when transformers has no class for the model."""
+    reasons = hf_unsupported(config)
+    if reasons:
+        raise CheckpointError("transformers has no model class for this GLM (GLM-2021, GLM-130B and ChatGLM-6B are "
+                              "not its glm type): " + ", ".join(reasons) + "; export it with --format glm instead")
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, object]) -> dict:
+    """transformers' glm config.json of the model; special_ids: pad/bos/eos_token_id (None when unknown)."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_base, "partial_rotary_factor": config.rotary_fraction}
+    return {"architectures": ["GlmForCausalLM"], "model_type": "glm", "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size, "intermediate_size": config.ffn_size,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": config.max_sequence_length, "rms_norm_eps": config.layernorm_epsilon,
+            "attention_bias": config.add_qkv_bias, "attention_dropout": config.attention_dropout,
+            "tie_word_embeddings": config.tie_word_embeddings, "initializer_range": config.init_std,
+            "rope_parameters": rope, "partial_rotary_factor": config.rotary_fraction, "rope_theta": config.rope_base,
+            "dtype": str(dtype).removeprefix("torch."), "use_cache": True, **special_ids}
+
+
+def hf_tensors(canonical: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Canonical weights -> transformers' glm names (q, k, v split), in the model's order."""
+    ours_to_glm = {ours: theirs for theirs, ours in GLM_TOP_LEVEL.items()}
+    tensors = {"model.embed_tokens.weight": canonical[WORD_EMBEDDINGS]}
+    for i in range(config.num_layers):
+        source, target = f"transformer.layers.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias") if config.add_qkv_bias else ("weight",):
+            parts = canonical[f"{source}attention.query_key_value.{kind}"].split(config.qkv_rows, dim=0)
+            tensors.update({f"{target}self_attn.{proj}.{kind}": part for proj, part in zip(QKV, parts)})
+        tensors.update({target + theirs: canonical[source + ours] for theirs, ours in GLM_LAYER.items()})
+    tensors["model.norm.weight"] = canonical["transformer.final_layernorm.weight"]
+    if not config.tie_word_embeddings:
+        tensors[ours_to_glm[OUTPUT_WEIGHT]] = canonical[OUTPUT_WEIGHT]
+    return tensors
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> int:
+    """model.safetensors, or (above max_shard_bytes) shards in order plus model.safetensors.index.json;
+    returns the number of files holding weights."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / WEIGHTS), metadata={"format": "pt"})
+        return 1
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return len(shards)
+
+
+def special_ids(tokenizer: Optional[Path]) -> dict[str, object]:
+    """config.json's pad/bos/eos_token_id from the run's tokenizer: padding and end <|endoftext|>, generation
+    also stopping at the end of a piece (eop); None each without a tokenizer."""
+    if tokenizer is None:
+        return {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    from trainer.data.tokenizer import load_tokenizer
+
+    loaded = load_tokenizer(tokenizer)
+    return {"pad_token_id": loaded.pad_id, "bos_token_id": None, "eos_token_id": [loaded.eot_id, loaded.eop_id]}
+
+
+def write_tokenizer_files(tokenizer: Path, config: ModelConfig, out_dir: Path) -> None:
+    """Copy tokenizer.json and write tokenizer_config.json for PreTrainedTokenizerFast."""
+    from trainer.data.tokenizer import EOT
+
+    shutil.copyfile(tokenizer, out_dir / TOKENIZER)
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_sequence_length,
+                "eos_token": EOT, "pad_token": EOT, "clean_up_tokenization_spaces": False}
+    (out_dir / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=1))
+
+
+def write_hf(canonical: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path, tokenizer: Optional[Path] = None,
+             dtype: torch.dtype = torch.float32, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+    """A transformers glm directory: config.json, the weights (sharded above max_shard_bytes),
+    generation_config.json and, given the run's tokenizer, tokenizer.json + tokenizer_config.json.
+    Refuses (before writing anything) a model transformers cannot express. Returns the weight files written."""
+    check_hf_exportable(config)
+    if tokenizer is not None and not tokenizer.is_file():
+        raise CheckpointError(f"tokenizer {tokenizer} does not exist: pass the tokenizer.json the run used")
+    ids = special_ids(tokenizer)  # a tokenizer without the special tokens is refused before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        write_tokenizer_files(tokenizer, config, out_dir)
+    tensors = {name: value.to(dtype) for name, value in hf_tensors(canonical, config).items()}
+    files = write_safetensors(tensors, out_dir, max_shard_bytes)
+    (out_dir / CONFIG).write_text(json.dumps(hf_config(config, dtype, ids), indent=1))
+    generation = {"do_sample": False, **ids}
+    (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation, indent=1))
+    return files

@@ -1,0 +1,51 @@
+"""GLM's output layer: final hidden states -> vocabulary-parallel logits, through the word embedding (tied)
+or a weight of its own.
+
+    logits = x_final W^T,   W = E_word (tied: GLM, GLM-130B, ChatGLM-6B) or W_out (ChatGLM2/3, GLM-4)
+W [V_pad, h] is split by vocabulary rows, so rank r computes its V_pad / tp columns of the logits.
+One head for every layout: the model's last piece (the single-process GLMModel and the pipeline's last stage
+alike) hands on (hidden, W) (`head_outputs`), and `vocab_parallel_logits` turns that into logits: GLMLoss at
+the positions the loss counts only, GLMModel.forward at every position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model.config import ModelConfig
+from trainer.model.init import normal_init
+from trainer.parallel.layers import sharded_parameter
+from trainer.parallel.mappings import copy_to_tp, group_size
+
+OUTPUT_WEIGHT = "output_layer.weight"
+"""The canonical name of the untied output weight."""
+
+
+def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """[..., h] -> [..., V_pad / tp] (the input is copied to the group, so its gradient is summed over the
+    vocabulary shards)."""
+    return F.linear(copy_to_tp(hidden, tp_group), weight)
+
+
+def head_outputs(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the last piece hands the loss: (final hidden [b, s, h], the output weight [V_pad / tp, h]) of
+    `head`, a GLMEmbedding (tied) or an OutputLayer."""
+    return hidden, head.output_weight
+
+
+class OutputLayer(nn.Module):
+    """The untied output layer: its own vocabulary-parallel weight [V_pad / tp, h], padding rows zero."""
+
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+        super().__init__()
+        self.weight = sharded_parameter(
+            (config.padded_vocab_size(group_size(tp_group)), config.hidden_size), 0, tp_group,
+            normal_init(seed, "output_layer", config.init_std, rows=config.vocab_size))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return head_outputs(self, hidden)
