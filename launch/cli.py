@@ -22,7 +22,7 @@ from typing import Optional
 
 from launch.devices import Cluster, discover, local_accelerator
 from launch.planner import Fixed, Plan, plan_layout
-from launch.supervisor import Start, supervise
+from launch.supervisor import RESTARTS_LOG, Start, supervise
 from trainer.config import Config, load_config, parse_override
 from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
@@ -220,6 +220,8 @@ def plan_start(args: argparse.Namespace, train_args: list[str], scratch: str, re
         hostfile = os.path.join(scratch, "hostfile")
         Path(hostfile).write_text("".join(f"{host} slots={slots}\n" for host, slots in plan.cluster.hosts))
     node = node_rank(args, plan.cluster, env)
+    if node == 0 and not restarts and not resolved.train.resume:  # a new run: metrics.jsonl is rewritten too
+        (run_dir / RESTARTS_LOG).unlink(missing_ok=True)
     if node in (None, 0):  # once per job, not once per node
         print(describe(plan), flush=True)
     layout = plan.layout

@@ -140,7 +140,7 @@ def test_runner_command_for_one_node_of_a_hostfile(tmp_path):
 def test_two_nodes_on_this_machine_match_one_process(tmp_path):
     """Two glm-launch processes, node ranks 0 and 1 of a two-host hostfile (one CPU rank each, dp 2), meet at
     127.0.0.1 without ssh and train the losses of one process run directly."""
-    steps = 4
+    steps = 3
     single = run_train(train_args(tmp_path / "single", steps))
     assert single.returncode == 0, single.stderr[-3000:]
     hosts = tmp_path / "hostfile"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from launch import devices
 from launch.devices import discover, expand_nodelist, parse_hostfile, parse_memory
 from trainer.errors import ConfigError
 
@@ -78,3 +79,17 @@ def test_nproc_splits_host_memory():
 def test_only_one_source():
     with pytest.raises(ConfigError, match="only one of"):
         discover(nproc=2, gpus=2, env={})
+
+
+def test_nproc_in_a_slurm_job_means_n_cpu_processes_on_every_node():
+    cluster = discover(nproc=2, env={"SLURM_JOB_NODELIST": "n[1-2]"})
+    assert (cluster.hosts, cluster.kind, cluster.source) == ((("n1", 2), ("n2", 2)), "cpu", "slurm")
+
+
+def test_a_hostfile_on_a_cpu_node_means_a_cpu_process_per_slot(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices, "local_accelerator", lambda: ("cpu", 0, 0))  # DeepSpeed's accelerator: the CPU
+    path = tmp_path / "hostfile"
+    path.write_text("a slots=2\nb slots=1\n")
+    cluster = discover(hostfile=str(path), env={})
+    assert (cluster.kind, cluster.world_size, cluster.source) == ("cpu", 3, "hostfile")
+    assert cluster.memory_bytes > 0

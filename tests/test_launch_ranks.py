@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from launch.ranks import RankProcesses, describe_status
+from launch.ranks import RankProcesses, describe_status, exit_status
 
 # A stand-in for DeepSpeed's launch.py: two "ranks" with RANK set, each starting a child that inherits RANK
 # (as a compiler started by a rank does), reaped only when the parent is killed.
@@ -37,13 +37,13 @@ def test_a_killed_rank_is_named_with_its_signal_and_a_stopped_one_is_seen():
         assert ranks.stopped() == [0]
         os.kill(ranks.pids[1], signal.SIGKILL)
         ranks.wait(5)  # the pidfd wakes at the exit
-        assert ranks.failure() == (1, "rank 1 was killed by SIGKILL")
+        assert ranks.failure() == (1, signal.SIGKILL)  # the wait status of a kill: the signal's number
     finally:
         ranks.close()
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait()
 
 
-def test_wait_statuses_in_words():
-    assert describe_status(9) == "was killed by SIGKILL"
-    assert describe_status(2 << 8) == "exited with status 2"
+def test_wait_statuses_in_words_and_as_exit_statuses():
+    assert (describe_status(9), exit_status(9)) == ("was killed by SIGKILL", 137)
+    assert (describe_status(2 << 8), exit_status(2 << 8)) == ("exited with status 2", 2)

@@ -18,7 +18,7 @@ from launch.supervisor import Start, supervise
 from trainer.errors import ConfigError
 from tests.glm_processes import metrics, start_launch, tiny_overrides, wait_all, wait_for_step
 
-STEPS = 6
+STEPS = 5
 SAVE = "train.save_interval=2"
 
 
@@ -109,7 +109,7 @@ def test_sigkill_of_a_rank_restarts_from_the_checkpoint(reference, tmp_path):
 
 
 def test_sigstop_of_a_rank_is_a_stall_detected_within_the_timeout(reference, tmp_path):
-    run_dir, timeout_minutes = tmp_path / "run", 0.4
+    run_dir, timeout_minutes = tmp_path / "run", 0.3
     launch = start_launch(["--nproc", "2", "--max-restarts", "1", "--",
                            *tiny_overrides(run_dir, STEPS, SAVE, f"train.collective_timeout_minutes={timeout_minutes}")],
                           tmp_path / "launch.log")
@@ -117,8 +117,10 @@ def test_sigstop_of_a_rank_is_a_stall_detected_within_the_timeout(reference, tmp
     wait_for_step(run_dir, 3, [launch])
     stopped_at = time.monotonic()
     os.kill(victim, signal.SIGSTOP)
+    # Detected at the timeout after the last finished step; restarts.jsonl follows the restart's planning
+    # (which imports DeepSpeed: seconds on a busy 2-core machine).
     while not (run_dir / "restarts.jsonl").exists():
-        assert time.monotonic() - stopped_at < timeout_minutes * 60 + 10, "the stall was not detected"
+        assert time.monotonic() - stopped_at < timeout_minutes * 60 + 30, "the stall was not detected"
         assert launch.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
         time.sleep(0.1)
     assert wait_all([launch]) == [0], (tmp_path / "launch.log").read_text()[-3000:]
