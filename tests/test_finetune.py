@@ -16,7 +16,7 @@ from trainer.data.prep import main as prep_main
 from trainer.data.tokenizer import load_tokenizer
 from trainer.engine.finetune import is_frozen
 from trainer.engine.loop import pipeline_format
-from trainer.generate import fill_blanks
+from trainer.decoding import fill_blanks
 from trainer.model import GLMLoss
 
 RECORDS = [("What is the capital of France?", " Paris."), ("Name a primary colour.", " Blue."),

@@ -1,4 +1,4 @@
-"""glm-generate: the KV-cache path equals recomputing the whole sequence (logits to 1e-5, same tokens),
+"""glm-generate and its decoding (trainer/decoding.py): the KV-cache path equals recomputing the whole sequence (logits to 1e-5, same tokens),
 greedy and top-p, several blanks and [gMASK], and GLM-4's causal format; tp=2 generates what tp=1 does; the
 CLI on an export."""
 import pytest
@@ -8,8 +8,8 @@ from tests.distributed import run_distributed
 from trainer.checkpoint.export import write_export
 from trainer.checkpoint.model_source import build_model
 from trainer.data.tokenizer import train_tokenizer
-from trainer.generate import (cached_step, causal_prompt, continue_causal, encode_prompt, fill_blanks, main,
-                              recompute_step)
+from trainer.decoding import cached_step, causal_prompt, continue_causal, encode_prompt, fill_blanks, recompute_step
+from trainer.generate import main
 from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
 
@@ -109,10 +109,10 @@ def test_cli_on_an_export(tmp_path, capsys):
 def test_a_blank_that_never_ends_stops_inside_the_position_table(monkeypatch, use_cache):
     # --max-new-tokens beyond the model's positions: a fill that never samples [eop] stops at the last block
     # position the learned table holds (an IndexError in the embedding before).
-    import trainer.generate
+    import trainer.decoding
 
     tokenizer, config, model, _ = _setup()
-    monkeypatch.setattr(trainer.generate, "sample", lambda *args: 7)
+    monkeypatch.setattr(trainer.decoding, "sample", lambda *args: 7)
     _, spans = fill_blanks(model, tokenizer, "the cat [MASK] on the [MASK].", config.max_sequence_length,
                            config.vocab_size, max_new_tokens=1000, use_cache=use_cache)
     assert [len(span) for span in spans] == [config.max_sequence_length - 1] * 2

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
-from trainer.generate import encode_prompt, full_vocab_logits, load_inference
-from trainer.source_args import add_source_arguments
+from trainer.decoding import encode_prompt, full_vocab_logits
+from trainer.source_args import add_source_arguments, load_source_model
 from trainer.model.mask import segments_of_sep
 
 
@@ -116,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not isinstance(verbalizers, dict) or len(verbalizers) < 2:
         raise ConfigError("--verbalizers must map at least two labels to words")
     records = read_records(args.data)
-    model, config, tokenizer, tp_group = load_inference(args)
+    model, config, tokenizer, tp_group = load_source_model(args)
     result = evaluate_cloze(model, tokenizer, records, args.template, verbalizers, config.vocab_size, tp_group,
                             config.max_sequence_length)
     if int(os.environ.get("RANK", "0")) == 0:

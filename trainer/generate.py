@@ -1,215 +1,25 @@
 """glm-generate: fill every [MASK] of a text, or continue it after [gMASK], with GLM's blank infilling; or
-continue it left to right in GLM-4's format (--causal).
+continue it left to right in GLM-4's format (--causal). The decoding itself is trainer/decoding.py.
 
     glm-generate SOURCE --text "The capital of France is [MASK]." [--top-p 0.9 --seed 0] [--max-new-tokens 32]
     glm-generate SOURCE --causal --text "Once upon a time"
 
-Part A = [CLS] + the text, each [MASK] / [sMASK] / [gMASK] marker one mask token (a text without a marker
-gets [gMASK] appended: continue after it). Part A positions 0..sep-1, block positions 0. The blanks are
-filled in text order, each as Part B: [sop] + generated tokens with position id = the mask's position and
-block positions 1, 2, ..., until [eop]; a later blank sees the earlier fills (Part B is causal).
-With the KV cache every step feeds only the new token; the keys and values of all earlier positions are
-kept per block, which equals recomputing the whole sequence. Under tensor parallelism (glm-generate run
-with WORLD_SIZE = tp ranks) the vocabulary-sharded logits are gathered and every rank samples the same
-token from the same seeded generator. SOURCE is anything glm-ckpt reads (docs/CHECKPOINTS.md).
-
---causal prompts as ChatGLM2/3 and GLM-4 do: [gMASK] <sop> + the text, generated left to right until
-<|endoftext|> or <|endofpiece|>. [gMASK] is Part A (position 0) and everything after it one Part B span
-(position 0, block positions 1, 2, ...), so rope_1d sees the positions 0, 1, 2, ... of a causal language model
-and the mask is causal: the same computation as transformers' GlmForCausalLM.
+Each blank is filled in text order as a Part B span until [eop] or --max-new-tokens; with --causal the text
+follows [gMASK] <sop> and is continued until <|endoftext|>. Under tensor parallelism (glm-generate run with
+WORLD_SIZE = tp ranks) every rank samples the same token from the same seeded generator. SOURCE is anything
+glm-ckpt reads (docs/CHECKPOINTS.md).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import re
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-
-from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
-from trainer.source_args import add_source_arguments, given_model_config, tokenizer_path
-
-MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
-Step = Callable[[list[int], list[int], list[int]], torch.Tensor]
-"""Feed new (ids, position ids, block position ids) -> the full-vocabulary logits [V] after the last one."""
-
-
-def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
-    """Text with mask markers -> (Part A ids, the positions of its mask tokens in text order)."""
-    if not MARKERS.search(text):
-        text += "[gMASK]"
-    marker_ids = {"[MASK]": tokenizer.mask_id, "[sMASK]": tokenizer.smask_id, "[gMASK]": tokenizer.gmask_id}
-    part_a, masks = [tokenizer.require_cls("blank infilling")], []
-    for piece in MARKERS.split(text):
-        if piece in marker_ids:
-            masks.append(len(part_a))
-            part_a.append(marker_ids[piece])
-        elif piece:
-            part_a += tokenizer.encode(piece)
-    return part_a, masks
-
-
-def block_step(layer, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
-               mask: torch.Tensor, cache) -> torch.Tensor:
-    """GLMBlock on the new positions only, its attention reading and extending the KV cache."""
-    return layer.residual(hidden, lambda x: layer.attention(x, position_ids, block_position_ids, mask, kv_cache=cache))
-
-
-def full_vocab_logits(model, hidden: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
-    """Final hidden [b, s, h] -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
-    from trainer.parallel.mappings import gather_from_tp
-
-    return gather_from_tp(model.logits(hidden), tp_group)[..., :vocab_size].float()
-
-
-def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
-    """A Step that keeps one KVCache per block and runs only the new positions."""
-    from trainer.model.attention import KVCache
-    from trainer.model.mask import dense_mask, segments_of_sep
-
-    layers = model.transformer["layers"]
-    caches = [KVCache() for _ in layers]
-    seen = [0]
-
-    def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
-        device = next(model.parameters()).device
-        ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in (ids, positions, blocks))  # [1, s_new]
-        segments = segments_of_sep(torch.tensor([sep], device=device), len(ids))  # [1, 2, s_new]
-        seen[0] += len(ids)
-        mask = dense_mask(segments, num_keys=seen[0])  # [1, 1, s_new, s_past + s_new]
-        hidden = model.embedding((ids_t, pos_t, block_t, segments))[0]  # [1, s_new, h]
-        for layer, cache in zip(layers, caches):
-            hidden = block_step(layer, hidden, pos_t, block_t, mask, cache)
-        hidden = model.transformer["final_layernorm"]((hidden,))
-        return full_vocab_logits(model, hidden, vocab_size, tp_group)[0, -1]
-
-    return step
-
-
-def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
-    """A Step that reruns GLMModel over the whole sequence so far (the reference for the cache)."""
-    from trainer.model.mask import segments_of_sep
-
-    context: list[list[int]] = [[], [], []]
-
-    def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
-        for held, new in zip(context, (ids, positions, blocks)):
-            held += new
-        device = next(model.parameters()).device
-        ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in context)  # [1, s]
-        segments = segments_of_sep(torch.tensor([sep], device=device), ids_t.shape[1])  # [1, 2, s]
-        activations = model.embedding((ids_t, pos_t, block_t, segments))
-        for layer in model.transformer["layers"]:
-            activations = layer(activations)
-        hidden = model.transformer["final_layernorm"](activations)
-        return full_vocab_logits(model, hidden, vocab_size, tp_group)[0, -1]
-
-    return step
-
-
-def causal_prompt(text: str, tokenizer) -> list[int]:
-    """GLM-4's prompt: [gMASK] <sop> + the text (no markers: it is continued, not infilled)."""
-    return [tokenizer.gmask_id, tokenizer.sop_id] + tokenizer.encode(text)
-
-
-@torch.no_grad()
-def continue_causal(model, prompt: list[int], max_sequence_length: int, vocab_size: int, max_new_tokens: int,
-                    stop_ids: frozenset[int] = frozenset(), top_p: float = 0.0, temperature: float = 1.0,
-                    seed: int = 0, use_cache: bool = True, tp_group=None) -> list[int]:
-    """The tokens generated after `prompt` (its first token the one-token Part A, e.g. [gMASK]; the rest
-    Part B at position 0, block positions 1, 2, ...), until a token of stop_ids (not returned) or
-    max_new_tokens."""
-    n = len(prompt)
-    if n + max_new_tokens > max_sequence_length:
-        raise DataError(f"a prompt of {n} tokens plus {max_new_tokens} new ones exceeds the model's "
-                        f"{max_sequence_length} positions: shorten it or lower --max-new-tokens")
-    step = (cached_step if use_cache else recompute_step)(model, 1, vocab_size, tp_group)
-    generator = torch.Generator().manual_seed(seed)
-    logits = step(prompt, [0] * n, list(range(n)))
-    generated: list[int] = []
-    while len(generated) < max_new_tokens:
-        token = sample(logits, top_p, temperature, generator)
-        if token in stop_ids:
-            break
-        generated.append(token)
-        logits = step([token], [0], [n + len(generated) - 1])
-    return generated
-
-
-def sample(logits: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator) -> int:
-    """Greedy (top_p = 0) or nucleus sampling: the smallest set of most likely tokens whose probability
-    reaches top_p, renormalised. The same generator state on every tp rank gives the same token."""
-    if top_p <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the token that crosses top_p is kept
-    kept = sorted_probs * keep
-    choice = torch.multinomial((kept / kept.sum()).cpu(), 1, generator=generator)
-    return int(order[choice])
-
-
-@torch.no_grad()
-def fill_blanks(model, tokenizer, text: str, max_sequence_length: int, vocab_size: int, max_new_tokens: int = 32,
-                top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, use_cache: bool = True,
-                tp_group=None) -> tuple[str, list[list[int]]]:
-    """The text with every blank filled, and the generated ids of each blank."""
-    part_a, masks = encode_prompt(text, tokenizer)
-    sep = len(part_a)
-    if sep > max_sequence_length:
-        raise DataError(f"the prompt is {sep} tokens but the model holds {max_sequence_length} positions: shorten it")
-    step = (cached_step if use_cache else recompute_step)(model, sep, vocab_size, tp_group)
-    generator = torch.Generator().manual_seed(seed)
-    step(part_a, list(range(sep)), [0] * sep)  # Part A fills the caches
-    spans = []
-    # Block positions 1, 2, ... index a learned table of max_sequence_length rows: a span fed up to block
-    # position longest fits it whatever --max-new-tokens asks.
-    longest = min(max_new_tokens, max_sequence_length - 1)
-    for position in masks:
-        span: list[int] = []
-        logits = step([tokenizer.sop_id], [position], [1])
-        while True:
-            token = sample(logits, top_p, temperature, generator)
-            if token == tokenizer.eop_id:
-                break
-            span.append(token)
-            if len(span) == longest:
-                break
-            logits = step([token], [position], [len(span) + 1])
-        spans.append(span)
-    pieces, previous = [], 1
-    for position, span in zip(masks, spans):
-        pieces.append(tokenizer.decode(part_a[previous:position]) + tokenizer.decode(span))
-        previous = position + 1
-    return "".join(pieces) + tokenizer.decode(part_a[previous:]), spans
-
-
-def load_inference(args: argparse.Namespace):
-    """(model shard, ModelConfig, tokenizer, tp_group) from the common arguments of glm-generate / glm-eval.
-    Under a launcher (WORLD_SIZE > 1) every rank is one tensor-parallel rank."""
-    from trainer.checkpoint.model_source import build_model, read_weights
-    from trainer.data.tokenizer import load_tokenizer
-
-    if not args.source.exists():
-        raise ConfigError(f"{args.source} does not exist: give a run directory, a checkpoint, an export or a "
-                          f"THUDM release")
-    tokenizer = tokenizer_path(args)
-    if tokenizer is None:
-        raise ConfigError(f"no tokenizer: {args.source} ships no tokenizer.json; pass --tokenizer PATH")
-    config, weights = read_weights(args.source, given_model_config(args))
-    tp_group = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from trainer.engine.distributed import init_distributed
-        from trainer.parallel.topology import Topology
-
-        _, world_size = init_distributed()
-        config.validate(world_size)
-        tp_group = Topology.create(world_size, 1).tp_group
-    return build_model(config, weights, tp_group), config, load_tokenizer(tokenizer), tp_group
-
+from trainer.decoding import causal_prompt, continue_causal, fill_blanks
+from trainer.errors import ConfigError, OneLineParser, exits_on_error
+from trainer.source_args import add_source_arguments, load_source_model
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-generate", description=__doc__,
@@ -233,7 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finite_temperature = math.isfinite(args.temperature) and args.temperature > 0
     if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or not finite_temperature:
         raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature a finite number > 0")
-    model, config, tokenizer, tp_group = load_inference(args)
+    model, config, tokenizer, tp_group = load_source_model(args)
     if args.causal:
         generated = continue_causal(model, causal_prompt(args.text, tokenizer), config.max_sequence_length,
                                     config.vocab_size, args.max_new_tokens,

@@ -4,10 +4,12 @@ so `--config` is needed only for checkpoints saved before they recorded it; a gi
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Optional
 
 from trainer.config import add_config_arguments, load_config
+from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 
 SOURCE_HELP = ("a run directory, its checkpoints/ or a global_stepN directory, an export, a THUDM/GLM release or a "
@@ -49,3 +51,27 @@ def tokenizer_path(args: argparse.Namespace) -> Optional[Path]:
     if own is None and getattr(args, "config", None):
         return resolve_paths(load_config(args.config, args.overrides).data)[1]
     return own
+
+
+def load_source_model(args: argparse.Namespace):
+    """(model shard, ModelConfig, tokenizer, tp_group) from the source arguments of glm-generate / glm-eval.
+    Under a launcher (WORLD_SIZE > 1) every rank is one tensor-parallel rank."""
+    from trainer.checkpoint.model_source import build_model, read_weights
+    from trainer.data.tokenizer import load_tokenizer
+
+    if not args.source.exists():
+        raise ConfigError(f"{args.source} does not exist: give a run directory, a checkpoint, an export or a "
+                          f"THUDM release")
+    tokenizer = tokenizer_path(args)
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer: {args.source} ships no tokenizer.json; pass --tokenizer PATH")
+    config, weights = read_weights(args.source, given_model_config(args))
+    tp_group = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from trainer.engine.distributed import init_distributed
+        from trainer.parallel.topology import Topology
+
+        _, world_size = init_distributed()
+        config.validate(world_size)
+        tp_group = Topology.create(world_size, 1).tp_group
+    return build_model(config, weights, tp_group), config, load_tokenizer(tokenizer), tp_group
