@@ -1,5 +1,5 @@
-"""glm-generate and its decoding (trainer/decoding.py): the KV-cache path equals recomputing the whole sequence (logits to 1e-5, same tokens),
-greedy and top-p, several blanks and [gMASK], and GLM-4's causal format; tp=2 generates what tp=1 does; the
+"""glm-generate and its decoding (trainer/decoding.py): the KV-cache path equals recomputing the whole
+sequence (logits to 1e-5, same tokens), greedy and top-p, several blanks and [gMASK], and GLM-4's causal format; tp=2 generates what tp=1 does; the
 CLI on an export."""
 import pytest
 import torch
