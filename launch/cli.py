@@ -1,14 +1,14 @@
 """glm-launch: discover the devices, plan the 3D layout, start the ranks with DeepSpeed's launcher.
 
     glm-launch --config FILE [--nproc N | --gpus N [--gpus-per-node G] | --hostfile F [--node-rank R]]
-               [--tp T] [--pp P] [--micro-batch M] [--checkpoint-interval K] [--gpu-memory 80GB]
+               [--tp T] [--pp P] [--micro-batch M] [--recompute-interval K] [--gpu-memory 80GB]
                [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
                [--dry-run] [-- glm-train arguments]
 
 The plan reaches every rank as glm-train `--set parallel.*` overrides after the user's own, so all
 ranks read the same resolved layout. The planner chooses parallel.tp, pp, micro_batch_size and
-activation_checkpoint_interval whatever the YAML says; --tp / --pp / --micro-batch /
---checkpoint-interval, or those keys in a `--set` after `--`, fix them instead.
+recompute_interval whatever the YAML says; --tp / --pp / --micro-batch /
+--recompute-interval, or those keys in a `--set` after `--`, fix them instead.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
-                "activation_checkpoint_interval": "checkpoint_interval"}
+                "recompute_interval": "recompute_interval"}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--tp", type=int, help="fix the tensor-parallel size")
     parser.add_argument("--pp", type=int, help="fix the pipeline-parallel size")
     parser.add_argument("--micro-batch", type=int, help="fix the micro-batch size per rank")
-    parser.add_argument("--checkpoint-interval", type=int, help="fix activation checkpointing (every K blocks; 0 off)")
+    parser.add_argument("--recompute-interval", type=int, help="fix activation recomputation (every K blocks; 0 off)")
     parser.add_argument("--gpu-memory", help="memory per device, e.g. 80GB or 40GiB (default: measured here)")
     parser.add_argument("--node-rank", type=int, help="with --hostfile: start only the ranks of this node (the "
                                                       "hostfile's host R, from 0), without ssh; one glm-launch per node")
@@ -79,7 +79,7 @@ def fixed_choices(args: argparse.Namespace, overrides: list[str]) -> Fixed:
         given.update(parse_override(text).get("parallel") or {})
     fixed = {field: given[key] for key, field in _LAYOUT_KEYS.items() if key in given}
     flags = {"tp": args.tp, "pp": args.pp, "micro_batch": args.micro_batch,
-             "checkpoint_interval": args.checkpoint_interval}
+             "recompute_interval": args.recompute_interval}
     fixed.update({field: value for field, value in flags.items() if value is not None})
     return Fixed(**fixed)
 
@@ -126,8 +126,8 @@ def describe(plan: Plan) -> str:
         f"devices: {cluster.world_size} {cluster.kind} on {nodes} node{'s' * (nodes > 1)} ({cluster.source}), "
         f"{cluster.memory_bytes / 1e9:.1f} GB each",
         f"layout:  tp {layout.tp} x pp {layout.pp} x dp {layout.dp}; micro-batch {layout.micro_batch} x "
-        f"accumulation {layout.grad_accum} x dp = global batch {plan.global_batch}; activation checkpointing "
-        f"{'every %d block(s)' % layout.checkpoint_interval if layout.checkpoint_interval else 'off'}",
+        f"accumulation {layout.grad_accum} x dp = global batch {plan.global_batch}; activation recomputation "
+        f"{'every %d block(s)' % layout.recompute_interval if layout.recompute_interval else 'off'}",
         f"blocks:  {' '.join(map(str, plan.blocks))} per stage",
         f"memory:  {peak.total / 1e9:.2f} GB estimated on stage {peak.stage} (weights {peak.weights / 1e9:.2f}, "
         f"grads {peak.gradients / 1e9:.2f}, optimizer {peak.optimizer_states / 1e9:.2f}, activations "

@@ -10,8 +10,8 @@ For a stage holding P parameters (this tensor-parallel rank's share) the estimat
                               fp32 copy of the partition it updates
     activations = in_flight * saved_per_micro_batch + recompute
                   in_flight = min(pp - stage, grad_accum): 1F1B keeps stage i's activations of up to
-                  pp - i micro-batches alive (stage 0 the most); without checkpointing a micro-batch
-                  saves every block's tensors for backward; with checkpointing every k blocks it saves
+                  pp - i micro-batches alive (stage 0 the most); without recomputation a micro-batch
+                  saves every block's tensors for backward; with recomputation every k blocks it saves
                   only each segment's input [b, s, h], and backward recomputes one segment (k blocks)
                   of one micro-batch at a time
     total       = (1 + MARGIN) * (states + activations) + RUNTIME_RESERVE
@@ -61,14 +61,14 @@ class Workload:
 @dataclass(frozen=True)
 class Layout:
     """A 3D layout: tp * pp * dp processes, micro_batch * grad_accum * dp samples per step,
-    activations recomputed every checkpoint_interval blocks (0 = never)."""
+    activations recomputed every recompute_interval blocks (0 = never)."""
 
     tp: int
     pp: int
     dp: int
     micro_batch: int
     grad_accum: int
-    checkpoint_interval: int
+    recompute_interval: int
 
     @property
     def world_size(self) -> int:
@@ -124,7 +124,7 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: i
 
 
 def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
-    """Bytes one block saves for backward for one micro-batch (no checkpointing).
+    """Bytes one block saves for backward for one micro-batch (no recomputation).
 
     With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width:
       e s b h * 4        inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
@@ -183,7 +183,7 @@ def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> Sta
 
     per_block = block_activation_bytes(work, layout.tp, layout.micro_batch)
     ends = _ends_activation_bytes(work, layout.tp, layout.pp, stage, layout.micro_batch)
-    k = layout.checkpoint_interval
+    k = layout.recompute_interval
     if k > 0:
         segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * work.model.hidden_size
         saved = math.ceil(blocks / k) * segment_input + ends

@@ -1,10 +1,10 @@
 """The layout planner: from a cluster and a config to (tp, pp, dp, micro-batch, accumulation,
-activation checkpointing), following the rules that work at scale (Narayanan et al. 2021, GLM-130B):
+activation recomputation), following the rules that work at scale (Narayanan et al. 2021, GLM-130B):
 
 - tensor parallelism stays inside a node: tp <= devices per node, tp divides every node's device
   count, the attention heads and the MLP width;
 - pipeline parallelism only when the model fits no other way: the smallest pp wins, and at each pp
-  plain training is preferred to activation checkpointing, then the smallest tp;
+  plain training is preferred to activation recomputation, then the smallest tp;
 - data parallelism takes the rest: dp = world / (tp * pp), and dp must divide the global batch;
 - the micro-batch is the largest that fits whose 1F1B bubble (pp - 1) / (grad_accum + pp - 1) stays
   under BUBBLE_LIMIT; when none does, the smallest that fits (the most micro-batches in flight).
@@ -35,7 +35,7 @@ class Fixed:
     tp: Optional[int] = None
     pp: Optional[int] = None
     micro_batch: Optional[int] = None
-    checkpoint_interval: Optional[int] = None
+    recompute_interval: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Plan:
         layout = self.layout
         return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
-                f"parallel.activation_checkpoint_interval={layout.checkpoint_interval}"]
+                f"parallel.recompute_interval={layout.recompute_interval}"]
 
     def ranks(self) -> list[dict]:
         """Host, device, (pp, dp, tp) coordinates and blocks [first, stop) of every global rank."""
@@ -73,7 +73,7 @@ class Plan:
         layout, peak = self.layout, self.peak
         return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
                 "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
-                "global_batch": self.global_batch, "activation_checkpoint_interval": layout.checkpoint_interval,
+                "global_batch": self.global_batch, "recompute_interval": layout.recompute_interval,
                 "pipeline_bubble": round(bubble(layout), 4), "blocks_per_stage": self.blocks,
                 "devices": self.cluster.to_dict(),
                 "memory": {"per_gpu_estimate_bytes": peak.total, "per_gpu_estimate_gb": round(peak.total / 1e9, 2),
@@ -134,7 +134,7 @@ def _candidates(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixe
 
 def search(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed = Fixed()) -> Optional[Plan]:
     """The preferred layout that fits, or None."""
-    intervals = [fixed.checkpoint_interval] if fixed.checkpoint_interval is not None else [0, 1]
+    intervals = [fixed.recompute_interval] if fixed.recompute_interval is not None else [0, 1]
     candidates = list(_candidates(work, cluster, global_batch, fixed))
     for pp in sorted({pp for _, pp, _ in candidates}):
         for interval in intervals:
@@ -168,10 +168,10 @@ def smallest_cluster(work: Workload, cluster: Cluster, global_batch: int, fixed:
 
 def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) -> int:
     """Bytes per device of the most memory-frugal layout this node shape allows (largest tp, one block
-    per stage, optimizer sharded over the whole global batch, micro-batch 1, checkpointing)."""
+    per stage, optimizer sharded over the whole global batch, micro-batch 1, recomputation)."""
     tp = max(_tp_choices(work, cluster, fixed), default=1)
     pp = fixed.pp or work.model.num_layers
-    interval = 1 if fixed.checkpoint_interval is None else fixed.checkpoint_interval
+    interval = 1 if fixed.recompute_interval is None else fixed.recompute_interval
     layout = Layout(tp, pp, global_batch, fixed.micro_batch or 1, 1, interval)
     return max(stage.total for stage in estimate(work, layout))
 
@@ -189,7 +189,7 @@ def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
                               f"parallel group must not straddle nodes; choose tp dividing every node's slots")
     if fixed.pp is not None:
         blocks_per_stage(model.num_layers, fixed.pp)
-    for name, value in (("micro-batch", fixed.micro_batch), ("checkpoint interval", fixed.checkpoint_interval)):
+    for name, value in (("micro-batch", fixed.micro_batch), ("checkpoint interval", fixed.recompute_interval)):
         if value is not None and value < (1 if name == "micro-batch" else 0):
             raise ConfigError(f"the {name} must be >= {1 if name == 'micro-batch' else 0}, got {value}")
     if fixed.tp and fixed.pp and cluster.world_size % (fixed.tp * fixed.pp):
@@ -214,7 +214,7 @@ def _refusal(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) 
     layout = smallest.layout
     return (f"the model does not fit on {where}: the smallest device count that works is "
             f"{layout.world_size} (tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, micro-batch "
-            f"{layout.micro_batch}, checkpointing {'on' if layout.checkpoint_interval else 'off'}, "
+            f"{layout.micro_batch}, recomputation {'on' if layout.recompute_interval else 'off'}, "
             f"{smallest.peak.total / 1e9:.1f} GB per device)")
 
 

@@ -97,3 +97,8 @@ def test_config_doc_is_current_and_complete():
 
     assert Path("docs/CONFIG.md").read_text() == markdown(), "run: python -m trainer.config_doc > docs/CONFIG.md"
     assert "|  |" not in markdown(), "every config field needs a docstring"
+
+
+def test_a_renamed_key_is_refused_with_its_new_name():
+    with pytest.raises(ConfigError, match="parallel.activation_checkpoint_interval is now called parallel.recompute_interval"):
+        load_config("configs/glm-debug.yaml", ["parallel.activation_checkpoint_interval=1"])

@@ -101,7 +101,7 @@ def test_unpacked_rows_match_across_layouts_too(tmp_path):
 
 
 def test_activation_checkpointing_changes_no_loss(reference, tmp_path):
-    losses = _losses(tmp_path, "recompute", ["parallel.activation_checkpoint_interval=1"])
+    losses = _losses(tmp_path, "recompute", ["parallel.recompute_interval=1"])
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
 
 

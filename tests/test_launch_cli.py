@@ -95,7 +95,7 @@ def test_bad_input_from_the_console_script_starts_nothing(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(
         r"error: the model does not fit on 8 devices of 40\.0 GB: the smallest device count that works is 72 "
-        r"\(tp 8, pp 9, dp 1, micro-batch 1, checkpointing on, \d+\.\d GB per device\)", lines[0]), lines
+        r"\(tp 8, pp 9, dp 1, micro-batch 1, recomputation on, \d+\.\d GB per device\)", lines[0]), lines
 
 
 def test_runner_command_is_deepspeeds_own_launcher(tmp_path):
@@ -111,7 +111,7 @@ def test_runner_command_is_deepspeeds_own_launcher(tmp_path):
     assert parsed.user_args == ["--config", str(REPO / "configs/glm-debug.yaml"), "--set", "train.steps=2",
                                 "--set", "parallel.tp=1", "--set", "parallel.pp=1",
                                 "--set", "parallel.micro_batch_size=4",
-                                "--set", "parallel.activation_checkpoint_interval=0"]
+                                "--set", "parallel.recompute_interval=0"]
 
 
 def test_runner_command_under_slurm_runs_one_launcher_per_node_without_ssh(tmp_path):

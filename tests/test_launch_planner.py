@@ -53,7 +53,7 @@ def test_glm_130b_on_96_nodes_of_8_a100_40gb_fits():
     # The planner's rule (smallest pp, tp up to the node) gives tp 8, pp 3; docs/LAUNCH.md compares
     # it with the tp 4, pp 8, dp 24 that GLM-130B ran.
     assert (layout.tp, layout.pp, layout.dp) == (8, 3, 32)
-    assert layout.checkpoint_interval == 1
+    assert layout.recompute_interval == 1
     assert layout.micro_batch * layout.grad_accum * layout.dp == 4224
     assert plan.peak.total <= cluster.memory_bytes
     assert plan.blocks == [23, 24, 23]
@@ -81,7 +81,7 @@ def test_glm_130b_on_one_node_is_refused_with_the_smallest_gpu_count():
 def test_glm_large_on_one_gpu_is_1_1_1():
     plan = plan_layout(load_config("configs/glm-large.yaml"), nodes(1, 1, 40))
     assert (plan.layout.tp, plan.layout.pp, plan.layout.dp) == (1, 1, 1)
-    assert plan.layout.checkpoint_interval == 0
+    assert plan.layout.recompute_interval == 0
 
 
 def test_glm_base_on_eight_gpus_is_data_parallel_8():

@@ -1,5 +1,5 @@
 """The model-parallel RNG: dropout masks identical across tensor ranks on the default stream and different
-under fork(); state save/restore; checkpoint() recomputation replays the forward's dropout masks."""
+under fork(); state save/restore; recompute() replays the forward's dropout masks."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from tests.distributed import run_distributed
-from trainer.parallel.random import (RNGStatesTracker, checkpoint, get_rng_states, get_rng_tracker,
-                                     model_parallel_seed, set_rng_states)
+from trainer.parallel.random import (RNGStatesTracker, get_rng_states, get_rng_tracker,
+                                     model_parallel_seed, recompute, set_rng_states)
 from trainer.parallel.topology import Topology
 
 SHAPE = (4, 8, 16)  # [b, s, h]
@@ -108,10 +108,10 @@ def _gradients(run, x_requires_grad: bool):
 
 
 @pytest.mark.parametrize("x_requires_grad", [True, False])
-def test_checkpoint_recompute_reproduces_dropout_masks(x_requires_grad):
+def test_recompute_reproduces_dropout_masks(x_requires_grad):
     torch.set_num_threads(1)
     plain = _gradients(lambda fn, *args: fn(*args), x_requires_grad)
-    recomputed = _gradients(checkpoint, x_requires_grad)
+    recomputed = _gradients(recompute, x_requires_grad)
     for expected, actual in zip(plain, recomputed):
         torch.testing.assert_close(actual, expected)
     # Without replaying the tracker the forked masks differ in the recomputation: the replay is what matters.

@@ -44,8 +44,9 @@ class ParallelConfig:
     """Samples per micro-batch on one data-parallel rank."""
     global_batch_size: int = 8
     """Samples per optimizer step over all data-parallel ranks = micro_batch * grad_accum * dp."""
-    activation_checkpoint_interval: int = 0
-    """Recompute activations every this many blocks in backward (0 = off)."""
+    recompute_interval: int = 0
+    """Activation recomputation (what DeepSpeed and Megatron call activation checkpointing): keep only the input
+    of every this many blocks and recompute the rest in backward (0 = off)."""
 
 
 @dataclass
@@ -259,11 +260,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return float(value) if annotation is float else value
 
 
+RENAMED = {"parallel.activation_checkpoint_interval": "parallel.recompute_interval"}
+"""Keys of earlier versions: a config that still uses one is told the new name."""
+
+
 def _apply(obj: Any, values: dict, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         full = f"{prefix}{key}"
+        if full in RENAMED:
+            raise ConfigError(f"{full} is now called {RENAMED[full]}: rename it in the config or --set")
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"

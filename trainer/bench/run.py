@@ -69,7 +69,7 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
                          "num_attention_heads": m.num_attention_heads, "ffn_size": m.ffn_size,
                          "seq_length": config.data.seq_length, "padded_vocab_size": m.padded_vocab_size(1),
                          "micro_batch_size": config.parallel.micro_batch_size, "grad_accum": grad_accum,
-                         "activation_checkpoint_interval": config.parallel.activation_checkpoint_interval},
+                         "recompute_interval": config.parallel.recompute_interval},
                "memory_note": memory_notes["cpu" if on_cpu else "gpu"]}
     tokens_per_step = grad_accum * config.parallel.micro_batch_size * config.data.seq_length
     return build_report(pairs, tokens_per_step, flops_per_token, peak_tflops(args.peak_tflops, config.train.precision),

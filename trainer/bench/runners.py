@@ -19,7 +19,7 @@ from trainer.engine.optimizer import build_optimizer
 from trainer.engine.schedule import lr_lambda
 from trainer.errors import ConfigError
 from trainer.model import GLMLoss, GLMModel
-from trainer.parallel.random import checkpoint as recompute_checkpoint
+from trainer.parallel.random import recompute
 from trainer.parallel.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,20 +76,20 @@ class PlainLoop:
 
 def run_blocks(layers: list[torch.nn.Module], activations: tuple, interval: int) -> tuple:
     """The blocks in order; with interval k > 0 each chunk of k blocks is recomputed in backward
-    (trainer.parallel.random.checkpoint), as the pipeline engine's activation_checkpoint_interval does."""
+    (trainer.parallel.random.checkpoint), as the pipeline engine's recompute_interval does."""
     if not interval:
         for layer in layers:
             activations = layer(activations)
         return activations
     for start in range(0, len(layers), interval):
-        activations = recompute_checkpoint(torch.nn.Sequential(*layers[start:start + interval]), activations)
+        activations = recompute(torch.nn.Sequential(*layers[start:start + interval]), activations)
     return activations
 
 
 def bare_loop_runner(config: Config, batches: list[MicroBatch], device: torch.device | str) -> PlainLoop:
     """GLMModel + GLMLoss + AdamW without DeepSpeed."""
     model = GLMModel(config.model, None, config.train.seed).to(device, compute_dtype(config))
-    loss_fn, interval = GLMLoss(config.model), config.parallel.activation_checkpoint_interval
+    loss_fn, interval = GLMLoss(config.model), config.parallel.recompute_interval
     layers = list(model.transformer["layers"])
     if config.model.compile:  # piece by piece, as DeepSpeed's PipelineModule.compile does
         for piece in (model.embedding, *layers, model.transformer["final_layernorm"]):

@@ -35,7 +35,7 @@ from trainer.engine.pipeline import GLMPipeline
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at, lr_lambda
 from trainer.errors import ConfigError
-from trainer.parallel.random import checkpoint as recompute_checkpoint
+from trainer.parallel.random import recompute
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -74,8 +74,8 @@ def build_engine(config: Config, topology: Topology, world_size: int) -> tuple[o
     """The DeepSpeed pipeline engine of the run, and the Trainer's own gradient clipping where it replaces
     DeepSpeed's (fp32 without ZeRO: the default with one data-parallel rank, engine/ds_config.py)."""
     module = GLMPipeline(config.model, topology, config.train.seed,
-                         activation_checkpoint_interval=config.parallel.activation_checkpoint_interval,
-                         activation_checkpoint_func=recompute_checkpoint)
+                         recompute_interval=config.parallel.recompute_interval,
+                         recompute=recompute)
     optimizer = build_optimizer(module, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -47,14 +47,13 @@ class GLMPipeline(PipelineModule):
     embedding and the output layer in place of a block (trainer/engine/partition.py)."""
 
     def __init__(self, model: ModelConfig, topology: Topology, seed: int,
-                 activation_checkpoint_interval: int = 0,
-                 activation_checkpoint_func: Optional[Callable] = None):
+                 recompute_interval: int = 0, recompute: Optional[Callable] = None):
         self._num_blocks = model.num_layers
-        kwargs = {"activation_checkpoint_func": activation_checkpoint_func} if activation_checkpoint_func else {}
+        kwargs = {"activation_checkpoint_func": recompute} if recompute else {}  # DeepSpeed's names
         super().__init__(layers=build_layer_specs(model, topology, seed),
                          topology=topology.ds_topology(),
                          loss_fn=GLMLoss(model, topology.tp_group),
-                         activation_checkpoint_interval=activation_checkpoint_interval,
+                         activation_checkpoint_interval=recompute_interval,
                          **kwargs)
 
     def _is_checkpointable(self, funcs: list) -> bool:

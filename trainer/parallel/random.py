@@ -131,7 +131,7 @@ def _tracker_contexts() -> tuple[Any, Any]:
     return remember(), replay()
 
 
-def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+def recompute(function: Callable[..., Any], *args: Any) -> Any:
     """function(*args) without keeping its activations: backward recomputes them, with the default and
     accelerator generators (torch's preserve_rng_state) and the tracker's states put back to where the
     forward started, so every dropout mask of the recomputation equals the forward's. Gradients reach
