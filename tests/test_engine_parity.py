@@ -1,16 +1,18 @@
 """The spine of the project: the same config gives the same losses on every (tp, pp, dp) layout,
 and a resumed run continues the same loss curve. CPU, gloo, fp32, dropout 0 (configs/glm-debug.yaml), on
 packed rows of short documents (several samples per row), and once without packing."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from tests.distributed import run_distributed
+from trainer.checkpoint.run_record import sha256
 from trainer.config import load_config
-from trainer.preflight import preflight
 from trainer.data.corpus import embedded_paragraphs_corpus
 from trainer.data.packing import build_sequences
+from trainer.preflight import preflight
 
 STEPS = 8
 # A short, fast variant of the debug config; every layout below runs exactly this. Rows of 128 slots hold
@@ -148,9 +150,9 @@ def test_outputs_metrics_tensorboard_and_checkpoint(reference_run):
     torch.testing.assert_close(torch.tensor(tb_losses), torch.tensor(_train_losses(losses)))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"
     record = json.loads((run_dir / "checkpoints" / f"global_step{STEPS}" / "run.json").read_text())
-    config = load_config("configs/glm-debug.yaml", BASE)
-    config.model.vocab_size = rows.tokenizer.vocab_size
-    assert record == {"model": config.model.shape(), "layout": {"tp": 1, "pp": 1, "dp": 1}}
+    model = dataclasses.replace(load_config("configs/glm-debug.yaml", BASE).model, vocab_size=rows.tokenizer.vocab_size)
+    assert record == {"model": dataclasses.asdict(model), "layout": {"tp": 1, "pp": 1, "dp": 1},
+                      "tokenizer_sha256": sha256(run_dir / "tokenizer.json")}
     position = json.loads((run_dir / "checkpoints" / f"global_step{STEPS}" / "data_position.json").read_text())
     assert position["first_row"] <= STEPS * 8 and position["fingerprint"] == rows.fingerprint
 
@@ -175,8 +177,6 @@ def test_glm4_debug_at_tp2_pp2_matches_single_process_and_exports_to_transformer
     """GLM-4's architecture (GQA, partial interleaved rotary, RMSNorm, SwiGLU, untied output) trained at
     tp=2 x pp=2 gives the single process's losses; its checkpoint exported to transformers loads there and
     gives the trainer's logits."""
-    from argparse import Namespace
-
     import transformers
 
     from trainer.checkpoint import cli
@@ -188,11 +188,9 @@ def test_glm4_debug_at_tp2_pp2_matches_single_process_and_exports_to_transformer
                      config_path=GLM4_DEBUG, base=GLM4_RUN)
     assert len(single) == 10
     torch.testing.assert_close(torch.tensor(layout), torch.tensor(single), rtol=1e-5, atol=0)
-    overrides = GLM4_RUN + ["parallel.tp=2", "parallel.pp=2"]
-    checkpoints, out = tmp_path / "glm4_tp2_pp2" / "checkpoints", tmp_path / "hf"
-    assert cli.main(["export", str(checkpoints), "--format", "hf", "--out", str(out), "--config", GLM4_DEBUG,
-                     *[arg for override in overrides for arg in ("--set", override)]]) == 0
-    config, weights = read_weights(checkpoints, cli.model_config(Namespace(config=GLM4_DEBUG, overrides=overrides)))
+    run_dir, out = tmp_path / "glm4_tp2_pp2", tmp_path / "hf"
+    assert cli.main(["export", str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # the run describes itself
+    config, weights = read_weights(run_dir, None)
     input_ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(20).expand(2, 20)
     ours = build_model(config, weights)(input_ids, positions, torch.zeros_like(positions),
