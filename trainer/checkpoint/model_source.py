@@ -15,8 +15,8 @@ from trainer.checkpoint.export import TOKENIZER, is_export, read_export
 from trainer.checkpoint.layout import shard_state
 from trainer.checkpoint.manifest import MANIFEST, verify
 from trainer.checkpoint.pipeline_files import model_states_file, read_model_weights
-from trainer.checkpoint.run_record import checkpoint_model, read_run_record, recorded_model, run_tokenizer
-from trainer.errors import CheckpointError, ConfigError
+from trainer.checkpoint.run_record import check_shape, checkpoint_model, read_run_record, recorded_model, run_tokenizer
+from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 from trainer.parallel.mappings import group_rank, group_size
 
@@ -68,10 +68,7 @@ def carries_config(path: Path) -> bool:
 
 def check_given(path: Path, carried: ModelConfig, given: Optional[ModelConfig]) -> ModelConfig:
     """The config a source carries; a given one (the user's --config) must describe the same shape."""
-    differences = given.shape_differences(carried.shape()) if given is not None else []
-    if differences:
-        raise ConfigError(f"--config does not match {path} ({'; '.join(differences)}): pass none, the source "
-                          f"carries its own")
+    check_shape(given, carried.shape(), str(path), "pass none, the source carries its own")
     return carried
 
 

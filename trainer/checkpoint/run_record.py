@@ -62,15 +62,21 @@ def recorded_model(record: Optional[dict]) -> Optional[ModelConfig]:
     return ModelConfig.from_dict(model)
 
 
+def check_shape(given: Optional[ModelConfig], recorded: dict, source: str, fix: str) -> None:
+    """Refuse a given config (the user's --config) whose shape keys differ from those a source records, naming
+    each key."""
+    differences = given.shape_differences(recorded) if given is not None else []
+    if differences:
+        raise ConfigError(f"--config does not match {source} ({'; '.join(differences)}): {fix}")
+
+
 def checkpoint_model(tag_dir: Path, given: Optional[ModelConfig]) -> ModelConfig:
     """The model config a training checkpoint was written with. A `given` config (the user's --config) must
     agree with the recorded shape and then wins, so its non-shape switches (dropout, compile) apply."""
     record = read_run_record(tag_dir)
     if given is not None:
-        differences = given.shape_differences((record or {}).get("model", {}))
-        if differences:
-            raise ConfigError(f"--config does not match the checkpoint {tag_dir} ({'; '.join(differences)}): "
-                              f"pass the run's own config ({tag_dir.parent.parent / RUN_CONFIG}) or none")
+        check_shape(given, (record or {}).get("model", {}), f"the checkpoint {tag_dir}",
+                    f"pass the run's own config ({tag_dir.parent.parent / RUN_CONFIG}) or none")
         return given
     model = recorded_model(record)
     if model is None:

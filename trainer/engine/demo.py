@@ -57,9 +57,9 @@ def unigram_log_probs(rows: OneSamplePerRow, consumed: int, vocab_size: int) -> 
 def held_out_perplexities(model, valid: OneSamplePerRow, unigram: np.ndarray, vocab_size: int) -> tuple[float, float, int]:
     """(model perplexity, unigram perplexity, target tokens) over the first HELD_OUT_SAMPLES held-out samples."""
     model_nll = unigram_nll = 0.0
-    tokens = 0
-    for first in range(0, min(HELD_OUT_SAMPLES, len(valid.samples)), BATCH):
-        batch = collate([valid[row] for row in range(first, min(first + BATCH, HELD_OUT_SAMPLES, len(valid.samples)))])
+    tokens, scored = 0, min(HELD_OUT_SAMPLES, len(valid.samples))
+    for first in range(0, scored, BATCH):
+        batch = collate([valid[row] for row in range(first, min(first + BATCH, scored))])
         inputs, (labels, loss_mask) = pipeline_format(batch)
         with torch.no_grad():
             per_token = vocab_parallel_cross_entropy(model(*inputs), labels, None, vocab_size=vocab_size)  # [b, s]

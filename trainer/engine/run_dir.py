@@ -5,26 +5,17 @@ one unless train.resume or train.overwrite says what to do with it."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
-from trainer.checkpoint.manifest import fsync
+from trainer.checkpoint.manifest import write_atomic
 from trainer.checkpoint.run_record import RUN_CONFIG, RUN_TOKENIZER, sha256
 from trainer.config import Config, config_yaml
-from trainer.paths import temporary_beside
 
 RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", RUN_CONFIG, RUN_TOKENIZER)
 """Everything a run writes into its run_dir: what train.overwrite deletes."""
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    temporary = temporary_beside(path)
-    temporary.write_bytes(data)
-    fsync(temporary)
-    os.replace(temporary, path)
 
 
 def start_run_dir(config: Config, tokenizer: Path) -> str:
@@ -39,7 +30,7 @@ def start_run_dir(config: Config, tokenizer: Path) -> str:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         recorded = dataclasses.replace(config, train=dataclasses.replace(config.train, overwrite=False))
-        write_file_atomic(run_dir / RUN_CONFIG, config_yaml(recorded).encode())
-        write_file_atomic(run_dir / RUN_TOKENIZER, tokenizer.read_bytes())
+        write_atomic(run_dir / RUN_CONFIG, config_yaml(recorded))
+        write_atomic(run_dir / RUN_TOKENIZER, tokenizer.read_bytes())
     dist.barrier()
     return sha256(tokenizer)
