@@ -21,6 +21,7 @@ from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
 def data_parallel_size(tp: int, pp: int, world_size: int) -> int:
@@ -70,8 +71,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 0 or 1 (pipeline parallelism supports no more). An fp32 run with one
-    data-parallel rank runs stage 0: ZeRO-1 would have nothing to partition."""
+    """DeepSpeed ZeRO stage 0-3: 1 shards the optimizer states over the data-parallel ranks, 2 also the
+    gradients, 3 also the weights. 2 and 3 need parallel.pp = 1 (DeepSpeed's own engine; its pipeline
+    engine allows ZeRO-1 at most). An fp32 run with one data-parallel rank runs stage 0 for a requested 1:
+    ZeRO-1 would have nothing to partition."""
+    offload_optimizer: str = "none"
+    """Keep the optimizer states (fp32 master weights, Adam moments) and run Adam on: none (the device),
+    cpu (host memory; DeepSpeed's CPU Adam) or nvme (files under optim.nvme_path). Needs zero_stage >= 1."""
+    offload_params: str = "none"
+    """Keep the weights between uses on: none, cpu or nvme. Needs zero_stage = 3."""
+    nvme_path: str = ""
+    """Directory on a fast local disk for nvme offload (required when either offload is nvme)."""
     batch_size_warmup_steps: int = 0
     """Ramp the global batch from batch_size_warmup_start to parallel.global_batch_size over this many
     steps (0 = off; GLM-130B: 192 -> 4224 over 2.5% of the samples)."""
@@ -180,14 +190,32 @@ class Config:
                               f"data.valid_fraction (e.g. 0.05)")
         if t.collective_timeout_minutes <= 0:
             raise ConfigError(f"train.collective_timeout_minutes must be > 0, got {t.collective_timeout_minutes}")
-        if self.optim.zero_stage not in (0, 1):
-            raise ConfigError(f"optim.zero_stage={self.optim.zero_stage}: only 0 or 1 work with the pipeline engine")
+        self._validate_zero()
         self._validate_optim()
         self._validate_finetune()
         if world_size is not None:
             self.data_parallel_size(world_size)
             self.grad_accum_steps(world_size)
             self.check_batch_size_warmup(world_size)
+
+    def _validate_zero(self) -> None:
+        """ZeRO stage and offload against the layout (pipeline engine: ZeRO <= 1)."""
+        o, p = self.optim, self.parallel
+        if o.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"optim.zero_stage={o.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
+        if o.zero_stage >= 2 and p.pp > 1:
+            raise ConfigError(f"optim.zero_stage={o.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
+                              f"allows ZeRO-1 at most; set optim.zero_stage to 0 or 1, or parallel.pp to 1")
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(o, key) not in OFFLOAD_DEVICES:
+                raise ConfigError(f"optim.{key}={getattr(o, key)!r} is not one of {', '.join(OFFLOAD_DEVICES)}")
+        if o.offload_optimizer != "none" and o.zero_stage == 0:
+            raise ConfigError(f"optim.offload_optimizer={o.offload_optimizer} needs ZeRO: set optim.zero_stage to 1, 2 "
+                              f"or 3")
+        if o.offload_params != "none" and o.zero_stage != 3:
+            raise ConfigError(f"optim.offload_params={o.offload_params} needs sharded weights: set optim.zero_stage=3")
+        if "nvme" in (o.offload_optimizer, o.offload_params) and not o.nvme_path:
+            raise ConfigError("nvme offload needs a directory: set optim.nvme_path to a local NVMe mount")
 
     def _validate_optim(self) -> None:
         """Ranges of the optimizer and schedule keys (a NaN or an infinity is refused, not trained on)."""
