@@ -75,11 +75,14 @@ def layers_with_files(config: ModelConfig) -> range:
     return range(config.num_layers + (2 if config.tie_word_embeddings else 3))
 
 
-def canonical_name(pipeline_name: str, config: ModelConfig) -> str:
-    """A PipelineModule parameter name -> the canonical name."""
-    if pipeline_name.startswith(TIED_PREFIX):
-        return "embedding." + pipeline_name[len(TIED_PREFIX):]
-    layer, rest = pipeline_name.split(".", 1)
+def canonical_name(engine_name: str, config: ModelConfig) -> str:
+    """A parameter name of either engine's module -> the canonical name: a PipelineModule's is translated,
+    the plain engine's GLMTrainModel (trainer/engine/plain.py) already uses the canonical names."""
+    if engine_name.startswith(TIED_PREFIX):
+        return "embedding." + engine_name[len(TIED_PREFIX):]
+    layer, rest = engine_name.split(".", 1)
+    if not layer.isdigit():
+        return engine_name
     return canonical_prefix(int(layer), config) + rest
 
 

@@ -58,6 +58,36 @@ def zero_stage(config: Config, world_size: int) -> int:
     return effective_zero_stage(config.optim.zero_stage, config.train.precision, config.data_parallel_size(world_size))
 
 
+def uses_own_clipping(config: Config, world_size: int) -> bool:
+    """fp32 without ZeRO: the trainer clips and skips non-finite steps itself (trainer/engine/build.py)."""
+    return config.train.precision == "fp32" and zero_stage(config, world_size) == 0
+
+
+def _offload(device: str, nvme_path: str) -> dict:
+    """DeepSpeed's offload_optimizer / offload_param section for optim.offload_* = cpu | nvme."""
+    section = {"device": device, "pin_memory": True}
+    if device == "nvme":
+        section["nvme_path"] = nvme_path
+    return section
+
+
+def zero_optimization(config: Config, world_size: int) -> dict:
+    """The zero_optimization section: the stage, and where optimizer states and weights are offloaded."""
+    optim = config.optim
+    section = {"stage": zero_stage(config, world_size)}
+    if optim.offload_optimizer != "none":
+        section["offload_optimizer"] = _offload(optim.offload_optimizer, optim.nvme_path)
+    if optim.offload_params != "none":
+        section["offload_param"] = _offload(optim.offload_params, optim.nvme_path)
+    return section
+
+
+def zero_init_arguments(config: Config) -> dict:
+    """deepspeed.zero.Init's placement of the partitioned weights while the model is built (ZeRO-3)."""
+    offload = config.optim.offload_params
+    return {"remote_device": None if offload == "none" else offload, "pin_memory": offload == "cpu"}
+
+
 def build_ds_config(config: Config, world_size: int) -> dict:
     """DeepSpeed's own settings in DeepSpeed's own shape. The optimizer and LR schedule are built by
     the trainer (engine/optimizer.py, engine/schedule.py) so their exact math is ours and tested."""
@@ -66,8 +96,9 @@ def build_ds_config(config: Config, world_size: int) -> dict:
         "train_batch_size": parallel.global_batch_size,
         "train_micro_batch_size_per_gpu": parallel.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum_steps(world_size),
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": zero_stage(config, world_size)},
+        # The trainer's own clipping replaces DeepSpeed's in fp32 without ZeRO (trainer/engine/build.py).
+        "gradient_clipping": 0.0 if uses_own_clipping(config, world_size) else optim.grad_clip,
+        "zero_optimization": zero_optimization(config, world_size),
         "steps_per_print": 10 ** 9,  # the trainer prints its own log line
         "wall_clock_breakdown": False,
         "timers": {"throughput": {"enabled": False}},  # the trainer measures its own tokens/s

@@ -5,13 +5,13 @@ reads (an export, a run's checkpoints/ or global_stepN directory of any layout, 
 gives canonical weights, which are sharded onto this rank's parameters and, under ZeRO, its fp32 master
 partition. Adam's moments start at zero, the LR schedule at step 0, the data at sample 0.
 
-Freezing (finetune.freeze_embeddings / freeze_blocks): the engine and its optimizer already hold every
-parameter when this runs (trainer/engine/loop.py builds them first), so freezing is done in two parts that
-need nothing from DeepSpeed's internals:
+Freezing (finetune.freeze_embeddings / freeze_blocks) is done with two public mechanisms, the same on
+both engines and every ZeRO stage, before the engine is built (trainer/engine/build.py):
   - a gradient hook replaces a frozen parameter's gradient by zeros, so the clipping norm and Adam see
-    only the trainable parameters (Adam's update of a zero gradient from zero moments is 0);
-  - after every optimizer step the frozen values are written back (parameter and ZeRO fp32 master),
-    which undoes AdamW's decoupled weight decay, p <- p - lr * wd * p, the only change left.
+    only the trainable parameters;
+  - the frozen parameters form their own optimizer group of lr 0 and no weight decay
+    (trainer/engine/optimizer.py), so AdamW's update, p <- p (1 - lr wd) - lr m / (sqrt(v) + eps), is
+    exactly p, in the weights and in ZeRO's fp32 master copy.
 Frozen weights therefore stay bit-identical. Their gradients are still computed (then zeroed).
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -70,50 +69,22 @@ def initialise(engine, topology, config: Config) -> None:
     log.info("finetune: weights from %s (optimizer, LR schedule and data position start fresh)", path)
 
 
-class FrozenParameters:
-    """Keeps the given parameters at their current values through training (module docstring)."""
-
-    def __init__(self, engine, named: list[tuple[str, torch.nn.Parameter]]):
-        self.names = [name for name, _ in named]
-        self.params = [param for _, param in named]
-        self.values = [param.detach().clone() for param in self.params]
-        self.masters = []  # the fp32 master copies under ZeRO (exact even when the parameters are half precision)
-        if hasattr(engine.optimizer, "single_partition_of_fp32_groups"):
-            from deepspeed.utils import safe_get_full_fp32_param
-
-            self.masters = [safe_get_full_fp32_param(param) for param in self.params]  # a collective over dp
-        for param in self.params:
-            param.register_hook(torch.zeros_like)
-        original_step = engine._take_model_step
-
-        def take_model_step(*args, **kwargs):
-            result = original_step(*args, **kwargs)
-            self.restore()
-            return result
-
-        engine._take_model_step = take_model_step
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for param, value in zip(self.params, self.values):
-            param.copy_(value)
-        for param, master in zip(self.params, self.masters):
-            safe_set_full_fp32_param(param, master)
-
-
-def start(engine, config: Config, topology, resumed: bool) -> Optional[FrozenParameters]:
-    """The trainer's fine-tuning hook, called once the engine is built: load finetune.init_from unless the
-    run resumed from its own checkpoint, then freeze what finetune asks (also after a resume)."""
+def freeze(module: torch.nn.Module, config: Config) -> list[torch.nn.Parameter]:
+    """The parameters finetune freezes, their gradients zeroed by a hook; build_optimizer puts them in a
+    group of lr 0 (module docstring)."""
     finetune = config.finetune
-    if finetune.init_from and not resumed:
+    frozen = [param for name, param in module.named_parameters() if is_frozen(canonical_name(name, config.model), finetune)]
+    for param in frozen:
+        param.register_hook(torch.zeros_like)
+    if frozen:
+        log.info("finetune: %d parameter tensors frozen (%s)", len(frozen),
+                 ", ".join(filter(None, ["embeddings" if finetune.freeze_embeddings else "",
+                                         f"blocks 1..{finetune.freeze_blocks}" if finetune.freeze_blocks else ""])))
+    return frozen
+
+
+def start(engine, config: Config, topology, resumed: bool) -> None:
+    """The trainer's fine-tuning hook, called once the engine is built: load finetune.init_from unless the
+    run resumed from its own checkpoint."""
+    if config.finetune.init_from and not resumed:
         initialise(engine, topology, config)
-    named = [(name, param) for name, param in engine.module.named_parameters()
-             if is_frozen(canonical_name(name, config.model), finetune)]
-    if not named:
-        return None
-    log.info("finetune: %d parameter tensors frozen (%s)", len(named),
-             ", ".join(filter(None, ["embeddings" if finetune.freeze_embeddings else "",
-                                     f"blocks 1..{finetune.freeze_blocks}" if finetune.freeze_blocks else ""])))
-    return FrozenParameters(engine, named)

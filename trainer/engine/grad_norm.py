@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from trainer.engine.deepspeed_compat import is_pipeline_replica
+
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
@@ -28,7 +30,7 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
 def counted_in_norm(params: Iterable[torch.Tensor], tp_rank: int) -> list[torch.Tensor]:
     """The parameters whose gradients this rank adds to the norm: its tensor-parallel shards, replicated
     weights on tensor rank 0 only, and not the pipeline's second copy of the tied embedding."""
-    return [param for param in params if not getattr(param, "ds_pipe_replicated", False)
+    return [param for param in params if not is_pipeline_replica(param)
             and (is_tensor_parallel(param) or tp_rank == 0)]
 
 

@@ -12,9 +12,8 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
-import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
@@ -24,18 +23,14 @@ from trainer.config import Config
 from trainer.data.dataset import collate, micro_batch_indices, resolve_paths
 from trainer.data.packing import OneSamplePerRow, build_sequences
 from trainer.engine import checkpoint, finetune
+from trainer.engine.build import build_engine
 from trainer.engine.distributed import init_distributed
-from trainer.engine.ds_config import build_ds_config
 from trainer.engine.faults import NonFiniteSteps, PoisonedLoss, PreemptionHandler, TrainingFault, is_finite
 from trainer.engine.flops import train_flops_per_token
-from trainer.engine.grad_norm import clip_grads_, counted_in_norm
 from trainer.engine.metrics import MetricsWriter
-from trainer.engine.optimizer import build_optimizer
-from trainer.engine.pipeline import GLMPipeline
 from trainer.engine.run_dir import start_run_dir
-from trainer.engine.schedule import consumed_samples_at, global_batch_at, lr_lambda
+from trainer.engine.schedule import consumed_samples_at, global_batch_at
 from trainer.errors import ConfigError
-from trainer.parallel.random import recompute
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -70,59 +65,6 @@ def micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topolog
         yield pipeline_format(collate([rows[i] for i in indices]))
 
 
-def build_engine(config: Config, topology: Topology, world_size: int) -> tuple[object, Optional["OwnClipping"]]:
-    """The DeepSpeed pipeline engine of the run, and the Trainer's own gradient clipping where it replaces
-    DeepSpeed's (fp32 without ZeRO: the default with one data-parallel rank, engine/ds_config.py)."""
-    module = GLMPipeline(config.model, topology, config.train.seed,
-                         recompute_interval=config.parallel.recompute_interval,
-                         recompute=recompute)
-    optimizer = build_optimizer(module, config.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(config, world_size))
-    clipping = None
-    if config.train.precision == "fp32" and not engine.zero_optimization():
-        clipping = OwnClipping(engine, topology, config.optim.grad_clip)
-        # One data-parallel rank: the flat-buffer all-reduce of the gradients would be a copy onto
-        # itself. The tied embedding's all-reduce between pipeline stages is a separate instruction.
-        engine.pipeline_enable_backward_allreduce = topology.dp > 1
-    if config.model.compile:
-        engine.compile()  # torch.compile, layer by layer (DeepSpeed's PipelineModule.compile)
-    return engine, clipping
-
-
-class OwnClipping:
-    """fp32 without ZeRO: DeepSpeed's clip_fp32_gradients counts the tied embedding twice and drops the
-    replicated weights of later pipeline stages, and nothing skips a non-finite step. This replaces it
-    with the layout-aware norm (engine/grad_norm.py). A non-finite norm drops the gradients, so AdamW
-    leaves every weight and moment as it was, and raises DeepSpeed's `overflow` flag on the optimizer, so
-    the engine counts the step as skipped and does not advance the LR schedule (as under ZeRO-1)."""
-
-    def __init__(self, engine, topology: Topology, max_norm: float):
-        self.norm: Optional[float] = None
-        self._params = [p for p in engine.module.parameters() if p.requires_grad]
-        self._counted = counted_in_norm(self._params, topology.tp_rank)
-        self._group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
-        self._max_norm, self._device = max_norm, engine.device
-        self._optimizer = engine.optimizer
-        original_step = engine._take_model_step
-
-        def take_model_step(*args, **kwargs):
-            self.clip()
-            return original_step(*args, **kwargs)
-
-        engine.clip_fp32_gradients = lambda: None  # clipping happens in take_model_step, always
-        engine._take_model_step = take_model_step
-
-    def clip(self) -> None:
-        norm = clip_grads_(self._params, self._counted, self._max_norm, self._group, self._device).item()
-        self.norm = norm
-        self._optimizer.overflow = not is_finite(norm)
-        if self._optimizer.overflow:
-            for param in self._params:
-                param.grad = None
-
-
 def _memory() -> dict:
     accelerator = get_accelerator()
     return {"allocated_bytes": float(accelerator.memory_allocated()),
@@ -145,7 +87,8 @@ class Trainer:
         self.run_dir = Path(config.train.run_dir)
         self.tokenizer_sha256 = start_run_dir(config, resolve_paths(config.data)[1])
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.engine, self.own_clipping = build_engine(config, self.topology, self.world_size)
+        built = build_engine(config, self.topology, self.world_size)
+        self.engine, self.steps, self.own_clipping = built.engine, built.steps, built.clipping
         self.step = 0
         if config.train.resume:
             self.step, data_position = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology,
@@ -163,14 +106,13 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Validation loss (mean over train.eval_batches global batches of the held-out split) and perplexity."""
-        config, engine = self.config, self.engine
+        config = self.config
         batch_size = config.parallel.global_batch_size
         losses = []
         for index in range(config.train.eval_batches):
             batches = micro_batches(self.valid, index * batch_size, batch_size // self.unit, self.topology,
                                     config.parallel.micro_batch_size)
-            losses.append(float(engine.eval_batch(batches, num_micro_batches=batch_size // self.unit)))
-        engine.module.train()
+            losses.append(float(self.steps.eval_batch(batches, batch_size // self.unit)))
         loss = sum(losses) / len(losses)
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0))}
 
@@ -184,7 +126,7 @@ class Trainer:
         start = time.perf_counter()
         batches = micro_batches(self.dataset, self.consumed, batch_size // self.unit, self.topology,
                                 config.parallel.micro_batch_size)
-        loss = engine.train_batch(batches).item()
+        loss = self.steps.train_batch(batches).item()
         elapsed = time.perf_counter() - start
         self.step += 1
         self.consumed += batch_size

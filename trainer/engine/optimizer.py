@@ -1,17 +1,35 @@
-"""AdamW with GLM-130B's settings; no weight decay on biases and LayerNorm parameters."""
+"""AdamW with GLM-130B's settings; no weight decay on biases and LayerNorm parameters. With optimizer offload
+(optim.offload_optimizer) the same AdamW runs on the host as DeepSpeedCPUAdam, as ZeRO-Offload expects."""
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 
 from trainer.config import OptimConfig
+from trainer.engine.deepspeed_compat import full_shape
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, optim: OptimConfig, frozen: Iterable[torch.Tensor] = ()) -> list[dict]:
+    """Decayed weights (2-D and more), undecayed biases and norms, and the frozen parameters of fine-tuning
+    (trainer/engine/finetune.py) in a group of lr 0 without decay: AdamW moves those by exactly 0."""
+    frozen_ids = {id(param) for param in frozen}
+    decay, no_decay, fixed = [], [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            (fixed if id(param) in frozen_ids else decay if len(full_shape(param)) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
-                             betas=(optim.beta1, optim.beta2), eps=optim.eps)
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": fixed, "weight_decay": 0.0, "lr": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig,
+                    frozen: Iterable[torch.Tensor] = ()) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim, frozen)
+    betas = (optim.beta1, optim.beta2)
+    if optim.offload_optimizer != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, eps=optim.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)

@@ -12,11 +12,11 @@ weights under every pipeline split.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Optional
 
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+from trainer.engine.deepspeed_compat import BoundedPipelineModule
 from trainer.engine.partition import stage_layer_bounds
 from trainer.model import FinalLayerNorm, GLMBlock, GLMEmbedding, GLMLoss
 from trainer.model.config import ModelConfig
@@ -42,7 +42,12 @@ def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list
     return specs
 
 
-class GLMPipeline(PipelineModule):
+RECOMPUTED_LAYERS = ["GLMEmbedding", "GLMBlock", "FinalLayerNorm"]
+"""Layer classes a recompute range may hold (PipelineModule's checkpointable_layers): never the output head
+(the tied one is a partial that hands its weight to the loss, whose logits are computed there)."""
+
+
+class GLMPipeline(BoundedPipelineModule):
     """The PipelineModule with GLM's stage split: blocks balanced, the first and last stage carrying the
     embedding and the output layer in place of a block (trainer/engine/partition.py)."""
 
@@ -54,15 +59,8 @@ class GLMPipeline(PipelineModule):
                          topology=topology.ds_topology(),
                          loss_fn=GLMLoss(model, topology.tp_group),
                          activation_checkpoint_interval=recompute_interval,
+                         checkpointable_layers=RECOMPUTED_LAYERS,
                          **kwargs)
 
-    def _is_checkpointable(self, funcs: list) -> bool:
-        """Recompute ranges holding transformer blocks, never the output head (the tied one is a partial; it hands
-        its weight to the loss, and its logits are computed there)."""
-        return (any(isinstance(f, GLMBlock) for f in funcs)
-                and not any(isinstance(f, (partial, OutputLayer)) for f in funcs))
-
-    def _partition_layers(self, method: str = "uniform") -> None:
-        self.parts = stage_layer_bounds(self._num_blocks, self.num_stages)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+    def stage_bounds(self, num_stages: int) -> list[int]:
+        return stage_layer_bounds(self._num_blocks, num_stages)

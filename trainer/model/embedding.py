@@ -28,9 +28,9 @@ def shrink_embedding_gradient(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _position_table(rows: int, width: int, init) -> nn.Embedding:
-    table = nn.Embedding(rows, width, _weight=torch.empty(rows, width))  # _weight: no draw from the global RNG
-    init(table.weight.data)
-    return table
+    weight = torch.empty(rows, width)
+    init(weight)  # before the module exists: under ZeRO-3's zero.Init its weight is partitioned when built
+    return nn.Embedding(rows, width, _weight=weight)  # _weight: no draw from the global RNG
 
 
 class GLMEmbedding(nn.Module):

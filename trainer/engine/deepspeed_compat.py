@@ -1,0 +1,197 @@
+"""Every use of a DeepSpeed name that is not public API, in one place, each with why it is needed.
+
+Public API here means what DeepSpeed documents: deepspeed.initialize / init_distributed / zero.Init, the
+engine's forward, backward, step, train_batch, eval_batch, save_checkpoint, load_checkpoint, counters and
+getters, deepspeed.pipe's PipelineModule / LayerSpec / TiedLayerSpec and their documented arguments,
+deepspeed.runtime.pipe.topology, deepspeed.utils' safe_get_* / safe_set_* tensor accessors, the config
+JSON, and DeepSpeedCPUAdam. Everything else the trainer needs is below; tests/test_deepspeed_compat.py
+checks that the installed DeepSpeed still has each of these names and fails naming the one that moved,
+and that no other file of the trainer reaches into DeepSpeed's internals.
+
+Written against DeepSpeed 0.19.x (setup.cfg).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from deepspeed.pipe import PipelineModule
+
+# ---- The engine ------------------------------------------------------------------------------------------
+
+
+def wrap_model_step(engine, before: Optional[Callable[[], None]] = None,
+                    after: Optional[Callable[[], None]] = None) -> None:
+    """Run `before` / `after` around every optimizer step of the engine.
+
+    Why: the pipeline engine's train_batch runs forward, backward, the gradient all-reduce and the optimizer
+    step in one call, so the trainer's own gradient clipping (trainer/engine/loop.py) can only run between
+    the reduced gradients and the step from inside the engine's `_take_model_step`. The plain engine needs
+    none of this: the trainer calls its public backward and step itself (trainer/engine/plain.py)."""
+    original = engine._take_model_step
+
+    def take_model_step(*args, **kwargs):
+        if before is not None:
+            before()
+        result = original(*args, **kwargs)
+        if after is not None:
+            after()
+        return result
+
+    engine._take_model_step = take_model_step
+
+
+def mark_step_skipped(optimizer, skipped: bool) -> None:
+    """Tell the engine whether the coming optimizer step is skipped (a non-finite gradient norm).
+
+    Why: DeepSpeed's engine reads `optimizer.overflow` after the step to count a skipped step
+    (engine.skipped_steps) and to hold the LR schedule, as its fp16 and ZeRO optimizers set it; a plain
+    torch optimizer has no such flag, so the trainer's own clipping sets it."""
+    optimizer.overflow = skipped
+
+
+# ---- The pipeline module ---------------------------------------------------------------------------------
+
+
+class BoundedPipelineModule(PipelineModule):
+    """A PipelineModule whose stage bounds come from `stage_bounds(num_stages)`.
+
+    Why: none of PipelineModule's partition_method values ("uniform", "parameters", "type:...") can give
+    GLM's split (trainer/engine/partition.py): "type:" with the embedding and the output head weighted as one
+    block each can leave a stage without a transformer block (3 blocks on 3 stages: 1, 2, 0), and it breaks
+    ties towards other stages than the middle ones. DeepSpeed calls `_partition_layers` from its __init__ and
+    reads the bounds through `_set_bounds`."""
+
+    def stage_bounds(self, num_stages: int) -> list[int]:
+        raise NotImplementedError
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        self.parts = self.stage_bounds(self.num_stages)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def is_pipeline_replica(param: torch.Tensor) -> bool:
+    """Whether `param` is the pipeline's second copy of a tied weight (the output head's word embedding on
+    the last stage). Why: DeepSpeed marks it only with the attribute `ds_pipe_replicated`; the gradient norm
+    must count the tied weight once."""
+    return bool(getattr(param, "ds_pipe_replicated", False))
+
+
+def skip_single_replica_allreduce(engine) -> None:
+    """With one data-parallel rank the pipeline engine's flat-buffer gradient all-reduce is a copy onto
+    itself. Why: `pipeline_enable_backward_allreduce` is the engine attribute that turns it off (the tied
+    embedding's all-reduce between stages is a separate instruction and stays)."""
+    engine.pipeline_enable_backward_allreduce = False
+
+
+# ---- ZeRO optimizers -------------------------------------------------------------------------------------
+
+
+def zero_fp32_partitions(optimizer) -> Optional[list[torch.Tensor]]:
+    """The flat fp32 master partitions a ZeRO optimizer hands its base optimizer (one per group: ZeRO-1/2;
+    one per sub-group: ZeRO-3), or None for any other optimizer.
+
+    Why: an optimizer that has never stepped has no Adam state, and safe_set_full_optimizer_state needs one to
+    write into (a resume from another layout, trainer/checkpoint/universal.py); the state lives on these
+    tensors. ZeRO-1/2 name them `single_partition_of_fp32_groups`, ZeRO-3 `fp32_partitioned_groups_flat`."""
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(optimizer, name):
+            return list(getattr(optimizer, name))
+    return None
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also under ZeRO-3. Why: zero.Init replaces each weight's data by an empty
+    placeholder (its partition lives elsewhere) and keeps the real shape only in `ds_shape`."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def is_zero_optimizer(optimizer) -> bool:
+    return zero_fp32_partitions(optimizer) is not None
+
+
+def initialise_zero_moments(optimizer, step: int, moment_keys: tuple[str, ...]) -> None:
+    """Create a zero Adam state at Adam step `step` on every fp32 partition of a ZeRO optimizer, and link it to
+    the parameters (ZeRO-1/2), so safe_set_full_optimizer_state has somewhere to write.
+
+    Why: torch's AdamW and DeepSpeedCPUAdam create their state lazily at the first step; ZeRO-1/2 link the
+    per-parameter views of it (`_lazy_init_hp_params_optimizer_state`) only then. The step is a tensor for
+    torch's optimizers and an int for DeepSpeedCPUAdam (its C++ kernel takes it so)."""
+    base = optimizer.optimizer
+    step_value = step if type(base).__name__ == "DeepSpeedCPUAdam" else torch.tensor(float(step))
+    for flat in zero_fp32_partitions(optimizer):
+        base.state[flat] = {"step": step_value, **{key: torch.zeros_like(flat) for key in moment_keys}}
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+# ---- Checkpoint files ------------------------------------------------------------------------------------
+# DeepSpeed documents save_checkpoint / load_checkpoint, not what the files hold. Reading a checkpoint
+# written by another layout (trainer/checkpoint/universal.py, pipeline_files.py) needs their contents.
+
+MODULE_STATE = "module"
+"""mp_rank_XX_model_states.pt of the plain engine: the module's state dict (ZeRO-3: placeholders)."""
+
+
+def model_states_file(tag_dir: Path, mp_rank: int) -> Path:
+    return tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def zero_file(tag_dir: Path, dp_rank: int, mp_rank: int, prefix: str = "") -> Path:
+    """A ZeRO partition of the optimizer: `prefix` "" (ZeRO-1/2/3) or "bf16_" (the pipeline's bf16 optimizer)."""
+    return tag_dir / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def checkpoint_layout(states: dict) -> tuple[int, int, int]:
+    """(tp, pp, dp) recorded in an mp_rank file. The pipeline engine writes checkpoint_parallel_dimensions; the
+    plain engine only mp_world_size (its model-parallel ranks are the tensor ranks)."""
+    dims = states.get("checkpoint_parallel_dimensions")
+    if dims:
+        tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
+    else:
+        tp, pp = int(states.get("mp_world_size") or 1), 1
+    return tp, pp, int(states.get("dp_world_size", 1))
+
+
+def zero_stage_of_file(state: dict) -> int:
+    """The ZeRO stage that wrote an optim_states file (DeepSpeed's ZeroStageEnum value)."""
+    return int(getattr(state["optimizer_state_dict"].get("zero_stage", 1), "value",
+                       state["optimizer_state_dict"].get("zero_stage", 1)))
+
+
+def zero12_fragments(state: dict) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """One ZeRO-1/2 partition file -> per parameter group ({name: (start, numel)} in the flat partition,
+    {"fp32": flat master, "exp_avg": ..., "exp_avg_sq": ..., "step": ...}); an empty dict of flats for a group
+    whose optimizer never stepped."""
+    optimizer = state["optimizer_state_dict"]
+    base = optimizer["base_optimizer_state"]["state"]
+    groups = []
+    for group, mapping in enumerate(optimizer["param_slice_mappings"]):
+        slices = {name: (address.start, address.numel) for name, address in mapping.items()}
+        adam = base.get(group, {})
+        flats = {} if "exp_avg" not in adam else {"fp32": optimizer["single_partition_of_fp32_groups"][group],
+                                                  "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"],
+                                                  "step": adam["step"]}
+        groups.append((slices, flats))
+    return groups
+
+
+def zero3_partitions(state: dict) -> list[dict[str, torch.Tensor]]:
+    """One ZeRO-3 partition file -> per sub-group {"fp32": flat master partition, "exp_avg", "exp_avg_sq",
+    "step"} (moments absent when the optimizer never stepped). ZeRO-3 partitions every parameter on its own:
+    a parameter of n elements takes ceil(n / dp) elements of each rank's flat partition (zero padded), in
+    parameter order (param_shapes of the mp_rank file)."""
+    optimizer = state["optimizer_state_dict"]
+    base = optimizer["optimizer_state_dict"]["state"]
+    result = []
+    for group, flat in enumerate(optimizer["fp32_flat_groups"]):
+        adam = base.get(group, {})
+        result.append({"fp32": flat, **{key: adam[key] for key in ("exp_avg", "exp_avg_sq", "step") if key in adam}})
+    return result
+
+
+def param_shapes(states: dict) -> list[dict[str, torch.Size]]:
+    """The mp_rank file's `param_shapes`: per optimizer group, {parameter name: shape} in flattening order."""
+    return states["param_shapes"]

@@ -1,0 +1,130 @@
+"""GLM on DeepSpeed's own engine (parallel.pp = 1): the module it wraps, and one optimizer step.
+
+DeepSpeed's pipeline engine allows ZeRO-1 at most; its plain engine (deepspeed.initialize on an
+nn.Module) runs ZeRO-2, ZeRO-3 and offload. With one pipeline stage the trainer therefore wraps
+`GLMTrainModel`, the single-process GLMModel with its loss, and drives it with the engine's public
+forward / backward / step. A step here is what the pipeline engine's train_batch is (trainer/engine/loop.py
+gives both the same micro-batches): the loss is the mean over the step's micro-batches and the
+data-parallel ranks, and the gradient is that mean's (DeepSpeed divides each micro-batch's loss by the
+gradient accumulation steps and averages the gradients over the data-parallel ranks).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from trainer.model import GLMLoss, GLMModel
+from trainer.model.config import ModelConfig
+from trainer.model.embedding import Activations
+from trainer.model.output import head_outputs
+
+
+class GLMTrainModel(GLMModel):
+    """GLMModel whose forward returns the loss: (inputs, target) in the pipeline's format
+    (trainer/engine/loop.py: pipeline_format) -> the masked mean cross-entropy, a 0-dim fp32 tensor.
+    Parameter names are GLMModel's, which are the canonical names (trainer/checkpoint/layout.py).
+
+    With recompute_interval k > 0 the blocks run in groups of k under `recompute` (activation
+    recomputation: only each group's input is kept for backward), as the pipeline's
+    activation_checkpoint_interval does."""
+
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, recompute_interval: int = 0,
+                 recompute: Optional[Callable] = None):
+        super().__init__(config, tp_group, seed)
+        self.loss_fn = GLMLoss(config, tp_group)
+        self.recompute_interval = recompute_interval
+        self.recompute = recompute
+
+    @property
+    def output_weight(self) -> torch.nn.Parameter:
+        """The output head's weight: the word embedding (tied) or the output layer's."""
+        return (self.embedding if self.output_layer is None else self.output_layer).output_weight
+
+    def _blocks(self, activations: Activations) -> Activations:
+        layers = list(self.transformer["layers"])
+        k = self.recompute_interval
+        if not (k and self.recompute and self.training and torch.is_grad_enabled()):
+            for layer in layers:
+                activations = layer(activations)
+            return activations
+        for start in range(0, len(layers), k):
+            group = layers[start:start + k]
+
+            def run(*inputs, group=group):
+                for layer in group:
+                    inputs = layer(inputs)
+                return inputs
+
+            activations = self.recompute(run, *activations)
+        return activations
+
+    def forward(self, inputs: Activations, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        activations = self._blocks(self.embedding(inputs))
+        hidden = self.transformer["final_layernorm"](activations)  # [b, s, h]
+        head = self.embedding if self.output_layer is None else self.output_layer
+        return self.loss_fn(head_outputs(head, hidden), target)
+
+
+def _mean_over_data_parallel(total: torch.Tensor, count: int, dp_group) -> torch.Tensor:
+    """sum of this rank's micro-batch losses -> the mean over every rank's micro-batches."""
+    mean = total.detach().clone() / count
+    if dp_group is not None:
+        dist.all_reduce(mean, group=dp_group)
+        mean /= dist.get_world_size(dp_group)
+    return mean
+
+
+class PlainSteps:
+    """train_batch / eval_batch on DeepSpeed's plain engine, with the pipeline engine's meaning.
+
+    `before_step` runs once per optimizer step after the last backward, on the gradients DeepSpeed has
+    reduced over the data-parallel ranks (the trainer's own clipping where it replaces DeepSpeed's)."""
+
+    def __init__(self, engine, dp_group, before_step: Optional[Callable[[], None]] = None):
+        self.engine = engine
+        self.dp_group = dp_group
+        self.before_step = before_step
+
+    def train_batch(self, batches: Iterable[tuple]) -> torch.Tensor:
+        engine = self.engine
+        engine.train()
+        total, count = torch.zeros((), device=engine.device), 0
+        for inputs, target in batches:
+            loss = engine(_to(inputs, engine.device), _to(target, engine.device))
+            engine.backward(loss)
+            total += loss.detach().float()
+            count += 1
+            if engine.is_gradient_accumulation_boundary() and self.before_step is not None:
+                self.before_step()
+            engine.step()
+        return _mean_over_data_parallel(total, count, self.dp_group)
+
+    @torch.no_grad()
+    def eval_batch(self, batches: Iterable[tuple], num_micro_batches: int) -> torch.Tensor:
+        engine = self.engine
+        engine.eval()
+        total = torch.zeros((), device=engine.device)
+        for inputs, target in batches:
+            total += engine(_to(inputs, engine.device), _to(target, engine.device)).float()
+        return _mean_over_data_parallel(total, num_micro_batches, self.dp_group)
+
+
+def _to(tensors: tuple, device) -> tuple:
+    return tuple(t.to(device) for t in tensors)
+
+
+class PipelineSteps:
+    """The pipeline engine's own train_batch / eval_batch (trainer/engine/pipeline.py)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def train_batch(self, batches: Iterable[tuple]) -> torch.Tensor:
+        return self.engine.train_batch(iter(batches))
+
+    def eval_batch(self, batches: Iterable[tuple], num_micro_batches: int) -> torch.Tensor:
+        loss = self.engine.eval_batch(iter(batches), num_micro_batches=num_micro_batches)
+        self.engine.module.train()
+        return loss
