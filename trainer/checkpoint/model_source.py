@@ -28,7 +28,7 @@ def training_tag_dir(path: Path) -> Optional[Path]:
         path = path / "checkpoints"
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
-    return path if model_states_file(path, 0).is_file() and any(path.glob("layer_*-model_states.pt")) else None
+    return path if model_states_file(path, 0).is_file() else None
 
 
 def read_weights(path: Path, config: Optional[ModelConfig]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -1,6 +1,8 @@
-"""DeepSpeed pipeline checkpoints (trainer/engine/checkpoint.py) read and written at any layout.
+"""DeepSpeed checkpoints of either engine (trainer/engine/checkpoint.py) read at any layout, and pipeline
+checkpoints written at any layout. What the files hold is DeepSpeed's business: the parsing of their contents
+lives in trainer/engine/deepspeed_compat.py.
 
-A tag directory global_stepN/ holds, as DeepSpeed 0.19.8 writes them:
+A pipeline engine's tag directory global_stepN/ holds, as DeepSpeed 0.19.8 writes them:
     layer_XX-model_YY-model_states.pt   the state dict of global layer XX on tensor rank YY
                                         (XX: 0 embedding, 1..N blocks, N+1 final norm, N+2 the untied
                                         output layer; a tied one has no file of its own). Written once
@@ -13,9 +15,16 @@ A tag directory global_stepN/ holds, as DeepSpeed 0.19.8 writes them:
 Layer indices are global, so a pipeline split changes no layer file; the tensor-parallel size changes
 every split parameter. Pipeline parameter names are `tied_modules.embed.<p>` (the embedding, on the
 first and last stage) and `<XX>.<p>` (a block or the final norm).
+
+The plain engine (parallel.pp = 1, trainer/engine/plain.py) writes no layer files: mp_rank_TT_model_states.pt
+(TT = tensor rank) holds the module's state dict under its canonical names, beside the same client state and
+ZeRO-1/2 partition files. Under ZeRO-3 the weights exist only as fp32 partitions: each data-parallel rank D
+writes zero_pp_rank_D_mp_rank_TT_model_states.pt (client state, param_shapes, placeholders for the weights)
+and zero_pp_rank_D_mp_rank_TT_optim_states.pt (its partition of every weight and Adam moment).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +32,7 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint.layout import merge_states, shard_state
+from trainer.engine import deepspeed_compat as ds_files
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 from trainer.model.output import OUTPUT_WEIGHT
@@ -43,17 +53,32 @@ def layer_file(tag_dir: Path, layer: int, tp_rank: int) -> Path:
 
 
 def model_states_file(tag_dir: Path, mp_rank: int) -> Path:
-    return tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+    """The client-state file of model-parallel rank mp_rank (data-parallel rank 0's under ZeRO-3)."""
+    path = ds_files.model_states_file(tag_dir, mp_rank)
+    zero3 = ds_files.zero3_model_states_file(tag_dir, 0, mp_rank)
+    return zero3 if not path.is_file() and zero3.is_file() else path
 
 
-def zero_file(tag_dir: Path, dp_rank: int, mp_rank: int) -> Path:
-    return tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+zero_file = ds_files.zero_file
 
 
 def has_deepspeed_optimizer_files(tag_dir: Path) -> bool:
-    """Whether DeepSpeed wrote partitioned optimizer files: ZeRO-1's, or (bf16 pipelines) its bf16 optimizer's
+    """Whether DeepSpeed wrote partitioned optimizer files: ZeRO's, or (bf16 without ZeRO) its bf16 optimizer's
     `bf16_zero_pp_rank_D_mp_rank_MM_optim_states.pt`."""
-    return zero_file(tag_dir, 0, 0).is_file() or (tag_dir / f"bf16_{zero_file(tag_dir, 0, 0).name}").is_file()
+    return zero_file(tag_dir, 0, 0).is_file() or zero_file(tag_dir, 0, 0, prefix="bf16_").is_file()
+
+
+def checkpoint_zero_stage(tag_dir: Path) -> int:
+    """The ZeRO stage that wrote the checkpoint (0 without ZeRO files)."""
+    path = zero_file(tag_dir, 0, 0)
+    if not path.is_file():
+        return 0
+    return ds_files.zero_stage_of_file(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def is_pipeline_checkpoint(tag_dir: Path) -> bool:
+    """Layer files (the pipeline engine, or glm-ckpt convert) rather than the plain engine's module states."""
+    return layer_file(tag_dir, 0, 0).is_file()
 
 
 def canonical_prefix(layer: int, config: ModelConfig) -> str:
@@ -92,15 +117,51 @@ def read_layout(tag_dir: Path) -> Layout:
     if not path.is_file():
         raise CheckpointError(f"{tag_dir} has no {path.name}: it is not a checkpoint of this trainer "
                               f"(pass a run's checkpoints/global_stepN directory)")
-    states = torch.load(path, map_location="cpu", weights_only=False)
-    dims = states.get("checkpoint_parallel_dimensions") or {}
-    return Layout(tp=int(dims.get("tp_degree", 1)), pp=int(dims.get("pp_degree", 1)),
-                  dp=int(states.get("dp_world_size", 1)))
+    return Layout(*ds_files.checkpoint_layout(torch.load(path, map_location="cpu", weights_only=False)))
+
+
+def read_zero3_tensors(tag_dir: Path, layout: Layout, tp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """One tensor rank's ZeRO-3 files -> {canonical name: {"fp32": weight, "exp_avg", "exp_avg_sq"}} (this
+    tensor rank's whole tensors; no moments when the optimizer never stepped) and the Adam step. ZeRO-3 cuts
+    every parameter of n elements into dp pieces of ceil(n / dp) (the last zero padded), in param_shapes order."""
+    shapes = ds_files.param_shapes(torch.load(model_states_file(tag_dir, tp_rank), map_location="cpu",
+                                              weights_only=False))
+    flats, step = [], 0
+    for dp_rank in range(layout.dp):
+        path = zero_file(tag_dir, dp_rank, tp_rank)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        groups = ds_files.zero3_partitions(torch.load(path, map_location="cpu", weights_only=False))
+        keys = [key for key in ("fp32", "exp_avg", "exp_avg_sq") if all(key in group for group in groups)]
+        flats.append({key: torch.cat([group[key] for group in groups]) for key in keys})
+        step = int(groups[0].get("step", 0))
+    tensors, offset = {}, 0
+    for name, shape in ((name, shape) for group in shapes for name, shape in group.items()):
+        numel = math.prod(shape)
+        piece = -(-numel // layout.dp)
+        tensors[name] = {key: torch.cat([flat[key].narrow(0, offset, piece) for flat in flats])[:numel].float().view(shape)
+                         for key in flats[0]}
+        offset += piece
+    return tensors, step
+
+
+def _plain_engine_weights(tag_dir: Path, layout: Layout, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One tensor rank's weights from the plain engine's files (canonical names, this rank's shards)."""
+    if checkpoint_zero_stage(tag_dir) == 3:
+        return {name: tensors["fp32"] for name, tensors in read_zero3_tensors(tag_dir, layout, tp_rank)[0].items()}
+    path = model_states_file(tag_dir, tp_rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    module = torch.load(path, map_location="cpu", weights_only=False)[ds_files.MODULE_STATE]
+    return {name: value.float() for name, value in module.items()}
 
 
 def read_model_weights(tag_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The layer files of any (tp, pp) -> the canonical state dict (fp32)."""
-    tp = read_layout(tag_dir).tp
+    """The weights of a checkpoint of any (tp, pp, dp) and engine -> the canonical state dict (fp32)."""
+    layout = read_layout(tag_dir)
+    if not is_pipeline_checkpoint(tag_dir):
+        return merge_states([_plain_engine_weights(tag_dir, layout, tp_rank) for tp_rank in range(layout.tp)], config)
+    tp = layout.tp
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for layer in layers_with_files(config):
         for tp_rank in range(tp):

@@ -2,10 +2,11 @@
 live engine of any other layout: weights, fp32 master weights, Adam moments and step, LR schedule,
 counters.
 
-ZeRO-1 files store, per data-parallel rank and parameter group, a flat fp32 partition, the flat Adam
-moments and `param_slice_mappings` {pipeline name: (start, numel)}. Concatenating a parameter's
+ZeRO-1/2 files store, per data-parallel rank and parameter group, a flat fp32 partition, the flat Adam
+moments and `param_slice_mappings` {engine name: (start, numel)}. Concatenating a parameter's
 fragments over the data-parallel ranks in rank order gives its whole (tensor-rank-local) flattened
-tensor; merging the tensor ranks (trainer/checkpoint/layout.py) gives the canonical one. Loading is the
+tensor; merging the tensor ranks (trainer/checkpoint/layout.py) gives the canonical one. ZeRO-3 files
+partition every parameter on its own (trainer/checkpoint/pipeline_files.py: read_zero3_tensors). Loading is the
 reverse, through DeepSpeed's safe_set_full_fp32_param / safe_set_full_optimizer_state, so ZeRO
 re-partitions it for the new data-parallel size itself.
 
@@ -23,8 +24,10 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint.layout import merge_states, rule_for, shard
-from trainer.checkpoint.pipeline_files import (Layout, canonical_name, has_deepspeed_optimizer_files, model_states_file,
-                                               read_layout, read_model_weights, zero_file)
+from trainer.checkpoint.pipeline_files import (Layout, canonical_name, checkpoint_zero_stage, has_deepspeed_optimizer_files,
+                                               is_pipeline_checkpoint, model_states_file, read_layout, read_model_weights,
+                                               read_zero3_tensors, zero_file)
+from trainer.engine import deepspeed_compat as ds_files
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 
@@ -51,26 +54,26 @@ class TrainingState:
 
 
 def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
-    """One model-parallel rank's ZeRO-1 files -> {pipeline name: {fp32, exp_avg, exp_avg_sq}} (full local
+    """One model-parallel rank's ZeRO files -> {engine name: {fp32, exp_avg, exp_avg_sq}} (full local
     tensors, shaped) and the Adam step; ({}, 0) when the optimizer never stepped."""
-    shapes = torch.load(model_states_file(tag_dir, mp_rank), map_location="cpu", weights_only=False)["param_shapes"]
+    if checkpoint_zero_stage(tag_dir) == 3:
+        tensors, step = read_zero3_tensors(tag_dir, layout, mp_rank)
+        return (tensors, step) if all("exp_avg" in t for t in tensors.values()) else ({}, 0)
+    states = torch.load(model_states_file(tag_dir, mp_rank), map_location="cpu", weights_only=False)
+    shapes = ds_files.param_shapes(states)
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     step = 0
     for dp_rank in range(layout.dp):
         path = zero_file(tag_dir, dp_rank, mp_rank)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        base = state["base_optimizer_state"]["state"]
-        for group, mapping in enumerate(state["param_slice_mappings"]):
-            if "exp_avg" not in base.get(group, {}):
+        for slices, flats in ds_files.zero12_fragments(torch.load(path, map_location="cpu", weights_only=False)):
+            if not flats:
                 return {}, 0
-            step = int(base[group]["step"])
-            flats = {"fp32": state["single_partition_of_fp32_groups"][group],
-                     **{key: base[group][key] for key in MOMENTS}}
-            for name, address in mapping.items():
+            step = int(flats.pop("step"))
+            for name, (start, numel) in slices.items():
                 for key, flat in flats.items():
-                    pieces.setdefault(name, {}).setdefault(key, []).append(flat.narrow(0, address.start, address.numel))
+                    pieces.setdefault(name, {}).setdefault(key, []).append(flat.narrow(0, start, numel))
     full = {}
     for group_shapes in shapes:
         for name, shape in group_shapes.items():
@@ -79,7 +82,8 @@ def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[s
 
 
 def read_zero_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[dict, dict, int]]:
-    """ZeRO-1 files of any layout -> (canonical fp32 weights, canonical moments, step); None without them."""
+    """ZeRO files of any stage and layout -> (canonical fp32 weights, canonical moments, step); None without
+    them."""
     layout = read_layout(tag_dir)
     if not zero_file(tag_dir, 0, 0).is_file():
         return None
@@ -136,29 +140,24 @@ def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
     return TrainingState(weights, moments, step, client)
 
 
-def _initialise_zero_moments(optimizer, step: int) -> None:
-    """Create the flat Adam state of every ZeRO partition (torch creates it lazily at the first step) and
-    link it to the parameters, so safe_set_full_optimizer_state has somewhere to write."""
-    for flat in optimizer.single_partition_of_fp32_groups:
-        optimizer.optimizer.state[flat] = {"step": torch.tensor(float(step)),
-                                           **{key: torch.zeros_like(flat) for key in MOMENTS}}
-    optimizer._lazy_init_hp_params_optimizer_state()
-
-
 def load_into_engine(engine, topology, config: ModelConfig, state: TrainingState) -> None:
     """Set this rank's shard of every weight, master weight and Adam moment, the LR schedule and counters."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     optimizer = engine.optimizer
-    zero = hasattr(optimizer, "single_partition_of_fp32_groups")
+    zero = ds_files.is_zero_optimizer(optimizer)
+    zero3 = engine.zero_optimization_stage() == 3
     if state.moments is not None and zero:
-        _initialise_zero_moments(optimizer, state.optimizer_step)
+        ds_files.initialise_zero_moments(optimizer, state.optimizer_step, MOMENTS)
     for pipeline_name, param in engine.module.named_parameters():
         name = canonical_name(pipeline_name, config)
         rule = rule_for(name, config)
         value = shard(state.weights[name], rule, config, topology.tp, topology.tp_rank).to(param.device)
-        with torch.no_grad():
-            param.copy_(value)
+        if zero3:
+            ds_files.set_zero3_weight(param, value)
+        else:
+            with torch.no_grad():
+                param.copy_(value)
         if zero:
             safe_set_full_fp32_param(param, value)
         if state.moments is None:
@@ -190,8 +189,10 @@ def load_any_layout(engine, topology, config: ModelConfig, checkpoint_dir: Path,
     dropout > 0 the dropout masks differ from the uninterrupted run)."""
     tag_dir = Path(checkpoint_dir) / tag
     layout = read_layout(tag_dir)
-    same_layout = layout == Layout(topology.tp, topology.pp, topology.dp)
-    same_optimizer = has_deepspeed_optimizer_files(tag_dir) == bool(engine.zero_optimization())
+    same_layout = (layout == Layout(topology.tp, topology.pp, topology.dp)
+                   and is_pipeline_checkpoint(tag_dir) == (topology.pp > 1))  # and the same engine
+    same_optimizer = (has_deepspeed_optimizer_files(tag_dir) == bool(engine.zero_optimization())
+                      and checkpoint_zero_stage(tag_dir) == engine.zero_optimization_stage())
     # DeepSpeed 0.19.8 cannot load its own bf16 checkpoints without ZeRO into a pipeline engine (its bf16
     # optimizer's load_state_dict fails on the saved state): those go through this module, weights only.
     deepspeed_loads = same_optimizer and not (engine.bfloat16_enabled() and not engine.zero_optimization())

@@ -120,11 +120,29 @@ def initialise_zero_moments(optimizer, step: int, moment_keys: tuple[str, ...]) 
     per-parameter views of it (`_lazy_init_hp_params_optimizer_state`) only then. The step is a tensor for
     torch's optimizers and an int for DeepSpeedCPUAdam (its C++ kernel takes it so)."""
     base = optimizer.optimizer
-    step_value = step if type(base).__name__ == "DeepSpeedCPUAdam" else torch.tensor(float(step))
+    cpu_adam = type(base).__name__ == "DeepSpeedCPUAdam"
     for flat in zero_fp32_partitions(optimizer):
-        base.state[flat] = {"step": step_value, **{key: torch.zeros_like(flat) for key in moment_keys}}
+        # A tensor of its own per partition: torch's AdamW increments the step in place.
+        base.state[flat] = {"step": step if cpu_adam else torch.tensor(float(step)),
+                            **{key: torch.zeros_like(flat) for key in moment_keys}}
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def set_zero3_weight(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write this rank's partition of a ZeRO-3 weight from its whole (tensor-rank-local) value.
+
+    Why: under ZeRO-3 a parameter's data is an empty placeholder and its partition is `ds_tensor`: ceil(n / dp)
+    elements of the flattened weight, the last rank's zero padded. safe_set_full_fp32_param sets only the fp32
+    master copy, so a weight loaded from another layout would be replaced by the master copy only at the next
+    step, after a forward with the old one."""
+    group = param.ds_process_group
+    rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    piece = param.ds_tensor.numel()
+    flat = torch.zeros(piece * size, dtype=param.ds_tensor.dtype)
+    flat[:value.numel()] = value.reshape(-1)
+    with torch.no_grad():
+        param.ds_tensor.copy_(flat.narrow(0, rank * piece, piece))
 
 
 # ---- Checkpoint files ------------------------------------------------------------------------------------
@@ -137,6 +155,11 @@ MODULE_STATE = "module"
 
 def model_states_file(tag_dir: Path, mp_rank: int) -> Path:
     return tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def zero3_model_states_file(tag_dir: Path, dp_rank: int, mp_rank: int) -> Path:
+    """ZeRO-3's client-state file: one per data-parallel rank, no mp_rank_XX_model_states.pt."""
+    return tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
 
 
 def zero_file(tag_dir: Path, dp_rank: int, mp_rank: int, prefix: str = "") -> Path:
