@@ -6,8 +6,16 @@ optional RoPE, the blank-infilling mask, and a row-parallel output projection.
 The mask is GLM's blank-infilling mask, block-diagonal over the samples packed in a row (trainer/model/mask.py).
 Grouped-query attention (ChatGLM2/3, GLM-4): q has n heads, k and v have g = num_key_value_heads, and query
 head j attends with key/value head j // (n / g); g = n is multi-head attention, g = 1 multi-query attention.
-W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], each holding its heads' d-sized chunks
-(n / tp query heads and the g / tp key/value heads they use: tp divides g, so no rank shares a KV head).
+W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], the r-th of tp row blocks of each of q, k, v.
+Rank r computes n / tp query heads and the key/value heads they use:
+- tp divides g (split KV heads): k_r and v_r are exactly those g / tp heads, and no rank shares a KV head;
+- tp a multiple of g (replicated KV heads, e.g. multi-query attention at tp = 2): the tp / g ranks whose query
+  heads share key/value head j = r g / tp each compute it. k_r and v_r still hold 1/tp of the K and V rows (the
+  same parameters and canonical layout as at any tp), and each rank gathers the whole K and V projection weight
+  (gather_rows_from_tp), keeps head j's rows and uses them. Its gradient of the gathered weight covers only its own
+  query heads; the reduce-scatter in the gather's backward sums the ranks' shares, so each rank's k_r, v_r get the
+  full gradient of the rows it stores: parameters and gradients are disjoint shards, counted in the gradient norm
+  like every other split weight. Cost: an all-gather of the 2 g d x h K/V weight (and bias) per block forward.
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
 
 Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`GLMMask`: the rows'
@@ -36,7 +44,7 @@ from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.model.mask import GLMMask
 from trainer.model.rotary import apply_position_rotary
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from trainer.parallel.mappings import group_size
+from trainer.parallel.mappings import copy_to_tp, gather_rows_from_tp, group_rank, group_size
 from trainer.parallel.random import get_rng_tracker
 
 MASKED_SCORE = -65504.0
@@ -101,8 +109,11 @@ class SelfAttention(nn.Module):
         q_rows, kv_rows, _ = config.qkv_rows
         self.config = config
         self.layer_number = layer_number
+        self.tp_group = tp_group
         self.local_heads = config.num_attention_heads // tp
-        self.local_kv_heads = config.num_kv_heads // tp
+        self.replicated_kv = config.replicates_kv_heads(tp)
+        self.local_kv_heads = 1 if self.replicated_kv else config.num_kv_heads // tp
+        self.kv_head = group_rank(tp_group) * config.num_kv_heads // tp  # the first KV head of this rank's queries
         if config.norm == "deepnorm":  # DeepNet: q, k gain 1; v and the output projection gain beta
             qkv_stds = (xavier_normal_std(1.0, h, q_rows), xavier_normal_std(1.0, h, kv_rows),
                         xavier_normal_std(config.deepnorm_beta, h, kv_rows))
@@ -125,14 +136,14 @@ class SelfAttention(nn.Module):
         b, s, _ = hidden.shape
         d = self.config.head_dim
         heads = (self.local_heads, self.local_kv_heads, self.local_kv_heads)
-        qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, (n + 2g)/tp, d]
-        q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g/tp, d] twice
+        qkv = self._project(hidden).view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
+        q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g_r, d] twice; g_r = g/tp, or 1 if replicated
         if self.config.position_embedding != "learned_2d":
             q = apply_position_rotary(q, position_ids, block_position_ids, self.config)
             k = apply_position_rotary(k, position_ids, block_position_ids, self.config)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads/tp, s, d]
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # [b, g/tp, s_k, d]
+            k, v = kv_cache.append(k, v)  # [b, g_r, s_k, d]
         group = self.local_heads // self.local_kv_heads
         if group > 1:  # each key/value head serves `group` consecutive query heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, n/tp, s_k, d]
@@ -141,6 +152,23 @@ class SelfAttention(nn.Module):
             context = self._core(q, k, v, mask, p)  # [b, n/tp, s, d]
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * d)  # [b, s, n d/tp]
         return self.dense(context)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [b, s, h] -> [q; k; v] of this rank's query heads and the key/value heads they use,
+        [b, s, (n/tp + 2 g_r) d] (module docstring: split or replicated KV heads)."""
+        if not self.replicated_kv:
+            return self.query_key_value(hidden)
+        tp, d = group_size(self.tp_group), self.config.head_dim
+        q_rows = self.local_heads * d
+        used = slice(self.kv_head * d, (self.kv_head + 1) * d)  # the rows of KV head kv_head in the whole K or V
+        weight, bias = self.query_key_value.weight, self.query_key_value.bias  # [(n d + 2 g d)/tp, h], [..]
+        parts = []
+        for local in (weight, bias) if bias is not None else (weight,):
+            kv = gather_rows_from_tp(local[q_rows:], self.tp_group)  # [tp * 2 g d/tp, ...]: [k_r; v_r] of every r
+            kv = kv.unflatten(0, (tp, 2, -1)).transpose(0, 1).flatten(1, 2)  # [2, g d, ...]: whole K, whole V
+            parts.append(torch.cat([local[:q_rows], kv[0, used], kv[1, used]]))  # [n d/tp + 2 d, ...]
+        # as in ColumnParallelLinear: each rank's input gradient covers its heads, summed over the group
+        return F.linear(copy_to_tp(hidden, self.tp_group), *parts)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:
         """Scaled dot-product attention with dropout probability p on the probabilities (kernels: module docstring)."""
