@@ -257,14 +257,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
 
 
 def special_ids(tokenizer: Optional[Path]) -> dict[str, object]:
-    """config.json's pad/bos/eos_token_id from the run's tokenizer: padding and end <|endoftext|>, generation
-    also stopping at the end of a piece (eop); None each without a tokenizer."""
+    """config.json's pad/bos/eos_token_id from the run's tokenizer: padding <|endoftext|>, generation stopping at
+    its stop_ids (<|endoftext|>, the end of a piece, the role tokens); None each without a tokenizer."""
     if tokenizer is None:
         return {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
     from trainer.data.tokenizer import load_tokenizer
 
     loaded = load_tokenizer(tokenizer)
-    return {"pad_token_id": loaded.pad_id, "bos_token_id": None, "eos_token_id": [loaded.eot_id, loaded.eop_id]}
+    return {"pad_token_id": loaded.pad_id, "bos_token_id": None, "eos_token_id": list(loaded.stop_ids)}
 
 
 def write_tokenizer_files(tokenizer: Path, config: ModelConfig, out_dir: Path) -> None:
