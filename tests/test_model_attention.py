@@ -133,7 +133,7 @@ def _replicated_kv_cache(rank: int, world_size: int) -> None:
                          position_embedding="rope_1d", rotary_fraction=0.5, rotary_pairing="interleaved")
     whole = SelfAttention(config, layer_number=1, seed=2).eval()
     sharded = SelfAttention(config, layer_number=1, tp_group=Topology.create(tp=2, pp=1).tp_group, seed=2).eval()
-    assert sharded.replicated_kv and sharded.local_kv_heads == 1
+    assert sharded.query_key_value.replicated_kv and sharded.local_kv_heads == 1
     with torch.no_grad():  # the biases start at zero: give them values for the gather to carry
         whole.query_key_value.bias.normal_(generator=torch.Generator().manual_seed(0))
         q, k, v = whole.query_key_value.bias.split(config.qkv_rows)

@@ -97,6 +97,35 @@ class KVCache:
         return key, value
 
 
+class QueryKeyValue(ColumnParallelLinear):
+    """[q; k; v] = x W_qkv^T + b on a column-parallel layer holding rank r's rows [q_r; k_r; v_r]. With replicated
+    KV heads (module docstring) the rank gathers the whole K and V rows and uses those of the one key/value head
+    its query heads share: [q_r; K_j; V_j]. The weights are read only in this module's own forward, where
+    ZeRO-3 has gathered them."""
+
+    def __init__(self, config: ModelConfig, tp_group, init_method: Callable[[torch.Tensor], None]):
+        super().__init__(config.hidden_size, sum(config.qkv_rows), group=tp_group, bias=config.add_qkv_bias,
+                         init_method=init_method)
+        tp = group_size(tp_group)
+        self.replicated_kv = config.replicates_kv_heads(tp)
+        self.q_rows = config.qkv_rows[0] // tp
+        kv_head = group_rank(tp_group) * config.num_kv_heads // tp  # the KV head of this rank's query heads
+        self.kv_used = slice(kv_head * config.head_dim, (kv_head + 1) * config.head_dim)  # its rows in K or V
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, h] -> [b, s, (n/tp + 2 g_r) d], g_r = g / tp key/value heads (split) or 1 (replicated)."""
+        if not self.replicated_kv:
+            return super().forward(x)
+        tp = group_size(self.group)
+        parts = []
+        for local in (self.weight, self.bias) if self.bias is not None else (self.weight,):  # [(n + 2 g) d/tp, ...]
+            kv = gather_rows_from_tp(local[self.q_rows:], self.group)  # [tp * 2 g d/tp, ...]: [k_r; v_r] of every r
+            kv = kv.unflatten(0, (tp, 2, -1)).transpose(0, 1).flatten(1, 2)  # [2, g d, ...]: whole K, whole V
+            rows = [local[:self.q_rows], kv[0, self.kv_used], kv[1, self.kv_used]]
+            parts.append(torch.cat(rows))  # [(n/tp + 2) d, ...]: q_r, K_j, V_j
+        return F.linear(copy_to_tp(x, self.group), *parts)  # the input's gradient summed, as super().forward's
+
+
 class SelfAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention of block `layer_number` (1-based); each tensor-parallel
     rank computes num_attention_heads / tp whole heads and the row-parallel dense layer sums their
@@ -109,11 +138,8 @@ class SelfAttention(nn.Module):
         q_rows, kv_rows, _ = config.qkv_rows
         self.config = config
         self.layer_number = layer_number
-        self.tp_group = tp_group
         self.local_heads = config.num_attention_heads // tp
-        self.replicated_kv = config.replicates_kv_heads(tp)
-        self.local_kv_heads = 1 if self.replicated_kv else config.num_kv_heads // tp
-        self.kv_head = group_rank(tp_group) * config.num_kv_heads // tp  # the first KV head of this rank's queries
+        self.local_kv_heads = 1 if config.replicates_kv_heads(tp) else config.num_kv_heads // tp
         if config.norm == "deepnorm":  # DeepNet: q, k gain 1; v and the output projection gain beta
             qkv_stds = (xavier_normal_std(1.0, h, q_rows), xavier_normal_std(1.0, h, kv_rows),
                         xavier_normal_std(config.deepnorm_beta, h, kv_rows))
@@ -122,9 +148,8 @@ class SelfAttention(nn.Module):
             qkv_stds = (config.init_std,) * 3
             dense_std = config.init_std / math.sqrt(2 * n)
         name = f"layers.{layer_number - 1}.attention"
-        self.query_key_value = ColumnParallelLinear(
-            h, sum(config.qkv_rows), group=tp_group, bias=config.add_qkv_bias,
-            init_method=fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp, config.qkv_rows))
+        self.query_key_value = QueryKeyValue(
+            config, tp_group, fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp, config.qkv_rows))
         self.dense = RowParallelLinear(q_rows, h, group=tp_group, bias=config.add_bias_linear,
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
 
@@ -136,7 +161,7 @@ class SelfAttention(nn.Module):
         b, s, _ = hidden.shape
         d = self.config.head_dim
         heads = (self.local_heads, self.local_kv_heads, self.local_kv_heads)
-        qkv = self._project(hidden).view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
+        qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
         q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g_r, d] twice; g_r = g/tp, or 1 if replicated
         if self.config.position_embedding != "learned_2d":
             q = apply_position_rotary(q, position_ids, block_position_ids, self.config)
@@ -152,23 +177,6 @@ class SelfAttention(nn.Module):
             context = self._core(q, k, v, mask, p)  # [b, n/tp, s, d]
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * d)  # [b, s, n d/tp]
         return self.dense(context)
-
-    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [b, s, h] -> [q; k; v] of this rank's query heads and the key/value heads they use,
-        [b, s, (n/tp + 2 g_r) d] (module docstring: split or replicated KV heads)."""
-        if not self.replicated_kv:
-            return self.query_key_value(hidden)
-        tp, d = group_size(self.tp_group), self.config.head_dim
-        q_rows = self.local_heads * d
-        used = slice(self.kv_head * d, (self.kv_head + 1) * d)  # the rows of KV head kv_head in the whole K or V
-        weight, bias = self.query_key_value.weight, self.query_key_value.bias  # [(n d + 2 g d)/tp, h], [..]
-        parts = []
-        for local in (weight, bias) if bias is not None else (weight,):
-            kv = gather_rows_from_tp(local[q_rows:], self.tp_group)  # [tp * 2 g d/tp, ...]: [k_r; v_r] of every r
-            kv = kv.unflatten(0, (tp, 2, -1)).transpose(0, 1).flatten(1, 2)  # [2, g d, ...]: whole K, whole V
-            parts.append(torch.cat([local[:q_rows], kv[0, used], kv[1, used]]))  # [n d/tp + 2 d, ...]
-        # as in ColumnParallelLinear: each rank's input gradient covers its heads, summed over the group
-        return F.linear(copy_to_tp(hidden, self.tp_group), *parts)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:
         """Scaled dot-product attention with dropout probability p on the probabilities (kernels: module docstring)."""
