@@ -101,6 +101,8 @@ CASES = [
     ("glm-generate", "tokenizer file missing", ["<export>", "--text", "x", "--tokenizer", "<dir>/absent.json"],
      "absent.json"),
     ("glm-generate", "no --text", ["<export>"], "--text"),
+    ("glm-generate", "--chat without role tokens", ["<export>", "--chat", "--text", "x"],
+     "needs a GLM-4-style tokenizer"),
     ("glm-eval", "task file missing", ["<export>", "--data", "<dir>/absent.jsonl", "--verbalizers",
                                         '{"yes": " sat", "no": " log"}'], "absent.jsonl"),
     ("glm-eval", "verbalizers not JSON", ["<export>", "--data", "<task>", "--verbalizers", "{a: "], "--verbalizers"),

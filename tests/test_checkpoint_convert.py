@@ -117,6 +117,49 @@ def test_grouped_query_swiglu_untied_weights_shard_by_their_rules_and_merge_back
     assert set(torch.load(layer_file(tmp_path, 4, 0), weights_only=True)) == {"weight"}
 
 
+def test_replicated_key_value_heads_keep_the_canonical_layout_at_every_tp():
+    """Multi-query attention at tp = 2 and 2 key/value heads at tp = 4 replicate the KV heads, yet every rank
+    stores the r-th of tp row blocks of q, k and v as at any tp: canonical -> tp 4 -> canonical -> tp 2 ->
+    canonical is the identity, and the model built at each tp holds exactly those shards."""
+    from trainer.model import GLMModel
+
+    name = "transformer.layers.0.attention.query_key_value.weight"
+    for kv_heads in (1, 2):
+        config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads,
+                             vocab_size=100, position_embedding="rope_1d", normalization="rmsnorm", mlp="swiglu",
+                             add_bias_linear=False, tie_word_embeddings=False)
+        canonical = merge_states([GLMModel(config, seed=1).state_dict()], config)
+        q, k, v = canonical[name].split(config.qkv_rows)  # [32, 32], [8 g, 32] twice
+        for tp in (4, 2):
+            config.validate(tp)
+            assert config.replicates_kv_heads(tp) == (kv_heads < tp)
+            shards = [shard_state(canonical, config, tp, rank) for rank in range(tp)]
+            for rank, shard in enumerate(shards):
+                expected = torch.cat([q.chunk(tp)[rank], k.chunk(tp)[rank], v.chunk(tp)[rank]])
+                assert torch.equal(shard[name], expected)
+            merged = merge_states(shards, config)
+            assert merged.keys() == canonical.keys()
+            assert all(torch.equal(merged[key], value) for key, value in canonical.items())
+            canonical = merged
+
+
+def _built_shards_equal_the_layout(rank, world_size):
+    from trainer.model import GLMModel
+    from trainer.parallel.topology import Topology
+
+    config = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=1, vocab_size=100,
+                         position_embedding="rope_1d", normalization="rmsnorm", mlp="swiglu", tie_word_embeddings=False)
+    canonical = merge_states([GLMModel(config, seed=1).state_dict()], config)
+    built = GLMModel(config, Topology.create(tp=2, pp=1).tp_group, seed=1).state_dict()
+    expected = shard_state(canonical, config, 2, rank)
+    assert built.keys() == expected.keys()
+    assert all(torch.equal(built[key], value) for key, value in expected.items())
+
+
+def test_a_model_replicating_its_key_value_head_at_tp2_starts_from_the_tp1_weights():
+    run_distributed(_built_shards_equal_the_layout, 2)
+
+
 def test_bad_input_is_one_error_line(tmp_path, capsys):
     assert glm_ckpt(["convert", str(tmp_path), "--to-tp", "1", "--to-pp", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -199,3 +199,18 @@ def test_glm4_debug_at_tp2_pp2_matches_single_process_and_exports_to_transformer
     torch.testing.assert_close(theirs, ours[..., :config.vocab_size], atol=1e-5, rtol=1e-5)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.decode(tokenizer.encode("def f(x):")) == "def f(x):"
+
+
+def test_a_replicated_key_value_head_at_tp2_matches_single_process_and_resumes_at_tp1(tmp_path):
+    """Multi-query attention at tp=2 (the one key/value head computed on both ranks, trainer/model/attention.py)
+    gives the single process's losses and gradient norms (the trainer's own norm at tp=2), and its checkpoint
+    resumes at tp=1 on the same loss curve."""
+    mqa = ["model.num_key_value_heads=1"]
+    single = _losses(tmp_path, "mqa_single", mqa, config_path=GLM4_DEBUG, base=GLM4_RUN)
+    first = _losses(tmp_path, "mqa", mqa + ["parallel.tp=2", "train.steps=5", "train.save_interval=5"], world_size=2,
+                    config_path=GLM4_DEBUG, base=GLM4_RUN)
+    torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, "mqa"), dtype=torch.float64),
+                               torch.tensor(_grad_norms(tmp_path, "mqa_single")[:5], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    second = _losses(tmp_path, "mqa", mqa + ["train.resume=true"], config_path=GLM4_DEBUG, base=GLM4_RUN)
+    torch.testing.assert_close(torch.tensor(first + second), torch.tensor(single), rtol=1e-5, atol=0)

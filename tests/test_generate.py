@@ -1,6 +1,6 @@
 """glm-generate and its decoding (trainer/decoding.py): the KV-cache path equals recomputing the whole
 sequence (logits to 1e-5, same tokens), greedy and top-p, several blanks and [gMASK], and GLM-4's causal format; tp=2 generates what tp=1 does; the
-CLI on an export."""
+CLI on an export; GLM-4's chat prompt is the training chat layout's context and the reply stops at a role token."""
 import pytest
 import torch
 
@@ -8,7 +8,8 @@ from tests.distributed import run_distributed
 from trainer.checkpoint.export import write_export
 from trainer.checkpoint.model_source import build_model
 from trainer.data.tokenizer import train_tokenizer
-from trainer.decoding import cached_step, causal_prompt, continue_causal, encode_prompt, fill_blanks, recompute_step
+from trainer.decoding import (cached_step, causal_prompt, chat_prompt, continue_causal, encode_prompt, fill_blanks,
+                              recompute_step)
 from trainer.generate import main
 from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
@@ -21,9 +22,20 @@ VARIANTS = {"glm": {}, "glm130b": {"position_embedding": "rope_1d", "norm": "dee
                      "tie_word_embeddings": False}}
 
 
-def _setup(variant="glm"):
+def chat_tokenizer():
+    """The test tokenizer with GLM-4's role tokens added (special, after its vocabulary)."""
+    from tokenizers import AddedToken
+
+    from trainer.data.tokenizer import ROLE_TOKENS, GLMTokenizer
+
+    backend = train_tokenizer(TEXTS, 300).backend
+    backend.add_special_tokens([AddedToken(role, special=True, normalized=False) for role in ROLE_TOKENS])
+    return GLMTokenizer(backend)
+
+
+def _setup(variant="glm", tokenizer=None):
     torch.set_num_threads(1)
-    tokenizer = train_tokenizer(TEXTS, 300)
+    tokenizer = tokenizer or train_tokenizer(TEXTS, 300)
     config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=tokenizer.vocab_size,
                          max_sequence_length=64, hidden_dropout=0.0, attention_dropout=0.0, **VARIANTS[variant])
     model = GLMModel(config, seed=5).eval()
@@ -133,3 +145,58 @@ def test_causal_generation_with_and_without_cache_is_the_same_and_the_cli_prints
     assert main([str(tmp_path / "export"), "--causal", "--text", "a bird in the", "--max-new-tokens", "6",
                  "--top-p", str(top_p), "--seed", "3"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == "a bird in the" + tokenizer.decode(expected)
+
+
+def test_chat_prompt_is_the_training_chat_layout_up_to_the_reply():
+    from trainer.data.instruction import InstructionFormat
+
+    tokenizer = chat_tokenizer()
+    prompt, reply = "a bird in the hand", "is worth two"
+    ids = chat_prompt(prompt, tokenizer)
+    user, assistant = tokenizer.role_ids["<|user|>"], tokenizer.role_ids["<|assistant|>"]
+    newline = tokenizer.encode("\n")
+    assert ids == [tokenizer.gmask_id, tokenizer.sop_id, user, *newline, *tokenizer.encode(prompt), assistant, *newline]
+    sample = InstructionFormat(tokenizer, 64, layout="chat")(tokenizer.encode(prompt), tokenizer.encode(reply))
+    assert sample["input_ids"][:len(ids)].tolist() == ids
+    first_counted = int(sample["loss_mask"].argmax())
+    assert first_counted == len(ids) - 1  # the prompt's last position predicts the reply's first token
+    # the positions generation feeds are the sample's: position 0, block positions 0, 1, 2, ...
+    assert sample["position_ids"][:len(ids)].tolist() == [0] * len(ids)
+    assert sample["block_position_ids"][:len(ids)].tolist() == list(range(len(ids)))
+
+
+@pytest.mark.parametrize("stop", ["<|endoftext|>", "<|user|>", "<|observation|>"])
+def test_chat_reply_stops_at_the_end_of_text_and_at_role_tokens_and_the_cli_prints_it(stop, monkeypatch, tmp_path,
+                                                                                       capsys):
+    import trainer.decoding
+
+    tokenizer = chat_tokenizer()
+    _, config, model, weights = _setup("glm4", tokenizer)
+    stop_id = tokenizer.eot_id if stop == "<|endoftext|>" else tokenizer.role_ids[stop]
+    assert stop_id in tokenizer.stop_ids
+    reply = iter([40, 41, stop_id, 42])
+    monkeypatch.setattr(trainer.decoding, "sample", lambda *args: next(reply))
+    tokenizer.save(tmp_path / "tokenizer.json")
+    write_export(weights, config, tmp_path / "export", tmp_path / "tokenizer.json")
+    assert main([str(tmp_path / "export"), "--chat", "--text", "a bird in the", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tokenizer.decode([40, 41])  # the reply alone
+
+
+def test_chat_cli_generates_what_the_decoding_does_and_refuses_a_tokenizer_without_roles(tmp_path, capsys):
+    tokenizer = chat_tokenizer()
+    _, config, model, weights = _setup("glm4", tokenizer)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    write_export(weights, config, tmp_path / "export", tmp_path / "tokenizer.json")
+    expected = continue_causal(model, chat_prompt("a bird in the", tokenizer), 64, config.vocab_size, 6,
+                               frozenset(tokenizer.stop_ids))
+    assert main([str(tmp_path / "export"), "--chat", "--text", "a bird in the", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tokenizer.decode(expected)
+    with pytest.raises(SystemExit) as exit_status:  # argparse's error, as one line
+        main([str(tmp_path / "export"), "--chat", "--causal", "--text", "x"])
+    assert exit_status.value.code == 2 and "--causal: not allowed with argument --chat" in capsys.readouterr().err
+    plain, config, _, weights = _setup("glm4")
+    plain.save(tmp_path / "plain.json")
+    write_export(weights, config, tmp_path / "plain", tmp_path / "plain.json")
+    assert main([str(tmp_path / "plain"), "--chat", "--text", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: GLM-4's chat layout needs a GLM-4-style tokenizer") and len(err.splitlines()) == 1

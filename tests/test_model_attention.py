@@ -112,6 +112,49 @@ def test_grouped_query_equals_multi_head_with_repeated_key_value_heads(kv_heads)
                  atol=1e-6, rtol=1e-6)
 
 
+def test_tp_splits_key_value_heads_it_divides_and_replicates_those_it_is_a_multiple_of():
+    from trainer.errors import ConfigError
+
+    config = ModelConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)  # head dim 8
+    for tp, replicated in ((1, False), (2, False), (4, True), (8, True)):
+        config.validate(tp)
+        assert config.replicates_kv_heads(tp) == replicated
+    with pytest.raises(ConfigError, match=r"num_key_value_heads=2 and parallel.tp=3: tp must divide the key/value"):
+        ModelConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=2).validate(3)
+    with pytest.raises(ConfigError, match=r"parallel.tp=4 replicates the 1 key/value head\(s\), whose 2 weight rows"):
+        ModelConfig(hidden_size=8, num_attention_heads=4, num_key_value_heads=1).validate(4)
+
+
+def _replicated_kv_cache(rank: int, world_size: int) -> None:
+    """Multi-query attention at tp=2 with a KV cache equals the tp=1 module over the whole sequence."""
+    from trainer.parallel.topology import Topology
+
+    config = ModelConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=1, attention_dropout=0.0,
+                         position_embedding="rope_1d", rotary_fraction=0.5, rotary_pairing="interleaved")
+    whole = SelfAttention(config, layer_number=1, seed=2).eval()
+    sharded = SelfAttention(config, layer_number=1, tp_group=Topology.create(tp=2, pp=1).tp_group, seed=2).eval()
+    assert sharded.query_key_value.replicated_kv and sharded.local_kv_heads == 1
+    with torch.no_grad():  # the biases start at zero: give them values for the gather to carry
+        whole.query_key_value.bias.normal_(generator=torch.Generator().manual_seed(0))
+        q, k, v = whole.query_key_value.bias.split(config.qkv_rows)
+        sharded.query_key_value.bias.copy_(torch.cat([q.chunk(2)[rank], k.chunk(2)[rank], v.chunk(2)[rank]]))
+    s, first = 9, 5
+    hidden = torch.randn(1, s, 32, generator=torch.Generator().manual_seed(1))
+    positions, blocks = torch.zeros(1, s, dtype=torch.long), torch.arange(s)[None]
+    mask = glm_mask(torch.tensor([1]), s)
+    cache = KVCache()
+    head = sharded(hidden[:, :first], positions[:, :first], blocks[:, :first], mask[:, :, :first, :first], cache)
+    tail = sharded(hidden[:, first:], positions[:, first:], blocks[:, first:], mask[:, :, first:, :], cache)
+    assert cache.key.shape == (1, 1, s, 8)  # the one key/value head, on both ranks
+    assert_close(torch.cat([head, tail], dim=1), whole(hidden, positions, blocks, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_replicated_key_value_head_with_a_kv_cache_at_tp2_equals_tp1():
+    from tests.distributed import run_distributed
+
+    run_distributed(_replicated_kv_cache, 2)
+
+
 @pytest.mark.parametrize("position_embedding, kv_heads", [("rope_1d", None), ("rope_2d", None), ("rope_1d", 1)])
 def test_kv_cache_equals_full_sequence(position_embedding, kv_heads):
     torch.manual_seed(0)

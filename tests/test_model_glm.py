@@ -22,6 +22,9 @@ SWITCH_SETS = {
     "glm4": dict(position_embedding="rope_1d", rotary_fraction=0.5, rotary_pairing="interleaved",
                  normalization="rmsnorm", mlp="swiglu", num_key_value_heads=2, add_bias_linear=False,
                  tie_word_embeddings=False),
+    "glm4_mqa": dict(position_embedding="rope_1d", rotary_fraction=0.5, rotary_pairing="interleaved",
+                     normalization="rmsnorm", mlp="swiglu", num_key_value_heads=1, add_bias_linear=False,
+                     tie_word_embeddings=False),  # at tp=2 the one key/value head is replicated
 }
 
 
@@ -116,29 +119,40 @@ def _full_grads(model: GLMModel, config: ModelConfig, group, tp: int) -> dict:
 
 
 def _tp_parity(rank: int, world_size: int, switches: dict) -> None:
-    config = tiny_config(**switches)  # vocabulary 100: padded to 128 rows at tp=1, 256 at tp=2
+    """tp = world_size against tp = 1: loss, logits, every gradient and the gradient norm (each weight counted
+    once: trainer/engine/grad_norm.py)."""
+    from trainer.engine.grad_norm import counted_in_norm, global_grad_norm
+
+    config = tiny_config(**switches)  # vocabulary 100: padded to 128 rows at tp=1, 128 * tp at tp > 1
     inputs, target = glm_batch()
-    group = Topology.create(tp=2, pp=1).tp_group
+    group = Topology.create(tp=world_size, pp=1).tp_group
     results = []
-    for tp_group, tp in ((None, 1), (group, 2)):
+    for tp_group, tp in ((None, 1), (group, world_size)):
         model = GLMModel(config, tp_group, seed=11)
         logits = model(*inputs)
         loss = GLMLoss(config, tp_group)(logits, target)
         loss.backward()
         full_logits = logits if tp_group is None else _gather(logits, -1, group)
+        norm = global_grad_norm(counted_in_norm(model.parameters(), rank if tp > 1 else 0), tp_group, "cpu")
         results.append((loss.detach(), full_logits[..., :config.vocab_size].detach(),
-                        _full_grads(model, config, tp_group, tp)))
-    (loss1, logits1, grads1), (loss2, logits2, grads2) = results
+                        _full_grads(model, config, tp_group, tp), norm))
+    (loss1, logits1, grads1, norm1), (loss2, logits2, grads2, norm2) = results
     assert_close(loss2, loss1, atol=1e-5, rtol=1e-5)
     assert_close(logits2, logits1, atol=1e-5, rtol=1e-5)
     assert grads1.keys() == grads2.keys()
     for name, grad1 in grads1.items():
         assert_close(grads2[name], grad1, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_close(norm2, norm1, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("switches", list(SWITCH_SETS.values()), ids=list(SWITCH_SETS))
 def test_tp2_equals_tp1(switches):
     run_distributed(_tp_parity, 2, switches)
+
+
+def test_tp4_replicating_two_key_value_heads_equals_tp1():
+    """4 query heads sharing 2 key/value heads at tp = 4: ranks 0, 1 compute KV head 0, ranks 2, 3 KV head 1."""
+    run_distributed(_tp_parity, 4, SWITCH_SETS["glm4"])
 
 
 def packed_row(lengths_and_seps: list[tuple[int, int]], s: int, vocab: int = 100):

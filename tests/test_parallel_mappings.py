@@ -3,8 +3,8 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
-from trainer.parallel.mappings import (copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp,
-                                       scatter_to_tp)
+from trainer.parallel.mappings import (copy_to_tp, gather_from_tp, gather_rows_from_tp, group_rank, group_size,
+                                       reduce_from_tp, scatter_to_tp)
 
 SHAPE = (2, 3, 4)  # [b, s, h]
 
@@ -54,6 +54,16 @@ def _check_gather(rank: int, group) -> None:
     torch.testing.assert_close(x.grad, w[..., SHAPE[-1] * rank:SHAPE[-1] * (rank + 1)])  # backward: split
 
 
+def _check_gather_rows(rank: int, group) -> None:
+    x0, x1, w0, w1 = _tensors(4)
+    x = (x0, x1)[rank].clone().requires_grad_()
+    y = gather_rows_from_tp(x, group)
+    torch.testing.assert_close(y, torch.cat([x0, x1], dim=0))
+    w = (w0, w1)[rank]
+    (y * torch.cat([w, 2 * w])).sum().backward()  # each rank's own (partial) gradient of the whole
+    torch.testing.assert_close(x.grad, (rank + 1) * (w0 + w1))  # backward: its rows of the summed gradient
+
+
 def _all_verbs(rank: int, world_size: int) -> None:
     group = dist.new_group(ranks=list(range(world_size)))
     assert group_size(group) == 2 and group_rank(group) == rank
@@ -61,6 +71,7 @@ def _all_verbs(rank: int, world_size: int) -> None:
     _check_reduce(rank, group)
     _check_scatter(rank, group)
     _check_gather(rank, group)
+    _check_gather_rows(rank, group)
 
 
 def test_verbs_forward_and_backward_on_two_ranks():
@@ -70,7 +81,7 @@ def test_verbs_forward_and_backward_on_two_ranks():
 def test_no_group_is_identity():
     x, w = _tensors(2)
     assert group_size(None) == 1 and group_rank(None) == 0
-    for verb in (copy_to_tp, reduce_from_tp, scatter_to_tp, gather_from_tp):
+    for verb in (copy_to_tp, reduce_from_tp, scatter_to_tp, gather_from_tp, gather_rows_from_tp):
         leaf = x.clone().requires_grad_()
         y = verb(leaf, None)
         torch.testing.assert_close(y, x)

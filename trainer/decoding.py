@@ -14,6 +14,12 @@ Causal (ChatGLM2/3, GLM-4): [gMASK] <sop> + the text, generated left to right un
 <|endofpiece|>. [gMASK] is Part A (position 0) and everything after it one Part B span (position 0, block
 positions 1, 2, ...), so rope_1d sees the positions 0, 1, 2, ... of a causal language model and the mask is
 causal: the same computation as transformers' GlmForCausalLM.
+
+Chat (GLM-4): one user turn in the chat layout the trainer fine-tunes on (data.instruction_format chat,
+trainer/data/instruction.py), [gMASK] <sop> <|user|> \\n prompt <|assistant|> \\n, continued causally: the reply
+is what follows, until <|endoftext|> or a role token (tokenizer.stop_ids). GLM-4's own chat template ends the
+prompt at <|assistant|> and the model writes the newline itself; the prompt here carries it, as the training
+layout does (its loss starts at the reply), so a model fine-tuned here and an imported GLM-4 both reply directly.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from trainer.data.instruction import chat_turns
 from trainer.errors import DataError
 
 MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
@@ -105,6 +112,12 @@ def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
 def causal_prompt(text: str, tokenizer) -> list[int]:
     """GLM-4's prompt: [gMASK] <sop> + the text (no markers: it is continued, not infilled)."""
     return [tokenizer.gmask_id, tokenizer.sop_id] + tokenizer.encode(text)
+
+
+def chat_prompt(text: str, tokenizer) -> list[int]:
+    """GLM-4's chat prompt of one user turn: the training chat layout's ids up to the reply (module docstring)."""
+    user_turn, assistant_turn = chat_turns(tokenizer)
+    return user_turn + tokenizer.encode(text) + assistant_turn
 
 
 @torch.no_grad()

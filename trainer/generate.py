@@ -1,11 +1,15 @@
-"""glm-generate: fill every [MASK] of a text, or continue it after [gMASK], with GLM's blank infilling; or
-continue it left to right in GLM-4's format (--causal). The decoding itself is trainer/decoding.py.
+"""glm-generate: fill every [MASK] of a text, or continue it after [gMASK], with GLM's blank infilling; continue
+it left to right in GLM-4's format (--causal); or reply to it as one user turn of GLM-4's chat (--chat). The
+decoding itself is trainer/decoding.py.
 
     glm-generate SOURCE --text "The capital of France is [MASK]." [--top-p 0.9 --seed 0] [--max-new-tokens 32]
     glm-generate SOURCE --causal --text "Once upon a time"
+    glm-generate SOURCE --chat --text "What is the capital of France?"
 
 Each blank is filled in text order as a Part B span until [eop] or --max-new-tokens; with --causal the text
-follows [gMASK] <sop> and is continued until <|endoftext|>. Under tensor parallelism (glm-generate run with
+follows [gMASK] <sop> and is continued until <|endoftext|>; with --chat the prompt is
+[gMASK] <sop> <|user|> \\n text <|assistant|> \\n (the chat layout of data.instruction_format chat) and the reply,
+printed alone, runs until <|endoftext|> or a role token. Under tensor parallelism (glm-generate run with
 WORLD_SIZE = tp ranks) every rank samples the same token from the same seeded generator. SOURCE is anything
 glm-ckpt reads (docs/CHECKPOINTS.md).
 """
@@ -17,7 +21,7 @@ import os
 import sys
 from typing import Optional
 
-from trainer.decoding import causal_prompt, continue_causal, fill_blanks
+from trainer.decoding import causal_prompt, chat_prompt, continue_causal, fill_blanks
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
 from trainer.source_args import add_source_arguments, load_source_model
 
@@ -26,8 +30,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     parser.add_argument("--text", required=True, help="the prompt, with [MASK] / [sMASK] / [gMASK] markers")
-    parser.add_argument("--causal", action="store_true",
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--causal", action="store_true",
                         help="GLM-4's format: [gMASK]<sop> + the text, continued left to right")
+    layout.add_argument("--chat", action="store_true",
+                        help="GLM-4's chat: the text is the user's turn; prints the assistant's reply")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest fill of one blank")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = greedy)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature when sampling")
@@ -44,12 +51,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or not finite_temperature:
         raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature a finite number > 0")
     model, config, tokenizer, tp_group = load_source_model(args)
-    if args.causal:
-        generated = continue_causal(model, causal_prompt(args.text, tokenizer), config.max_sequence_length,
-                                    config.vocab_size, args.max_new_tokens,
-                                    frozenset({tokenizer.eot_id, tokenizer.eop_id}), args.top_p, args.temperature,
-                                    args.seed, use_cache=not args.no_kv_cache, tp_group=tp_group)
-        text = args.text + tokenizer.decode(generated)
+    if args.causal or args.chat:
+        prompt = (chat_prompt if args.chat else causal_prompt)(args.text, tokenizer)
+        generated = continue_causal(model, prompt, config.max_sequence_length, config.vocab_size, args.max_new_tokens,
+                                    frozenset(tokenizer.stop_ids), args.top_p, args.temperature, args.seed,
+                                    use_cache=not args.no_kv_cache, tp_group=tp_group)
+        text = tokenizer.decode(generated) if args.chat else args.text + tokenizer.decode(generated)
     else:
         text, _ = fill_blanks(model, tokenizer, args.text, config.max_sequence_length, config.vocab_size,
                               args.max_new_tokens, args.top_p, args.temperature, args.seed,

@@ -17,6 +17,14 @@ transformer.encoder.final_layernorm.*, transformer.output_layer.*, with query_ke
 [all q; all k; all v] as ours. transformers' glm is pre-RMSNorm, SwiGLU, rotary on the first
 partial_rotary_factor of each head with interleaved pairs, positions 0, 1, 2, ... and causal attention:
 a model with another switch (GLM-2021, GLM-130B, ChatGLM-6B) has no transformers class and is refused.
+
+ChatGLM-6B (the first generation, remote code; model type chatglm with position_encoding_2d) is read too: its
+names are ours below the top level (transformer.word_embeddings.weight is embedding.word_embeddings.weight,
+transformer.layers.i.* and transformer.final_layernorm.* are the same), its lm_head.weight is the tied word
+embedding, and its query_key_value holds each head's rows together, [q_1; k_1; v_1; ...; q_n; k_n; v_n] (the
+release views the output as [n, 3 d] and splits the last dim), reordered to ours [all q; all k; all v]. Its
+switches: deepnorm (x <- alpha LN(x) + f(LN(x))), rope_2d with half pairs, GeLU, LayerNorm, biases everywhere,
+the FP32 softmax with query-key layer scaling.
 """
 from __future__ import annotations
 
@@ -88,11 +96,22 @@ def glm_model_config(meta: dict) -> ModelConfig:
                        hidden_dropout=0.0, attention_dropout=float(meta.get("attention_dropout", 0.0)))
 
 
+def chatglm_6b_model_config(meta: dict) -> ModelConfig:
+    """A ChatGLM-6B (first generation, remote code) config.json -> ModelConfig (the module docstring's switches)."""
+    if not meta.get("position_encoding_2d"):
+        raise CheckpointError("a ChatGLM-6B checkpoint without position_encoding_2d (1D rotary) is not supported: "
+                              "only the released 2D rotary")
+    h, n = meta["hidden_size"], meta["num_attention_heads"]
+    return ModelConfig(num_layers=meta["num_layers"], hidden_size=h, num_attention_heads=n,
+                       vocab_size=meta["vocab_size"], max_sequence_length=meta["max_sequence_length"],
+                       ffn_hidden_size=meta["inner_hidden_size"], position_embedding="rope_2d", rotary_pairing="half",
+                       norm="deepnorm", normalization="layernorm", mlp="gelu",
+                       layernorm_epsilon=meta.get("layernorm_epsilon", 1e-5), fp32_softmax_layer_scaling=True,
+                       hidden_dropout=0.0, attention_dropout=0.0)
+
+
 def chatglm_model_config(meta: dict) -> ModelConfig:
     """A ChatGLM2/3 (remote code) config.json -> ModelConfig."""
-    if "position_encoding_2d" in meta:
-        raise CheckpointError("this is a ChatGLM-6B (first generation) checkpoint, whose per-head q/k/v layout this "
-                              "importer does not read: only ChatGLM2/3 and transformers' glm")
     if meta.get("apply_residual_connection_post_layernorm") or not meta.get("rmsnorm", True):
         raise CheckpointError("ChatGLM checkpoints with post-LN residuals or LayerNorm are not supported")
     h, n = meta["hidden_size"], meta["num_attention_heads"]
@@ -150,13 +169,41 @@ def canonical_from_chatglm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return canonical
 
 
+def qkv_from_per_head(value: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """ChatGLM-6B's query_key_value weight or bias, [q_1; k_1; v_1; ...; q_n; k_n; v_n] on dim 0, -> ours,
+    [q_1 .. q_n; k_1 .. k_n; v_1 .. v_n]."""
+    per_head = value.unflatten(0, (heads, 3, head_dim))  # [n, 3, d, ...]
+    return per_head.transpose(0, 1).flatten(0, 2)  # [3 n d, ...]
+
+
+def canonical_from_chatglm_6b(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """ChatGLM-6B tensors -> canonical fp32 weights (module docstring); the rotary buffers are dropped and the tied
+    lm_head.weight must equal the word embedding."""
+    word = "transformer.word_embeddings.weight"
+    canonical = {}
+    for name, value in tensors.items():
+        if name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
+            continue
+        if ".attention.query_key_value." in name:
+            value = qkv_from_per_head(value, config.num_attention_heads, config.head_dim)
+        canonical[WORD_EMBEDDINGS if name == word else name] = value.float()
+    if "lm_head.weight" in tensors and word in tensors and not torch.equal(tensors["lm_head.weight"], tensors[word]):
+        raise CheckpointError("lm_head.weight differs from transformer.word_embeddings.weight, which ChatGLM-6B ties "
+                              "to it: this is not a ChatGLM-6B checkpoint")
+    return canonical
+
+
 def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A transformers directory of model type glm or chatglm -> (ModelConfig, canonical fp32 weights)."""
+    """A transformers directory of model type glm or chatglm (ChatGLM-6B or ChatGLM2/3) -> (ModelConfig, canonical
+    fp32 weights)."""
     meta = json.loads((path / CONFIG).read_text())
     try:
         if meta["model_type"] == "glm":
             config = glm_model_config(meta)
             weights = canonical_from_glm(read_tensors(path), config)
+        elif "position_encoding_2d" in meta:
+            config = chatglm_6b_model_config(meta)
+            weights = canonical_from_chatglm_6b(read_tensors(path), config)
         else:
             config = chatglm_model_config(meta)
             weights = canonical_from_chatglm(read_tensors(path))
@@ -257,14 +304,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
 
 
 def special_ids(tokenizer: Optional[Path]) -> dict[str, object]:
-    """config.json's pad/bos/eos_token_id from the run's tokenizer: padding and end <|endoftext|>, generation
-    also stopping at the end of a piece (eop); None each without a tokenizer."""
+    """config.json's pad/bos/eos_token_id from the run's tokenizer: padding <|endoftext|>, generation stopping at
+    its stop_ids (<|endoftext|>, the end of a piece, the role tokens); None each without a tokenizer."""
     if tokenizer is None:
         return {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
     from trainer.data.tokenizer import load_tokenizer
 
     loaded = load_tokenizer(tokenizer)
-    return {"pad_token_id": loaded.pad_id, "bos_token_id": None, "eos_token_id": [loaded.eot_id, loaded.eop_id]}
+    return {"pad_token_id": loaded.pad_id, "bos_token_id": None, "eos_token_id": list(loaded.stop_ids)}
 
 
 def write_tokenizer_files(tokenizer: Path, config: ModelConfig, out_dir: Path) -> None:

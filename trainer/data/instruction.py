@@ -111,10 +111,21 @@ def kept_prompt_length(prompt_length: np.ndarray | int, response_length: np.ndar
     return np.minimum(prompt_length, seq_length - extra - np.asarray(response_length))
 
 
+def chat_turns(tokenizer: GLMTokenizer) -> tuple[list[int], list[int]]:
+    """The ids around one turn's prompt in GLM-4's chat layout: (user_turn = [gMASK] <sop> <|user|> \\n,
+    assistant_turn = <|assistant|> \\n); the response follows. glm-generate --chat prompts with
+    user_turn + prompt + assistant_turn (trainer/decoding.py)."""
+    roles = tokenizer.role_ids
+    if not {"<|user|>", "<|assistant|>"} <= set(roles):
+        raise DataError("GLM-4's chat layout needs a GLM-4-style tokenizer with the role tokens <|user|> and "
+                        "<|assistant|>: use the model's tokenizer.json (or, for training, instruction_format glm)")
+    newline = tokenizer.encode("\n")
+    return [tokenizer.gmask_id, tokenizer.sop_id, roles["<|user|>"], *newline], [roles["<|assistant|>"], *newline]
+
+
 def chat_sample(prompt: np.ndarray, response: np.ndarray, user_turn: list[int], assistant_turn: list[int],
                 tokenizer: GLMTokenizer, seq_length: int) -> dict:
-    """GLM-4's chat layout (module docstring): user_turn = [gMASK] <sop> <|user|> \\n, assistant_turn =
-    <|assistant|> \\n, each as ids."""
+    """GLM-4's chat layout (module docstring) around the ids of chat_turns."""
     ids = np.concatenate([user_turn, prompt, assistant_turn, response]).astype(np.int64)  # [T]
     total = len(ids)
     labels = np.append(ids[1:], tokenizer.eot_id)  # [T]: the next token, <|endoftext|> after the response
@@ -137,13 +148,7 @@ class InstructionFormat:
     def __init__(self, tokenizer: GLMTokenizer, seq_length: int, truncation: str = "left", layout: str = "glm"):
         self.tokenizer, self.seq_length, self.truncation, self.layout = tokenizer, seq_length, truncation, layout
         if layout == "chat":
-            roles = tokenizer.role_ids
-            if not {"<|user|>", "<|assistant|>"} <= set(roles):
-                raise DataError("data.instruction_format=chat needs a GLM-4-style tokenizer with the role tokens "
-                                "<|user|> and <|assistant|>: use the model's tokenizer.json, or instruction_format glm")
-            newline = tokenizer.encode("\n")
-            self.user_turn = [tokenizer.gmask_id, tokenizer.sop_id, roles["<|user|>"], *newline]
-            self.assistant_turn = [roles["<|assistant|>"], *newline]
+            self.user_turn, self.assistant_turn = chat_turns(tokenizer)
             self.extra_tokens = len(self.user_turn) + len(self.assistant_turn)
         else:
             self.extra_tokens = EXTRA_TOKENS

@@ -62,6 +62,9 @@ class GLMTokenizer:
                          if tokenizer.token_to_id(role) is not None}
         self.special_ids: frozenset[int] = (frozenset(i for i in ids.values() if i is not None)
                                             | frozenset(self.role_ids.values()))
+        self.stop_ids: tuple[int, ...] = (self.eot_id, self.eop_id, *self.role_ids.values())
+        """Where generated text ends: <|endoftext|>, <|endofpiece|> and every role token (each opens another
+        turn; GLM-4's own generation config stops at <|user|> and <|observation|>)."""
 
     def require_cls(self, what: str) -> int:
         """cls_id, or a DataError naming `what` needs it (a GLM-4-style tokenizer has no [CLS])."""

@@ -97,7 +97,7 @@ def continue_held_out_text(model, samples: SampleDataset, index: int, max_sequen
     ids = [int(t) for t in sample["input_ids"][:int(sample["length"])]]
     prompt, original = ids[:2 + prompt_tokens], ids[2 + prompt_tokens:2 + 2 * prompt_tokens]
     generated = continue_causal(model, prompt, max_sequence_length, vocab_size, max(1, len(original)),
-                                frozenset({tokenizer.eot_id, tokenizer.eop_id}))
+                                frozenset(tokenizer.stop_ids))
     return (f"  context:  {tokenizer.decode(prompt[2:])!r}\n  original: {tokenizer.decode(original)!r}\n"
             f"  model:    {tokenizer.decode(generated)!r}")
 

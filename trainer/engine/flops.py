@@ -1,14 +1,18 @@
 """Model FLOPs of GLM training, attention included (the count behind tflops and MFU).
 
-Per token and layer, forward, counting a multiply-add as 2 FLOPs (h width, f MLP width, s sequence):
-    QKV projections            2 * 3 h^2
+Per token and layer, forward, counting a multiply-add as 2 FLOPs (h width, f MLP width, s sequence, g d the
+key/value width: g key/value heads of d dims, = h for multi-head attention):
+    Q projection               2 * h^2
+    K and V projections        2 * 2 * h * g d   (grouped-query / multi-query attention: g < n heads)
     attention output           2 * h^2
-    MLP                        2 * h * f * (2 for GeLU, 3 for GeGLU: its first matrix is [2f, h])
-    scores Q K^T and probs V   2 * 2 * s * h   (the full s x s square, as in Megatron-LM's formula:
-                               the GLM mask is not credited, so MFU compares with dense-attention trainers)
-plus the output layer 2 * h * V_pad once per token. Training = 3 x forward (backward = 2 x forward).
+    MLP                        2 * h * f * (2 for GeLU, 3 for GeGLU and SwiGLU: their first matrix is [2f, h])
+    scores Q K^T and probs V   2 * 2 * s * h   (every query head against s keys, whatever g; the full s x s
+                               square, as in Megatron-LM's formula: the GLM mask is not credited, so MFU
+                               compares with dense-attention trainers)
+plus the output layer 2 * h * V_pad once per token (tied or not). Training = 3 x forward (backward = 2 x
+forward). Rotary embeddings and normalisations are elementwise: not counted (O(h) per token, against O(h^2)).
 Recomputed activations are not counted: these are model FLOPs (MFU), not hardware FLOPs (HFU).
-For GLM-Base (L 12, h 768, s 512, V 30592) that is 3 * (12 * (8 h^2 + 16 h^2 + 4 s h) + 2 h V) per token.
+For GLM-Base (L 12, h 768, s 512, V 30592, g d = h) that is 3 * (12 * (8 h^2 + 16 h^2 + 4 s h) + 2 h V) per token.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from typing import Optional
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 
-FLOP_FORMULA = ("train FLOPs/token = 3 * (L * (8 h^2 + 2 k h f + 4 s h) + 2 h V_pad), "
-                "k = 2 (GeLU) or 3 (GeGLU); attention over the full s x s square; recomputation not counted")
+FLOP_FORMULA = ("train FLOPs/token = 3 * (L * (4 h^2 + 4 h g d + 2 k h f + 4 s h) + 2 h V_pad), g d = key/value "
+                "heads x head dim (h without grouped-query attention), k = 2 (GeLU) or 3 (GeGLU, SwiGLU); attention "
+                "over the full s x s square; recomputation not counted")
 
 PEAK_TFLOPS = {
     # Dense (no sparsity) tensor-core peaks from the vendors' data sheets, per device.
@@ -31,13 +36,17 @@ PEAK_TFLOPS = {
 
 
 def forward_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) -> int:
+    """Forward model FLOPs of one token (module docstring); tp only pads the vocabulary."""
     h, f = model.hidden_size, model.ffn_size
+    kv_width = model.num_kv_heads * model.head_dim
     mlp_matrices = 3 if model.gated_mlp else 2
-    per_layer = 2 * 4 * h * h + 2 * mlp_matrices * h * f + 4 * seq_length * h
+    attention = 2 * (h * h + 2 * h * kv_width + h * h) + 4 * seq_length * h
+    per_layer = attention + 2 * mlp_matrices * h * f
     return model.num_layers * per_layer + 2 * h * model.padded_vocab_size(tp)
 
 
 def train_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) -> int:
+    """Training model FLOPs of one token: 3 x forward (FLOP_FORMULA)."""
     return 3 * forward_flops_per_token(model, seq_length, tp)
 
 

@@ -6,8 +6,16 @@ optional RoPE, the blank-infilling mask, and a row-parallel output projection.
 The mask is GLM's blank-infilling mask, block-diagonal over the samples packed in a row (trainer/model/mask.py).
 Grouped-query attention (ChatGLM2/3, GLM-4): q has n heads, k and v have g = num_key_value_heads, and query
 head j attends with key/value head j // (n / g); g = n is multi-head attention, g = 1 multi-query attention.
-W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], each holding its heads' d-sized chunks
-(n / tp query heads and the g / tp key/value heads they use: tp divides g, so no rank shares a KV head).
+W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], the r-th of tp row blocks of each of q, k, v.
+Rank r computes n / tp query heads and the key/value heads they use:
+- tp divides g (split KV heads): k_r and v_r are exactly those g / tp heads, and no rank shares a KV head;
+- tp a multiple of g (replicated KV heads, e.g. multi-query attention at tp = 2): the tp / g ranks whose query
+  heads share key/value head j = r g / tp each compute it. k_r and v_r still hold 1/tp of the K and V rows (the
+  same parameters and canonical layout as at any tp), and each rank gathers the whole K and V projection weight
+  (gather_rows_from_tp), keeps head j's rows and uses them. Its gradient of the gathered weight covers only its own
+  query heads; the reduce-scatter in the gather's backward sums the ranks' shares, so each rank's k_r, v_r get the
+  full gradient of the rows it stores: parameters and gradients are disjoint shards, counted in the gradient norm
+  like every other split weight. Cost: an all-gather of the 2 g d x h K/V weight (and bias) per block forward.
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
 
 Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`GLMMask`: the rows'
@@ -36,7 +44,7 @@ from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.model.mask import GLMMask
 from trainer.model.rotary import apply_position_rotary
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from trainer.parallel.mappings import group_size
+from trainer.parallel.mappings import copy_to_tp, gather_rows_from_tp, group_rank, group_size
 from trainer.parallel.random import get_rng_tracker
 
 MASKED_SCORE = -65504.0
@@ -89,6 +97,35 @@ class KVCache:
         return key, value
 
 
+class QueryKeyValue(ColumnParallelLinear):
+    """[q; k; v] = x W_qkv^T + b on a column-parallel layer holding rank r's rows [q_r; k_r; v_r]. With replicated
+    KV heads (module docstring) the rank gathers the whole K and V rows and uses those of the one key/value head
+    its query heads share: [q_r; K_j; V_j]. The weights are read only in this module's own forward, where
+    ZeRO-3 has gathered them."""
+
+    def __init__(self, config: ModelConfig, tp_group, init_method: Callable[[torch.Tensor], None]):
+        super().__init__(config.hidden_size, sum(config.qkv_rows), group=tp_group, bias=config.add_qkv_bias,
+                         init_method=init_method)
+        tp = group_size(tp_group)
+        self.replicated_kv = config.replicates_kv_heads(tp)
+        self.q_rows = config.qkv_rows[0] // tp
+        kv_head = group_rank(tp_group) * config.num_kv_heads // tp  # the KV head of this rank's query heads
+        self.kv_used = slice(kv_head * config.head_dim, (kv_head + 1) * config.head_dim)  # its rows in K or V
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, h] -> [b, s, (n/tp + 2 g_r) d], g_r = g / tp key/value heads (split) or 1 (replicated)."""
+        if not self.replicated_kv:
+            return super().forward(x)
+        tp = group_size(self.group)
+        parts = []
+        for local in (self.weight, self.bias) if self.bias is not None else (self.weight,):  # [(n + 2 g) d/tp, ...]
+            kv = gather_rows_from_tp(local[self.q_rows:], self.group)  # [tp * 2 g d/tp, ...]: [k_r; v_r] of every r
+            kv = kv.unflatten(0, (tp, 2, -1)).transpose(0, 1).flatten(1, 2)  # [2, g d, ...]: whole K, whole V
+            rows = [local[:self.q_rows], kv[0, self.kv_used], kv[1, self.kv_used]]
+            parts.append(torch.cat(rows))  # [(n/tp + 2) d, ...]: q_r, K_j, V_j
+        return F.linear(copy_to_tp(x, self.group), *parts)  # the input's gradient summed, as super().forward's
+
+
 class SelfAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention of block `layer_number` (1-based); each tensor-parallel
     rank computes num_attention_heads / tp whole heads and the row-parallel dense layer sums their
@@ -102,7 +139,7 @@ class SelfAttention(nn.Module):
         self.config = config
         self.layer_number = layer_number
         self.local_heads = config.num_attention_heads // tp
-        self.local_kv_heads = config.num_kv_heads // tp
+        self.local_kv_heads = 1 if config.replicates_kv_heads(tp) else config.num_kv_heads // tp
         if config.norm == "deepnorm":  # DeepNet: q, k gain 1; v and the output projection gain beta
             qkv_stds = (xavier_normal_std(1.0, h, q_rows), xavier_normal_std(1.0, h, kv_rows),
                         xavier_normal_std(config.deepnorm_beta, h, kv_rows))
@@ -111,9 +148,8 @@ class SelfAttention(nn.Module):
             qkv_stds = (config.init_std,) * 3
             dense_std = config.init_std / math.sqrt(2 * n)
         name = f"layers.{layer_number - 1}.attention"
-        self.query_key_value = ColumnParallelLinear(
-            h, sum(config.qkv_rows), group=tp_group, bias=config.add_qkv_bias,
-            init_method=fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp, config.qkv_rows))
+        self.query_key_value = QueryKeyValue(
+            config, tp_group, fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp, config.qkv_rows))
         self.dense = RowParallelLinear(q_rows, h, group=tp_group, bias=config.add_bias_linear,
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
 
@@ -125,14 +161,14 @@ class SelfAttention(nn.Module):
         b, s, _ = hidden.shape
         d = self.config.head_dim
         heads = (self.local_heads, self.local_kv_heads, self.local_kv_heads)
-        qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, (n + 2g)/tp, d]
-        q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g/tp, d] twice
+        qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
+        q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g_r, d] twice; g_r = g/tp, or 1 if replicated
         if self.config.position_embedding != "learned_2d":
             q = apply_position_rotary(q, position_ids, block_position_ids, self.config)
             k = apply_position_rotary(k, position_ids, block_position_ids, self.config)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads/tp, s, d]
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # [b, g/tp, s_k, d]
+            k, v = kv_cache.append(k, v)  # [b, g_r, s_k, d]
         group = self.local_heads // self.local_kv_heads
         if group > 1:  # each key/value head serves `group` consecutive query heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, n/tp, s_k, d]

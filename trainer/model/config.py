@@ -32,8 +32,9 @@ class ModelConfig:
     """Attention heads; must divide hidden_size, and tensor-parallel size must divide it."""
     num_key_value_heads: Optional[int] = None
     """Key/value heads of grouped-query attention (each serves num_attention_heads / num_key_value_heads query
-    heads); 1 is multi-query attention, None (or num_attention_heads) multi-head attention. Tensor parallelism
-    splits them, so parallel.tp must divide it (ChatGLM2/3 and GLM-4: 2)."""
+    heads); 1 is multi-query attention, None (or num_attention_heads) multi-head attention (ChatGLM2/3 and GLM-4:
+    2). Tensor parallelism splits them when parallel.tp divides them and replicates them when tp is a multiple of
+    them (each rank computes the one its query heads use; trainer/model/attention.py)."""
     vocab_size: int = 0
     """True vocabulary size. 0 takes it from the tokenizer at start-up."""
     vocab_pad_multiple: int = 128
@@ -97,6 +98,11 @@ class ModelConfig:
         """Rows of the q, k and v parts of the fused query_key_value weight."""
         kv = self.num_kv_heads * self.head_dim
         return self.num_attention_heads * self.head_dim, kv, kv
+
+    def replicates_kv_heads(self, tp: int) -> bool:
+        """Whether tensor-parallel size tp replicates the key/value heads (tp does not divide them, a multiple of
+        them: each of the tp / g ranks sharing a head computes it) instead of splitting them."""
+        return self.num_kv_heads % tp != 0
 
     @property
     def rotary_dim(self) -> int:
@@ -213,10 +219,13 @@ class ModelConfig:
         if kv <= 0 or n % kv:
             raise ConfigError(f"model.num_key_value_heads={kv} must be > 0 and divide model.num_attention_heads={n} "
                               f"(each key/value head serves the same number of query heads)")
-        if kv % tp:
-            raise ConfigError(f"model.num_key_value_heads={kv} is not divisible by parallel.tp={tp}: each "
-                              f"tensor-parallel rank holds whole key/value heads (replicating them over more ranks "
-                              f"is not supported); choose tp from the divisors of {kv}")
+        if kv % tp and tp % kv:
+            raise ConfigError(f"model.num_key_value_heads={kv} and parallel.tp={tp}: tp must divide the key/value "
+                              f"heads (each rank holds whole ones) or be a multiple of them (each rank computes the "
+                              f"one its query heads use); choose tp among the divisors and the multiples of {kv}")
+        if self.replicates_kv_heads(tp) and (kv * self.head_dim) % tp:
+            raise ConfigError(f"parallel.tp={tp} replicates the {kv} key/value head(s), whose {kv * self.head_dim} "
+                              f"weight rows each rank stores 1/tp of: choose a tp that divides {kv * self.head_dim}")
 
     def _validate_rotary(self) -> None:
         if not 0.0 < self.rotary_fraction <= 1.0:

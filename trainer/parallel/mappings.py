@@ -3,7 +3,8 @@
 Three tiers, as in Megatron-LM: primitives that talk to torch.distributed (and return early when the
 group has one rank), private autograd.Function pairs, and the public verbs the model calls. Every verb
 takes its process group explicitly; a `None` group means "no tensor parallelism" and every verb is then
-the identity. Scatter and gather act on the last dimension (the hidden or vocabulary dimension).
+the identity. Scatter and gather act on the last dimension (the hidden or vocabulary dimension); gathering
+rows acts on the first (the rows of a weight split over the ranks that every rank uses whole).
 """
 from __future__ import annotations
 
@@ -57,6 +58,28 @@ def _gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def _gather_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Concatenate every rank's x on the first dimension, in rank order: [n/p, ...] -> [n, ...]."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    gathered = x.new_empty(size * x.shape[0], *x.shape[1:])
+    dist.all_gather_into_tensor(gathered, x.contiguous(), group=group)
+    return gathered
+
+
+def _reduce_scatter_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """sum_r x_r over the group, this rank's contiguous 1/p of the first dimension kept: [n, ...] -> [n/p, ...]."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    if x.shape[0] % size != 0:
+        raise ValueError(f"first dimension {x.shape[0]} is not divisible by the tensor-parallel size {size}")
+    part = x.new_empty(x.shape[0] // size, *x.shape[1:])
+    dist.reduce_scatter_tensor(part, x.contiguous(), group=group)
+    return part
+
+
 # ---- autograd pairs ---------------------------------------------------------------------------------
 
 class _CopyToTP(torch.autograd.Function):
@@ -102,6 +125,17 @@ class _GatherFromTP(torch.autograd.Function):
         return _split_last_dim(grad, ctx.group), None
 
 
+class _GatherRowsFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _gather_first_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_first_dim(grad, ctx.group), None
+
+
 # ---- public verbs -----------------------------------------------------------------------------------
 # Without tensor parallelism (group None) each verb returns its input: no autograd node either.
 
@@ -123,3 +157,10 @@ def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
 def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: all-gather on the last dim (rank order), backward: keep this rank's slice of the gradient."""
     return x if group is None else _GatherFromTP.apply(x, group)
+
+
+def gather_rows_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """forward: all-gather on dim 0 (rank order), backward: reduce-scatter on dim 0 (the gradient summed over the
+    group, this rank's rows kept). For a weight whose rows are split over the ranks and which every rank uses
+    whole: each rank's gradient of the gathered weight is partial (only its own computation contributes)."""
+    return x if group is None else _GatherRowsFromTP.apply(x, group)
