@@ -73,8 +73,8 @@ class OptimConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3: 1 shards the optimizer states over the data-parallel ranks, 2 also the
     gradients, 3 also the weights. 2 and 3 need parallel.pp = 1 (DeepSpeed's own engine; its pipeline
-    engine allows ZeRO-1 at most). An fp32 run with one data-parallel rank runs stage 0 for a requested 1:
-    ZeRO-1 would have nothing to partition."""
+    engine allows ZeRO-1 at most); 3 also parallel.tp = 1. An fp32 run with one data-parallel rank runs
+    stage 0 for a requested 1: ZeRO-1 would have nothing to partition."""
     offload_optimizer: str = "none"
     """Keep the optimizer states (fp32 master weights, Adam moments) and run Adam on: none (the device),
     cpu (host memory; DeepSpeed's CPU Adam) or nvme (files under optim.nvme_path). Needs zero_stage >= 1."""
@@ -206,6 +206,10 @@ class Config:
         if o.zero_stage >= 2 and p.pp > 1:
             raise ConfigError(f"optim.zero_stage={o.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
                               f"allows ZeRO-1 at most; set optim.zero_stage to 0 or 1, or parallel.pp to 1")
+        if o.zero_stage == 3 and p.tp > 1:
+            raise ConfigError(f"optim.zero_stage=3 with parallel.tp={p.tp}: DeepSpeed 0.19's ZeRO-3 does not reduce "
+                              f"this trainer's tensor-parallel gradients right (the gradient norm came out 48% off at "
+                              f"tp=2); use optim.zero_stage=2 with tensor parallelism, or ZeRO-3 with parallel.tp=1")
         for key in ("offload_optimizer", "offload_params"):
             if getattr(o, key) not in OFFLOAD_DEVICES:
                 raise ConfigError(f"optim.{key}={getattr(o, key)!r} is not one of {', '.join(OFFLOAD_DEVICES)}")

@@ -33,7 +33,7 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
         import torch.distributed as dist
 
         from trainer.engine.distributed import init_distributed, local_device
-        from trainer.engine.loop import build_engine
+        from trainer.engine.build import build_engine
         from trainer.parallel.random import model_parallel_seed
         from trainer.parallel.topology import Topology
 
@@ -43,7 +43,7 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
         grad_accum = config.grad_accum_steps(world_size)
         batches = synthetic_step(grad_accum, config.parallel.micro_batch_size, config.data.seq_length,
                                  config.model.vocab_size, local_device())
-        engine, _ = build_engine(config, topology, world_size)
+        engine = build_engine(config, topology, world_size).engine
         for _ in range(warmup):
             engine.train_batch(iter(batches))
         seconds = []

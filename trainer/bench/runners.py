@@ -1,5 +1,5 @@
 """The three contenders of glm-bench, each a `step()` that trains one optimizer step on the same batches:
-- EngineRunner: the trainer's DeepSpeed pipeline engine (trainer.engine.loop.build_engine);
+- EngineRunner: the trainer's DeepSpeed engine (trainer.engine.build.build_engine: the plain engine at pp = 1);
 - bare_loop_runner: the same GLMModel, GLMLoss, AdamW groups, LR schedule and gradient clipping in a plain
   PyTorch loop, with the engine's activation recomputation: the engine's overhead is the difference;
 - gpt2_runner: HF transformers' GPT-2 of the same depth, width, heads, MLP width, sequence length, vocabulary
@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.bench.batches import MicroBatch
 from trainer.config import Config
-from trainer.engine.loop import build_engine
+from trainer.engine.build import build_engine
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.schedule import lr_lambda
 from trainer.errors import ConfigError
@@ -35,11 +35,12 @@ def compute_dtype(config: Config) -> torch.dtype:
 
 
 class EngineRunner:
-    """One optimizer step of the DeepSpeed engine: engine.train_batch over the step's micro-batches, built as
-    the Trainer builds it (trainer.engine.loop.build_engine: ZeRO stage, clipping, torch.compile)."""
+    """One optimizer step of the DeepSpeed engine over the step's micro-batches, built and driven as the Trainer
+    does (trainer.engine.build.build_engine: engine, ZeRO stage, clipping, torch.compile)."""
 
     def __init__(self, config: Config, topology: Topology, world_size: int, batches: list[MicroBatch]):
-        self.engine, self.clipping = build_engine(config, topology, world_size)
+        built = build_engine(config, topology, world_size)
+        self.engine, self.steps, self.clipping = built.engine, built.steps, built.clipping
         self.batches = batches
 
     def step(self) -> float:
@@ -47,7 +48,7 @@ class EngineRunner:
 
     def step_on(self, batches: list[MicroBatch]) -> float:
         """One optimizer step on `batches` instead (the real batches of trainer.bench.packing) -> its loss."""
-        return self.engine.train_batch(iter(batches)).item()
+        return self.steps.train_batch(batches).item()
 
 
 class PlainLoop:
