@@ -65,7 +65,7 @@ from trainer.model.config import ModelConfig
 MARGIN = 0.10
 RUNTIME_RESERVE = 1 << 30
 CPU_RUNTIME_RESERVE = 262 * 10 ** 6
-"""Measured: 261-262 MB resident in each of 14 ranks (python 3.11, torch 2.13.0+cpu, deepspeed 0.19.8,
+"""Measured: 261-262 MB resident in every rank measured (python 3.11, torch 2.13.0+cpu, deepspeed 0.19.8,
 after deepspeed.init_distributed on gloo; docs/LAUNCH.md)."""
 NVME_PARAM_BUFFERS = 5 * 10 ** 8
 """Elements of DeepSpeed's default pinned buffers for weights on NVMe (offload_param buffer_count 5 x
