@@ -2,13 +2,13 @@
 
     glm-launch --config FILE [--nproc N | --gpus N [--gpus-per-node G] | --hostfile F [--node-rank R]]
                [--tp T] [--pp P] [--micro-batch M] [--recompute-interval K] [--gpu-memory 80GB]
-               [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
+               [--host-memory 1TB] [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
                [--dry-run] [-- glm-train arguments]
 
-The plan reaches every rank as glm-train `--set parallel.*` overrides after the user's own, so all
-ranks read the same resolved layout. The planner chooses parallel.tp, pp, micro_batch_size and
-recompute_interval whatever the YAML says; --tp / --pp / --micro-batch /
---recompute-interval, or those keys in a `--set` after `--`, fix them instead.
+The plan reaches every rank as glm-train `--set parallel.*` and `--set optim.*` overrides after the user's
+own, so all ranks read the same resolved layout. The planner chooses parallel.tp, pp, micro_batch_size,
+recompute_interval and optim.zero_stage, offload_optimizer, offload_params whatever the YAML says;
+--tp / --pp / --micro-batch / --recompute-interval, or those keys in a `--set` after `--`, fix them instead.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from launch.devices import Cluster, discover, local_accelerator
-from launch.planner import Fixed, Plan, plan_layout
+from launch.devices import Cluster, discover, host_memory, local_accelerator
+from launch.planner import Fixed, Plan, describe_zero, plan_layout
 from launch.supervisor import RESTARTS_LOG, Start, supervise
 from trainer.config import Config, load_config, parse_override
 from trainer.engine.rendezvous import free_port
@@ -29,6 +29,8 @@ from trainer.errors import ConfigError, OneLineParser, exits_on_error
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
                 "recompute_interval": "recompute_interval"}
+_ZERO_KEYS = ("zero_stage", "offload_optimizer", "offload_params")
+"""The optim.* keys the planner chooses (a --set fixes them), under the same names in Fixed."""
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -47,6 +49,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--micro-batch", type=int, help="fix the micro-batch size per rank")
     parser.add_argument("--recompute-interval", type=int, help="fix activation recomputation (every K blocks; 0 off)")
     parser.add_argument("--gpu-memory", help="memory per device, e.g. 80GB or 40GiB (default: measured here)")
+    parser.add_argument("--host-memory", help="host memory per node for offloaded ZeRO states, e.g. 1TB (default: "
+                                              "MemAvailable in this node's /proc/meminfo)")
     parser.add_argument("--node-rank", type=int, help="with --hostfile: start only the ranks of this node (the "
                                                       "hostfile's host R, from 0), without ssh; one glm-launch per node")
     parser.add_argument("--master-addr", help="address of node 0, the rendezvous (with --node-rank; under SLURM "
@@ -72,12 +76,15 @@ def _user_overrides(train_args: list[str]) -> list[str]:
 
 
 def fixed_choices(args: argparse.Namespace, overrides: list[str]) -> Fixed:
-    """What the user fixed: layout keys in a `--set` after `--`, then the flags (which win). The
-    YAML's own layout keys are a recipe for running glm-train directly; glm-launch re-plans them."""
+    """What the user fixed: layout and ZeRO keys in a `--set` after `--`, then the flags (which win). The
+    YAML's own layout and ZeRO keys are a recipe for running glm-train directly; glm-launch re-plans them."""
     given: dict = {}
+    optim: dict = {}
     for text in overrides:
         given.update(parse_override(text).get("parallel") or {})
+        optim.update(parse_override(text).get("optim") or {})
     fixed = {field: given[key] for key, field in _LAYOUT_KEYS.items() if key in given}
+    fixed.update({key: optim[key] for key in _ZERO_KEYS if key in optim})
     flags = {"tp": args.tp, "pp": args.pp, "micro_batch": args.micro_batch,
              "recompute_interval": args.recompute_interval}
     fixed.update({field: value for field, value in flags.items() if value is not None})
@@ -130,8 +137,10 @@ def describe(plan: Plan) -> str:
         f"{'every %d block(s)' % layout.recompute_interval if layout.recompute_interval else 'off'}",
         f"blocks:  {' '.join(map(str, plan.blocks))} per stage",
         f"memory:  {peak.total / 1e9:.2f} GB estimated on stage {peak.stage} (weights {peak.weights / 1e9:.2f}, "
-        f"grads {peak.gradients / 1e9:.2f}, optimizer {peak.optimizer_states / 1e9:.2f}, activations "
-        f"{peak.activations / 1e9:.2f}, with margin)",
+        f"grads {peak.gradients / 1e9:.2f}, optimizer {peak.optimizer_states / 1e9:.2f}, gathered weights "
+        f"{peak.working_set / 1e9:.2f}, activations {peak.activations / 1e9:.2f}, with margin)",
+        f"zero:    {describe_zero(layout)}; host memory {plan.host_per_node / 1e9:.2f} GB per node for offloaded "
+        f"states, of {plan.host_memory.bytes / 1e9:.1f} GB ({plan.host_memory.source})",
     ])
 
 
@@ -164,7 +173,9 @@ def _check_node(args: argparse.Namespace, cluster: Cluster) -> None:
 
 def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: bool = False) -> tuple[Config, Plan]:
     """Discover the devices and plan the layout for them: at the start, and again before each restart."""
-    config = load_config(args.config, overrides)
+    # the YAML's pp is re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a --set
+    # among them) at pp = 1, unless the user fixes pp
+    config = load_config(args.config, ["parallel.pp=1"] + overrides)
     config.validate()
     cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                        nproc=args.nproc, gpu_memory=args.gpu_memory)
@@ -172,7 +183,7 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
     if cluster.world_size < args.min_devices:
         raise ConfigError(f"{cluster.world_size} device(s) found, fewer than --min-devices {args.min_devices}: "
                           f"{'no restart' if restarting else 'nothing started'}")
-    plan = plan_layout(config, cluster, fixed_choices(args, overrides))
+    plan = plan_layout(config, cluster, host_memory(args.host_memory), fixed_choices(args, overrides))
     resolved = load_config(args.config, overrides + plan.overrides())
     resolved.validate(cluster.world_size)
     return resolved, plan

@@ -52,13 +52,35 @@ class Cluster:
                 "memory_per_device_gb": round(self.memory_bytes / 1e9, 2)}
 
 
-def parse_memory(text: str) -> int:
+def parse_memory(text: str, flag: str = "--gpu-memory") -> int:
     """'80GB' -> 80e9 bytes, '40GiB' -> 40 * 2^30 bytes (GB, MB... are decimal; GiB, MiB... binary)."""
     match = _MEMORY.match(text)
     if not match:
-        raise ConfigError(f"--gpu-memory {text!r} is not a size: write it like 80GB, 40GiB or 24000MB")
+        raise ConfigError(f"{flag} {text!r} is not a size: write it like 80GB, 40GiB or 24000MB")
     number, unit = float(match.group(1)), (match.group(2) or "").upper()
     return int(number * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Host memory of one node for offloaded ZeRO states, and where the figure came from."""
+
+    bytes: int
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"capacity_gb": round(self.bytes / 1e9, 2), "source": self.source}
+
+
+def host_memory(text: Optional[str]) -> HostMemory:
+    """--host-memory when given, else MemAvailable of /proc/meminfo on this (the launching) node."""
+    if text:
+        return HostMemory(parse_memory(text, "--host-memory"), "--host-memory")
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return HostMemory(int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo of this node")
+    raise ConfigError("the host memory is unknown (no MemAvailable in /proc/meminfo): pass --host-memory, "
+                      "e.g. --host-memory 1TB")
 
 
 def parse_hostfile(path: str | Path) -> tuple[tuple[str, int], ...]:

@@ -1,37 +1,98 @@
-"""The memory model: bytes one GPU needs for its pipeline stage under a 3D layout.
+"""The memory model: bytes one device needs for its pipeline stage under a 3D layout and a ZeRO stage,
+and the host memory its offloaded states take.
 
-For a stage holding P parameters (this tensor-parallel rank's share) the estimate is
+For a stage holding P parameters (this tensor-parallel rank's share), N = dp, (w, g) = (2, 2) bytes per
+weight and gradient in bf16 / fp16 and (4, 4) in fp32, the device holds
 
-    states      = P * (w + g) + P * o / (dp if ZeRO-1 else 1)
-                  (w, g, o) = (2, 2, 12) in bf16 / fp16: half weights and gradients; fp32 master
-                              weights and Adam's m and v (4 + 4 + 4 bytes) in the optimizer
-                            = (4, 4, 8)  in fp32 without ZeRO: the weights are the master copy
-                            = (4, 4, 12) in fp32 with ZeRO-1: DeepSpeed's optimizer still keeps its own
-                              fp32 copy of the partition it updates
+    ZeRO-0 / 1  weights w P, gradients g P, optimizer o P / (N if ZeRO-1 else 1)
+                o = 12 in bf16 / fp16: fp32 master weights and Adam's m and v (4 + 4 + 4 bytes)
+                  = 8  in fp32 without ZeRO: the weights are the master copy
+                  = 12 in fp32 with ZeRO-1: DeepSpeed's optimizer keeps its own fp32 copy of its partition
+    ZeRO-2      weights w P, gradients g P / N + g min(B, P), optimizer 16 P / N
+                (the partition of the gradients and DeepSpeed's reduce bucket of B = reduce_bucket_size
+                elements; master, m, v and the fp32 gradient partition the step reads, 4 + 4 + 4 + 4)
+    ZeRO-3      weights w (P - Q) / N + w Q + w min(P, L + F, M), gradients g P / N + 2 g min(B, P),
+                optimizer 16 P / N
+                (Q: the parameters DeepSpeed keeps whole, the 1-D ones below param_persistence_threshold:
+                biases and norms; the working set of gathered weights: the largest tensor L plus the prefetch
+                bucket F = stage3_prefetch_bucket_size, at most M = stage3_max_live_parameters; the reduce
+                bucket and reduce_scatter_coalesced's flat copy of it)
+
+Offload moves states to host memory (per rank; a node needs that times its ranks):
+
+    offload_optimizer cpu   ZeRO-1 / 2: (16 + w) P / N on the host (master, m, v, the fp32 gradient
+                            partition, a half-precision staging copy of the weights), + g P / N with
+                            gradient accumulation (DeepSpeed's accumulated_grads_in_cpu); the device keeps
+                            the weights and, for ZeRO-2, only the reduce bucket of the gradients.
+                            ZeRO-3: (16 + g) P / N on the host (the gradient partitions too); the device
+                            keeps the weight partition, the working set and the buckets.
+    offload_params cpu      ZeRO-3: + w (P - Q) / N: the weight partition lives on the host too
+    nvme                    only DeepSpeed's pinned host buffers: 16 min(S, P / N) + g P / N for the
+                            optimizer (one sub-group of S = sub_group_size elements swapped in for CPU Adam,
+                            the gradient partitions), 5 * 1e8 * w for the weights (its default aio buffers)
+
+Activations and the total:
+
     activations = in_flight * saved_per_micro_batch + recompute
                   in_flight = min(pp - stage, grad_accum): 1F1B keeps stage i's activations of up to
                   pp - i micro-batches alive (stage 0 the most); without recomputation a micro-batch
                   saves every block's tensors for backward; with recomputation every k blocks it saves
                   only each segment's input [b, s, h], and backward recomputes one segment (k blocks)
                   of one micro-batch at a time
-    total       = (1 + MARGIN) * (states + activations) + RUNTIME_RESERVE
+    device      = (1 + MARGIN) * (weights + gradients + optimizer + working set + activations
+                                  + built) + reserve
+    host        = (1 + MARGIN) * offloaded states, per rank
 
 MARGIN covers allocator fragmentation and the transient buffers of backward (a gradient being
-formed, the logits' gradient); RUNTIME_RESERVE the CUDA context, communication buffers and the
-Python process. Activations are counted tensor by tensor as this trainer's model saves them
-(block_activation_bytes); docs/LAUNCH.md compares the count with a measured model.
+formed, the logits' gradient). The reserve is RUNTIME_RESERVE on a GPU (the CUDA context, communication
+buffers, the process) and CPU_RUNTIME_RESERVE for a CPU rank: the resident set of a process that has
+imported torch and DeepSpeed and joined a gloo group, measured (trainer/bench/memory_check.py). `built`
+is 0 on a GPU and, on a CPU rank, the fp32 model as built before DeepSpeed flattens or partitions it:
+glibc keeps that freed heap resident. Activations are counted tensor by tensor as this trainer's model
+saves them (block_activation_bytes); docs/LAUNCH.md compares the count with a measured model, and the
+totals of ZeRO-2 and ZeRO-3 CPU runs with their measured peak resident memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from trainer.config import Config
-from trainer.engine.ds_config import effective_zero_stage
+from trainer.engine.ds_config import effective_zero_stage, read_user_config
 from trainer.model.config import ModelConfig
 
 MARGIN = 0.10
 RUNTIME_RESERVE = 1 << 30
+CPU_RUNTIME_RESERVE = 262 * 10 ** 6
+"""Measured: 261-262 MB resident in every rank measured (python 3.11, torch 2.13.0+cpu, deepspeed 0.19.8,
+after deepspeed.init_distributed on gloo; docs/LAUNCH.md)."""
+NVME_PARAM_BUFFERS = 5 * 10 ** 8
+"""Elements of DeepSpeed's default pinned buffers for weights on NVMe (offload_param buffer_count 5 x
+buffer_size 1e8)."""
+
+
+@dataclass(frozen=True)
+class ZeroBuckets:
+    """DeepSpeed's ZeRO sizes, in elements (its defaults; a train.deepspeed_config may set them)."""
+
+    reduce_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    sub_group_size: int = 1_000_000_000
+
+    @classmethod
+    def from_config(cls, config: Config) -> "ZeroBuckets":
+        if not config.train.deepspeed_config:
+            return cls()
+        given = read_user_config(config.train.deepspeed_config).get("zero_optimization", {})
+        names = {field.name for field in dataclasses.fields(cls)}
+        aliases = {"prefetch_bucket_size": "stage3_prefetch_bucket_size",
+                   "max_live_parameters": "stage3_max_live_parameters",
+                   "param_persistence_threshold": "stage3_param_persistence_threshold"}
+        chosen = {aliases.get(key, key): int(value) for key, value in given.items() if aliases.get(key, key) in names}
+        return cls(**chosen)
 
 
 @dataclass(frozen=True)
@@ -41,27 +102,36 @@ class Workload:
     model: ModelConfig
     seq_length: int
     precision: str
-    zero_stage: int
     dropout_mask_bytes: int = 1
     """Bytes per element of a saved dropout mask: 1 on GPUs (a bool mask); PyTorch's CPU dropout
     keeps a mask in the activation dtype, so CPU ranks need activation_bytes."""
+    on_cpu: bool = False
+    """CPU ranks (gloo): the device is the host; the reserve is CPU_RUNTIME_RESERVE and the model as
+    built stays resident (module docstring)."""
+    buckets: ZeroBuckets = ZeroBuckets()
 
     @classmethod
     def from_config(cls, config: Config, on_cpu: bool = False) -> "Workload":
         precision = config.train.precision
         mask_bytes = (4 if precision == "fp32" else 2) if on_cpu else 1
-        return cls(config.model, config.data.seq_length, precision, config.optim.zero_stage, mask_bytes)
+        return cls(config.model, config.data.seq_length, precision, mask_bytes, on_cpu, ZeroBuckets.from_config(config))
 
     @property
     def activation_bytes(self) -> int:
         """Bytes of one activation element: 4 in fp32, 2 in bf16 / fp16."""
         return 4 if self.precision == "fp32" else 2
 
+    @property
+    def reserve(self) -> int:
+        return CPU_RUNTIME_RESERVE if self.on_cpu else RUNTIME_RESERVE
+
 
 @dataclass(frozen=True)
 class Layout:
     """A 3D layout: tp * pp * dp processes, micro_batch * grad_accum * dp samples per step,
-    activations recomputed every recompute_interval blocks (0 = never)."""
+    activations recomputed every recompute_interval blocks (0 = never), the ZeRO stage asked for (the
+    engine runs effective_zero_stage of it) and where the optimizer states and the weights are offloaded
+    (none, cpu, nvme)."""
 
     tp: int
     pp: int
@@ -69,6 +139,9 @@ class Layout:
     micro_batch: int
     grad_accum: int
     recompute_interval: int
+    zero_stage: int = 1
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
 
     @property
     def world_size(self) -> int:
@@ -77,7 +150,8 @@ class Layout:
 
 @dataclass(frozen=True)
 class StageMemory:
-    """The estimate for one GPU of one pipeline stage, in bytes."""
+    """The estimate for one device of one pipeline stage, in bytes; `host` is what one rank of it keeps
+    in host memory (offloaded states)."""
 
     stage: int
     blocks: int
@@ -86,17 +160,28 @@ class StageMemory:
     gradients: int
     optimizer_states: int
     activations: int
+    working_set: int = 0
+    """ZeRO-3: the gathered weights DeepSpeed keeps live."""
+    built: int = 0
+    """CPU ranks: the model as built, kept resident by the allocator."""
+    host_states: int = 0
+    reserve: int = RUNTIME_RESERVE
 
     @property
     def total(self) -> int:
-        counted = self.weights + self.gradients + self.optimizer_states + self.activations
-        return math.ceil((1 + MARGIN) * counted) + RUNTIME_RESERVE
+        counted = self.weights + self.gradients + self.optimizer_states + self.working_set + self.activations
+        return math.ceil((1 + MARGIN) * (counted + self.built)) + self.reserve
+
+    @property
+    def host(self) -> int:
+        return math.ceil((1 + MARGIN) * self.host_states)
 
     def to_dict(self) -> dict:
-        fields = ("stage", "blocks", "parameters", "weights", "gradients", "optimizer_states", "activations")
+        fields = ("stage", "blocks", "parameters", "weights", "gradients", "optimizer_states", "working_set",
+                  "activations", "built", "reserve")
         out = {name: getattr(self, name) for name in fields}
-        out["total"] = self.total
-        out["total_gb"] = round(self.total / 1e9, 2)
+        out.update(total=self.total, total_gb=round(self.total / 1e9, 2), host=self.host,
+                   host_gb=round(self.host / 1e9, 2))
         return out
 
 
@@ -173,25 +258,79 @@ def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_b
     return total
 
 
-def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> StageMemory:
-    """The estimate for one GPU of `stage` (0-based), which holds `blocks` transformer blocks."""
-    half = work.precision in ("bf16", "fp16")
-    zero = effective_zero_stage(work.zero_stage, work.precision, layout.dp) >= 1
-    weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if half else (4, 4, 12 if zero else 8)
-    params = stage_parameters(work.model, layout.tp, layout.pp, stage, blocks)
-    optimizer_shards = layout.dp if zero else 1
+def persistent_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: int) -> int:
+    """Parameters ZeRO-3 keeps whole on every rank: the 1-D ones (biases, norms), which stay below
+    DeepSpeed's param_persistence_threshold (1e5 elements) for every shipped config."""
+    ffn_in = 2 * model.ffn_size if model.gated_mlp else model.ffn_size
+    split = (sum(model.qkv_rows) if model.add_qkv_bias else 0) + (ffn_in if model.add_bias_linear else 0)
+    replicated = model.block_parameters()[1]
+    return blocks * (split // tp + replicated) + (model.norm_parameters if stage == pp - 1 else 0)
 
-    per_block = block_activation_bytes(work, layout.tp, layout.micro_batch)
-    ends = _ends_activation_bytes(work, layout.tp, layout.pp, stage, layout.micro_batch)
+
+def largest_tensor(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    """Elements of the largest weight on one rank of the stage: the MLP's first matrix, or the word
+    embedding (output layer) on the end stages."""
+    h = model.hidden_size
+    ffn_in = 2 * model.ffn_size if model.gated_mlp else model.ffn_size
+    largest = max(ffn_in, sum(model.qkv_rows)) * h // tp
+    if stage in (0, pp - 1):
+        largest = max(largest, model.padded_vocab_size(tp) * h // tp)
+    return largest
+
+
+def state_bytes(work: Workload, layout: Layout, params: int, persistent: int, largest: int) -> dict[str, int]:
+    """Weights, gradients, optimizer states, working set (device) and host_states (one rank) of `params`
+    parameters, `persistent` of them kept whole by ZeRO-3 and `largest` in the largest weight, under the
+    layout's ZeRO stage and offload: the module docstring's table."""
+    w = g = 2 if work.precision in ("bf16", "fp16") else 4
+    n, buckets = layout.dp, work.buckets
+    zero = effective_zero_stage(layout.zero_stage, work.precision, n)
+    bucket = g * min(buckets.reduce_bucket_size, params)
+    if zero <= 1:
+        optimizer = (12 if w == 2 or zero == 1 else 8) * params // (n if zero == 1 else 1)
+        out = dict(weights=w * params, gradients=g * params, optimizer_states=optimizer, working_set=0)
+    elif zero == 2:
+        out = dict(weights=w * params, gradients=g * params // n + bucket, optimizer_states=16 * params // n,
+                   working_set=0)
+    else:
+        gathered = min(params, largest + buckets.stage3_prefetch_bucket_size, buckets.stage3_max_live_parameters)
+        out = dict(weights=w * (params - persistent) // n + w * persistent, gradients=g * params // n + 2 * bucket,
+                   optimizer_states=16 * params // n, working_set=w * gathered)
+    host = 0
+    if layout.offload_optimizer == "cpu":
+        host = (16 + w) * params // n + (g * params // n if layout.grad_accum > 1 else 0) if zero <= 2 \
+            else (16 + g) * params // n
+        out["optimizer_states"] = 0
+        out["gradients"] = g * params if zero <= 1 else bucket * (1 if zero == 2 else 2)
+    elif layout.offload_optimizer == "nvme":
+        host = 16 * min(buckets.sub_group_size, params // n) + g * params // n
+        out["optimizer_states"] = 0
+        out["gradients"] = g * params if zero <= 1 else bucket * (1 if zero == 2 else 2)
+    if layout.offload_params == "cpu":
+        host += w * (params - persistent) // n
+        out["weights"] = w * persistent
+    elif layout.offload_params == "nvme":
+        host += w * NVME_PARAM_BUFFERS
+        out["weights"] = w * persistent
+    return {**out, "host_states": host}
+
+
+def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> StageMemory:
+    """The estimate for one device of `stage` (0-based), which holds `blocks` transformer blocks."""
+    model, tp, pp = work.model, layout.tp, layout.pp
+    params = stage_parameters(model, tp, pp, stage, blocks)
+    states = state_bytes(work, layout, params, persistent_parameters(model, tp, pp, stage, blocks),
+                         largest_tensor(model, tp, pp, stage))
+    per_block = block_activation_bytes(work, tp, layout.micro_batch)
+    ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch)
     k = layout.recompute_interval
     if k > 0:
-        segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * work.model.hidden_size
+        segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * model.hidden_size
         saved = math.ceil(blocks / k) * segment_input + ends
         recompute = min(k, blocks) * per_block
     else:
         saved, recompute = blocks * per_block + ends, 0
-    in_flight = min(layout.pp - stage, layout.grad_accum)
-    return StageMemory(stage=stage, blocks=blocks, parameters=params, weights=params * weight_bytes,
-                       gradients=params * grad_bytes,
-                       optimizer_states=math.ceil(params * optim_bytes / optimizer_shards),
-                       activations=in_flight * saved + recompute)
+    in_flight = min(pp - stage, layout.grad_accum)
+    built = 4 * params if work.on_cpu else 0
+    return StageMemory(stage=stage, blocks=blocks, parameters=params, activations=in_flight * saved + recompute,
+                       built=built, reserve=work.reserve, **states)

@@ -15,14 +15,19 @@ rank = (pp_rank * dp + dp_rank) * tp + tp_rank, so a tensor-parallel group is ad
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from launch.devices import Cluster
+from launch.devices import Cluster, HostMemory
 from launch.memory import Layout, StageMemory, Workload, stage_memory
 from trainer.config import Config
+from trainer.engine.ds_config import effective_zero_stage
 from trainer.engine.partition import blocks_per_stage
 from trainer.errors import ConfigError
+
+Zero = tuple[int, str, str]
+"""(zero_stage, offload_optimizer, offload_params)."""
 
 BUBBLE_LIMIT = 0.10
 MAX_NODES_SEARCHED = 1024
@@ -36,6 +41,13 @@ class Fixed:
     pp: Optional[int] = None
     micro_batch: Optional[int] = None
     recompute_interval: Optional[int] = None
+    zero_stage: Optional[int] = None
+    offload_optimizer: Optional[str] = None
+    offload_params: Optional[str] = None
+
+    def allows(self, zero: Zero) -> bool:
+        return all(fixed in (None, chosen) for fixed, chosen in
+                   zip((self.zero_stage, self.offload_optimizer, self.offload_params), zero))
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,12 @@ class Plan:
     blocks: list[int]
     stages: list[StageMemory]
     global_batch: int
+    host_memory: HostMemory
+
+    @property
+    def host_per_node(self) -> int:
+        """Bytes of offloaded states on the fullest node: one rank's times the ranks of a node."""
+        return max(stage.host for stage in self.stages) * max(slots for _, slots in self.cluster.hosts)
 
     @property
     def peak(self) -> StageMemory:
@@ -55,7 +73,8 @@ class Plan:
         layout = self.layout
         return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
-                f"parallel.recompute_interval={layout.recompute_interval}"]
+                f"parallel.recompute_interval={layout.recompute_interval}", f"optim.zero_stage={layout.zero_stage}",
+                f"optim.offload_optimizer={layout.offload_optimizer}", f"optim.offload_params={layout.offload_params}"]
 
     def ranks(self) -> list[dict]:
         """Host, device, (pp, dp, tp) coordinates and blocks [first, stop) of every global rank."""
@@ -74,11 +93,15 @@ class Plan:
         return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
                 "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "global_batch": self.global_batch, "recompute_interval": layout.recompute_interval,
+                "zero_stage": layout.zero_stage, "offload_optimizer": layout.offload_optimizer,
+                "offload_params": layout.offload_params,
                 "pipeline_bubble": round(bubble(layout), 4), "blocks_per_stage": self.blocks,
                 "devices": self.cluster.to_dict(),
                 "memory": {"per_gpu_estimate_bytes": peak.total, "per_gpu_estimate_gb": round(peak.total / 1e9, 2),
                            "capacity_gb": round(self.cluster.memory_bytes / 1e9, 2), "peak_stage": peak.stage,
-                           "stages": [stage.to_dict() for stage in self.stages]},
+                           "stages": [stage.to_dict() for stage in self.stages],
+                           "host_per_node_estimate_gb": round(self.host_per_node / 1e9, 2),
+                           "host": self.host_memory.to_dict()},
                 "overrides": self.overrides(), "ranks": self.ranks()}
 
 
@@ -93,8 +116,11 @@ def estimate(work: Workload, layout: Layout) -> list[StageMemory]:
     return [stage_memory(work, layout, stage, count) for stage, count in enumerate(blocks)]
 
 
-def _fits(work: Workload, layout: Layout, capacity: int) -> bool:
-    return max(stage.total for stage in estimate(work, layout)) <= capacity
+def _fits(work: Workload, layout: Layout, cluster: Cluster, host: HostMemory) -> bool:
+    stages = estimate(work, layout)
+    ranks_per_node = max(slots for _, slots in cluster.hosts)
+    return (max(stage.total for stage in stages) <= cluster.memory_bytes
+            and max(stage.host for stage in stages) * ranks_per_node <= host.bytes)
 
 
 def _tp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
@@ -106,43 +132,65 @@ def _tp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
             and all(slots % tp == 0 for _, slots in cluster.hosts)]
 
 
-def _choose_micro(work: Workload, tp: int, pp: int, dp: int, interval: int, per_rank: int,
-                  fixed: Fixed, capacity: int) -> Optional[Layout]:
-    """The micro-batch rule of the module docstring, among the divisors of the per-rank batch."""
+def _choose_micro(work: Workload, layout: Layout, per_rank: int, fixed: Fixed, cluster: Cluster,
+                  host: HostMemory) -> Optional[Layout]:
+    """The micro-batch rule of the module docstring, among the divisors of the per-rank batch; `layout`
+    gives everything else."""
     sizes = [fixed.micro_batch] if fixed.micro_batch else [m for m in range(1, per_rank + 1) if per_rank % m == 0]
     fitting = []
     for micro in sizes:  # memory grows with the micro-batch: stop at the first that does not fit
-        layout = Layout(tp, pp, dp, micro, per_rank // micro, interval)
-        if per_rank % micro or not _fits(work, layout, capacity):
+        candidate = dataclasses.replace(layout, micro_batch=micro, grad_accum=per_rank // micro)
+        if per_rank % micro or not _fits(work, candidate, cluster, host):
             break
-        fitting.append(layout)
+        fitting.append(candidate)
     if not fitting:
         return None
     short_bubble = [layout for layout in fitting if bubble(layout) <= BUBBLE_LIMIT]
     return short_bubble[-1] if short_bubble else fitting[0]
 
 
-def _candidates(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) -> Iterator[tuple[int, int, int]]:
-    """(tp, pp, dp) that multiply to the world size with dp dividing the global batch, in preference order."""
+def _ladder(work: Workload, cluster: Cluster, fixed: Fixed, nvme: bool) -> Iterator[tuple[int, list[Zero]]]:
+    """(pp, ZeRO choices) rung by rung, in the module docstring's order, keeping what `fixed` allows."""
+    plain, pipelines = ("none", "none"), range(2, work.model.num_layers + 1)
+    rungs = [(1, [(1, *plain), (2, *plain)])] + [(pp, [(1, *plain)]) for pp in pipelines] + [(1, [(3, *plain)])]
+    if cluster.kind != "cpu":  # a CPU rank's device is the host already
+        offloads = [("cpu", "none")] + [("nvme", "none")] * nvme + [("cpu", "cpu")] + \
+            [("nvme", "cpu"), ("nvme", "nvme")] * nvme
+        rungs += [(1, [(3, *offload)]) for offload in offloads]
+    if (fixed.zero_stage, fixed.offload_optimizer, fixed.offload_params) != (None, None, None):
+        off = [(stage, device, "none") for stage in (1, 2) for device in ("cpu", "nvme")]
+        rungs += [(1, [(0, *plain)] + off)] + [(pp, [(0, *plain), (1, "cpu", "none"), (1, "nvme", "none")])
+                                              for pp in pipelines]
+    for pp, zeros in rungs:
+        allowed = [zero for zero in zeros if fixed.allows(zero)]
+        if allowed and fixed.pp in (None, pp):
+            yield pp, allowed
+
+
+def _candidates(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed, pp: int) -> Iterator[tuple[int, int]]:
+    """(tp, dp) with tp * pp * dp = the world size and dp dividing the global batch, smallest tp first."""
     world = cluster.world_size
-    pps = [fixed.pp] if fixed.pp is not None else range(1, work.model.num_layers + 1)
-    for pp in pps:
-        for tp in _tp_choices(work, cluster, fixed):
-            if world % (tp * pp) == 0 and global_batch % (world // (tp * pp)) == 0:
-                yield tp, pp, world // (tp * pp)
+    for tp in _tp_choices(work, cluster, fixed):
+        if world % (tp * pp) == 0 and global_batch % (world // (tp * pp)) == 0:
+            yield tp, world // (tp * pp)
 
 
-def search(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed = Fixed()) -> Optional[Plan]:
-    """The preferred layout that fits, or None."""
+def search(work: Workload, cluster: Cluster, global_batch: int, host: HostMemory, fixed: Fixed = Fixed(),
+           nvme: bool = False) -> Optional[Plan]:
+    """The preferred layout that fits, or None; `nvme`: optim.nvme_path is set, NVMe offload may be planned."""
     intervals = [fixed.recompute_interval] if fixed.recompute_interval is not None else [0, 1]
-    candidates = list(_candidates(work, cluster, global_batch, fixed))
-    for pp in sorted({pp for _, pp, _ in candidates}):
+    for pp, zeros in _ladder(work, cluster, fixed, nvme):
+        candidates = list(_candidates(work, cluster, global_batch, fixed, pp))
         for interval in intervals:
-            for tp, _, dp in (c for c in candidates if c[1] == pp):
-                layout = _choose_micro(work, tp, pp, dp, interval, global_batch // dp, fixed, cluster.memory_bytes)
-                if layout is not None:
-                    stages = estimate(work, layout)
-                    return Plan(layout, cluster, blocks_per_stage(work.model.num_layers, pp), stages, global_batch)
+            for tp, dp in candidates:
+                for stage, offload_optimizer, offload_params in zeros:
+                    if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp) == 0:
+                        continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
+                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params)
+                    chosen = _choose_micro(work, layout, global_batch // dp, fixed, cluster, host)
+                    if chosen is not None:
+                        return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
+                                    estimate(work, chosen), global_batch, host)
     return None
 
 
@@ -155,25 +203,30 @@ def _hypothetical(cluster: Cluster, world: int) -> Cluster:
                    cluster.memory_bytes, cluster.kind, cluster.source)
 
 
-def smallest_cluster(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed = Fixed()) -> Optional[Plan]:
-    """The plan on the fewest devices of this cluster's kind and memory that fits (None: up to
-    MAX_NODES_SEARCHED nodes, nothing does)."""
+def smallest_cluster(work: Workload, cluster: Cluster, global_batch: int, host: HostMemory, fixed: Fixed = Fixed(),
+                     nvme: bool = False) -> Optional[Plan]:
+    """The plan on the fewest devices of this cluster's kind and memory (and nodes of this host memory)
+    that fits (None: up to MAX_NODES_SEARCHED nodes, nothing does)."""
     per_node = cluster.devices_per_node
     for world in list(range(1, per_node)) + [per_node * n for n in range(1, MAX_NODES_SEARCHED + 1)]:
-        plan = search(work, _hypothetical(cluster, world), global_batch, fixed)
+        plan = search(work, _hypothetical(cluster, world), global_batch, host, fixed, nvme)
         if plan is not None:
             return plan
     return None
 
 
 def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) -> int:
-    """Bytes per device of the most memory-frugal layout this node shape allows (largest tp, one block
-    per stage, optimizer sharded over the whole global batch, micro-batch 1, recomputation)."""
+    """Bytes per device of the most memory-frugal layout this node shape allows among what `fixed` leaves
+    open: the largest tp, micro-batch 1, recomputation, the states sharded over the whole global batch, and
+    either one block per stage (ZeRO-1) or one stage with ZeRO-3 (its weights offloaded on GPUs)."""
     tp = max(_tp_choices(work, cluster, fixed), default=1)
-    pp = fixed.pp or work.model.num_layers
     interval = 1 if fixed.recompute_interval is None else fixed.recompute_interval
-    layout = Layout(tp, pp, global_batch, fixed.micro_batch or 1, 1, interval)
-    return max(stage.total for stage in estimate(work, layout))
+    micro, offload = fixed.micro_batch or 1, "none" if cluster.kind == "cpu" else "cpu"
+    frugal = [(fixed.pp or work.model.num_layers, (1, "none", "none"))]
+    frugal += [(1, (3, offload, offload)), (1, (3, "none", "none"))] if fixed.pp in (None, 1) else []
+    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero)))
+              for pp, zero in frugal if fixed.allows(zero)]
+    return min(totals, default=0)
 
 
 def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
@@ -197,32 +250,54 @@ def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
                           f"dp = devices / (tp * pp) must be a whole number")
 
 
-def _refusal(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) -> str:
+def describe_zero(layout: Layout) -> str:
+    """'ZeRO-3, optimizer offload cpu, weights offload cpu' and the like."""
+    text = f"ZeRO-{layout.zero_stage}"
+    if layout.offload_optimizer != "none":
+        text += f", optimizer offload {layout.offload_optimizer}"
+    if layout.offload_params != "none":
+        text += f", weights offload {layout.offload_params}"
+    return text
+
+
+def _refusal(work: Workload, cluster: Cluster, global_batch: int, host: HostMemory, fixed: Fixed, nvme: bool) -> str:
     where = f"{cluster.world_size} devices of {cluster.memory_bytes / 1e9:.1f} GB"
-    if not any(True for _ in _candidates(work, cluster, global_batch, fixed)):
+    if not any(True for pp, _ in _ladder(work, cluster, fixed, nvme)
+               for _ in _candidates(work, cluster, global_batch, fixed, pp)):
         return (f"no layout tp * pp * dp = {cluster.world_size} has tp dividing the heads and the node size and "
                 f"dp dividing the global batch {global_batch}: change the device count or "
                 f"parallel.global_batch_size")
+    smallest = smallest_cluster(work, cluster, global_batch, host, fixed, nvme)
+    more = "more devices" if smallest is None else f"{smallest.layout.world_size} devices ({_summary(smallest)})"
+    unbounded = search(work, cluster, global_batch, HostMemory(2 ** 62, "unbounded"), fixed, nvme)
+    if unbounded is not None:
+        return (f"the model fits on {where} only with {describe_zero(unbounded.layout)}, which needs "
+                f"{unbounded.host_per_node / 1e9:.1f} GB of host memory per node, more than the "
+                f"{host.bytes / 1e9:.1f} GB there ({host.source}): use nodes with more host memory "
+                f"(--host-memory), NVMe offload (set optim.nvme_path), or {more}")
     floor = _lower_bound(work, cluster, global_batch, fixed)
     if floor > cluster.memory_bytes:
         return (f"the model does not fit on any number of devices of {cluster.memory_bytes / 1e9:.1f} GB: even "
                 f"the most frugal layout needs {floor / 1e9:.1f} GB per device; use larger devices or a "
                 f"shorter data.seq_length")
-    smallest = smallest_cluster(work, cluster, global_batch, fixed)
     if smallest is None:
         return f"the model does not fit on {where}, nor on up to {MAX_NODES_SEARCHED} such nodes"
-    layout = smallest.layout
-    return (f"the model does not fit on {where}: the smallest device count that works is "
-            f"{layout.world_size} (tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, micro-batch "
-            f"{layout.micro_batch}, recomputation {'on' if layout.recompute_interval else 'off'}, "
-            f"{smallest.peak.total / 1e9:.1f} GB per device)")
+    return f"the model does not fit on {where}: the smallest device count that works is {more}"
 
 
-def plan_layout(config: Config, cluster: Cluster, fixed: Fixed = Fixed()) -> Plan:
+def _summary(plan: Plan) -> str:
+    layout = plan.layout
+    return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, micro-batch {layout.micro_batch}, recomputation "
+            f"{'on' if layout.recompute_interval else 'off'}, {describe_zero(layout)}, "
+            f"{plan.peak.total / 1e9:.1f} GB per device")
+
+
+def plan_layout(config: Config, cluster: Cluster, host: HostMemory, fixed: Fixed = Fixed()) -> Plan:
     """Choose what `fixed` leaves open, validate what it fixes; ConfigError when nothing fits."""
     work = Workload.from_config(config, on_cpu=cluster.kind == "cpu")
     _check_fixed(work, cluster, fixed)
-    plan = search(work, cluster, config.parallel.global_batch_size, fixed)
+    batch, nvme = config.parallel.global_batch_size, bool(config.optim.nvme_path)
+    plan = search(work, cluster, batch, host, fixed, nvme)
     if plan is None:
-        raise ConfigError(_refusal(work, cluster, config.parallel.global_batch_size, fixed))
+        raise ConfigError(_refusal(work, cluster, batch, host, fixed, nvme))
     return plan

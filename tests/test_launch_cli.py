@@ -40,6 +40,32 @@ def test_dry_run_plans_a_cluster_that_is_not_this_machine(tmp_path, capsys):
     assert rank["blocks"] == [17, 26]
 
 
+def test_glm_10b_on_one_gpu_dry_run_offloads_and_states_the_host_memory(capsys):
+    argv = ["--config", "configs/glm-10b.yaml", "--gpus", "1", "--gpu-memory", "80GB", "--host-memory", "512GB",
+            "--dry-run"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["pp"], plan["zero_stage"], plan["offload_optimizer"], plan["offload_params"]) == (1, 3, "cpu", "none")
+    assert plan["memory"]["host_per_node_estimate_gb"] == 195.64
+    assert plan["memory"]["host"] == {"capacity_gb": 512.0, "source": "--host-memory"}
+    assert "optim.zero_stage=3" in plan["overrides"] and "optim.offload_optimizer=cpu" in plan["overrides"]
+
+
+def test_host_memory_defaults_to_this_nodes_meminfo(capsys):
+    assert main(["--config", "configs/glm-base.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run"]) == 0
+    host = json.loads(capsys.readouterr().out)["memory"]["host"]
+    assert host["source"] == "MemAvailable in /proc/meminfo of this node" and host["capacity_gb"] > 0
+
+
+def test_a_zero_stage_fixed_after_the_double_dash_is_kept(capsys):
+    """glm-10b.yaml's recipe says pp 4: a fixed ZeRO-3 re-plans it to one stage instead of refusing."""
+    argv = ["--config", "configs/glm-10b.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run", "--",
+            "--set", "optim.zero_stage=3"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["pp"], plan["zero_stage"], plan["offload_optimizer"]) == (1, 3, "none")
+
+
 def test_gpus_dry_run_chooses_data_parallel(capsys):
     assert main(["--config", "configs/glm-base.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -51,6 +77,9 @@ BAD_INPUT = [
     (["--gpus", "8", "--gpu-memory", "80GB", "--tp", "5"], "num_attention_heads=12 is not divisible by parallel.tp=5"),
     (["--gpus", "16", "--gpu-memory", "80GB", "--tp", "12"], "tp=12 is larger than the 8 devices per node"),
     (["--gpus", "8", "--gpu-memory", "eighty"], "--gpu-memory 'eighty' is not a size"),
+    (["--gpus", "8", "--gpu-memory", "80GB", "--host-memory", "lots"], "--host-memory 'lots' is not a size"),
+    (["--gpus", "8", "--gpu-memory", "80GB", "--", "--set", "optim.zero_stage=3", "--set", "parallel.pp=2"],
+     "optim.zero_stage=3 with parallel.pp=2"),
     (["--gpus", "8", "--gpu-memory", "80GB", "--", "--set", "parallel.tp=3"], "tp=3 does not divide the device count of host node0"),
     (["--nproc", "2", "--", "--config", "x.yaml"], "give --config to glm-launch"),
     (["--gpus", "8", "--nproc", "2"], "not allowed with argument"),
@@ -89,13 +118,17 @@ def _expect_one_error_line(argv: list[str], message: str, capsys) -> None:
 
 def test_bad_input_from_the_console_script_starts_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch.cli", "--config", "configs/glm-130b.yaml",
-                             "--gpus", "8", "--gpu-memory", "40GB"], cwd=REPO, capture_output=True, text=True,
+                             "--gpus", "8", "--gpu-memory", "40GB", "--host-memory", "1TB"], cwd=REPO,
+                            capture_output=True, text=True,
                             env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(
-        r"error: the model does not fit on 8 devices of 40\.0 GB: the smallest device count that works is 72 "
-        r"\(tp 8, pp 9, dp 1, micro-batch 1, recomputation on, \d+\.\d GB per device\)", lines[0]), lines
+        r"error: the model fits on 8 devices of 40\.0 GB only with ZeRO-3, optimizer offload cpu, weights offload "
+        r"cpu, which needs \d+\.\d GB of host memory per node, more than the 1000\.0 GB there \(--host-memory\): "
+        r"use nodes with more host memory \(--host-memory\), NVMe offload \(set optim\.nvme_path\), or 24 devices "
+        r"\(tp 1, pp 1, dp 24, micro-batch \d+, recomputation on, ZeRO-3, optimizer offload cpu, \d+\.\d GB per "
+        r"device\)", lines[0]), lines
 
 
 def test_runner_command_is_deepspeeds_own_launcher(tmp_path):
@@ -111,17 +144,18 @@ def test_runner_command_is_deepspeeds_own_launcher(tmp_path):
     assert parsed.user_args == ["--config", str(REPO / "configs/glm-debug.yaml"), "--set", "train.steps=2",
                                 "--set", "parallel.tp=1", "--set", "parallel.pp=1",
                                 "--set", "parallel.micro_batch_size=4",
-                                "--set", "parallel.recompute_interval=0"]
+                                "--set", "parallel.recompute_interval=0", "--set", "optim.zero_stage=1",
+                                "--set", "optim.offload_optimizer=none", "--set", "optim.offload_params=none"]
 
 
 def test_runner_command_under_slurm_runs_one_launcher_per_node_without_ssh(tmp_path):
     args, train_args = parse_args(["--config", "configs/glm-base.yaml", "--gpu-memory", "80GB"])
-    from launch.devices import discover
+    from launch.devices import HostMemory, discover
     from launch.planner import plan_layout
     from trainer.config import load_config
 
     cluster = discover(gpu_memory="80GB", env={"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "8"})
-    plan = plan_layout(load_config(args.config), cluster)
+    plan = plan_layout(load_config(args.config), cluster, HostMemory(10 ** 12, "--host-memory"))
     parsed = __import__("deepspeed.launcher.runner", fromlist=["parse_args"]).parse_args(
         runner_command(plan, args, train_args, "/tmp/h", {"SLURM_NODEID": "1"})[4:])
     assert (parsed.hostfile, parsed.no_ssh, parsed.node_rank, parsed.master_addr) == ("/tmp/h", True, 1, "n1")

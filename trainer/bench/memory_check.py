@@ -1,0 +1,143 @@
+"""glm-memory-check: the planner's memory estimate against the peak resident memory of a DeepSpeed ZeRO run.
+
+    python -m trainer.bench.memory_check --config configs/glm-debug.yaml --world 2 --zero-stage 3 \
+        [--steps 3] [--set model.hidden_size=1024 ...]
+
+Spawns `world` CPU processes on gloo. Each builds the GLMModel of the config, the trainer's AdamW
+(trainer/engine/optimizer.py) and DeepSpeed's plain engine with the run's DeepSpeed JSON
+(trainer/engine/ds_config.py) at the asked ZeRO stage, and trains `steps` optimizer steps on random
+tokens. On CPU the device is the host, so a rank's resident set is its device memory: the process's
+baseline (measured after importing torch and DeepSpeed and joining the process group, before the model
+exists) and its peak resident set over the training steps (Linux VmHWM, reset after the engine is built, so
+the one-time full-model copies of the set-up are not counted) are printed beside launch/memory.py's estimate
+of a CPU rank (whose reserve, CPU_RUNTIME_RESERVE, is that baseline as measured here). docs/LAUNCH.md lists the shapes and results.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.multiprocessing as mp
+
+from trainer.config import Config, add_config_arguments, load_config
+from trainer.engine.rendezvous import free_port
+from trainer.errors import ConfigError, OneLineParser, exits_on_error
+
+
+def resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak() -> None:
+    """Set VmHWM to the current resident set (Linux: 5 to /proc/PID/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _batch(config: Config, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    from trainer.model.mask import segments_of_sep
+
+    b, s = config.parallel.micro_batch_size, config.data.seq_length
+    ids = torch.randint(0, config.model.vocab_size, (b, s), generator=generator)  # [b, s]
+    positions = torch.arange(s).expand(b, s)
+    segments = segments_of_sep(torch.full((b,), s // 2), s)  # [b, 2, s]
+    return (ids, positions, torch.zeros_like(positions), segments), (ids, torch.ones_like(ids))
+
+
+def _rank(rank: int, world: int, port: int, config: Config, steps: int, results: "mp.Queue") -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from trainer.engine.ds_config import build_ds_config
+    from trainer.engine.optimizer import build_optimizer
+    from trainer.model.glm import GLMLoss, GLMModel
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    baseline = resident_bytes("VmRSS")
+    model, loss_fn = GLMModel(config.model, tp_group=None, seed=config.train.seed), GLMLoss(config.model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.optim),
+                                           config=build_ds_config(config, world))
+    del model
+    reset_peak()
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(steps * engine.gradient_accumulation_steps()):
+        inputs, target = _batch(config, generator)
+        engine.backward(loss_fn(engine(*inputs), target))
+        engine.step()
+    results.put({"rank": rank, "baseline": baseline, "peak": resident_bytes("VmHWM")})
+
+
+def measure(config: Config, world: int, steps: int) -> list[dict]:
+    """Baseline and peak resident bytes of every rank of a `world`-process run."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_rank, args=(rank, world, port, config, steps, results))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    rows: list[dict] = []
+    while len(rows) < world:
+        try:
+            rows.append(results.get(timeout=5))
+        except queue.Empty:
+            failed = [process.exitcode for process in processes if process.exitcode]
+            if failed:
+                raise RuntimeError(f"a memory-check rank exited with status {failed[0]}") from None
+    for process in processes:
+        process.join()
+    return sorted(rows, key=lambda row: row["rank"])
+
+
+def estimate(config: Config, world: int) -> dict:
+    """launch/memory.py's estimate of one CPU rank of this run (dp = world)."""
+    from launch.memory import Layout, Workload, stage_memory
+
+    p, o = config.parallel, config.optim
+    layout = Layout(1, 1, world, p.micro_batch_size, config.grad_accum_steps(world), p.recompute_interval,
+                    o.zero_stage, o.offload_optimizer, o.offload_params)
+    return stage_memory(Workload.from_config(config, on_cpu=True), layout, 0, config.model.num_layers).to_dict()
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = OneLineParser(prog="glm-memory-check", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--world", type=int, default=2, help="CPU processes (data-parallel ranks; default 2)")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps measured (default 3)")
+    return parser.parse_args(argv)
+
+
+@exits_on_error
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides + [f"optim.zero_stage={args.zero_stage}", "parallel.tp=1",
+                                                        "parallel.pp=1", "train.precision=fp32"])
+    if config.model.vocab_size <= 0 or args.world < 1 or args.steps < 1:
+        raise ConfigError("the memory check needs model.vocab_size > 0 (set it with --set), --world >= 1 and "
+                          "--steps >= 1")
+    config.validate(world_size=args.world)
+    rows = measure(config, args.world, args.steps)
+    predicted = estimate(config, args.world)
+    peak = max(row["peak"] for row in rows)
+    print(json.dumps({"world": args.world, "zero_stage": args.zero_stage, "ranks": rows,
+                      "measured_peak_bytes": peak, "estimate": predicted,
+                      "error": round((predicted["total"] - peak) / peak, 4)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
