@@ -47,18 +47,34 @@ def test_resume_at_another_layout_continues_the_curve(first_half, tmp_path, sour
 
 def test_bf16_without_zero_resumes_its_weights(tmp_path):
     """DeepSpeed 0.19.8 cannot load its own bf16 stage-0 pipeline checkpoints; the trainer loads their weights
-    (refreshing DeepSpeed's fp32 master copy from them) with fresh Adam moments. Against bf16 ZeRO-1, whose
-    `bf16_zero_*` files DeepSpeed resumes whole: the step after the resume sees the same weights, the one
-    after nearly so (a master copy left at the initial weights would undo the first two steps)."""
-    losses, logs = {}, {}
-    for stage in (0, 1):
-        run_dir, args = tmp_path / f"zero{stage}", ("train.precision=bf16", "optim.lr=0.05", *zero_stage_overrides(stage, tmp_path))
-        for steps, resume in ((2, []), (4, ["train.resume=true"])):
-            result = run_train(train_args(run_dir, steps, *args, *resume))
-            assert result.returncode == 0, result.stderr[-3000:]
-        logs[stage] = result.stdout + result.stderr
-        losses[stage] = [r["loss"] for r in metrics(run_dir)]
-    assert "Adam moments start from zero" in logs[0] and "Adam moments" not in logs[1]
-    torch.testing.assert_close(torch.tensor(losses[0][:3]), torch.tensor(losses[1][:3]), rtol=1e-3, atol=0)
+    (refreshing DeepSpeed's fp32 master copy from them) with fresh Adam moments. Against the same run
+    uninterrupted (pp=2): the step after the resume sees the same weights, the one after nearly so (a master
+    copy left at the initial weights would undo the first two steps). The plain engine (pp=1) loads its own."""
+    args = ("train.precision=bf16", "optim.lr=0.05", "parallel.pp=2", "optim.zero_stage=0")
+
+    def run(run_dir, steps, *resume):
+        procs = start_ranks(train_args(run_dir, steps, *args, *resume), 2, tmp_path)
+        assert wait_all(procs) == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+        return (tmp_path / "rank0.log").read_text()
+
+    run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    log = run(tmp_path / "resumed", 4, "train.resume=true")
+    straight, resumed = ([r["loss"] for r in metrics(tmp_path / name)] for name in ("straight", "resumed"))
+    assert "Adam moments start from zero" in log
+    torch.testing.assert_close(torch.tensor(resumed[:3]), torch.tensor(straight[:3]), rtol=1e-3, atol=0)
     # fresh moments change the first step after the resume, but far less than undoing two steps would
-    assert abs(losses[0][3] - losses[1][3]) < (losses[1][0] - losses[1][3]) / 4, losses
+    assert abs(resumed[3] - straight[3]) < (straight[0] - straight[3]) / 4, (resumed, straight)
+
+
+def test_bf16_plain_engine_resumes_whole(tmp_path):
+    """At pp = 1 DeepSpeed's plain engine loads its own bf16 checkpoint, stage 0 included: 2 + 2 steps are the
+    4 straight ones."""
+    args = ("train.precision=bf16", "optim.lr=0.05", "optim.zero_stage=0")
+    straight = run_train(train_args(tmp_path / "straight", 4, *args))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for steps, resume in ((2, []), (4, ["train.resume=true"])):
+        result = run_train(train_args(tmp_path / "resumed", steps, *args, *resume))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "new layout" not in result.stdout + result.stderr
+    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "straight")]

@@ -93,7 +93,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     run_dir = tmp_path / "run"
     first = run_train(train_args(run_dir, 4, "train.save_interval=2"))
     assert first.returncode == 0, first.stderr[-3000:]
-    victim = max((run_dir / "checkpoints" / "global_step4").glob("layer_01-*"), key=lambda p: p.stat().st_size)
+    victim = max((run_dir / "checkpoints" / "global_step4").glob("*model_states.pt"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     resumed = run_train(train_args(run_dir, 6, "train.resume=true"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -111,4 +111,4 @@ def test_keep_the_newest_checkpoints_each_with_a_manifest(tmp_path):
     assert sorted(p.name for p in checkpoints.glob("global_step*")) == ["global_step3", "global_step4"]
     assert not list(checkpoints.glob(".*partial"))
     manifest = json.loads((checkpoints / "global_step4" / "manifest.json").read_text())["files"]
-    assert "rng/rank0.pt" in manifest and any(name.startswith("layer_") for name in manifest)
+    assert "rng/rank0.pt" in manifest and "mp_rank_00_model_states.pt" in manifest

@@ -3,10 +3,9 @@
     python -m trainer.bench.memory_check --config configs/glm-debug.yaml --world 2 --zero-stage 3 \
         [--steps 3] [--set model.hidden_size=1024 ...]
 
-Spawns `world` CPU processes on gloo. Each builds the GLMModel of the config, the trainer's AdamW
-(trainer/engine/optimizer.py) and DeepSpeed's plain engine with the run's DeepSpeed JSON
-(trainer/engine/ds_config.py) at the asked ZeRO stage, and trains `steps` optimizer steps on random
-tokens. On CPU the device is the host, so a rank's resident set is its device memory: the process's
+Spawns `world` CPU processes on gloo. Each builds the trainer's own engine for the config
+(trainer/engine/build.py: DeepSpeed's plain engine at pp = 1, ZeRO-3 under zero.Init) at the asked ZeRO stage,
+and trains `steps` optimizer steps on random tokens. On CPU the device is the host, so a rank's resident set is its device memory: the process's
 baseline (measured after importing torch and DeepSpeed and joining the process group, before the model
 exists) and its peak resident set over the training steps (Linux VmHWM, reset after the engine is built, so
 the one-time full-model copies of the set-up are not counted) are printed beside launch/memory.py's estimate
@@ -15,7 +14,6 @@ of a CPU rank (whose reserve, CPU_RUNTIME_RESERVE, is that baseline as measured 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import queue
@@ -58,24 +56,20 @@ def _rank(rank: int, world: int, port: int, config: Config, steps: int, results:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    import deepspeed
+    from trainer.engine.build import build_engine
+    from trainer.engine.distributed import init_distributed
+    from trainer.parallel.random import model_parallel_seed
+    from trainer.parallel.topology import Topology
 
-    from trainer.engine.ds_config import build_ds_config
-    from trainer.engine.optimizer import build_optimizer
-    from trainer.model.glm import GLMLoss, GLMModel
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
+    topology = Topology.create(1, 1)
+    model_parallel_seed(config.train.seed, topology)
     baseline = resident_bytes("VmRSS")
-    model, loss_fn = GLMModel(config.model, tp_group=None, seed=config.train.seed), GLMLoss(config.model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.optim),
-                                           config=build_ds_config(config, world))
-    del model
+    steps_of = build_engine(config, topology, world).steps
     reset_peak()
     generator = torch.Generator().manual_seed(rank)
-    for _ in range(steps * engine.gradient_accumulation_steps()):
-        inputs, target = _batch(config, generator)
-        engine.backward(loss_fn(engine(*inputs), target))
-        engine.step()
+    for _ in range(steps):
+        steps_of.train_batch([_batch(config, generator) for _ in range(config.grad_accum_steps(world))])
     results.put({"rank": rank, "baseline": baseline, "peak": resident_bytes("VmHWM")})
 
 

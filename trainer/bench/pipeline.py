@@ -43,13 +43,13 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
         grad_accum = config.grad_accum_steps(world_size)
         batches = synthetic_step(grad_accum, config.parallel.micro_batch_size, config.data.seq_length,
                                  config.model.vocab_size, local_device())
-        engine = build_engine(config, topology, world_size).engine
+        steps_of = build_engine(config, topology, world_size).steps  # the plain engine at one stage
         for _ in range(warmup):
-            engine.train_batch(iter(batches))
+            steps_of.train_batch(batches)
         seconds = []
         for _ in range(steps):
             dist.barrier()
-            seconds.append(timed(lambda: engine.train_batch(iter(batches))))
+            seconds.append(timed(lambda: steps_of.train_batch(batches)))
         if rank == 0:
             results.put(("ok", seconds))
     except BaseException:  # the parent reports it; a silent child would leave it waiting

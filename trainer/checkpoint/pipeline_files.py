@@ -69,10 +69,11 @@ def has_deepspeed_optimizer_files(tag_dir: Path) -> bool:
 
 
 def checkpoint_zero_stage(tag_dir: Path) -> int:
-    """The ZeRO stage that wrote the checkpoint (0 without ZeRO files)."""
+    """The ZeRO stage that wrote the checkpoint (0 without ZeRO files; 1 for the bf16 optimizer's files, which
+    DeepSpeed writes for bf16 under ZeRO-1)."""
     path = zero_file(tag_dir, 0, 0)
     if not path.is_file():
-        return 0
+        return 1 if zero_file(tag_dir, 0, 0, prefix="bf16_").is_file() else 0
     return ds_files.zero_stage_of_file(torch.load(path, map_location="cpu", weights_only=False))
 
 
