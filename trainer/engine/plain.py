@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
@@ -86,6 +88,9 @@ class PlainSteps:
         self.engine = engine
         self.dp_group = dp_group
         self.before_step = before_step
+        # One data-parallel rank: DeepSpeed's gradient all-reduce would copy the gradients through flat buffers
+        # onto themselves. engine.no_sync() skips it (not allowed, and not needed, where ZeRO partitions them).
+        self._skip_reduce = dp_group is None and not engine.zero_optimization_partition_gradients()
 
     def train_batch(self, batches: Iterable[tuple]) -> torch.Tensor:
         engine = self.engine
@@ -93,7 +98,8 @@ class PlainSteps:
         total, count = torch.zeros((), device=engine.device), 0
         for inputs, target in batches:
             loss = engine(_to(inputs, engine.device), _to(target, engine.device))
-            engine.backward(loss)
+            with engine.no_sync() if self._skip_reduce else nullcontext():
+                engine.backward(loss)
             total += loss.detach().float()
             count += 1
             if engine.is_gradient_accumulation_boundary() and self.before_step is not None:
