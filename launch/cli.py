@@ -173,9 +173,9 @@ def _check_node(args: argparse.Namespace, cluster: Cluster) -> None:
 
 def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: bool = False) -> tuple[Config, Plan]:
     """Discover the devices and plan the layout for them: at the start, and again before each restart."""
-    # the YAML's pp is re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a --set
-    # among them) at pp = 1, unless the user fixes pp
-    config = load_config(args.config, ["parallel.pp=1"] + overrides)
+    # the YAML's tp and pp are re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a
+    # --set among them) at tp = pp = 1, unless the user fixes them
+    config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1"] + overrides)
     config.validate()
     cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                        nproc=args.nproc, gpu_memory=args.gpu_memory)

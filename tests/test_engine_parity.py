@@ -144,6 +144,23 @@ def test_resume_across_engines_continues_the_same_curve(reference, tmp_path, fir
     after = _losses(tmp_path, "across", ["train.resume=true", *layout_2], world_size=world_2)
     resumed = before[:4] + after[:4] + [before[4], after[5]]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-5, atol=0)
+    _check_exports_of_both_engines(tmp_path / "across" / "checkpoints", tmp_path / "exports")
+
+
+def _check_exports_of_both_engines(checkpoints, out):
+    """glm-ckpt export reads the files of either engine (ZeRO-3 partitions or pipeline layer files) to the
+    weights the resumed run loaded from them."""
+    from trainer.checkpoint import cli
+    from trainer.checkpoint.export import read_export
+    from trainer.checkpoint.model_source import read_weights
+
+    for tag in ("global_step4", "global_step8"):
+        assert cli.main(["export", str(checkpoints / tag), "--out", str(out / tag)]) == 0
+        _, exported = read_export(out / tag)
+        _, read = read_weights(checkpoints / tag, None)
+        assert exported.keys() == read.keys()
+        for name, value in read.items():
+            torch.testing.assert_close(exported[name].float(), value, rtol=0, atol=0)
 
 
 def test_outputs_metrics_tensorboard_and_checkpoint(reference_run):

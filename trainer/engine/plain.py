@@ -89,8 +89,8 @@ class PlainSteps:
         self.dp_group = dp_group
         self.before_step = before_step
         # One data-parallel rank: DeepSpeed's gradient all-reduce would copy the gradients through flat buffers
-        # onto themselves. engine.no_sync() skips it (not allowed, and not needed, where ZeRO partitions them).
-        self._skip_reduce = dp_group is None and not engine.zero_optimization_partition_gradients()
+        # onto themselves. engine.no_sync() skips it without ZeRO (ZeRO fills its partitions in that reduction).
+        self._skip_reduce = dp_group is None and engine.zero_optimization_stage() == 0
 
     def train_batch(self, batches: Iterable[tuple]) -> torch.Tensor:
         engine = self.engine
