@@ -74,6 +74,8 @@ def checkpoint_zero_stage(tag_dir: Path) -> int:
     path = zero_file(tag_dir, 0, 0)
     if not path.is_file():
         return 1 if zero_file(tag_dir, 0, 0, prefix="bf16_").is_file() else 0
+    if ds_files.zero3_model_states_file(tag_dir, 0, 0).is_file():
+        return 3  # only ZeRO-3 writes per-data-rank model states: no need to load a partition
     return ds_files.zero_stage_of_file(torch.load(path, map_location="cpu", weights_only=False))
 
 

@@ -125,16 +125,16 @@ def read_plain_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[d
 
 def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
     """Everything a resume needs from a checkpoint of any layout (or one glm-ckpt convert wrote)."""
-    weights = read_model_weights(tag_dir, config)
-    moments, step = None, 0
     layout_free = tag_dir / LAYOUT_FREE_OPTIMIZER
     if layout_free.is_file():
         saved = torch.load(layout_free, map_location="cpu", weights_only=True)
         weights, moments, step = saved["fp32"], {key: saved[key] for key in MOMENTS}, int(saved["step"])
     elif (zero := read_zero_optimizer(tag_dir, config)) is not None:
-        weights, moments, step = zero
-    elif (plain := read_plain_optimizer(tag_dir, config)) is not None:
-        moments, step = plain  # the weights are the fp32 master copy
+        weights, moments, step = zero  # the fp32 master copy: the model files need not be read
+    else:
+        weights = read_model_weights(tag_dir, config)
+        plain = read_plain_optimizer(tag_dir, config)
+        moments, step = plain if plain is not None else (None, 0)  # the weights are the fp32 master copy
     states = torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)
     client = {key: states.get(key) for key in CLIENT_KEYS}
     return TrainingState(weights, moments, step, client)
