@@ -186,8 +186,6 @@ def search(work: Workload, cluster: Cluster, global_batch: int, host: HostMemory
                 for stage, offload_optimizer, offload_params in zeros:
                     if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp) == 0:
                         continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
-                    if stage == 3 and tp > 1:
-                        continue  # refused by the config (trainer/config.py: Config._validate_zero)
                     layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params)
                     chosen = _choose_micro(work, layout, global_batch // dp, fixed, cluster, host)
                     if chosen is not None:

@@ -93,6 +93,8 @@ def test_two_process_layouts_match_single_process(reference, reference_norms, tm
     ("tp2_pp2", ["parallel.tp=2", "parallel.pp=2"]),
     ("pp2_dp2", ["parallel.pp=2"]),
     ("tp2_dp2_zero2", ["parallel.tp=2", "optim.zero_stage=2"]),
+    # each tensor rank's shards partitioned over its data-parallel group
+    ("tp2_dp2_zero3", ["parallel.tp=2", "optim.zero_stage=3"]),
 ])
 def test_four_process_layouts_match_single_process(reference, reference_norms, tmp_path, name, overrides):
     losses = _losses(tmp_path, name, overrides, world_size=4)

@@ -206,10 +206,6 @@ class Config:
         if o.zero_stage >= 2 and p.pp > 1:
             raise ConfigError(f"optim.zero_stage={o.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
                               f"allows ZeRO-1 at most; set optim.zero_stage to 0 or 1, or parallel.pp to 1")
-        if o.zero_stage == 3 and p.tp > 1:
-            raise ConfigError(f"optim.zero_stage=3 with parallel.tp={p.tp}: DeepSpeed 0.19's ZeRO-3 does not reduce "
-                              f"this trainer's tensor-parallel gradients right (the gradient norm came out 48% off at "
-                              f"tp=2); use optim.zero_stage=2 with tensor parallelism, or ZeRO-3 with parallel.tp=1")
         for key in ("offload_optimizer", "offload_params"):
             if getattr(o, key) not in OFFLOAD_DEVICES:
                 raise ConfigError(f"optim.{key}={getattr(o, key)!r} is not one of {', '.join(OFFLOAD_DEVICES)}")

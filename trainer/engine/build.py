@@ -42,7 +42,10 @@ def build_module(config: Config, topology: Topology, ds_config: dict) -> torch.n
         return GLMPipeline(config.model, topology, seed, recompute_interval=interval, recompute=recompute)
     if ds_config["zero_optimization"]["stage"] != 3:
         return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topology, **zero_init_arguments(config)):
+    # Partitioned over the data-parallel ranks only: without data_parallel_group zero.Init partitions over the
+    # whole world, so at tp > 1 a gathered weight would be pieced together from different tensor ranks' shards.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topology,
+                             data_parallel_group=topology.get_data_parallel_group(), **zero_init_arguments(config)):
         module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
     # ZeRO-3 gathers a weight only inside the forward of the module that owns it; the loss computes the logits
     # with the output weight (the word embedding when tied), which another module owns.
