@@ -39,18 +39,18 @@ Activations and the total:
                   saves every block's tensors for backward; with recomputation every k blocks it saves
                   only each segment's input [b, s, h], and backward recomputes one segment (k blocks)
                   of one micro-batch at a time
-    device      = (1 + MARGIN) * (weights + gradients + optimizer + working set + activations
-                                  + built) + reserve
+    device      = (1 + MARGIN) * (weights + gradients + optimizer + working set + activations) + reserve
     host        = (1 + MARGIN) * offloaded states, per rank
 
 MARGIN covers allocator fragmentation and the transient buffers of backward (a gradient being
 formed, the logits' gradient). The reserve is RUNTIME_RESERVE on a GPU (the CUDA context, communication
 buffers, the process) and CPU_RUNTIME_RESERVE for a CPU rank: the resident set of a process that has
-imported torch and DeepSpeed and joined a gloo group, measured (trainer/bench/memory_check.py). `built`
-is 0 on a GPU and, on a CPU rank, the fp32 model as built before DeepSpeed flattens or partitions it:
-glibc keeps that freed heap resident. Activations are counted tensor by tensor as this trainer's model
-saves them (block_activation_bytes); docs/LAUNCH.md compares the count with a measured model, and the
-totals of ZeRO-2 and ZeRO-3 CPU runs with their measured peak resident memory.
+imported torch and DeepSpeed and joined a gloo group, measured (trainer/bench/memory_check.py). The
+estimate counts live tensors, what a GPU's caching allocator holds; on a CPU rank glibc's default
+adaptive mmap threshold also keeps freed heap resident, which the memory check turns off
+(docs/LAUNCH.md: the measurements, and what that retention adds). Activations are counted tensor by tensor
+as this trainer's model saves them (block_activation_bytes); docs/LAUNCH.md compares the count with a
+measured model, and the totals of ZeRO-2 and ZeRO-3 CPU runs with their measured peak resident memory.
 """
 from __future__ import annotations
 
@@ -64,9 +64,9 @@ from trainer.model.config import ModelConfig
 
 MARGIN = 0.10
 RUNTIME_RESERVE = 1 << 30
-CPU_RUNTIME_RESERVE = 262 * 10 ** 6
-"""Measured: 261-262 MB resident in every rank measured (python 3.11, torch 2.13.0+cpu, deepspeed 0.19.8,
-after deepspeed.init_distributed on gloo; docs/LAUNCH.md)."""
+CPU_RUNTIME_RESERVE = 320 * 10 ** 6
+"""Measured: 319-320 MB resident in every rank measured (python 3.11, torch 2.13.0+cpu, deepspeed 0.19.8,
+after deepspeed.init_distributed on gloo with DeepSpeed's shared-memory op loaded; docs/LAUNCH.md)."""
 NVME_PARAM_BUFFERS = 5 * 10 ** 8
 """Elements of DeepSpeed's default pinned buffers for weights on NVMe (offload_param buffer_count 5 x
 buffer_size 1e8)."""
@@ -106,8 +106,7 @@ class Workload:
     """Bytes per element of a saved dropout mask: 1 on GPUs (a bool mask); PyTorch's CPU dropout
     keeps a mask in the activation dtype, so CPU ranks need activation_bytes."""
     on_cpu: bool = False
-    """CPU ranks (gloo): the device is the host; the reserve is CPU_RUNTIME_RESERVE and the model as
-    built stays resident (module docstring)."""
+    """CPU ranks (gloo): the device is the host and the reserve is CPU_RUNTIME_RESERVE (module docstring)."""
     buckets: ZeroBuckets = ZeroBuckets()
 
     @classmethod
@@ -162,15 +161,13 @@ class StageMemory:
     activations: int
     working_set: int = 0
     """ZeRO-3: the gathered weights DeepSpeed keeps live."""
-    built: int = 0
-    """CPU ranks: the model as built, kept resident by the allocator."""
     host_states: int = 0
     reserve: int = RUNTIME_RESERVE
 
     @property
     def total(self) -> int:
         counted = self.weights + self.gradients + self.optimizer_states + self.working_set + self.activations
-        return math.ceil((1 + MARGIN) * (counted + self.built)) + self.reserve
+        return math.ceil((1 + MARGIN) * counted) + self.reserve
 
     @property
     def host(self) -> int:
@@ -178,7 +175,7 @@ class StageMemory:
 
     def to_dict(self) -> dict:
         fields = ("stage", "blocks", "parameters", "weights", "gradients", "optimizer_states", "working_set",
-                  "activations", "built", "reserve")
+                  "activations", "reserve")
         out = {name: getattr(self, name) for name in fields}
         out.update(total=self.total, total_gb=round(self.total / 1e9, 2), host=self.host,
                    host_gb=round(self.host / 1e9, 2))
@@ -331,6 +328,5 @@ def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> Sta
     else:
         saved, recompute = blocks * per_block + ends, 0
     in_flight = min(pp - stage, layout.grad_accum)
-    built = 4 * params if work.on_cpu else 0
     return StageMemory(stage=stage, blocks=blocks, parameters=params, activations=in_flight * saved + recompute,
-                       built=built, reserve=work.reserve, **states)
+                       reserve=work.reserve, **states)

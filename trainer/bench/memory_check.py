@@ -5,11 +5,15 @@
 
 Spawns `world` CPU processes on gloo. Each builds the trainer's own engine for the config
 (trainer/engine/build.py: DeepSpeed's plain engine at pp = 1, ZeRO-3 under zero.Init) at the asked ZeRO stage,
-and trains `steps` optimizer steps on random tokens. On CPU the device is the host, so a rank's resident set is its device memory: the process's
-baseline (measured after importing torch and DeepSpeed and joining the process group, before the model
-exists) and its peak resident set over the training steps (Linux VmHWM, reset after the engine is built, so
-the one-time full-model copies of the set-up are not counted) are printed beside launch/memory.py's estimate
-of a CPU rank (whose reserve, CPU_RUNTIME_RESERVE, is that baseline as measured here). docs/LAUNCH.md lists the shapes and results.
+and trains `steps` optimizer steps on random tokens. On CPU the device is the host, so a rank's resident set is its
+device memory: the process's baseline (measured after importing torch and DeepSpeed and joining the process
+group, before the model exists) and its peak resident set over the training steps (Linux VmHWM, reset after
+the engine is built, so the one-time full-model copies of the set-up are not counted) are printed beside
+launch/memory.py's estimate of a CPU rank (whose reserve, CPU_RUNTIME_RESERVE, is that baseline as measured
+here). The ranks run with glibc's mmap threshold fixed (ALLOCATOR_ENV): every block above it is mapped on its
+own and unmapped when freed, so the resident set follows the live tensors, which is what the estimate counts
+(and what a GPU's caching allocator holds). With glibc's default adaptive threshold freed heap stays resident
+on top: docs/LAUNCH.md lists the shapes and results of both.
 """
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ import torch.multiprocessing as mp
 from trainer.config import Config, add_config_arguments, load_config
 from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
+
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+"""glibc reads it when a process starts: blocks above 128 KiB (its default starting threshold, which then adapts
+upwards as mapped blocks are freed) are mapped on their own and returned to the kernel when freed."""
 
 
 def resident_bytes(field: str) -> int:
@@ -80,8 +88,17 @@ def measure(config: Config, world: int, steps: int) -> list[dict]:
     port = free_port()
     processes = [context.Process(target=_rank, args=(rank, world, port, config, steps, results))
                  for rank in range(world)]
-    for process in processes:
-        process.start()
+    saved = {key: os.environ.get(key) for key in ALLOCATOR_ENV}
+    os.environ.update(ALLOCATOR_ENV)  # a spawned process starts with the parent's environment
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     rows: list[dict] = []
     while len(rows) < world:
         try:
