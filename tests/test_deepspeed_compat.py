@@ -34,6 +34,7 @@ SOURCE_NAMES = [
     (DeepSpeedZeroOptimizer_Stage3, "OPTIMIZER_STATE_DICT", "zero3_partitions: ZeRO-3 checkpoint files"),
     (DeepSpeedEngine, "checkpoint_parallel_dimensions", "checkpoint_layout"),
     (DeepSpeedEngine, "param_shapes", "param_shapes: the flattening order of the partitions"),
+    (DeepSpeedEngine, "ds_config=self.config", "offloads_optimizer: the run's DeepSpeed config in its checkpoint"),
     (DeepSpeedEngine, "zero_pp_rank_", "zero_file / zero3_model_states_file names"),
 ]
 

@@ -79,6 +79,12 @@ def checkpoint_zero_stage(tag_dir: Path) -> int:
     return ds_files.zero_stage_of_file(torch.load(path, map_location="cpu", weights_only=False))
 
 
+def checkpoint_offloads_optimizer(tag_dir: Path) -> bool:
+    """Whether the checkpoint's optimizer ran on the host (optim.offload_optimizer: DeepSpeedCPUAdam, whose
+    parameter groups carry other keys than torch's AdamW)."""
+    return ds_files.offloads_optimizer(torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False))
+
+
 def is_pipeline_checkpoint(tag_dir: Path) -> bool:
     """Layer files (the pipeline engine, or glm-ckpt convert) rather than the plain engine's module states."""
     return layer_file(tag_dir, 0, 0).is_file()

@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint.layout import merge_states, rule_for, shard
-from trainer.checkpoint.pipeline_files import (Layout, canonical_name, checkpoint_zero_stage, has_deepspeed_optimizer_files,
-                                               is_pipeline_checkpoint, model_states_file, read_layout, read_model_weights,
-                                               read_zero3_tensors, zero_file)
+from trainer.checkpoint.pipeline_files import (Layout, canonical_name, checkpoint_offloads_optimizer, checkpoint_zero_stage,
+                                               has_deepspeed_optimizer_files, is_pipeline_checkpoint, model_states_file,
+                                               read_layout, read_model_weights, read_zero3_tensors, zero_file)
 from trainer.engine import deepspeed_compat as ds_files
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
@@ -191,8 +191,11 @@ def load_any_layout(engine, topology, config: ModelConfig, checkpoint_dir: Path,
     layout = read_layout(tag_dir)
     same_layout = (layout == Layout(topology.tp, topology.pp, topology.dp)
                    and is_pipeline_checkpoint(tag_dir) == (topology.pp > 1))  # and the same engine
+    # The same optimizer class too: DeepSpeed's own load hands torch AdamW's parameter groups to DeepSpeedCPUAdam
+    # (or back) when optim.offload_optimizer changed, and CPUAdam's step then fails on a missing group key.
     same_optimizer = (has_deepspeed_optimizer_files(tag_dir) == bool(engine.zero_optimization())
-                      and checkpoint_zero_stage(tag_dir) == engine.zero_optimization_stage())
+                      and checkpoint_zero_stage(tag_dir) == engine.zero_optimization_stage()
+                      and checkpoint_offloads_optimizer(tag_dir) == engine.zero_use_cpu_optimizer())
     # DeepSpeed 0.19.8 cannot load its own bf16 checkpoints without ZeRO into a pipeline engine (its bf16
     # optimizer's load_state_dict fails on the saved state): those go through this module, weights only.
     deepspeed_loads = same_optimizer and not (engine.bfloat16_enabled() and not engine.zero_optimization()

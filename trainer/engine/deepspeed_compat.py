@@ -178,6 +178,14 @@ def checkpoint_layout(states: dict) -> tuple[int, int, int]:
     return tp, pp, int(states.get("dp_world_size", 1))
 
 
+def offloads_optimizer(states: dict) -> bool:
+    """Whether the run that wrote a model-states file kept its Adam states on the host or NVMe (DeepSpeedCPUAdam,
+    trainer/engine/optimizer.py): the `ds_config` DeepSpeed saves beside the client state is the dict the
+    trainer gave it (trainer/engine/ds_config.py); files without one (glm-ckpt convert) offload nothing."""
+    section = (states.get("ds_config") or {}).get("zero_optimization", {}).get("offload_optimizer") or {}
+    return section.get("device", "none") in ("cpu", "nvme")
+
+
 def zero_stage_of_file(state: dict) -> int:
     """The ZeRO stage that wrote an optim_states file (DeepSpeed's ZeroStageEnum value)."""
     return int(getattr(state["optimizer_state_dict"].get("zero_stage", 1), "value",
