@@ -21,6 +21,9 @@ METHODS = [
     (PipelineModule, "_partition_layers", "BoundedPipelineModule: GLM's stage split"),
     (PipelineModule, "_set_bounds", "BoundedPipelineModule: GLM's stage split"),
     (DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state", "initialise_zero_moments (ZeRO-1/2)"),
+    (DeepSpeedZeroOptimizer_Stage3, "_swappable_optimizer_subgroup", "_is_swapped_to_nvme (optimizer offload nvme)"),
+    (DeepSpeedZeroOptimizer_Stage3, "_optimizer_states_and_gradient_swap_in", "initialise_zero_moments (nvme)"),
+    (DeepSpeedZeroOptimizer_Stage3, "_optimizer_states_and_gradient_swap_out", "initialise_zero_moments (nvme)"),
 ]
 SOURCE_NAMES = [
     # (class, attribute name its source must mention, what needs it)
@@ -32,6 +35,8 @@ SOURCE_NAMES = [
     (DeepSpeedZeroOptimizer_Stage3, "fp32_partitioned_groups_flat", "zero_fp32_partitions (ZeRO-3)"),
     (DeepSpeedZeroOptimizer_Stage3, "FP32_FLAT_GROUPS", "zero3_partitions: ZeRO-3 checkpoint files"),
     (DeepSpeedZeroOptimizer_Stage3, "OPTIMIZER_STATE_DICT", "zero3_partitions: ZeRO-3 checkpoint files"),
+    (DeepSpeedZeroOptimizer_Stage3, "self.swap_optimizer", "_is_swapped_to_nvme (optimizer offload nvme)"),
+    (DeepSpeedEngine, "offloaded_tensors", "offloaded_tensors_dir: the NVMe swap files a checkpoint copies"),
     (DeepSpeedEngine, "checkpoint_parallel_dimensions", "checkpoint_layout"),
     (DeepSpeedEngine, "param_shapes", "param_shapes: the flattening order of the partitions"),
     (DeepSpeedEngine, "ds_config=self.config", "offloads_optimizer: the run's DeepSpeed config in its checkpoint"),

@@ -135,12 +135,16 @@ def read_zero3_tensors(tag_dir: Path, layout: Layout, tp_rank: int) -> tuple[dic
     every parameter of n elements into dp pieces of ceil(n / dp) (the last zero padded), in param_shapes order."""
     shapes = ds_files.param_shapes(torch.load(model_states_file(tag_dir, tp_rank), map_location="cpu",
                                               weights_only=False))
+    # Each sub-group's elements on one rank (optimizer offload nvme keeps some in swap files, padded).
+    numels = [sum(-(-math.prod(shape) // layout.dp) for shape in group.values()) for group in shapes]
     flats, step = [], 0
     for dp_rank in range(layout.dp):
         path = zero_file(tag_dir, dp_rank, tp_rank)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-        groups = ds_files.zero3_partitions(torch.load(path, map_location="cpu", weights_only=False))
+        # ZeRO-3 runs at pp = 1, where the global rank is dp_rank * tp + tp_rank (trainer/parallel/topology.py)
+        offloaded = ds_files.offloaded_tensors_dir(tag_dir, dp_rank * layout.tp + tp_rank)
+        groups = ds_files.zero3_partitions(torch.load(path, map_location="cpu", weights_only=False), offloaded, numels)
         keys = [key for key in ("fp32", "exp_avg", "exp_avg_sq") if all(key in group for group in groups)]
         flats.append({key: torch.cat([group[key] for group in groups]) for key in keys})
         step = int(groups[0].get("step", 0))

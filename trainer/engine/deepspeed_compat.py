@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from deepspeed.pipe import PipelineModule
 
+from trainer.errors import CheckpointError
+
 # ---- The engine ------------------------------------------------------------------------------------------
 
 
@@ -121,12 +123,28 @@ def initialise_zero_moments(optimizer, step: int, moment_keys: tuple[str, ...]) 
     torch's optimizers and an int for DeepSpeedCPUAdam (its C++ kernel takes it so)."""
     base = optimizer.optimizer
     cpu_adam = type(base).__name__ == "DeepSpeedCPUAdam"
-    for flat in zero_fp32_partitions(optimizer):
+    for index, flat in enumerate(zero_fp32_partitions(optimizer)):
+        swapped = _is_swapped_to_nvme(optimizer, index)
+        if swapped:
+            optimizer._optimizer_states_and_gradient_swap_in(index)  # `flat` holds its elements only while in
         # A tensor of its own per partition: torch's AdamW increments the step in place.
         base.state[flat] = {"step": step if cpu_adam else torch.tensor(float(step)),
                             **{key: torch.zeros_like(flat) for key in moment_keys}}
+        if swapped:
+            optimizer._optimizer_states_and_gradient_swap_out(index)  # the new moments get swap files of their own
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _is_swapped_to_nvme(optimizer, sub_group: int) -> bool:
+    """Whether a ZeRO-3 sub-group's fp32 partition and Adam state live in NVMe swap files (optimizer offload
+    nvme; sub-groups under 1 MiB stay in host memory).
+
+    Why: between steps such a partition is an empty tensor and its state is read in and written back around
+    each use by `_optimizer_states_and_gradient_swap_in` / `_swap_out`; `_swappable_optimizer_subgroup` is
+    ZeRO-3's own test. A zero Adam state made for a resume must be made while the partition is in, and be
+    written out, so that swap files exist for the moments safe_set_full_optimizer_state then fills."""
+    return bool(getattr(optimizer, "swap_optimizer", False)) and optimizer._swappable_optimizer_subgroup(sub_group)
 
 
 def set_zero3_weight(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -209,18 +227,43 @@ def zero12_fragments(state: dict) -> list[tuple[dict, dict[str, torch.Tensor]]]:
     return groups
 
 
-def zero3_partitions(state: dict) -> list[dict[str, torch.Tensor]]:
+def zero3_partitions(state: dict, offloaded: Path, numels: list[int]) -> list[dict[str, torch.Tensor]]:
     """One ZeRO-3 partition file -> per sub-group {"fp32": flat master partition, "exp_avg", "exp_avg_sq",
     "step"} (moments absent when the optimizer never stepped). ZeRO-3 partitions every parameter on its own:
     a parameter of n elements takes ceil(n / dp) elements of each rank's flat partition (zero padded), in
-    parameter order (param_shapes of the mp_rank file)."""
+    parameter order (param_shapes of the mp_rank file).
+
+    Under optimizer offload nvme the file holds an empty tensor for each sub-group kept in swap files, and the
+    checkpoint a copy of those files: `offloaded` (offloaded_tensors_dir), one raw file per tensor named
+    `{ds_id}.tensor.swp` after the saved tensor's `ds_id`, padded to the I/O alignment; `numels` are the
+    sub-groups' real lengths."""
     optimizer = state["optimizer_state_dict"]
     base = optimizer["optimizer_state_dict"]["state"]
     result = []
     for group, flat in enumerate(optimizer["fp32_flat_groups"]):
         adam = base.get(group, {})
-        result.append({"fp32": flat, **{key: adam[key] for key in ("exp_avg", "exp_avg_sq", "step") if key in adam}})
+        tensors = {"fp32": flat, **{key: adam[key] for key in ("exp_avg", "exp_avg_sq") if key in adam}}
+        for key, tensor in tensors.items():
+            swap_file = offloaded / f"{getattr(tensor, 'ds_id', '')}.tensor.swp"
+            if tensor.numel() == 0 and swap_file.is_file():
+                if len(numels) != len(optimizer["fp32_flat_groups"]):
+                    raise CheckpointError(f"{offloaded} holds NVMe-offloaded sub-groups of parameter groups split by "
+                                          f"zero_optimization.sub_group_size: reading them is not supported")
+                tensors[key] = _read_swap_file(swap_file, numels[group], tensor.dtype)
+        result.append({**tensors, **({"step": adam["step"]} if "step" in adam else {})})
     return result
+
+
+def offloaded_tensors_dir(tag_dir: Path, global_rank: int) -> Path:
+    """Where save_checkpoint copies a rank's NVMe swap files (optimizer offload nvme)."""
+    return tag_dir / "offloaded_tensors" / f"rank{global_rank:02d}"
+
+
+def _read_swap_file(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    values = torch.frombuffer(bytearray(path.read_bytes()), dtype=dtype)
+    if values.numel() < numel:
+        raise CheckpointError(f"{path} holds {values.numel()} elements, its sub-group {numel}: the checkpoint is damaged")
+    return values[:numel].clone()
 
 
 def param_shapes(states: dict) -> list[dict[str, torch.Size]]:
