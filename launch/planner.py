@@ -158,9 +158,8 @@ def _ladder(work: Workload, cluster: Cluster, fixed: Fixed, nvme: bool) -> Itera
             [("nvme", "cpu"), ("nvme", "nvme")] * nvme
         rungs += [(1, [(3, *offload)]) for offload in offloads]
     if (fixed.zero_stage, fixed.offload_optimizer, fixed.offload_params) != (None, None, None):
-        off = [(stage, device, "none") for stage in (1, 2) for device in ("cpu", "nvme")]
-        rungs += [(1, [(0, *plain)] + off)] + [(pp, [(0, *plain), (1, "cpu", "none"), (1, "nvme", "none")])
-                                              for pp in pipelines]
+        off = [(stage, "cpu", "none") for stage in (1, 2)]  # NVMe swapping is ZeRO-3's only
+        rungs += [(1, [(0, *plain)] + off)] + [(pp, [(0, *plain), (1, "cpu", "none")]) for pp in pipelines]
     for pp, zeros in rungs:
         allowed = [zero for zero in zeros if fixed.allows(zero)]
         if allowed and fixed.pp in (None, pp):

@@ -51,6 +51,8 @@ CASES = [
     ("offload without zero", ["optim.zero_stage=0", "optim.offload_optimizer=cpu"], "needs ZeRO"),
     ("params offload below zero-3", ["optim.zero_stage=2", "optim.offload_params=cpu"], "needs sharded weights"),
     ("unknown offload device", ["optim.zero_stage=3", "optim.offload_optimizer=disk"], "is not one of none, cpu, nvme"),
+    ("nvme optimizer below zero-3", ["optim.zero_stage=2", "optim.offload_optimizer=nvme", "optim.nvme_path=/tmp"],
+     "DeepSpeed swaps optimizer states to NVMe under ZeRO-3 only"),
     ("nvme without a path", ["optim.zero_stage=3", "optim.offload_optimizer=nvme"], "set optim.nvme_path"),
     ("eval without split", ["train.eval_interval=5", "data.valid_fraction=0"], "needs a validation split"),
     ("bad fault injection", ["train.inject_nan_steps=[0]"], "train.inject_nan_steps"),

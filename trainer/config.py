@@ -77,7 +77,9 @@ class OptimConfig:
     stage 0 for a requested 1: ZeRO-1 would have nothing to partition."""
     offload_optimizer: str = "none"
     """Keep the optimizer states (fp32 master weights, Adam moments) and run Adam on: none (the device),
-    cpu (host memory; DeepSpeed's CPU Adam) or nvme (files under optim.nvme_path). Needs zero_stage >= 1."""
+    cpu (host memory; DeepSpeed's CPU Adam) or nvme (swap files under optim.nvme_path; DeepSpeed swaps only
+    tensors of at least 1 MiB). cpu needs zero_stage >= 1, nvme zero_stage = 3 (DeepSpeed's ZeRO-1/2 keep
+    offloaded states in host memory)."""
     offload_params: str = "none"
     """Keep the weights between uses on: none, cpu or nvme. Needs zero_stage = 3."""
     nvme_path: str = ""
@@ -212,6 +214,10 @@ class Config:
         if o.offload_optimizer != "none" and o.zero_stage == 0:
             raise ConfigError(f"optim.offload_optimizer={o.offload_optimizer} needs ZeRO: set optim.zero_stage to 1, 2 "
                               f"or 3")
+        if o.offload_optimizer == "nvme" and o.zero_stage != 3:
+            raise ConfigError(f"optim.offload_optimizer=nvme with optim.zero_stage={o.zero_stage}: DeepSpeed swaps optimizer "
+                              f"states to NVMe under ZeRO-3 only (ZeRO-1/2 keep offloaded states in host memory); set "
+                              f"optim.zero_stage=3, or optim.offload_optimizer=cpu")
         if o.offload_params != "none" and o.zero_stage != 3:
             raise ConfigError(f"optim.offload_params={o.offload_params} needs sharded weights: set optim.zero_stage=3")
         if "nvme" in (o.offload_optimizer, o.offload_params) and not o.nvme_path:

@@ -82,7 +82,9 @@ def checkpoint_zero_stage(tag_dir: Path) -> int:
 def checkpoint_offloads_optimizer(tag_dir: Path) -> bool:
     """Whether the checkpoint's optimizer ran on the host (optim.offload_optimizer: DeepSpeedCPUAdam, whose
     parameter groups carry other keys than torch's AdamW)."""
-    return ds_files.offloads_optimizer(torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False))
+    # mmap: only the saved config is read, not the module's weights the file also holds (ZeRO 0-2)
+    states = torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False, mmap=True)
+    return ds_files.offloads_optimizer(states)
 
 
 def is_pipeline_checkpoint(tag_dir: Path) -> bool:
