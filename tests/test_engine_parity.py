@@ -15,6 +15,10 @@ from trainer.data.packing import build_sequences
 from trainer.preflight import preflight
 
 STEPS = 8
+# DeepSpeedCPUAdam (optimizer offload to the host) against the single process's torch AdamW: measured 1.2e-7
+# relative at most over the 8 losses and 2 validation losses at dp=2 under ZeRO-2 and ZeRO-3, as close as ZeRO-3
+# with torch's AdamW (1.1e-7): asserted at 1e-6.
+CPU_ADAM_RTOL = 1e-6
 # A short, fast variant of the debug config; every layout below runs exactly this. Rows of 128 slots hold
 # two or three paragraph samples each.
 BASE = ["model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "data.seq_length=128",
@@ -75,13 +79,14 @@ def reference_norms(reference_run):
     # DeepSpeed's plain engine (pp = 1) with sharded gradients, and with sharded weights too
     ("dp2_zero2", ["optim.zero_stage=2"]),
     ("dp2_zero3", ["optim.zero_stage=3"]),
-    # DeepSpeedCPUAdam on the host: measured within 1.2e-7 of torch's AdamW over the 8 steps' losses
+    # DeepSpeedCPUAdam on the host (CPU_ADAM_RTOL)
     ("dp2_zero3_offload", ["optim.zero_stage=3", "optim.offload_optimizer=cpu"]),
 ])
 def test_two_process_layouts_match_single_process(reference, reference_norms, tmp_path, name, overrides):
     losses = _losses(tmp_path, name, overrides, world_size=2)
     assert len(losses) == STEPS + 2  # 8 training losses, then the validation loss at steps 4 and 8
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
+    rtol = CPU_ADAM_RTOL if "offload_optimizer=cpu" in overrides else 1e-5
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=rtol, atol=0)
     # The gradient norm clipping uses (the trainer's own at tp=2 and pp=2, DeepSpeed's under ZeRO-1 at dp=2):
     # measured within 1.1e-7 of the single process's, whose per-gradient norms are accumulated in fp64 on
     # CPU (engine/grad_norm.py).
