@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from tests.test_engine_parity import BASE, STEPS, _grad_norms, _losses
+from tests.test_engine_parity import STEPS, _grad_norms, _losses
 
 WIDE = ["model.num_layers=1", "model.hidden_size=128", "train.save_interval=4"]
 
