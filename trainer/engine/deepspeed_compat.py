@@ -260,10 +260,11 @@ def offloaded_tensors_dir(tag_dir: Path, global_rank: int) -> Path:
 
 
 def _read_swap_file(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    values = torch.frombuffer(bytearray(path.read_bytes()), dtype=dtype)
-    if values.numel() < numel:
-        raise CheckpointError(f"{path} holds {values.numel()} elements, its sub-group {numel}: the checkpoint is damaged")
-    return values[:numel].clone()
+    """The first `numel` elements of a swap file (the rest is alignment padding), read once into a new tensor."""
+    held = path.stat().st_size // torch.empty((), dtype=dtype).element_size()
+    if held < numel:
+        raise CheckpointError(f"{path} holds {held} elements, its sub-group {numel}: the checkpoint is damaged")
+    return torch.from_file(str(path), shared=False, size=numel, dtype=dtype)
 
 
 def param_shapes(states: dict) -> list[dict[str, torch.Size]]:
