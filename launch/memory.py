@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from trainer.config import Config
 from trainer.engine.ds_config import effective_zero_stage, read_user_config
 from trainer.model.config import ModelConfig
+from trainer.parallel.mesh import Layout as ParallelLayout
 
 MARGIN = 0.10
 RUNTIME_RESERVE = 1 << 30
@@ -126,25 +127,18 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A 3D layout: tp * pp * dp processes, micro_batch * grad_accum * dp samples per step,
-    activations recomputed every recompute_interval blocks (0 = never), the ZeRO stage asked for (the
-    engine runs effective_zero_stage of it) and where the optimizer states and the weights are offloaded
-    (none, cpu, nvme)."""
+class Layout(ParallelLayout):
+    """A parallel layout (the sizes tp, pp, dp and their rank order: trainer/parallel/mesh.py) with its
+    schedule: micro_batch * grad_accum * dp samples per step, activations recomputed every recompute_interval
+    blocks (0 = never), the ZeRO stage asked for (the engine runs effective_zero_stage of it) and where the
+    optimizer states and the weights are offloaded (none, cpu, nvme)."""
 
-    tp: int
-    pp: int
-    dp: int
     micro_batch: int
     grad_accum: int
     recompute_interval: int
     zero_stage: int = 1
     offload_optimizer: str = "none"
     offload_params: str = "none"
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
 
 
 @dataclass(frozen=True)

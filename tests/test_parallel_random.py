@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from tests.distributed import run_distributed
+from trainer.parallel.mesh import Layout
 from trainer.parallel.random import (RNGStatesTracker, get_rng_states, get_rng_tracker,
                                      model_parallel_seed, recompute, set_rng_states)
 from trainer.parallel.topology import Topology
@@ -55,7 +56,7 @@ def test_fork_does_not_touch_the_default_stream():
 def test_seeds_differ_by_pipeline_stage_and_tensor_rank():
     masks = {}  # (tp_rank, pp_rank) -> (default-stream mask, forked mask)
     for tp_rank, pp_rank in ((0, 0), (1, 0), (0, 1)):
-        model_parallel_seed(7, Topology(tp=2, pp=2, dp=1, rank=pp_rank * 2 + tp_rank))
+        model_parallel_seed(7, Topology(Layout(tp=2, pp=2, dp=1), rank=pp_rank * 2 + tp_rank))
         default = _dropout_mask()
         with get_rng_tracker().fork():
             masks[tp_rank, pp_rank] = (default, _dropout_mask())

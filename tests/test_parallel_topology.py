@@ -1,67 +1,206 @@
-"""The topology agrees with DeepSpeed's PipeModelDataParallelTopology (coordinates and every group), checked
-by arithmetic for several layouts, and builds working process groups on 4 gloo ranks."""
+"""The layout's rank arithmetic (trainer/parallel/mesh.py) and the topology's process groups
+(trainer/parallel/topology.py): at cp = ep = 1 every group is the one the trainer used before the named axes
+(the formulas are written out below) and DeepSpeed's grid agrees (trainer/engine/ds_topology.py); at
+pp 2, dp 2, cp 2, tp 2 every kind of group partitions the world and the rank order is the documented one;
+the expert groups are carved out of the dp x cp ranks as documented; groups built on 4 gloo ranks hold
+those ranks. Pure arithmetic except the last tests."""
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from tests.distributed import run_distributed
+from trainer.config import Config
+from trainer.engine.ds_topology import DeepSpeedMPU, pipe_topology
 from trainer.errors import ConfigError
-from trainer.parallel.topology import AXES, Topology, coordinates, data_parallel_size, group_ranks
+from trainer.parallel.mesh import EXPERT_MESH, GROUPS, MESH, Layout
+from trainer.parallel.topology import Topology
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2), (4, 3, 2),
            (2, 4, 3)]  # (tp, pp, dp)
-DS_AXIS = {"tensor": "model", "pipe": "pipe", "data": "data"}
+
+
+# ---- the rank order and groups before the named axes, written out ----------------------------------------
+
+def old_coordinates(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
+    """(pp_rank, dp_rank, tp_rank): rank = (pp_rank * dp + dp_rank) * tp + tp_rank."""
+    return rank // (dp * tp), rank // tp % dp, rank % tp
+
+
+def old_rank_at(p: int, d: int, t: int, tp: int, dp: int) -> int:
+    return (p * dp + d) * tp + t
+
+
+def old_group_ranks(kind: str, tp: int, pp: int, dp: int) -> list[list[int]]:
+    if kind == "tensor":
+        return [[old_rank_at(p, d, t, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)]
+    if kind == "pipe":
+        return [[old_rank_at(p, d, t, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    if kind == "data":
+        return [[old_rank_at(p, d, t, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    assert kind == "model"
+    return [[old_rank_at(p, d, t, tp, dp) for p in range(pp) for t in range(tp)] for d in range(dp)]
+
+
+OLD_KIND = {"tp": "tensor", "pp": "pipe", "dp": "data", "dp_cp": "data", "model": "model"}
 
 
 @pytest.mark.parametrize("tp, pp, dp", LAYOUTS)
-def test_coordinates_match_deepspeed(tp, pp, dp):
-    ds = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+def test_at_cp_ep_1_the_groups_are_the_old_ones(tp, pp, dp):
+    layout = Layout(tp, pp, dp)
+    for name, kind in OLD_KIND.items():
+        assert layout.group_ranks(name) == old_group_ranks(kind, tp, pp, dp), name
+    assert layout.group_ranks("cp") == layout.group_ranks("ep") == [[rank] for rank in range(tp * pp * dp)]
+    assert layout.group_ranks("edp") == layout.group_ranks("dp")
     for rank in range(tp * pp * dp):
-        coord = ds.get_coord(rank)
-        assert coordinates(rank, tp, pp, dp) == (coord.pipe, coord.data, coord.model)
-        topology = Topology(tp, pp, dp, rank)
-        assert (topology.pp_rank, topology.dp_rank, topology.tp_rank) == (coord.pipe, coord.data, coord.model)
-        assert ds.get_rank(pipe=topology.pp_rank, data=topology.dp_rank, model=topology.tp_rank) == rank
+        topology = Topology(layout, rank)
+        assert (topology.pp_rank, topology.dp_rank, topology.tp_rank) == old_coordinates(rank, tp, pp, dp)
+        assert (topology.cp_rank, topology.ep_rank, topology.edp_rank) == (0, 0, topology.dp_rank)
+        assert layout.rank_at(pp=topology.pp_rank, dp=topology.dp_rank, tp=topology.tp_rank) == rank
 
 
 @pytest.mark.parametrize("tp, pp, dp", LAYOUTS)
-def test_groups_match_deepspeed(tp, pp, dp):
-    ds = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    for axis, ds_axis in DS_AXIS.items():
-        assert group_ranks(axis, tp, pp, dp) == ds.get_axis_comm_lists(ds_axis)
-    # DeepSpeed's grid: the model-parallel group is every rank of one data-parallel index
-    assert group_ranks("model", tp, pp, dp) == [sorted(ds.get_axis_list("data", d)) for d in range(dp)]
-    for rank in range(tp * pp * dp):
-        topology = Topology(tp, pp, dp, rank)
-        (data_ranks,) = [ranks for ranks in group_ranks("data", tp, pp, dp) if rank in ranks]
-        assert topology.get_data_parallel_group_ranks() == data_ranks
-        (model_ranks,) = [ranks for ranks in group_ranks("model", tp, pp, dp) if rank in ranks]
-        assert model_ranks[topology.get_model_parallel_rank()] == rank
-        assert topology.get_tensor_model_parallel_src_rank() == ds.get_rank(
-            pipe=topology.pp_rank, data=topology.dp_rank, model=0)
-
-
-def test_ds_topology_is_deepspeeds():
-    ds = Topology(2, 3, 4, 0).ds_topology()
+def test_deepspeeds_grid_agrees(tp, pp, dp):
+    layout = Layout(tp, pp, dp)
+    ds = pipe_topology(layout)
     assert isinstance(ds, PipeModelDataParallelTopology)
-    assert (ds.get_dim("pipe"), ds.get_dim("data"), ds.get_dim("model")) == (3, 4, 2)
+    assert (ds.get_dim("pipe"), ds.get_dim("data"), ds.get_dim("model")) == (pp, dp, tp)
+    for ds_axis, name in (("model", "tp"), ("pipe", "pp"), ("data", "dp")):
+        assert ds.get_axis_comm_lists(ds_axis) == layout.group_ranks(name)
+    assert layout.group_ranks("model") == [sorted(ds.get_axis_list("data", d)) for d in range(dp)]
+    for rank in range(tp * pp * dp):
+        coord, mpu = ds.get_coord(rank), DeepSpeedMPU(Topology(layout, rank))
+        assert (mpu.get_pipe_parallel_rank(), mpu.get_data_parallel_rank(), mpu.get_tensor_model_parallel_rank()) \
+            == (coord.pipe, coord.data, coord.model)
+        (data_ranks,) = [ranks for ranks in old_group_ranks("data", tp, pp, dp) if rank in ranks]
+        assert mpu.get_data_parallel_group_ranks() == data_ranks
+        (model_ranks,) = [ranks for ranks in old_group_ranks("model", tp, pp, dp) if rank in ranks]
+        assert model_ranks[mpu.get_model_parallel_rank()] == rank
+        assert mpu.get_model_parallel_world_size() == tp * pp and mpu.get_data_parallel_world_size() == dp
+        assert mpu.get_tensor_model_parallel_src_rank() == ds.get_rank(pipe=coord.pipe, data=coord.data, model=0)
+
+
+def test_deepspeeds_data_axis_is_dp_times_cp():
+    layout = Layout(tp=2, pp=2, dp=2, cp=2)
+    ds = pipe_topology(layout)
+    assert ds.get_dim("data") == 4 and ds.get_axis_comm_lists("data") == layout.group_ranks("dp_cp")
+    mpu = DeepSpeedMPU(Topology(layout, rank=7))
+    assert mpu.get_data_parallel_world_size() == 4 and mpu.get_data_parallel_group_ranks() == [1, 3, 5, 7]
+
+
+# ---- four axes: pp 2, dp 2, cp 2, tp 2 --------------------------------------------------------------------
+
+FOUR_AXES = Layout(tp=2, pp=2, dp=2, cp=2)
+
+
+def test_the_rank_order_is_the_documented_formula():
+    layout = FOUR_AXES
+    assert layout.world_size == 16
+    ranks = []
+    for p, d, c, t in itertools.product(range(2), repeat=4):  # slowest first: pp, dp, cp, tp
+        rank = ((p * layout.dp + d) * layout.cp + c) * layout.tp + t
+        assert layout.rank_at(pp=p, dp=d, cp=c, tp=t) == rank
+        coords = layout.coordinates(rank)
+        assert (coords["pp"], coords["dp"], coords["cp"], coords["tp"]) == (p, d, c, t)
+        ranks.append(rank)
+    assert ranks == list(range(16))
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_every_kind_of_group_partitions_the_world(name):
+    layout = Layout(tp=2, pp=2, dp=2, cp=2, ep=2)
+    groups = layout.group_ranks(name)
+    assert sorted(r for group in groups for r in group) == list(range(layout.world_size))
+    assert all(len(group) == layout.group_size(name) for group in groups)
+    mesh = MESH if set(GROUPS[name]) <= set(MESH) else EXPERT_MESH
+    for group in groups:
+        coords = [layout.coordinates(r) for r in group]
+        # the axes outside the group are fixed; the group's own axes take every combination once
+        assert all(c[axis] == coords[0][axis] for c in coords for axis in mesh if axis not in GROUPS[name])
+        assert len({tuple(c[axis] for axis in GROUPS[name]) for c in coords}) == len(group)
+        assert [layout.rank_in_group(name, r) for r in group] == list(range(len(group)))
+
+
+def test_the_named_groups_of_four_axes():
+    layout = FOUR_AXES
+    assert layout.group_ranks("tp")[:2] == [[0, 1], [2, 3]]
+    assert layout.group_ranks("cp")[:2] == [[0, 2], [1, 3]]
+    assert layout.group_ranks("dp")[:2] == [[0, 4], [1, 5]]
+    assert layout.group_ranks("pp")[:2] == [[0, 8], [1, 9]]
+    assert layout.group_ranks("dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    assert layout.group_ranks("model") == [[0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13], [6, 7, 14, 15]]
+    topology = Topology(layout, rank=13)  # pp 1, dp 1, cp 0, tp 1
+    assert (topology.pp_rank, topology.dp_rank, topology.cp_rank, topology.tp_rank) == (1, 1, 0, 1)
+    assert topology.rank_in("dp_cp") == 2 and topology.rank_in("model") == 3
+
+
+# ---- expert parallelism: carved out of the dp x cp ranks -------------------------------------------------
+
+def test_expert_groups_at_dp_4_ep_2():
+    layout = Layout(tp=1, pp=1, dp=4, ep=2)
+    assert layout.group_ranks("ep") == [[0, 1], [2, 3]]   # consecutive data-parallel ranks
+    assert layout.group_ranks("edp") == [[0, 2], [1, 3]]  # the ranks holding the same experts
+    with_tp = Layout(tp=2, pp=1, dp=4, ep=2)  # rank = dp_rank * 2 + tp_rank
+    assert with_tp.group_ranks("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert with_tp.group_ranks("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    topology = Topology(with_tp, rank=6)  # dp_rank 3, tp_rank 0
+    assert (topology.ep_rank, topology.edp_rank, topology.ep, topology.layout.edp) == (1, 1, 2, 2)
+
+
+def test_expert_groups_take_cp_ranks_first():
+    layout = Layout(tp=1, pp=1, dp=2, cp=2, ep=2)  # dp_cp_rank = dp_rank * 2 + cp_rank
+    assert layout.group_ranks("ep") == layout.group_ranks("cp") == [[0, 1], [2, 3]]
+    assert layout.group_ranks("edp") == layout.group_ranks("dp") == [[0, 2], [1, 3]]
+    assert Layout(tp=1, pp=1, dp=2, cp=2, ep=4).group_ranks("ep") == [[0, 1, 2, 3]]
+
+
+def test_a_layout_refuses_sizes_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"ep=3 does not divide dp \* cp = 4\*1 = 4"):
+        Layout(tp=1, pp=1, dp=4, ep=3)
+    with pytest.raises(ValueError, match="the cp size must be an integer >= 1, got 0"):
+        Layout(1, 1, 1, cp=0)
+    with pytest.raises(ValueError, match=r"tp \* pp \* cp = 2\*3\*1 = 6 does not divide the world size 8"):
+        Layout.of_world(8, tp=2, pp=3)
+    assert Layout.of_world(16, tp=2, pp=2, cp=2) == FOUR_AXES
+    with pytest.raises(ValueError, match="rank 16 is outside a world of 16"):
+        FOUR_AXES.coordinates(16)
 
 
 def test_single_has_no_groups():
     topology = Topology.single()
-    assert (topology.tp, topology.pp, topology.dp, topology.world_size, topology.rank) == (1, 1, 1, 1, 0)
-    assert topology.tp_group is None and topology.pp_group is None and topology.dp_group is None
-    assert topology.get_model_parallel_world_size() == 1 and topology.get_data_parallel_group() is None
+    assert (topology.tp, topology.pp, topology.dp, topology.cp, topology.ep) == (1, 1, 1, 1, 1)
+    assert (topology.world_size, topology.rank) == (1, 0)
+    assert all(topology.group(name) is None for name in GROUPS)
+    assert topology.tp_group is None and topology.dp_cp_group is None and topology.model_group is None
 
 
-def test_tp_times_pp_must_divide_world_size():
-    assert data_parallel_size(2, 2, 8) == 2
-    with pytest.raises(ConfigError, match=r"tp\*pp\*dp != world size.*2\*3 = 6 does not divide the world size 8"):
-        data_parallel_size(2, 3, 8)
-    with pytest.raises(ConfigError, match="must both be >= 1"):
-        data_parallel_size(0, 1, 8)
+# ---- the config keys -----------------------------------------------------------------------------------
 
+def test_the_config_computes_dp_and_checks_the_ep_rule():
+    config = Config()
+    config.parallel.tp, config.parallel.pp = 2, 2
+    assert config.data_parallel_size(8) == 2 and config.parallel.layout(8) == Layout(2, 2, 2)
+    with pytest.raises(ConfigError, match=r"tp\*pp\*dp != world size: tp \* pp \* cp = 2\*2\*1 = 4 does not "
+                                          r"divide the world size 6"):
+        config.data_parallel_size(6)
+    config.parallel.tp, config.parallel.pp, config.parallel.ep = 1, 1, 3
+    with pytest.raises(ConfigError, match=r"parallel.ep=3: ep=3 does not divide dp \* cp = 4\*1 = 4"):
+        config.validate(world_size=4)
+
+
+@pytest.mark.parametrize("key, axis", [("cp", "context"), ("ep", "expert")])
+def test_context_and_expert_parallelism_are_refused_for_now(key, axis):
+    config = Config()
+    setattr(config.parallel, key, 2)
+    assert config.parallel.layout(8).world_size == 8  # the layout exists ...
+    with pytest.raises(ConfigError, match=f"parallel.{key}=2: {axis} parallelism is not implemented yet; "
+                                          f"set parallel.{key}=1"):
+        config.validate(world_size=8)  # ... but no model code runs it yet
+
+
+# ---- process groups on 4 gloo ranks --------------------------------------------------------------------
 
 def _members(group) -> list[int]:
     """The global ranks of a group, found by communication (all-gather of each member's rank)."""
@@ -70,22 +209,22 @@ def _members(group) -> list[int]:
     return [int(r) for r in ranks]
 
 
-def _four_ranks(rank: int, world_size: int, tp: int, pp: int) -> None:
-    topology = Topology.create(tp, pp)
-    dp = world_size // (tp * pp)
-    assert (topology.tp, topology.pp, topology.dp, topology.rank) == (tp, pp, dp, rank)
-    mine = {axis: next(r for r in group_ranks(axis, tp, pp, dp) if rank in r) for axis in AXES}
-    assert _members(topology.get_tensor_model_parallel_group()) == mine["tensor"]
-    assert _members(topology.get_pipe_parallel_group()) == mine["pipe"]
-    assert _members(topology.get_data_parallel_group()) == mine["data"]
-    assert _members(topology.get_model_parallel_group()) == mine["model"]
-    assert topology.get_model_parallel_rank() == dist.get_rank(topology.get_model_parallel_group())
-    assert topology.get_data_parallel_rank() == dist.get_rank(topology.get_data_parallel_group())
-    for size, group in ((tp, topology.tp_group), (pp, topology.pp_group), (dp, topology.dp_group)):
-        assert (group is None) == (size == 1)
-    assert topology.tp_rank == dist.get_rank(topology.tp_group)
+def _four_ranks(rank: int, world_size: int, tp: int, pp: int, cp: int, ep: int) -> None:
+    topology = Topology.create(tp, pp, cp=cp, ep=ep)
+    layout = topology.layout
+    assert layout == Layout(tp, pp, world_size // (tp * pp * cp), cp=cp, ep=ep) and topology.rank == rank
+    for name in GROUPS:
+        (mine,) = [ranks for ranks in layout.group_ranks(name) if rank in ranks]
+        assert _members(topology.process_groups[name]) == mine, name
+        assert (topology.group(name) is None) == (len(mine) == 1), name
+        assert topology.rank_in(name) == dist.get_rank(topology.process_groups[name]), name
+    mpu = DeepSpeedMPU(topology)
+    assert _members(mpu.get_tensor_model_parallel_group()) == _members(topology.process_groups["tp"])
+    assert _members(mpu.get_data_parallel_group()) == _members(topology.process_groups["dp_cp"])
+    assert mpu.get_model_parallel_rank() == dist.get_rank(mpu.get_model_parallel_group())
+    assert mpu.get_data_parallel_rank() == dist.get_rank(mpu.get_data_parallel_group())
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 2), (2, 1)])
-def test_four_ranks_build_the_groups(tp, pp):
-    run_distributed(_four_ranks, 4, tp, pp)
+@pytest.mark.parametrize("tp, pp, cp, ep", [(2, 2, 1, 1), (2, 1, 1, 1), (1, 1, 2, 2)])
+def test_four_ranks_build_the_groups(tp, pp, cp, ep):
+    run_distributed(_four_ranks, 4, tp, pp, cp, ep)

@@ -19,20 +19,10 @@ import yaml
 from trainer.data.config import DataConfig
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
+from trainer.parallel.mesh import Layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-
-
-def data_parallel_size(tp: int, pp: int, world_size: int) -> int:
-    """dp = world_size / (tp * pp), the one place it is computed; a ConfigError when tp * pp does not divide
-    the world size."""
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(f"tp*pp*dp != world size: parallel.tp * parallel.pp = {tp}*{pp} = {tp * pp} does not "
-                          f"divide the world size {world_size}; choose tp and pp whose product divides {world_size}")
-    return world_size // (tp * pp)
 
 
 @dataclass
@@ -40,7 +30,13 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size (inside a node)."""
     pp: int = 1
-    """Pipeline-parallel size (number of stages). Data parallel is world_size / (tp * pp)."""
+    """Pipeline-parallel size (number of stages). Data parallel is world_size / (pp * cp * tp)."""
+    cp: int = 1
+    """Context-parallel size: ranks that split each sequence between them. Not implemented yet (only 1 runs); the
+    topology already builds its groups, ranked between dp and tp (docs/TRAINING.md)."""
+    ep: int = 1
+    """Expert-parallel size: ranks that split the experts between them, taken from the dp * cp ranks, so it must
+    divide dp * cp. Not implemented yet (only 1 runs); the topology already builds its groups (docs/TRAINING.md)."""
     micro_batch_size: int = 1
     """Samples per micro-batch on one data-parallel rank."""
     global_batch_size: int = 8
@@ -48,6 +44,26 @@ class ParallelConfig:
     recompute_interval: int = 0
     """Activation recomputation (what DeepSpeed and Megatron call activation checkpointing): keep only the input
     of every this many blocks and recompute the rest in backward (0 = off)."""
+
+    def layout(self, world_size: int) -> Layout:
+        """The run's layout on world_size ranks (dp = world_size / (pp * cp * tp) and the ep rule: trainer/parallel/
+        mesh.py); a ConfigError naming the keys to change when the sizes do not fit."""
+        try:
+            layout = Layout.of_world(world_size, tp=self.tp, pp=self.pp, cp=self.cp)
+        except ValueError as error:
+            raise ConfigError(f"tp*pp*dp != world size: {error}; choose parallel.tp, parallel.pp and parallel.cp "
+                              f"whose product divides {world_size}") from None
+        try:
+            return dataclasses.replace(layout, ep=self.ep)
+        except ValueError as error:
+            raise ConfigError(f"parallel.ep={self.ep}: {error}; choose an ep that divides dp * cp") from None
+
+    def refuse_unimplemented_axes(self) -> None:
+        """Context and expert parallelism have their groups (trainer/parallel/topology.py) but no model code yet."""
+        for name, what in (("cp", "context"), ("ep", "expert")):
+            if getattr(self, name) > 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)}: {what} parallelism is not implemented yet; "
+                                  f"set parallel.{name}=1")
 
 
 @dataclass
@@ -163,7 +179,7 @@ class Config:
         self.model.validate(self.parallel.tp)
         self.data.validate()
         p, t = self.parallel, self.train
-        for name in ("tp", "pp", "micro_batch_size", "global_batch_size"):
+        for name in ("tp", "pp", "cp", "ep", "micro_batch_size", "global_batch_size"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
         if p.pp > self.model.num_layers:
@@ -199,6 +215,7 @@ class Config:
             self.data_parallel_size(world_size)
             self.grad_accum_steps(world_size)
             self.check_batch_size_warmup(world_size)
+        p.refuse_unimplemented_axes()
 
     def _validate_zero(self) -> None:
         """ZeRO stage and offload against the layout (pipeline engine: ZeRO <= 1)."""
@@ -247,7 +264,7 @@ class Config:
                               f"checkpoints/ directory or a THUDM/GLM release")
 
     def data_parallel_size(self, world_size: int) -> int:
-        return data_parallel_size(self.parallel.tp, self.parallel.pp, world_size)
+        return self.parallel.layout(world_size).dp
 
     def check_batch_size_warmup(self, world_size: int) -> None:
         o, p = self.optim, self.parallel

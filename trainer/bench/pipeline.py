@@ -30,10 +30,9 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
-        import torch.distributed as dist
-
         from trainer.engine.distributed import init_distributed, local_device
         from trainer.engine.build import build_engine
+        from trainer.parallel.comm import barrier, world_group
         from trainer.parallel.random import model_parallel_seed
         from trainer.parallel.topology import Topology
 
@@ -48,7 +47,7 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
             steps_of.train_batch(batches)
         seconds = []
         for _ in range(steps):
-            dist.barrier()
+            barrier(world_group())
             seconds.append(timed(lambda: steps_of.train_batch(batches)))
         if rank == 0:
             results.put(("ok", seconds))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,16 +35,10 @@ from trainer.engine import deepspeed_compat as ds_files
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 from trainer.model.output import OUTPUT_WEIGHT
+from trainer.parallel.mesh import Layout
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 TIED_PREFIX = "tied_modules.embed."
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
 
 
 def layer_file(tag_dir: Path, layer: int, tp_rank: int) -> Path:

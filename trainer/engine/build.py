@@ -14,6 +14,7 @@ from trainer.config import Config
 from trainer.engine import finetune
 from trainer.engine.deepspeed_compat import mark_step_skipped, skip_single_replica_allreduce, wrap_model_step
 from trainer.engine.ds_config import build_ds_config, uses_own_clipping, zero_init_arguments
+from trainer.engine.ds_topology import DeepSpeedMPU
 from trainer.engine.faults import is_finite
 from trainer.engine.grad_norm import clip_grads_, counted_in_norm
 from trainer.engine.optimizer import build_optimizer
@@ -44,8 +45,9 @@ def build_module(config: Config, topology: Topology, ds_config: dict) -> torch.n
         return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
     # Partitioned over the data-parallel ranks only: without data_parallel_group zero.Init partitions over the
     # whole world, so at tp > 1 a gathered weight would be pieced together from different tensor ranks' shards.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topology,
-                             data_parallel_group=topology.get_data_parallel_group(), **zero_init_arguments(config)):
+    mpu = DeepSpeedMPU(topology)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu,
+                             data_parallel_group=mpu.get_data_parallel_group(), **zero_init_arguments(config)):
         module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
     # ZeRO-3 gathers a weight only inside the forward of the module that owns it; the loss computes the logits
     # with the output weight (the word embedding when tied), which another module owns.
@@ -63,7 +65,7 @@ def build_engine(config: Config, topology: Topology, world_size: int) -> RunEngi
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     plain = topology.pp == 1
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           mpu=topology if plain else None, config=ds_config)
+                                           mpu=DeepSpeedMPU(topology) if plain else None, config=ds_config)
     clipping = OwnClipping(engine, topology, config.optim.grad_clip) if uses_own_clipping(config, world_size) else None
     if plain:
         steps = PlainSteps(engine, topology.dp_group, before_step=clipping.clip if clipping else None)
@@ -71,7 +73,7 @@ def build_engine(config: Config, topology: Topology, world_size: int) -> RunEngi
         steps = PipelineSteps(engine)
         if clipping is not None:
             wrap_model_step(engine, before=clipping.clip)
-            if topology.dp == 1:
+            if topology.dp * topology.cp == 1:  # DeepSpeed's data axis is dp x cp (engine/ds_topology.py)
                 skip_single_replica_allreduce(engine)
     if config.model.compile:
         engine.compile()  # torch.compile (the pipeline engine compiles layer by layer)
@@ -90,7 +92,7 @@ class OwnClipping:
         self.norm: Optional[float] = None
         self._params = [p for p in engine.module.parameters() if p.requires_grad]
         self._counted = counted_in_norm(self._params, topology.tp_rank)
-        self._group = topology.get_model_parallel_group() if topology.tp * topology.pp > 1 else None
+        self._group = topology.model_group
         self._max_norm, self._device = max_norm, engine.device
         self._optimizer = engine.optimizer
 

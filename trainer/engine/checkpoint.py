@@ -26,13 +26,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
 from trainer.checkpoint.universal import OPTIMIZER_PARAM_NAMES
 from trainer.errors import CheckpointError
 from trainer.parallel import random as parallel_random
+from trainer.parallel.comm import barrier, broadcast_object, global_rank, world_group
 
 log = logging.getLogger("glm.checkpoint")
 TAG = re.compile(r"^global_step(\d+)$")
@@ -78,17 +78,17 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
     DATA_POSITION, run_record (the model config, the layout, the tokenizer's fingerprint:
     trainer/checkpoint/run_record.py) to RUN_RECORD, beside the weights."""
     tag, staging = tag_for(step), f".{tag_for(step)}.partial"
-    rank = dist.get_rank()
+    rank = global_rank()
     if rank == 0 and (checkpoint_dir / staging).exists():
         shutil.rmtree(checkpoint_dir / staging)
-    dist.barrier()
+    barrier(world_group())
     engine.save_checkpoint(str(checkpoint_dir), tag=staging, save_latest=False,
                            client_state={"step": step, "consumed_samples": consumed_samples,
                                          OPTIMIZER_PARAM_NAMES: optimizer_param_names(engine)})
     rng_dir = checkpoint_dir / staging / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_states(), rng_dir / f"rank{rank}.pt")
-    dist.barrier()
+    barrier(world_group())
     final = checkpoint_dir / tag
     if rank == 0:
         if data_position is not None:
@@ -104,14 +104,14 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
         if keep > 0:
             for old in list_tags(checkpoint_dir)[keep:]:
                 shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
-    dist.barrier()
+    barrier(world_group())
     return final
 
 
 def choose_tag(checkpoint_dir: Path) -> str:
     """The newest checkpoint that verifies, agreed by all ranks (rank 0 decides)."""
     choice: list = [None]
-    if dist.get_rank() == 0:
+    if global_rank() == 0:
         latest = checkpoint_dir / "latest"
         candidates = list_tags(checkpoint_dir)
         if latest.is_file() and latest.read_text().strip() in candidates:
@@ -124,7 +124,7 @@ def choose_tag(checkpoint_dir: Path) -> str:
                 break
             fallback = "falling back to the previous one" if number + 1 < len(candidates) else "no other checkpoint is left"
             log.warning(f"warning: checkpoint {checkpoint_dir / tag} is unusable ({problem}); {fallback}")
-    dist.broadcast_object_list(choice, src=0)
+    choice[0] = broadcast_object(choice[0], group=world_group())
     if choice[0] is None:
         raise CheckpointError(f"train.resume=true but {checkpoint_dir} holds no complete checkpoint: "
                               f"train without resume first, or point train.run_dir at a run that saved one")
@@ -165,7 +165,7 @@ def _load_tag(engine, checkpoint_dir: Path, tag: str, topology, model_config) ->
                                           load_lr_scheduler_states=True)
     if path is None or client is None:
         raise CheckpointError(f"DeepSpeed could not load {checkpoint_dir / tag}: was it written by another layout?")
-    rng_file = checkpoint_dir / tag / "rng" / f"rank{dist.get_rank()}.pt"
+    rng_file = checkpoint_dir / tag / "rng" / f"rank{global_rank()}.pt"
     if rng_file.is_file():
         set_rng_states(torch.load(rng_file, weights_only=False))
     return int(client["step"])

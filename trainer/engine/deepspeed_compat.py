@@ -19,6 +19,7 @@ import torch
 from deepspeed.pipe import PipelineModule
 
 from trainer.errors import CheckpointError
+from trainer.parallel.comm import group_rank, group_size
 
 # ---- The engine ------------------------------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ def set_zero3_weight(param: torch.Tensor, value: torch.Tensor) -> None:
     master copy, so a weight loaded from another layout would be replaced by the master copy only at the next
     step, after a forward with the old one."""
     group = param.ds_process_group
-    rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    rank, size = group_rank(group), group_size(group)
     piece = param.ds_tensor.numel()
     flat = torch.zeros(piece * size, dtype=param.ds_tensor.dtype)
     flat[:value.numel()] = value.reshape(-1)

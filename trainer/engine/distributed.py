@@ -5,10 +5,10 @@ import os
 from datetime import timedelta
 
 import deepspeed
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from trainer.engine.rendezvous import free_port
+from trainer.parallel.comm import global_rank, group_size, world_group
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
@@ -27,7 +27,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size()
+    return global_rank(), group_size(world_group())
 
 
 def local_device():

@@ -15,9 +15,9 @@ import sys
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from trainer.errors import GLMError
+from trainer.parallel.comm import any_rank, world_group
 
 
 class TrainingFault(GLMError):
@@ -53,10 +53,7 @@ class PreemptionHandler:
 
     def should_stop(self, device) -> bool:
         """True on every rank if any rank was signalled (a collective: call it on all ranks each step)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None, device, group=world_group())
 
 
 class NonFiniteSteps:

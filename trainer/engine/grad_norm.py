@@ -15,12 +15,12 @@ logged norms of the two layouts differ by ~1e-5 with equal gradients. On acceler
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
-import torch.distributed as dist
 
 from trainer.engine.deepspeed_compat import is_pipeline_replica
+from trainer.parallel.comm import Group, sum_over_
 
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:
@@ -34,20 +34,18 @@ def counted_in_norm(params: Iterable[torch.Tensor], tp_rank: int) -> list[torch.
             and (is_tensor_parallel(param) or tp_rank == 0)]
 
 
-def global_grad_norm(counted: list[torch.Tensor], model_parallel_group: Optional[dist.ProcessGroup],
+def global_grad_norm(counted: list[torch.Tensor], model_parallel_group: Group,
                      device: torch.device | str) -> torch.Tensor:
     """L2 norm of all gradients of the model (a 0-dim fp32 tensor, the same on every rank of the group),
     from each rank's `counted_in_norm` parameters (fp64 accumulation on CPU: module docstring)."""
     dtype = torch.float64 if torch.device(device).type == "cpu" else None
     norms = [torch.linalg.vector_norm(param.grad, 2.0, dtype=dtype) for param in counted if param.grad is not None]
     squares = torch.stack(norms).square().sum().float() if norms else torch.zeros((), device=device)
-    if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
-        dist.all_reduce(squares, group=model_parallel_group)
-    return squares.sqrt()
+    return sum_over_(squares, group=model_parallel_group).sqrt()
 
 
 def clip_grads_(params: list[torch.Tensor], counted: list[torch.Tensor], max_norm: float,
-                model_parallel_group: Optional[dist.ProcessGroup], device: torch.device | str) -> torch.Tensor:
+                model_parallel_group: Group, device: torch.device | str) -> torch.Tensor:
     """Scale the gradient of every parameter in `params` by min(1, max_norm / (norm + 1e-6)) in place, the
     norm over every rank's `counted`; returns the norm before clipping."""
     norm = global_grad_norm(counted, model_parallel_group, device)

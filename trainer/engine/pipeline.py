@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from trainer.engine.deepspeed_compat import BoundedPipelineModule
+from trainer.engine.ds_topology import pipe_topology
 from trainer.engine.partition import stage_layer_bounds
 from trainer.model import FinalLayerNorm, GLMBlock, GLMEmbedding, GLMLoss
 from trainer.model.config import ModelConfig
@@ -56,7 +57,7 @@ class GLMPipeline(BoundedPipelineModule):
         self._num_blocks = model.num_layers
         kwargs = {"activation_checkpoint_func": recompute} if recompute else {}  # DeepSpeed's names
         super().__init__(layers=build_layer_specs(model, topology, seed),
-                         topology=topology.ds_topology(),
+                         topology=pipe_topology(topology.layout),
                          loss_fn=GLMLoss(model, topology.tp_group),
                          activation_checkpoint_interval=recompute_interval,
                          checkpointable_layers=RECOMPUTED_LAYERS,

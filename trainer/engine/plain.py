@@ -15,12 +15,12 @@ from typing import Callable, Iterable, Optional
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 from trainer.model import GLMLoss, GLMModel
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
 from trainer.model.output import head_outputs
+from trainer.parallel.comm import mean_over_
 
 
 class GLMTrainModel(GLMModel):
@@ -72,10 +72,7 @@ class GLMTrainModel(GLMModel):
 def _mean_over_data_parallel(total: torch.Tensor, count: int, dp_group) -> torch.Tensor:
     """sum of this rank's micro-batch losses -> the mean over every rank's micro-batches."""
     mean = total.detach().clone() / count
-    if dp_group is not None:
-        dist.all_reduce(mean, group=dp_group)
-        mean /= dist.get_world_size(dp_group)
-    return mean
+    return mean_over_(mean, group=dp_group)
 
 
 class PlainSteps:

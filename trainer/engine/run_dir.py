@@ -8,11 +8,10 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
-
 from trainer.checkpoint.manifest import write_atomic
 from trainer.checkpoint.run_record import RUN_CONFIG, RUN_TOKENIZER, sha256
 from trainer.config import Config, config_yaml
+from trainer.parallel.comm import barrier, global_rank, world_group
 
 RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", RUN_CONFIG, RUN_TOKENIZER)
 """Everything a run writes into its run_dir: what train.overwrite deletes."""
@@ -23,7 +22,7 @@ def start_run_dir(config: Config, tokenizer: Path) -> str:
     fingerprint each checkpoint records. The config.yaml written says overwrite: false, so that reusing it
     as a --config never deletes this run."""
     run_dir = Path(config.train.run_dir)
-    if dist.get_rank() == 0:
+    if global_rank() == 0:
         if config.train.overwrite:
             for name in RUN_OUTPUTS:
                 path = run_dir / name
@@ -32,5 +31,5 @@ def start_run_dir(config: Config, tokenizer: Path) -> str:
         recorded = dataclasses.replace(config, train=dataclasses.replace(config.train, overwrite=False))
         write_atomic(run_dir / RUN_CONFIG, config_yaml(recorded))
         write_atomic(run_dir / RUN_TOKENIZER, tokenizer.read_bytes())
-    dist.barrier()
+    barrier(world_group())
     return sha256(tokenizer)

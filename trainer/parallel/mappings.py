@@ -3,27 +3,16 @@
 Three tiers, as in Megatron-LM: primitives that talk to torch.distributed (and return early when the
 group has one rank), private autograd.Function pairs, and the public verbs the model calls. Every verb
 takes its process group explicitly; a `None` group means "no tensor parallelism" and every verb is then
-the identity. Scatter and gather act on the last dimension (the hidden or vocabulary dimension); gathering
-rows acts on the first (the rows of a weight split over the ranks that every rank uses whole).
+the identity (group_size and group_rank are comm.py's). Scatter and gather act on the last dimension (the
+hidden or vocabulary dimension); gathering rows acts on the first (the rows of a weight split over the
+ranks that every rank uses whole).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-Group = Optional[dist.ProcessGroup]
-
-
-def group_size(group: Group) -> int:
-    """Number of ranks in the group; 1 for `None` (no tensor parallelism)."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def group_rank(group: Group) -> int:
-    """This process's rank inside the group; 0 for `None`."""
-    return 0 if group is None else dist.get_rank(group)
+from trainer.parallel.comm import Group, group_rank, group_size
 
 
 # ---- primitives -------------------------------------------------------------------------------------
