@@ -252,7 +252,7 @@ def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_b
 def persistent_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: int) -> int:
     """Parameters ZeRO-3 keeps whole on every rank: the 1-D ones (biases, norms), which stay below
     DeepSpeed's param_persistence_threshold (1e5 elements) for every shipped config."""
-    ffn_in = 2 * model.ffn_size if model.gated_mlp else model.ffn_size
+    ffn_in = sum(model.ffn_in_rows)
     split = (sum(model.qkv_rows) if model.add_qkv_bias else 0) + (ffn_in if model.add_bias_linear else 0)
     replicated = model.block_parameters()[1]
     return blocks * (split // tp + replicated) + (model.norm_parameters if stage == pp - 1 else 0)
@@ -262,7 +262,7 @@ def largest_tensor(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
     """Elements of the largest weight on one rank of the stage: the MLP's first matrix, or the word
     embedding (output layer) on the end stages."""
     h = model.hidden_size
-    ffn_in = 2 * model.ffn_size if model.gated_mlp else model.ffn_size
+    ffn_in = sum(model.ffn_in_rows)
     largest = max(ffn_in, sum(model.qkv_rows)) * h // tp
     if stage in (0, pp - 1):
         largest = max(largest, model.padded_vocab_size(tp) * h // tp)

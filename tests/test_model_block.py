@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from trainer.model.block import GLMBlock
 from trainer.model.config import ModelConfig
-from trainer.model.init import split_rank_major
+from trainer.parallel.split import split_rank_major
 from trainer.model.mask import segments_of_sep
 
 

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 from tests.distributed import run_distributed
 from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMLoss, GLMModel
-from trainer.model.init import split_rank_major
+from trainer.parallel.split import split_rank_major
 from trainer.model.mask import segments_of_sep
 from trainer.model.output import OutputLayer
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding

@@ -36,10 +36,9 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.checkpoint.layout import WORD_EMBEDDINGS, rule_for
+from trainer.checkpoint.layout import WORD_EMBEDDINGS, canonical_shapes
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
-from trainer.model.glm import GLMModel
 from trainer.model.output import OUTPUT_WEIGHT
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -210,26 +209,16 @@ def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     except KeyError as missing:
         raise CheckpointError(f"{path} lacks {missing} for a {meta['model_type']} checkpoint") from None
     config.validate()
-    expected = _canonical_shapes(config)
+    expected = canonical_shapes(config)
     if set(weights) != set(expected):
         extra, lacking = sorted(set(weights) - set(expected)), sorted(set(expected) - set(weights))
         raise CheckpointError(f"{path} does not hold the tensors of its config.json: missing {lacking[:3]}, "
                               f"unexpected {extra[:3]}")
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(weights[name].shape)}, config.json says {shape}")
+            raise CheckpointError(f"{path}: {name} has shape {tuple(weights[name].shape)}, config.json says "
+                                  f"{tuple(shape)}")
     return config, weights
-
-
-def _canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The canonical name -> shape of every weight of a model of this config (a meta-device GLMModel)."""
-    with torch.device("meta"):
-        model = GLMModel(config)
-    shapes = {}
-    for name, param in model.named_parameters():
-        rule = rule_for(name, config)
-        shapes[name] = ((config.vocab_size, *param.shape[1:]) if rule.vocab else tuple(param.shape))
-    return shapes
 
 
 def hf_unsupported(config: ModelConfig) -> list[str]:

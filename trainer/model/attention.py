@@ -6,7 +6,8 @@ optional RoPE, the blank-infilling mask, and a row-parallel output projection.
 The mask is GLM's blank-infilling mask, block-diagonal over the samples packed in a row (trainer/model/mask.py).
 Grouped-query attention (ChatGLM2/3, GLM-4): q has n heads, k and v have g = num_key_value_heads, and query
 head j attends with key/value head j // (n / g); g = n is multi-head attention, g = 1 multi-query attention.
-W_qkv is laid out rank-major: rank r's rows are [q_r; k_r; v_r], the r-th of tp row blocks of each of q, k, v.
+W_qkv is fused (split rule: trainer/parallel/split.py): rank r's rows are [q_r; k_r; v_r], the r-th of tp row
+blocks of each of q, k, v.
 Rank r computes n / tp query heads and the key/value heads they use:
 - tp divides g (split KV heads): k_r and v_r are exactly those g / tp heads, and no rank shares a KV head;
 - tp a multiple of g (replicated KV heads, e.g. multi-query attention at tp = 2): the tp / g ranks whose query
@@ -105,7 +106,7 @@ class QueryKeyValue(ColumnParallelLinear):
 
     def __init__(self, config: ModelConfig, tp_group, init_method: Callable[[torch.Tensor], None]):
         super().__init__(config.hidden_size, sum(config.qkv_rows), group=tp_group, bias=config.add_qkv_bias,
-                         init_method=init_method)
+                         init_method=init_method, parts=config.qkv_rows)
         tp = group_size(tp_group)
         self.replicated_kv = config.replicates_kv_heads(tp)
         self.q_rows = config.qkv_rows[0] // tp
@@ -149,7 +150,7 @@ class SelfAttention(nn.Module):
             dense_std = config.init_std / math.sqrt(2 * n)
         name = f"layers.{layer_number - 1}.attention"
         self.query_key_value = QueryKeyValue(
-            config, tp_group, fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, tp, config.qkv_rows))
+            config, tp_group, fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, config.qkv_rows))
         self.dense = RowParallelLinear(q_rows, h, group=tp_group, bias=config.add_bias_linear,
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
 

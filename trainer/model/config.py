@@ -123,6 +123,12 @@ class ModelConfig:
         return 4 * self.hidden_size
 
     @property
+    def ffn_in_rows(self) -> tuple[int, ...]:
+        """Rows of the parts of the MLP's first weight dense_h_to_4h: the two halves of a gated MLP, (f, f), or
+        (f,). Their sum is that layer's width (2f gated: the gated-MLP width)."""
+        return (self.ffn_size,) * 2 if self.gated_mlp else (self.ffn_size,)
+
+    @property
     def deepnorm_alpha(self) -> float:
         return math.sqrt(2 * self.num_layers)
 
@@ -171,7 +177,7 @@ class ModelConfig:
         row-parallel biases and the two norms are replicated."""
         h, f = self.hidden_size, self.ffn_size
         qkv = sum(self.qkv_rows)
-        ffn_in = 2 * f if self.gated_mlp else f
+        ffn_in = sum(self.ffn_in_rows)
         split = qkv * h + (qkv if self.add_qkv_bias else 0) + h * h + ffn_in * h + f * h
         split += ffn_in if self.add_bias_linear else 0
         replicated = (2 * h if self.add_bias_linear else 0) + 2 * self.norm_parameters

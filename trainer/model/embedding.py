@@ -13,7 +13,7 @@ from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.init import normal_init
 from trainer.parallel.layers import VocabParallelEmbedding
-from trainer.parallel.mappings import group_size
+from trainer.parallel.split import REPLICATED, SplitRule
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """What flows between pipeline pieces: (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s],
@@ -46,8 +46,8 @@ class GLMEmbedding(nn.Module):
         h = config.hidden_size
         self.shrink_alpha = config.embedding_shrink_alpha
         self.word_embeddings = VocabParallelEmbedding(
-            config.padded_vocab_size(group_size(tp_group)), h, group=tp_group,
-            init_method=normal_init(seed, "word_embeddings", config.init_std, rows=config.vocab_size))
+            config.vocab_size, h, group=tp_group, pad_multiple=config.vocab_pad_multiple,
+            init_method=normal_init(seed, "word_embeddings", config.init_std))
         self.learned_positions = with_positions and config.position_embedding == "learned_2d"
         if self.learned_positions:
             rows = config.max_sequence_length
@@ -56,6 +56,11 @@ class GLMEmbedding(nn.Module):
             self.block_position_embeddings = _position_table(
                 rows, h, normal_init(seed, "block_position_embeddings", config.init_std))
         self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def split_rules(self) -> dict[str, SplitRule]:
+        """The position tables are replicated (the word embedding declares its own rule)."""
+        tables = ("position_embeddings.weight", "block_position_embeddings.weight") if self.learned_positions else ()
+        return {name: REPLICATED for name in tables}
 
     def forward(self, inputs: Activations) -> Activations:
         """(input_ids, position_ids, block_position_ids, segments) -> (hidden [b, s, h], the same ids, segments)."""

@@ -4,9 +4,9 @@
     geglu:  y = (a * gelu(g)) B^T,  [a, g] = x A^T,   A [2f, h] (GLM-130B)
     swiglu: y = (silu(g) * u) B^T,  [g, u] = x A^T,   A [2f, h] (ChatGLM2/3, GLM-4; the gate comes first, as in
             their checkpoints and transformers' gate_up_proj), silu(g) = g * sigmoid(g)
-gelu is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). For the gated MLPs the full A
-is laid out rank-major, [A_1^(r); A_2^(r)] per rank r, so each rank holds its slice of both halves and
-splits its own output in two with no communication. add_bias_linear=False drops both biases.
+gelu is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). For the gated MLPs A is a fused
+column-parallel weight of two halves (split rule: trainer/parallel/split.py): rank r holds [A_1^(r); A_2^(r)],
+its slice of both halves, and splits its own output in two with no communication. add_bias_linear=False drops both biases.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from torch import nn
 from trainer.model.config import ModelConfig
 from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from trainer.parallel.mappings import group_size
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -49,19 +48,19 @@ class GLMMLP(nn.Module):
         super().__init__()
         h, f, n = config.hidden_size, config.ffn_size, config.num_layers
         self.activation = ACTIVATIONS[config.mlp]
-        f_in = 2 * f if config.gated_mlp else f
+        f_in = sum(config.ffn_in_rows)
         if config.norm == "deepnorm":  # Xavier normal with gain beta, fans of the full matrices
             std_in = xavier_normal_std(config.deepnorm_beta, h, f_in)
             std_out = xavier_normal_std(config.deepnorm_beta, f, h)
         else:
             std_in, std_out = config.init_std, config.init_std / math.sqrt(2 * n)
         name = f"layers.{layer_number - 1}.mlp"
-        if config.gated_mlp:
-            init_in = fused_normal_init(seed, f"{name}.dense_h_to_4h", (std_in, std_in), group_size(tp_group))
-        else:
-            init_in = normal_init(seed, f"{name}.dense_h_to_4h", std_in)
+        parts = config.ffn_in_rows if config.gated_mlp else ()
         bias = config.add_bias_linear
-        self.dense_h_to_4h = ColumnParallelLinear(h, f_in, group=tp_group, bias=bias, init_method=init_in)
+        self.dense_h_to_4h = ColumnParallelLinear(
+            h, f_in, group=tp_group, bias=bias, parts=parts,
+            init_method=fused_normal_init(seed, f"{name}.dense_h_to_4h", [std_in for _ in config.ffn_in_rows],
+                                          config.ffn_in_rows))
         self.dense_4h_to_h = RowParallelLinear(f, h, group=tp_group, bias=bias,
                                                init_method=normal_init(seed, f"{name}.dense_4h_to_h", std_out))
 

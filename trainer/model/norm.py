@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.config import ModelConfig
+from trainer.parallel.split import REPLICATED, SplitRule, declared
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,6 +32,10 @@ class Norm(nn.Module):
         self.eps = config.layernorm_epsilon
         self.weight = nn.Parameter(torch.ones(h))
         self.register_parameter("bias", None if self.rms else nn.Parameter(torch.zeros(h)))
+
+    def split_rules(self) -> dict[str, SplitRule]:
+        """Replicated: every tensor-parallel rank normalises the whole hidden state."""
+        return declared(self, {"weight": REPLICATED, "bias": REPLICATED})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:

@@ -16,7 +16,8 @@ from torch import nn
 from trainer.model.config import ModelConfig
 from trainer.model.init import normal_init
 from trainer.parallel.layers import sharded_parameter
-from trainer.parallel.mappings import copy_to_tp, group_size
+from trainer.parallel.mappings import copy_to_tp
+from trainer.parallel.split import SplitRule
 
 OUTPUT_WEIGHT = "output_layer.weight"
 """The canonical name of the untied output weight."""
@@ -35,13 +36,17 @@ def head_outputs(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 class OutputLayer(nn.Module):
-    """The untied output layer: its own vocabulary-parallel weight [V_pad / tp, h], padding rows zero."""
+    """The untied output layer: its own vocabulary-parallel weight [V_pad / tp, h], padding rows zero (split like
+    the word embedding)."""
 
     def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
         super().__init__()
-        self.weight = sharded_parameter(
-            (config.padded_vocab_size(group_size(tp_group)), config.hidden_size), 0, tp_group,
-            normal_init(seed, "output_layer", config.init_std, rows=config.vocab_size))
+        self.rule = SplitRule.vocabulary(config.vocab_size, config.vocab_pad_multiple)
+        self.weight = sharded_parameter((config.vocab_size, config.hidden_size), self.rule, tp_group,
+                                        normal_init(seed, "output_layer", config.init_std))
+
+    def split_rules(self) -> dict[str, SplitRule]:
+        return {"weight": self.rule}
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Tensor-parallel layers (Megatron-LM): a linear layer split by columns, one split by rows, and an
 embedding split by vocabulary rows.
 
-Every layer builds its weight the same way: the full, unsharded matrix is created on CPU, filled by
-`init_method(full_weight)` and sliced, so tp=1 and tp=p start from identical weights. Sharded parameters
-carry `tensor_model_parallel = True` (gradient-norm code counts them on every tensor rank; replicated
-ones only on tensor rank 0). Biases start at zero.
+Every layer builds its weight the same way: the full, unsharded matrix is created on CPU in its canonical
+(logical) order, filled by `init_method(full_weight)` and sharded by the parameter's split rule
+(trainer/parallel/split.py), so tp=1 and tp=p start from identical weights. Each layer declares those rules,
+`split_rules() -> {parameter name: SplitRule}`, which is how checkpoints split and merge its parameters.
+Sharded parameters carry `tensor_model_parallel = True` (gradient-norm code counts them on every tensor rank;
+replicated ones only on tensor rank 0). Biases start at zero.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from torch import nn
 from trainer.errors import ConfigError
 from trainer.parallel.mappings import (Group, copy_to_tp, gather_from_tp, group_rank, group_size,
                                        reduce_from_tp, scatter_to_tp)
+from trainer.parallel.split import REPLICATED, SplitRule, declared
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -40,14 +43,15 @@ def _partition(size: int, group: Group, what: str) -> int:
     return size // parts
 
 
-def sharded_parameter(full_shape: tuple[int, ...], dim: int, group: Group, init_method: InitMethod) -> nn.Parameter:
-    """Build the full weight on CPU, fill it with init_method, keep this rank's contiguous slice of `dim`.
-    Under a meta default device the weight stays on meta (no values, for counting parameters)."""
+def sharded_parameter(full_shape: tuple[int, ...], rule: SplitRule, group: Group,
+                      init_method: InitMethod) -> nn.Parameter:
+    """Build the full weight of full_shape (canonical order) on CPU, fill it with init_method and keep this
+    rank's shard by `rule`. Under a meta default device the weight stays on meta (no values, for counting
+    parameters)."""
     device = "meta" if torch.empty(0).is_meta else "cpu"
     full = torch.empty(full_shape, dtype=torch.float32, device=device)
     init_method(full)
-    shard = full.chunk(group_size(group), dim=dim)[group_rank(group)].clone()
-    param = nn.Parameter(shard)
+    param = nn.Parameter(rule.shard(full, group_rank(group), group_size(group)))
     param.tensor_model_parallel = group_size(group) > 1
     return param
 
@@ -56,21 +60,35 @@ class ColumnParallelLinear(nn.Module):
     """Y = XA + b with A [in, out] split by columns, A = [A_1 .. A_p], b = [b_1 .. b_p]:
     rank r computes Y_r = X A_r + b_r. The input is copied to the group (its gradient is all-reduced);
     gather_output=True all-gathers Y = [Y_1 .. Y_p], else each rank keeps Y_r [..., out/p].
-    The stored weight is A_r^T [out/p, in], rows r*out/p .. (r+1)*out/p of the full [out, in]."""
+    The stored weight is A_r^T [out/p, in], rows r*out/p .. (r+1)*out/p of the full [out, in]. With fused
+    `parts` (row counts summing to out: [q; k; v], the halves of a gated MLP) the full weight stacks the parts
+    and rank r stores [P_1^(r); ...; P_k^(r)], the r-th of p row blocks of each part (so does its bias), so
+    that Y_r splits into this rank's share of every part; gather_output is then refused (it would interleave
+    the parts)."""
 
     def __init__(self, in_features: int, out_features: int, *, group: Group, bias: bool = True,
-                 gather_output: bool = False, init_method: Optional[InitMethod] = None):
+                 gather_output: bool = False, init_method: Optional[InitMethod] = None,
+                 parts: Sequence[int] = ()):
         super().__init__()
+        if parts and (sum(parts) != out_features or gather_output):
+            raise ValueError(f"fused parts {tuple(parts)} must sum to out_features={out_features}, without gather_output")
         self.group = group
         self.gather_output = gather_output
         self.in_features, self.out_features = in_features, out_features
+        for rows in parts:
+            _partition(rows, group, "a fused part of out_features")
         self.out_per_rank = _partition(out_features, group, "out_features")
-        self.weight = sharded_parameter((out_features, in_features), 0, group, init_method or default_linear_init)
+        self.rule = SplitRule(dim=0, part_rows=tuple(parts))
+        self.weight = sharded_parameter((out_features, in_features), self.rule, group,
+                                        init_method or default_linear_init)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_per_rank))
             self.bias.tensor_model_parallel = group_size(group) > 1
         else:
             self.register_parameter("bias", None)
+
+    def split_rules(self) -> dict[str, SplitRule]:
+        return declared(self, {"weight": self.rule, "bias": self.rule})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] if gather_output else [..., out/p]."""
@@ -91,11 +109,15 @@ class RowParallelLinear(nn.Module):
         self.input_is_parallel = input_is_parallel
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = _partition(in_features, group, "in_features")
-        self.weight = sharded_parameter((out_features, in_features), 1, group, init_method or default_linear_init)
+        self.weight = sharded_parameter((out_features, in_features), SplitRule(dim=1), group,
+                                        init_method or default_linear_init)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
         else:
             self.register_parameter("bias", None)
+
+    def split_rules(self) -> dict[str, SplitRule]:
+        return declared(self, {"weight": SplitRule(dim=1), "bias": REPLICATED})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in/p] (or [..., in] when not input_is_parallel) -> [..., out], the same on every rank."""
@@ -107,18 +129,25 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """E[t] with the table E [V, h] split by vocabulary rows: rank r holds rows [vocab_start, vocab_end).
     Each rank looks up the tokens in its range and writes zeros for the rest; the all-reduce over the
-    group sums the p partial lookups into E[t] (exactly one rank contributes each token)."""
+    group sums the p partial lookups into E[t] (exactly one rank contributes each token). The table is the
+    vocabulary of num_embeddings rows padded with zero rows to num_embeddings_padded, a multiple of
+    pad_multiple * p (the parameter's split rule, trainer/parallel/split.py); init_method fills the [V, h] rows."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: Group,
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: Group, pad_multiple: int = 1,
                  init_method: Optional[InitMethod] = None):
         super().__init__()
         self.group = group
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        per_rank = _partition(num_embeddings, group, "num_embeddings")
+        self.rule = SplitRule.vocabulary(num_embeddings, pad_multiple)
+        self.num_embeddings_padded = self.rule.padded_rows(group_size(group))
+        per_rank = self.num_embeddings_padded // group_size(group)
         self.vocab_start = group_rank(group) * per_rank
         self.vocab_end = self.vocab_start + per_rank
-        self.weight = sharded_parameter((num_embeddings, embedding_dim), 0, group,
+        self.weight = sharded_parameter((num_embeddings, embedding_dim), self.rule, group,
                                         init_method or default_embedding_init)
+
+    def split_rules(self) -> dict[str, SplitRule]:
+        return {"weight": self.rule}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, s] -> [b, s, h]."""
