@@ -4,9 +4,10 @@ DeepSpeed's pipeline engine allows ZeRO-1 at most; its plain engine (deepspeed.i
 nn.Module) runs ZeRO-2, ZeRO-3 and offload. With one pipeline stage the trainer therefore wraps
 `GLMTrainModel`, the single-process GLMModel with its loss, and drives it with the engine's public
 forward / backward / step. A step here is what the pipeline engine's train_batch is (trainer/engine/loop.py
-gives both the same micro-batches): the loss is the mean over the step's micro-batches and the
-data-parallel ranks, and the gradient is that mean's (DeepSpeed divides each micro-batch's loss by the
-gradient accumulation steps and averages the gradients over the data-parallel ranks).
+gives both the same micro-batches): DeepSpeed divides each micro-batch's loss by the gradient accumulation
+steps and averages the gradients over the data-parallel ranks, and the reported loss is the same mean over
+the step's micro-batches and the data-parallel ranks. Each micro-batch's loss carries the factor that undoes
+both (trainer/engine/step_loss.py), so loss and gradient are the step's mean over all its loss tokens.
 """
 from __future__ import annotations
 
