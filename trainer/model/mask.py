@@ -10,10 +10,10 @@ Inside a sample this is GLM's mask (Part A bidirectional within Part A, Part B c
 Part A); across samples it is block-diagonal: a column before the sample's start is hidden, and a column
 after its end is hidden too (it lies right of both sep and i). Every row sees itself, so no row is empty.
 
-What travels between pipeline stages is `segments` [b, 2, s] (segment_start, segment_sep stacked): O(s) per
-row. `GLMMask` builds the kernels' forms from it once per micro-batch: the dense bool [b, 1, s, s], SDPA's
-additive float mask, and FlexAttention's BlockMask, which skips the 128 x 128 tiles between two samples
-and above the diagonal right of every sep.
+What travels between pipeline stages is `segments` [b, 2, s] (segment_start, segment_sep stacked, by
+`stack_segments` only): O(s) per row. `GLMMask` builds the kernels' forms from it once per micro-batch:
+the dense bool [b, 1, s, s], SDPA's additive float mask, and FlexAttention's BlockMask, which skips the
+128 x 128 tiles between two samples and above the diagonal right of every sep.
 """
 from __future__ import annotations
 
