@@ -10,6 +10,7 @@ gpt-neox's GPT2ModelPipe), so a piece added to the description is in every form.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -50,7 +51,7 @@ class Piece:
     module: type
     args: tuple
     role: str
-    """"embedding", BLOCK, "final_norm" or "head"."""
+    """One of "embedding", BLOCK, "final_norm", "head"."""
     tie: Optional[Tie] = None
     forward_fn: Optional[Callable] = None
     """Called as forward_fn(module, x) in place of module(x) (the tied head hands on the embedding's weight)."""
@@ -156,7 +157,7 @@ class GLMModel(nn.Module):
     @property
     def head(self) -> nn.Module:
         """The output head's module: the word embedding (tied) or the OutputLayer."""
-        return self._sequence[-1][1]
+        return next(module for piece, module in self._sequence if piece.role == "head")
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -179,15 +180,15 @@ class GLMModel(nn.Module):
         """The pieces in order: (input_ids, position_ids, block_position_ids [b, s], segments [b, 2, s]) ->
         (final hidden [b, s, h], output weight [V_pad / tp, h]), what the head hands to the logits or the loss.
         With kv_caches (self.kv_caches()) the inputs hold only the new positions (KV-cached decoding)."""
-        x, blocks, caches = inputs, [], iter(kv_caches) if kv_caches is not None else None
-        for piece, module in self._sequence:
-            if piece.role == BLOCK:
-                blocks.append(module)
+        x, caches = inputs, iter(kv_caches) if kv_caches is not None else None
+        for is_block, run in groupby(self._sequence, key=lambda item: item[0].role == BLOCK):
+            run = list(run)
+            if is_block:  # consecutive blocks run as one group: KV caches, recomputation (GLMTrainModel)
+                blocks = [module for _, module in run]
+                x = self.run_blocks(blocks, x, None if caches is None else [next(caches) for _ in blocks])
                 continue
-            if blocks:
-                used = None if caches is None else [next(caches) for _ in blocks]
-                x, blocks = self.run_blocks(blocks, x, used), []
-            x = module(x) if piece.forward_fn is None else piece.forward_fn(module, x)
+            for piece, module in run:
+                x = module(x) if piece.forward_fn is None else piece.forward_fn(module, x)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
