@@ -103,8 +103,8 @@ def _attach(root: nn.Module, name: str, module: nn.Module) -> None:
 class GLMLoss(nn.Module):
     """Loss = sum(CE * loss_mask) / normaliser, CE in fp32 over the vocabulary-parallel logits (padding columns
     excluded). labels are already shifted: labels[i] is predicted at position i. The normaliser is the
-    target's third element if it has one (the engine's share of the step's loss tokens: trainer/engine/loop.py
-    step_targets), else the micro-batch's own count of loss tokens sum(loss_mask) (a token mean)."""
+    target's third element if it has one (the trainer's share of the step's loss tokens:
+    trainer/engine/step_loss.py), else the micro-batch's own count of loss tokens sum(loss_mask) (a token mean)."""
 
     def __init__(self, config: ModelConfig, tp_group=None):
         super().__init__()
