@@ -1,7 +1,7 @@
 """The whole GLM, described once: the ordered pieces every form of the model is built from, the single-process
 module made of them, and the loss.
 
-    GLMEmbedding -> GLMBlock 1 .. N -> FinalLayerNorm -> output head (the embedding again, tied, or OutputLayer)  | GLMLoss
+    GLMEmbedding -> GLMBlock 1 .. N -> FinalLayerNorm -> output head (tied embedding or OutputLayer)  | GLMLoss
 `glm_pieces` is that description, and the output head is chosen there only. GLMModel builds its modules from
 it and runs them in its order (one process, the plain engine's GLMTrainModel, glm-generate's KV-cached
 decoding, glm-eval); the DeepSpeed pipeline turns each piece into a LayerSpec (trainer/engine/pipeline.py,
