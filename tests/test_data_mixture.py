@@ -94,7 +94,7 @@ def _write_stream(rows, topology, micro_batch_size, out, steps=6, global_batch=8
     for step in range(steps):
         consumed, accum = step * global_batch, global_batch // (micro_batch_size * topology.dp)
         batches = micro_batches(rows, consumed, accum, topology, micro_batch_size)
-        for micro_step, ((ids, positions, blocks, segments), (labels, mask)) in enumerate(batches):
+        for micro_step, ((ids, positions, blocks, segments), (labels, mask, _)) in enumerate(batches):
             indices = micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp, micro_batch_size)
             for row, index in enumerate(indices):
                 stream[index] = [t[row].tolist() for t in (ids, positions, blocks, segments, labels, mask)]

@@ -108,6 +108,27 @@ def test_four_process_layouts_match_single_process(reference, reference_norms, t
                                torch.tensor(reference_norms, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
+MICRO_BATCH_RUN = ["train.steps=4", "optim.decay_steps=2"]
+"""4 steps of one global batch of 8 packed rows each, validated at step 4 (BASE's eval_interval)."""
+
+
+@pytest.fixture(scope="module")
+def micro_batch_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("micro")
+    return _losses(root, "mb1_dp1", MICRO_BATCH_RUN + ["parallel.micro_batch_size=1"])
+
+
+@pytest.mark.parametrize("dp, micro_batch_size", [(1, 2), (1, 4), (2, 1), (2, 2), (2, 4)])
+def test_the_step_loss_does_not_depend_on_micro_batching(micro_batch_reference, tmp_path, dp, micro_batch_size):
+    """One global batch split into micro-batches of 1, 2 or 4 rows on 1 or 2 data-parallel ranks: the same
+    training and validation losses, since every step's loss is the mean over all its loss tokens
+    (trainer/engine/step_loss.py); a mean per micro-batch differs by 5e-3 (6e-4 relative) at step 1 here."""
+    losses = _losses(tmp_path, f"mb{micro_batch_size}_dp{dp}",
+                     MICRO_BATCH_RUN + [f"parallel.micro_batch_size={micro_batch_size}"], world_size=dp)
+    assert len(losses) == 5  # 4 training losses, then the validation loss at step 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(micro_batch_reference), rtol=1e-6, atol=0)
+
+
 def test_unpacked_rows_match_across_layouts_too(tmp_path):
     unpacked = ["data.packing=false"]
     single = _losses(tmp_path, "unpacked1", unpacked)

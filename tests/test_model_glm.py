@@ -9,7 +9,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMLoss, GLMModel
 from trainer.parallel.split import split_rank_major
 from trainer.model.mask import segments_of_sep
-from trainer.model.output import OutputLayer
+from trainer.model.output import OutputLayer, vocab_parallel_logits
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from trainer.parallel.topology import Topology
 
@@ -221,3 +221,88 @@ def test_no_gradient_crosses_from_one_packed_sample_to_another(position_embeddin
         outside[start:start + length] = False
         assert torch.equal(grad[0, outside], torch.zeros_like(grad[0, outside]))
         assert grad[0, start:start + length].abs().sum() > 0
+
+
+COMPOSED = ["glm", "glm130b_rope2d", "glm4"]
+"""Tied and untied heads, learned and rotary positions, LayerNorm and RMSNorm, GQA."""
+
+
+def _pipeline_sequence(config: ModelConfig, seed: int) -> list:
+    """The pipeline's LayerSpecs (trainer/engine/pipeline.py) built in one process, as DeepSpeed builds them on
+    a single stage: a TiedLayerSpec whose key is built already reuses that module. -> [(spec, module)]."""
+    from trainer.engine.pipeline import build_layer_specs
+
+    built, sequence = {}, []
+    for spec in build_layer_specs(config, Topology.single(), seed):
+        key = getattr(spec, "key", None)
+        if key is None or key not in built:
+            module = spec.build()
+            built[key] = module
+        sequence.append((spec, built[key]))
+    return sequence
+
+
+@pytest.mark.parametrize("name", COMPOSED)
+def test_pipeline_specs_plain_module_and_model_are_one_composition(name):
+    """The pipeline's layers, the plain engine's GLMTrainModel and GLMModel come from glm_pieces: the same
+    parameter names (piece name + layer parameter) and the same logits / loss on one batch."""
+    from trainer.engine.plain import GLMTrainModel
+    from trainer.model.glm import glm_pieces
+
+    config = tiny_config(**SWITCH_SETS[name])
+    model = GLMModel(config, seed=7)
+    pieces = glm_pieces(config, None, 7)
+    sequence = _pipeline_sequence(config, 7)
+    assert [type(module) for _, module in sequence][:-1] == [piece.module for piece in pieces][:-1]
+    pipeline_names = {f"{piece.name}.{param}": value for piece, (spec, module) in zip(pieces, sequence)
+                      if piece.role != "head" or not config.tie_word_embeddings
+                      for param, value in module.state_dict().items()}
+    assert pipeline_names.keys() == model.state_dict().keys()
+    trained = GLMTrainModel(config, None, seed=7)
+    assert trained.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():  # one seed, one initialisation, whichever form built it
+        assert torch.equal(pipeline_names[key], value) and torch.equal(trained.state_dict()[key], value), key
+
+    inputs, (labels, loss_mask) = glm_batch()
+    x = inputs
+    for spec, module in sequence:  # the pipeline's forward, stage by stage on one rank
+        forward_fn = getattr(spec, "forward_fn", None)
+        x = module(x) if forward_fn is None else forward_fn(module, x)
+    logits = model(*inputs)
+    assert_close(vocab_parallel_logits(*x), logits, rtol=0, atol=0)
+    loss = GLMLoss(config)(logits, (labels, loss_mask))
+    assert_close(trained(inputs, (labels, loss_mask)), loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", COMPOSED)
+def test_kv_cached_decoding_gives_the_full_forward_logits(name):
+    """GLMModel fed a prefix and then one token at a time with its KV caches (the decoding path) gives, at
+    every position, the logits of one forward over the whole sequence."""
+    torch.manual_seed(0)
+    config = tiny_config(**SWITCH_SETS[name])
+    model = GLMModel(config, seed=5).eval()
+    (input_ids, position_ids, block_position_ids, _), _ = glm_batch(b=1)
+    sep, s = 7, input_ids.shape[1]
+    full = model(input_ids, position_ids, block_position_ids, segments_of_sep(torch.tensor([sep]), s))
+    caches = model.kv_caches()
+    assert len(caches) == config.num_layers
+    pieces, start = [], 0
+    for end in [sep] + list(range(sep + 1, s + 1)):  # Part A at once, then Part B token by token
+        chunk = (t[:, start:end] for t in (input_ids, position_ids, block_position_ids))
+        pieces.append(model(*chunk, segments_of_sep(torch.tensor([sep]), end - start), kv_caches=caches))
+        start = end
+    assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_loss_normaliser_divides_the_sum():
+    """GLMLoss with a normaliser (the engine's share of the step's loss tokens) is sum(CE * mask) / normaliser;
+    without one, the micro-batch's own token mean."""
+    config = tiny_config(**SWITCH_SETS["glm"])
+    model = GLMModel(config, seed=3)
+    inputs, (labels, loss_mask) = glm_batch()
+    logits = model(*inputs)
+    mean = GLMLoss(config)(logits, (labels, loss_mask))
+    tokens = loss_mask.sum()
+    assert_close(GLMLoss(config)(logits, (labels, loss_mask, torch.tensor(2.5))), mean * tokens / 2.5)
+    from_head = GLMLoss(config)(model.head_inputs(inputs), (labels, loss_mask, torch.tensor(2.5)))
+    assert_close(from_head, mean * tokens / 2.5)

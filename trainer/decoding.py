@@ -51,60 +51,42 @@ def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
     return part_a, masks
 
 
-def block_step(layer, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
-               mask: torch.Tensor, cache) -> torch.Tensor:
-    """GLMBlock on the new positions only, its attention reading and extending the KV cache."""
-    return layer.residual(hidden, lambda x: layer.attention(x, position_ids, block_position_ids, mask, kv_cache=cache))
-
-
-def full_vocab_logits(model, hidden: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
-    """Final hidden [b, s, h] -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
+def full_vocab_logits(model, inputs: tuple, vocab_size: int, tp_group, kv_caches=None) -> torch.Tensor:
+    """GLMModel on (ids, position ids, block position ids [b, s], segments [b, 2, s]), with its KV caches if
+    given -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
     from trainer.parallel.mappings import gather_from_tp
 
-    return gather_from_tp(model.logits(hidden), tp_group)[..., :vocab_size].float()
+    return gather_from_tp(model(*inputs, kv_caches=kv_caches), tp_group)[..., :vocab_size].float()
+
+
+def _inputs(model, ids: list[int], positions: list[int], blocks: list[int], sep: int) -> tuple:
+    """One row of ids, position ids, block position ids -> the model's inputs [1, s], segments [1, 2, s]."""
+    from trainer.model.mask import segments_of_sep
+
+    device = next(model.parameters()).device
+    ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in (ids, positions, blocks))  # [1, s]
+    return ids_t, pos_t, block_t, segments_of_sep(torch.tensor([sep], device=device), len(ids))
 
 
 def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
-    """A Step that keeps one KVCache per block and runs only the new positions."""
-    from trainer.model.attention import KVCache
-    from trainer.model.mask import dense_mask, segments_of_sep
-
-    layers = model.transformer["layers"]
-    caches = [KVCache() for _ in layers]
-    seen = [0]
+    """A Step that keeps one KVCache per block (GLMModel.kv_caches) and runs only the new positions."""
+    caches = model.kv_caches()
 
     def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
-        device = next(model.parameters()).device
-        ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in (ids, positions, blocks))  # [1, s_new]
-        segments = segments_of_sep(torch.tensor([sep], device=device), len(ids))  # [1, 2, s_new]
-        seen[0] += len(ids)
-        mask = dense_mask(segments, num_keys=seen[0])  # [1, 1, s_new, s_past + s_new]
-        hidden = model.embedding((ids_t, pos_t, block_t, segments))[0]  # [1, s_new, h]
-        for layer, cache in zip(layers, caches):
-            hidden = block_step(layer, hidden, pos_t, block_t, mask, cache)
-        hidden = model.transformer["final_layernorm"]((hidden,))
-        return full_vocab_logits(model, hidden, vocab_size, tp_group)[0, -1]
+        inputs = _inputs(model, ids, positions, blocks, sep)
+        return full_vocab_logits(model, inputs, vocab_size, tp_group, caches)[0, -1]
 
     return step
 
 
 def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
     """A Step that reruns GLMModel over the whole sequence so far (the reference for the cache)."""
-    from trainer.model.mask import segments_of_sep
-
     context: list[list[int]] = [[], [], []]
 
     def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
         for held, new in zip(context, (ids, positions, blocks)):
             held += new
-        device = next(model.parameters()).device
-        ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in context)  # [1, s]
-        segments = segments_of_sep(torch.tensor([sep], device=device), ids_t.shape[1])  # [1, 2, s]
-        activations = model.embedding((ids_t, pos_t, block_t, segments))
-        for layer in model.transformer["layers"]:
-            activations = layer(activations)
-        hidden = model.transformer["final_layernorm"](activations)
-        return full_vocab_logits(model, hidden, vocab_size, tp_group)[0, -1]
+        return full_vocab_logits(model, _inputs(model, *context, sep), vocab_size, tp_group)[0, -1]
 
     return step
 

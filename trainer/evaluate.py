@@ -53,10 +53,7 @@ def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab
     scores = {}
     for label, word in words.items():
         inputs = tuple(t.to(device) for t in cloze_inputs(part_a, masks[0], word, tokenizer.sop_id))
-        activations = model.embedding(inputs)
-        for layer in model.transformer["layers"]:
-            activations = layer(activations)
-        logits = full_vocab_logits(model, model.transformer["final_layernorm"](activations), vocab_size, tp_group)
+        logits = full_vocab_logits(model, inputs, vocab_size, tp_group)
         log_probs = torch.log_softmax(logits[0, len(part_a):], dim=-1)  # [m, V]: position j predicts v_j
         scores[label] = float(log_probs.gather(1, torch.tensor(word, device=device)[:, None]).sum())
     return scores

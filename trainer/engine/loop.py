@@ -2,8 +2,8 @@
 
 Data order: optimizer step t consumes the global rows [c_t, c_t + B_t) (a row is one sample, or several
 packed: trainer/data/packing.py). On data-parallel rank r, micro-batch k holds rows c_t + (k * dp + r) * b
-+ [0, b), so the set of micro-batches of a step, and hence the step's loss (their mean) and gradient, do not
-depend on the layout.
++ [0, b), so the set of micro-batches of a step, and hence the step's loss (the mean over all its loss tokens:
+trainer/engine/step_loss.py) and gradient, do not depend on the layout.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Optional
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -30,7 +30,9 @@ from trainer.engine.flops import train_flops_per_token
 from trainer.engine.metrics import MetricsWriter
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at
+from trainer.engine.step_loss import step_normaliser
 from trainer.errors import ConfigError
+from trainer.model.mask import stack_segments
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -49,20 +51,24 @@ class RunResult:
     stopped_by_signal: bool = False
 
 
-def pipeline_format(batch: dict) -> tuple:
+def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None) -> tuple:
     """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
-    (labels, loss_mask)); segments [b, 2, s] = (segment_start, segment_sep), the mask's input."""
-    segments = torch.stack([batch["segment_start"], batch["segment_sep"]], dim=1)  # [b, 2, s]
-    return ((batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments),
-            (batch["labels"], batch["loss_mask"]))
+    (labels, loss_mask[, normaliser])); segments [b, 2, s] = (segment_start, segment_sep), the mask's input;
+    normaliser: the step's loss normaliser (trainer/engine/step_loss.py), else the loss is the rows' token mean."""
+    segments = stack_segments(batch["segment_start"], batch["segment_sep"])  # [b, 2, s]
+    target = (batch["labels"], batch["loss_mask"]) + (() if normaliser is None else (normaliser,))
+    return (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments), target
 
 
 def micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topology: Topology,
-                  micro_batch_size: int) -> Iterator[tuple]:
-    """The micro-batches of one optimizer step on this rank, in DeepSpeed's pipeline format."""
-    for micro_step in range(grad_accum):
-        indices = micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp, micro_batch_size)
-        yield pipeline_format(collate([rows[i] for i in indices]))
+                  micro_batch_size: int) -> list[tuple]:
+    """The micro-batches of one optimizer step on this rank, in DeepSpeed's pipeline format, their loss
+    normalised by the step's loss tokens (trainer/engine/step_loss.py)."""
+    collated = [collate([rows[i] for i in micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp,
+                                                              micro_batch_size)])
+                for micro_step in range(grad_accum)]
+    normaliser = step_normaliser(collated, topology)
+    return [pipeline_format(batch, normaliser) for batch in collated]
 
 
 def _memory() -> dict:

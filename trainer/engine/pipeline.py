@@ -1,4 +1,5 @@
-"""GLM as a DeepSpeed PipelineModule: a flat list of LayerSpecs cut into stages.
+"""GLM as a DeepSpeed PipelineModule: the model's one description (trainer/model/glm.py: glm_pieces) as a
+flat list of LayerSpecs cut into stages.
 
     [TiedLayerSpec embed -> GLMEmbedding, GLMBlock 1 .. N, FinalLayerNorm, output head]
 The output head is the embedding again (TiedLayerSpec, tied output layer) or an OutputLayer (untied); either
@@ -19,33 +20,32 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from trainer.engine.deepspeed_compat import BoundedPipelineModule
 from trainer.engine.ds_topology import pipe_topology
 from trainer.engine.partition import stage_layer_bounds
-from trainer.model import FinalLayerNorm, GLMBlock, GLMEmbedding, GLMLoss
+from trainer.model.glm import GLMLoss, Piece, glm_pieces
 from trainer.model.config import ModelConfig
-from trainer.model.output import OutputLayer, head_outputs
 from trainer.parallel.topology import Topology
 
-TIED_KEY = "embed"
-TIED_WEIGHT = "word_embeddings.weight"
+
+def layer_spec(piece: Piece):
+    """A piece of the model's description (trainer/model/glm.py) as DeepSpeed builds it on its stage: a
+    TiedLayerSpec where pieces share a module (built on the first stage that holds one of them, its weight
+    tied across stages), else a LayerSpec."""
+    if piece.tie is None:
+        return LayerSpec(piece.module, *piece.args)
+    return TiedLayerSpec(piece.tie.key, piece.module, *piece.args, forward_fn=piece.forward_fn,
+                         tied_weight_attr=piece.tie.weight)
 
 
 def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list:
-    """The flat layer list of the GLM pipeline (global indices: 0 embedding, 1..N blocks, N+1 norm, N+2 output)."""
-    tp_group = topology.tp_group
-    specs = [TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, tied_weight_attr=TIED_WEIGHT)]
-    specs += [LayerSpec(GLMBlock, model, layer_number, tp_group, seed) for layer_number in range(1, model.num_layers + 1)]
-    specs.append(LayerSpec(FinalLayerNorm, model))
-    if model.tie_word_embeddings:
-        # Built only where the stage has no embedding yet (pp > 1): the word embedding alone.
-        specs.append(TiedLayerSpec(TIED_KEY, GLMEmbedding, model, tp_group, seed, False, forward_fn=head_outputs,
-                                   tied_weight_attr=TIED_WEIGHT))
-    else:
-        specs.append(LayerSpec(OutputLayer, model, tp_group, seed))
-    return specs
+    """The flat layer list of the GLM pipeline, glm_pieces in order (global indices: 0 embedding, 1..N blocks,
+    N+1 norm, N+2 output head)."""
+    return [layer_spec(piece) for piece in glm_pieces(model, topology.tp_group, seed)]
 
 
-RECOMPUTED_LAYERS = ["GLMEmbedding", "GLMBlock", "FinalLayerNorm"]
-"""Layer classes a recompute range may hold (PipelineModule's checkpointable_layers): never the output head
-(the tied one is a partial that hands its weight to the loss, whose logits are computed there)."""
+def recomputed_layers(model: ModelConfig) -> list[str]:
+    """Layer classes a recompute range may hold (PipelineModule's checkpointable_layers): those of every piece
+    but the output head (the tied one is a partial that hands its weight to the loss, whose logits are computed
+    there)."""
+    return sorted({piece.module.__name__ for piece in glm_pieces(model) if piece.role != "head"})
 
 
 class GLMPipeline(BoundedPipelineModule):
@@ -60,7 +60,7 @@ class GLMPipeline(BoundedPipelineModule):
                          topology=pipe_topology(topology.layout),
                          loss_fn=GLMLoss(model, topology.tp_group),
                          activation_checkpoint_interval=recompute_interval,
-                         checkpointable_layers=RECOMPUTED_LAYERS,
+                         checkpointable_layers=recomputed_layers(model),
                          **kwargs)
 
     def stage_bounds(self, num_stages: int) -> list[int]:

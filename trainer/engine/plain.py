@@ -4,13 +4,14 @@ DeepSpeed's pipeline engine allows ZeRO-1 at most; its plain engine (deepspeed.i
 nn.Module) runs ZeRO-2, ZeRO-3 and offload. With one pipeline stage the trainer therefore wraps
 `GLMTrainModel`, the single-process GLMModel with its loss, and drives it with the engine's public
 forward / backward / step. A step here is what the pipeline engine's train_batch is (trainer/engine/loop.py
-gives both the same micro-batches): the loss is the mean over the step's micro-batches and the
-data-parallel ranks, and the gradient is that mean's (DeepSpeed divides each micro-batch's loss by the
-gradient accumulation steps and averages the gradients over the data-parallel ranks).
+gives both the same micro-batches): DeepSpeed divides each micro-batch's loss by the gradient accumulation
+steps and averages the gradients over the data-parallel ranks, and the reported loss is the same mean over
+the step's micro-batches and the data-parallel ranks. Each micro-batch's loss carries the factor that undoes
+both (trainer/engine/step_loss.py), so loss and gradient are the step's mean over all its loss tokens.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from contextlib import nullcontext
 
@@ -19,13 +20,12 @@ import torch
 from trainer.model import GLMLoss, GLMModel
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
-from trainer.model.output import head_outputs
 from trainer.parallel.comm import mean_over_
 
 
 class GLMTrainModel(GLMModel):
     """GLMModel whose forward returns the loss: (inputs, target) in the pipeline's format
-    (trainer/engine/loop.py: pipeline_format) -> the masked mean cross-entropy, a 0-dim fp32 tensor.
+    (trainer/engine/loop.py: pipeline_format) -> GLMLoss of the output head's hand-over, a 0-dim fp32 tensor.
     Parameter names are GLMModel's, which are the canonical names (trainer/checkpoint/layout.py).
 
     With recompute_interval k > 0 the blocks run in groups of k under `recompute` (activation
@@ -39,20 +39,13 @@ class GLMTrainModel(GLMModel):
         self.recompute_interval = recompute_interval
         self.recompute = recompute
 
-    @property
-    def output_weight(self) -> torch.nn.Parameter:
-        """The output head's weight: the word embedding (tied) or the output layer's."""
-        return (self.embedding if self.output_layer is None else self.output_layer).output_weight
-
-    def _blocks(self, activations: Activations) -> Activations:
-        layers = list(self.transformer["layers"])
+    def run_blocks(self, blocks: Sequence[torch.nn.Module], activations: Activations,
+                   kv_caches: Optional[Sequence] = None) -> Activations:
         k = self.recompute_interval
-        if not (k and self.recompute and self.training and torch.is_grad_enabled()):
-            for layer in layers:
-                activations = layer(activations)
-            return activations
-        for start in range(0, len(layers), k):
-            group = layers[start:start + k]
+        if not (k and self.recompute and self.training and torch.is_grad_enabled()) or kv_caches is not None:
+            return super().run_blocks(blocks, activations, kv_caches)
+        for start in range(0, len(blocks), k):
+            group = blocks[start:start + k]
 
             def run(*inputs, group=group):
                 for layer in group:
@@ -62,11 +55,8 @@ class GLMTrainModel(GLMModel):
             activations = self.recompute(run, *activations)
         return activations
 
-    def forward(self, inputs: Activations, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        activations = self._blocks(self.embedding(inputs))
-        hidden = self.transformer["final_layernorm"](activations)  # [b, s, h]
-        head = self.embedding if self.output_layer is None else self.output_layer
-        return self.loss_fn(head_outputs(head, hidden), target)
+    def forward(self, inputs: Activations, target: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.loss_fn(self.head_inputs(inputs), target)
 
 
 def _mean_over_data_parallel(total: torch.Tensor, count: int, dp_group) -> torch.Tensor:

@@ -11,12 +11,12 @@ Dropout is applied to each sublayer output f(x) before the residual sum.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from trainer.model.attention import SelfAttention
+from trainer.model.attention import KVCache, SelfAttention
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
 from trainer.model.mask import GLMMask
@@ -49,8 +49,15 @@ class GLMBlock(nn.Module):
         mlp_input = self.post_attention_layernorm(alpha * attention_input + self.dropout(attend(attention_input)))
         return alpha * mlp_input + self.dropout(self.mlp(mlp_input))
 
-    def forward(self, inputs: Activations) -> Activations:
+    def forward(self, inputs: Activations, kv_cache: Optional[KVCache] = None) -> Activations:
+        """The block on the activations tuple. With a kv_cache (decoding) the tuple holds only the new
+        positions, whose segments describe them; attention reads the cached keys and values of the earlier
+        ones and appends the new ones."""
         hidden, position_ids, block_position_ids, segments = inputs  # hidden [b, s, h]
-        mask = GLMMask.of(segments)  # shared by the blocks of a micro-batch
-        hidden = self.residual(hidden, lambda x: self.attention(x, position_ids, block_position_ids, mask))
+        mask = GLMMask.of(segments)  # shared by the blocks of a micro-batch (or of a decoding step)
+        if kv_cache is not None:
+            cached = 0 if kv_cache.key is None else kv_cache.key.shape[2]  # key [b, g, s_past, d]
+            mask = mask.dense(num_keys=cached + hidden.shape[1])  # [b, 1, s, s_past + s]
+        hidden = self.residual(hidden, lambda x: self.attention(x, position_ids, block_position_ids, mask,
+                                                                 kv_cache=kv_cache))
         return hidden, position_ids, block_position_ids, segments

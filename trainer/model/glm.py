@@ -1,19 +1,31 @@
-"""The whole GLM: the pipeline pieces composed into one single-process module, plus the loss.
+"""The whole GLM, described once: the ordered pieces every form of the model is built from, the single-process
+module made of them, and the loss.
 
     GLMEmbedding -> GLMBlock 1 .. N -> FinalLayerNorm -> output head (tied embedding or OutputLayer)  | GLMLoss
-The same pieces are the DeepSpeed pipeline's LayerSpecs (trainer/engine/pipeline.py).
+`glm_pieces` is that description, and the output head is chosen there only. GLMModel builds its modules from
+it and runs them in its order (one process, the plain engine's GLMTrainModel, glm-generate's KV-cached
+decoding, glm-eval); the DeepSpeed pipeline turns each piece into a LayerSpec (trainer/engine/pipeline.py,
+gpt-neox's GPT2ModelPipe), so a piece added to the description is in every form.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from trainer.model.attention import KVCache
 from trainer.model.block import GLMBlock
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations, GLMEmbedding
 from trainer.model.norm import Norm
 from trainer.model.output import OutputLayer, head_outputs, vocab_parallel_logits
-from trainer.parallel.cross_entropy import masked_mean, vocab_parallel_cross_entropy
+from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+BLOCK = "block"
+"""The role of a transformer block piece: run in a group of consecutive blocks (KV caches, recomputation)."""
 
 
 class FinalLayerNorm(Norm):
@@ -23,20 +35,89 @@ class FinalLayerNorm(Norm):
         return super().forward(inputs[0])
 
 
+@dataclass(frozen=True)
+class Tie:
+    """Pieces with one key share one module, the first piece's; `weight` names the shared parameter (the
+    pipeline ties it across stages: DeepSpeed's TiedLayerSpec)."""
+    key: str
+    weight: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One step of the forward: module(*args), called on what the previous piece returned."""
+    name: str
+    """Its place in GLMModel, the prefix of its parameter names (the canonical names of trainer/checkpoint)."""
+    module: type
+    args: tuple
+    role: str
+    """One of "embedding", BLOCK, "final_norm", "head"."""
+    tie: Optional[Tie] = None
+    forward_fn: Optional[Callable] = None
+    """Called as forward_fn(module, x) in place of module(x) (the tied head hands on the embedding's weight)."""
+
+    def build(self) -> nn.Module:
+        return self.module(*self.args)
+
+
+WORD_EMBEDDING = Tie("embed", "word_embeddings.weight")
+
+
+def output_head(config: ModelConfig, tp_group=None, seed: int = 0) -> Piece:
+    """The output head: the word embedding again (tied; where it is a copy of its own, on the last pipeline
+    stage, it carries no position tables) or an OutputLayer. Either hands on (final hidden, output weight)."""
+    if config.tie_word_embeddings:
+        return Piece("embedding", GLMEmbedding, (config, tp_group, seed, False), "head", tie=WORD_EMBEDDING,
+                     forward_fn=head_outputs)
+    return Piece("output_layer", OutputLayer, (config, tp_group, seed), "head")
+
+
+def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0) -> list[Piece]:
+    """The GLM as the flat, ordered list of its pieces (the pipeline's global layer indices: 0 embedding,
+    1..N blocks, N+1 final norm, N+2 output head)."""
+    pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed), "embedding", tie=WORD_EMBEDDING)]
+    # A mixture-of-experts block is a BLOCK piece of its own class here (activations tuple in and out).
+    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed), BLOCK)
+               for number in range(1, config.num_layers + 1)]
+    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm"))
+    # A multi-token-prediction (MTP) head goes here, before the output head it shares: a piece that passes the
+    # final hidden on and adds its own predictions for the loss.
+    pieces.append(output_head(config, tp_group, seed))
+    return pieces
+
+
+def _attach(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Register `module` at the dotted `name` under root, creating the containers on the way (a ModuleList
+    where the next part is an index, else a ModuleDict)."""
+    *path, last = name.split(".")
+    parent = root
+    for part, following in zip(path, path[1:] + [last]):
+        child = dict(parent.named_children()).get(part)
+        if child is None:
+            child = nn.ModuleList() if following.isdigit() else nn.ModuleDict()
+            parent.add_module(part, child)
+        parent = child
+    parent.add_module(last, module)
+
+
 class GLMLoss(nn.Module):
-    """Loss = sum(CE * loss_mask) / sum(loss_mask), CE in fp32 over the vocabulary-parallel logits
-    (padding columns excluded). labels are already shifted: labels[i] is predicted at position i."""
+    """Loss = sum(CE * loss_mask) / normaliser, CE in fp32 over the vocabulary-parallel logits (padding columns
+    excluded). labels are already shifted: labels[i] is predicted at position i. The normaliser is the
+    target's third element if it has one (the trainer's share of the step's loss tokens:
+    trainer/engine/step_loss.py), else the micro-batch's own count of loss tokens sum(loss_mask) (a token mean)."""
 
     def __init__(self, config: ModelConfig, tp_group=None):
         super().__init__()
         self.vocab_size = config.vocab_size
         self.tp_group = tp_group
 
-    def forward(self, outputs, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, outputs, target: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """outputs: logits [b, s, V_pad / tp], or (hidden [b, s, h], the output weight [V_pad / tp, h])
         as the output head hands them over (trainer/model/output.py), in which case the logits are computed only at the
-        positions the loss counts (Part B: 15-30% of a GLM sample); target (labels [b, s], loss_mask [b, s])."""
-        labels, loss_mask = target
+        positions the loss counts (Part B: 15-30% of a GLM sample); target (labels [b, s], loss_mask [b, s]
+        [, normaliser: a 0-dim fp32 tensor])."""
+        labels, loss_mask = target[:2]
+        normaliser = target[2] if len(target) > 2 else loss_mask.sum()
         if isinstance(outputs, tuple):
             hidden, weight = outputs
             counted = loss_mask.reshape(-1) != 0
@@ -46,34 +127,77 @@ class GLMLoss(nn.Module):
         else:
             logits = outputs
         per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group, vocab_size=self.vocab_size)
-        return masked_mean(per_token, loss_mask)
+        summed = (per_token * loss_mask.to(per_token.dtype)).sum()
+        return summed / normaliser.to(per_token.dtype).clamp_min(torch.finfo(per_token.dtype).tiny)  # none: 0
 
 
 class GLMModel(nn.Module):
-    """GLM on one pipeline stage. Parameter names follow THUDM/GLM below the top level:
+    """GLM on one pipeline stage, built from glm_pieces. Parameter names follow THUDM/GLM below the top level:
     embedding.word_embeddings, embedding.{block_,}position_embeddings, transformer.layers.{i}.*,
     transformer.final_layernorm, and output_layer.weight when the output layer is untied."""
 
     def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
         super().__init__()
         self.tp_group = tp_group
-        self.embedding = GLMEmbedding(config, tp_group, seed)
-        self.transformer = nn.ModuleDict({
-            "layers": nn.ModuleList(GLMBlock(config, i, tp_group, seed) for i in range(1, config.num_layers + 1)),
-            "final_layernorm": FinalLayerNorm(config),
-        })
-        self.output_layer = None if config.tie_word_embeddings else OutputLayer(config, tp_group, seed)
+        shared: dict[str, nn.Module] = {}
+        sequence = []
+        for piece in glm_pieces(config, tp_group, seed):
+            if piece.tie is not None and piece.tie.key in shared:
+                sequence.append((piece, shared[piece.tie.key]))  # the tied head is the embedding module
+                continue
+            module = piece.build()
+            _attach(self, piece.name, module)
+            if piece.tie is not None:
+                shared[piece.tie.key] = module
+            sequence.append((piece, module))
+        self._sequence = tuple(sequence)  # a tuple: not registered again under another name
+        if not hasattr(self, "output_layer"):
+            self.output_layer: Optional[OutputLayer] = None  # tied: the embedding is the output layer
+
+    @property
+    def head(self) -> nn.Module:
+        """The output head's module: the word embedding (tied) or the OutputLayer."""
+        return next(module for piece, module in self._sequence if piece.role == "head")
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output head's weight [V_pad / tp, h]."""
+        return self.head.output_weight
+
+    def kv_caches(self) -> list[KVCache]:
+        """Empty KV caches, one per block, for head_inputs' incremental decoding."""
+        return [KVCache() for piece, _ in self._sequence if piece.role == BLOCK]
+
+    def run_blocks(self, blocks: Sequence[nn.Module], activations: Activations,
+                   kv_caches: Optional[Sequence[KVCache]] = None) -> Activations:
+        """Consecutive blocks on the activations tuple, each with its KV cache if given."""
+        for index, block in enumerate(blocks):
+            activations = block(activations) if kv_caches is None else block(activations, kv_caches[index])
+        return activations
+
+    def head_inputs(self, inputs: Activations, kv_caches: Optional[Sequence[KVCache]] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pieces in order: (input_ids, position_ids, block_position_ids [b, s], segments [b, 2, s]) ->
+        (final hidden [b, s, h], output weight [V_pad / tp, h]), what the head hands to the logits or the loss.
+        With kv_caches (self.kv_caches()) the inputs hold only the new positions (KV-cached decoding)."""
+        x, caches = inputs, iter(kv_caches) if kv_caches is not None else None
+        for is_block, run in groupby(self._sequence, key=lambda item: item[0].role == BLOCK):
+            run = list(run)
+            if is_block:  # consecutive blocks run as one group: KV caches, recomputation (GLMTrainModel)
+                blocks = [module for _, module in run]
+                x = self.run_blocks(blocks, x, None if caches is None else [next(caches) for _ in blocks])
+                continue
+            for piece, module in run:
+                x = module(x) if piece.forward_fn is None else piece.forward_fn(module, x)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden [b, s, h] -> this rank's logits [b, s, V_pad / tp], by the output head."""
-        head = self.embedding if self.output_layer is None else self.output_layer
-        return vocab_parallel_logits(*head_outputs(head, hidden), self.tp_group)
+        return vocab_parallel_logits(*head_outputs(self.head, hidden), self.tp_group)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
-                segments: torch.Tensor) -> torch.Tensor:
+                segments: torch.Tensor, kv_caches: Optional[Sequence[KVCache]] = None) -> torch.Tensor:
         """Token and position ids [b, s], segments [b, 2, s] (trainer/model/mask.py; one sample per row:
         segments_of_sep) -> this rank's logits [b, s, V_pad / tp]."""
-        activations = self.embedding((input_ids, position_ids, block_position_ids, segments))
-        for layer in self.transformer["layers"]:
-            activations = layer(activations)
-        return self.logits(self.transformer["final_layernorm"](activations))
+        hidden, weight = self.head_inputs((input_ids, position_ids, block_position_ids, segments), kv_caches)
+        return vocab_parallel_logits(hidden, weight, self.tp_group)

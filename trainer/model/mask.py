@@ -10,10 +10,10 @@ Inside a sample this is GLM's mask (Part A bidirectional within Part A, Part B c
 Part A); across samples it is block-diagonal: a column before the sample's start is hidden, and a column
 after its end is hidden too (it lies right of both sep and i). Every row sees itself, so no row is empty.
 
-What travels between pipeline stages is `segments` [b, 2, s] (segment_start, segment_sep stacked): O(s) per
-row. `GLMMask` builds the kernels' forms from it once per micro-batch: the dense bool [b, 1, s, s], SDPA's
-additive float mask, and FlexAttention's BlockMask, which skips the 128 x 128 tiles between two samples
-and above the diagonal right of every sep.
+What travels between pipeline stages is `segments` [b, 2, s] (segment_start, segment_sep stacked, by
+`stack_segments` only): O(s) per row. `GLMMask` builds the kernels' forms from it once per micro-batch:
+the dense bool [b, 1, s, s], SDPA's additive float mask, and FlexAttention's BlockMask, which skips the
+128 x 128 tiles between two samples and above the diagonal right of every sep.
 """
 from __future__ import annotations
 
@@ -30,11 +30,16 @@ def visible(q_index: torch.Tensor, kv_index: torch.Tensor, start: torch.Tensor, 
     return (kv_index >= start) & ((kv_index < sep) | (kv_index <= q_index))
 
 
+def stack_segments(segment_start: torch.Tensor, segment_sep: torch.Tensor) -> torch.Tensor:
+    """The model's `segments` input, made here only: segment_start, segment_sep [b, s] -> [b, 2, s]."""
+    return torch.stack([segment_start, segment_sep], dim=1)  # [b, 2, s]
+
+
 def segments_of_sep(sep: torch.Tensor, seq_length: int) -> torch.Tensor:
     """One sample per row, starting at 0 with |Part A| = sep [b] -> segments [b, 2, s]."""
     b = sep.shape[0]
     start = torch.zeros(b, seq_length, dtype=torch.long, device=sep.device)  # [b, s]
-    return torch.stack([start, sep.to(torch.long)[:, None].expand(b, seq_length)], dim=1)  # [b, 2, s]
+    return stack_segments(start, sep.to(torch.long)[:, None].expand(b, seq_length))
 
 
 def dense_mask(segments: torch.Tensor, num_keys: Optional[int] = None) -> torch.Tensor:
@@ -60,7 +65,7 @@ class GLMMask:
     def __init__(self, segments: torch.Tensor):
         self.segments = segments
         self.seq_length = segments.shape[-1]
-        self._dense: Optional[torch.Tensor] = None
+        self._dense: dict[int, torch.Tensor] = {}
         self._additive: dict[torch.dtype, torch.Tensor] = {}
         self._block_mask: Optional[BlockMask] = None
 
@@ -74,11 +79,13 @@ class GLMMask:
         cls._latest = (weakref.ref(segments), segments._version, mask)
         return mask
 
-    def dense(self) -> torch.Tensor:
-        """[b, 1, s, s] bool, True = may attend."""
-        if self._dense is None:
-            self._dense = dense_mask(self.segments)
-        return self._dense
+    def dense(self, num_keys: Optional[int] = None) -> torch.Tensor:
+        """[b, 1, s, s_k] bool, True = may attend; s_k = num_keys (default s) counts the positions a KV cache
+        holds before these s (dense_mask), so the blocks of one decoding step share it too."""
+        s_k = self.seq_length if num_keys is None else num_keys
+        if s_k not in self._dense:
+            self._dense[s_k] = dense_mask(self.segments, num_keys=s_k)
+        return self._dense[s_k]
 
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
         """[b, 1, s, s] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool
