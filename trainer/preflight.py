@@ -111,6 +111,8 @@ def with_vocab(config: Config, vocab: int) -> Config:
 
 def check_data(config: Config) -> Config:
     """Data and tokenizer files present and usable; returns the config with the vocabulary resolved."""
+    # Lazy: the datasets import torch; glm-launch and glm-train import this module and answer --help and
+    # config errors without it.
     from trainer.data.dataset import check_data_files
 
     return with_vocab(config, check_data_files(config.data))

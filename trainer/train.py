@@ -55,7 +55,7 @@ def given_config(args: argparse.Namespace) -> Config:
 
 
 def print_outcome(config: Config, result) -> None:
-    from trainer.engine.demo import show_what_was_learned
+    from trainer.engine.demo import show_what_was_learned  # lazy like the engine below: glm-train imports no torch
 
     print(f"metrics:      {result.run_dir / 'metrics.jsonl'}")
     print(f"tensorboard:  tensorboard --logdir {result.run_dir / 'tb'}")

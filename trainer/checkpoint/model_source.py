@@ -18,6 +18,7 @@ from trainer.checkpoint.pipeline_files import model_states_file, read_model_weig
 from trainer.checkpoint.run_record import check_shape, checkpoint_model, read_run_record, recorded_model, run_tokenizer
 from trainer.checkpoint.tags import LATEST, latest_tag
 from trainer.errors import CheckpointError
+from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
 from trainer.parallel.mappings import group_rank, group_size
 
@@ -86,8 +87,6 @@ def source_tokenizer(path: Path) -> Optional[Path]:
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], tp_group=None,
                 device: Optional[torch.device] = None) -> torch.nn.Module:
     """A GLMModel in eval mode holding this tensor-parallel rank's shard of the canonical weights."""
-    from trainer.model import GLMModel
-
     model = GLMModel(config, tp_group)
     model.load_state_dict(shard_state(weights, config, group_size(tp_group), group_rank(tp_group)))
     return model.to(device or "cpu").eval()
