@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.ds_format import client_state
-from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, tag_for
+from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
+from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, tag_for
 from trainer.engine.resume import load_any_layout
 from trainer.errors import CheckpointError
 from trainer.parallel import random as parallel_random
