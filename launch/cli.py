@@ -5,10 +5,13 @@
                [--host-memory 1TB] [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
                [--dry-run] [-- glm-train arguments]
 
-The plan reaches every rank as glm-train `--set parallel.*` and `--set optim.*` overrides after the user's
-own, so all ranks read the same resolved layout. The planner chooses parallel.tp, pp, micro_batch_size,
-recompute_interval and optim.zero_stage, offload_optimizer, offload_params whatever the YAML says;
---tp / --pp / --micro-batch / --recompute-interval, or those keys in a `--set` after `--`, fix them instead.
+The config is resolved and validated once, here, before any rank starts: the YAML, the user's `--set`s after
+`--`, then the plan (parallel.tp, pp, micro_batch_size, recompute_interval and optim.zero_stage,
+offload_optimizer, offload_params, chosen whatever the YAML says; --tp / --pp / --micro-batch /
+--recompute-interval, or those keys in a `--set` after `--`, fix them instead), checked with the data, the run
+directory and the disk by trainer/preflight.py. It is written to run_dir/launch_config.yaml and every rank
+starts with `glm-train --resolved-config` that file: all ranks read the same resolved config and validate
+nothing again. A restart resolves it anew (the devices, hence the plan, may have changed).
 """
 from __future__ import annotations
 
@@ -23,14 +26,19 @@ from typing import Optional
 from launch.devices import Cluster, discover, host_memory, local_accelerator
 from launch.planner import Fixed, Plan, describe_zero, plan_layout
 from launch.supervisor import RESTARTS_LOG, Start, supervise
-from trainer.config import Config, load_config, parse_override
+from trainer.checkpoint.tags import latest_tag, step_of
+from trainer.config import Config, config_yaml, load_config, parse_override, with_overrides
 from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
+from trainer.paths import temporary_beside
+from trainer.preflight import preflight
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
                 "recompute_interval": "recompute_interval"}
 _ZERO_KEYS = ("zero_stage", "offload_optimizer", "offload_params")
 """The optim.* keys the planner chooses (a --set fixes them), under the same names in Fixed."""
+LAUNCH_CONFIG = "launch_config.yaml"
+"""The resolved config of the current start, in the run directory (shared by every node, like checkpoints/)."""
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -64,15 +72,24 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
 
-def _user_overrides(train_args: list[str]) -> list[str]:
-    """The `--set` values among the glm-train arguments (they shape the plan too)."""
+def _split_train_args(train_args: list[str]) -> tuple[list[str], list[str]]:
+    """The glm-train arguments after `--` -> (their `--set` values, which glm-launch resolves into the config,
+    the rest, which every rank gets as they are)."""
     parser = OneLineParser(prog="glm-launch -- (glm-train arguments)", add_help=False)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--config")
-    known, _ = parser.parse_known_args(train_args)
-    if known.config:
-        raise ConfigError("give --config to glm-launch, not after `--`: glm-launch passes it to every rank")
-    return known.overrides
+    parser.add_argument("--resolved-config")
+    parser.add_argument("--restarts")
+    known, rest = parser.parse_known_args(train_args)
+    if known.config or known.resolved_config or known.restarts:
+        raise ConfigError("give --config to glm-launch, not --config, --resolved-config or --restarts after `--`: "
+                          "glm-launch resolves the config once and hands it to every rank")
+    return known.overrides, rest
+
+
+def _user_overrides(train_args: list[str]) -> list[str]:
+    """The `--set` values among the glm-train arguments (they shape the plan too)."""
+    return _split_train_args(train_args)[0]
 
 
 def fixed_choices(args: argparse.Namespace, overrides: list[str]) -> Fixed:
@@ -102,8 +119,9 @@ def node_rank(args: argparse.Namespace, cluster: Cluster, env: dict) -> Optional
 
 
 def runner_command(plan: Plan, args: argparse.Namespace, train_args: list[str], hostfile: Optional[str],
-                   env: dict) -> list[str]:
-    """`python -m deepspeed.launcher.runner ... --module trainer.train --config FILE ... --set layout`.
+                   env: dict, resolved_file: Path, restarts: int = 0) -> list[str]:
+    """`python -m deepspeed.launcher.runner ... --module trainer.train --resolved-config FILE [--restarts N] ...`
+    (the user's glm-train arguments other than `--set`, which the resolved config holds).
 
     One node: --num_gpus N on localhost. A hostfile: DeepSpeed reaches the nodes itself (pdsh, ssh).
     One glm-launch per node (--node-rank, or SLURM's srun): the runner with --no_ssh and this node's
@@ -121,8 +139,8 @@ def runner_command(plan: Plan, args: argparse.Namespace, train_args: list[str], 
         command += ["--master_addr", args.master_addr] if args.master_addr else []
     else:
         command += ["--num_gpus", str(cluster.world_size), "--master_port", str(args.master_port or free_port())]
-    command += ["--no_local_rank", "--module", "trainer.train", "--config", str(Path(args.config).resolve())]
-    return command + train_args + [arg for value in plan.overrides() for arg in ("--set", value)]
+    command += ["--no_local_rank", "--module", "trainer.train", "--resolved-config", str(resolved_file.resolve())]
+    return command + (["--restarts", str(restarts)] if restarts else []) + _split_train_args(train_args)[1]
 
 
 def describe(plan: Plan) -> str:
@@ -172,9 +190,10 @@ def _check_node(args: argparse.Namespace, cluster: Cluster) -> None:
 
 
 def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: bool = False) -> tuple[Config, Plan]:
-    """Discover the devices and plan the layout for them: at the start, and again before each restart."""
+    """Discover the devices and plan the layout for them: at the start, and again before each restart. Returns
+    the config with the plan applied (not yet checked against the world size: preflight does that)."""
     # the YAML's tp and pp are re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a
-    # --set among them) at tp = pp = 1, unless the user fixes them
+    # --set among them) at tp = pp = 1, unless the user fixes them; the planner needs that much to plan
     config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1"] + overrides)
     config.validate()
     cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
@@ -184,13 +203,13 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
         raise ConfigError(f"{cluster.world_size} device(s) found, fewer than --min-devices {args.min_devices}: "
                           f"{'no restart' if restarting else 'nothing started'}")
     plan = plan_layout(config, cluster, host_memory(args.host_memory), fixed_choices(args, overrides))
-    resolved = load_config(args.config, overrides + plan.overrides())
-    resolved.validate(cluster.world_size)
-    return resolved, plan
+    return with_overrides(config, plan.overrides()), plan  # the plan sets every key the tp = pp = 1 above did
 
 
 def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Plan]:
-    """Parse, discover, plan and validate: everything that must succeed before a process starts."""
+    """Parse, discover and plan: the config returned has the plan applied; plan_start() checks it (preflight)
+    before the first start, --dry-run only against the layout (the data and the run directory may be on the
+    cluster, not here)."""
     args, train_args = parse_args(argv)
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise ConfigError(f"--master-port {args.master_port} is not a TCP port: use 1..65535 (1024 and up "
@@ -199,30 +218,38 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
         raise ConfigError(f"--max-restarts must be >= 0 and --min-devices >= 1, got {args.max_restarts} and "
                           f"{args.min_devices}")
     resolved, plan = plan_devices(args, _user_overrides(train_args))
-    if not args.dry_run:
+    if args.dry_run:
+        resolved.validate(plan.cluster.world_size)
+    else:
         _check_local(plan.cluster, args)
     return args, train_args, resolved, plan
 
 
 def resumable_step(run_dir: Path) -> Optional[int]:
     """The step of the checkpoint `checkpoints/latest` names (written only once that checkpoint is complete);
-    asked only before a restart, so planning never imports DeepSpeed."""
-    from trainer.engine.checkpoint import TAG
-
-    latest = run_dir / "checkpoints" / "latest"
-    match = TAG.match(latest.read_text().strip()) if latest.is_file() else None
-    return int(match.group(1)) if match else None
+    None without one."""
+    tag = latest_tag(run_dir / "checkpoints")
+    return None if tag is None else step_of(tag)
 
 
-def plan_start(args: argparse.Namespace, train_args: list[str], scratch: str, restarts: int) -> Start:
-    """One start of the ranks on the devices found now. A restart resumes from the newest checkpoint (when
-    there is one) and tells the ranks how many restarts came before (`restarts` in metrics.jsonl)."""
-    resolved, plan = plan_devices(args, _user_overrides(train_args), restarting=restarts > 0)
-    run_dir = Path(resolved.train.run_dir)
+def plan_start(args: argparse.Namespace, train_args: list[str], scratch: str, restarts: int,
+               first: tuple[Config, Plan]) -> Start:
+    """One start of the ranks: the first on prepare()'s plan (`first`), a restart on the devices found now,
+    resuming from the newest checkpoint (when there is one) and telling the ranks how many restarts came before
+    (`restarts` in metrics.jsonl). The start's config is checked here, once (preflight), and written to
+    run_dir/LAUNCH_CONFIG for the ranks."""
+    planned, plan = first
     if restarts:  # the run dir holds this job's own failed start: continue it, or start over it if it saved nothing
-        own = ["train.resume=true", "train.overwrite=false"] if resumable_step(run_dir) is not None \
-            else ["train.resume=false", "train.overwrite=true"]
-        train_args = train_args + [arg for item in own + [f"train.restarts={restarts}"] for arg in ("--set", item)]
+        planned, plan = plan_devices(args, _user_overrides(train_args), restarting=True)
+        own = ["train.resume=true", "train.overwrite=false"] if resumable_step(Path(planned.train.run_dir)) \
+            is not None else ["train.resume=false", "train.overwrite=true"]
+        planned = with_overrides(planned, own)
+    resolved = preflight(planned, plan.cluster.world_size)
+    run_dir = Path(resolved.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staged = temporary_beside(run_dir / LAUNCH_CONFIG)  # one per node: SLURM's nodes may write it at once
+    staged.write_text(config_yaml(resolved))
+    os.replace(staged, run_dir / LAUNCH_CONFIG)
     env = dict(os.environ)
     if plan.cluster.kind == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
@@ -236,7 +263,7 @@ def plan_start(args: argparse.Namespace, train_args: list[str], scratch: str, re
     if node in (None, 0):  # once per job, not once per node
         print(describe(plan), flush=True)
     layout = plan.layout
-    return Start(runner_command(plan, args, train_args, hostfile, env), env,
+    return Start(runner_command(plan, args, train_args, hostfile, env, run_dir / LAUNCH_CONFIG, restarts), env,
                  local_ranks=0 if node is None else plan.cluster.hosts[node][1],
                  metrics=run_dir / "metrics.jsonl" if node == 0 else None,
                  stall_seconds=resolved.train.collective_timeout_minutes * 60,
@@ -253,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     run_dir = Path(resolved.train.run_dir)
     with tempfile.TemporaryDirectory(prefix="glm-launch-") as scratch:
-        return supervise(lambda restarts: plan_start(args, train_args, scratch, restarts),
+        return supervise(lambda restarts: plan_start(args, train_args, scratch, restarts, (resolved, plan)),
                          lambda: resumable_step(run_dir), args.max_restarts, run_dir)
 
 

@@ -45,7 +45,7 @@ Activations and the total:
 MARGIN covers allocator fragmentation and the transient buffers of backward (a gradient being
 formed, the logits' gradient). The reserve is RUNTIME_RESERVE on a GPU (the CUDA context, communication
 buffers, the process) and CPU_RUNTIME_RESERVE for a CPU rank: the resident set of a process that has
-imported torch and DeepSpeed and joined a gloo group, measured (trainer/bench/memory_check.py). The
+imported torch and DeepSpeed and joined a gloo group, measured (launch/memory_check.py). The
 estimate counts live tensors, what a GPU's caching allocator holds; on a CPU rank glibc's default
 adaptive mmap threshold also keeps freed heap resident, which the memory check turns off
 (docs/LAUNCH.md: the measurements, and what that retention adds). Activations are counted tensor by tensor

@@ -53,9 +53,9 @@ def _env(extra: Optional[dict] = None) -> dict:
     return env
 
 
-def run_train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """glm-train run directly (single-process debug mode)."""
-    return subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=REPO, env=_env(),
+def run_train(args: list[str], timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """glm-train run directly (single-process debug mode); `env` adds environment variables."""
+    return subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=REPO, env=_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

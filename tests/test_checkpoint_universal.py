@@ -2,8 +2,9 @@
 `--set train.resume=true` at tp=1 x pp=2 (and at dp=2), one trained at dp=2 and resumed at tp=2, and one
 trained at pp=2 (the tied embedding's Adam state on both stages) and resumed at dp=2,
 continue the loss curve of an uninterrupted run (fp32, 1e-5 relative), weights and Adam state carried
-over (trainer.checkpoint.universal). In fp32 the dp=1 layouts run without ZeRO (trainer/engine/ds_config.py)
-and dp=2 with ZeRO-1, so both optimizer formats are read and written."""
+over (read by trainer/checkpoint/universal.py, loaded by trainer/engine/resume.py). In fp32 the dp=1 layouts
+run without ZeRO (trainer/engine/ds_config.py) and dp=2 with ZeRO-1, so both optimizer formats are read and
+written."""
 import shutil
 
 import pytest

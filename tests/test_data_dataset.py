@@ -47,7 +47,7 @@ def test_documents_are_cut_apart_into_near_equal_texts(prefix):
 def test_wraps_around_reshuffling_each_epoch_and_logs_it(prefix, caplog):
     ds = build_dataset(config(prefix), seed=7)
     size = len(ds)
-    with caplog.at_level(logging.INFO, logger="trainer.data.dataset"):
+    with caplog.at_level(logging.INFO, logger="trainer.data.sequences"):
         texts = [tuple(ds.sequence(i)) for i in range(3 * size)]
     epochs = [texts[e * size:(e + 1) * size] for e in range(3)]
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == size for e in epochs)

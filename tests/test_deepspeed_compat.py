@@ -1,5 +1,7 @@
-"""The DeepSpeed contract: what trainer/engine/deepspeed_compat.py uses still exists in the installed DeepSpeed,
-and no other file of the trainer reaches into DeepSpeed's internals."""
+"""The DeepSpeed contract: what the adapter uses still exists in the installed DeepSpeed, and no other file of the
+trainer reaches into DeepSpeed's internals. The adapter has two halves: trainer/engine/deepspeed_compat.py (live
+engine and optimizer objects) and trainer/checkpoint/ds_format.py (what DeepSpeed's checkpoint files hold, below
+both checkpoint and engine)."""
 import ast
 import inspect
 import re
@@ -7,14 +9,17 @@ from pathlib import Path
 
 import deepspeed
 import pytest
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 REPO = Path(__file__).resolve().parent.parent
-ADAPTER = "trainer/engine/deepspeed_compat.py"
+ADAPTERS = ("trainer/engine/deepspeed_compat.py", "trainer/checkpoint/ds_format.py")
+ADAPTER = " or ".join(ADAPTERS)
 
 METHODS = [
     (DeepSpeedEngine, "_take_model_step", "wrap_model_step: the trainer's clipping inside the pipeline's train_batch"),
@@ -24,6 +29,8 @@ METHODS = [
     (DeepSpeedZeroOptimizer_Stage3, "_swappable_optimizer_subgroup", "_is_swapped_to_nvme (optimizer offload nvme)"),
     (DeepSpeedZeroOptimizer_Stage3, "_optimizer_states_and_gradient_swap_in", "initialise_zero_moments (nvme)"),
     (DeepSpeedZeroOptimizer_Stage3, "_optimizer_states_and_gradient_swap_out", "initialise_zero_moments (nvme)"),
+    (FP16_Optimizer, "refresh_fp32_params", "refresh_master_weights: a resume from another layout (fp16)"),
+    (BF16_Optimizer, "refresh_fp32_params", "refresh_master_weights: a resume from another layout (bf16)"),
 ]
 SOURCE_NAMES = [
     # (class, attribute name its source must mention, what needs it)
@@ -42,6 +49,12 @@ SOURCE_NAMES = [
     (DeepSpeedEngine, "ds_config=self.config", "offloads_optimizer: the run's DeepSpeed config in its checkpoint"),
     (DeepSpeedEngine, "zero_pp_rank_", "zero_file / zero3_model_states_file names"),
 ]
+PROPERTIES = [
+    # (class, property the adapter reads, what needs it)
+    (FP16_Optimizer, "loss_scale", "loss_scale: metrics.jsonl's loss_scale under fp16"),
+    (DeepSpeedZeroOptimizer, "loss_scale", "loss_scale: metrics.jsonl's loss_scale under fp16 and ZeRO-1/2"),
+    (DeepSpeedZeroOptimizer_Stage3, "loss_scale", "loss_scale: metrics.jsonl's loss_scale under fp16 and ZeRO-3"),
+]
 
 
 @pytest.mark.parametrize("cls, name, why", METHODS, ids=[f"{c.__name__}.{n}" for c, n, _ in METHODS])
@@ -49,6 +62,13 @@ def test_the_adapter_s_methods_exist(cls, name, why):
     assert callable(getattr(cls, name, None)), (
         f"DeepSpeed {deepspeed.__version__} has no {cls.__name__}.{name}, which {ADAPTER} uses for {why}: "
         f"adapt that function to the new DeepSpeed, or pin deepspeed to the version in setup.cfg")
+
+
+@pytest.mark.parametrize("cls, name, why", PROPERTIES, ids=[f"{c.__name__}.{n}" for c, n, _ in PROPERTIES])
+def test_the_adapter_s_properties_exist(cls, name, why):
+    assert isinstance(getattr(cls, name, None), property), (
+        f"DeepSpeed {deepspeed.__version__}'s {cls.__name__} has no property {name}, which {ADAPTER} reads for "
+        f"{why}: adapt that function")
 
 
 @pytest.mark.parametrize("cls, name, why", SOURCE_NAMES, ids=[f"{c.__name__}:{n}" for c, n, _ in SOURCE_NAMES])
@@ -66,7 +86,8 @@ def test_the_adapter_s_names_are_still_used_by_deepspeed(cls, name, why):
 
 PRIVATE = re.compile(r"\._[a-z]\w*|\bds_(?:tensor|shape|pipe_replicated|process_group|id)\b|single_partition_of_fp32_groups"
                      r"|fp32_partitioned_groups_flat|param_slice_mappings|base_optimizer_state|\.overflow\b"
-                     r"|pipeline_enable_backward_allreduce|zero_pp_rank_|deepspeed\.runtime\.(?!pipe\.topology)")
+                     r"|pipeline_enable_backward_allreduce|zero_pp_rank_|\bcur_scale\b|\bloss_scaler\b|\.loss_scale\b(?!\s*\()|refresh_fp32_params"
+                     r"|deepspeed\.runtime\.(?!pipe\.topology)")
 """What reaching into DeepSpeed looks like: a private attribute, ZeRO's attributes and file internals, modules of
 deepspeed.runtime other than its documented topology classes."""
 
@@ -85,7 +106,7 @@ def test_no_deepspeed_internals_outside_the_adapter():
     offenders = []
     for path in sorted((REPO / "trainer").rglob("*.py")) + sorted((REPO / "launch").rglob("*.py")):
         relative = str(path.relative_to(REPO))
-        if relative == ADAPTER:
+        if relative in ADAPTERS:
             continue
         for number, line in _code_lines(path):
             for match in PRIVATE.finditer(line):
@@ -110,5 +131,6 @@ def test_the_grep_finds_what_it_looks_for():
     assert PRIVATE.search("engine._take_model_step = wrapped") and _is_deepspeed_object("engine._take_model_step", 6)
     assert PRIVATE.search("flat = optimizer.single_partition_of_fp32_groups[0]")
     assert PRIVATE.search("from deepspeed.runtime.zero.stage3 import X")
+    assert PRIVATE.search("scale = optimizer.loss_scaler.cur_scale") and PRIVATE.search("optimizer.loss_scale") and not PRIVATE.search("deepspeed_compat.loss_scale(o)") and PRIVATE.search("optimizer.refresh_fp32_params()")
     assert not PRIVATE.search("from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology")
     assert not _is_deepspeed_object("self._counted = 1", 4)

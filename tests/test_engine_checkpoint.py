@@ -9,7 +9,8 @@ import torch
 from tests.distributed import run_distributed
 from tests.glm_processes import metrics, run_train, train_args
 from trainer.checkpoint.manifest import write_manifest
-from trainer.engine.checkpoint import choose_tag, follow_schedule, list_tags, tag_for
+from trainer.checkpoint.tags import list_tags, tag_for
+from trainer.engine.checkpoint import choose_tag, follow_schedule
 from trainer.errors import CheckpointError
 
 

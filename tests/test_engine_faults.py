@@ -10,6 +10,7 @@ import torch
 
 from tests.glm_processes import (metrics, run_train, start_ranks, train_args, wait_all, wait_for_step,
                                  zero_stage_overrides)
+from trainer.engine.faults import INJECT_NAN_STEPS
 
 STEPS = 8
 
@@ -64,7 +65,7 @@ def test_injected_nan_is_skipped_and_counted(tmp_path, zero_stage):
     zero = zero_stage_overrides(zero_stage, tmp_path)
     clean = run_train(train_args(tmp_path / "clean", 5, *zero))
     assert clean.returncode == 0, clean.stderr[-3000:]
-    faulty = run_train(train_args(tmp_path / "nan", 5, *zero, "train.inject_nan_steps=[3]"))
+    faulty = run_train(train_args(tmp_path / "nan", 5, *zero), env={INJECT_NAN_STEPS: "3"})
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     good, bad = metrics(tmp_path / "clean"), metrics(tmp_path / "nan")
     saved = tmp_path / "nan" / "checkpoints" / "global_step5"
@@ -79,8 +80,8 @@ def test_injected_nan_is_skipped_and_counted(tmp_path, zero_stage):
 
 
 def test_too_many_nans_in_a_row_stop_with_a_checkpoint(tmp_path):
-    result = run_train(train_args(tmp_path / "run", 8, "train.inject_nan_steps=[3, 4, 5]",
-                                  "train.max_nonfinite_in_a_row=2"))
+    result = run_train(train_args(tmp_path / "run", 8, "train.max_nonfinite_in_a_row=2"),
+                       env={INJECT_NAN_STEPS: "3,4,5"})
     assert result.returncode == 2
     assert "3 steps in a row had a non-finite loss" in result.stderr
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]

@@ -134,18 +134,17 @@ def test_bad_input_from_the_console_script_starts_nothing(tmp_path):
 def test_runner_command_is_deepspeeds_own_launcher(tmp_path):
     from deepspeed.launcher.runner import parse_args as deepspeed_args
 
-    argv = ["--config", "configs/glm-debug.yaml", "--nproc", "2", "--", "--set", "train.steps=2"]
+    argv = ["--config", "configs/glm-debug.yaml", "--nproc", "2", "--", "--set", "train.steps=2", "--print-model"]
     args, train_args, _, plan = prepare(argv)
-    command = runner_command(plan, args, train_args, None, {})
+    command = runner_command(plan, args, train_args, None, {}, tmp_path / "launch_config.yaml", restarts=1)
     assert command[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     parsed = deepspeed_args(command[4:])
     assert parsed.num_gpus == 2 and parsed.module and parsed.no_local_rank
     assert parsed.user_script == "trainer.train"
-    assert parsed.user_args == ["--config", str(REPO / "configs/glm-debug.yaml"), "--set", "train.steps=2",
-                                "--set", "parallel.tp=1", "--set", "parallel.pp=1",
-                                "--set", "parallel.micro_batch_size=4",
-                                "--set", "parallel.recompute_interval=0", "--set", "optim.zero_stage=1",
-                                "--set", "optim.offload_optimizer=none", "--set", "optim.offload_params=none"]
+    # The ranks get the config glm-launch resolved (the --set values and the plan are in it) and the other
+    # glm-train arguments as given.
+    assert parsed.user_args == ["--resolved-config", str(tmp_path / "launch_config.yaml"), "--restarts", "1",
+                                "--print-model"]
 
 
 def test_runner_command_under_slurm_runs_one_launcher_per_node_without_ssh(tmp_path):
@@ -157,7 +156,7 @@ def test_runner_command_under_slurm_runs_one_launcher_per_node_without_ssh(tmp_p
     cluster = discover(gpu_memory="80GB", env={"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "8"})
     plan = plan_layout(load_config(args.config), cluster, HostMemory(10 ** 12, "--host-memory"))
     parsed = __import__("deepspeed.launcher.runner", fromlist=["parse_args"]).parse_args(
-        runner_command(plan, args, train_args, "/tmp/h", {"SLURM_NODEID": "1"})[4:])
+        runner_command(plan, args, train_args, "/tmp/h", {"SLURM_NODEID": "1"}, tmp_path / "c.yaml")[4:])
     assert (parsed.hostfile, parsed.no_ssh, parsed.node_rank, parsed.master_addr) == ("/tmp/h", True, 1, "n1")
 
 
@@ -166,7 +165,7 @@ def test_runner_command_for_one_node_of_a_hostfile(tmp_path):
             "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "29123"]
     args, train_args_, _, plan = prepare(argv)
     parsed = __import__("deepspeed.launcher.runner", fromlist=["parse_args"]).parse_args(
-        runner_command(plan, args, train_args_, args.hostfile, {})[4:])
+        runner_command(plan, args, train_args_, args.hostfile, {}, tmp_path / "c.yaml")[4:])
     assert (parsed.hostfile, parsed.no_ssh, parsed.node_rank) == (args.hostfile, True, 1)
     assert (parsed.master_addr, parsed.master_port) == ("10.1.2.3", 29123)
 

@@ -153,7 +153,7 @@ SHAPE_B = ["model.num_layers=4", "model.hidden_size=512", "model.num_attention_h
 def test_estimate_is_within_15_percent_of_the_measured_peak_resident_memory(shape, stage):
     """Two gloo ranks of DeepSpeed's plain engine in fp32, 2 optimizer steps each (25-40 s on 2 cores), against
     launch/memory.py's estimate of a CPU rank."""
-    from trainer.bench.memory_check import estimate, measure
+    from launch.memory_check import estimate, measure
     from trainer.config import load_config
 
     config = load_config("configs/glm-debug.yaml", shape + [f"optim.zero_stage={stage}"])

@@ -55,7 +55,6 @@ CASES = [
      "DeepSpeed swaps optimizer states to NVMe under ZeRO-3 only"),
     ("nvme without a path", ["optim.zero_stage=3", "optim.offload_optimizer=nvme"], "set optim.nvme_path"),
     ("eval without split", ["train.eval_interval=5", "data.valid_fraction=0"], "needs a validation split"),
-    ("bad fault injection", ["train.inject_nan_steps=[0]"], "train.inject_nan_steps"),
     ("resume without checkpoint", ["train.resume=true"], "holds no checkpoint"),
     ("unknown position embedding", ["model.position_embedding=alibi"], "model.position_embedding='alibi'"),
     ("negative save interval", ["train.save_interval=-1"], "train.save_interval must be >= 0, got -1"),
@@ -82,6 +81,17 @@ def test_a_precision_the_device_lacks_is_refused(capsys, tmp_path, monkeypatch):
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "train.precision=fp16 is not supported on this device" in lines[0], err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "3,x", "[3]"])
+def test_a_bad_fault_injection_is_refused_before_the_process_group(capsys, tmp_path, monkeypatch, value):
+    from trainer.engine.faults import INJECT_NAN_STEPS
+
+    monkeypatch.setenv(INJECT_NAN_STEPS, value)
+    code, err, run_dir = _run(capsys, tmp_path)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and f"{INJECT_NAN_STEPS}={value!r} must be comma-separated" in lines[0], err
     assert not run_dir.exists()
 
 

@@ -6,6 +6,7 @@ Every key is checked against the dataclasses; an unknown key names the nearest v
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import math
@@ -139,15 +140,10 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5
     """Stop (with a checkpoint of the last good state) after more than this many consecutive steps with a
     non-finite loss or gradient norm; such steps are skipped and counted (0 = never stop)."""
-    inject_nan_steps: list = field(default_factory=list)
-    """Fault injection: the loss of these (1-based) steps is made NaN, to test the skip logic."""
     collective_timeout_minutes: float = 30.0
     """A collective that waits longer than this fails with an error naming the rank, instead of hanging."""
     deepspeed_config: str = ""
     """Path of a DeepSpeed JSON merged over the generated one (its keys win)."""
-    restarts: int = 0
-    """How many times glm-launch --max-restarts has restarted this run before this start (glm-launch sets it;
-    every metrics.jsonl record carries it as `restarts`)."""
 
 
 @dataclass
@@ -196,11 +192,9 @@ class Config:
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
         for name, least in (("save_interval", 0), ("keep_checkpoints", 0), ("max_nonfinite_in_a_row", 0),
-                            ("log_interval", 1), ("restarts", 0)):
+                            ("log_interval", 1)):
             if getattr(t, name) < least:
                 raise ConfigError(f"train.{name} must be >= {least}, got {getattr(t, name)}")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t.inject_nan_steps):
-            raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps}")
         if t.eval_interval < 0 or t.eval_batches < 1:
             raise ConfigError("train.eval_interval must be >= 0 and train.eval_batches >= 1")
         if t.eval_interval and self.data.valid_fraction <= 0:
@@ -396,6 +390,13 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
         _apply(config, values, "")
+    return with_overrides(config, overrides)
+
+
+def with_overrides(config: Config, overrides: tuple[str, ...] | list[str]) -> Config:
+    """A copy of `config` with `--set` overrides applied in order (structure and types checked as load_config
+    checks them): how glm-launch adds its plan to the config it planned from, without reading the YAML again."""
+    config = copy.deepcopy(config)
     for text in overrides:
         _apply(config, parse_override(text), "")
     return config

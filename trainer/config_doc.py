@@ -37,7 +37,28 @@ def markdown() -> str:
             default = getattr(value, f.name)
             lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + NOT_CONFIG)
+
+
+NOT_CONFIG = [
+    "## Resolved once", "",
+    "glm-train run on its own reads the YAML and its `--set`s and checks the result once (trainer/preflight.py: "
+    "the layout for the world size, the data and tokenizer, which fill `model.vocab_size` when it is 0, the run "
+    "directory, the disk). glm-launch does the same once per start, before any rank exists, with its plan "
+    "applied, writes the resolved config to `run_dir/launch_config.yaml` and starts every rank with "
+    "`glm-train --resolved-config` that file: the ranks read it as it is and check only their own device "
+    "(`train.precision`). `run_dir/config.yaml` is the same resolved config, written by rank 0 at the start "
+    "of training with `train.overwrite: false`.", "",
+    "## Not in the config", "",
+    "| what | where | why |", "|---|---|---|",
+    "| restarts so far | `glm-train --restarts N`, set by `glm-launch --max-restarts`; metrics.jsonl's "
+    "`restarts` | the state of one start of a run, not a choice of the user: a config reused for another run "
+    "must not carry it |",
+    "| fault injection | environment variable `GLM_INJECT_NAN_STEPS=3,4` (trainer/engine/faults.py): the "
+    "loss of those 1-based steps is made NaN | a test hook for the non-finite-step handling (docs/RELIABILITY.md), "
+    "never part of a real run's recorded config |",
+    "",
+]
 
 
 if __name__ == "__main__":

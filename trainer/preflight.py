@@ -1,6 +1,9 @@
 """Everything checked before a process group starts: a bad run fails in a second with one line that
 says what to change, and writes nothing. preflight() returns the resolved config (the vocabulary filled
-in from the tokenizer), which the trainer and every tool take as it is."""
+in from the tokenizer), which the trainer and every tool take as it is.
+
+It runs once per start: in glm-launch, before any rank exists (each rank then reads the resolved config
+glm-launch wrote and checks only its own device, check_device), or in glm-train run on its own."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from trainer.checkpoint.tags import latest_tag, step_of
 from trainer.checkpoint.run_record import read_run_record
 from trainer.config import Config
 from trainer.engine.ds_config import check_user_config
@@ -37,16 +41,11 @@ def check_run_dir(config: Config) -> None:
     if held and not (config.train.resume or config.train.overwrite):
         raise ConfigError(f"train.run_dir={run_dir} holds an earlier run ({held}): set train.resume=true to continue "
                           f"it, train.overwrite=true to delete it and start afresh, or choose another train.run_dir")
-    if config.train.resume and not (run_dir / "checkpoints" / "latest").is_file():
+    if config.train.resume and latest_tag(run_dir / "checkpoints") is None:
         raise ConfigError(f"train.resume=true but {run_dir / 'checkpoints'} holds no checkpoint: "
                           f"train without resume first, or point train.run_dir at a run that saved one")
     if config.train.resume:
         check_steps_left(run_dir / "checkpoints", config.train.steps)
-
-
-def latest_tag(checkpoint_dir: Path) -> str:
-    """The tag `checkpoints/latest` names (check_run_dir has made sure the file is there)."""
-    return (checkpoint_dir / "latest").read_text().strip()
 
 
 def check_resume_shape(config: Config) -> None:
@@ -62,13 +61,11 @@ def check_resume_shape(config: Config) -> None:
 
 def check_steps_left(checkpoint_dir: Path, steps: int) -> None:
     """A resume with train.steps (the total) at or below the newest checkpoint's step would do nothing."""
-    from trainer.engine.checkpoint import TAG
-
-    match = TAG.match(latest_tag(checkpoint_dir))
-    if match and int(match.group(1)) >= steps:
-        raise ConfigError(f"the newest checkpoint in {checkpoint_dir} is at step {match.group(1)}, and "
+    step = step_of(latest_tag(checkpoint_dir))
+    if step is not None and step >= steps:
+        raise ConfigError(f"the newest checkpoint in {checkpoint_dir} is at step {step}, and "
                           f"train.steps={steps} is the total to train: nothing is left; raise train.steps "
-                          f"above {match.group(1)}")
+                          f"above {step}")
 
 
 def check_disk_space(config: Config) -> None:
@@ -88,8 +85,9 @@ def _size(count: int) -> str:
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def check_precision(config: Config) -> None:
-    """The chosen precision must exist on this machine's accelerator (DeepSpeed has no fp16 on CPU)."""
+def check_device(config: Config) -> None:
+    """The chosen precision must exist on this process's accelerator (DeepSpeed has no fp16 on CPU): checked
+    where the rank runs, since glm-launch may plan CPU ranks from a GPU machine."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator, precision = get_accelerator(), config.train.precision
@@ -113,6 +111,8 @@ def with_vocab(config: Config, vocab: int) -> Config:
 
 def check_data(config: Config) -> Config:
     """Data and tokenizer files present and usable; returns the config with the vocabulary resolved."""
+    # Lazy: the datasets import torch; glm-launch and glm-train import this module and answer --help and
+    # config errors without it.
     from trainer.data.dataset import check_data_files
 
     return with_vocab(config, check_data_files(config.data))
@@ -120,11 +120,10 @@ def check_data(config: Config) -> Config:
 
 def preflight(config: Config, world_size: int) -> Config:
     """Validate the config, the layout, the files and the disk (raise ConfigError / DataError); returns the
-    resolved config."""
+    resolved config. The device is check_device's."""
     config.validate(world_size)
     if config.train.deepspeed_config:
         check_user_config(config, world_size)
-    check_precision(config)
     check_run_dir(config)
     config = check_data(config)
     config.model.validate(config.parallel.tp)

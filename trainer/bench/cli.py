@@ -23,6 +23,7 @@ import torch
 
 from trainer.config import Config, add_config_arguments, load_config
 from trainer.errors import ConfigError, GLMError, OneLineParser, exits_on_error
+from trainer.preflight import check_data
 
 MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
                "gpu": "accelerator peak allocated during the engine's warm-up"}
@@ -55,8 +56,6 @@ def bench_config(args: argparse.Namespace) -> Config:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("run glm-bench directly, not under a launcher: it spawns its own pp=2 processes")
     config.validate(world_size=1)
-    from trainer.preflight import check_data
-
     if config.data.path:  # the real batches read it: the files, the tokenizer and the vocabulary must fit
         config = check_data(config)
     elif config.model.vocab_size == 0:
@@ -104,7 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     with stdout_to_stderr():
         report = run_bench(config, args, device_description(), MEMORY_NOTE)
-    from trainer.bench.report import to_json, to_text
+    from trainer.bench.report import to_json, to_text  # imports deepspeed too (engine/flops.py): lazy like run_bench
 
     print(to_json(report) if args.json else to_text(report))
     return 0

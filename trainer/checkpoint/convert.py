@@ -4,7 +4,7 @@ The output tag directory holds the layer files of the new tensor-parallel size, 
 mp_rank_MM_model_states.pt per model-parallel rank of the new layout (client state, LR schedule,
 counters, the new {tp_degree, pp_degree}), and the optimizer state in layout-free form
 (layout_free_optimizer.pt), the run record (run.json, dp left open) and the source's data position. A run resumed from it (train.resume=true, any data-parallel size) loads it
-through trainer.checkpoint.universal.load_any_layout; a manifest and `latest` make it a checkpoint the
+through trainer.engine.resume.load_any_layout; a manifest and `latest` make it a checkpoint the
 engine's loader accepts.
 """
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Optional
 
 import torch
 
+from trainer.checkpoint.ds_format import fresh_client
 from trainer.checkpoint.manifest import write_manifest
 from trainer.checkpoint.model_source import check_manifest, read_weights, training_tag_dir
 from trainer.checkpoint.pipeline_files import model_states_file, write_layer_files
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD, checkpoint_model, read_run_record, run_record
+from trainer.checkpoint.tags import LATEST, tag_for
 from trainer.checkpoint.universal import LAYOUT_FREE_OPTIMIZER, MOMENTS, TrainingState, read_training_state
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
@@ -56,9 +58,7 @@ def source_state(source: Path, config: Optional[ModelConfig]) -> tuple[ModelConf
         config = checkpoint_model(tag_dir, config)
         return config, read_training_state(tag_dir, config)
     config, weights = read_weights(source, config)
-    client = {"step": 0, "consumed_samples": 0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0,
-              "skipped_steps": 0}
-    return config, TrainingState(weights, None, 0, client)
+    return config, TrainingState(weights, None, 0, fresh_client())
 
 
 def convert_checkpoint(source: Path, config: Optional[ModelConfig], tp: int, pp: int, out_dir: Path) -> Path:
@@ -66,7 +66,7 @@ def convert_checkpoint(source: Path, config: Optional[ModelConfig], tp: int, pp:
     The tag is the source's (global_stepN), or global_step0 for an export or a release."""
     config, state = source_state(source, config)
     source_tag = training_tag_dir(source)
-    tag_dir = out_dir / (source_tag.name if source_tag is not None else f"global_step{state.client['step']}")
+    tag_dir = out_dir / (source_tag.name if source_tag is not None else tag_for(state.client["step"]))
     write_training_state(state, config, tp, pp, tag_dir, source_tag)
-    (out_dir / "latest").write_text(tag_dir.name)
+    (out_dir / LATEST).write_text(tag_dir.name)
     return tag_dir

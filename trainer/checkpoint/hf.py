@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.checkpoint.layout import WORD_EMBEDDINGS, canonical_shapes
+from trainer.data.tokenizer import EOT, load_tokenizer
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 from trainer.model.output import OUTPUT_WEIGHT
@@ -297,16 +298,12 @@ def special_ids(tokenizer: Optional[Path]) -> dict[str, object]:
     its stop_ids (<|endoftext|>, the end of a piece, the role tokens); None each without a tokenizer."""
     if tokenizer is None:
         return {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
-    from trainer.data.tokenizer import load_tokenizer
-
     loaded = load_tokenizer(tokenizer)
     return {"pad_token_id": loaded.pad_id, "bos_token_id": None, "eos_token_id": list(loaded.stop_ids)}
 
 
 def write_tokenizer_files(tokenizer: Path, config: ModelConfig, out_dir: Path) -> None:
     """Copy tokenizer.json and write tokenizer_config.json for PreTrainedTokenizerFast."""
-    from trainer.data.tokenizer import EOT
-
     shutil.copyfile(tokenizer, out_dir / TOKENIZER)
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_sequence_length,
                 "eos_token": EOT, "pad_token": EOT, "clean_up_tokenization_spaces": False}

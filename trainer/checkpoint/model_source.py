@@ -16,7 +16,9 @@ from trainer.checkpoint.layout import shard_state
 from trainer.checkpoint.manifest import MANIFEST, verify
 from trainer.checkpoint.pipeline_files import model_states_file, read_model_weights
 from trainer.checkpoint.run_record import check_shape, checkpoint_model, read_run_record, recorded_model, run_tokenizer
+from trainer.checkpoint.tags import LATEST, latest_tag
 from trainer.errors import CheckpointError
+from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
 from trainer.parallel.mappings import group_rank, group_size
 
@@ -24,10 +26,10 @@ from trainer.parallel.mappings import group_rank, group_size
 def training_tag_dir(path: Path) -> Optional[Path]:
     """The global_stepN directory `path` names (itself, a checkpoints/ directory's latest, or a run
     directory's checkpoints/latest); None if it is not one."""
-    if (path / "checkpoints" / "latest").is_file():
+    if (path / "checkpoints" / LATEST).is_file():
         path = path / "checkpoints"
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
+    if (tag := latest_tag(path)) is not None:
+        path = path / tag
     return path if model_states_file(path, 0).is_file() else None
 
 
@@ -85,8 +87,6 @@ def source_tokenizer(path: Path) -> Optional[Path]:
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], tp_group=None,
                 device: Optional[torch.device] = None) -> torch.nn.Module:
     """A GLMModel in eval mode holding this tensor-parallel rank's shard of the canonical weights."""
-    from trainer.model import GLMModel
-
     model = GLMModel(config, tp_group)
     model.load_state_dict(shard_state(weights, config, group_size(tp_group), group_rank(tp_group)))
     return model.to(device or "cpu").eval()

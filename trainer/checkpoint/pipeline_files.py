@@ -1,6 +1,6 @@
 """DeepSpeed checkpoints of either engine (trainer/engine/checkpoint.py) read at any layout, and pipeline
-checkpoints written at any layout. What the files hold is DeepSpeed's business: the parsing of their contents
-lives in trainer/engine/deepspeed_compat.py.
+checkpoints written at any layout. What the files hold is DeepSpeed's business: their names and the parsing of
+their contents live in trainer/checkpoint/ds_format.py.
 
 A pipeline engine's tag directory global_stepN/ holds, as DeepSpeed 0.19.8 writes them:
     layer_XX-model_YY-model_states.pt   the state dict of global layer XX on tensor rank YY
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import ds_format
 from trainer.checkpoint.layout import merge_states, shard_state
-from trainer.engine import deepspeed_compat as ds_files
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 from trainer.model.output import OUTPUT_WEIGHT
@@ -47,12 +47,12 @@ def layer_file(tag_dir: Path, layer: int, tp_rank: int) -> Path:
 
 def model_states_file(tag_dir: Path, mp_rank: int) -> Path:
     """The client-state file of model-parallel rank mp_rank (data-parallel rank 0's under ZeRO-3)."""
-    path = ds_files.model_states_file(tag_dir, mp_rank)
-    zero3 = ds_files.zero3_model_states_file(tag_dir, 0, mp_rank)
+    path = ds_format.model_states_file(tag_dir, mp_rank)
+    zero3 = ds_format.zero3_model_states_file(tag_dir, 0, mp_rank)
     return zero3 if not path.is_file() and zero3.is_file() else path
 
 
-zero_file = ds_files.zero_file
+zero_file = ds_format.zero_file
 
 
 def has_deepspeed_optimizer_files(tag_dir: Path) -> bool:
@@ -67,9 +67,9 @@ def checkpoint_zero_stage(tag_dir: Path) -> int:
     path = zero_file(tag_dir, 0, 0)
     if not path.is_file():
         return 1 if zero_file(tag_dir, 0, 0, prefix="bf16_").is_file() else 0
-    if ds_files.zero3_model_states_file(tag_dir, 0, 0).is_file():
+    if ds_format.zero3_model_states_file(tag_dir, 0, 0).is_file():
         return 3  # only ZeRO-3 writes per-data-rank model states: no need to load a partition
-    return ds_files.zero_stage_of_file(torch.load(path, map_location="cpu", weights_only=False))
+    return ds_format.zero_stage_of_file(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def checkpoint_offloads_optimizer(tag_dir: Path) -> bool:
@@ -77,7 +77,7 @@ def checkpoint_offloads_optimizer(tag_dir: Path) -> bool:
     parameter groups carry other keys than torch's AdamW)."""
     # mmap: only the saved config is read, not the module's weights the file also holds (ZeRO 0-2)
     states = torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False, mmap=True)
-    return ds_files.offloads_optimizer(states)
+    return ds_format.offloads_optimizer(states)
 
 
 def is_pipeline_checkpoint(tag_dir: Path) -> bool:
@@ -121,14 +121,14 @@ def read_layout(tag_dir: Path) -> Layout:
     if not path.is_file():
         raise CheckpointError(f"{tag_dir} has no {path.name}: it is not a checkpoint of this trainer "
                               f"(pass a run's checkpoints/global_stepN directory)")
-    return Layout(*ds_files.checkpoint_layout(torch.load(path, map_location="cpu", weights_only=False)))
+    return Layout(*ds_format.checkpoint_layout(torch.load(path, map_location="cpu", weights_only=False)))
 
 
 def read_zero3_tensors(tag_dir: Path, layout: Layout, tp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
     """One tensor rank's ZeRO-3 files -> {canonical name: {"fp32": weight, "exp_avg", "exp_avg_sq"}} (this
     tensor rank's whole tensors; no moments when the optimizer never stepped) and the Adam step. ZeRO-3 cuts
     every parameter of n elements into dp pieces of ceil(n / dp) (the last zero padded), in param_shapes order."""
-    shapes = ds_files.param_shapes(torch.load(model_states_file(tag_dir, tp_rank), map_location="cpu",
+    shapes = ds_format.param_shapes(torch.load(model_states_file(tag_dir, tp_rank), map_location="cpu",
                                               weights_only=False))
     # Each sub-group's elements on one rank (optimizer offload nvme keeps some in swap files, padded).
     numels = [sum(-(-math.prod(shape) // layout.dp) for shape in group.values()) for group in shapes]
@@ -138,8 +138,8 @@ def read_zero3_tensors(tag_dir: Path, layout: Layout, tp_rank: int) -> tuple[dic
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
         # ZeRO-3 runs at pp = 1, where the global rank is dp_rank * tp + tp_rank (trainer/parallel/topology.py)
-        offloaded = ds_files.offloaded_tensors_dir(tag_dir, dp_rank * layout.tp + tp_rank)
-        groups = ds_files.zero3_partitions(torch.load(path, map_location="cpu", weights_only=False), offloaded, numels)
+        offloaded = ds_format.offloaded_tensors_dir(tag_dir, dp_rank * layout.tp + tp_rank)
+        groups = ds_format.zero3_partitions(torch.load(path, map_location="cpu", weights_only=False), offloaded, numels)
         keys = [key for key in ("fp32", "exp_avg", "exp_avg_sq") if all(key in group for group in groups)]
         flats.append({key: torch.cat([group[key] for group in groups]) for key in keys})
         step = int(groups[0].get("step", 0))
@@ -160,7 +160,7 @@ def _plain_engine_weights(tag_dir: Path, layout: Layout, tp_rank: int) -> dict[s
     path = model_states_file(tag_dir, tp_rank)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-    module = torch.load(path, map_location="cpu", weights_only=False)[ds_files.MODULE_STATE]
+    module = torch.load(path, map_location="cpu", weights_only=False)[ds_format.MODULE_STATE]
     return {name: value.float() for name, value in module.items()}
 
 

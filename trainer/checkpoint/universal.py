@@ -1,44 +1,35 @@
-"""The layout-free training state, read from a DeepSpeed checkpoint of any (tp, pp, dp) and loaded into a
-live engine of any other layout: weights, fp32 master weights, Adam moments and step, LR schedule,
-counters.
+"""The layout-free training state, read from a DeepSpeed checkpoint of any (tp, pp, dp): weights, fp32 master
+weights, Adam moments and step, LR schedule, counters. Loading it into a live engine of any other layout is
+trainer/engine/resume.py; what DeepSpeed's files hold is trainer/checkpoint/ds_format.py.
 
 ZeRO-1/2 files store, per data-parallel rank and parameter group, a flat fp32 partition, the flat Adam
 moments and `param_slice_mappings` {engine name: (start, numel)}. Concatenating a parameter's
 fragments over the data-parallel ranks in rank order gives its whole (tensor-rank-local) flattened
 tensor; merging the tensor ranks (trainer/checkpoint/layout.py) gives the canonical one. ZeRO-3 files
-partition every parameter on its own (trainer/checkpoint/pipeline_files.py: read_zero3_tensors). Loading is the
-reverse, through DeepSpeed's safe_set_full_fp32_param / safe_set_full_optimizer_state, so ZeRO
-re-partitions it for the new data-parallel size itself.
+partition every parameter on its own (trainer/checkpoint/pipeline_files.py: read_zero3_tensors).
 
 Without ZeRO (fp32 at dp = 1, trainer/engine/ds_config.py) each model-parallel rank's mp_rank file holds
 torch's AdamW state dict, its states keyed by position in the parameter groups, and the trainer's client
-state names those positions (OPTIMIZER_PARAM_NAMES, written by trainer/engine/checkpoint.py).
+state names those positions (ds_format.OPTIMIZER_PARAM_NAMES, written by trainer/engine/checkpoint.py).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from trainer.checkpoint.layout import merge_states, rule_for, shard
-from trainer.checkpoint.pipeline_files import (Layout, canonical_name, checkpoint_offloads_optimizer, checkpoint_zero_stage,
-                                               has_deepspeed_optimizer_files, is_pipeline_checkpoint, model_states_file,
+from trainer.checkpoint import ds_format
+from trainer.checkpoint.layout import merge_states
+from trainer.checkpoint.pipeline_files import (Layout, canonical_name, checkpoint_zero_stage, model_states_file,
                                                read_layout, read_model_weights, read_zero3_tensors, zero_file)
-from trainer.engine import deepspeed_compat as ds_files
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
-
-log = logging.getLogger("glm.checkpoint")
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 LAYOUT_FREE_OPTIMIZER = "layout_free_optimizer.pt"
 """Written by glm-ckpt convert: {"step": int, "fp32": {...}, "exp_avg": {...}, "exp_avg_sq": {...}}, canonical."""
-OPTIMIZER_PARAM_NAMES = "optimizer_param_names"
-"""Client state of a checkpoint without ZeRO: the pipeline names of the optimizer's parameters, per group."""
-CLIENT_KEYS = ("step", "consumed_samples", "lr_scheduler", "global_steps", "global_samples", "skipped_steps")
 
 
 @dataclass
@@ -50,7 +41,8 @@ class TrainingState:
     optimizer_step: int
     """Adam's step count (bias correction)."""
     client: dict
-    """step, consumed_samples, lr_scheduler (state dict), global_steps, global_samples, skipped_steps."""
+    """ds_format.CLIENT_KEYS: step, consumed_samples, lr_scheduler (state dict), global_steps, global_samples,
+    skipped_steps."""
 
 
 def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
@@ -60,14 +52,14 @@ def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[s
         tensors, step = read_zero3_tensors(tag_dir, layout, mp_rank)
         return (tensors, step) if all("exp_avg" in t for t in tensors.values()) else ({}, 0)
     states = torch.load(model_states_file(tag_dir, mp_rank), map_location="cpu", weights_only=False)
-    shapes = ds_files.param_shapes(states)
+    shapes = ds_format.param_shapes(states)
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     step = 0
     for dp_rank in range(layout.dp):
         path = zero_file(tag_dir, dp_rank, mp_rank)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-        for slices, flats in ds_files.zero12_fragments(torch.load(path, map_location="cpu", weights_only=False)):
+        for slices, flats in ds_format.zero12_fragments(torch.load(path, map_location="cpu", weights_only=False)):
             if not flats:
                 return {}, 0
             step = int(flats.pop("step"))
@@ -109,7 +101,7 @@ def read_plain_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[d
     step = 0
     for mp_rank in range(layout.tp * layout.pp):
         states = torch.load(model_states_file(tag_dir, mp_rank), map_location="cpu", weights_only=False)
-        optimizer, names = states.get("optimizer"), states.get(OPTIMIZER_PARAM_NAMES)
+        optimizer, names = states.get("optimizer"), states.get(ds_format.OPTIMIZER_PARAM_NAMES)
         if not optimizer or not names or "state" not in optimizer:
             return None
         positions = [name for group in names for name in group]  # torch numbers them group after group
@@ -136,78 +128,5 @@ def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
         plain = read_plain_optimizer(tag_dir, config)
         moments, step = plain if plain is not None else (None, 0)  # the weights are the fp32 master copy
     states = torch.load(model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)
-    client = {key: states.get(key) for key in CLIENT_KEYS}
+    client = {key: states.get(key) for key in ds_format.CLIENT_KEYS}
     return TrainingState(weights, moments, step, client)
-
-
-def load_into_engine(engine, topology, config: ModelConfig, state: TrainingState) -> None:
-    """Set this rank's shard of every weight, master weight and Adam moment, the LR schedule and counters."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    optimizer = engine.optimizer
-    zero = ds_files.is_zero_optimizer(optimizer)
-    zero3 = engine.zero_optimization_stage() == 3
-    if state.moments is not None and zero:
-        ds_files.initialise_zero_moments(optimizer, state.optimizer_step, MOMENTS)
-    for pipeline_name, param in engine.module.named_parameters():
-        name = canonical_name(pipeline_name, config)
-        rule = rule_for(name, config)
-        value = shard(state.weights[name], rule, config, topology.tp, topology.tp_rank).to(param.device)
-        if zero3:
-            ds_files.set_zero3_weight(param, value)
-        else:
-            with torch.no_grad():
-                param.copy_(value)
-        if zero:
-            safe_set_full_fp32_param(param, value)
-        if state.moments is None:
-            continue
-        moments = {key: shard(state.moments[key][name], rule, config, topology.tp, topology.tp_rank).to(param.device)
-                   for key in MOMENTS}
-        if zero:
-            for key, moment in moments.items():
-                safe_set_full_optimizer_state(param, moment, key)
-        else:
-            optimizer.state[param] = {"step": torch.tensor(float(state.optimizer_step)), **moments}
-    if not zero and hasattr(optimizer, "refresh_fp32_params"):
-        optimizer.refresh_fp32_params()  # DeepSpeed's bf16/fp16 optimizers: master weights from the loaded ones
-    client = state.client
-    scheduler = engine.lr_scheduler
-    if client["lr_scheduler"] is not None and scheduler is not None:
-        scheduler.load_state_dict(client["lr_scheduler"])
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # the next step's lr; DeepSpeed's own load restores it with the optimizer groups
-    engine.global_steps = int(client["global_steps"] or 0)
-    engine.global_samples = int(client["global_samples"] or 0)
-    engine.skipped_steps = int(client["skipped_steps"] or 0)
-
-
-def load_any_layout(engine, topology, config: ModelConfig, checkpoint_dir: Path, tag: str) -> Optional[tuple[int, int]]:
-    """The engine's resume hook. When checkpoint_dir/tag was written by this very layout with the same
-    optimizer files (ZeRO or not), return None (DeepSpeed loads it, RNG states included). Otherwise load
-    it here and return (step, consumed_samples). RNG states are not carried across layouts (with
-    dropout > 0 the dropout masks differ from the uninterrupted run)."""
-    tag_dir = Path(checkpoint_dir) / tag
-    layout = read_layout(tag_dir)
-    same_layout = (layout == Layout(topology.tp, topology.pp, topology.dp)
-                   and is_pipeline_checkpoint(tag_dir) == (topology.pp > 1))  # and the same engine
-    # The same optimizer class too: DeepSpeed's own load hands torch AdamW's parameter groups to DeepSpeedCPUAdam
-    # (or back) when optim.offload_optimizer changed, and CPUAdam's step then fails on a missing group key.
-    same_optimizer = (has_deepspeed_optimizer_files(tag_dir) == bool(engine.zero_optimization())
-                      and checkpoint_zero_stage(tag_dir) == engine.zero_optimization_stage()
-                      and checkpoint_offloads_optimizer(tag_dir) == engine.zero_use_cpu_optimizer())
-    # DeepSpeed 0.19.8 cannot load its own bf16 checkpoints without ZeRO into a pipeline engine (its bf16
-    # optimizer's load_state_dict fails on the saved state): those go through this module, weights only.
-    # Nor its own checkpoints under optimizer offload nvme: its load_checkpoint then skips the ZeRO optimizer files and
-    # only copies the swap files back, so the sub-groups kept in host memory restart from the new run's values (a
-    # 4 + 4 step resume at dp=2 ZeRO-3 lost 0.012 on step 5's loss); this module reads both.
-    deepspeed_loads = same_optimizer and not (engine.bfloat16_enabled() and not engine.zero_optimization()
-                                              and topology.pp > 1) and not engine.zero_nvme_offload_optimizer()
-    if same_layout and deepspeed_loads and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file():
-        return None
-    state = read_training_state(tag_dir, config)
-    if state.moments is None:
-        log.warning(f"warning: {tag_dir} holds no Adam state this trainer can read on another layout; "
-                    f"the weights are loaded and the Adam moments start from zero")
-    load_into_engine(engine, topology, config, state)
-    return int(state.client["step"] or 0), int(state.client["consumed_samples"] or 0)

@@ -19,13 +19,10 @@ import math
 
 import numpy as np
 
-from trainer.data.config import DataConfig
+from trainer.data.config import BLANK_MODES, MODES, DataConfig
 from trainer.data.tokenizer import GLMTokenizer
 from trainer.errors import DataError
 
-BLANK_MODES = ("mask", "smask", "gmask")
-"""The modes that cut blanks out of the text (glm-prep --samples shows these)."""
-MODES = BLANK_MODES + ("causal",)
 MAX_SPAN_LENGTH = 39
 """[MASK] span lengths are Poisson(lambda) truncated to 1..39 (the reference code's table)."""
 SENTENCE_ENDS = ".?!;:\u3002\uff1f\uff01\uff1b\uff1a\n"

@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
 
+BLANK_MODES = ("mask", "smask", "gmask")
+"""The modes that cut blanks out of the text (trainer/data/blank_infilling.py; glm-prep --samples shows these)."""
+MODES = BLANK_MODES + ("causal",)
+"""Every sample mode data.modes may weight: the blank-infilling ones and GLM-4's causal (Part A empty)."""
 ENTRY_KEYS = ("path", "weight", "modes", "seq_length")
 """The keys of a data.datasets entry (path and weight required)."""
 
@@ -67,9 +71,9 @@ class DataConfig:
         if not 0.0 < self.gmask_ratio_min <= self.gmask_ratio_max <= 1.0:
             raise ConfigError(f"data.gmask_ratio_min/max must satisfy 0 < min <= max <= 1, got "
                               f"{self.gmask_ratio_min}, {self.gmask_ratio_max}")
-        unknown = set(self.modes) - {"mask", "smask", "gmask", "causal"}
+        unknown = set(self.modes) - set(MODES)
         if unknown:
-            raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use mask, smask, gmask, causal")
+            raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use {', '.join(MODES)}")
         if any(w < 0 for w in self.modes.values()) or sum(self.modes.values()) <= 0:
             raise ConfigError(f"data.modes weights must be >= 0 with a positive sum, got {self.modes}")
         if self.packing_window < 1:

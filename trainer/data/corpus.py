@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from trainer.data.indexed import IndexedDatasetWriter, dtype_for_vocab
-from trainer.data.tokenizer import GLMTokenizer, train_tokenizer
+from trainer.data.tokenizer import GLMTokenizer, load_tokenizer, train_tokenizer
 from trainer.errors import DataError
 
 EMBEDDED_VOCAB_SIZE = 4096
@@ -134,8 +134,6 @@ def embedded_paragraphs() -> list[str]:
 def embedded_paragraphs_corpus() -> Path:
     """The prefix of the paragraphs corpus (embedded_paragraphs(), the embedded corpus's tokenizer), built
     on first use in the cache directory like embedded_corpus()."""
-    from trainer.data.tokenizer import load_tokenizer
-
     tokenizer_path = f"{embedded_corpus()}.tokenizer.json"
     return _cached_corpus("pydoc-paragraphs", embedded_paragraphs(), lambda: load_tokenizer(tokenizer_path),
                           salt=Path(tokenizer_path).read_text())

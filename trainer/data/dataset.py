@@ -5,29 +5,26 @@ n = text_length(data) is the longest text whose sample fits seq_length in every 
 (text j = tokens [floor(j m / p), floor((j + 1) m / p))) one sample per row, or, with packing, p - 1 texts of
 n tokens and the remainder. No text mixes two documents.
 
-Sample i (a global index over every data-parallel rank) is epoch e = i // N of the N sequences of the
-split, at place i % N of that epoch's order (a permutation seeded by (seed, split, e)), blank-infilled
-with the generator sample_rng(seed, i). Any i works: the data wraps around and never runs out.
+Sample i is read as trainer/data/sequences.py says (a seeded epoch order over the split's sequences).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.data.blank_infilling import BlankInfilling, sample_rng, text_length
+from trainer.data.blank_infilling import BlankInfilling, text_length
 from trainer.data.config import DataConfig
 from trainer.data.corpus import embedded_corpus
 from trainer.data.indexed import IndexedDataset
+from trainer.data.instruction import build_instruction_dataset, is_instruction_prefix
 from trainer.data.mixture import MixtureDataset, component_seed, sample_shares
+from trainer.data.sequences import SPLITS, GLMDataset
 from trainer.data.tokenizer import GLMTokenizer, load_tokenizer
 from trainer.errors import DataError
 
-logger = logging.getLogger(__name__)
-SPLITS = ("train", "valid")
 CHECKED_TOKENS = 1 << 20
 """Tokens at the start of the corpus compared against the tokenizer's vocabulary when opening it."""
 
@@ -52,8 +49,6 @@ def open_corpus(data: DataConfig) -> tuple[IndexedDataset, GLMTokenizer]:
 
 def check_data_files(data: DataConfig) -> int:
     """Open the data, the tokenizer and the sample layout as training will; returns the vocabulary size."""
-    from trainer.data.instruction import is_instruction_prefix  # instruction.py subclasses GLMDataset
-
     if data.datasets or is_instruction_prefix(resolve_paths(data)[0]):
         return build_dataset(data, 0).tokenizer.vocab_size
     _, tokenizer = open_corpus(data)
@@ -77,57 +72,6 @@ def cut_sequences(doc_lengths: np.ndarray, offsets: np.ndarray, n: int,
     return base + j * n, base + np.minimum((j + 1) * n, m_doc)
 
 
-class GLMDataset:
-    """`ds[i]` is the blank-infilling sample of global index i >= 0; `len(ds)` sequences per epoch."""
-
-    def __init__(self, indexed: IndexedDataset, tokenizer: GLMTokenizer, infilling: BlankInfilling,
-                 starts: np.ndarray, ends: np.ndarray, seed: int, split: str):
-        self.indexed, self.tokenizer, self.infilling = indexed, tokenizer, infilling
-        self.starts, self.ends, self.seed, self.split = starts, ends, seed, split
-        self._orders: dict[int, np.ndarray] = {}
-        self._announced: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of the split's sequences used in `epoch`, a function of (seed, split, epoch)."""
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:  # a batch spans at most two epochs
-                self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([self.seed % 2 ** 64, SPLITS.index(self.split), epoch])
-            self._orders[epoch] = rng.permutation(len(self))
-        return self._orders[epoch]
-
-    def sequence_number(self, index: int, announce: bool = True) -> int:
-        """The sequence of the split that global sample `index` reads; the first sample read of an epoch
-        logs the epoch's start (`announce` False: a look ahead, e.g. the packer reading lengths, does not)."""
-        if index < 0:
-            raise IndexError(f"sample index {index} is negative")
-        epoch, place = divmod(index, len(self))
-        if announce and epoch not in self._announced:
-            self._announced.add(epoch)
-            logger.info("data (%s): starting epoch %d at sample %d (%d sequences per epoch, order reshuffled)",
-                        self.split, epoch, index, len(self))
-        return int(self.epoch_order(epoch)[place])
-
-    def sequence(self, index: int, announce: bool = True) -> np.ndarray:
-        """The text tokens of global sample `index` (a zero-copy view of the corpus)."""
-        s = self.sequence_number(index, announce)
-        return self.indexed.tokens[self.starts[s]: self.ends[s]]
-
-    def source_tokens(self) -> np.ndarray:
-        """Corpus tokens of each sequence.  # [N]"""
-        return self.ends - self.starts
-
-    def __getitem__(self, index: int) -> dict:
-        return self.infilling(self.sequence(index), sample_rng(self.seed, index))
-
-    def sample_length(self, index: int) -> int:
-        """`self[index]["length"]`, from the sample's span draws alone (what the packer reads)."""
-        return self.infilling.length(self.sequence(index, announce=False), sample_rng(self.seed, index))
-
-
 def build_dataset(data: DataConfig, seed: int, split: str = "train"):
     """The dataset of `split`: "train", or "valid" = the last data.valid_fraction of the sequences
     (in corpus order, so mostly whole documents that training never sees). A GLMDataset, an
@@ -136,8 +80,6 @@ def build_dataset(data: DataConfig, seed: int, split: str = "train"):
         raise DataError(f"unknown data split {split!r}: use one of {', '.join(SPLITS)}")
     if data.datasets:
         return build_mixture(data, seed, split)
-    from trainer.data.instruction import build_instruction_dataset, is_instruction_prefix  # subclasses GLMDataset
-
     indexed, tokenizer = open_corpus(data)
     if is_instruction_prefix(indexed.prefix):
         return build_instruction_dataset(indexed, tokenizer, data, seed, split)

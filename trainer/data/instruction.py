@@ -32,8 +32,8 @@ import numpy as np
 from trainer.data.blank_infilling import assemble
 from trainer.data.config import DataConfig
 from trainer.data.corpus import json_lines
-from trainer.data.dataset import GLMDataset
 from trainer.data.indexed import IndexedDataset
+from trainer.data.sequences import GLMDataset
 from trainer.data.tokenizer import GLMTokenizer
 from trainer.errors import DataError
 from trainer.paths import temporary_beside

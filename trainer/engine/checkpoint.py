@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,19 +26,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from trainer.checkpoint.ds_format import client_state
 from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
-from trainer.checkpoint.universal import OPTIMIZER_PARAM_NAMES
+from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, tag_for
+from trainer.engine.resume import load_any_layout
 from trainer.errors import CheckpointError
 from trainer.parallel import random as parallel_random
 from trainer.parallel.comm import barrier, broadcast_object, global_rank, world_group
 
 log = logging.getLogger("glm.checkpoint")
-TAG = re.compile(r"^global_step(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
 
 
 def rng_states() -> dict:
@@ -51,14 +47,6 @@ def set_rng_states(states: dict) -> None:
     parallel_random.set_rng_states(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-
-
-def list_tags(checkpoint_dir: Path) -> list[str]:
-    """Complete checkpoint tags, newest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    tags = [p.name for p in checkpoint_dir.iterdir() if p.is_dir() and TAG.match(p.name)]
-    return sorted(tags, key=lambda t: int(TAG.match(t).group(1)), reverse=True)
 
 
 def optimizer_param_names(engine) -> Optional[list[list[str]]]:
@@ -83,8 +71,7 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
         shutil.rmtree(checkpoint_dir / staging)
     barrier(world_group())
     engine.save_checkpoint(str(checkpoint_dir), tag=staging, save_latest=False,
-                           client_state={"step": step, "consumed_samples": consumed_samples,
-                                         OPTIMIZER_PARAM_NAMES: optimizer_param_names(engine)})
+                           client_state=client_state(step, consumed_samples, optimizer_param_names(engine)))
     rng_dir = checkpoint_dir / staging / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_states(), rng_dir / f"rank{rank}.pt")
@@ -100,7 +87,7 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
             shutil.rmtree(final)
         os.replace(checkpoint_dir / staging, final)
         fsync(checkpoint_dir)
-        write_atomic(checkpoint_dir / "latest", tag)
+        write_atomic(checkpoint_dir / LATEST, tag)
         if keep > 0:
             for old in list_tags(checkpoint_dir)[keep:]:
                 shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
@@ -112,10 +99,9 @@ def choose_tag(checkpoint_dir: Path) -> str:
     """The newest checkpoint that verifies, agreed by all ranks (rank 0 decides)."""
     choice: list = [None]
     if global_rank() == 0:
-        latest = checkpoint_dir / "latest"
         candidates = list_tags(checkpoint_dir)
-        if latest.is_file() and latest.read_text().strip() in candidates:
-            first = latest.read_text().strip()
+        first = latest_tag(checkpoint_dir)
+        if first in candidates:
             candidates = [first] + [t for t in candidates if t != first]
         for number, tag in enumerate(candidates):
             problem = verify(checkpoint_dir / tag)
@@ -154,8 +140,6 @@ def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list
 
 def _load_tag(engine, checkpoint_dir: Path, tag: str, topology, model_config) -> int:
     """Weights, optimizer, schedule and RNG states of checkpoint `tag`; returns its step."""
-    from trainer.checkpoint.universal import load_any_layout
-
     resharded = load_any_layout(engine, topology, model_config, checkpoint_dir, tag)
     if resharded is not None:
         log.warning(f"resumed {checkpoint_dir / tag} on a new layout (tp={topology.tp}, pp={topology.pp}, "

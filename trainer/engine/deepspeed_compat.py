@@ -4,7 +4,9 @@ Public API here means what DeepSpeed documents: deepspeed.initialize / init_dist
 engine's forward, backward, step, train_batch, eval_batch, save_checkpoint, load_checkpoint, counters and
 getters, deepspeed.pipe's PipelineModule / LayerSpec / TiedLayerSpec and their documented arguments,
 deepspeed.runtime.pipe.topology, deepspeed.utils' safe_get_* / safe_set_* tensor accessors, the config
-JSON, and DeepSpeedCPUAdam. Everything else the trainer needs is below; tests/test_deepspeed_compat.py
+JSON, and DeepSpeedCPUAdam. Everything else the trainer needs of DeepSpeed's live objects (engine, optimizers,
+pipeline module) is below; what its checkpoint files hold is the other half of the adapter,
+trainer/checkpoint/ds_format.py, which sits below both checkpoint and engine. tests/test_deepspeed_compat.py
 checks that the installed DeepSpeed still has each of these names and fails naming the one that moved,
 and that no other file of the trainer reaches into DeepSpeed's internals.
 
@@ -12,13 +14,11 @@ Written against DeepSpeed 0.19.x (setup.cfg).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from deepspeed.pipe import PipelineModule
 
-from trainer.errors import CheckpointError
 from trainer.parallel.comm import group_rank, group_size
 
 # ---- The engine ------------------------------------------------------------------------------------------
@@ -52,6 +52,27 @@ def mark_step_skipped(optimizer, skipped: bool) -> None:
     (engine.skipped_steps) and to hold the LR schedule, as its fp16 and ZeRO optimizers set it; a plain
     torch optimizer has no such flag, so the trainer's own clipping sets it."""
     optimizer.overflow = skipped
+
+
+def loss_scale(optimizer) -> float:
+    """The current dynamic loss scale of an fp16 run.
+
+    Why: the engine has no public getter for it. Every fp16-capable optimizer of DeepSpeed 0.19 (FP16_Optimizer,
+    FP16_UnfusedOptimizer, ZeRO-1/2/3) exposes it as the `loss_scale` property; where it lives behind that
+    differs (`loss_scale_config.cur_scale`, `loss_scaler.cur_scale`), and FP16_Optimizer has no `cur_scale`."""
+    return float(optimizer.loss_scale)
+
+
+def refresh_master_weights(optimizer) -> None:
+    """Copy the (just loaded) weights into the fp32 master copy of DeepSpeed's bf16/fp16 optimizers without ZeRO;
+    nothing for other optimizers (torch's AdamW steps the weights themselves; ZeRO's are set through
+    safe_set_full_fp32_param).
+
+    Why: `refresh_fp32_params` is how those optimizers take weights written into the module from outside
+    DeepSpeed's own load_checkpoint (a resume from another layout, trainer/engine/resume.py); it is not among
+    the documented engine methods."""
+    if hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
 
 
 # ---- The pipeline module ---------------------------------------------------------------------------------
@@ -97,7 +118,7 @@ def zero_fp32_partitions(optimizer) -> Optional[list[torch.Tensor]]:
     one per sub-group: ZeRO-3), or None for any other optimizer.
 
     Why: an optimizer that has never stepped has no Adam state, and safe_set_full_optimizer_state needs one to
-    write into (a resume from another layout, trainer/checkpoint/universal.py); the state lives on these
+    write into (a resume from another layout, trainer/engine/resume.py); the state lives on these
     tensors. ZeRO-1/2 name them `single_partition_of_fp32_groups`, ZeRO-3 `fp32_partitioned_groups_flat`."""
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
         if hasattr(optimizer, name):
@@ -162,112 +183,3 @@ def set_zero3_weight(param: torch.Tensor, value: torch.Tensor) -> None:
     flat[:value.numel()] = value.reshape(-1)
     with torch.no_grad():
         param.ds_tensor.copy_(flat.narrow(0, rank * piece, piece))
-
-
-# ---- Checkpoint files ------------------------------------------------------------------------------------
-# DeepSpeed documents save_checkpoint / load_checkpoint, not what the files hold. Reading a checkpoint
-# written by another layout (trainer/checkpoint/universal.py, pipeline_files.py) needs their contents.
-
-MODULE_STATE = "module"
-"""mp_rank_XX_model_states.pt of the plain engine: the module's state dict (ZeRO-3: placeholders)."""
-
-
-def model_states_file(tag_dir: Path, mp_rank: int) -> Path:
-    return tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
-
-
-def zero3_model_states_file(tag_dir: Path, dp_rank: int, mp_rank: int) -> Path:
-    """ZeRO-3's client-state file: one per data-parallel rank, no mp_rank_XX_model_states.pt."""
-    return tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
-
-
-def zero_file(tag_dir: Path, dp_rank: int, mp_rank: int, prefix: str = "") -> Path:
-    """A ZeRO partition of the optimizer: `prefix` "" (ZeRO-1/2/3) or "bf16_" (the pipeline's bf16 optimizer)."""
-    return tag_dir / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
-
-
-def checkpoint_layout(states: dict) -> tuple[int, int, int]:
-    """(tp, pp, dp) recorded in an mp_rank file. The pipeline engine writes checkpoint_parallel_dimensions; the
-    plain engine only mp_world_size (its model-parallel ranks are the tensor ranks)."""
-    dims = states.get("checkpoint_parallel_dimensions")
-    if dims:
-        tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
-    else:
-        tp, pp = int(states.get("mp_world_size") or 1), 1
-    return tp, pp, int(states.get("dp_world_size", 1))
-
-
-def offloads_optimizer(states: dict) -> bool:
-    """Whether the run that wrote a model-states file kept its Adam states on the host or NVMe (DeepSpeedCPUAdam,
-    trainer/engine/optimizer.py): the `ds_config` DeepSpeed saves beside the client state is the dict the
-    trainer gave it (trainer/engine/ds_config.py); files without one (glm-ckpt convert) offload nothing."""
-    section = (states.get("ds_config") or {}).get("zero_optimization", {}).get("offload_optimizer") or {}
-    return section.get("device", "none") in ("cpu", "nvme")
-
-
-def zero_stage_of_file(state: dict) -> int:
-    """The ZeRO stage that wrote an optim_states file (DeepSpeed's ZeroStageEnum value)."""
-    return int(getattr(state["optimizer_state_dict"].get("zero_stage", 1), "value",
-                       state["optimizer_state_dict"].get("zero_stage", 1)))
-
-
-def zero12_fragments(state: dict) -> list[tuple[dict, dict[str, torch.Tensor]]]:
-    """One ZeRO-1/2 partition file -> per parameter group ({name: (start, numel)} in the flat partition,
-    {"fp32": flat master, "exp_avg": ..., "exp_avg_sq": ..., "step": ...}); an empty dict of flats for a group
-    whose optimizer never stepped."""
-    optimizer = state["optimizer_state_dict"]
-    base = optimizer["base_optimizer_state"]["state"]
-    groups = []
-    for group, mapping in enumerate(optimizer["param_slice_mappings"]):
-        slices = {name: (address.start, address.numel) for name, address in mapping.items()}
-        adam = base.get(group, {})
-        flats = {} if "exp_avg" not in adam else {"fp32": optimizer["single_partition_of_fp32_groups"][group],
-                                                  "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"],
-                                                  "step": adam["step"]}
-        groups.append((slices, flats))
-    return groups
-
-
-def zero3_partitions(state: dict, offloaded: Path, numels: list[int]) -> list[dict[str, torch.Tensor]]:
-    """One ZeRO-3 partition file -> per sub-group {"fp32": flat master partition, "exp_avg", "exp_avg_sq",
-    "step"} (moments absent when the optimizer never stepped). ZeRO-3 partitions every parameter on its own:
-    a parameter of n elements takes ceil(n / dp) elements of each rank's flat partition (zero padded), in
-    parameter order (param_shapes of the mp_rank file).
-
-    Under optimizer offload nvme the file holds an empty tensor for each sub-group kept in swap files, and the
-    checkpoint a copy of those files: `offloaded` (offloaded_tensors_dir), one raw file per tensor named
-    `{ds_id}.tensor.swp` after the saved tensor's `ds_id`, padded to the I/O alignment; `numels` are the
-    sub-groups' real lengths."""
-    optimizer = state["optimizer_state_dict"]
-    base = optimizer["optimizer_state_dict"]["state"]
-    result = []
-    for group, flat in enumerate(optimizer["fp32_flat_groups"]):
-        adam = base.get(group, {})
-        tensors = {"fp32": flat, **{key: adam[key] for key in ("exp_avg", "exp_avg_sq") if key in adam}}
-        for key, tensor in tensors.items():
-            swap_file = offloaded / f"{getattr(tensor, 'ds_id', '')}.tensor.swp"
-            if tensor.numel() == 0 and swap_file.is_file():
-                if len(numels) != len(optimizer["fp32_flat_groups"]):
-                    raise CheckpointError(f"{offloaded} holds NVMe-offloaded sub-groups of parameter groups split by "
-                                          f"zero_optimization.sub_group_size: reading them is not supported")
-                tensors[key] = _read_swap_file(swap_file, numels[group], tensor.dtype)
-        result.append({**tensors, **({"step": adam["step"]} if "step" in adam else {})})
-    return result
-
-
-def offloaded_tensors_dir(tag_dir: Path, global_rank: int) -> Path:
-    """Where save_checkpoint copies a rank's NVMe swap files (optimizer offload nvme)."""
-    return tag_dir / "offloaded_tensors" / f"rank{global_rank:02d}"
-
-
-def _read_swap_file(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """The first `numel` elements of a swap file (the rest is alignment padding), read once into a new tensor."""
-    held = path.stat().st_size // torch.empty((), dtype=dtype).element_size()
-    if held < numel:
-        raise CheckpointError(f"{path} holds {held} elements, its sub-group {numel}: the checkpoint is damaged")
-    return torch.from_file(str(path), shared=False, size=numel, dtype=dtype)
-
-
-def param_shapes(states: dict) -> list[dict[str, torch.Size]]:
-    """The mp_rank file's `param_shapes`: per optimizer group, {parameter name: shape} in flattening order."""
-    return states["param_shapes"]

@@ -47,7 +47,7 @@ def effective_zero_stage(requested: int, precision: str, data_parallel: int) -> 
     flat-buffer gradient copies and a second fp32 copy of the weights (docs/PERFORMANCE.md), so an fp32
     run there uses stage 0 (with the Trainer's own clipping, trainer/engine/loop.py). bf16 and fp16 keep
     the stage they ask for: DeepSpeed's stage-0 bf16 optimizer does not skip a non-finite step.
-    Checkpoints of either stage resume at any layout (trainer/checkpoint/universal.py)."""
+    Checkpoints of either stage resume at any layout (trainer/engine/resume.py)."""
     if requested == 1 and data_parallel == 1 and precision == "fp32":
         return 0
     return requested

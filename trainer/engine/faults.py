@@ -4,7 +4,8 @@
   agrees to stop at the same step, a checkpoint is saved and the run exits 0. A second signal exits at once.
 - A non-finite loss or gradient norm: the optimizer step is skipped (DeepSpeed's overflow path, or ours
   where DeepSpeed has none), counted and logged; too many in a row stop the run with a checkpoint of the
-  last good state. `train.inject_nan_steps` poisons the loss of chosen steps to test exactly that.
+  last good state. The environment variable GLM_INJECT_NAN_STEPS (a test hook, not a config key) poisons
+  the loss of chosen steps to test exactly that.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer.errors import GLMError
+from trainer.errors import ConfigError, GLMError
 from trainer.parallel.comm import any_rank, world_group
+
+INJECT_NAN_STEPS = "GLM_INJECT_NAN_STEPS"
+"""Fault injection for tests: comma-separated (1-based) steps whose loss is made NaN, e.g. `3,4`."""
 
 
 class TrainingFault(GLMError):
@@ -75,6 +79,15 @@ class NonFiniteSteps:
 
 def is_finite(value: Optional[float]) -> bool:
     return value is None or math.isfinite(value)
+
+
+def injected_nan_steps() -> set[int]:
+    """The steps GLM_INJECT_NAN_STEPS names (none without it); a malformed value is a ConfigError."""
+    text = os.environ.get(INJECT_NAN_STEPS, "").strip()
+    steps = [part.strip() for part in text.split(",")] if text else []
+    if not all(step.isdigit() and int(step) >= 1 for step in steps):
+        raise ConfigError(f"{INJECT_NAN_STEPS}={text!r} must be comma-separated step numbers >= 1, e.g. 3,4")
+    return {int(step) for step in steps}
 
 
 class PoisonedLoss(torch.nn.Module):

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint.ds_format import fresh_client
 from trainer.checkpoint.model_source import carries_config, read_weights
 from trainer.checkpoint.pipeline_files import canonical_name
-from trainer.checkpoint.universal import TrainingState, load_into_engine
+from trainer.checkpoint.universal import TrainingState
 from trainer.config import Config, FinetuneConfig
+from trainer.engine.resume import load_into_engine
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
 
@@ -34,8 +36,6 @@ ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"
                 "position_embedding", "norm", "mlp")
 """The ModelConfig values a source must share with the run: they fix the weights' shapes and meaning."""
 BLOCK = re.compile(r"^transformer\.layers\.(\d+)\.")
-FRESH_CLIENT = {"step": 0, "consumed_samples": 0, "lr_scheduler": None, "global_steps": 0, "global_samples": 0,
-                "skipped_steps": 0}
 
 
 def is_frozen(name: str, finetune: FinetuneConfig) -> bool:
@@ -65,7 +65,7 @@ def initialise(engine, topology, config: Config) -> None:
     if missing:
         raise CheckpointError(f"finetune.init_from={path} lacks {len(missing)} weight(s) of the model, e.g. "
                               f"{missing[0]}: it is not a checkpoint of this architecture")
-    load_into_engine(engine, topology, config.model, TrainingState(weights, None, 0, dict(FRESH_CLIENT)))
+    load_into_engine(engine, topology, config.model, TrainingState(weights, None, 0, fresh_client()))
     log.info("finetune: weights from %s (optimizer, LR schedule and data position start fresh)", path)
 
 

@@ -22,10 +22,11 @@ from trainer.checkpoint.run_record import run_record
 from trainer.config import Config
 from trainer.data.dataset import collate, micro_batch_indices, resolve_paths
 from trainer.data.packing import OneSamplePerRow, build_sequences
-from trainer.engine import checkpoint, finetune
+from trainer.engine import checkpoint, deepspeed_compat, finetune
 from trainer.engine.build import build_engine
 from trainer.engine.distributed import init_distributed
-from trainer.engine.faults import NonFiniteSteps, PoisonedLoss, PreemptionHandler, TrainingFault, is_finite
+from trainer.engine.faults import (NonFiniteSteps, PoisonedLoss, PreemptionHandler, TrainingFault, injected_nan_steps,
+                                   is_finite)
 from trainer.engine.flops import train_flops_per_token
 from trainer.engine.metrics import MetricsWriter
 from trainer.engine.run_dir import start_run_dir
@@ -78,12 +79,14 @@ def _memory() -> dict:
 
 
 class Trainer:
-    """Owns the engine, the data position and the outputs of one run."""
+    """Owns the engine, the data position and the outputs of one run. `config` is resolved and validated
+    (trainer/preflight.py); `restarts` is how many times glm-launch restarted the run before this start."""
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, restarts: int = 0):
+        self.config, self.restarts = config, restarts
+        nan_steps = injected_nan_steps()  # read before the process group starts: a bad value leaves nothing behind
         self.rank, self.world_size = init_distributed(config.train.collective_timeout_minutes)
-        config.validate(self.world_size)
+        config.data_parallel_size(self.world_size)  # the one check left: the layout fits the ranks started
         self.topology = Topology.create(config.parallel.tp, config.parallel.pp)
         model_parallel_seed(config.train.seed, self.topology)
         self.dataset = build_sequences(config.data, config.train.seed)
@@ -101,9 +104,9 @@ class Trainer:
                                                               config.model)
             self.dataset.restore(data_position)
         finetune.start(self.engine, config, self.topology, resumed=config.train.resume)
-        if config.train.inject_nan_steps:
+        if nan_steps:
             module = self.engine.module
-            module.loss_fn = PoisonedLoss(module.loss_fn, set(config.train.inject_nan_steps), lambda: self.step + 1)
+            module.loss_fn = PoisonedLoss(module.loss_fn, nan_steps, lambda: self.step + 1)
         self.unit = config.parallel.micro_batch_size * self.topology.dp
         self.consumed = consumed_samples_at(self.step, config)
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
@@ -147,10 +150,9 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed,
                   "tflops": tokens * self.flops_per_token / elapsed / self.world_size / 1e12,
                   "batch_size": batch_size, "consumed_samples": self.consumed,
-                  "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": config.train.restarts}
+                  "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": self.restarts}
         if config.train.precision == "fp16":
-            optimizer = engine.optimizer
-            record["loss_scale"] = float(getattr(optimizer, "cur_scale", None) or optimizer.loss_scaler.cur_scale)
+            record["loss_scale"] = deepspeed_compat.loss_scale(engine.optimizer)
         return record
 
     def _collective_fault(self, error: RuntimeError) -> TrainingFault:
@@ -221,6 +223,7 @@ class Trainer:
                          self.consumed, stopped)
 
 
-def train(config: Config) -> RunResult:
-    """Train up to config.train.steps optimizer steps in total (resuming if asked)."""
-    return Trainer(config).run()
+def train(config: Config, restarts: int = 0) -> RunResult:
+    """Train up to config.train.steps optimizer steps in total (resuming if asked); `config` as preflight()
+    returns it."""
+    return Trainer(config, restarts).run()

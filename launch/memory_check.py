@@ -1,6 +1,6 @@
 """glm-memory-check: the planner's memory estimate against the peak resident memory of a DeepSpeed ZeRO run.
 
-    python -m trainer.bench.memory_check --config configs/glm-debug.yaml --world 2 --zero-stage 3 \
+    python -m launch.memory_check --config configs/glm-debug.yaml --world 2 --zero-stage 3 \
         [--steps 3] [--set model.hidden_size=1024 ...]
 
 Spawns `world` CPU processes on gloo. Each builds the trainer's own engine for the config
@@ -9,7 +9,7 @@ and trains `steps` optimizer steps on random tokens. On CPU the device is the ho
 device memory: the process's baseline (measured after importing torch and DeepSpeed and joining the process
 group, before the model exists) and its peak resident set over the training steps (Linux VmHWM, reset after
 the engine is built, so the one-time full-model copies of the set-up are not counted) are printed beside
-launch/memory.py's estimate of a CPU rank (whose reserve, CPU_RUNTIME_RESERVE, is that baseline as measured
+the estimate of a CPU rank by launch/memory.py (the model this checks, hence its place in launch/) (whose reserve, CPU_RUNTIME_RESERVE, is that baseline as measured
 here). The ranks run with glibc's mmap threshold fixed (ALLOCATOR_ENV): every block above it is mapped on its
 own and unmapped when freed, so the resident set follows the live tensors, which is what the estimate counts
 (and what a GPU's caching allocator holds). With glibc's default adaptive threshold freed heap stays resident
@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.multiprocessing as mp
 
+from launch.memory import Layout, Workload, stage_memory
 from trainer.config import Config, add_config_arguments, load_config
 from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
@@ -64,6 +65,8 @@ def _rank(rank: int, world: int, port: int, config: Config, steps: int, results:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    # Lazy, here and in _batch: DeepSpeed chooses its accelerator when first imported, which must happen in the
+    # rank after DS_ACCELERATOR is set, not when the spawned process imports this module.
     from trainer.engine.build import build_engine
     from trainer.engine.distributed import init_distributed
     from trainer.parallel.random import model_parallel_seed
@@ -114,8 +117,6 @@ def measure(config: Config, world: int, steps: int) -> list[dict]:
 
 def estimate(config: Config, world: int) -> dict:
     """launch/memory.py's estimate of one CPU rank of this run (dp = world)."""
-    from launch.memory import Layout, Workload, stage_memory
-
     p, o = config.parallel, config.optim
     layout = Layout(1, 1, world, p.micro_batch_size, config.grad_accum_steps(world), p.recompute_interval,
                     o.zero_stage, o.offload_optimizer, o.offload_params)

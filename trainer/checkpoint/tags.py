@@ -1,0 +1,37 @@
+"""The run's checkpoint directory, run_dir/checkpoints/: one tag directory per checkpoint, named as DeepSpeed
+names them by default (global_step{N} for optimizer step N), and `latest`, the tag of the newest complete one
+(written last, atomically: trainer/engine/checkpoint.py). Plain names, no torch: glm-launch reads them too."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+LATEST = "latest"
+"""checkpoints/latest: the tag of the newest complete checkpoint (written last, atomically)."""
+TAG = re.compile(r"^global_step(\d+)$")
+"""A checkpoint's tag directory: DeepSpeed's default name, global_step{N} for optimizer step N."""
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(tag: str) -> Optional[int]:
+    """The optimizer step a tag names; None for a name that is not a tag."""
+    match = TAG.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def list_tags(checkpoint_dir: Path) -> list[str]:
+    """Complete checkpoint tags, newest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    tags = [p.name for p in checkpoint_dir.iterdir() if p.is_dir() and TAG.match(p.name)]
+    return sorted(tags, key=step_of, reverse=True)
+
+
+def latest_tag(checkpoint_dir: Path) -> Optional[str]:
+    """The tag checkpoint_dir/latest names; None without that file."""
+    latest = checkpoint_dir / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
