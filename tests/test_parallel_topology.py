@@ -163,6 +163,8 @@ def test_a_layout_refuses_sizes_that_do_not_fit():
         Layout(1, 1, 1, cp=0)
     with pytest.raises(ValueError, match=r"tp \* pp \* cp = 2\*3\*1 = 6 does not divide the world size 8"):
         Layout.of_world(8, tp=2, pp=3)
+    with pytest.raises(ValueError, match="the pp size must be an integer >= 1, got 0"):
+        Layout.of_world(8, tp=2, pp=0)
     assert Layout.of_world(16, tp=2, pp=2, cp=2) == FOUR_AXES
     with pytest.raises(ValueError, match="rank 16 is outside a world of 16"):
         FOUR_AXES.coordinates(16)

@@ -137,8 +137,7 @@ def read_zero3_tensors(tag_dir: Path, layout: Layout, tp_rank: int) -> tuple[dic
         path = zero_file(tag_dir, dp_rank, tp_rank)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-        # ZeRO-3 runs at pp = 1, where the global rank is dp_rank * tp + tp_rank (trainer/parallel/topology.py)
-        offloaded = ds_format.offloaded_tensors_dir(tag_dir, dp_rank * layout.tp + tp_rank)
+        offloaded = ds_format.offloaded_tensors_dir(tag_dir, layout.rank_at(dp=dp_rank, tp=tp_rank))  # ZeRO-3: pp = 1
         groups = ds_format.zero3_partitions(torch.load(path, map_location="cpu", weights_only=False), offloaded, numels)
         keys = [key for key in ("fp32", "exp_avg", "exp_avg_sq") if all(key in group for group in groups)]
         flats.append({key: torch.cat([group[key] for group in groups]) for key in keys})

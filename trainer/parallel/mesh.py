@@ -53,9 +53,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         for axis in ("tp", "pp", "dp", "cp", "ep"):
-            size = getattr(self, axis)
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"the {axis} size must be an integer >= 1, got {size!r}")
+            _check_size(axis, getattr(self, axis))
         if self.dp * self.cp % self.ep:
             raise ValueError(f"ep={self.ep} does not divide dp * cp = {self.dp}*{self.cp} = {self.dp * self.cp}: "
                              f"expert parallelism is carved out of the data- and context-parallel ranks")
@@ -64,8 +62,10 @@ class Layout:
     def of_world(cls, world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> "Layout":
         """The layout with dp = world_size / (pp * cp * tp), the one place dp is computed; a ValueError when the
         product does not divide the world size."""
+        for axis, size in (("tp", tp), ("pp", pp), ("cp", cp)):
+            _check_size(axis, size)
         model = tp * pp * cp
-        if min(tp, pp, cp) < 1 or world_size % model:
+        if world_size % model:
             raise ValueError(f"tp * pp * cp = {tp}*{pp}*{cp} = {model} does not divide the world size {world_size}")
         return cls(tp, pp, world_size // model, cp=cp, ep=ep)
 
@@ -121,6 +121,11 @@ class Layout:
 
     def _sizes(self, mesh: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(getattr(self, axis) for axis in mesh)
+
+
+def _check_size(axis: str, size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"the {axis} size must be an integer >= 1, got {size!r}")
 
 
 def _axes_of(name: str) -> tuple[str, ...]:
