@@ -30,6 +30,8 @@ import torch
 
 from trainer.data.instruction import chat_turns
 from trainer.errors import DataError
+from trainer.model.mask import segments_of_sep
+from trainer.parallel.mappings import gather_from_tp
 
 MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
 Step = Callable[[list[int], list[int], list[int]], torch.Tensor]
@@ -54,15 +56,11 @@ def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
 def full_vocab_logits(model, inputs: tuple, vocab_size: int, tp_group, kv_caches=None) -> torch.Tensor:
     """GLMModel on (ids, position ids, block position ids [b, s], segments [b, 2, s]), with its KV caches if
     given -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
-    from trainer.parallel.mappings import gather_from_tp
-
     return gather_from_tp(model(*inputs, kv_caches=kv_caches), tp_group)[..., :vocab_size].float()
 
 
 def _inputs(model, ids: list[int], positions: list[int], blocks: list[int], sep: int) -> tuple:
     """One row of ids, position ids, block position ids -> the model's inputs [1, s], segments [1, 2, s]."""
-    from trainer.model.mask import segments_of_sep
-
     device = next(model.parameters()).device
     ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in (ids, positions, blocks))  # [1, s]
     return ids_t, pos_t, block_t, segments_of_sep(torch.tensor([sep], device=device), len(ids))
