@@ -20,7 +20,7 @@ import torch
 
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
-from trainer.model.glm import GLMModel
+from trainer.model import GLMModel
 from trainer.parallel.split import SplitRule, split_rules_of
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"

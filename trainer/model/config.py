@@ -153,7 +153,8 @@ class ModelConfig:
                 if key in recorded and recorded[key] != value]
 
     def padded_vocab_size(self, tp: int) -> int:
-        """Vocabulary rounded up to a multiple of vocab_pad_multiple * tp."""
+        """Vocabulary rounded up to a multiple of vocab_pad_multiple * tp: the rows of the vocabulary-parallel
+        weights, whose split rule pads alike (trainer/parallel/split.py; tests/test_checkpoint_layout.py)."""
         multiple = self.vocab_pad_multiple * tp
         return multiple * math.ceil(self.vocab_size / multiple)
 
