@@ -18,7 +18,8 @@ def test_fused_parts_are_drawn_in_order_from_one_generator():
     weight = torch.empty(16, 3)
     fused_normal_init(1, "w", (1.0, 2.0, 3.0), part_rows=(8, 4, 4))(weight)
     generator = seeded_generator(1, "w")
-    expected = [torch.empty(rows, 3).normal_(0.0, std, generator=generator) for rows, std in ((8, 1.0), (4, 2.0), (4, 3.0))]
+    expected = [torch.empty(rows, 3).normal_(0.0, std, generator=generator)
+                for rows, std in ((8, 1.0), (4, 2.0), (4, 3.0))]
     assert torch.equal(weight, torch.cat(expected))
 
 

@@ -6,7 +6,8 @@
             their checkpoints and transformers' gate_up_proj), silu(g) = g * sigmoid(g)
 gelu is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). For the gated MLPs A is a fused
 column-parallel weight of two halves (split rule: trainer/parallel/split.py): rank r holds [A_1^(r); A_2^(r)],
-its slice of both halves, and splits its own output in two with no communication. add_bias_linear=False drops both biases.
+its slice of both halves, and splits its own output in two with no communication. add_bias_linear=False drops
+both biases.
 """
 from __future__ import annotations
 

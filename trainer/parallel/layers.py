@@ -71,7 +71,8 @@ class ColumnParallelLinear(nn.Module):
                  parts: Sequence[int] = ()):
         super().__init__()
         if parts and (sum(parts) != out_features or gather_output):
-            raise ValueError(f"fused parts {tuple(parts)} must sum to out_features={out_features}, without gather_output")
+            raise ValueError(f"fused parts {tuple(parts)} must sum to out_features={out_features}, "
+                             f"without gather_output")
         self.group = group
         self.gather_output = gather_output
         self.in_features, self.out_features = in_features, out_features

@@ -96,8 +96,8 @@ class SplitRule:
 
 
 def _stack_rows(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """torch.cat(blocks) on dim 0, written into one new tensor (torch.cat of meta tensors is hundreds of times slower, and
-    the shapes of a model built on the meta device pass through here)."""
+    """torch.cat(blocks) on dim 0, written into one new tensor: torch.cat of meta tensors is hundreds of times
+    slower, and a model built on the meta device passes through here."""
     stacked = blocks[0].new_empty(sum(block.shape[0] for block in blocks), *blocks[0].shape[1:])
     start = 0
     for block in blocks:
