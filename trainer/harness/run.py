@@ -70,7 +70,7 @@ def prepare_tasks(names: list[str], include_path: Optional[Path] = None):
         raise ConfigError(f"no task names in {','.join(names)!r}: give comma-separated lm-eval task names")
     manager = task_manager(include_path, names)
     try:
-        get_task_dict(names, manager)
+        manager.load(names) if hasattr(manager, "load") else get_task_dict(names, manager)  # load: lm-eval >= 0.4.10
     except Exception as error:  # lm-eval raises what the task's own code raises: every failure is a bad task
         first = str(error).splitlines()[0] if str(error) else ""
         raise ConfigError(f"lm-eval cannot build task(s) {', '.join(names)}: {type(error).__name__}: {first}") from None
