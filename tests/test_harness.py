@@ -57,17 +57,19 @@ def requests(names=TASKS, limit=LIMIT) -> list[Instance]:
     return instances
 
 
-def hf_loglikelihoods(export) -> list[tuple[float, bool]]:
+def hf_loglikelihoods(export, glm4_prefix: bool = True) -> list[tuple[float, bool]]:
     """lm-eval's own hf backend on the export. Its tokenizer prepends GLM-4's [gMASK] <sop> (as GLM-4's own
-    tokenizer does with add_special_tokens), the layout the model was trained on."""
+    tokenizer does with add_special_tokens), the layout the model was trained on; glm4_prefix False: the export's
+    tokenizer as written, which prepends nothing."""
     from lm_eval.models.huggingface import HFLM
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(export / "tokenizer.json"), eos_token="<|endoftext|>")
     ours = load_tokenizer(export / "tokenizer.json")
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{GMASK} {SOP} $A", special_tokens=[(GMASK, ours.gmask_id), (SOP, ours.sop_id)])
+    if glm4_prefix:
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{GMASK} {SOP} $A", special_tokens=[(GMASK, ours.gmask_id), (SOP, ours.sop_id)])
     hf = HFLM(pretrained=str(export), tokenizer=tokenizer, device="cpu", dtype="float32", batch_size=4,
               add_bos_token=True)
     return hf.loglikelihood(requests())
@@ -83,7 +85,11 @@ def assert_same_scores(ours, theirs):
 def test_causal_loglikelihoods_equal_lm_evals_hf_backend_on_the_export(glm4_run, hf_export):
     lm = GLMHarnessLM.from_source(glm4_run)
     assert lm.layout == "causal"
-    assert_same_scores(lm.loglikelihood(requests()), hf_loglikelihoods(hf_export))
+    ours = lm.loglikelihood(requests())
+    assert_same_scores(ours, hf_loglikelihoods(hf_export))
+    # the comparison tells layouts apart: without the [gMASK] <sop> prefix the scores move by far more than 1e-4
+    plain = hf_loglikelihoods(hf_export, glm4_prefix=False)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(ours, plain)) > 1e-3
 
 
 def _tp2_loglikelihoods(rank, world_size, run_dir, out):

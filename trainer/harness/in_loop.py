@@ -10,7 +10,6 @@ weights no rank holds whole). Dropout is off while scoring (the module in eval m
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from trainer.config import Config
@@ -30,7 +29,6 @@ class InLoopHarness:
         from trainer.harness.run import prepare_tasks
 
         train = config.train
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices would flood the training log
         self.names = list(train.eval_tasks)
         self.limit = train.eval_tasks_limit or None
         self.manager = prepare_tasks(self.names, Path(train.eval_tasks_path) if train.eval_tasks_path else None)

@@ -8,6 +8,7 @@ without a network; lm-eval's own tasks download their datasets on first use.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,8 @@ def prepare_tasks(names: list[str], include_path: Optional[Path] = None):
     is refused with ConfigError before any model is loaded."""
     from lm_eval.tasks import get_task_dict
 
+    # lm-eval warns at every custom_dataset task (all the shipped ones) that it could take keyword arguments
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     if not names or not all(names):
         raise ConfigError(f"no task names in {','.join(names)!r}: give comma-separated lm-eval task names")
     manager = task_manager(include_path, names)
