@@ -48,10 +48,8 @@ def hf_export(glm4_run, tmp_path_factory):
 
 def requests(names=TASKS, limit=LIMIT) -> list[Instance]:
     """The loglikelihood requests lm-eval builds for the first `limit` documents of each task."""
-    from lm_eval.tasks import get_task_dict
-
     instances = []
-    for task in get_task_dict(names, prepare_tasks(names)).values():
+    for task in prepare_tasks(names).load(names)["tasks"].values():
         task.build_all_requests(limit=limit, rank=0, world_size=1)
         instances += task.instances
     return instances

@@ -14,11 +14,12 @@ or the live model of a training run (trainer/harness/in_loop.py).
   [gMASK] <sop> or as the fill of a [gMASK] blank, cut at the first `until` string.
 
 Requests are batched by length (longest first; the same batches for the same requests, so the same numbers),
-with a progress bar on a terminal. Under tensor parallelism every rank runs every request (lm-eval sees one
+with a progress bar on rank 0's terminal. Under tensor parallelism every rank runs every request (lm-eval sees one
 process) and the vocabulary-parallel logits are gathered, so every rank returns the same results.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -65,7 +66,8 @@ class GLMHarnessLM(LM):
         self.model, self.tokenizer, self.config, self.tp_group = model, tokenizer, config, tp_group
         self.layout, self.batch_size = layout, int(batch_size)
         self.mask_id = tokenizer.mask_id if mask_token == "[MASK]" else tokenizer.gmask_id
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        on_terminal = sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0  # one bar, on rank 0
+        self.progress = on_terminal if progress is None else progress
 
     @classmethod
     def from_source(cls, source: str | Path, tokenizer: Optional[str | Path] = None, **options) -> "GLMHarnessLM":

@@ -65,15 +65,13 @@ def task_manager(include_path: Optional[Path], names: list[str]):
 def prepare_tasks(names: list[str], include_path: Optional[Path] = None):
     """The TaskManager for `names`, each task built once (its documents too) so that a task lm-eval cannot build
     is refused with ConfigError before any model is loaded."""
-    from lm_eval.tasks import get_task_dict
-
     # lm-eval warns at every custom_dataset task (all the shipped ones) that it could take keyword arguments
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     if not names or not all(names):
         raise ConfigError(f"no task names in {','.join(names)!r}: give comma-separated lm-eval task names")
     manager = task_manager(include_path, names)
     try:
-        manager.load(names) if hasattr(manager, "load") else get_task_dict(names, manager)  # load: lm-eval >= 0.4.10
+        manager.load(names)
     except Exception as error:  # lm-eval raises what the task's own code raises: every failure is a bad task
         first = str(error).splitlines()[0] if str(error) else ""
         raise ConfigError(f"lm-eval cannot build task(s) {', '.join(names)}: {type(error).__name__}: {first}") from None
