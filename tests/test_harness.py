@@ -4,7 +4,7 @@ backend on the export (1e-4), also at tp=2; on a GLM blank-infilling model the c
 model run directly on samples built by hand from GLM-SPEC section 1, batched or not; the rolling log-likelihood
 of a short text is its log-likelihood after an empty context; train.eval_tasks evaluations land in metrics.jsonl
 and TensorBoard at the configured steps, a resume neither repeats nor skips one, and they equal glm-eval's on the
-final checkpoint; glm-eval --harness writes lm-eval's results JSON, and refuses an unknown task, a malformed
+final checkpoint; the config refuses them where the live model is not whole (pp > 1, ZeRO-3); glm-eval --harness writes lm-eval's results JSON, and refuses an unknown task, a malformed
 YAML, a task lm-eval cannot build and a checkpoint without a tokenizer in one `error:` line, writing nothing."""
 import json
 
@@ -127,6 +127,18 @@ def test_in_loop_evaluations_at_the_configured_steps_and_a_resume_neither_repeat
            {key: value for key, value in records[-1].items() if key.startswith("harness/")}
 
 
+@pytest.mark.parametrize("change, words", [
+    (["parallel.pp=2"], "at parallel.pp = 1"), (["optim.zero_stage=3"], "optim.zero_stage <= 2"),
+    (["train.eval_interval=0"], "set train.eval_interval"), (["train.eval_tasks_limit=-1"], "eval_tasks_limit be >= 0")])
+def test_in_loop_tasks_refuse_a_layout_they_cannot_run_on(change, words):
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    config = load_config(str(REPO / "configs" / "glm-4-debug.yaml"), IN_LOOP + change)
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        config.validate()
+
+
 def _blank_model():
     tokenizer, config, model, weights = _setup("glm")
     assert default_layout(config) == "blank"
@@ -224,7 +236,8 @@ def test_bad_inputs_are_one_error_line_and_nothing_written(tmp_path, capsys):
                  [str(tmp_path / "export"), "--harness", "glm_cloze", "--include-path", str(tmp_path / "broken")],
              "lm-eval cannot build task(s) nofn":
                  [str(tmp_path / "export"), "--harness", "nofn", "--include-path", str(tmp_path / "unbuildable")],
-             "no tokenizer": [str(tmp_path / "bare"), "--harness", "glm_cloze"]}
+             "no tokenizer": [str(tmp_path / "bare"), "--harness", "glm_cloze"],
+             "glm-eval needs --data and --verbalizers (a cloze task), or --harness TASKS": [str(tmp_path / "export")]}
     for message, args in cases.items():
         assert main(args + ["--output", str(out)]) == 2, message
         err = capsys.readouterr().err.strip().splitlines()
