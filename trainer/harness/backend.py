@@ -72,15 +72,23 @@ class GLMHarnessLM(LM):
     @classmethod
     def from_source(cls, source: str | Path, tokenizer: Optional[str | Path] = None, **options) -> "GLMHarnessLM":
         """The backend on anything glm-eval reads (a run directory, its checkpoints/, a global_stepN, an export,
-        a transformers directory); under a launcher (WORLD_SIZE = tp ranks) each rank holds its shard."""
+        a transformers directory)."""
         import argparse
-
-        from trainer.source_args import load_source_model
 
         args = argparse.Namespace(source=Path(source), tokenizer=None if tokenizer is None else Path(tokenizer),
                                   config=None, overrides=[])
-        model, config, loaded, tp_group = load_source_model(args)
-        return cls(model, loaded, config, tp_group, **options)
+        return cls.from_args(args, **options)
+
+    @classmethod
+    def from_args(cls, args, **options) -> "GLMHarnessLM":
+        """The backend on the model of the offline tools' source arguments (trainer/source_args.py), on this
+        rank's accelerator (the CPU without one); under a launcher (WORLD_SIZE = tp ranks) each rank holds its
+        shard."""
+        from trainer.engine.distributed import local_device
+        from trainer.source_args import load_source_model
+
+        model, config, tokenizer, tp_group = load_source_model(args)
+        return cls(model.to(local_device()), tokenizer, config, tp_group, **options)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "GLMHarnessLM":

@@ -6,7 +6,8 @@ command line and hands over here).
 
 Every task name, the include path and the output path are checked before the model is loaded; the results
 table goes to stdout and --output gets lm-eval's own results JSON, written to a temporary file and renamed.
-Under a launcher (WORLD_SIZE = tp ranks) every rank evaluates and rank 0 reports.
+The model runs on each rank's accelerator (the CPU without one). Under a launcher (WORLD_SIZE = tp ranks)
+every rank evaluates and rank 0 reports.
 """
 from __future__ import annotations
 
@@ -42,16 +43,13 @@ def run_harness(args: argparse.Namespace) -> int:
 
     from trainer.harness.backend import GLMHarnessLM
     from trainer.harness.run import check_output, evaluate_tasks, prepare_tasks, write_results
-    from trainer.source_args import load_source_model
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size and --limit must be >= 1")
     names = [name.strip() for name in args.harness.split(",")]
     check_output(args.output)
     manager = prepare_tasks(names, args.include_path)
-    model, config, tokenizer, tp_group = load_source_model(args)
-    lm = GLMHarnessLM(model, tokenizer, config, tp_group, layout=args.layout, mask_token=args.mask_token,
-                      batch_size=args.batch_size)
+    lm = GLMHarnessLM.from_args(args, layout=args.layout, mask_token=args.mask_token, batch_size=args.batch_size)
     results = evaluate_tasks(lm, names, manager, args.limit)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"layout: {lm.layout}")
