@@ -1,11 +1,13 @@
 """trainer/harness (the lm-evaluation-harness backend): on a glm-4-debug model trained a few steps and exported
 with --format hf, the backend's per-request log-likelihoods on the shipped local tasks equal lm-eval's own `hf`
-backend on the export (1e-4), also at tp=2; on a GLM blank-infilling model the cloze (Part B) scores equal the
-model run directly on samples built by hand from GLM-SPEC section 1, batched or not; the rolling log-likelihood
-of a short text is its log-likelihood after an empty context; train.eval_tasks evaluations land in metrics.jsonl
-and TensorBoard at the configured steps, a resume neither repeats nor skips one, and they equal glm-eval's on the
-final checkpoint; the config refuses them where the live model is not whole (pp > 1, ZeRO-3); glm-eval --harness writes lm-eval's results JSON, and refuses an unknown task, a malformed
-YAML, a task lm-eval cannot build and a checkpoint without a tokenizer in one `error:` line, writing nothing."""
+backend on the export (1e-4), also at tp=2, and would not without GLM-4's [gMASK] <sop> prefix; on a GLM
+blank-infilling model the cloze (Part B) scores equal the model run directly on samples built by hand from
+GLM-SPEC section 1, batched or not; the rolling log-likelihood is lm-eval's windows scored as continuations;
+train.eval_tasks evaluations land in metrics.jsonl and TensorBoard at the configured steps, a resume neither
+repeats nor skips one, and the last equals glm-eval's on the final checkpoint; the config refuses them where the
+live model is not whole (pp > 1, ZeRO-3); glm-eval --harness writes lm-eval's results JSON, and refuses an
+unknown task, a malformed YAML, a task lm-eval cannot build and a checkpoint without a tokenizer in one
+`error:` line, writing nothing."""
 import json
 
 import pytest

@@ -58,7 +58,8 @@ def task_manager(include_path: Optional[Path], names: list[str]):
     if unknown:
         local = sorted(TaskManager(include_path=paths, include_defaults=False).all_tasks)
         raise ConfigError(f"no lm-eval task named {', '.join(unknown)}: local tasks are {', '.join(local)} "
-                          f"(--include-path DIR adds your own YAML tasks; `lm_eval ls tasks` lists lm-eval's)")
+                          f"(--include-path or train.eval_tasks_path add your own YAML tasks; `lm_eval ls tasks` lists "
+                          f"lm-eval's)")
     return manager
 
 
