@@ -15,7 +15,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from tests.distributed import run_distributed
-from tests.glm_processes import REPO, run_train, tiny_overrides
+from tests.glm_processes import REPO, run_train, start_ranks, tiny_overrides, wait_all
 from tests.test_generate import TEXTS, _setup
 from trainer.checkpoint import cli as ckpt_cli
 from trainer.checkpoint.export import write_export
@@ -127,6 +127,17 @@ def test_in_loop_evaluations_at_the_configured_steps_and_a_resume_neither_repeat
     offline = flat_metrics(evaluate_tasks(GLMHarnessLM.from_source(glm4_run), TASKS, prepare_tasks(TASKS), 4))
     assert {f"harness/{key}": pytest.approx(value, rel=1e-6) for key, value in offline.items()} == \
            {key: value for key, value in records[-1].items() if key.startswith("harness/")}
+
+
+def test_in_loop_evaluations_at_tp2_equal_those_at_tp1(glm4_run, tmp_path):
+    config = ["--config", str(REPO / "configs" / "glm-4-debug.yaml")]
+    ranks = start_ranks(config + tiny_overrides(tmp_path / "tp2", 3, *IN_LOOP, "parallel.tp=2"), 2, tmp_path)
+    assert wait_all(ranks) == [0, 0], (tmp_path / "rank1.log").read_text()[-3000:]
+    tp1, tp2 = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:3]
+                for run in (glm4_run, tmp_path / "tp2"))  # steps 2 and 3 (the end of glm4_run's first part)
+    for one, two in zip(tp1, tp2):
+        harness = {key: value for key, value in one.items() if key.startswith("harness/")}
+        assert len(harness) == 4 and {key: two[key] for key in harness} == pytest.approx(harness, rel=1e-5)
 
 
 @pytest.mark.parametrize("change, words", [

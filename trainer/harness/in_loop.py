@@ -35,8 +35,11 @@ class InLoopHarness:
         self.lm = GLMHarnessLM(model, tokenizer, config.model, tp_group, progress=False)
 
     def __call__(self) -> dict[str, float]:
-        """{"harness/TASK/METRIC": value} of one evaluation of every task."""
+        """{"harness/TASK/METRIC": value} of one evaluation of every task ({} on a rank with LOCAL_RANK > 0, which
+        scores every request too: its tensor collectives need it)."""
         from trainer.harness.run import evaluate_tasks, flat_metrics
 
         results = evaluate_tasks(self.lm, self.names, self.manager, self.limit)
+        if results is None:  # lm-eval returns the results on LOCAL_RANK 0 only; global rank 0 writes the metrics
+            return {}
         return {f"harness/{key}": value for key, value in flat_metrics(results).items()}
