@@ -133,6 +133,15 @@ class TrainConfig:
     the sequences are logged with the training metrics (0 = off)."""
     eval_batches: int = 2
     """Global batches of the validation split scored per evaluation (always the same ones)."""
+    eval_tasks: list = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the model at every evaluation (train.eval_interval and the end): names
+    of the shipped local tasks (glm_lastword, glm_cloze, glm_docs, glm_lastword_gen, the group glm_local), of tasks
+    under train.eval_tasks_path or of lm-eval's own; their metrics are logged as `harness/TASK/METRIC`
+    (docs/EVALUATION.md). Needs the eval extra, parallel.pp = 1 and optim.zero_stage <= 2."""
+    eval_tasks_path: str = ""
+    """A directory of your own lm-eval task YAMLs for train.eval_tasks (lm-eval's include_path)."""
+    eval_tasks_limit: int = 0
+    """Documents per task and evaluation of train.eval_tasks (0 = all)."""
     keep_checkpoints: int = 0
     """Keep only the newest this many checkpoints (0 = keep all)."""
     log_interval: int = 1
@@ -200,6 +209,14 @@ class Config:
         if t.eval_interval and self.data.valid_fraction <= 0:
             raise ConfigError(f"train.eval_interval={t.eval_interval} needs a validation split: set "
                               f"data.valid_fraction (e.g. 0.05)")
+        if t.eval_tasks and not (t.eval_interval and p.pp == 1 and self.optim.zero_stage <= 2):
+            raise ConfigError(f"train.eval_tasks runs on the live model at each evaluation, at parallel.pp = 1 and "
+                              f"optim.zero_stage <= 2 (here train.eval_interval={t.eval_interval}, pp={p.pp}, zero_stage="
+                              f"{self.optim.zero_stage}): set train.eval_interval, or evaluate the checkpoints with "
+                              f"glm-eval --harness")
+        if not all(isinstance(name, str) and name for name in t.eval_tasks) or t.eval_tasks_limit < 0:
+            raise ConfigError(f"train.eval_tasks must list task names and train.eval_tasks_limit be >= 0, got "
+                              f"{t.eval_tasks!r} and {t.eval_tasks_limit}")
         if t.collective_timeout_minutes <= 0:
             raise ConfigError(f"train.collective_timeout_minutes must be > 0, got {t.collective_timeout_minutes}")
         self._validate_zero()

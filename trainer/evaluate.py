@@ -7,7 +7,8 @@ Each JSONL record fills the template (str.format with its fields) into a text wi
 and names its class in "label". A class c with verbalizer tokens v_1..v_m is scored by the likelihood of
 its word filling the blank, as GLM's Part B:
     score(c) = sum_j log p(v_j | Part A, [sop], v_<j)      (position id = the mask's, block ids 1..m)
-and the prediction is argmax_c score(c). Under a launcher (WORLD_SIZE = tp ranks) the vocabulary-parallel
+and the prediction is argmax_c score(c). `--harness TASKS` runs lm-evaluation-harness tasks instead
+(trainer/harness/cli.py, docs/EVALUATION.md). Under a launcher (WORLD_SIZE = tp ranks) the vocabulary-parallel
 logits are gathered before the softmax, so every rank scores the same.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
 from trainer.decoding import encode_prompt, full_vocab_logits
+from trainer.harness.cli import add_harness_arguments, run_harness
 from trainer.source_args import add_source_arguments, load_source_model
 from trainer.model.mask import segments_of_sep
 
@@ -96,9 +98,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-eval", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
-    parser.add_argument("--data", type=Path, required=True, help="JSONL task: template fields and 'label'")
+    parser.add_argument("--data", type=Path, help="JSONL task: template fields and 'label'")
     parser.add_argument("--template", default="{text}", help="str.format template with one [MASK]")
-    parser.add_argument("--verbalizers", required=True, help='JSON {label: word}, e.g. {"yes": " yes", "no": " no"}')
+    parser.add_argument("--verbalizers", help='JSON {label: word}, e.g. {"yes": " yes", "no": " no"}')
+    add_harness_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
 
@@ -106,6 +109,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.harness is not None:
+        return run_harness(args)
+    if args.data is None or args.verbalizers is None:
+        raise ConfigError("glm-eval needs --data and --verbalizers (a cloze task), or --harness TASKS")
     try:
         verbalizers = json.loads(args.verbalizers)
     except json.JSONDecodeError:

@@ -112,9 +112,15 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
         self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
         self.valid = build_sequences(config.data, config.train.seed, split="valid") if config.train.eval_interval else None
+        self.harness = None
+        if config.train.eval_tasks:  # lm-evaluation-harness tasks beside the validation loss (an optional extra)
+            from trainer.harness.in_loop import InLoopHarness
+
+            self.harness = InLoopHarness(config, self.engine.module, self.dataset.tokenizer, self.topology.tp_group)
 
     def evaluate(self) -> dict:
-        """Validation loss (mean over train.eval_batches global batches of the held-out split) and perplexity."""
+        """Validation loss (mean over train.eval_batches global batches of the held-out split) and perplexity, and
+        the metrics of train.eval_tasks (trainer/harness/in_loop.py)."""
         config = self.config
         batch_size = config.parallel.global_batch_size
         losses = []
@@ -123,7 +129,7 @@ class Trainer:
                                     config.parallel.micro_batch_size)
             losses.append(float(self.steps.eval_batch(batches, batch_size // self.unit)))
         loss = sum(losses) / len(losses)
-        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0))}
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0)), **(self.harness() if self.harness else {})}
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics record."""
