@@ -70,7 +70,7 @@ def test_import_thudm_cli_writes_an_export(tmp_path, capsys):
     config, weights = read_weights(tmp_path / "export", None)
     with torch.no_grad():
         torch.testing.assert_close(build_model(config, weights)(*glm_inputs()), model(*glm_inputs()), rtol=0, atol=1e-6)
-    assert glm_ckpt(["import-thudm", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert glm_ckpt(["import-thudm", str(root / "250000"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 
