@@ -205,13 +205,13 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
 
 
 def resumable_step(run_dir: Path) -> Optional[int]:
-    """The step of the checkpoint `checkpoints/latest` names (written only once that checkpoint is complete);
-    asked only before a restart, so planning never imports DeepSpeed."""
-    from trainer.engine.checkpoint import TAG
+    """The step of the checkpoint a resume starts from (the one `checkpoints/latest` names, written only once
+    that checkpoint is complete, or the newest when it is gone); asked only before a restart, so planning
+    never imports DeepSpeed."""
+    from trainer.engine.checkpoint import TAG, resume_order
 
-    latest = run_dir / "checkpoints" / "latest"
-    match = TAG.match(latest.read_text().strip()) if latest.is_file() else None
-    return int(match.group(1)) if match else None
+    tags = resume_order(run_dir / "checkpoints")
+    return int(TAG.match(tags[0]).group(1)) if tags else None
 
 
 def plan_start(args: argparse.Namespace, train_args: list[str], scratch: str, restarts: int) -> Start:

@@ -154,12 +154,14 @@ def _stall(ranks: RankProcesses, idle: float, limit: float) -> Optional[tuple[Op
 
 
 def _steps(metrics: Path) -> Optional[int]:
-    """The last step metrics.jsonl records (None: no step yet)."""
+    """The last step metrics.jsonl records (None: no step yet); a line the failure tore is skipped."""
+    from trainer.engine.metrics import step_of
+
     try:
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        steps = [step_of(line) for line in metrics.read_text(errors="replace").splitlines()]
     except OSError:
         return None
-    return json.loads(lines[-1])["step"] if lines else None
+    return max((step for step in steps if step is not None), default=None)
 
 
 def supervise(plan_start: Callable[[int], Start], resumable_step: Callable[[], Optional[int]],

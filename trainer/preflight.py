@@ -37,16 +37,19 @@ def check_run_dir(config: Config) -> None:
     if held and not (config.train.resume or config.train.overwrite):
         raise ConfigError(f"train.run_dir={run_dir} holds an earlier run ({held}): set train.resume=true to continue "
                           f"it, train.overwrite=true to delete it and start afresh, or choose another train.run_dir")
-    if config.train.resume and not (run_dir / "checkpoints" / "latest").is_file():
+    if config.train.resume and latest_tag(run_dir / "checkpoints") is None:
         raise ConfigError(f"train.resume=true but {run_dir / 'checkpoints'} holds no checkpoint: "
                           f"train without resume first, or point train.run_dir at a run that saved one")
     if config.train.resume:
         check_steps_left(run_dir / "checkpoints", config.train.steps)
 
 
-def latest_tag(checkpoint_dir: Path) -> str:
-    """The tag `checkpoints/latest` names (check_run_dir has made sure the file is there)."""
-    return (checkpoint_dir / "latest").read_text().strip()
+def latest_tag(checkpoint_dir: Path) -> Optional[str]:
+    """The tag a resume starts from (`checkpoints/latest`'s, or the newest when that one is gone), None when
+    there is none."""
+    from trainer.engine.checkpoint import resume_order
+
+    return next(iter(resume_order(checkpoint_dir)), None)
 
 
 def check_resume_shape(config: Config) -> None:
