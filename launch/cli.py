@@ -3,12 +3,13 @@
     glm-launch --config FILE [--nproc N | --gpus N [--gpus-per-node G] | --hostfile F [--node-rank R]]
                [--tp T] [--pp P] [--micro-batch M] [--recompute-interval K] [--gpu-memory 80GB]
                [--host-memory 1TB] [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
-               [--dry-run] [-- glm-train arguments]
+               [--dry-run [--json]] [-- glm-train arguments]
 
 The plan reaches every rank as glm-train `--set parallel.*` and `--set optim.*` overrides after the user's
 own, so all ranks read the same resolved layout. The planner chooses parallel.tp, pp, micro_batch_size,
-recompute_interval and optim.zero_stage, offload_optimizer, offload_params whatever the YAML says;
---tp / --pp / --micro-batch / --recompute-interval, or those keys in a `--set` after `--`, fix them instead.
+recompute_interval and optim.zero_stage, offload_optimizer, offload_params whatever the YAML says (the YAML's
+micro-batch is kept when it fits, and a line says so when it is not); --tp / --pp / --micro-batch /
+--recompute-interval, or those keys in a `--set` after `--`, fix them instead.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-restarts", type=int, default=0, help="after a rank fails or no step finishes for "
                         "train.collective_timeout_minutes, restart from the newest checkpoint up to N times")
     parser.add_argument("--min-devices", type=int, default=1, help="do not start (or restart) on fewer devices")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (what a launch prints) and exit")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON instead, every "
+                                                            "rank's host, device, coordinates and blocks included")
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
 
@@ -129,7 +132,7 @@ def describe(plan: Plan) -> str:
     """The plan in a few human lines."""
     layout, cluster, peak = plan.layout, plan.cluster, plan.peak
     nodes = len(cluster.hosts)
-    return "\n".join([
+    return "\n".join([f"note:    {note}" for note in plan.notes] + [
         f"devices: {cluster.world_size} {cluster.kind} on {nodes} node{'s' * (nodes > 1)} ({cluster.source}), "
         f"{cluster.memory_bytes / 1e9:.1f} GB each",
         f"layout:  tp {layout.tp} x pp {layout.pp} x dp {layout.dp}; micro-batch {layout.micro_batch} x "
@@ -185,13 +188,21 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
                           f"{'no restart' if restarting else 'nothing started'}")
     plan = plan_layout(config, cluster, host_memory(args.host_memory), fixed_choices(args, overrides))
     resolved = load_config(args.config, overrides + plan.overrides())
-    resolved.validate(cluster.world_size)
+    try:
+        resolved.validate(cluster.world_size)
+    except ConfigError as error:  # a constraint the planner does not know: name what it chose
+        layout = plan.layout
+        raise ConfigError(f"the plan tp {layout.tp} x pp {layout.pp} x dp {layout.dp}, micro-batch "
+                          f"{layout.micro_batch} fails a check ({error}): fix the layout with --tp / --pp / "
+                          f"--micro-batch, or change the config") from None
     return resolved, plan
 
 
 def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Plan]:
     """Parse, discover, plan and validate: everything that must succeed before a process starts."""
     args, train_args = parse_args(argv)
+    if args.json and not args.dry_run:
+        raise ConfigError("--json prints the plan of a --dry-run: add --dry-run")
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise ConfigError(f"--master-port {args.master_port} is not a TCP port: use 1..65535 (1024 and up "
                           f"without root)")
@@ -249,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, train_args, resolved, plan = prepare(argv)
     if args.dry_run:
-        print(json.dumps(plan.to_dict(), indent=1))
+        print(json.dumps(plan.to_dict(), indent=1) if args.json else describe(plan))
         return 0
     run_dir = Path(resolved.train.run_dir)
     with tempfile.TemporaryDirectory(prefix="glm-launch-") as scratch:
