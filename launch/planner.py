@@ -137,7 +137,7 @@ class Plan:
                            "stages": [stage.to_dict() for stage in self.stages],
                            "host_per_node_estimate_gb": round(self.host_per_node / 1e9, 2),
                            "host": self.host_memory.to_dict()},
-                "overrides": self.overrides(), "ranks": self.ranks()}
+                "overrides": self.overrides(), "notes": list(self.notes), "ranks": self.ranks()}
 
 
 def bubble(layout: Layout) -> float:

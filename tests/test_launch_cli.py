@@ -244,3 +244,22 @@ def test_nproc_2_trains_on_cpu_with_gloo(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert [r["consumed_samples"] for r in records] == [8, 16]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+
+
+def test_nproc_2_tp_2_keeps_the_yamls_micro_batch_and_the_single_process_losses(tmp_path):
+    """glm-debug's micro-batch 4 fits at tp 2 (dp 1, 8 rows per rank): glm-launch keeps it instead of taking 8,
+    so the run is the single-process run's, micro-batch for micro-batch."""
+    steps, model = 3, ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4"]
+    single = run_train(["--config", str(REPO / "configs/glm-debug.yaml")]
+                       + [a for item in model + [f"train.steps={steps}", f"train.run_dir={tmp_path / 'single'}"]
+                          for a in ("--set", item)])
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = start_launch(["--nproc", "2", "--tp", "2", "--"]
+                          + [a for item in model + [f"train.steps={steps}", f"train.run_dir={tmp_path / 'tp2'}"]
+                             for a in ("--set", item)], tmp_path / "launch.log")
+    assert wait_all([launch], timeout=600) == [0], (tmp_path / "launch.log").read_text()[-3000:]
+    log = (tmp_path / "launch.log").read_text()
+    assert "micro-batch 4 x accumulation 2 x dp = global batch 8" in log and "note:" not in log, log[-3000:]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in metrics(tmp_path / "tp2")], dtype=torch.float64),
+                               torch.tensor([r["loss"] for r in metrics(tmp_path / "single")], dtype=torch.float64),
+                               rtol=1e-5, atol=0)
