@@ -3,11 +3,12 @@
     glm-launch --config FILE [--nproc N | --gpus N [--gpus-per-node G] | --hostfile F [--node-rank R]]
                [--tp T] [--pp P] [--micro-batch M] [--recompute-interval K] [--gpu-memory 80GB]
                [--host-memory 1TB] [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
-               [--dry-run] [-- glm-train arguments]
+               [--dry-run [--json]] [-- glm-train arguments]
 
 The config is resolved and validated once, here, before any rank starts: the YAML, the user's `--set`s after
 `--`, then the plan (parallel.tp, pp, micro_batch_size, recompute_interval and optim.zero_stage,
-offload_optimizer, offload_params, chosen whatever the YAML says; --tp / --pp / --micro-batch /
+offload_optimizer, offload_params, chosen whatever the YAML says (the YAML's micro-batch is kept when it
+fits, and a line says so when it is not); --tp / --pp / --micro-batch /
 --recompute-interval, or those keys in a `--set` after `--`, fix them instead), checked with the data, the run
 directory and the disk by trainer/preflight.py. It is written to run_dir/launch_config.yaml and every rank
 starts with `glm-train --resolved-config` that file: all ranks read the same resolved config and validate
@@ -26,12 +27,12 @@ from typing import Optional
 from launch.devices import Cluster, discover, host_memory, local_accelerator
 from launch.planner import Fixed, Plan, describe_zero, plan_layout
 from launch.supervisor import RESTARTS_LOG, Start, supervise
-from trainer.checkpoint.tags import latest_tag, step_of
+from trainer.checkpoint.tags import resume_tag, step_of
 from trainer.config import Config, config_yaml, load_config, parse_override, with_overrides
 from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
 from trainer.paths import temporary_beside
-from trainer.preflight import preflight
+from trainer.preflight import check_outside
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
                 "recompute_interval": "recompute_interval"}
@@ -68,7 +69,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-restarts", type=int, default=0, help="after a rank fails or no step finishes for "
                         "train.collective_timeout_minutes, restart from the newest checkpoint up to N times")
     parser.add_argument("--min-devices", type=int, default=1, help="do not start (or restart) on fewer devices")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (what a launch prints) and exit")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON instead, every "
+                                                            "rank's host, device, coordinates and blocks included")
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
 
@@ -147,7 +150,7 @@ def describe(plan: Plan) -> str:
     """The plan in a few human lines."""
     layout, cluster, peak = plan.layout, plan.cluster, plan.peak
     nodes = len(cluster.hosts)
-    return "\n".join([
+    return "\n".join([f"note:    {note}" for note in plan.notes] + [
         f"devices: {cluster.world_size} {cluster.kind} on {nodes} node{'s' * (nodes > 1)} ({cluster.source}), "
         f"{cluster.memory_bytes / 1e9:.1f} GB each",
         f"layout:  tp {layout.tp} x pp {layout.pp} x dp {layout.dp}; micro-batch {layout.micro_batch} x "
@@ -191,7 +194,8 @@ def _check_node(args: argparse.Namespace, cluster: Cluster) -> None:
 
 def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: bool = False) -> tuple[Config, Plan]:
     """Discover the devices and plan the layout for them: at the start, and again before each restart. Returns
-    the config with the plan applied (not yet checked against the world size: preflight does that)."""
+    the config with the plan applied, validated at the world size found (the plan named when it fails); the
+    files it names are checked by plan_start."""
     # the YAML's tp and pp are re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a
     # --set among them) at tp = pp = 1, unless the user fixes them; the planner needs that much to plan
     config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1"] + overrides)
@@ -203,7 +207,15 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
         raise ConfigError(f"{cluster.world_size} device(s) found, fewer than --min-devices {args.min_devices}: "
                           f"{'no restart' if restarting else 'nothing started'}")
     plan = plan_layout(config, cluster, host_memory(args.host_memory), fixed_choices(args, overrides))
-    return with_overrides(config, plan.overrides()), plan  # the plan sets every key the tp = pp = 1 above did
+    resolved = with_overrides(config, plan.overrides())  # the plan sets every key the tp = pp = 1 above did
+    try:
+        resolved.validate(cluster.world_size)
+    except ConfigError as error:  # a constraint the planner does not know: name what it chose
+        layout = plan.layout
+        raise ConfigError(f"the plan tp {layout.tp} x pp {layout.pp} x dp {layout.dp}, micro-batch "
+                          f"{layout.micro_batch} fails a check ({error}): fix the layout with --tp / --pp / "
+                          f"--micro-batch, or change the config") from None
+    return resolved, plan
 
 
 def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Plan]:
@@ -211,6 +223,8 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
     before the first start, --dry-run only against the layout (the data and the run directory may be on the
     cluster, not here)."""
     args, train_args = parse_args(argv)
+    if args.json and not args.dry_run:
+        raise ConfigError("--json prints the plan of a --dry-run: add --dry-run")
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise ConfigError(f"--master-port {args.master_port} is not a TCP port: use 1..65535 (1024 and up "
                           f"without root)")
@@ -226,9 +240,9 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
 
 
 def resumable_step(run_dir: Path) -> Optional[int]:
-    """The step of the checkpoint `checkpoints/latest` names (written only once that checkpoint is complete);
-    None without one."""
-    tag = latest_tag(run_dir / "checkpoints")
+    """The step of the checkpoint a resume starts from (the one `checkpoints/latest` names, written only once
+    that checkpoint is complete, or the newest when it is gone); None without one."""
+    tag = resume_tag(run_dir / "checkpoints")
     return None if tag is None else step_of(tag)
 
 
@@ -244,7 +258,7 @@ def plan_start(args: argparse.Namespace, train_args: list[str], scratch: str, re
         own = ["train.resume=true", "train.overwrite=false"] if resumable_step(Path(planned.train.run_dir)) \
             is not None else ["train.resume=false", "train.overwrite=true"]
         planned = with_overrides(planned, own)
-    resolved = preflight(planned, plan.cluster.world_size)
+    resolved = check_outside(planned, plan.cluster.world_size)  # plan_devices validated it
     run_dir = Path(resolved.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     staged = temporary_beside(run_dir / LAUNCH_CONFIG)  # one per node: SLURM's nodes may write it at once
@@ -276,7 +290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, train_args, resolved, plan = prepare(argv)
     if args.dry_run:
-        print(json.dumps(plan.to_dict(), indent=1))
+        print(json.dumps(plan.to_dict(), indent=1) if args.json else describe(plan))
         return 0
     run_dir = Path(resolved.train.run_dir)
     with tempfile.TemporaryDirectory(prefix="glm-launch-") as scratch:

@@ -5,9 +5,13 @@ activation recomputation), following the rules that work at scale (Narayanan et 
   count, the attention heads and the MLP width;
 - pipeline parallelism only when the model fits no other way: the smallest pp wins, and at each pp
   plain training is preferred to activation recomputation, then the smallest tp;
-- data parallelism takes the rest: dp = world / (tp * pp), and dp must divide the global batch;
-- the micro-batch is the largest that fits whose 1F1B bubble (pp - 1) / (grad_accum + pp - 1) stays
-  under BUBBLE_LIMIT; when none does, the smallest that fits (the most micro-batches in flight).
+- data parallelism takes the rest: dp = world / (tp * pp);
+- every global batch of the run (parallel.global_batch_size, and under batch-size warmup its start and
+  increment) must be micro-batch x dp x a whole accumulation, so micro-batch x dp divides their greatest
+  common divisor (Batches.unit);
+- the micro-batch is the YAML's when it fits and keeps the 1F1B bubble (pp - 1) / (grad_accum + pp - 1)
+  under BUBBLE_LIMIT, else the largest that does; when none does, the smallest that fits (the most
+  micro-batches in flight).
 
 What the user fixed (--tp, --pp, --micro-batch, or the same keys in the YAML / --set) is validated,
 not chosen. Rank order is DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model):
@@ -16,6 +20,7 @@ rank = (pp_rank * dp + dp_rank) * tp + tp_rank, so a tensor-parallel group is ad
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -51,6 +56,34 @@ class Fixed:
 
 
 @dataclass(frozen=True)
+class Batches:
+    """The global batches a run steps through: parallel.global_batch_size, and under batch-size warmup
+    (optim.batch_size_warmup_*) the ramp's start and increment."""
+
+    final: int
+    start: int = 0
+    increment: int = 0
+
+    @classmethod
+    def of(cls, config: Config) -> "Batches":
+        optim, final = config.optim, config.parallel.global_batch_size
+        if optim.batch_size_warmup_steps <= 0:
+            return cls(final)
+        return cls(final, optim.batch_size_warmup_start, optim.batch_size_warmup_increment or optim.batch_size_warmup_start)
+
+    @property
+    def unit(self) -> int:
+        """The largest number every batch of the run is a multiple of: micro-batch x dp must divide it."""
+        return math.gcd(self.final, self.start, self.increment)
+
+    def __str__(self) -> str:
+        if not self.start:
+            return f"the global batch {self.final}"
+        return (f"{self.unit}, the greatest common divisor of the global batch {self.final} and the batch-size "
+                f"warmup's start {self.start} and increment {self.increment}")
+
+
+@dataclass(frozen=True)
 class Plan:
     layout: Layout
     cluster: Cluster
@@ -58,6 +91,8 @@ class Plan:
     stages: list[StageMemory]
     global_batch: int
     host_memory: HostMemory
+    notes: tuple[str, ...] = ()
+    """What the plan changed of the YAML that a reader would not expect (its micro-batch), one line each."""
 
     @property
     def host_per_node(self) -> int:
@@ -102,7 +137,7 @@ class Plan:
                            "stages": [stage.to_dict() for stage in self.stages],
                            "host_per_node_estimate_gb": round(self.host_per_node / 1e9, 2),
                            "host": self.host_memory.to_dict()},
-                "overrides": self.overrides(), "ranks": self.ranks()}
+                "overrides": self.overrides(), "notes": list(self.notes), "ranks": self.ranks()}
 
 
 def bubble(layout: Layout) -> float:
@@ -132,21 +167,23 @@ def _tp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
             and all(slots % tp == 0 for _, slots in cluster.hosts)]
 
 
-def _choose_micro(work: Workload, layout: Layout, per_rank: int, fixed: Fixed, cluster: Cluster,
-                  host: HostMemory) -> Optional[Layout]:
-    """The micro-batch rule of the module docstring, among the divisors of the per-rank batch; `layout`
-    gives everything else."""
-    sizes = [fixed.micro_batch] if fixed.micro_batch else [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+def _choose_micro(work: Workload, layout: Layout, batches: Batches, fixed: Fixed, cluster: Cluster,
+                  host: HostMemory, preferred: Optional[int]) -> Optional[Layout]:
+    """The micro-batch rule of the module docstring, among the divisors of batches.unit / dp (`preferred`: the
+    YAML's); `layout` gives everything else."""
+    per_rank, unit = batches.final // layout.dp, batches.unit // layout.dp
+    sizes = [fixed.micro_batch] if fixed.micro_batch else [m for m in range(1, unit + 1) if unit % m == 0]
     fitting = []
     for micro in sizes:  # memory grows with the micro-batch: stop at the first that does not fit
         candidate = dataclasses.replace(layout, micro_batch=micro, grad_accum=per_rank // micro)
-        if per_rank % micro or not _fits(work, candidate, cluster, host):
+        if unit % micro or not _fits(work, candidate, cluster, host):
             break
         fitting.append(candidate)
     if not fitting:
         return None
     short_bubble = [layout for layout in fitting if bubble(layout) <= BUBBLE_LIMIT]
-    return short_bubble[-1] if short_bubble else fitting[0]
+    kept = [layout for layout in short_bubble if layout.micro_batch == preferred]
+    return (kept or short_bubble or fitting[:1])[-1]
 
 
 def _ladder(work: Workload, cluster: Cluster, fixed: Fixed, nvme: bool) -> Iterator[tuple[int, list[Zero]]]:
@@ -166,30 +203,31 @@ def _ladder(work: Workload, cluster: Cluster, fixed: Fixed, nvme: bool) -> Itera
             yield pp, allowed
 
 
-def _candidates(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed, pp: int) -> Iterator[tuple[int, int]]:
-    """(tp, dp) with tp * pp * dp = the world size and dp dividing the global batch, smallest tp first."""
+def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int) -> Iterator[tuple[int, int]]:
+    """(tp, dp) with tp * pp * dp = the world size and dp dividing every batch of the run, smallest tp first."""
     world = cluster.world_size
     for tp in _tp_choices(work, cluster, fixed):
-        if world % (tp * pp) == 0 and global_batch % (world // (tp * pp)) == 0:
+        if world % (tp * pp) == 0 and batches.unit % (world // (tp * pp)) == 0:
             yield tp, world // (tp * pp)
 
 
-def search(work: Workload, cluster: Cluster, global_batch: int, host: HostMemory, fixed: Fixed = Fixed(),
-           nvme: bool = False) -> Optional[Plan]:
-    """The preferred layout that fits, or None; `nvme`: optim.nvme_path is set, NVMe offload may be planned."""
+def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed = Fixed(),
+           nvme: bool = False, preferred_micro: Optional[int] = None) -> Optional[Plan]:
+    """The preferred layout that fits, or None; `nvme`: optim.nvme_path is set, NVMe offload may be planned;
+    `preferred_micro`: the YAML's micro-batch, kept when the rule allows."""
     intervals = [fixed.recompute_interval] if fixed.recompute_interval is not None else [0, 1]
     for pp, zeros in _ladder(work, cluster, fixed, nvme):
-        candidates = list(_candidates(work, cluster, global_batch, fixed, pp))
+        candidates = list(_candidates(work, cluster, batches, fixed, pp))
         for interval in intervals:
             for tp, dp in candidates:
                 for stage, offload_optimizer, offload_params in zeros:
                     if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp) == 0:
                         continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
                     layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params)
-                    chosen = _choose_micro(work, layout, global_batch // dp, fixed, cluster, host)
+                    chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
                     if chosen is not None:
                         return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
-                                    estimate(work, chosen), global_batch, host)
+                                    estimate(work, chosen), batches.final, host)
     return None
 
 
@@ -202,13 +240,13 @@ def _hypothetical(cluster: Cluster, world: int) -> Cluster:
                    cluster.memory_bytes, cluster.kind, cluster.source)
 
 
-def smallest_cluster(work: Workload, cluster: Cluster, global_batch: int, host: HostMemory, fixed: Fixed = Fixed(),
+def smallest_cluster(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed = Fixed(),
                      nvme: bool = False) -> Optional[Plan]:
     """The plan on the fewest devices of this cluster's kind and memory (and nodes of this host memory)
     that fits (None: up to MAX_NODES_SEARCHED nodes, nothing does)."""
     per_node = cluster.devices_per_node
     for world in list(range(1, per_node)) + [per_node * n for n in range(1, MAX_NODES_SEARCHED + 1)]:
-        plan = search(work, _hypothetical(cluster, world), global_batch, host, fixed, nvme)
+        plan = search(work, _hypothetical(cluster, world), batches, host, fixed, nvme)
         if plan is not None:
             return plan
     return None
@@ -259,22 +297,27 @@ def describe_zero(layout: Layout) -> str:
     return text
 
 
-def _refusal(work: Workload, cluster: Cluster, global_batch: int, host: HostMemory, fixed: Fixed, nvme: bool) -> str:
+def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed, nvme: bool) -> str:
     where = f"{cluster.world_size} devices of {cluster.memory_bytes / 1e9:.1f} GB"
-    if not any(True for pp, _ in _ladder(work, cluster, fixed, nvme)
-               for _ in _candidates(work, cluster, global_batch, fixed, pp)):
+    layouts = [(tp, pp, dp) for pp, _ in _ladder(work, cluster, fixed, nvme)
+               for tp, dp in _candidates(work, cluster, batches, fixed, pp)]
+    if not layouts:
         return (f"no layout tp * pp * dp = {cluster.world_size} has tp dividing the heads and the node size and "
-                f"dp dividing the global batch {global_batch}: change the device count or "
-                f"parallel.global_batch_size")
-    smallest = smallest_cluster(work, cluster, global_batch, host, fixed, nvme)
+                f"dp dividing {batches}: change the device count, parallel.global_batch_size or the batch-size "
+                f"warmup (optim.batch_size_warmup_start/_increment)")
+    if fixed.micro_batch and all((batches.unit // dp) % fixed.micro_batch for _, _, dp in layouts):
+        tp, pp, dp = layouts[0]
+        return (f"micro-batch {fixed.micro_batch} x dp {dp} (tp {tp}, pp {pp}) does not divide {batches}: fix a "
+                f"micro-batch that divides {batches.unit // dp}, or let glm-launch choose it")
+    smallest = smallest_cluster(work, cluster, batches, host, fixed, nvme)
     more = "more devices" if smallest is None else f"{smallest.layout.world_size} devices ({_summary(smallest)})"
-    unbounded = search(work, cluster, global_batch, HostMemory(2 ** 62, "unbounded"), fixed, nvme)
+    unbounded = search(work, cluster, batches, HostMemory(2 ** 62, "unbounded"), fixed, nvme)
     if unbounded is not None:
         return (f"the model fits on {where} only with {describe_zero(unbounded.layout)}, which needs "
                 f"{unbounded.host_per_node / 1e9:.1f} GB of host memory per node, more than the "
                 f"{host.bytes / 1e9:.1f} GB there ({host.source}): use nodes with more host memory "
                 f"(--host-memory), NVMe offload (set optim.nvme_path), or {more}")
-    floor = _lower_bound(work, cluster, global_batch, fixed)
+    floor = _lower_bound(work, cluster, batches.final, fixed)
     if floor > cluster.memory_bytes:
         return (f"the model does not fit on any number of devices of {cluster.memory_bytes / 1e9:.1f} GB: even "
                 f"the most frugal layout needs {floor / 1e9:.1f} GB per device; use larger devices or a "
@@ -295,8 +338,24 @@ def plan_layout(config: Config, cluster: Cluster, host: HostMemory, fixed: Fixed
     """Choose what `fixed` leaves open, validate what it fixes; ConfigError when nothing fits."""
     work = Workload.from_config(config, on_cpu=cluster.kind == "cpu")
     _check_fixed(work, cluster, fixed)
-    batch, nvme = config.parallel.global_batch_size, bool(config.optim.nvme_path)
-    plan = search(work, cluster, batch, host, fixed, nvme)
+    batches, nvme, yaml_micro = Batches.of(config), bool(config.optim.nvme_path), config.parallel.micro_batch_size
+    plan = search(work, cluster, batches, host, fixed, nvme, yaml_micro)
     if plan is None:
-        raise ConfigError(_refusal(work, cluster, batch, host, fixed, nvme))
+        raise ConfigError(_refusal(work, cluster, batches, host, fixed, nvme))
+    if fixed.micro_batch is None and plan.layout.micro_batch != yaml_micro:
+        plan = dataclasses.replace(plan, notes=(_micro_note(work, plan, batches, yaml_micro, host),))
     return plan
+
+
+def _micro_note(work: Workload, plan: Plan, batches: Batches, yaml_micro: int, host: HostMemory) -> str:
+    """Why the plan's micro-batch is not the YAML's (one line)."""
+    layout = plan.layout
+    unit = batches.unit // layout.dp
+    kept = dataclasses.replace(layout, micro_batch=yaml_micro, grad_accum=max(1, batches.final // layout.dp // yaml_micro))
+    if unit % yaml_micro:
+        why = f"micro-batch x dp {yaml_micro} x {layout.dp} does not divide {batches}"
+    elif not _fits(work, kept, plan.cluster, host):
+        why = "it does not fit in memory at this layout"
+    else:
+        why = f"its pipeline bubble {bubble(kept):.0%} is above {BUBBLE_LIMIT:.0%}"
+    return f"micro-batch {layout.micro_batch} instead of the YAML's {yaml_micro}: {why}"

@@ -8,8 +8,12 @@ failure every rank of this node is killed at once: SIGKILL to the launcher's pro
 nothing is lost that the newest checkpoint does not hold. Then, while restarts are left, the caller plans
 the next start (devices discovered again) and the ranks resume from the newest complete checkpoint.
 
-A SIGTERM or SIGINT to glm-launch goes to every process of the group (what a terminal's Ctrl-C would do),
-the ranks save and stop, and nothing is restarted.
+A SIGTERM or SIGINT to glm-launch goes to this node's ranks, once each (a second one would make a rank exit
+at once, without saving: DeepSpeed's launcher passes a signal it gets on to the ranks again, so it is not
+signalled itself); to the launcher's whole process group only while the ranks are not known yet, or when
+they run on other nodes. The ranks save and stop, and glm-launch waits for them, up to
+train.collective_timeout_minutes, before it kills what is left and exits INTERRUPTED: a scheduler that
+restarts the job at once never meets a rank of the old one. Nothing is restarted.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from trainer.errors import GLMError
 
 POLL_SECONDS = 0.05
 """How often the launcher's exit and the progress are checked (a rank's exit wakes glm-launch at once)."""
+INTERRUPTED = 1
+"""glm-launch's exit status after a SIGTERM or SIGINT (once its ranks are gone)."""
 RESTARTS_LOG = "restarts.jsonl"
 """One JSON object per restart in train.run_dir, written by the glm-launch that runs global rank 0."""
 
@@ -57,12 +63,13 @@ class Outcome:
 
 
 class _ForwardSignals:
-    """SIGTERM / SIGINT to glm-launch -> the same signal to the launcher's whole process group."""
+    """SIGTERM / SIGINT to glm-launch -> the same signal to each rank of this node once they are all known,
+    else to the launcher's whole process group (see the module docstring)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, group: int):
-        self.group, self.received, self._previous = group, False, {}
+    def __init__(self, group: int, ranks: RankProcesses):
+        self.group, self.ranks, self.received, self._previous = group, ranks, None, {}
 
     def __enter__(self) -> "_ForwardSignals":
         for sig in self.SIGNALS:
@@ -74,11 +81,18 @@ class _ForwardSignals:
             signal.signal(sig, handler)
 
     def _forward(self, signum: int, frame) -> None:
-        self.received = True
-        try:
-            os.killpg(self.group, signum)
-        except ProcessLookupError:
-            pass
+        self.received = self.received or signal.Signals(signum).name
+        known = len(self.ranks.pids) >= self.ranks.expected > 0
+        for pid in list(self.ranks.pids.values()) if known else []:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        if not known:
+            try:
+                os.killpg(self.group, signum)
+            except ProcessLookupError:
+                pass
 
 
 class _Progress:
@@ -110,13 +124,42 @@ def _kill_group(process: subprocess.Popen, ranks: RankProcesses) -> None:
         time.sleep(POLL_SECONDS)
 
 
+def _group_alive(group: int) -> bool:
+    """Whether a process of the process group `group` still runs (zombies aside): ranks outlive DeepSpeed's
+    launcher when it dies of the signal."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
+def _stopped_by_signal(process: subprocess.Popen, ranks: RankProcesses, signals: _ForwardSignals,
+                       deadline: float) -> Optional[Outcome]:
+    """After a SIGTERM / SIGINT: the outcome once every process of the launch is gone, or once the grace
+    period is over (what is left is killed); None while the ranks are still saving."""
+    if process.poll() is None and time.monotonic() < deadline:
+        return None
+    if (ranks.running() or _group_alive(process.pid)) and time.monotonic() < deadline:
+        return None
+    left = ranks.running() or _group_alive(process.pid)
+    _kill_group(process, ranks)
+    return Outcome(INTERRUPTED, f"stopped by {signals.received}" + (
+        ": the ranks still running after train.collective_timeout_minutes were killed" if left else ""),
+        None, True)
+
+
 def run_once(start: Start) -> Outcome:
-    """Run the launcher until it exits, a rank fails or the ranks stall."""
+    """Run the launcher until it exits, a rank fails, the ranks stall or, after a signal, every rank is gone."""
     print(f"starting: {' '.join(start.command)}", flush=True)
     process = subprocess.Popen(start.command, env=start.env, start_new_session=True)
     ranks, progress = RankProcesses(process.pid, start.local_ranks), _Progress(start.metrics)
+    deadline = None
     try:
-        with _ForwardSignals(process.pid) as signals:
+        with _ForwardSignals(process.pid, ranks) as signals:
             while True:
                 status = process.poll()
                 ranks.refresh()
@@ -125,15 +168,21 @@ def run_once(start: Start) -> Outcome:
                     _kill_group(process, ranks)
                     rank, wait_status = failed
                     return Outcome(exit_status(wait_status), f"rank {rank} {describe_status(wait_status)}", rank,
-                                   signals.received)
-                stalled = None if status is not None or signals.received else _stall(
-                    ranks, progress.idle_seconds(), start.stall_seconds)
+                                   signals.received is not None)
+                if signals.received:
+                    deadline = deadline or time.monotonic() + start.stall_seconds
+                    stopped = _stopped_by_signal(process, ranks, signals, deadline)
+                    if stopped is not None:
+                        return stopped
+                    ranks.wait(POLL_SECONDS)
+                    continue
+                stalled = None if status is not None else _stall(ranks, progress.idle_seconds(), start.stall_seconds)
                 if stalled is not None:
                     _kill_group(process, ranks)
-                    return Outcome(1, stalled[1], stalled[0], signals.received)
+                    return Outcome(1, stalled[1], stalled[0], False)
                 if status is not None:
                     failure = f"DeepSpeed's launcher exited with status {status}" if status else None
-                    return Outcome(status, failure, None, signals.received)
+                    return Outcome(status, failure, None, False)
                 ranks.wait(POLL_SECONDS)
     except BaseException:  # glm-launch itself failing must not leave the ranks running
         _kill_group(process, ranks)
@@ -154,12 +203,14 @@ def _stall(ranks: RankProcesses, idle: float, limit: float) -> Optional[tuple[Op
 
 
 def _steps(metrics: Path) -> Optional[int]:
-    """The last step metrics.jsonl records (None: no step yet)."""
+    """The last step metrics.jsonl records (None: no step yet); a line the failure tore is skipped."""
+    from trainer.engine.metrics import step_of
+
     try:
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        steps = [step_of(line) for line in metrics.read_text(errors="replace").splitlines()]
     except OSError:
         return None
-    return json.loads(lines[-1])["step"] if lines else None
+    return max((step for step in steps if step is not None), default=None)
 
 
 def supervise(plan_start: Callable[[int], Start], resumable_step: Callable[[], Optional[int]],
@@ -172,7 +223,11 @@ def supervise(plan_start: Callable[[int], Start], resumable_step: Callable[[], O
     restarts = 0
     while True:
         outcome = run_once(start)
-        if outcome.failure is None or outcome.interrupted:
+        if outcome.interrupted:
+            print(f"glm-launch: {outcome.failure}; every rank has exited (those that saved: resume with --set "
+                  f"train.resume=true)", flush=True)
+            return INTERRUPTED
+        if outcome.failure is None:
             return outcome.status
         if restarts == max_restarts:
             left = f"; no restart left (--max-restarts {max_restarts})" if max_restarts else ""

@@ -52,6 +52,8 @@ CASES = [
                                             "<dir>/absent.json"], "absent.json"),
     ("glm-prep", "instructions that are not JSON", ["--input", "<text>", "--output-prefix", "<out>/c",
                                                     "--instructions"], "JSON"),
+    ("glm-prep", "an output name taken by a directory", ["--input", "<text>", "--output-prefix", "<dir>/taken"],
+     "taken.tokenizer.json is a directory"),
     ("glm-prep", "sequence too short for a sample", ["--embedded", "--samples", "1", "--seq-length", "4"],
      "seq_length=4 is too short"),
     ("glm-prep", "unknown flag", ["--embedded", "--bogus-flag"], "unrecognized arguments"),
@@ -90,6 +92,12 @@ CASES = [
      "transformers"),
     ("glm-ckpt", "shard size 0", ["export", "<export>", "--out", "<out>", "--format", "hf", "--max-shard-gb", "0"],
      "--max-shard-gb must be > 0"),
+    ("glm-ckpt", "output over its source", ["convert", "<export>", "--to-tp", "1", "--to-pp", "1", "--out",
+                                            "<export>"], "is the source itself"),
+    ("glm-ckpt", "output inside its source", ["export", "<export>", "--out", "<export>/again"],
+     "is inside the source"),
+    ("glm-ckpt", "output directory holding files", ["export", "<export>", "--out", "<bare_export>"],
+     "already holds files"),
     ("glm-generate", "source missing", ["<dir>/absent", "--text", "x"], "does not exist"),
     ("glm-generate", "temperature not a number", ["<export>", "--text", "x", "--temperature", "nan"],
      "--temperature a finite number > 0"),
@@ -146,6 +154,7 @@ def inputs(root: Path) -> dict[str, str]:
              "bad_hostfile": root / "hostfile", "task": root / "task.jsonl", "long_task": root / "long.jsonl"}
     files["text"].write_text("\n".join(TINY_EXPORT_TEXTS))
     files["file"].write_text("x")
+    (root / "taken.tokenizer.json").mkdir()
     files["bad_yaml"].write_text("model: {num_layers: [\n")
     files["empty_yaml"].write_text("# nothing\n")
     files["twice_yaml"].write_text("train:\n  steps: 3\n  steps: 4\n")

@@ -161,7 +161,9 @@ def test_a_model_replicating_its_key_value_head_at_tp2_starts_from_the_tp1_weigh
 
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):
-    assert glm_ckpt(["convert", str(tmp_path), "--to-tp", "1", "--to-pp", "1", "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert glm_ckpt(["convert", str(tmp_path / "empty"), "--to-tp", "1", "--to-pp", "1", "--out",
+                     str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "neither an export" in err[0]
     (tmp_path / "a_file").write_text("x")

@@ -28,6 +28,13 @@ def test_a_complete_directory_verifies(tmp_path):
     (lambda d: (d / "rng" / "rank0.pt").write_bytes(b"abd"), "rng/rank0.pt fails its CRC-32 check"),
     (lambda d: (d / "manifest.json").unlink(), "no manifest"),
     (lambda d: (d / "manifest.json").write_text("{"), "unreadable manifest"),
+    # valid JSON of the wrong shape, as a crash or a hand edit may leave: the same fallback, no TypeError
+    (lambda d: (d / "manifest.json").write_text("[]"), "unreadable manifest"),
+    (lambda d: (d / "manifest.json").write_text('{"files": []}'), "unreadable manifest"),
+    (lambda d: (d / "manifest.json").write_text('{"files": {"a.pt": 10}}'), "unreadable manifest"),
+    (lambda d: (d / "manifest.json").write_text('{"files": {"a.pt": {"size": "10", "crc32": 1}}}'),
+     "unreadable manifest"),
+    (lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe"), "unreadable manifest"),
 ])
 def test_damage_is_named(tmp_path, damage, problem):
     directory = _directory(tmp_path)

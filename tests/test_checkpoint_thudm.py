@@ -41,9 +41,9 @@ def thudm_rank_state(full: dict, rank: int, p: int) -> dict:
     return state
 
 
-def _release(tmp_path, p: int = 2):
-    model = GLMModel(CONFIG, seed=3).eval()
-    perturb_(model.named_parameters(), CONFIG, tp_rank=0)
+def _release(tmp_path, p: int = 2, config: ModelConfig = CONFIG):
+    model = GLMModel(config, seed=3).eval()
+    perturb_(model.named_parameters(), config, tp_rank=0)
     full = model.state_dict()
     root = tmp_path / "glm-release"
     (root / "250000").mkdir(parents=True)
@@ -70,7 +70,7 @@ def test_import_thudm_cli_writes_an_export(tmp_path, capsys):
     config, weights = read_weights(tmp_path / "export", None)
     with torch.no_grad():
         torch.testing.assert_close(build_model(config, weights)(*glm_inputs()), model(*glm_inputs()), rtol=0, atol=1e-6)
-    assert glm_ckpt(["import-thudm", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert glm_ckpt(["import-thudm", str(root / "250000"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 
@@ -81,8 +81,7 @@ def test_import_thudm_cli_writes_an_export(tmp_path, capsys):
     ({"ffn_hidden_size": 256}, "mlp.dense_h_to_4h.weight is [512, 128], the config needs [256, 128]"),
     ({"mlp": "geglu"}, "mlp.dense_h_to_4h.weight is [512, 128], the config needs"),
     ({"position_embedding": "rope_1d"}, "embedding.position_embeddings.weight unexpected"),
-    ({"norm": "deepnorm"}, "releases are model.norm=pre_ln"),
-    ({"num_attention_heads": 4}, "64-wide heads"),
+    ({"norm": "deepnorm"}, "THUDM/GLM's code builds model.norm=pre_ln"),
 ])
 def test_a_config_that_does_not_match_the_tensors_is_refused(tmp_path, change, named):
     _, root = _release(tmp_path)
@@ -99,3 +98,24 @@ def test_import_under_a_mismatched_config_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--config does not match the release" in err[0] and "[4096, 128]" in err[0], err
     assert not (tmp_path / "export").exists()
+
+
+def test_a_config_sets_the_head_width_the_tensors_cannot_show(tmp_path, capsys):
+    """A GLM trained with THUDM's code at 16-wide heads (8 heads of h=128): the tensors are those of 2 heads of
+    64, so only the --config's head count gives the model's logits; without it 64-wide heads are assumed."""
+    torch.set_num_threads(1)
+    narrow = dataclasses.replace(CONFIG, num_attention_heads=8)
+    model, root = _release(tmp_path, config=narrow)
+    config = tmp_path / "narrow.yaml"
+    config.write_text(yaml.safe_dump({"model": {k: getattr(narrow, k) for k in (
+        "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")}}))
+    assert glm_ckpt(["import-thudm", str(root), "--out", str(tmp_path / "export"), "--config", str(config)]) == 0
+    assert "8 heads" in capsys.readouterr().out
+    imported, weights = read_weights(tmp_path / "export", None)
+    assert imported.head_dim == 16
+    with torch.no_grad():
+        expected = model(*glm_inputs())
+        torch.testing.assert_close(build_model(imported, weights)(*glm_inputs()), expected, rtol=0, atol=1e-6)
+        assumed, weights = read_release(root)
+        assert assumed.head_dim == 64
+        assert not torch.allclose(build_model(assumed, weights)(*glm_inputs()), expected, atol=1e-3)

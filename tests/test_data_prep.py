@@ -45,6 +45,28 @@ def test_round_trip_text_to_bin_idx_and_back(tmp_path, inputs, capsys):
     np.testing.assert_array_equal(IndexedDataset(again).offsets, ds.offsets)
 
 
+def test_a_tokenizer_that_cannot_be_saved_publishes_no_corpus(tmp_path, inputs, monkeypatch, capsys):
+    """.bin, .idx and .tokenizer.json appear together or not at all; an earlier corpus at the prefix stays whole."""
+    prefix = str(tmp_path / "out" / "corpus")
+    assert main(["--input", inputs[0], "--output-prefix", prefix, "--vocab-size", "300"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("trainer.data.tokenizer.GLMTokenizer.save", disk_full)
+    with pytest.raises(OSError):
+        main(["--input", *inputs, "--output-prefix", prefix, "--vocab-size", "300"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    monkeypatch.undo()
+    (tmp_path / "new.tokenizer.json").mkdir()  # in the way of the last rename: refused before anything is written
+    capsys.readouterr()
+    assert main(["--input", *inputs, "--output-prefix", str(tmp_path / "new"), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "new.tokenizer.json is a directory" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.jsonl", "new.tokenizer.json", "out"]
+
+
 def test_embedded_prints_decoded_samples_of_every_mode(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GLM_CACHE_DIR", str(tmp_path))
     assert main(["--embedded", "--samples", "3", "--seq-length", "64"]) == 0

@@ -9,7 +9,7 @@ import torch
 from tests.distributed import run_distributed
 from tests.glm_processes import metrics, run_train, train_args
 from trainer.checkpoint.manifest import write_manifest
-from trainer.checkpoint.tags import list_tags, tag_for
+from trainer.checkpoint.tags import list_tags, resume_order, tag_for
 from trainer.engine.checkpoint import choose_tag, follow_schedule
 from trainer.errors import CheckpointError
 
@@ -74,6 +74,21 @@ def test_an_unusable_checkpoint_is_one_warning_naming_what_comes_next(tmp_path, 
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "global_step4 is unusable (weights.pt fails its CRC-32 check)" in warnings[0]
     assert "falling back to the previous one" in warnings[0]
+
+
+def test_a_latest_naming_a_missing_checkpoint_is_one_warning_and_the_newest_is_taken(tmp_path, caplog):
+    import torch.distributed as dist
+
+    root = _checkpoints(tmp_path / "checkpoints", [2, 4], latest=9)
+    assert resume_order(root) == ["global_step4", "global_step2"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="glm.checkpoint"):
+            assert choose_tag(root) == "global_step4"
+    finally:
+        dist.destroy_process_group()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "names 'global_step9', which is not a checkpoint there" in warnings[0]
 
 
 def test_follow_schedule_sets_the_lr_of_this_runs_schedule():

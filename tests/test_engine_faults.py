@@ -113,3 +113,27 @@ def test_keep_the_newest_checkpoints_each_with_a_manifest(tmp_path):
     assert not list(checkpoints.glob(".*partial"))
     manifest = json.loads((checkpoints / "global_step4" / "manifest.json").read_text())["files"]
     assert "rng/rank0.pt" in manifest and "mp_rank_00_model_states.pt" in manifest
+
+
+def test_resume_survives_what_a_crash_leaves(tmp_path):
+    """A torn last line and a garbled one in metrics.jsonl, `latest` naming a checkpoint that is not there, and
+    a manifest that is valid JSON of the wrong shape: the resume takes the newest complete checkpoint, says
+    so once for each, cuts the metrics back to its step, and gives the uninterrupted run's losses."""
+    reference = run_train(train_args(tmp_path / "ref", 6))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    first = run_train(train_args(run_dir, 4, "train.save_interval=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines.insert(1, "\x00\x00 not a record")
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "loss": 7.')
+    (run_dir / "checkpoints" / "latest").write_text("global_step6")
+    (run_dir / "checkpoints" / "global_step4" / "manifest.json").write_text('{"files": []}')
+    resumed = run_train(train_args(run_dir, 6, "train.resume=true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = resumed.stderr + resumed.stdout
+    assert said.count("names 'global_step6', which is not a checkpoint there") == 1, said[-3000:]
+    assert said.count("global_step4 is unusable (unreadable manifest") == 1, said[-3000:]
+    assert said.count("had 2 unreadable line(s)") == 1, said[-3000:]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(_losses(run_dir), _losses(tmp_path / "ref"), rtol=1e-5, atol=0)

@@ -40,3 +40,16 @@ def test_a_resume_keeps_the_steps_up_to_its_checkpoint_and_rewrites_the_rest(tmp
     resumed.write({"step": 3, "loss": 30.0})
     resumed.close()
     assert _steps(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+
+
+def test_a_resume_drops_torn_and_garbled_lines_with_one_warning(tmp_path, caplog):
+    import logging
+
+    good = [json.dumps({"step": step, "loss": 1.0}) for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join([good[0], "\x00garbage", '["step", 2]', good[1], good[2],
+                                                       '{"step": true}']) + '\n{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING, logger="glm.metrics"):
+        MetricsWriter(tmp_path, enabled=True, resume_step=2).close()
+    assert _steps(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "had 4 unreadable line(s)" in warnings[0] and "steps 1..2" in warnings[0]

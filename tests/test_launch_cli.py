@@ -29,7 +29,7 @@ def hostfile(tmp_path: Path, nodes: int, slots: int) -> str:
 
 def test_dry_run_plans_a_cluster_that_is_not_this_machine(tmp_path, capsys):
     argv = ["--config", "configs/glm-130b.yaml", "--hostfile", hostfile(tmp_path, 96, 8),
-            "--gpu-memory", "40GB", "--tp", "4", "--pp", "8", "--dry-run"]
+            "--gpu-memory", "40GB", "--tp", "4", "--pp", "8", "--dry-run", "--json"]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["tp"], plan["pp"], plan["dp"], plan["world_size"]) == (4, 8, 24, 768)
@@ -42,7 +42,7 @@ def test_dry_run_plans_a_cluster_that_is_not_this_machine(tmp_path, capsys):
 
 def test_glm_10b_on_one_gpu_dry_run_offloads_and_states_the_host_memory(capsys):
     argv = ["--config", "configs/glm-10b.yaml", "--gpus", "1", "--gpu-memory", "80GB", "--host-memory", "512GB",
-            "--dry-run"]
+            "--dry-run", "--json"]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["pp"], plan["zero_stage"], plan["offload_optimizer"], plan["offload_params"]) == (1, 3, "cpu", "none")
@@ -52,14 +52,14 @@ def test_glm_10b_on_one_gpu_dry_run_offloads_and_states_the_host_memory(capsys):
 
 
 def test_host_memory_defaults_to_this_nodes_meminfo(capsys):
-    assert main(["--config", "configs/glm-base.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run"]) == 0
+    assert main(["--config", "configs/glm-base.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run", "--json"]) == 0
     host = json.loads(capsys.readouterr().out)["memory"]["host"]
     assert host["source"] == "MemAvailable in /proc/meminfo of this node" and host["capacity_gb"] > 0
 
 
 def test_a_zero_stage_fixed_after_the_double_dash_is_kept(capsys):
     """glm-10b.yaml's recipe says pp 4: a fixed ZeRO-3 re-plans it to one stage instead of refusing."""
-    argv = ["--config", "configs/glm-10b.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run", "--",
+    argv = ["--config", "configs/glm-10b.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run", "--json", "--",
             "--set", "optim.zero_stage=3"]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -67,9 +67,45 @@ def test_a_zero_stage_fixed_after_the_double_dash_is_kept(capsys):
 
 
 def test_gpus_dry_run_chooses_data_parallel(capsys):
-    assert main(["--config", "configs/glm-base.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run"]) == 0
+    assert main(["--config", "configs/glm-base.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["tp"], plan["pp"], plan["dp"]) == (1, 1, 8)
+
+
+def test_glm_130b_on_512_gpus_plans_within_its_batch_size_warmup(capsys):
+    """The ramp starts at 192 samples: micro-batch x dp must divide 192 as well as 4224."""
+    argv = ["--config", "configs/glm-130b.yaml", "--gpus", "512", "--gpu-memory", "80GB", "--host-memory", "2TB",
+            "--dry-run"]
+    assert main(argv + ["--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["world_size"] == 512 and 192 % (plan["micro_batch"] * plan["dp"]) == 0
+    assert plan["micro_batch"] * plan["grad_accum"] * plan["dp"] == 4224
+    assert main(argv + ["--micro-batch", "6"]) == 0  # fixed: dp 32 (6 x 32 = 192), two stages to make room
+    assert "micro-batch 6 x accumulation 22 x dp = global batch 4224" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_summary_a_launch_prints(capsys):
+    assert main(["--config", "configs/glm-base.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["devices", "layout", "blocks", "memory", "zero"], out
+
+
+def test_the_yamls_micro_batch_is_kept_when_it_fits_and_a_change_is_one_line(capsys):
+    assert main(["--config", "configs/glm-debug.yaml", "--nproc", "2", "--tp", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 4 x accumulation 2" in out and "note:" not in out  # the YAML's 4, not the largest (8)
+    assert main(["--config", "configs/glm-debug.yaml", "--nproc", "4", "--dry-run"]) == 0  # dp 4: 4 x 4 > 8
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note:    micro-batch 2 instead of the YAML's 4: micro-batch x dp 4 x 4 does not divide the "
+                     "global batch 8"]
+
+
+def test_a_fixed_micro_batch_the_warmup_cannot_take_is_refused_naming_the_layout_and_the_fix(capsys):
+    argv = ["--config", "configs/glm-130b.yaml", "--gpus", "512", "--gpu-memory", "80GB", "--host-memory", "2TB",
+            "--dry-run", "--tp", "8", "--pp", "1", "--micro-batch", "6"]
+    _expect_one_error_line(argv, "micro-batch 6 x dp 64 (tp 8, pp 1) does not divide 192, the greatest common "
+                                 "divisor of the global batch 4224 and the batch-size warmup's start 192 and "
+                                 "increment 192: fix a micro-batch that divides 3", capsys)
 
 
 BAD_INPUT = [
@@ -207,3 +243,22 @@ def test_nproc_2_trains_on_cpu_with_gloo(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert [r["consumed_samples"] for r in records] == [8, 16]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+
+
+def test_nproc_2_tp_2_keeps_the_yamls_micro_batch_and_the_single_process_losses(tmp_path):
+    """glm-debug's micro-batch 4 fits at tp 2 (dp 1, 8 rows per rank): glm-launch keeps it instead of taking 8,
+    so the run is the single-process run's, micro-batch for micro-batch."""
+    steps, model = 3, ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4"]
+    single = run_train(["--config", str(REPO / "configs/glm-debug.yaml")]
+                       + [a for item in model + [f"train.steps={steps}", f"train.run_dir={tmp_path / 'single'}"]
+                          for a in ("--set", item)])
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = start_launch(["--nproc", "2", "--tp", "2", "--"]
+                          + [a for item in model + [f"train.steps={steps}", f"train.run_dir={tmp_path / 'tp2'}"]
+                             for a in ("--set", item)], tmp_path / "launch.log")
+    assert wait_all([launch], timeout=600) == [0], (tmp_path / "launch.log").read_text()[-3000:]
+    log = (tmp_path / "launch.log").read_text()
+    assert "micro-batch 4 x accumulation 2 x dp = global batch 8" in log and "note:" not in log, log[-3000:]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in metrics(tmp_path / "tp2")], dtype=torch.float64),
+                               torch.tensor([r["loss"] for r in metrics(tmp_path / "single")], dtype=torch.float64),
+                               rtol=1e-5, atol=0)

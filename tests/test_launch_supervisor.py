@@ -146,3 +146,24 @@ def test_devices_that_shrink_to_one_continue_on_one_rank(reference, tmp_path):
     restart = _check_one_restart(run_dir, log, reference, "rank 1 was killed by SIGKILL")
     assert restart["world_size"] == 1 and restart["layout"] == {"tp": 1, "pp": 1, "dp": 1}
     assert "layout:  tp 1 x pp 1 x dp 1" in log
+
+
+def test_sigterm_to_glm_launch_waits_for_its_ranks_to_save_and_exits_1(tmp_path):
+    """The ranks get the signal once, save the step they are in and stop; glm-launch exits (1, as documented)
+    only once none of them runs, so a scheduler's immediate restart never races the old ranks."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    launch = start_launch(["--nproc", "2", "--", *tiny_overrides(run_dir, 200)], tmp_path / "launch.log")
+    ranks = [_rank_pid(launch, rank) for rank in (0, 1)]
+    wait_for_step(run_dir, 2, [launch])
+    launch.send_signal(signal.SIGTERM)
+    assert wait_all([launch]) == [1], (tmp_path / "launch.log").read_text()[-3000:]
+    alive = [pid for pid in ranks if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"rank processes {alive} outlived glm-launch"
+    log = (tmp_path / "launch.log").read_text()
+    assert "glm-launch: stopped by SIGTERM; every rank has exited" in log, log[-3000:]
+    assert "second SIGTERM" not in log, log[-3000:]
+    stopped_at = metrics(run_dir)[-1]["step"]
+    assert 2 <= stopped_at < 200
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{stopped_at}"

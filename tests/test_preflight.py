@@ -6,7 +6,8 @@ import pytest
 
 from trainer.config import load_config
 from trainer.errors import ConfigError
-from trainer.preflight import check_disk_space, check_steps_left, earlier_run, preflight, with_vocab
+from trainer.checkpoint.run_record import earlier_run
+from trainer.preflight import check_disk_space, check_steps_left, preflight, with_vocab
 
 CONFIG = "configs/glm-debug.yaml"
 

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from trainer.checkpoint.tags import latest_tag, step_of
-from trainer.checkpoint.run_record import read_run_record
+from trainer.checkpoint.tags import resume_tag, step_of
+from trainer.checkpoint.run_record import earlier_run, read_run_record
 from trainer.config import Config
 from trainer.engine.ds_config import check_user_config
 from trainer.errors import ConfigError
@@ -21,15 +21,6 @@ from trainer.paths import nearest_existing, uncreatable_directory
 # Bytes per parameter in a checkpoint: fp32 weights plus Adam's two fp32 moments; half precision adds
 # the half copy of the weights that DeepSpeed stores beside the fp32 master.
 CHECKPOINT_BYTES_PER_PARAM = {"fp32": 12, "bf16": 14, "fp16": 14}
-
-
-def earlier_run(run_dir: Path) -> Optional[str]:
-    """What of an earlier run `run_dir` holds (its metrics or checkpoints), or None when it holds none."""
-    checkpoints = run_dir / "checkpoints"
-    held = [name for name, present in (
-        ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()),
-        ("checkpoints", checkpoints.is_dir() and any(checkpoints.iterdir()))) if present]
-    return " and ".join(held) or None
 
 
 def check_run_dir(config: Config) -> None:
@@ -41,7 +32,7 @@ def check_run_dir(config: Config) -> None:
     if held and not (config.train.resume or config.train.overwrite):
         raise ConfigError(f"train.run_dir={run_dir} holds an earlier run ({held}): set train.resume=true to continue "
                           f"it, train.overwrite=true to delete it and start afresh, or choose another train.run_dir")
-    if config.train.resume and latest_tag(run_dir / "checkpoints") is None:
+    if config.train.resume and resume_tag(run_dir / "checkpoints") is None:
         raise ConfigError(f"train.resume=true but {run_dir / 'checkpoints'} holds no checkpoint: "
                           f"train without resume first, or point train.run_dir at a run that saved one")
     if config.train.resume:
@@ -52,7 +43,7 @@ def check_resume_shape(config: Config) -> None:
     """A resume whose model shape differs from the newest checkpoint's is refused, naming the keys (the
     weights would not load). Checkpoints written before the run record existed are not checked here."""
     checkpoint_dir = Path(config.train.run_dir) / "checkpoints"
-    tag_dir = checkpoint_dir / latest_tag(checkpoint_dir)
+    tag_dir = checkpoint_dir / resume_tag(checkpoint_dir)
     differences = config.model.shape_differences((read_run_record(tag_dir) or {}).get("model", {}))
     if differences:
         raise ConfigError(f"train.resume: {tag_dir} holds another model ({'; '.join(differences)}): resume "
@@ -61,7 +52,7 @@ def check_resume_shape(config: Config) -> None:
 
 def check_steps_left(checkpoint_dir: Path, steps: int) -> None:
     """A resume with train.steps (the total) at or below the newest checkpoint's step would do nothing."""
-    step = step_of(latest_tag(checkpoint_dir))
+    step = step_of(resume_tag(checkpoint_dir))
     if step is not None and step >= steps:
         raise ConfigError(f"the newest checkpoint in {checkpoint_dir} is at step {step}, and "
                           f"train.steps={steps} is the total to train: nothing is left; raise train.steps "
@@ -122,6 +113,12 @@ def preflight(config: Config, world_size: int) -> Config:
     """Validate the config, the layout, the files and the disk (raise ConfigError / DataError); returns the
     resolved config. The device is check_device's."""
     config.validate(world_size)
+    return check_outside(config, world_size)
+
+
+def check_outside(config: Config, world_size: int) -> Config:
+    """preflight() for a config already validated at this world size (glm-launch validates its plan itself):
+    the DeepSpeed JSON, the run directory, the data, the resume's shape and the disk; returns the resolved config."""
     if config.train.deepspeed_config:
         check_user_config(config, world_size)
     check_run_dir(config)

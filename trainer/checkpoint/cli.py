@@ -27,10 +27,25 @@ from trainer.checkpoint.export import write_export
 from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.thudm import is_release, read_release
 from trainer.errors import CheckpointError, ConfigError, OneLineParser, exits_on_error
-from trainer.paths import uncreatable_directory
+from trainer.paths import overlap, staged_directory, uncreatable_directory
 from trainer.source_args import add_source_arguments, given_model_config, tokenizer_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """--out can be written, lies apart from the source, and (but for convert, which adds a tag directory to a
+    checkpoints/ directory) holds nothing yet: no output overwrites or writes inside what it is made from."""
+    problem = uncreatable_directory(args.out)
+    if problem:
+        raise CheckpointError(f"--out {args.out} cannot be written: {problem}; choose another directory")
+    problem = overlap(args.source, args.out)
+    if problem:
+        raise CheckpointError(f"--out {args.out} {problem}: glm-ckpt never writes into or over its source; choose "
+                              f"a directory outside it")
+    if args.command != "convert" and args.out.is_dir() and any(args.out.iterdir()):
+        raise CheckpointError(f"--out {args.out} already holds files: glm-ckpt writes a new directory and never "
+                              f"replaces one; choose another or remove it")
 
 
 def convert(args: argparse.Namespace) -> str:
@@ -45,10 +60,12 @@ def export(args: argparse.Namespace) -> str:
     tokenizer = tokenizer_path(args)
     parameters = f"{sum(w.numel() for w in weights.values())} parameters, {args.dtype}"
     if args.format == "hf":
-        files = hf.write_hf(weights, config, args.out, tokenizer, DTYPES[args.dtype],
-                            int(args.max_shard_gb * 2 ** 30))
+        with staged_directory(args.out) as staging:
+            files = hf.write_hf(weights, config, staging, tokenizer, DTYPES[args.dtype],
+                                int(args.max_shard_gb * 2 ** 30))
         return f"wrote {args.out} (transformers glm, {parameters}, {files} safetensors file(s))"
-    write_export(weights, config, args.out, tokenizer, DTYPES[args.dtype])
+    with staged_directory(args.out) as staging:
+        write_export(weights, config, staging, tokenizer, DTYPES[args.dtype])
     return f"wrote {args.out} ({parameters})"
 
 
@@ -57,7 +74,8 @@ def import_thudm(args: argparse.Namespace) -> str:
         raise CheckpointError(f"{args.source} is not a THUDM/GLM release: it needs latest_checkpointed_iteration.txt "
                               f"and <iteration>/mp_rank_XX_model_states.pt")
     config, weights = read_release(args.source, given_model_config(args))
-    write_export(weights, config, args.out, args.tokenizer, DTYPES[args.dtype])
+    with staged_directory(args.out) as staging:
+        write_export(weights, config, staging, args.tokenizer, DTYPES[args.dtype])
     return (f"wrote {args.out} ({config.num_layers} layers, h={config.hidden_size}, "
             f"{config.num_attention_heads} heads, vocab {config.vocab_size})")
 
@@ -67,7 +85,8 @@ def import_hf(args: argparse.Namespace) -> str:
         raise CheckpointError(f"{args.source} is not a transformers checkpoint of model type "
                               f"{' or '.join(hf.MODEL_TYPES)}: it needs a config.json naming one")
     config, weights = hf.read_hf(args.source)
-    write_export(weights, config, args.out, tokenizer_path(args), DTYPES[args.dtype])
+    with staged_directory(args.out) as staging:
+        write_export(weights, config, staging, tokenizer_path(args), DTYPES[args.dtype])
     return (f"wrote {args.out} ({config.num_layers} layers, h={config.hidden_size}, {config.num_attention_heads} "
             f"heads, {config.num_kv_heads} key/value heads, vocab {config.vocab_size})")
 
@@ -100,9 +119,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    problem = uncreatable_directory(args.out)
-    if problem:
-        raise CheckpointError(f"--out {args.out} cannot be written: {problem}; choose another directory")
+    check_output(args)
     print(args.run(args))
     return 0
 

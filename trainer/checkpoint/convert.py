@@ -17,14 +17,15 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint.ds_format import fresh_client
-from trainer.checkpoint.manifest import write_manifest
+from trainer.checkpoint.manifest import fsync, write_atomic, write_manifest
 from trainer.checkpoint.model_source import check_manifest, read_weights, training_tag_dir
 from trainer.checkpoint.pipeline_files import model_states_file, write_layer_files
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD, checkpoint_model, read_run_record, run_record
 from trainer.checkpoint.tags import LATEST, tag_for
 from trainer.checkpoint.universal import LAYOUT_FREE_OPTIMIZER, MOMENTS, TrainingState, read_training_state
-from trainer.errors import ConfigError
+from trainer.errors import CheckpointError, ConfigError
 from trainer.model.config import ModelConfig
+from trainer.paths import staged_directory
 
 
 def write_training_state(state: TrainingState, config: ModelConfig, tp: int, pp: int, tag_dir: Path,
@@ -63,10 +64,17 @@ def source_state(source: Path, config: Optional[ModelConfig]) -> tuple[ModelConf
 
 def convert_checkpoint(source: Path, config: Optional[ModelConfig], tp: int, pp: int, out_dir: Path) -> Path:
     """Write source as out_dir/<tag> for (tp, pp) and point out_dir/latest at it; returns the tag directory.
-    The tag is the source's (global_stepN), or global_step0 for an export or a release."""
+    The tag is the source's (global_stepN), or global_step0 for an export or a release. The tag directory is
+    written beside its final name and renamed into place whole, then `latest` moves (the engine's order);
+    an existing tag directory is never replaced."""
     config, state = source_state(source, config)
     source_tag = training_tag_dir(source)
     tag_dir = out_dir / (source_tag.name if source_tag is not None else tag_for(state.client["step"]))
-    write_training_state(state, config, tp, pp, tag_dir, source_tag)
-    (out_dir / LATEST).write_text(tag_dir.name)
+    if tag_dir.exists():
+        raise CheckpointError(f"{tag_dir} already exists: glm-ckpt convert never replaces a checkpoint; choose "
+                              f"another --out or remove it")
+    with staged_directory(tag_dir) as staging:
+        write_training_state(state, config, tp, pp, staging, source_tag)
+    fsync(out_dir)
+    write_atomic(out_dir / LATEST, tag_dir.name)
     return tag_dir

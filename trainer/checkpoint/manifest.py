@@ -47,6 +47,14 @@ def write_manifest(directory: Path) -> None:
     write_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1))
 
 
+def _well_formed(entries: object) -> bool:
+    """Whether a manifest's "files" is what write_manifest writes (a crash or a hand edit may leave valid JSON
+    of another shape)."""
+    return isinstance(entries, dict) and all(
+        isinstance(expected, dict) and all(type(expected.get(key)) is int for key in ("size", "crc32"))
+        for expected in entries.values())
+
+
 def verify(directory: Path) -> Optional[str]:
     """None when every file of the checkpoint matches its manifest, else what is wrong."""
     manifest = directory / MANIFEST
@@ -54,8 +62,10 @@ def verify(directory: Path) -> Optional[str]:
         return "no manifest (the save did not finish)"
     try:
         entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return "unreadable manifest"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        entries = None
+    if not _well_formed(entries):
+        return 'unreadable manifest (not {"files": {name: {"size": int, "crc32": int}}})'
     for name, expected in entries.items():
         path = directory / name
         if not path.is_file():

@@ -16,7 +16,7 @@ from trainer.checkpoint.layout import shard_state
 from trainer.checkpoint.manifest import MANIFEST, verify
 from trainer.checkpoint.pipeline_files import model_states_file, read_model_weights
 from trainer.checkpoint.run_record import check_shape, checkpoint_model, read_run_record, recorded_model, run_tokenizer
-from trainer.checkpoint.tags import LATEST, latest_tag
+from trainer.checkpoint.tags import LATEST, resume_tag
 from trainer.errors import CheckpointError
 from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
@@ -28,7 +28,7 @@ def training_tag_dir(path: Path) -> Optional[Path]:
     directory's checkpoints/latest); None if it is not one."""
     if (path / "checkpoints" / LATEST).is_file():
         path = path / "checkpoints"
-    if (tag := latest_tag(path)) is not None:
+    if (tag := resume_tag(path)) is not None:
         path = path / tag
     return path if model_states_file(path, 0).is_file() else None
 

@@ -96,3 +96,12 @@ def run_tokenizer(tag_dir: Path) -> Optional[Path]:
         raise CheckpointError(f"{path} is not the tokenizer {tag_dir.name} was trained with (its SHA-256 differs "
                               f"from the one in {tag_dir / RUN_RECORD}): pass the right one with --tokenizer")
     return path
+
+
+def earlier_run(run_dir: Path) -> Optional[str]:
+    """What of an earlier run `run_dir` holds (its metrics or checkpoints), or None when it holds none."""
+    checkpoints = run_dir / "checkpoints"
+    held = [name for name, present in (
+        ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()),
+        ("checkpoints", checkpoints.is_dir() and any(checkpoints.iterdir()))) if present]
+    return " and ".join(held) or None

@@ -32,6 +32,20 @@ def list_tags(checkpoint_dir: Path) -> list[str]:
 
 
 def latest_tag(checkpoint_dir: Path) -> Optional[str]:
-    """The tag checkpoint_dir/latest names; None without that file."""
+    """The tag checkpoint_dir/latest names (which may not exist: a crash or a hand edit); None without that file."""
     latest = checkpoint_dir / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
+    return latest.read_text(errors="replace").strip() if latest.is_file() else None
+
+
+def resume_order(checkpoint_dir: Path) -> list[str]:
+    """Checkpoint tags in the order a resume tries them: the one `latest` names first, then the others newest
+    first. A `latest` naming a tag that is not there is passed over."""
+    candidates = list_tags(checkpoint_dir)
+    named = latest_tag(checkpoint_dir)
+    return [named] + [t for t in candidates if t != named] if named in candidates else candidates
+
+
+def resume_tag(checkpoint_dir: Path) -> Optional[str]:
+    """The tag a resume starts from (before verifying it): `latest`'s, or the newest when that one is gone; None
+    when there is no checkpoint."""
+    return next(iter(resume_order(checkpoint_dir)), None)

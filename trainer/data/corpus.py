@@ -162,14 +162,15 @@ def _cached_corpus(name: str, documents: list[str], make_tokenizer: Callable[[],
 def prepare(documents: Iterable[str], prefix: str | os.PathLike, tokenizer: GLMTokenizer, workers: int,
             progress: bool = True, total_chars: Optional[int] = None) -> tuple[int, int]:
     """Tokenize `documents` into PREFIX.bin/.idx and save PREFIX.tokenizer.json; returns (documents, tokens).
-    Nothing appears under PREFIX if reading or tokenizing fails."""
+    Nothing appears under PREFIX if reading, tokenizing or saving the tokenizer fails: the tokenizer is saved
+    before the writer renames the new .bin/.idx into place, so a corpus is never published without it."""
     with IndexedDatasetWriter(prefix, dtype_for_vocab(tokenizer.vocab_size)) as writer, \
             tqdm(total=total_chars, unit="char", unit_scale=True, desc="glm-prep", disable=not progress or None) as bar:
         for tokens in tokenize(documents, tokenizer, workers, bar.update):
             writer.add_document(tokens)
         if writer.offsets[-1] == 0:
             raise DataError("the input holds no text to tokenize: give documents with some text")
-    tokenizer.save(f"{prefix}.tokenizer.json")
+        tokenizer.save(f"{prefix}.tokenizer.json")
     return len(writer.offsets) - 1, writer.offsets[-1]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from trainer.data.blank_infilling import BLANK_MODES, sample_rng
 from trainer.data.config import DataConfig
+from trainer.data.indexed import data_paths
 from trainer.data.corpus import check_inputs, embedded_corpus, embedded_paragraphs_corpus, prepare, read_documents
 from trainer.data.instruction import (MARKER_SUFFIX, as_documents, is_instruction_prefix, marker_path,
                                       read_instructions, write_marker)
@@ -80,12 +81,21 @@ def documents_of(paths: list[str], instructions: bool = False) -> Iterator[str]:
         yield from as_documents(read_instructions(path)) if instructions else read_documents(path)
 
 
+def output_paths(prefix: str) -> list[Path]:
+    """The files glm-prep writes for a prefix (the instruction marker too: it is written or removed)."""
+    return [*data_paths(prefix), Path(f"{prefix}.tokenizer.json"), marker_path(prefix)]
+
+
 def prepare_inputs(args: argparse.Namespace) -> str:
     """Tokenize the --input files; returns the output prefix."""
     check_inputs(args.input)
     problem = uncreatable_directory(Path(args.output_prefix).parent)
     if problem:
         raise DataError(f"--output-prefix {args.output_prefix} cannot be written: {problem}; choose another prefix")
+    in_the_way = [path for path in output_paths(args.output_prefix) if path.is_dir()]
+    if in_the_way:  # the outputs are renamed into place together at the end: nothing may stop the last rename
+        raise DataError(f"--output-prefix {args.output_prefix} cannot be written: {in_the_way[0]} is a directory; "
+                        f"choose another prefix")
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, add_special_tokens=args.add_special_tokens)
     else:

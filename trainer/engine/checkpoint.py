@@ -95,14 +95,28 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
     return final
 
 
+def resume_order(checkpoint_dir: Path) -> list[str]:
+    """Checkpoint tags in the order a resume tries them: the one `latest` names first, then the others newest
+    first. A `latest` naming a tag that is not there (a crash or a hand edit) is passed over."""
+    candidates = list_tags(checkpoint_dir)
+    named = latest_names(checkpoint_dir)
+    return [named] + [t for t in candidates if t != named] if named in candidates else candidates
+
+
+def latest_names(checkpoint_dir: Path) -> Optional[str]:
+    latest = checkpoint_dir / "latest"
+    return latest.read_text(errors="replace").strip() if latest.is_file() else None
+
+
 def choose_tag(checkpoint_dir: Path) -> str:
     """The newest checkpoint that verifies, agreed by all ranks (rank 0 decides)."""
     choice: list = [None]
     if global_rank() == 0:
-        candidates = list_tags(checkpoint_dir)
-        first = latest_tag(checkpoint_dir)
-        if first in candidates:
-            candidates = [first] + [t for t in candidates if t != first]
+        candidates = resume_order(checkpoint_dir)
+        named = latest_tag(checkpoint_dir)
+        if named is not None and named not in candidates:
+            log.warning(f"warning: {checkpoint_dir / 'latest'} names {named!r}, which is not a checkpoint there; "
+                        f"resuming from the newest complete one instead")
         for number, tag in enumerate(candidates):
             problem = verify(checkpoint_dir / tag)
             if problem is None:

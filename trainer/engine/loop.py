@@ -94,7 +94,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} cannot hold the tokenizer's "
                               f"{self.dataset.tokenizer.vocab_size} ids: train() takes the config preflight() returns")
         self.run_dir = Path(config.train.run_dir)
-        self.tokenizer_sha256 = start_run_dir(config, resolve_paths(config.data)[1])
+        self.owned = start_run_dir(config, resolve_paths(config.data)[1])  # run_dir locked until run() ends
         self.checkpoint_dir = self.run_dir / "checkpoints"
         built = build_engine(config, self.topology, self.world_size)
         self.engine, self.steps, self.own_clipping = built.engine, built.steps, built.clipping
@@ -176,7 +176,7 @@ class Trainer:
 
     def _run_record(self) -> dict:
         t = self.topology
-        return run_record(self.config.model, {"tp": t.tp, "pp": t.pp, "dp": t.dp}, self.tokenizer_sha256)
+        return run_record(self.config.model, {"tp": t.tp, "pp": t.pp, "dp": t.dp}, self.owned.tokenizer_sha256)
 
     def _log(self, record: dict, progress) -> None:
         if self.world_size == 1:
@@ -225,6 +225,7 @@ class Trainer:
                 losses.append(loss)
         progress.close()
         writer.close()
+        self.owned.release()
         return RunResult(losses, self.run_dir, self.checkpoint_dir, self.engine, self.dataset, self.topology,
                          self.consumed, stopped)
 
