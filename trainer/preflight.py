@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from trainer.checkpoint.tags import resume_tag, step_of
 from trainer.checkpoint.run_record import earlier_run, read_run_record
