@@ -14,7 +14,7 @@ import sys
 from typing import Optional
 
 from trainer.config import Config, add_config_arguments, load_config
-from trainer.errors import OneLineParser, exits_on_error
+from trainer.errors import OneLineParser, env_int, exits_on_error
 from trainer.preflight import check_data, preflight
 
 
@@ -52,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             config = check_data(config)
         print(parameter_summary(config.model, tp=config.parallel.tp))
         return 0
-    config = preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
+    config = preflight(config, env_int("WORLD_SIZE", 1, least=1))
     from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
 
     result = train(config)
