@@ -58,11 +58,15 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio (GLM-130B: 1/10)."""
+    """Cosine decay ends at lr * min_lr_ratio (GLM-130B: 1/10): the rate of the cosine's last step and after."""
     warmup_steps: int = 0
-    """Linear warmup steps."""
+    """Linear warmup steps W: step s (0-based) of the first W trains at lr * (s + 1) / W, so step W - 1 is at
+    the peak lr."""
     decay_steps: int = 0
-    """Steps from the end of warmup to the end of the cosine (0 = train.steps - warmup_steps)."""
+    """Cosine steps D after warmup (0 = train.steps - warmup_steps): step W + k (k = 0..D-1) trains at
+    lr * (m + (1 - m) * (1 + cos(pi * (k + 1) / D)) / 2), m = min_lr_ratio, so step W + D - 1 (with the default,
+    the run's last step) is at lr * m. A resume with another train.steps re-plans this cosine (the run says so);
+    set decay_steps to keep the old one."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     beta1: float = 0.9

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import shlex
 import sys
 from typing import Optional
 
@@ -38,6 +38,15 @@ def print_outcome(config: Config, result) -> None:
         print(show_what_was_learned(result.checkpoint_dir, config, result.dataset, result.consumed_samples))
 
 
+def print_interrupted(args: argparse.Namespace, result) -> None:
+    """After SIGINT / SIGTERM: where the run stopped and the command that continues it (no end-of-run demo)."""
+    tag = (result.checkpoint_dir / "latest").read_text().strip()
+    again = shlex.join(["glm-train", "--config", args.config,
+                        *[arg for item in args.overrides + ["train.resume=true"] for arg in ("--set", item)]])
+    print(f"interrupted at step {tag.removeprefix('global_step')}: checkpoint {result.checkpoint_dir / tag}; "
+          f"resume with: {again}", flush=True)
+
+
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
@@ -56,7 +65,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
 
     result = train(config)
-    if result.topology.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+    if result.topology.world_size > 1 and env_int("RANK", 0) != 0:
+        return 0
+    if result.stopped_by_signal:
+        print_interrupted(args, result)
+    else:
         print_outcome(config, result)
     return 0
 

@@ -16,6 +16,7 @@ the manifest of `latest` and walks back to the newest checkpoint whose files all
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import random
@@ -148,8 +149,14 @@ def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list
     that wrote it, whose cosine ended at its own train.steps (a resume with a larger train.steps, or another
     optim.lr, would start at that lr). The lr is then a function of the config and the step alone."""
     scheduler.base_lrs = list(base_lrs)
+    saved = scheduler.optimizer.param_groups[0]["lr"]
     for group, multiplier, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, base_lrs):
         group["lr"] = base * multiplier(scheduler.last_epoch)
+    now = scheduler.optimizer.param_groups[0]["lr"]
+    if not math.isclose(saved, now, rel_tol=1e-6) and dist.get_rank() == 0:
+        log.warning(f"the LR schedule differs from the checkpoint's (train.steps, optim.lr or the schedule keys "
+                    f"changed): step {scheduler.last_epoch + 1} trains at lr {now:.3e} instead of {saved:.3e}; to keep "
+                    f"the old cosine set optim.decay_steps to its length (docs/CONFIG.md)")
 
 
 def _load_tag(engine, checkpoint_dir: Path, tag: str, topology, model_config) -> int:

@@ -94,6 +94,8 @@ class Trainer:
             self.step, data_position = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology,
                                                               config.model)
             self.dataset.restore(data_position)
+            if self.rank == 0:
+                print(f"resumed from step {self.step} of {config.train.steps} ({self.checkpoint_dir})", flush=True)
         finetune.start(self.engine, config, self.topology, resumed=config.train.resume)
         if config.train.inject_nan_steps:
             module = self.engine.module
