@@ -17,6 +17,7 @@ def test_single_process_main_job(tmp_path):
     assert "blank-infilling demo (held-out sample" in result.stdout and "[MASK]" in result.stdout
     assert "held-out perplexity (" in result.stdout and "unigram baseline" in result.stdout
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert "step 3/3 loss" in result.stdout and "\r" not in result.stderr  # not a terminal: lines, not a bar
 
 
 def test_print_model_resolves_the_tokenizer_vocabulary(tmp_path):

@@ -77,6 +77,12 @@ def cut_sequences(doc_lengths: np.ndarray, offsets: np.ndarray, n: int,
     return base + j * n, base + np.minimum((j + 1) * n, m_doc)
 
 
+def _first_rank() -> bool:
+    """Rank 0 of a started process group, or a process without one: the one that logs data events."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
 class GLMDataset:
     """`ds[i]` is the blank-infilling sample of global index i >= 0; `len(ds)` sequences per epoch."""
 
@@ -85,7 +91,7 @@ class GLMDataset:
         self.indexed, self.tokenizer, self.infilling = indexed, tokenizer, infilling
         self.starts, self.ends, self.seed, self.split = starts, ends, seed, split
         self._orders: dict[int, np.ndarray] = {}
-        self._announced: set[int] = set()
+        self._announced = False  # the first wrap-around is logged, once (a small dataset wraps every few steps)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -100,15 +106,16 @@ class GLMDataset:
         return self._orders[epoch]
 
     def sequence_number(self, index: int, announce: bool = True) -> int:
-        """The sequence of the split that global sample `index` reads; the first sample read of an epoch
-        logs the epoch's start (`announce` False: a look ahead, e.g. the packer reading lengths, does not)."""
+        """The sequence of the split that global sample `index` reads; the first sample read of epoch 1 logs
+        that the data repeats from there, on rank 0 (`announce` False: a look ahead, e.g. the packer reading
+        lengths, does not)."""
         if index < 0:
             raise IndexError(f"sample index {index} is negative")
         epoch, place = divmod(index, len(self))
-        if announce and epoch not in self._announced:
-            self._announced.add(epoch)
-            logger.info("data (%s): starting epoch %d at sample %d (%d sequences per epoch, order reshuffled)",
-                        self.split, epoch, index, len(self))
+        if announce and epoch == 1 and not self._announced and _first_rank():
+            self._announced = True
+            logger.info("data (%s): all %d sequences read once; from sample %d on they repeat, in a new order each "
+                        "epoch", self.split, len(self), index)
         return int(self.epoch_order(epoch)[place])
 
     def sequence(self, index: int, announce: bool = True) -> np.ndarray:

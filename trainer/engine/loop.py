@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,7 @@ class Trainer:
         return run_record(self.config.model, {"tp": t.tp, "pp": t.pp, "dp": t.dp}, self.tokenizer_sha256)
 
     def _log(self, record: dict, progress) -> None:
-        if self.world_size == 1:
+        if not progress.disable:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         elif self.rank == 0 and record["step"] % self.config.train.log_interval == 0:
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
@@ -200,8 +201,9 @@ class Trainer:
 
     def run(self) -> RunResult:
         writer = MetricsWriter(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
+        # A bar for one process on a terminal; log lines otherwise (a file would hold every \r redraw).
         progress = tqdm(total=self.config.train.steps, initial=self.step, desc="train", unit="step",
-                        disable=self.world_size != 1)
+                        disable=self.world_size != 1 or not sys.stderr.isatty())
         losses: list[float] = []
         stopped = False
         with PreemptionHandler() as preemption:
