@@ -5,7 +5,7 @@ import signal
 import subprocess
 import sys
 
-from tests.glm_processes import REPO, _env, metrics, run_train, train_args, wait_all, wait_for_step
+from tests.glm_processes import REPO, _env, metrics, run_train, train_args, wait_for_step
 
 
 def test_single_process_main_job(tmp_path):
