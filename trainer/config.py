@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_SEED = 2 ** 63
 """Seeds are offset per pipeline stage and tensor rank and fed to torch (64-bit) and numpy generators."""
 MAX_TIMEOUT_MINUTES = 525600
+"""A year: the longest collective timeout accepted (Python's timedelta overflows far above it)."""
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
@@ -373,7 +374,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int])
     if id(node) in sizes:
         return sizes[id(node)]
     if id(node) in open_nodes:
-        raise ConfigError("the YAML refers to itself through an alias (a recursive anchor): write the values out")
+        raise ConfigError("refers to itself through an alias (a recursive anchor): write the values out")
     open_nodes.add(id(node))
     children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
         node.value if isinstance(node, yaml.SequenceNode) else [])
@@ -395,7 +396,11 @@ def load_yaml(text: str, what: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        if _expanded_size(node, {}, set()) > MAX_YAML_NODES:
+        try:
+            size = _expanded_size(node, {}, set())
+        except ConfigError as error:
+            raise ConfigError(f"{what} {error}") from None
+        if size > MAX_YAML_NODES:
             raise ConfigError(f"{what} expands to more than {MAX_YAML_NODES} values through its aliases (&anchor / "
                               f"*alias): a config is a few hundred; write it without the repeated aliases")
         return loader.construct_document(node)
