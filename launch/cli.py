@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -117,7 +118,11 @@ def node_rank(args: argparse.Namespace, cluster: Cluster, env: dict) -> Optional
     if args.node_rank is not None:
         return args.node_rank
     if cluster.source == "slurm":
-        return int(env.get("SLURM_NODEID", "0"))
+        node_id = env.get("SLURM_NODEID", "0").strip()
+        if not node_id.isdigit():
+            raise ConfigError(f"SLURM_NODEID={node_id[:40]!r} is not a node index: run under SLURM's srun, or pass "
+                              f"--node-rank N")
+        return int(node_id)
     return None if cluster.source == "hostfile" else 0
 
 
@@ -175,6 +180,20 @@ def _check_local(cluster: Cluster, args: argparse.Namespace) -> None:
                           f"for several nodes, or --dry-run to only plan")
 
 
+def _check_port_free(args: argparse.Namespace, cluster: Cluster) -> None:
+    """A --master-port this node hosts (one node, or node 0) must be free: the ranks would fail to meet on it."""
+    if args.master_port is None or node_rank(args, cluster, dict(os.environ)) not in (0, None) \
+            or args.master_addr not in (None, "127.0.0.1", "localhost"):
+        return
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds: a TIME_WAIT is free
+        try:
+            probe.bind(("", args.master_port))
+        except OSError as error:
+            raise ConfigError(f"--master-port {args.master_port} is in use on this machine ({error.strerror}): pick "
+                              f"another port, or leave --master-port out to use a free one") from None
+
+
 def _check_node(args: argparse.Namespace, cluster: Cluster) -> None:
     """--node-rank names a host of the hostfile and comes with the rendezvous address."""
     if args.node_rank is None:
@@ -228,6 +247,11 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise ConfigError(f"--master-port {args.master_port} is not a TCP port: use 1..65535 (1024 and up "
                           f"without root)")
+    for flag, value, least in (("--tp", args.tp, 1), ("--pp", args.pp, 1), ("--micro-batch", args.micro_batch, 1),
+                               ("--recompute-interval", args.recompute_interval, 0), ("--gpus", args.gpus, 1),
+                               ("--gpus-per-node", args.gpus_per_node, 1), ("--node-rank", args.node_rank, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}: leave it out to let the planner choose")
     if args.max_restarts < 0 or args.min_devices < 1:
         raise ConfigError(f"--max-restarts must be >= 0 and --min-devices >= 1, got {args.max_restarts} and "
                           f"{args.min_devices}")
@@ -236,6 +260,7 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
         resolved.validate(plan.cluster.world_size)
     else:
         _check_local(plan.cluster, args)
+        _check_port_free(args, plan.cluster)
     return args, train_args, resolved, plan
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, read_user_text
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10 ** 3, "KB": 10 ** 3, "M": 10 ** 6, "MB": 10 ** 6, "G": 10 ** 9, "GB": 10 ** 9,
@@ -90,7 +90,7 @@ def parse_hostfile(path: str | Path) -> tuple[tuple[str, int], ...]:
         raise ConfigError(f"hostfile {path} does not exist: write one line 'hostname slots=N' per node "
                           f"(see configs/cluster/hostfile.example)")
     hosts: dict[str, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_user_text(path, "hostfile").splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -103,6 +103,10 @@ def parse_hostfile(path: str | Path) -> tuple[tuple[str, int], ...]:
     if not hosts:
         raise ConfigError(f"hostfile {path} lists no hosts: write one line 'hostname slots=N' per node")
     return tuple(hosts.items())
+
+
+MAX_SLURM_NODES = 100_000
+"""A SLURM range longer than this is not a node list (the largest machines have tens of thousands of nodes)."""
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -130,6 +134,10 @@ def expand_nodelist(text: str) -> list[str]:
         prefix, ranges, rest = match.groups()
         for item in ranges.split(","):
             low, _, high = item.partition("-")
+            if not re.fullmatch(r"\d+", low) or not re.fullmatch(r"\d*", high) \
+                    or int(high or low) - int(low) > MAX_SLURM_NODES:
+                raise ConfigError(f"SLURM node list {text[:80]!r} has the range [{item[:20]}], not 'low-high' of at most "
+                                  f"{MAX_SLURM_NODES} nodes: run under SLURM's own srun/sbatch, or pass --hostfile")
             width = len(low)
             for number in range(int(low), int(high or low) + 1):
                 hosts.extend(expand_nodelist(f"{prefix}{number:0{width}d}{rest}"))
@@ -138,10 +146,13 @@ def expand_nodelist(text: str) -> list[str]:
 
 def _slurm_gpus_per_node(env: Mapping[str, str]) -> Optional[int]:
     """GPUs per node from SLURM_GPUS_ON_NODE, or SLURM_GPUS_PER_NODE ('8' or 'a100:8')."""
-    if env.get("SLURM_GPUS_ON_NODE"):
-        return int(env["SLURM_GPUS_ON_NODE"])
-    if env.get("SLURM_GPUS_PER_NODE"):
-        return int(env["SLURM_GPUS_PER_NODE"].split("(")[0].split(":")[-1])
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        if env.get(name):
+            count = env[name].split("(")[0].split(":")[-1].strip()
+            if not count.isdigit():
+                raise ConfigError(f"{name}={env[name][:40]!r} is not a GPU count ('8' or 'a100:8'): run under "
+                                  f"SLURM's own srun/sbatch, or pass --gpus N")
+            return int(count)
     return None
 
 

@@ -68,6 +68,10 @@ def test_instruction_sample_layout(record, truncation):
     assert not sample["position_ids"][end:].any() and not sample["block_position_ids"][end:].any()
 
 
+def test_an_answer_with_its_leading_space_gets_one_space_after_a():
+    assert format_prompt("And Italy?", [["France?", " Paris."]]) == "Q: France?\nA: Paris.\nQ: And Italy?\nA:"
+
+
 def test_history_is_folded_into_the_prompt():
     assert format_prompt("Hi?", []) == "Hi?"
     assert format_prompt("And Italy?", [["France?", "Paris."], ["Spain?", "Madrid."]]) == \

@@ -113,3 +113,33 @@ def test_a_resume_with_another_schedule_follows_it_from_the_first_resumed_step(t
     assert straight.returncode == 0, straight.stderr[-3000:]
     lrs = [r["lr"] for r in metrics(tmp_path / "run")][4:]
     torch.testing.assert_close(lrs, [r["lr"] for r in metrics(tmp_path / "straight")][4:], rtol=1e-12, atol=0)
+    assert "resumed from step 4 of 8" in resumed.stdout
+    assert "the LR schedule differs from the checkpoint's" in resumed.stderr  # not re-planned silently
+
+
+def test_the_lr_schedule_change_is_said(caplog):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    optimizer.step()
+    scheduler.step()
+    with caplog.at_level(logging.WARNING, logger="glm.checkpoint"):
+        follow_schedule(scheduler, [0.5])  # the same schedule: nothing to say
+        assert not caplog.records
+        follow_schedule(scheduler, [2.0])
+    assert "step 2 trains at lr 1.000e+00 instead of 2.500e-01" in caplog.records[0].getMessage()
+
+
+def test_a_full_disk_is_named(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from trainer.engine import checkpoint
+
+    assert checkpoint.disk_full_error(RuntimeError("some other failure"), tmp_path / "x") is None
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    assert "no space left on device writing the checkpoint" in str(checkpoint.disk_full_error(enospc, tmp_path / "x"))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    assert "free space on that file system" in str(checkpoint.disk_full_error(torch_error, tmp_path / "x"))

@@ -68,6 +68,26 @@ CASES = [
     ("negative layernorm epsilon", ["model.layernorm_epsilon=-1e-5"], "model.layernorm_epsilon must be a finite"),
     ("run dir on a pseudo file system", ["train.run_dir=/proc/glm-run"], "a file system without storage"),
     ("resume and overwrite", ["train.resume=true", "train.overwrite=true"], "continue the run (resume) or delete"),
+    ("span length not a number", ["data.poisson_lambda=.nan"], "data.poisson_lambda must be a finite number in (0, 1000.0]"),
+    ("span length infinite", ["data.poisson_lambda=.inf"], "got inf"),
+    ("mode weight not a number", ["data.modes={mask: .nan, gmask: 1}"], "data.modes weights must be finite numbers"),
+    ("mode weight infinite", ["data.modes={mask: .inf}"], "'mask': inf"),
+    ("mode weight a string", ["data.modes={mask: lots}"], "'mask': 'lots'"),
+    ("collective timeout not a number", ["train.collective_timeout_minutes=.nan"],
+     "train.collective_timeout_minutes must be a finite number in (0, 525600]"),
+    ("collective timeout infinite", ["train.collective_timeout_minutes=.inf"], "(a year), got inf"),
+    ("seed of 2^64", ["train.seed=18446744073709551616"], "train.seed must be in [0, 2**63), got 18446744073709551616"),
+    ("negative seed", ["train.seed=-1"], "train.seed must be in [0, 2**63), got -1"),
+    ("negative warmup", ["optim.warmup_steps=-5"], "optim.warmup_steps must be >= 0"),
+    ("negative decay", ["optim.decay_steps=-1"], "optim.decay_steps must be >= 0"),
+    ("negative batch warmup", ["optim.batch_size_warmup_steps=-3"], "optim.batch_size_warmup_steps must be >= 0"),
+    ("negative recompute interval", ["parallel.recompute_interval=-1"], "parallel.recompute_interval must be >= 0"),
+    ("empty run dir", ["train.run_dir="], "train.run_dir is empty"),
+    ("blank run dir", ["train.run_dir='  '"], "name a directory for metrics.jsonl"),
+    ("sequence above 2^21", ["data.seq_length=4194304", "model.max_sequence_length=4194304"],
+     "data.seq_length=4194304 is above 2097152 tokens"),
+    ("data entry weight infinite", ["data.datasets=[{path: '', weight: .inf}]"], "each entry must be {path: PREFIX"),
+    ("long value quoted short", ["model.num_layers=[" + ", ".join(["1"] * 500) + "]"], "got [1, 1, 1"),
 ]
 
 
@@ -132,6 +152,17 @@ def test_resuming_another_model_shape_is_refused_naming_the_keys(capsys, tmp_pat
 
     same = load_config(CONFIG, ["model.vocab_size=4096", "train.resume=true", f"train.run_dir={tmp_path / 'run'}"])
     check_resume_shape(same)  # the recorded shape: accepted
+
+
+def test_a_yaml_merge_key_is_read(tmp_path):
+    """`<<: *anchor` (YAML's merge key) brings an anchored mapping's keys in, and the mapping's own keys win."""
+    from trainer.config import load_config
+
+    config = tmp_path / "merge.yaml"
+    config.write_text("data:\n  datasets:\n    - &base {path: '', weight: 1, seq_length: 64}\n"
+                      "    - {<<: *base, weight: 2}\n")
+    assert load_config(config).data.datasets == [{"path": "", "weight": 1, "seq_length": 64},
+                                                 {"path": "", "weight": 2, "seq_length": 64}]
 
 
 def test_messages_are_distinct():

@@ -18,11 +18,15 @@ from typing import Any, Optional
 import yaml
 
 from trainer.data.config import DataConfig
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, read_user_text
 from trainer.model.config import ModelConfig
 from trainer.parallel.mesh import Layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_SEED = 2 ** 63
+"""Seeds are offset per pipeline stage and tensor rank and fed to torch (64-bit) and numpy generators."""
+MAX_TIMEOUT_MINUTES = 525600
+"""A year: the longest collective timeout accepted (Python's timedelta overflows far above it)."""
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
@@ -72,11 +76,15 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio (GLM-130B: 1/10)."""
+    """Cosine decay ends at lr * min_lr_ratio (GLM-130B: 1/10): the rate of the cosine's last step and after."""
     warmup_steps: int = 0
-    """Linear warmup steps."""
+    """Linear warmup steps W: step s (0-based) of the first W trains at lr * (s + 1) / W, so step W - 1 is at
+    the peak lr."""
     decay_steps: int = 0
-    """Steps from the end of warmup to the end of the cosine (0 = train.steps - warmup_steps)."""
+    """Cosine steps D after warmup (0 = train.steps - warmup_steps): step W + k (k = 0..D-1) trains at
+    lr * (m + (1 - m) * (1 + cos(pi * (k + 1) / D)) / 2), m = min_lr_ratio, so step W + D - 1 (with the default,
+    the run's last step) is at lr * m. A resume with another train.steps re-plans this cosine (the run says so);
+    set decay_steps to keep the old one."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     beta1: float = 0.9
@@ -187,6 +195,8 @@ class Config:
         for name in ("tp", "pp", "cp", "ep", "micro_batch_size", "global_batch_size"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        if p.recompute_interval < 0:
+            raise ConfigError(f"parallel.recompute_interval must be >= 0 (0 = off), got {p.recompute_interval}")
         if p.pp > self.model.num_layers:
             raise ConfigError(f"parallel.pp={p.pp} is greater than model.num_layers={self.model.num_layers}: "
                               f"every pipeline stage needs at least one block; lower pp")
@@ -200,6 +210,12 @@ class Config:
                               "it and start afresh (overwrite), not both")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+        if not 0 <= t.seed < MAX_SEED:
+            raise ConfigError(f"train.seed must be in [0, 2**63), got {t.seed}: seeds feed torch and numpy generators "
+                              f"that take 64-bit values; pick a smaller seed")
+        if not t.run_dir.strip():
+            raise ConfigError("train.run_dir is empty: name a directory for metrics.jsonl, tb/ and checkpoints/ "
+                              "(such as runs/glm)")
         for name, least in (("save_interval", 0), ("keep_checkpoints", 0), ("max_nonfinite_in_a_row", 0),
                             ("log_interval", 1)):
             if getattr(t, name) < least:
@@ -217,8 +233,9 @@ class Config:
         if not all(isinstance(name, str) and name for name in t.eval_tasks) or t.eval_tasks_limit < 0:
             raise ConfigError(f"train.eval_tasks must list task names and train.eval_tasks_limit be >= 0, got "
                               f"{t.eval_tasks!r} and {t.eval_tasks_limit}")
-        if t.collective_timeout_minutes <= 0:
-            raise ConfigError(f"train.collective_timeout_minutes must be > 0, got {t.collective_timeout_minutes}")
+        if not (math.isfinite(t.collective_timeout_minutes) and 0 < t.collective_timeout_minutes <= MAX_TIMEOUT_MINUTES):
+            raise ConfigError(f"train.collective_timeout_minutes must be a finite number in (0, {MAX_TIMEOUT_MINUTES}] "
+                              f"(a year), got {t.collective_timeout_minutes}")
         self._validate_zero()
         self._validate_optim()
         self._validate_finetune()
@@ -261,6 +278,11 @@ class Config:
             value = getattr(self.optim, name)
             if not (math.isfinite(value) and holds(value)):
                 raise ConfigError(f"optim.{name} must be a finite number {wanted}, got {value}")
+        for name in ("warmup_steps", "decay_steps", "batch_size_warmup_steps", "batch_size_warmup_start",
+                     "batch_size_warmup_increment"):
+            if getattr(self.optim, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0 (a count of steps or samples), got "
+                                  f"{getattr(self.optim, name)}")
 
     def _validate_finetune(self) -> None:
         f = self.finetune
@@ -318,7 +340,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key} expects {annotation.__name__}, got the boolean {value}")
     if not isinstance(value, expected):
         name = getattr(annotation, "__name__", str(annotation))
-        raise ConfigError(f"{key} expects {name}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key} expects {name}, got {shown(value)} ({type(value).__name__})")
     return float(value) if annotation is float else value
 
 
@@ -340,7 +362,7 @@ def _apply(obj: Any, values: dict, prefix: str) -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full} is a section: give it a mapping of keys, got {value!r}")
+                raise ConfigError(f"{full} is a section: give it a mapping of keys, got {shown(value)}")
             _apply(current, value, f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
@@ -354,11 +376,14 @@ def yaml_error_line(error: yaml.YAMLError) -> str:
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently). Keys
+    brought in by a merge (`<<: *defaults`) may be overridden by the mapping's own keys, as YAML says."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (line "
@@ -367,15 +392,65 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_YAML_NODES = 100_000
+"""A config document may hold at most this many values once its aliases are expanded: configs hold a few
+hundred, and a document whose aliases multiply (an "alias bomb") is refused before it is built."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many nodes `node` stands for with every alias expanded (memoised by node identity)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError("refers to itself through an alias (a recursive anchor): write the values out")
+    open_nodes.add(id(node))
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [])
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes)
+        if size > MAX_YAML_NODES:
+            break
+    open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """One YAML document read with UniqueKeyLoader, refused (ConfigError naming `what`) when its aliases expand
+    to more than MAX_YAML_NODES values; yaml.YAMLError for text that is not YAML."""
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {}, set())
+        except ConfigError as error:
+            raise ConfigError(f"{what} {error}") from None
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{what} expands to more than {MAX_YAML_NODES} values through its aliases (&anchor / "
+                              f"*alias): a config is a few hundred; write it without the repeated aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for quoting user values in one-line errors."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_override(text: str) -> dict:
     """`section.key=value` -> {"section": {"key": value}}, the value parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r} is not of the form section.key=value")
+        raise ConfigError(f"--set {shown(text)} is not of the form section.key=value")
     dotted, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw, f"--set {dotted}") if raw != "" else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({yaml_error_line(error)})") from None
+        raise ConfigError(f"--set {shown(text)}: the value is not valid YAML ({yaml_error_line(error)})") from None
     nested: dict = value
     for part in reversed(dotted.strip().split(".")):
         nested = {part: nested}
@@ -396,10 +471,12 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     config = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory: pass a YAML file such as configs/glm-debug.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist: pass a YAML file such as configs/glm-debug.yaml")
         try:
-            values = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+            values = load_yaml(read_user_text(path, "config file"), f"config file {path}")
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(error)}") from None
         if values is None:

@@ -4,6 +4,7 @@ import argparse
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -23,13 +24,46 @@ class CheckpointError(GLMError):
     """A checkpoint that is missing, corrupted or does not match the model."""
 
 
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a file the user named (`what`, e.g. "task file"); a DataError naming the file and the fix
+    when it is missing, a directory, unreadable or not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {path} is a directory: give a file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{what} {path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#x}): "
+                        f"save it as UTF-8") from None
+    except OSError as error:
+        raise DataError(f"{what} {path} cannot be read ({error.strerror}): check its permissions") from None
+
+
+def env_int(name: str, default: int, least: int = 0) -> int:
+    """The whole number >= least in environment variable `name` (set by a launcher), `default` when unset; a
+    ConfigError naming the variable when it holds anything else."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise ConfigError(f"environment variable {name}={text[:40]!r} is not a whole number >= {least}: a launcher "
+                          f"sets it (glm-launch, deepspeed, torchrun); unset it to run one process")
+    return value
+
+
 def echoes_its_node() -> bool:
     """Whether this process is a launcher's rank other than its node's first, failing before the process group
     is up: it checked the same config, arguments and files as the node's first rank (local rank 0), so its error
     would repeat that one's. After the process group is up every failing rank speaks for itself."""
     dist = sys.modules.get("torch.distributed")
     started = dist is not None and dist.is_available() and dist.is_initialized()
-    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 and not started
+    local_rank = os.environ.get("LOCAL_RANK", "0").strip()
+    return local_rank.isdigit() and int(local_rank) > 0 and not started
 
 
 def exits_on_error(main: Callable[..., int]) -> Callable[..., int]:

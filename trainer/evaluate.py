@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error
+from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error, read_user_text
 from trainer.decoding import encode_prompt, full_vocab_logits
 from trainer.harness.cli import add_harness_arguments, run_harness
 from trainer.source_args import add_source_arguments, load_source_model
@@ -83,12 +83,20 @@ def evaluate_cloze(model, tokenizer, records: list[dict], template: str, verbali
 
 
 def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"task file {path} does not exist")
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise DataError(f"task file {path} is not JSON lines: {error}") from None
+    """The task's records, one JSON object per line, each with a string `label`."""
+    text = read_user_text(path, "task file")
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"task file {path} is not JSON lines: line {number}: {error}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("label", ""), str):
+            raise DataError(f"task file {path} line {number} is {type(record).__name__} {line[:40]!r}: each line "
+                            f"must be a JSON object of the template's fields and a string 'label'")
+        records.append(record)
     if not records:
         raise DataError(f"task file {path} holds no records")
     return records
@@ -117,8 +125,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         verbalizers = json.loads(args.verbalizers)
     except json.JSONDecodeError:
         raise ConfigError(f"--verbalizers is not JSON: {args.verbalizers!r}") from None
-    if not isinstance(verbalizers, dict) or len(verbalizers) < 2:
-        raise ConfigError("--verbalizers must map at least two labels to words")
+    if not isinstance(verbalizers, dict) or len(verbalizers) < 2 \
+            or not all(isinstance(word, str) for word in verbalizers.values()):
+        raise ConfigError('--verbalizers must map at least two labels to words (strings), e.g. '
+                          '{"yes": " yes", "no": " no"}')
     records = read_records(args.data)
     model, config, tokenizer, tp_group = load_source_model(args)
     result = evaluate_cloze(model, tokenizer, records, args.template, verbalizers, config.vocab_size, tp_group,

@@ -44,12 +44,34 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+MIN_TEMPERATURE = 1e-4
+"""Below this, logits / temperature overflows float32 for ordinary logits; sampling that cold is greedy anyway."""
+MIN_TOP_P = 1e-6
+"""Below this, top_p rounds to 0 in float32 and the nucleus is empty; a nucleus that small is greedy anyway."""
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """The decoding flags in the ranges sampling can use; the text encodable as UTF-8."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (0 <= args.top_p <= 1 and (args.top_p == 0 or args.top_p >= MIN_TOP_P)):
+        raise ConfigError(f"--top-p must be 0 (greedy) or in [{MIN_TOP_P}, 1], got {args.top_p}")
+    if not (math.isfinite(args.temperature) and args.temperature >= MIN_TEMPERATURE):
+        raise ConfigError(f"--temperature must be a finite number >= {MIN_TEMPERATURE} (for greedy decoding use "
+                          f"--top-p 0), got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
+    try:
+        args.text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(f"--text is not UTF-8 text (byte {ord(error.object[error.start]) - 0xDC00:#x} at "
+                          f"{error.start}): give the prompt in UTF-8") from None
+
+
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    finite_temperature = math.isfinite(args.temperature) and args.temperature > 0
-    if args.max_new_tokens < 1 or not 0 <= args.top_p <= 1 or not finite_temperature:
-        raise ConfigError("--max-new-tokens must be >= 1, --top-p in [0, 1] and --temperature a finite number > 0")
+    check_sampling(args)
     model, config, tokenizer, tp_group = load_source_model(args)
     if args.causal or args.chat:
         prompt = (chat_prompt if args.chat else causal_prompt)(args.text, tokenizer)

@@ -25,6 +25,11 @@ def uncreatable_directory(directory: Path) -> Optional[str]:
     if directory.exists() and not directory.is_dir():
         return f"{directory} is a file"
     anchor = nearest_existing(directory)
+    for part in (directory.absolute(), *directory.absolute().parents):
+        if part == anchor:
+            break
+        if part.is_symlink():  # exists() is False for it: the link is dangling or a loop
+            return f"{part} is a symbolic link that leads nowhere (dangling, or a loop)"
     if not anchor.is_dir():
         return f"{anchor} is a file, so {directory} cannot be created under it"
     if not os.access(anchor, os.W_OK | os.X_OK):
@@ -80,5 +85,11 @@ def temporary_beside(final: Path) -> Path:
     which the rename would carry onto the output)."""
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
+    give_default_mode(Path(name))
     return Path(name)
+
+
+def give_default_mode(path: Path) -> None:
+    """Set `path`'s mode to what a plain open() gives under the process's umask (0644 under umask 022):
+    for files written by libraries that create them 0600 (mkstemp, safetensors)."""
+    os.chmod(path, 0o666 & ~_umask())

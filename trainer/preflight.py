@@ -71,6 +71,24 @@ def check_disk_space(config: Config) -> None:
                           f"free space or move train.run_dir")
 
 
+def check_memory(config: Config) -> None:
+    """Refuse, before anything is allocated, a run whose lower bound of memory per rank exceeds this device's:
+    the weights (this rank's share, in fp32) and the fp32 logits of one micro-batch, which the loss holds at
+    once. The real need is higher (gradients, Adam, activations: launch/memory.py); this bound only catches
+    sizes that cannot fit at all, which would otherwise end in the kernel's OOM killer without a message."""
+    from deepspeed.accelerator import get_accelerator
+
+    m, p = config.model, config.parallel
+    weights = 4 * m.num_parameters(p.tp) // p.pp
+    logits = 4 * p.micro_batch_size * config.data.seq_length * (m.padded_vocab_size(p.tp) // p.tp)
+    available = get_accelerator().total_memory()
+    if weights + logits > available:
+        raise ConfigError(f"one rank needs at least {_size(weights + logits)} ({_size(weights)} of weights, "
+                          f"{_size(logits)} of logits for parallel.micro_batch_size={p.micro_batch_size} x "
+                          f"data.seq_length={config.data.seq_length}) but this device has {_size(available)}: lower "
+                          f"parallel.micro_batch_size or data.seq_length, or spread the model with parallel.tp / pp")
+
+
 def _size(count: int) -> str:
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
@@ -126,4 +144,5 @@ def check_outside(config: Config, world_size: int) -> Config:
     if config.train.resume:
         check_resume_shape(config)
     check_disk_space(config)
+    check_memory(config)
     return config

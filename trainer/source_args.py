@@ -4,7 +4,6 @@ so `--config` is needed only for checkpoints saved before they recorded it; a gi
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +12,7 @@ from trainer.config import add_config_arguments, load_config
 from trainer.data.dataset import resolve_paths
 from trainer.data.tokenizer import load_tokenizer
 from trainer.engine.distributed import init_distributed
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, env_int
 from trainer.model.config import ModelConfig
 from trainer.parallel.topology import Topology
 from trainer.preflight import check_data
@@ -65,8 +64,13 @@ def load_source_model(args: argparse.Namespace):
         raise ConfigError(f"no tokenizer: {args.source} ships no tokenizer.json; pass --tokenizer PATH")
     config, weights = read_weights(args.source, given_model_config(args))
     tp_group = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if env_int("WORLD_SIZE", 1, least=1) > 1:
         _, world_size = init_distributed()
         config.validate(world_size)
         tp_group = Topology.create(world_size, 1).tp_group
-    return build_model(config, weights, tp_group), config, load_tokenizer(tokenizer), tp_group
+    loaded = load_tokenizer(tokenizer)
+    if loaded.vocab_size > config.vocab_size:
+        raise ConfigError(f"the tokenizer {tokenizer} has {loaded.vocab_size} ids but the model {args.source} embeds "
+                          f"{config.vocab_size}: its ids above {config.vocab_size - 1} have no embedding; use the "
+                          f"tokenizer the model was trained with")
+    return build_model(config, weights, tp_group), config, loaded, tp_group

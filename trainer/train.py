@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import shlex
 import sys
 from typing import Optional
 
 from trainer.checkpoint.tags import latest_tag
 from trainer.config import Config, add_config_arguments, load_config
-from trainer.errors import ConfigError, OneLineParser, exits_on_error
+from trainer.errors import ConfigError, OneLineParser, env_int, exits_on_error
 from trainer.preflight import check_data, check_device, preflight
 
 
@@ -51,7 +51,7 @@ def given_config(args: argparse.Namespace) -> Config:
     if args.print_model:
         config.validate()
         return check_data(config) if config.model.vocab_size == 0 else config
-    return preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
+    return preflight(config, env_int("WORLD_SIZE", 1, least=1))
 
 
 def print_outcome(config: Config, result) -> None:
@@ -62,6 +62,15 @@ def print_outcome(config: Config, result) -> None:
     print(f"checkpoint:   {result.checkpoint_dir / latest_tag(result.checkpoint_dir)}")
     if result.topology.world_size == 1:
         print(show_what_was_learned(result.checkpoint_dir, config, result.dataset, result.consumed_samples))
+
+
+def print_interrupted(args: argparse.Namespace, result) -> None:
+    """After SIGINT / SIGTERM: where the run stopped and the command that continues it (no end-of-run demo)."""
+    tag = (result.checkpoint_dir / "latest").read_text().strip()
+    again = shlex.join(["glm-train", "--config", args.config,
+                        *[arg for item in args.overrides + ["train.resume=true"] for arg in ("--set", item)]])
+    print(f"interrupted at step {tag.removeprefix('global_step')}: checkpoint {result.checkpoint_dir / tag}; "
+          f"resume with: {again}", flush=True)
 
 
 @exits_on_error
@@ -79,7 +88,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
 
     result = train(config, restarts=args.restarts)
-    if result.topology.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+    if result.topology.world_size > 1 and env_int("RANK", 0) != 0:
+        return 0
+    if result.stopped_by_signal:
+        print_interrupted(args, result)
+    else:
         print_outcome(config, result)
     return 0
 

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import platform
 import sys
@@ -22,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from trainer.config import Config, add_config_arguments, load_config
-from trainer.errors import ConfigError, GLMError, OneLineParser, exits_on_error
+from trainer.errors import ConfigError, GLMError, OneLineParser, env_int, exits_on_error
 from trainer.preflight import check_data
 
 MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
@@ -50,10 +51,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def bench_config(args: argparse.Namespace) -> Config:
     """The config on one process (tp = pp = 1), the vocabulary resolved, checked."""
     config = load_config(args.config, args.overrides)
+    laid_out = [f"parallel.{key}={value}" for key, value in (("tp", config.parallel.tp), ("pp", config.parallel.pp))
+                if value != 1 and any(item.strip().startswith(f"parallel.{key}=") for item in args.overrides)]
+    if laid_out:
+        raise ConfigError(f"glm-bench runs one process (tp = pp = 1) and its own pp=2 comparison, so --set "
+                          f"{' '.join(laid_out)} would not be measured: remove it (time a layout with glm-launch)")
     config.parallel = dataclasses.replace(config.parallel, tp=1, pp=1)
     if args.steps < 1 or args.warmup < 1 or args.pipeline_micro_batches < 1:
         raise ConfigError("--steps, --warmup and --pipeline-micro-batches must be >= 1")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    check_peak(args.peak_tflops, config.train.precision)
+    if env_int("WORLD_SIZE", 1, least=1) > 1:
         raise ConfigError("run glm-bench directly, not under a launcher: it spawns its own pp=2 processes")
     config.validate(world_size=1)
     if config.data.path:  # the real batches read it: the files, the tokenizer and the vocabulary must fit
@@ -66,6 +73,16 @@ def bench_config(args: argparse.Namespace) -> Config:
                               f"pass --set model.vocab_size=N") from None
     config.model.validate(1)
     return config
+
+
+def check_peak(peak: Optional[str], precision: str) -> None:
+    """--peak-tflops, when given, is a device name or a finite number of TFLOP/s > 0 (it divides the MFU)."""
+    from trainer.engine.flops import peak_tflops
+
+    value = peak_tflops(peak, precision)
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"--peak-tflops must be a finite number > 0 or a device name, got {peak}: give the "
+                          f"accelerator's peak TFLOP/s")
 
 
 def device_description() -> str:

@@ -49,6 +49,9 @@ def check_output(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> str:
+    if args.to_tp < 1 or args.to_pp < 1:
+        raise ConfigError(f"--to-tp and --to-pp must be >= 1, got {args.to_tp} and {args.to_pp}: give the layout "
+                          f"of the run that will load the checkpoint")
     tag_dir = convert_checkpoint(args.source, given_model_config(args), args.to_tp, args.to_pp, args.out)
     return f"wrote {tag_dir} (tp={args.to_tp}, pp={args.to_pp})"
 

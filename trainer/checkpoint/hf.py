@@ -40,6 +40,7 @@ from trainer.checkpoint.layout import WORD_EMBEDDINGS, canonical_shapes
 from trainer.data.tokenizer import EOT, load_tokenizer
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
+from trainer.paths import give_default_mode
 from trainer.model.output import OUTPUT_WEIGHT
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -282,11 +283,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(out_dir / WEIGHTS), metadata={"format": "pt"})
+        give_default_mode(out_dir / WEIGHTS)  # safetensors creates its files 0600
         return 1
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        give_default_mode(out_dir / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))

@@ -51,9 +51,16 @@ def max_blanks(n: int, data: DataConfig) -> int:
 def text_length(data: DataConfig) -> int:
     """The largest n with n + 1 + 2 * max_blanks(n) <= seq_length: every text of n tokens or fewer fits
     seq_length in every configured mode."""
-    n = data.seq_length - 3
-    while n >= 1 and n + 1 + 2 * max_blanks(n, data) > data.seq_length:
-        n -= 1
+    # n + 1 + 2 * max_blanks(n) grows with n: bisect for the largest n that fits (a loop over n would take
+    # minutes at a long seq_length).
+    low, high = 0, data.seq_length - 3  # low fits (or is 0), the answer is in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if middle + 1 + 2 * max_blanks(middle, data) <= data.seq_length:
+            low = middle
+        else:
+            high = middle - 1
+    n = low
     if n < 1:
         raise DataError(f"data.seq_length={data.seq_length} is too short for one blank: a sample needs the start "
                         f"token, a mask, sop, eop and at least one text token; use data.seq_length >= 8")

@@ -1,6 +1,7 @@
 """Data configuration: where the text is and how blank-infilling samples are made (GLM-SPEC section 1)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
@@ -9,6 +10,17 @@ BLANK_MODES = ("mask", "smask", "gmask")
 """The modes that cut blanks out of the text (trainer/data/blank_infilling.py; glm-prep --samples shows these)."""
 MODES = BLANK_MODES + ("causal",)
 """Every sample mode data.modes may weight: the blank-infilling ones and GLM-4's causal (Part A empty)."""
+MAX_SEQ_LENGTH = 2 ** 21
+"""The longest row accepted: 16 times GLM-4's 128K context; longer is a typo that would allocate rows for minutes."""
+MAX_POISSON_LAMBDA = 1000.0
+"""Above this the span lengths are all at their cap; a larger lambda is a typo, not a setting."""
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 ENTRY_KEYS = ("path", "weight", "modes", "seq_length")
 """The keys of a data.datasets entry (path and weight required)."""
 
@@ -64,18 +76,22 @@ class DataConfig:
         if self.seq_length < 8:
             raise ConfigError(f"data.seq_length={self.seq_length} is too short for one blank and its "
                               f"sop/eop tokens: use at least 8")
+        if self.seq_length > MAX_SEQ_LENGTH:
+            raise ConfigError(f"data.seq_length={self.seq_length} is above {MAX_SEQ_LENGTH} tokens, longer than any "
+                              f"GLM's context: use the model's context length (GLM-130B 2048, GLM-4 up to 131072)")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"data.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.poisson_lambda <= 0:
-            raise ConfigError(f"data.poisson_lambda must be > 0, got {self.poisson_lambda}")
+        if not (math.isfinite(self.poisson_lambda) and 0 < self.poisson_lambda <= MAX_POISSON_LAMBDA):
+            raise ConfigError(f"data.poisson_lambda must be a finite number in (0, {MAX_POISSON_LAMBDA}] (spans are "
+                              f"cut to 1..39 tokens; GLM uses 3), got {self.poisson_lambda}")
         if not 0.0 < self.gmask_ratio_min <= self.gmask_ratio_max <= 1.0:
             raise ConfigError(f"data.gmask_ratio_min/max must satisfy 0 < min <= max <= 1, got "
                               f"{self.gmask_ratio_min}, {self.gmask_ratio_max}")
         unknown = set(self.modes) - set(MODES)
         if unknown:
             raise ConfigError(f"data.modes has unknown mode(s) {sorted(unknown)}: use {', '.join(MODES)}")
-        if any(w < 0 for w in self.modes.values()) or sum(self.modes.values()) <= 0:
-            raise ConfigError(f"data.modes weights must be >= 0 with a positive sum, got {self.modes}")
+        if not all(is_finite_number(w) and w >= 0 for w in self.modes.values()) or sum(self.modes.values()) <= 0:
+            raise ConfigError(f"data.modes weights must be finite numbers >= 0 with a positive sum, got {self.modes}")
         if self.packing_window < 1:
             raise ConfigError(f"data.packing_window must be >= 1 sample, got {self.packing_window}")
         if not 0.0 <= self.valid_fraction < 0.5:
@@ -95,8 +111,7 @@ class DataConfig:
         for i, entry in enumerate(self.datasets):
             if (not isinstance(entry, dict) or not {"path", "weight"} <= set(entry) <= set(ENTRY_KEYS)
                     or not isinstance(entry["path"], str)
-                    or isinstance(entry["weight"], bool) or not isinstance(entry["weight"], (int, float))
-                    or entry["weight"] <= 0):
+                    or not is_finite_number(entry["weight"]) or entry["weight"] <= 0):
                 raise ConfigError(f"data.datasets[{i}] = {entry!r}: each entry must be {{path: PREFIX, weight: w}} "
                                   f"with w > 0, optionally with modes: {{mask: w, ...}} and seq_length: n")
             self._validate_entry(i, entry)

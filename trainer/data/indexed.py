@@ -91,6 +91,9 @@ class IndexedDataset:
             raise DataError(f"{idx_path} is {idx_path.stat().st_size} bytes but its header promises {num_docs} "
                             f"documents ({expected} bytes): the file is truncated or corrupted; rerun glm-prep")
         self.offsets = np.memmap(idx_path, dtype=np.int64, mode="r", offset=HEADER.size, shape=(num_docs + 1,))
+        if self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
+            raise DataError(f"{idx_path} has document offsets that do not start at 0 and rise: the file is "
+                            f"corrupted; rerun glm-prep")
         self.num_tokens = int(self.offsets[-1])
         size = bin_path.stat().st_size
         if size != self.num_tokens * self.dtype.itemsize:

@@ -55,10 +55,11 @@ def is_instruction_prefix(prefix: str | os.PathLike) -> bool:
 
 def format_prompt(prompt: str, history: list) -> str:
     """The text of Part A. Without history: the prompt as it is. With history [[q1, a1], ...]: every earlier
-    turn as "Q: q\\nA: a\\n", then "Q: prompt\\nA:" (the response follows the final "A:")."""
+    turn as "Q: q\\nA: a\\n", then "Q: prompt\\nA:" (the response follows the final "A:"). One space follows
+    "A:" whether or not the earlier answer starts with one (responses usually do: " Paris.")."""
     if not history:
         return prompt
-    turns = "".join(f"Q: {query}\nA: {answer}\n" for query, answer in history)
+    turns = "".join(f"Q: {query}\nA: {answer.lstrip(' ')}\n" for query, answer in history)
     return f"{turns}Q: {prompt}\nA:"
 
 

@@ -89,6 +89,9 @@ def output_paths(prefix: str) -> list[Path]:
 def prepare_inputs(args: argparse.Namespace) -> str:
     """Tokenize the --input files; returns the output prefix."""
     check_inputs(args.input)
+    if args.output_prefix.endswith(os.sep) or Path(args.output_prefix).is_dir():
+        raise DataError(f"--output-prefix {args.output_prefix} names a directory, not a file prefix: give a prefix "
+                        f"such as {Path(args.output_prefix) / 'corpus'} (it writes PREFIX.bin, .idx, .tokenizer.json)")
     problem = uncreatable_directory(Path(args.output_prefix).parent)
     if problem:
         raise DataError(f"--output-prefix {args.output_prefix} cannot be written: {problem}; choose another prefix")

@@ -9,6 +9,7 @@ same order. trainer/data/dataset.py builds either from the config.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -20,6 +21,11 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid")
 
 
+def _first_rank() -> bool:
+    """Global rank 0 (RANK as every launcher sets it), or a process run on its own: the one that logs data events."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class GLMDataset:
     """`ds[i]` is the blank-infilling sample of global index i >= 0; `len(ds)` sequences per epoch."""
 
@@ -28,7 +34,7 @@ class GLMDataset:
         self.indexed, self.tokenizer, self.infilling = indexed, tokenizer, infilling
         self.starts, self.ends, self.seed, self.split = starts, ends, seed, split
         self._orders: dict[int, np.ndarray] = {}
-        self._announced: set[int] = set()
+        self._announced = False  # the first wrap-around is logged, once (a small dataset wraps every few steps)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -43,15 +49,16 @@ class GLMDataset:
         return self._orders[epoch]
 
     def sequence_number(self, index: int, announce: bool = True) -> int:
-        """The sequence of the split that global sample `index` reads; the first sample read of an epoch
-        logs the epoch's start (`announce` False: a look ahead, e.g. the packer reading lengths, does not)."""
+        """The sequence of the split that global sample `index` reads; the first sample read of epoch 1 logs
+        that the data repeats from there, on rank 0 (`announce` False: a look ahead, e.g. the packer reading
+        lengths, does not)."""
         if index < 0:
             raise IndexError(f"sample index {index} is negative")
         epoch, place = divmod(index, len(self))
-        if announce and epoch not in self._announced:
-            self._announced.add(epoch)
-            logger.info("data (%s): starting epoch %d at sample %d (%d sequences per epoch, order reshuffled)",
-                        self.split, epoch, index, len(self))
+        if announce and epoch == 1 and not self._announced and _first_rank():
+            self._announced = True
+            logger.info("data (%s): all %d sequences read once; from sample %d on they repeat, in a new order each "
+                        "epoch", self.split, len(self), index)
         return int(self.epoch_order(epoch)[place])
 
     def sequence(self, index: int, announce: bool = True) -> np.ndarray:

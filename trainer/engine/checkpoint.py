@@ -15,7 +15,9 @@ the manifest of `latest` and walks back to the newest checkpoint whose files all
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import logging
 import os
 import random
@@ -32,6 +34,7 @@ from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
 from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, tag_for
 from trainer.engine.resume import load_any_layout
 from trainer.errors import CheckpointError
+from trainer.paths import nearest_existing
 from trainer.parallel import random as parallel_random
 from trainer.parallel.comm import barrier, broadcast_object, global_rank, world_group
 
@@ -59,6 +62,20 @@ def optimizer_param_names(engine) -> Optional[list[list[str]]]:
     return [[names[id(param)] for param in group["params"]] for group in engine.optimizer.param_groups]
 
 
+FULL_BELOW = 1 << 20
+"""A file system with less than this free after a failed write is taken to be full."""
+
+
+def disk_full_error(error: BaseException, staging: Path) -> Optional[CheckpointError]:
+    """The error to report for a checkpoint write that failed because the disk is full (ENOSPC, or torch.save's
+    "unexpected pos" with no space left), or None for any other failure."""
+    full = getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(nearest_existing(staging)).free < FULL_BELOW
+    if not full:
+        return None
+    return CheckpointError(f"no space left on device writing the checkpoint {staging}: free space on that file system "
+                           f"(or set train.keep_checkpoints), then resume from the last complete checkpoint")
+
+
 def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0,
          data_position: Optional[dict] = None, run_record: Optional[dict] = None) -> Path:
     """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones.
@@ -70,11 +87,14 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
     if rank == 0 and (checkpoint_dir / staging).exists():
         shutil.rmtree(checkpoint_dir / staging)
     barrier(world_group())
-    engine.save_checkpoint(str(checkpoint_dir), tag=staging, save_latest=False,
-                           client_state=client_state(step, consumed_samples, optimizer_param_names(engine)))
-    rng_dir = checkpoint_dir / staging / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_states(), rng_dir / f"rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=staging, save_latest=False,
+                               client_state=client_state(step, consumed_samples, optimizer_param_names(engine)))
+        rng_dir = checkpoint_dir / staging / "rng"
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_states(), rng_dir / f"rank{rank}.pt")
+    except (OSError, RuntimeError) as error:
+        raise disk_full_error(error, checkpoint_dir / staging) or error
     barrier(world_group())
     final = checkpoint_dir / tag
     if rank == 0:
@@ -148,8 +168,14 @@ def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list
     that wrote it, whose cosine ended at its own train.steps (a resume with a larger train.steps, or another
     optim.lr, would start at that lr). The lr is then a function of the config and the step alone."""
     scheduler.base_lrs = list(base_lrs)
+    saved = scheduler.optimizer.param_groups[0]["lr"]
     for group, multiplier, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, base_lrs):
         group["lr"] = base * multiplier(scheduler.last_epoch)
+    now = scheduler.optimizer.param_groups[0]["lr"]
+    if not math.isclose(saved, now, rel_tol=1e-6) and global_rank() == 0:
+        log.warning(f"the LR schedule differs from the checkpoint's (train.steps, optim.lr or the schedule keys "
+                    f"changed): step {scheduler.last_epoch + 1} trains at lr {now:.3e} instead of {saved:.3e}; to keep "
+                    f"the old cosine set optim.decay_steps to its length (docs/CONFIG.md)")
 
 
 def _load_tag(engine, checkpoint_dir: Path, tag: str, topology, model_config) -> int:

@@ -8,6 +8,10 @@ from trainer.config import Config
 from trainer.errors import ConfigError
 
 
+TRAINER_OWNED = ("optimizer", "scheduler")
+"""DeepSpeed JSON sections the trainer replaces with its own (engine/optimizer.py, engine/schedule.py)."""
+
+
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
@@ -18,9 +22,14 @@ def _merge(base: dict, extra: dict) -> dict:
 def read_user_config(path: str | Path) -> dict:
     """The user's DeepSpeed JSON (train.deepspeed_config), checked: present, valid JSON, an object."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"train.deepspeed_config {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"train.deepspeed_config {path} is a directory: point it at a DeepSpeed JSON file") from None
+    except OSError as error:
+        raise ConfigError(f"train.deepspeed_config {path} cannot be read ({error.strerror}): check its "
+                          f"permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"train.deepspeed_config {path} is not valid JSON: {error}") from None
     if not isinstance(value, dict):
@@ -39,6 +48,16 @@ def check_user_config(config: Config, world_size: int) -> None:
         if key in user and user[key] != value:
             raise ConfigError(f"train.deepspeed_config {config.train.deepspeed_config} sets {key}={user[key]!r} but "
                               f"{source} gives {value}: batch sizes come from the YAML; remove {key} from the JSON")
+    for key in TRAINER_OWNED:
+        if key in user:
+            raise ConfigError(f"train.deepspeed_config {config.train.deepspeed_config} has an {key!r} section, which "
+                              f"the trainer would not use: it builds the AdamW optimizer and LR schedule from optim.* "
+                              f"(docs/CONFIG.md); remove {key!r} from the JSON and set optim.* instead")
+    clip = user.get("gradient_clipping", config.optim.grad_clip)
+    if clip != config.optim.grad_clip:
+        raise ConfigError(f"train.deepspeed_config {config.train.deepspeed_config} sets gradient_clipping={clip!r} but "
+                          f"optim.grad_clip is {config.optim.grad_clip}: clipping comes from the YAML (the trainer clips "
+                          f"itself in fp32 without ZeRO); remove gradient_clipping from the JSON and set optim.grad_clip")
 
 
 def effective_zero_stage(requested: int, precision: str, data_parallel: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,8 @@ class Trainer:
             self.step, data_position = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology,
                                                               config.model)
             self.dataset.restore(data_position)
+            if self.rank == 0:
+                print(f"resumed from step {self.step} of {config.train.steps} ({self.checkpoint_dir})", flush=True)
         finetune.start(self.engine, config, self.topology, resumed=config.train.resume)
         if nan_steps:
             module = self.engine.module
@@ -179,7 +182,7 @@ class Trainer:
         return run_record(self.config.model, {"tp": t.tp, "pp": t.pp, "dp": t.dp}, self.owned.tokenizer_sha256)
 
     def _log(self, record: dict, progress) -> None:
-        if self.world_size == 1:
+        if not progress.disable:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         elif self.rank == 0 and record["step"] % self.config.train.log_interval == 0:
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
@@ -212,8 +215,9 @@ class Trainer:
 
     def run(self) -> RunResult:
         writer = MetricsWriter(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
+        # A bar for one process on a terminal; log lines otherwise (a file would hold every \r redraw).
         progress = tqdm(total=self.config.train.steps, initial=self.step, desc="train", unit="step",
-                        disable=self.world_size != 1)
+                        disable=self.world_size != 1 or not sys.stderr.isatty())
         losses: list[float] = []
         stopped = False
         with PreemptionHandler() as preemption:

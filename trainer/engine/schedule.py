@@ -7,18 +7,29 @@ from trainer.config import Config
 
 
 def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """Factor on the peak lr for optimizer step `step` (0-based): linear warmup to 1 over
-    warmup_steps, then cosine from 1 to min_ratio over decay_steps, then min_ratio."""
+    """Factor on the peak lr for optimizer step `step` (0-based), Megatron's linear warmup and cosine decay
+    evaluated at the count of steps done once this one is (step + 1):
+
+        step < W:          (step + 1) / W                               step W - 1 at the peak
+        W <= step < W + D: min + (1 - min) (1 + cos(pi (step + 1 - W) / D)) / 2   step W + D - 1 at min
+        after:             min
+
+    (W = warmup_steps, D = decay_steps, min = min_ratio): with D = train.steps - W the last step of the run
+    trains at exactly lr * min_lr_ratio."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
+    progress = min(1.0, (step + 1 - warmup_steps) / max(1, decay_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_steps(config: Config) -> int:
+    """optim.decay_steps, or (0) the steps after warmup: the cosine ends on the run's last step."""
+    return config.optim.decay_steps or max(1, config.train.steps - config.optim.warmup_steps)
 
 
 def lr_lambda(config: Config):
     """The LambdaLR function of a run (a closure over the schedule settings)."""
-    optim = config.optim
-    decay = optim.decay_steps or max(1, config.train.steps - optim.warmup_steps)
+    optim, decay = config.optim, decay_steps(config)
     return lambda step: lr_multiplier(step, optim.warmup_steps, decay, optim.min_lr_ratio)
 
 
