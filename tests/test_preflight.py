@@ -41,6 +41,7 @@ def test_an_earlier_run_is_named_by_what_it_left(tmp_path):
 
 
 def test_steps_at_or_below_the_newest_checkpoint_are_refused(tmp_path):
+    (tmp_path / "global_step6").mkdir()
     (tmp_path / "latest").write_text("global_step6")
     check_steps_left(tmp_path, 7)
     with pytest.raises(ConfigError, match="is at step 6, and train.steps=6 is the total"):

@@ -51,7 +51,8 @@ def check_resume_shape(config: Config) -> None:
 
 def check_steps_left(checkpoint_dir: Path, steps: int) -> None:
     """A resume with train.steps (the total) at or below the newest checkpoint's step would do nothing."""
-    step = step_of(resume_tag(checkpoint_dir))
+    tag = resume_tag(checkpoint_dir)
+    step = None if tag is None else step_of(tag)
     if step is not None and step >= steps:
         raise ConfigError(f"the newest checkpoint in {checkpoint_dir} is at step {step}, and "
                           f"train.steps={steps} is the total to train: nothing is left; raise train.steps "
