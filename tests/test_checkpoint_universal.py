@@ -64,8 +64,9 @@ def test_bf16_without_zero_resumes_its_weights(tmp_path):
     straight, resumed = ([r["loss"] for r in metrics(tmp_path / name)] for name in ("straight", "resumed"))
     assert "Adam moments start from zero" in log
     torch.testing.assert_close(torch.tensor(resumed[:3]), torch.tensor(straight[:3]), rtol=1e-3, atol=0)
-    # fresh moments change the first step after the resume, but far less than undoing two steps would
-    assert abs(resumed[3] - straight[3]) < (straight[0] - straight[3]) / 4, (resumed, straight)
+    # fresh moments change the first step after the resume; a master copy left at the initial weights would undo
+    # the first two steps, putting step 4 near step 2's loss: it must be nearer the straight run's
+    assert abs(resumed[3] - straight[3]) < abs(resumed[3] - straight[1]) / 1.5, (resumed, straight)
 
 
 def test_bf16_plain_engine_resumes_whole(tmp_path):
