@@ -10,7 +10,7 @@ The config is resolved and validated once, here, before any rank starts: the YAM
 offload_optimizer, offload_params, chosen whatever the YAML says (the YAML's micro-batch is kept when it
 fits, and a line says so when it is not); --tp / --pp / --micro-batch /
 --recompute-interval, or those keys in a `--set` after `--`, fix them instead), checked with the data, the run
-directory and the disk by trainer/preflight.py. It is written to run_dir/launch_config.yaml and every rank
+directory and the disk by trainer/tools/preflight.py. It is written to run_dir/launch_config.yaml and every rank
 starts with `glm-train --resolved-config` that file: all ranks read the same resolved config and validate
 nothing again. A restart resolves it anew (the devices, hence the plan, may have changed).
 """
@@ -33,7 +33,7 @@ from trainer.config import Config, config_yaml, load_config, parse_override, wit
 from trainer.engine.rendezvous import free_port
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
 from trainer.paths import temporary_beside
-from trainer.preflight import check_outside
+from trainer.tools.preflight import check_outside
 
 _LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
                 "recompute_interval": "recompute_interval"}

@@ -23,10 +23,10 @@ TINY_EXPORT_TEXTS = ["the cat sat on the mat. the dog sat on the log."] * 20
 def commands() -> dict[str, Callable[[list[str]], int]]:
     from launch.cli import main as launch
     from trainer.bench import main as bench
-    from trainer.checkpoint.cli import main as ckpt
+    from trainer.tools.ckpt import main as ckpt
     from trainer.data.prep import main as prep
-    from trainer.evaluate import main as evaluate
-    from trainer.generate import main as generate
+    from trainer.tools.evaluate import main as evaluate
+    from trainer.tools.generate import main as generate
     from trainer.train import main as train
 
     return {"glm-prep": prep, "glm-train": train, "glm-launch": launch, "glm-ckpt": ckpt, "glm-generate": generate,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoint_helpers import VOCAB, tiny_config
-from trainer.checkpoint.cli import main as glm_ckpt
+from trainer.tools.ckpt import main as glm_ckpt
 from trainer.checkpoint.convert import convert_checkpoint
 from trainer.checkpoint.export import write_export
 from trainer.model import GLMModel

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from tests.checkpoint_helpers import OVERRIDES, VOCAB, build_engine, glm_inputs, perturb_, tiny_config
 from tests.distributed import run_distributed
-from trainer.checkpoint.cli import main as glm_ckpt
+from trainer.tools.ckpt import main as glm_ckpt
 from trainer.checkpoint.layout import merge_states, shard_state
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.checkpoint.pipeline_files import (canonical_name, layer_file, layers_with_files, read_layout,

@@ -5,7 +5,7 @@ import json
 import torch
 
 from tests.checkpoint_helpers import VOCAB, glm_inputs, perturb_, tiny_config
-from trainer.checkpoint.cli import main as glm_ckpt
+from trainer.tools.ckpt import main as glm_ckpt
 from trainer.checkpoint.convert import convert_checkpoint
 from trainer.checkpoint.export import read_export, write_export
 from trainer.checkpoint.manifest import write_manifest

@@ -17,7 +17,7 @@ from trainer.checkpoint.export import write_export
 from trainer.checkpoint.layout import merge_states
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.errors import CheckpointError
-from trainer.decoding import continue_causal
+from trainer.tools.decoding import continue_causal
 from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMModel
 from trainer.model.mask import segments_of_sep

@@ -3,7 +3,7 @@ or altered file is named; and the offline tools refuse a checkpoint whose manife
 import pytest
 
 from tests.test_checkpoint_export import _model_and_weights
-from trainer.checkpoint.cli import main as glm_ckpt
+from trainer.tools.ckpt import main as glm_ckpt
 from trainer.checkpoint.convert import convert_checkpoint
 from trainer.checkpoint.export import write_export
 from trainer.checkpoint.manifest import verify, write_manifest

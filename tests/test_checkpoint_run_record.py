@@ -9,13 +9,13 @@ import shutil
 import pytest
 
 from tests.glm_processes import REPO, TINY, metrics, run_train, train_args
-from trainer.checkpoint.cli import main as glm_ckpt
+from trainer.tools.ckpt import main as glm_ckpt
 from trainer.checkpoint.export import read_export
 from trainer.checkpoint.run_record import sha256
 from trainer.config import load_config
 from trainer.data.dataset import resolve_paths
-from trainer.generate import main as glm_generate
-from trainer.preflight import check_data
+from trainer.tools.generate import main as glm_generate
+from trainer.tools.preflight import check_data
 from trainer.train import main as glm_train
 
 OVERRIDES = ["train.save_interval=1"]

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from tests.checkpoint_helpers import VOCAB, glm_inputs, perturb_
-from trainer.checkpoint.cli import main as glm_ckpt
+from trainer.tools.ckpt import main as glm_ckpt
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.checkpoint.thudm import read_release
 from trainer.errors import ConfigError

@@ -12,7 +12,7 @@ from trainer.checkpoint.run_record import sha256
 from trainer.config import load_config
 from trainer.data.corpus import embedded_paragraphs_corpus
 from trainer.data.packing import build_sequences
-from trainer.preflight import preflight
+from trainer.tools.preflight import preflight
 
 STEPS = 8
 # DeepSpeedCPUAdam (optimizer offload to the host) against the single process's torch AdamW: measured 1.2e-7

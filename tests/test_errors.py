@@ -4,8 +4,8 @@ import importlib
 
 import pytest
 
-COMMANDS = {"glm-train": "trainer.train", "glm-prep": "trainer.data.prep", "glm-generate": "trainer.generate",
-            "glm-eval": "trainer.evaluate", "glm-ckpt": "trainer.checkpoint.cli", "glm-bench": "trainer.bench.cli",
+COMMANDS = {"glm-train": "trainer.train", "glm-prep": "trainer.data.prep", "glm-generate": "trainer.tools.generate",
+            "glm-eval": "trainer.tools.evaluate", "glm-ckpt": "trainer.tools.ckpt", "glm-bench": "trainer.bench.cli",
             "glm-launch": "launch.cli"}
 
 

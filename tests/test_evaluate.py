@@ -6,8 +6,8 @@ import torch
 
 from tests.test_generate import _setup
 from trainer.checkpoint.export import write_export
-from trainer.evaluate import evaluate_cloze, main, score_labels
-from trainer.decoding import encode_prompt, recompute_step
+from trainer.tools.evaluate import evaluate_cloze, main, score_labels
+from trainer.tools.decoding import encode_prompt, recompute_step
 
 VERBALIZERS = {"animal": " cat", "place": " the bush"}  # one and several tokens
 RECORDS = [{"text": "the [MASK] sat on the mat.", "label": "animal"},

@@ -9,14 +9,14 @@ import torch
 from tests.glm_processes import zero_stage_overrides
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.config import load_config
-from trainer.preflight import preflight
+from trainer.tools.preflight import preflight
 from trainer.data.dataset import collate
 from trainer.data.packing import build_sequences
 from trainer.data.prep import main as prep_main
 from trainer.data.tokenizer import load_tokenizer
 from trainer.engine.finetune import is_frozen
 from trainer.engine.loop import pipeline_format
-from trainer.decoding import fill_blanks
+from trainer.tools.decoding import fill_blanks
 from trainer.model import GLMLoss
 
 RECORDS = [("What is the capital of France?", " Paris."), ("Name a primary colour.", " Blue."),

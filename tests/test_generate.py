@@ -1,4 +1,4 @@
-"""glm-generate and its decoding (trainer/decoding.py): the KV-cache path equals recomputing the whole
+"""glm-generate and its decoding (trainer/tools/decoding.py): the KV-cache path equals recomputing the whole
 sequence (logits to 1e-5, same tokens), greedy and top-p, several blanks and [gMASK], and GLM-4's causal format; tp=2 generates what tp=1 does; the
 CLI on an export; GLM-4's chat prompt is the training chat layout's context and the reply stops at a role token."""
 import pytest
@@ -8,9 +8,9 @@ from tests.distributed import run_distributed
 from trainer.checkpoint.export import write_export
 from trainer.checkpoint.model_source import build_model
 from trainer.data.tokenizer import train_tokenizer
-from trainer.decoding import (cached_step, causal_prompt, chat_prompt, continue_causal, encode_prompt, fill_blanks,
+from trainer.tools.decoding import (cached_step, causal_prompt, chat_prompt, continue_causal, encode_prompt, fill_blanks,
                               recompute_step)
-from trainer.generate import main
+from trainer.tools.generate import main
 from trainer.model import GLMModel
 from trainer.model.config import ModelConfig
 
@@ -121,10 +121,10 @@ def test_cli_on_an_export(tmp_path, capsys):
 def test_a_blank_that_never_ends_stops_inside_the_position_table(monkeypatch, use_cache):
     # --max-new-tokens beyond the model's positions: a fill that never samples [eop] stops at the last block
     # position the learned table holds (an IndexError in the embedding before).
-    import trainer.decoding
+    import trainer.tools.decoding
 
     tokenizer, config, model, _ = _setup()
-    monkeypatch.setattr(trainer.decoding, "sample", lambda *args: 7)
+    monkeypatch.setattr(trainer.tools.decoding, "sample", lambda *args: 7)
     _, spans = fill_blanks(model, tokenizer, "the cat [MASK] on the [MASK].", config.max_sequence_length,
                            config.vocab_size, max_new_tokens=1000, use_cache=use_cache)
     assert [len(span) for span in spans] == [config.max_sequence_length - 1] * 2
@@ -168,14 +168,14 @@ def test_chat_prompt_is_the_training_chat_layout_up_to_the_reply():
 @pytest.mark.parametrize("stop", ["<|endoftext|>", "<|user|>", "<|observation|>"])
 def test_chat_reply_stops_at_the_end_of_text_and_at_role_tokens_and_the_cli_prints_it(stop, monkeypatch, tmp_path,
                                                                                        capsys):
-    import trainer.decoding
+    import trainer.tools.decoding
 
     tokenizer = chat_tokenizer()
     _, config, model, weights = _setup("glm4", tokenizer)
     stop_id = tokenizer.eot_id if stop == "<|endoftext|>" else tokenizer.role_ids[stop]
     assert stop_id in tokenizer.stop_ids
     reply = iter([40, 41, stop_id, 42])
-    monkeypatch.setattr(trainer.decoding, "sample", lambda *args: next(reply))
+    monkeypatch.setattr(trainer.tools.decoding, "sample", lambda *args: next(reply))
     tokenizer.save(tmp_path / "tokenizer.json")
     write_export(weights, config, tmp_path / "export", tmp_path / "tokenizer.json")
     assert main([str(tmp_path / "export"), "--chat", "--text", "a bird in the", "--max-new-tokens", "8"]) == 0

@@ -1,4 +1,4 @@
-"""trainer/harness (the lm-evaluation-harness backend): on a glm-4-debug model trained a few steps and exported
+"""trainer/tools/harness (the lm-evaluation-harness backend): on a glm-4-debug model trained a few steps and exported
 with --format hf, the backend's per-request log-likelihoods on the shipped local tasks equal lm-eval's own `hf`
 backend on the export (1e-4), also at tp=2, and would not without GLM-4's [gMASK] <sop> prefix; on a GLM
 blank-infilling model the cloze (Part B) scores equal the model run directly on samples built by hand from
@@ -20,9 +20,9 @@ from tests.test_generate import TEXTS, _setup
 from trainer.checkpoint import cli as ckpt_cli
 from trainer.checkpoint.export import write_export
 from trainer.data.tokenizer import GMASK, SOP, load_tokenizer
-from trainer.evaluate import main
-from trainer.harness.backend import GLMHarnessLM, default_layout
-from trainer.harness.run import evaluate_tasks, flat_metrics, prepare_tasks
+from trainer.tools.evaluate import main
+from trainer.tools.harness.backend import GLMHarnessLM, default_layout
+from trainer.tools.harness.run import evaluate_tasks, flat_metrics, prepare_tasks
 from trainer.model.mask import segments_of_sep
 
 TASKS, LIMIT = ["glm_lastword", "glm_cloze"], 6

@@ -21,6 +21,11 @@ RULES = [
      "data emits integers (token ids, positions, segment boundaries) and knows nothing above them"),
     ("trainer.checkpoint", ("trainer.engine",), (),
      "checkpoint knows files and weights, the engine the loop: loading into a live engine is trainer/engine/resume.py"),
+    ("trainer.engine", ("trainer.tools", "trainer.bench", "trainer.train"), (),
+     "the engine is the loop around DeepSpeed; the tools (and glm-train) drive it, and hand it what it calls back"),
+    *[(layer, ("trainer.tools", "trainer.bench", "trainer.train"), (), "the tools sit on top of the layers")
+      for layer in ("trainer.parallel", "trainer.model", "trainer.data", "trainer.checkpoint")],
+    ("trainer.tools", ("trainer.bench", "trainer.train"), (), "glm-bench and glm-train are commands above the tools"),
     ("trainer", ("launch",), (), "launch starts the trainer, never the other way round"),
 ]
 

@@ -1,4 +1,4 @@
-"""trainer/preflight.py, function by function: the vocabulary resolved into a new config (the given one is
+"""trainer/tools/preflight.py, function by function: the vocabulary resolved into a new config (the given one is
 left as it was), the run directory's earlier run, the steps left after a checkpoint, the disk space."""
 import shutil
 
@@ -7,7 +7,7 @@ import pytest
 from trainer.config import load_config
 from trainer.errors import ConfigError
 from trainer.checkpoint.run_record import earlier_run
-from trainer.preflight import check_disk_space, check_steps_left, preflight, with_vocab
+from trainer.tools.preflight import check_disk_space, check_steps_left, preflight, with_vocab
 
 CONFIG = "configs/glm-debug.yaml"
 

@@ -148,7 +148,7 @@ def test_resuming_another_model_shape_is_refused_naming_the_keys(capsys, tmp_pat
     assert "model.hidden_size: checkpoint 64, this run 32" in lines[0] and "model.num_layers: checkpoint 4" in lines[0]
     assert "model.ffn_size: checkpoint 256, this run 128" in lines[0]
     assert sorted(p.name for p in (checkpoints / "global_step2").iterdir()) == ["run.json"]
-    from trainer.preflight import check_resume_shape
+    from trainer.tools.preflight import check_resume_shape
 
     same = load_config(CONFIG, ["model.vocab_size=4096", "train.resume=true", f"train.run_dir={tmp_path / 'run'}"])
     check_resume_shape(same)  # the recorded shape: accepted

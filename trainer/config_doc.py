@@ -42,7 +42,7 @@ def markdown() -> str:
 
 NOT_CONFIG = [
     "## Resolved once", "",
-    "glm-train run on its own reads the YAML and its `--set`s and checks the result once (trainer/preflight.py: "
+    "glm-train run on its own reads the YAML and its `--set`s and checks the result once (trainer/tools/preflight.py: "
     "the layout for the world size, the data and tokenizer, which fill `model.vocab_size` when it is 0, the run "
     "directory, the disk). glm-launch does the same once per start, before any rank exists, with its plan "
     "applied, writes the resolved config to `run_dir/launch_config.yaml` and starts every rank with "

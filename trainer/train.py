@@ -4,7 +4,7 @@
 
 Run directly it is the single-device debug mode (CPU or one GPU, no launcher, no environment
 variables). Under the deepspeed launcher (or glm-launch) it reads RANK / WORLD_SIZE / LOCAL_RANK.
-With --config it resolves and validates the config itself (trainer/preflight.py); glm-launch has done that
+With --config it resolves and validates the config itself (trainer/tools/preflight.py); glm-launch has done that
 once for every rank and starts each with --resolved-config instead.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Optional
 from trainer.checkpoint.tags import latest_tag
 from trainer.config import Config, add_config_arguments, load_config
 from trainer.errors import ConfigError, OneLineParser, env_int, exits_on_error
-from trainer.preflight import check_data, check_device, preflight
+from trainer.tools.preflight import check_data, check_device, preflight
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def given_config(args: argparse.Namespace) -> Config:
 
 
 def print_outcome(config: Config, result) -> None:
-    from trainer.engine.demo import show_what_was_learned  # lazy like the engine below: glm-train imports no torch
+    from trainer.tools.demo import show_what_was_learned  # lazy like the engine below: glm-train imports no torch
 
     print(f"metrics:      {result.run_dir / 'metrics.jsonl'}")
     print(f"tensorboard:  tensorboard --logdir {result.run_dir / 'tb'}")
@@ -87,7 +87,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_device(config)
     from trainer.engine.loop import train  # deepspeed is imported only once the config is valid
 
-    result = train(config, restarts=args.restarts)
+    evaluations = None
+    if config.train.eval_tasks:  # lm-evaluation-harness tasks beside the validation loss (an optional extra)
+        from trainer.tools.harness.in_loop import InLoopHarness
+
+        evaluations = InLoopHarness
+    result = train(config, restarts=args.restarts, evaluations=evaluations)
     if result.topology.world_size > 1 and env_int("RANK", 0) != 0:
         return 0
     if result.stopped_by_signal:

@@ -24,7 +24,7 @@ import torch
 
 from trainer.config import Config, add_config_arguments, load_config
 from trainer.errors import ConfigError, GLMError, OneLineParser, env_int, exits_on_error
-from trainer.preflight import check_data
+from trainer.tools.preflight import check_data
 
 MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
                "gpu": "accelerator peak allocated during the engine's warm-up"}

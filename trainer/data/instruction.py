@@ -115,7 +115,7 @@ def kept_prompt_length(prompt_length: np.ndarray | int, response_length: np.ndar
 def chat_turns(tokenizer: GLMTokenizer) -> tuple[list[int], list[int]]:
     """The ids around one turn's prompt in GLM-4's chat layout: (user_turn = [gMASK] <sop> <|user|> \\n,
     assistant_turn = <|assistant|> \\n); the response follows. glm-generate --chat prompts with
-    user_turn + prompt + assistant_turn (trainer/decoding.py)."""
+    user_turn + prompt + assistant_turn (trainer/tools/decoding.py)."""
     roles = tokenizer.role_ids
     if not {"<|user|>", "<|assistant|>"} <= set(roles):
         raise DataError("GLM-4's chat layout needs a GLM-4-style tokenizer with the role tokens <|user|> and "

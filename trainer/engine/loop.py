@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -37,6 +37,9 @@ from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
+
+EvaluationFactory = Callable[..., Callable[[], dict]]
+"""(config, module, tokenizer, tp_group) -> a callable returning an evaluation step's extra metrics."""
 
 log = logging.getLogger("glm.train")
 
@@ -81,9 +84,9 @@ def _memory() -> dict:
 
 class Trainer:
     """Owns the engine, the data position and the outputs of one run. `config` is resolved and validated
-    (trainer/preflight.py); `restarts` is how many times glm-launch restarted the run before this start."""
+    (trainer/tools/preflight.py); `restarts` is how many times glm-launch restarted the run before this start."""
 
-    def __init__(self, config: Config, restarts: int = 0):
+    def __init__(self, config: Config, restarts: int = 0, evaluations: Optional[EvaluationFactory] = None):
         self.config, self.restarts = config, restarts
         nan_steps = injected_nan_steps()  # read before the process group starts: a bad value leaves nothing behind
         self.rank, self.world_size = init_distributed(config.train.collective_timeout_minutes)
@@ -115,15 +118,13 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
         self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
         self.valid = build_sequences(config.data, config.train.seed, split="valid") if config.train.eval_interval else None
-        self.harness = None
-        if config.train.eval_tasks:  # lm-evaluation-harness tasks beside the validation loss (an optional extra)
-            from trainer.harness.in_loop import InLoopHarness
-
-            self.harness = InLoopHarness(config, self.engine.module, self.dataset.tokenizer, self.topology.tp_group)
+        # what evaluates beside the validation loss (train.eval_tasks: the tool layer's lm-evaluation-harness)
+        self.evaluations = evaluations(config, self.engine.module, self.dataset.tokenizer, self.topology.tp_group) \
+            if evaluations is not None else None
 
     def evaluate(self) -> dict:
         """Validation loss (mean over train.eval_batches global batches of the held-out split) and perplexity, and
-        the metrics of train.eval_tasks (trainer/harness/in_loop.py)."""
+        the metrics of train.eval_tasks (trainer/tools/harness/in_loop.py)."""
         config = self.config
         batch_size = config.parallel.global_batch_size
         losses = []
@@ -132,7 +133,8 @@ class Trainer:
                                     config.parallel.micro_batch_size)
             losses.append(float(self.steps.eval_batch(batches, batch_size // self.unit)))
         loss = sum(losses) / len(losses)
-        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0)), **(self.harness() if self.harness else {})}
+        extra = self.evaluations() if self.evaluations else {}
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0)), **extra}
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics record."""
@@ -234,7 +236,9 @@ class Trainer:
                          self.consumed, stopped)
 
 
-def train(config: Config, restarts: int = 0) -> RunResult:
+def train(config: Config, restarts: int = 0, evaluations: Optional[EvaluationFactory] = None) -> RunResult:
     """Train up to config.train.steps optimizer steps in total (resuming if asked); `config` as preflight()
-    returns it."""
-    return Trainer(config, restarts).run()
+    returns it. `evaluations(config, module, tokenizer, tp_group)`, when given, is called once the engine is built
+    and returns what each evaluation step adds to the validation loss's metrics (glm-train passes the
+    lm-evaluation-harness of train.eval_tasks: the engine imports no tool)."""
+    return Trainer(config, restarts, evaluations).run()

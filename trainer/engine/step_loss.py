@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.parallel.cross_entropy import sum_loss_tokens
+from trainer.parallel.comm import sum_count
 from trainer.parallel.topology import Topology
 
 
@@ -26,6 +26,6 @@ def step_normaliser(micro_batches: list[dict], topology: Topology) -> torch.Tens
     """This rank's collated micro-batches of one step -> GLMLoss's normaliser N_step / (GAS * dp), a 0-dim
     fp32 tensor (module docstring). Every rank of the step calls it (a collective over the dp ranks)."""
     local = sum(int(batch["loss_mask"].sum()) for batch in micro_batches)
-    loss_tokens = sum_loss_tokens(local, topology.dp_group)
+    loss_tokens = sum_count(local, topology.dp_group)
     # GAS * dp: undoes DeepSpeed's mean over the micro-batches and the data-parallel ranks.
     return torch.tensor(loss_tokens / (len(micro_batches) * topology.dp), dtype=torch.float32)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 Group = Optional[dist.ProcessGroup]
 
@@ -52,6 +53,16 @@ def mean_over_(tensor: torch.Tensor, group: Group) -> torch.Tensor:
         dist.all_reduce(tensor, group=group)
         tensor /= size
     return tensor
+
+
+def sum_count(count: int, group: Group) -> int:
+    """The sum of an integer over the group's ranks (e.g. a step's loss tokens over the data-parallel ranks),
+    read back on the host."""
+    if group_size(group) == 1:
+        return count
+    total = torch.tensor([count], dtype=torch.long, device=get_accelerator().current_device_name())
+    dist.all_reduce(total, group=group)
+    return int(total.item())
 
 
 def any_rank(flag: bool, device: torch.device | str, group: Group) -> bool:

@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.accelerator import get_accelerator
 
 from trainer.parallel.mappings import Group, group_rank, group_size
 
@@ -106,13 +105,3 @@ def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tenso
     """sum(l * m) / sum(m) over all tokens; 0 (not nan) when the mask is empty."""
     mask = loss_mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp_min(torch.finfo(per_token.dtype).tiny)
-
-
-def sum_loss_tokens(count: int, group: Group) -> int:
-    """The loss tokens of every rank of `group` (the data-parallel ranks of one optimizer step):
-    forward: sum of each rank's count; no backward (a count, read on the host)."""
-    if group_size(group) == 1:
-        return count
-    total = torch.tensor([count], dtype=torch.long, device=get_accelerator().current_device_name())
-    dist.all_reduce(total, group=group)
-    return int(total.item())

@@ -28,7 +28,7 @@ from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.thudm import is_release, read_release
 from trainer.errors import CheckpointError, ConfigError, OneLineParser, exits_on_error
 from trainer.paths import overlap, staged_directory, uncreatable_directory
-from trainer.source_args import add_source_arguments, given_model_config, tokenizer_path
+from trainer.tools.source_args import add_source_arguments, given_model_config, tokenizer_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,4 +1,4 @@
-"""The documents of the shipped local tasks (trainer/harness/tasks/*.yaml), built from text every CPython
+"""The documents of the shipped local tasks (trainer/tools/harness/tasks/*.yaml), built from text every CPython
 ships: the prose sentences of the Python language reference (`pydoc_data.topics`, the embedded training corpus
 of configs/glm-debug.yaml: a model trained on it has seen these sentences, so its scores measure fit, not
 generalisation). The same documents on every run and machine: no download, no randomness.

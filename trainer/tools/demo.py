@@ -22,7 +22,7 @@ from trainer.data.dataset import collate
 from trainer.data.packing import OneSamplePerRow, SampleDataset, build_sequences
 from trainer.data.prep import describe_row
 from trainer.engine.loop import pipeline_format
-from trainer.decoding import continue_causal, fill_blanks
+from trainer.tools.decoding import continue_causal, fill_blanks
 from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 ROWS_SEARCHED = 32

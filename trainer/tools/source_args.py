@@ -15,7 +15,7 @@ from trainer.engine.distributed import init_distributed
 from trainer.errors import ConfigError, env_int
 from trainer.model.config import ModelConfig
 from trainer.parallel.topology import Topology
-from trainer.preflight import check_data
+from trainer.tools.preflight import check_data
 
 SOURCE_HELP = ("a run directory, its checkpoints/ or a global_stepN directory, an export, a THUDM/GLM release or a "
                "transformers glm / chatglm directory")

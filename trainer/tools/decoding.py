@@ -1,6 +1,6 @@
 """Decoding with GLM: blank infilling and GLM-4's left-to-right continuation, with a per-block KV cache or by
 recomputing the whole sequence (the same tokens either way), greedy or top-p. The computations of glm-generate
-(trainer/generate.py, the command), glm-eval and the main job's demo.
+(trainer/tools/generate.py, the command), glm-eval and the main job's demo.
 
 Blank infilling: Part A = [CLS] + the text, each [MASK] / [sMASK] / [gMASK] marker one mask token (a text
 without a marker gets [gMASK] appended: continue after it). Part A positions 0..sep-1, block positions 0. The

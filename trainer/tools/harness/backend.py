@@ -1,16 +1,16 @@
 """An lm-evaluation-harness model backend on a GLMModel: any source glm-eval reads, at any tensor-parallel size,
-or the live model of a training run (trainer/harness/in_loop.py).
+or the live model of a training run (trainer/tools/harness/in_loop.py).
 
     lm = GLMHarnessLM.from_source("runs/glm-4-debug")              # or GLMHarnessLM(model, tokenizer, config)
     lm_eval.simple_evaluate(model=lm, tasks=["glm_lastword"], task_manager=task_manager(None))
 
-- loglikelihood: the continuation scored in the model's layout (trainer/harness/scoring.py): `causal` left to
+- loglikelihood: the continuation scored in the model's layout (trainer/tools/harness/scoring.py): `causal` left to
   right after [gMASK] <sop>, or `blank`, GLM's cloze method (the context bidirectional as Part A, the continuation
   as Part B). The default is `causal` for a model of GLM-4's architecture (one transformers' glm can express)
   and `blank` otherwise (GLM, GLM-130B, ChatGLM-6B); `layout=` chooses.
 - loglikelihood_rolling: the text in disjoint windows (lm-eval's own rolling windows, one token of context
   between windows), each scored as a continuation; in the blank layout behind [gMASK] (GLM's language modelling).
-- generate_until: greedy (or, with do_sample, seeded top-p) decoding by trainer/decoding.py, causal after
+- generate_until: greedy (or, with do_sample, seeded top-p) decoding by trainer/tools/decoding.py, causal after
   [gMASK] <sop> or as the fill of a [gMASK] blank, cut at the first `until` string.
 
 Requests are batched by length (longest first; the same batches for the same requests, so the same numbers),
@@ -30,9 +30,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from trainer.decoding import continue_causal, fill_blanks
+from trainer.tools.decoding import continue_causal, fill_blanks
 from trainer.errors import ConfigError
-from trainer.harness.scoring import LAYOUTS, lay_out, score_samples
+from trainer.tools.harness.scoring import LAYOUTS, lay_out, score_samples
 from trainer.model.config import ModelConfig
 
 MASK_TOKENS = ("[MASK]", "[gMASK]")
@@ -81,11 +81,11 @@ class GLMHarnessLM(LM):
 
     @classmethod
     def from_args(cls, args, **options) -> "GLMHarnessLM":
-        """The backend on the model of the offline tools' source arguments (trainer/source_args.py), on this
+        """The backend on the model of the offline tools' source arguments (trainer/tools/source_args.py), on this
         rank's accelerator (the CPU without one); under a launcher (WORLD_SIZE = tp ranks) each rank holds its
         shard."""
         from trainer.engine.distributed import local_device
-        from trainer.source_args import load_source_model
+        from trainer.tools.source_args import load_source_model
 
         model, config, tokenizer, tp_group = load_source_model(args)
         return cls(model.to(local_device()), tokenizer, config, tp_group, **options)

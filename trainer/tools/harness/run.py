@@ -1,8 +1,8 @@
 """Running lm-evaluation-harness tasks on the backend: which tasks exist (the shipped local ones in
-trainer/harness/tasks/, the user's --include-path, lm-eval's own), the checks that fail before any model is
+trainer/tools/harness/tasks/, the user's --include-path, lm-eval's own), the checks that fail before any model is
 loaded, the evaluation, and its results in lm-eval's own JSON format or as flat metrics for the training log.
 
-The shipped tasks build their documents from text CPython ships (trainer/harness/local_data.py), so they run
+The shipped tasks build their documents from text CPython ships (trainer/tools/harness/local_data.py), so they run
 without a network; lm-eval's own tasks download their datasets on first use.
 """
 from __future__ import annotations

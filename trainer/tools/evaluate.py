@@ -8,7 +8,7 @@ and names its class in "label". A class c with verbalizer tokens v_1..v_m is sco
 its word filling the blank, as GLM's Part B:
     score(c) = sum_j log p(v_j | Part A, [sop], v_<j)      (position id = the mask's, block ids 1..m)
 and the prediction is argmax_c score(c). `--harness TASKS` runs lm-evaluation-harness tasks instead
-(trainer/harness/cli.py, docs/EVALUATION.md). Under a launcher (WORLD_SIZE = tp ranks) the vocabulary-parallel
+(trainer/tools/harness/cli.py, docs/EVALUATION.md). Under a launcher (WORLD_SIZE = tp ranks) the vocabulary-parallel
 logits are gathered before the softmax, so every rank scores the same.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 
 from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error, read_user_text
-from trainer.decoding import encode_prompt, full_vocab_logits
-from trainer.harness.cli import add_harness_arguments, run_harness
-from trainer.source_args import add_source_arguments, load_source_model
+from trainer.tools.decoding import encode_prompt, full_vocab_logits
+from trainer.tools.harness.cli import add_harness_arguments, run_harness
+from trainer.tools.source_args import add_source_arguments, load_source_model
 from trainer.model.mask import segments_of_sep
 
 

@@ -1,6 +1,6 @@
 """glm-generate: fill every [MASK] of a text, or continue it after [gMASK], with GLM's blank infilling; continue
 it left to right in GLM-4's format (--causal); or reply to it as one user turn of GLM-4's chat (--chat). The
-decoding itself is trainer/decoding.py.
+decoding itself is trainer/tools/decoding.py.
 
     glm-generate SOURCE --text "The capital of France is [MASK]." [--top-p 0.9 --seed 0] [--max-new-tokens 32]
     glm-generate SOURCE --causal --text "Once upon a time"
@@ -21,9 +21,9 @@ import os
 import sys
 from typing import Optional
 
-from trainer.decoding import causal_prompt, chat_prompt, continue_causal, fill_blanks
+from trainer.tools.decoding import causal_prompt, chat_prompt, continue_causal, fill_blanks
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
-from trainer.source_args import add_source_arguments, load_source_model
+from trainer.tools.source_args import add_source_arguments, load_source_model
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-generate", description=__doc__,

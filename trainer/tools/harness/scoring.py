@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.decoding import full_vocab_logits
+from trainer.tools.decoding import full_vocab_logits
 from trainer.errors import DataError
 from trainer.model.mask import segments_of_sep
 

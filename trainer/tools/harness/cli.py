@@ -1,4 +1,4 @@
-"""glm-eval SOURCE --harness TASKS: lm-evaluation-harness tasks on any checkpoint (trainer/evaluate.py parses the
+"""glm-eval SOURCE --harness TASKS: lm-evaluation-harness tasks on any checkpoint (trainer/tools/evaluate.py parses the
 command line and hands over here).
 
     glm-eval runs/glm-4-debug --harness glm_lastword,glm_cloze --output scores.json
@@ -41,8 +41,8 @@ def run_harness(args: argparse.Namespace) -> int:
         raise ConfigError("glm-eval --harness needs lm-evaluation-harness: pip install -e '.[eval]'") from None
     from lm_eval.utils import make_table
 
-    from trainer.harness.backend import GLMHarnessLM
-    from trainer.harness.run import check_output, evaluate_tasks, prepare_tasks, write_results
+    from trainer.tools.harness.backend import GLMHarnessLM
+    from trainer.tools.harness.run import check_output, evaluate_tasks, prepare_tasks, write_results
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size and --limit must be >= 1")

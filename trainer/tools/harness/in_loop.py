@@ -25,8 +25,8 @@ class InLoopHarness:
             from trainer.errors import ConfigError
 
             raise ConfigError("train.eval_tasks needs lm-evaluation-harness: pip install -e '.[eval]'") from None
-        from trainer.harness.backend import GLMHarnessLM
-        from trainer.harness.run import prepare_tasks
+        from trainer.tools.harness.backend import GLMHarnessLM
+        from trainer.tools.harness.run import prepare_tasks
 
         train = config.train
         self.names = list(train.eval_tasks)
@@ -37,7 +37,7 @@ class InLoopHarness:
     def __call__(self) -> dict[str, float]:
         """{"harness/TASK/METRIC": value} of one evaluation of every task ({} on a rank with LOCAL_RANK > 0, which
         scores every request too: its tensor collectives need it)."""
-        from trainer.harness.run import evaluate_tasks, flat_metrics
+        from trainer.tools.harness.run import evaluate_tasks, flat_metrics
 
         results = evaluate_tasks(self.lm, self.names, self.manager, self.limit)
         if results is None:  # lm-eval returns the results on LOCAL_RANK 0 only; global rank 0 writes the metrics
