@@ -31,7 +31,7 @@ import torch
 from trainer.checkpoint.ds_format import client_state
 from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
-from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, tag_for
+from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, resume_order, tag_for
 from trainer.engine.resume import load_any_layout
 from trainer.errors import CheckpointError
 from trainer.paths import nearest_existing
@@ -115,19 +115,6 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
     return final
 
 
-def resume_order(checkpoint_dir: Path) -> list[str]:
-    """Checkpoint tags in the order a resume tries them: the one `latest` names first, then the others newest
-    first. A `latest` naming a tag that is not there (a crash or a hand edit) is passed over."""
-    candidates = list_tags(checkpoint_dir)
-    named = latest_names(checkpoint_dir)
-    return [named] + [t for t in candidates if t != named] if named in candidates else candidates
-
-
-def latest_names(checkpoint_dir: Path) -> Optional[str]:
-    latest = checkpoint_dir / "latest"
-    return latest.read_text(errors="replace").strip() if latest.is_file() else None
-
-
 def choose_tag(checkpoint_dir: Path) -> str:
     """The newest checkpoint that verifies, agreed by all ranks (rank 0 decides)."""
     choice: list = [None]
@@ -135,7 +122,7 @@ def choose_tag(checkpoint_dir: Path) -> str:
         candidates = resume_order(checkpoint_dir)
         named = latest_tag(checkpoint_dir)
         if named is not None and named not in candidates:
-            log.warning(f"warning: {checkpoint_dir / 'latest'} names {named!r}, which is not a checkpoint there; "
+            log.warning(f"warning: {checkpoint_dir / LATEST} names {named!r}, which is not a checkpoint there; "
                         f"resuming from the newest complete one instead")
         for number, tag in enumerate(candidates):
             problem = verify(checkpoint_dir / tag)
