@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from tests.distributed import run_distributed
-from trainer.checkpoint import cli, hf
+from trainer.checkpoint import hf
+from trainer.tools import ckpt as cli
 from trainer.checkpoint.export import write_export
 from trainer.checkpoint.layout import merge_states
 from trainer.checkpoint.model_source import build_model, read_weights

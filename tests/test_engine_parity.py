@@ -183,7 +183,7 @@ def test_resume_across_engines_continues_the_same_curve(reference, tmp_path, fir
 def _check_exports_of_both_engines(checkpoints, out):
     """glm-ckpt export reads the files of either engine (ZeRO-3 partitions or pipeline layer files) to the
     weights the resumed run loaded from them."""
-    from trainer.checkpoint import cli
+    from trainer.tools import ckpt as cli
     from trainer.checkpoint.export import read_export
     from trainer.checkpoint.model_source import read_weights
 
@@ -249,7 +249,7 @@ def test_glm4_debug_at_tp2_pp2_matches_single_process_and_exports_to_transformer
     gives the trainer's logits."""
     import transformers
 
-    from trainer.checkpoint import cli
+    from trainer.tools import ckpt as cli
     from trainer.checkpoint.model_source import build_model, read_weights
     from trainer.model.mask import segments_of_sep
 

@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance
 from tests.distributed import run_distributed
 from tests.glm_processes import REPO, run_train, start_ranks, tiny_overrides, wait_all
 from tests.test_generate import TEXTS, _setup
-from trainer.checkpoint import cli as ckpt_cli
+from trainer.tools import ckpt as ckpt_cli
 from trainer.checkpoint.export import write_export
 from trainer.data.tokenizer import GMASK, SOP, load_tokenizer
 from trainer.tools.evaluate import main
