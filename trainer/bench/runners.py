@@ -16,9 +16,9 @@ from trainer.bench.batches import MicroBatch
 from trainer.config import Config
 from trainer.engine.build import build_engine
 from trainer.engine.optimizer import build_optimizer
+from trainer.engine.plain import GLMTrainModel
 from trainer.engine.schedule import lr_lambda
 from trainer.errors import ConfigError
-from trainer.model import GLMLoss, GLMModel
 from trainer.parallel.random import recompute
 from trainer.parallel.topology import Topology
 
@@ -75,32 +75,18 @@ class PlainLoop:
         return float(total)
 
 
-def run_blocks(layers: list[torch.nn.Module], activations: tuple, interval: int) -> tuple:
-    """The blocks in order; with interval k > 0 each chunk of k blocks is recomputed in backward
-    (trainer.parallel.random.checkpoint), as the pipeline engine's recompute_interval does."""
-    if not interval:
-        for layer in layers:
-            activations = layer(activations)
-        return activations
-    for start in range(0, len(layers), interval):
-        activations = recompute(torch.nn.Sequential(*layers[start:start + interval]), activations)
-    return activations
-
-
 def bare_loop_runner(config: Config, batches: list[MicroBatch], device: torch.device | str) -> PlainLoop:
-    """GLMModel + GLMLoss + AdamW without DeepSpeed."""
-    model = GLMModel(config.model, None, config.train.seed).to(device, compute_dtype(config))
-    loss_fn, interval = GLMLoss(config.model), config.parallel.recompute_interval
-    layers = list(model.transformer["layers"])
+    """The plain engine's module (GLMTrainModel: the model's one composition, its loss and activation
+    recomputation) + AdamW, without DeepSpeed: what the engine costs is the difference."""
+    model = GLMTrainModel(config.model, None, config.train.seed, config.parallel.recompute_interval,
+                          recompute).to(device, compute_dtype(config))
     if config.model.compile:  # piece by piece, as DeepSpeed's PipelineModule.compile does
-        for piece in (model.embedding, *layers, model.transformer["final_layernorm"]):
+        for piece in (model.embedding, *model.transformer["layers"], model.transformer["final_layernorm"]):
             piece.compile()
 
     def loss_of(micro_batch: MicroBatch) -> torch.Tensor:
         inputs, targets = micro_batch
-        activations = run_blocks(layers, model.embedding(inputs), interval)
-        hidden = model.transformer["final_layernorm"](activations)
-        return loss_fn((hidden, model.embedding.word_embeddings.weight), targets)  # as the pipeline's last stage
+        return model(inputs, targets)
 
     return PlainLoop(model, loss_of, config, batches)
 
