@@ -1,6 +1,7 @@
 """glm-train run directly, as the README's first command does (shortened): it trains, says where its
 outputs went, the held-out perplexity beside a unigram baseline's, and blanks of held-out samples filled by
 the model; --print-model prints the closed-form count."""
+import re
 import signal
 import subprocess
 import sys
@@ -9,14 +10,18 @@ from tests.glm_processes import REPO, _env, metrics, run_train, train_args, wait
 
 
 def test_single_process_main_job(tmp_path):
-    result = run_train(train_args(tmp_path / "run", 3))
+    result = run_train(train_args(tmp_path / "run", 3, "train.eval_interval=3"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"metrics:      {tmp_path / 'run' / 'metrics.jsonl'}" in result.stdout
     assert f"tensorboard --logdir {tmp_path / 'run' / 'tb'}" in result.stdout
     assert f"checkpoint:   {tmp_path / 'run' / 'checkpoints' / 'global_step3'}" in result.stdout
     assert "blank-infilling demo (held-out sample" in result.stdout and "[MASK]" in result.stdout
     assert "held-out perplexity (" in result.stdout and "unigram baseline" in result.stdout
-    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    records = metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # one held-out perplexity: the demo's, from the checkpoint read back, is the run's last valid_ppl
+    shown = float(re.search(r"held-out perplexity \(.*\): model ([0-9.]+),", result.stdout).group(1))
+    assert abs(shown - records[-1]["valid_ppl"]) <= 0.05 + 1e-4 * shown, (shown, records[-1]["valid_ppl"])
     assert "step 3/3 loss" in result.stdout and "\r" not in result.stderr  # not a terminal: lines, not a bar
 
 

@@ -65,6 +65,13 @@ def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None) -> t
     return (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments), target
 
 
+def validation_rows(config: Config) -> range:
+    """The rows of the validation split (build_sequences(..., split="valid")) every evaluation scores: the first
+    train.eval_batches global batches, always the same ones. valid_loss / valid_ppl and the end-of-run demo's
+    held-out perplexity are the mean NLL over all their loss tokens, so the two agree at the same step."""
+    return range(config.train.eval_batches * config.parallel.global_batch_size)
+
+
 def micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topology: Topology,
                   micro_batch_size: int) -> list[tuple]:
     """The micro-batches of one optimizer step on this rank, in DeepSpeed's pipeline format, their loss
@@ -123,16 +130,18 @@ class Trainer:
             if evaluations is not None else None
 
     def evaluate(self) -> dict:
-        """Validation loss (mean over train.eval_batches global batches of the held-out split) and perplexity, and
-        the metrics of train.eval_tasks (trainer/tools/harness/in_loop.py)."""
+        """Validation loss and perplexity over the rows validation_rows() names, pooled over their loss tokens,
+        and the metrics of the in-loop evaluations (train.eval_tasks)."""
         config = self.config
-        batch_size = config.parallel.global_batch_size
-        losses = []
+        batch_size, grad_accum = config.parallel.global_batch_size, config.parallel.global_batch_size // self.unit
+        nll = tokens = 0.0
         for index in range(config.train.eval_batches):
-            batches = micro_batches(self.valid, index * batch_size, batch_size // self.unit, self.topology,
+            batches = micro_batches(self.valid, index * batch_size, grad_accum, self.topology,
                                     config.parallel.micro_batch_size)
-            losses.append(float(self.steps.eval_batch(batches, batch_size // self.unit)))
-        loss = sum(losses) / len(losses)
+            loss_tokens = float(batches[0][1][2]) * grad_accum * self.topology.dp  # N = normaliser * GAS * dp
+            nll += float(self.steps.eval_batch(batches, grad_accum)) * loss_tokens  # the batch's token mean * N
+            tokens += loss_tokens
+        loss = nll / tokens
         extra = self.evaluations() if self.evaluations else {}
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0)), **extra}
 

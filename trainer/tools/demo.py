@@ -6,7 +6,8 @@ decoded exactly as glm-generate does.
 
 The unigram baseline is what a model that learned only token frequencies would score: the frequencies of the
 target tokens of the training rows the run consumed, add-one smoothed over the true vocabulary. Both
-perplexities are exp(mean NLL) over every Part B target token of the same held-out samples.
+perplexities are exp(mean NLL) over every loss token of the validation rows an evaluation scores
+(engine/loop.py validation_rows: the model's is the run's last valid_ppl when train.eval_interval logs one).
 """
 from __future__ import annotations
 
@@ -21,14 +22,12 @@ from trainer.config import Config
 from trainer.data.dataset import collate
 from trainer.data.packing import OneSamplePerRow, SampleDataset, build_sequences
 from trainer.data.prep import describe_row
-from trainer.engine.loop import pipeline_format
+from trainer.engine.loop import pipeline_format, validation_rows
 from trainer.tools.decoding import continue_causal, fill_blanks
 from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 ROWS_SEARCHED = 32
 """The demo shows the row with the most samples among the first ROWS_SEARCHED training rows."""
-HELD_OUT_SAMPLES = 256
-"""Held-out samples scored (the first ones of the validation split)."""
 BLANKS_SHOWN = 3
 BATCH = 16
 
@@ -54,12 +53,13 @@ def unigram_log_probs(rows: OneSamplePerRow, consumed: int, vocab_size: int) -> 
     return np.log(counts / counts.sum())
 
 
-def held_out_perplexities(model, valid: OneSamplePerRow, unigram: np.ndarray, vocab_size: int) -> tuple[float, float, int]:
-    """(model perplexity, unigram perplexity, target tokens) over the first HELD_OUT_SAMPLES held-out samples."""
+def held_out_perplexities(model, valid: OneSamplePerRow, rows: range, unigram: np.ndarray,
+                          vocab_size: int) -> tuple[float, float, int]:
+    """(model perplexity, unigram perplexity, loss tokens) over the validation rows `rows`."""
     model_nll = unigram_nll = 0.0
-    tokens, scored = 0, min(HELD_OUT_SAMPLES, len(valid.samples))
-    for first in range(0, scored, BATCH):
-        batch = collate([valid[row] for row in range(first, min(first + BATCH, scored))])
+    tokens = 0
+    for first in range(rows.start, rows.stop, BATCH):
+        batch = collate([valid[row] for row in range(first, min(first + BATCH, rows.stop))])
         inputs, (labels, loss_mask) = pipeline_format(batch)
         with torch.no_grad():
             per_token = vocab_parallel_cross_entropy(model(*inputs), labels, None, vocab_size=vocab_size)  # [b, s]
@@ -112,12 +112,13 @@ def show_what_was_learned(checkpoint_dir: Path, config: Config, rows: OneSampleP
     if config.data.valid_fraction == 0:
         return "\n".join(lines + ["no held-out split (data.valid_fraction is 0): set it to see the model's "
                                   "held-out perplexity and blanks of text it never trained on"])
-    valid = OneSamplePerRow(build_sequences(config.data, config.train.seed, split="valid").samples,
-                            config.data.seq_length)
+    scored = build_sequences(config.data, config.train.seed, split="valid")  # the rows the loop evaluates
+    valid = OneSamplePerRow(scored.samples, config.data.seq_length)
     unigram = unigram_log_probs(rows, consumed, model_config.vocab_size)
-    ppl, unigram_ppl, tokens = held_out_perplexities(model, valid, unigram, model_config.vocab_size)
-    lines.append(f"held-out perplexity ({min(HELD_OUT_SAMPLES, len(valid.samples))} validation samples, {tokens} "
-                 f"target tokens): model {ppl:.1f}, unigram baseline {unigram_ppl:.1f} (token frequencies of the "
+    held_out = validation_rows(config)
+    ppl, unigram_ppl, tokens = held_out_perplexities(model, scored, held_out, unigram, model_config.vocab_size)
+    lines.append(f"held-out perplexity ({len(held_out)} validation rows, {tokens} loss tokens; valid_ppl in "
+                 f"metrics.jsonl): model {ppl:.1f}, unigram baseline {unigram_ppl:.1f} (token frequencies of the "
                  f"{consumed} training rows, add-one smoothed)")
     shape = (model_config.max_sequence_length, model_config.vocab_size)
     for index in mask_samples(valid.samples, BLANKS_SHOWN):
