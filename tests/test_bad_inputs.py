@@ -71,7 +71,7 @@ CASES = [
     ("glm-launch", "hostfile line without slots", ["--config", CONFIG, "--hostfile", "<bad_hostfile>", "--dry-run"],
      "slots="),
     ("glm-launch", "--config after --", ["--config", CONFIG, "--nproc", "2", "--", "--config", CONFIG],
-     "give --config to glm-launch, not after"),
+     "give --config to glm-launch, not --config"),
     ("glm-launch", "tp that divides no head count", ["--config", CONFIG, "--nproc", "3", "--tp", "3", "--dry-run"],
      "tp"),
     ("glm-launch", "no device option on a machine without GPUs", ["--config", CONFIG], "pass --nproc N"),

@@ -8,8 +8,8 @@ from trainer.parallel.comm import (any_rank, barrier, broadcast_object, global_r
                                    mean_over_, sum_over_, world_group)
 
 
-def test_without_process_groups_every_verb_is_the_identity():
-    assert not dist.is_initialized()
+def test_without_process_groups_every_verb_is_the_identity(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # as in a process that never started one
     assert world_group() is None and global_rank() == 0 and group_size(None) == 1 and group_rank(None) == 0
     x = torch.tensor([1.5, -2.0])
     assert sum_over_(x, None) is x and torch.equal(x, torch.tensor([1.5, -2.0]))

@@ -31,6 +31,7 @@ import torch
 from trainer.data.instruction import chat_turns
 from trainer.errors import DataError
 from trainer.model.mask import segments_of_sep
+from trainer.model.output import vocab_parallel_logits
 from trainer.parallel.mappings import gather_from_tp
 
 MARKERS = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
@@ -53,10 +54,17 @@ def encode_prompt(text: str, tokenizer) -> tuple[list[int], list[int]]:
     return part_a, masks
 
 
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """The output head's hand-over (hidden [..., h], this rank's output weight) -> fp32 logits over the true
+    vocabulary [..., V], gathered over tp ranks."""
+    return gather_from_tp(vocab_parallel_logits(hidden, weight, tp_group), tp_group)[..., :vocab_size].float()
+
+
 def full_vocab_logits(model, inputs: tuple, vocab_size: int, tp_group, kv_caches=None) -> torch.Tensor:
-    """GLMModel on (ids, position ids, block position ids [b, s], segments [b, 2, s]), with its KV caches if
-    given -> fp32 logits over the true vocabulary [b, s, V], gathered over tp ranks."""
-    return gather_from_tp(model(*inputs, kv_caches=kv_caches), tp_group)[..., :vocab_size].float()
+    """The model's pieces (GLMModel, or the engine's GLMTrainModel in the loop) on (ids, position ids, block
+    position ids [b, s], segments [b, 2, s]), with its KV caches if given -> fp32 logits over the true vocabulary
+    [b, s, V], gathered over tp ranks."""
+    return vocab_logits(*model.head_inputs(inputs, kv_caches), vocab_size, tp_group)
 
 
 def _inputs(model, ids: list[int], positions: list[int], blocks: list[int], sep: int) -> tuple:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.tools.decoding import full_vocab_logits
+from trainer.tools.decoding import vocab_logits
 from trainer.errors import DataError
 from trainer.model.mask import segments_of_sep
 
@@ -88,13 +88,10 @@ def score_samples(model, samples: list[Sample], pad_id: int, vocab_size: int,
     """(sum of the targets' log-probabilities, whether every target is the argmax) of each sample, in one forward
     of the batch; the logits are computed (and gathered over tensor ranks) only at the scored positions."""
     device = next(model.parameters()).device
-    activations = model.embedding(collate_samples(samples, pad_id, device))
-    for layer in model.transformer["layers"]:
-        activations = layer(activations)
-    hidden = model.transformer["final_layernorm"](activations)  # [b, s, h]
+    hidden, weight = model.head_inputs(collate_samples(samples, pad_id, device))  # [b, s, h], the head's weight
     rows = torch.tensor([b for b, sample in enumerate(samples) for _ in sample.targets], device=device)
     columns = torch.tensor([sample.first + j for sample in samples for j in range(len(sample.targets))], device=device)
-    logits = full_vocab_logits(model, hidden[rows, columns][None], vocab_size, tp_group)[0]  # [n, V]
+    logits = vocab_logits(hidden[rows, columns], weight, vocab_size, tp_group)  # [n, V]
     log_probs = torch.log_softmax(logits, dim=-1)
     targets = torch.tensor([t for sample in samples for t in sample.targets], device=device)
     picked = log_probs.gather(1, targets[:, None])[:, 0]  # [n]
