@@ -117,8 +117,8 @@ def show_what_was_learned(checkpoint_dir: Path, config: Config, rows: OneSampleP
     unigram = unigram_log_probs(rows, consumed, model_config.vocab_size)
     held_out = validation_rows(config)
     ppl, unigram_ppl, tokens = held_out_perplexities(model, scored, held_out, unigram, model_config.vocab_size)
-    lines.append(f"held-out perplexity ({len(held_out)} validation rows, {tokens} loss tokens; valid_ppl in "
-                 f"metrics.jsonl): model {ppl:.1f}, unigram baseline {unigram_ppl:.1f} (token frequencies of the "
+    lines.append(f"held-out perplexity ({len(held_out)} validation rows, {tokens} loss tokens: what valid_ppl "
+                 f"measures): model {ppl:.1f}, unigram baseline {unigram_ppl:.1f} (token frequencies of the "
                  f"{consumed} training rows, add-one smoothed)")
     shape = (model_config.max_sequence_length, model_config.vocab_size)
     for index in mask_samples(valid.samples, BLANKS_SHOWN):
