@@ -20,7 +20,7 @@ from trainer.checkpoint.run_record import RUN_CONFIG, RUN_TOKENIZER, sha256
 from trainer.config import Config, config_yaml
 from trainer.checkpoint.run_record import earlier_run
 from trainer.errors import ConfigError
-from trainer.parallel.comm import barrier, broadcast_object, global_rank, world_group
+from trainer.parallel.comm import broadcast_object, global_rank, world_group
 
 RUN_LOCK = "run.lock"
 """run_dir/run.lock: locked (flock) by the run that owns the directory; it names its pid and host."""
@@ -83,8 +83,7 @@ def start_run_dir(config: Config, tokenizer: Path) -> RunDir:
             _prepare(config, run_dir, tokenizer)
         except ConfigError as error:
             outcome = str(error)
-    barrier(world_group())
-    outcome = broadcast_object(outcome, world_group())
+    outcome = broadcast_object(outcome, world_group())  # every rank waits here for rank 0's writes
     if outcome is not None:
         if lock is not None:
             lock.release()
