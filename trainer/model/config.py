@@ -18,7 +18,8 @@ GATED_MLPS = ("geglu", "swiglu")
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_size", "vocab_size",
               "max_sequence_length", "position_embedding", "mlp", "norm", "normalization", "add_bias_linear",
-              "add_qkv_bias", "tie_word_embeddings")
+              "add_qkv_bias", "tie_word_embeddings", "qk_norm", "moe_num_experts", "moe_ffn_size",
+              "moe_shared_experts", "moe_first_dense_layers", "mtp_layers")
 """What a checkpoint's tensors are tied to: a resume that changes one of them is refused, naming it."""
 
 
@@ -84,6 +85,38 @@ class ModelConfig:
     """GLM-130B's FP32 softmax with query-key layer scaling (q / (sqrt(d) * c), scores * c in fp32)."""
     compile: bool = False
     """Compile the model with torch.compile (same math, fused kernels; the first steps pay the compile time)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on the queries and keys before RoPE (GLM-4.5; transformers' use_qk_norm)."""
+    moe_num_experts: int = 0
+    """Routed experts E of each mixture-of-experts layer; 0 is a dense model (GLM-4.5: 160, GLM-4.5-Air: 128)."""
+    moe_top_k: int = 8
+    """Experts each token is routed to (transformers' num_experts_per_tok; GLM-4.5: 8). Dropless: every token
+    reaches its k experts."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """SwiGLU width of each routed expert (transformers' moe_intermediate_size; GLM-4.5: 1536, Air: 1408). None:
+    model.ffn_size."""
+    moe_shared_experts: int = 0
+    """Shared experts every token passes through, as one SwiGLU of moe_shared_experts * moe_ffn_hidden_size
+    width (transformers' n_shared_experts; GLM-4.5: 1)."""
+    moe_first_dense_layers: int = 0
+    """The first this-many blocks keep the dense MLP of width model.ffn_hidden_size (transformers'
+    first_k_dense_replace; GLM-4.5: 3, Air: 1)."""
+    moe_routed_scaling: float = 1.0
+    """The routed experts' weights are multiplied by this (transformers' routed_scaling_factor; GLM-4.5: 2.5)."""
+    moe_norm_topk: bool = True
+    """Normalise the chosen experts' sigmoid scores to sum 1 before the scaling (transformers' norm_topk_prob)."""
+    moe_bias_update_rate: float = 0.001
+    """Aux-loss-free balancing: after every optimizer step each expert's score-correction bias moves by this
+    much toward under-loaded experts (+rate below the mean load, -rate above; 0 freezes the bias)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing auxiliary loss (0 in GLM-4.5, which balances by the bias alone)."""
+    moe_z_loss_coeff: float = 0.0
+    """Weight of the router z-loss, mean over tokens of logsumexp(router logits)^2 (0: off)."""
+    mtp_layers: int = 0
+    """Multi-token-prediction layers after the last block (transformers' num_nextn_predict_layers; GLM-4.5: 1):
+    layer 1 predicts token t+2 from the last hidden state at t and the embedding of token t+1."""
+    mtp_loss_weight: float = 0.3
+    """Weight of the MTP layers' mean loss added to the main loss (Megatron-Bridge: 0.3, slime: 0.2)."""
 
     @property
     def head_dim(self) -> int:
@@ -103,6 +136,15 @@ class ModelConfig:
         """Whether tensor-parallel size tp replicates the key/value heads (tp does not divide them, a multiple of
         them: each of the tp / g ranks sharing a head computes it) instead of splitting them."""
         return self.num_kv_heads % tp != 0
+
+    @property
+    def moe_ffn_size(self) -> int:
+        """SwiGLU width of one routed expert."""
+        return self.ffn_size if self.moe_ffn_hidden_size is None else self.moe_ffn_hidden_size
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether block layer_index (0-based) has a mixture-of-experts MLP instead of the dense one."""
+        return self.moe_num_experts > 0 and layer_index >= self.moe_first_dense_layers
 
     @property
     def rotary_dim(self) -> int:
@@ -220,6 +262,25 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.embedding_shrink_alpha <= 1.0:
             raise ConfigError(f"model.embedding_shrink_alpha must be in (0, 1], got {self.embedding_shrink_alpha}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        for name in ("moe_num_experts", "moe_shared_experts", "moe_first_dense_layers", "mtp_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("moe_routed_scaling", "moe_bias_update_rate", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                     "mtp_loss_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"model.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.moe_num_experts and not 0 < self.moe_top_k <= self.moe_num_experts:
+            raise ConfigError(f"model.moe_top_k={self.moe_top_k} must be in 1..model.moe_num_experts="
+                              f"{self.moe_num_experts}")
+        if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
+            raise ConfigError(f"model.moe_ffn_hidden_size must be > 0 (or unset: model.ffn_size), "
+                              f"got {self.moe_ffn_hidden_size}")
+        if self.moe_num_experts or self.mtp_layers or self.qk_norm:
+            raise ConfigError("model.moe_num_experts, model.mtp_layers and model.qk_norm are not implemented yet: "
+                              "leave them at 0 / false")
 
     def _validate_key_value_heads(self, tp: int) -> None:
         kv, n = self.num_kv_heads, self.num_attention_heads
