@@ -147,6 +147,9 @@ def runner_command(plan: Plan, args: argparse.Namespace, train_args: list[str], 
         command += ["--master_addr", args.master_addr] if args.master_addr else []
     else:
         command += ["--num_gpus", str(cluster.world_size), "--master_port", str(args.master_port or free_port())]
+    # DeepSpeed's launcher logs every environment variable it sets (CUDA_VISIBLE_DEVICES even on CPU ranks) at
+    # its default level, info; glm-launch prints its own plan, so its warnings and errors are what is left.
+    command += ["--log_level", "warning"]
     command += ["--no_local_rank", "--module", "trainer.train", "--resolved-config", str(resolved_file.resolve())]
     return command + (["--restarts", str(restarts)] if restarts else []) + _split_train_args(train_args)[1]
 

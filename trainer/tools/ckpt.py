@@ -19,18 +19,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from trainer.checkpoint.convert import convert_checkpoint
-from trainer.checkpoint import hf
-from trainer.checkpoint.export import write_export
-from trainer.checkpoint.model_source import read_weights
-from trainer.checkpoint.thudm import is_release, read_release
 from trainer.errors import CheckpointError, ConfigError, OneLineParser, exits_on_error
 from trainer.paths import overlap, staged_directory, uncreatable_directory
 from trainer.tools.source_args import add_source_arguments, given_model_config, tokenizer_path
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch and the checkpoint code are imported by the commands that use them, so `glm-ckpt --help` and a refused
+# argument answer at once.
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a --dtype choice."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def check_output(args: argparse.Namespace) -> None:
@@ -52,44 +54,57 @@ def convert(args: argparse.Namespace) -> str:
     if args.to_tp < 1 or args.to_pp < 1:
         raise ConfigError(f"--to-tp and --to-pp must be >= 1, got {args.to_tp} and {args.to_pp}: give the layout "
                           f"of the run that will load the checkpoint")
+    from trainer.checkpoint.convert import convert_checkpoint
+
     tag_dir = convert_checkpoint(args.source, given_model_config(args), args.to_tp, args.to_pp, args.out)
     return f"wrote {tag_dir} (tp={args.to_tp}, pp={args.to_pp})"
 
 
 def export(args: argparse.Namespace) -> str:
-    if not args.max_shard_gb > 0:
+    from trainer.checkpoint import hf
+    from trainer.checkpoint.export import write_export
+    from trainer.checkpoint.model_source import read_weights
+
+    if args.max_shard_gb is not None and not args.max_shard_gb > 0:
         raise ConfigError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    max_shard_bytes = hf.DEFAULT_MAX_SHARD_BYTES if args.max_shard_gb is None else int(args.max_shard_gb * 2 ** 30)
     config, weights = read_weights(args.source, given_model_config(args))
     tokenizer = tokenizer_path(args)
     parameters = f"{sum(w.numel() for w in weights.values())} parameters, {args.dtype}"
     if args.format == "hf":
         with staged_directory(args.out) as staging:
-            files = hf.write_hf(weights, config, staging, tokenizer, DTYPES[args.dtype],
-                                int(args.max_shard_gb * 2 ** 30))
+            files = hf.write_hf(weights, config, staging, tokenizer, torch_dtype(args.dtype),
+                                max_shard_bytes)
         return f"wrote {args.out} (transformers glm, {parameters}, {files} safetensors file(s))"
     with staged_directory(args.out) as staging:
-        write_export(weights, config, staging, tokenizer, DTYPES[args.dtype])
+        write_export(weights, config, staging, tokenizer, torch_dtype(args.dtype))
     return f"wrote {args.out} ({parameters})"
 
 
 def import_thudm(args: argparse.Namespace) -> str:
+    from trainer.checkpoint.export import write_export
+    from trainer.checkpoint.thudm import is_release, read_release
+
     if not is_release(args.source):
         raise CheckpointError(f"{args.source} is not a THUDM/GLM release: it needs latest_checkpointed_iteration.txt "
                               f"and <iteration>/mp_rank_XX_model_states.pt")
     config, weights = read_release(args.source, given_model_config(args))
     with staged_directory(args.out) as staging:
-        write_export(weights, config, staging, args.tokenizer, DTYPES[args.dtype])
+        write_export(weights, config, staging, args.tokenizer, torch_dtype(args.dtype))
     return (f"wrote {args.out} ({config.num_layers} layers, h={config.hidden_size}, "
             f"{config.num_attention_heads} heads, vocab {config.vocab_size})")
 
 
 def import_hf(args: argparse.Namespace) -> str:
+    from trainer.checkpoint import hf
+    from trainer.checkpoint.export import write_export
+
     if not hf.is_hf_directory(args.source):
         raise CheckpointError(f"{args.source} is not a transformers checkpoint of model type "
                               f"{' or '.join(hf.MODEL_TYPES)}: it needs a config.json naming one")
     config, weights = hf.read_hf(args.source)
     with staged_directory(args.out) as staging:
-        write_export(weights, config, staging, tokenizer_path(args), DTYPES[args.dtype])
+        write_export(weights, config, staging, tokenizer_path(args), torch_dtype(args.dtype))
     return (f"wrote {args.out} ({config.num_layers} layers, h={config.hidden_size}, {config.num_attention_heads} "
             f"heads, {config.num_kv_heads} key/value heads, vocab {config.vocab_size})")
 
@@ -110,11 +125,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
             sub.add_argument("--to-tp", type=int, required=True, help="tensor-parallel size of the output")
             sub.add_argument("--to-pp", type=int, required=True, help="pipeline-parallel size of the output")
         else:
-            sub.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the export")
+            sub.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype of the export")
         if name == "export":
             sub.add_argument("--format", choices=("glm", "hf"), default="glm",
                              help="glm: this trainer's export; hf: a transformers glm directory (GlmForCausalLM)")
-            sub.add_argument("--max-shard-gb", type=float, default=hf.DEFAULT_MAX_SHARD_BYTES / 2 ** 30,
+            sub.add_argument("--max-shard-gb", type=float, default=None,
                              help="--format hf: largest safetensors file, in GiB (default 5, as transformers)")
     return parser.parse_args(argv)
 

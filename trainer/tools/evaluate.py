@@ -23,14 +23,14 @@ from typing import Optional
 import torch
 
 from trainer.errors import ConfigError, DataError, OneLineParser, exits_on_error, read_user_text
-from trainer.tools.decoding import encode_prompt, full_vocab_logits
 from trainer.tools.harness.cli import add_harness_arguments, run_harness
 from trainer.tools.source_args import add_source_arguments, load_source_model
-from trainer.model.mask import segments_of_sep
 
 
 def cloze_inputs(part_a: list[int], mask: int, word: list[int], sop_id: int) -> tuple[torch.Tensor, ...]:
     """Part A + [sop] + word[:-1] as one sample: (ids, position ids, block position ids) [1, s], segments [1, 2, s]."""
+    from trainer.model.mask import segments_of_sep  # the model (and DeepSpeed) only once a model is scored
+
     part_b = [sop_id] + word[:-1]
     sep = len(part_a)
     ids = torch.tensor([part_a + part_b])
@@ -44,6 +44,8 @@ def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab
                  tp_group=None, max_sequence_length: Optional[int] = None) -> dict[str, float]:
     """{class: sum of log-probabilities of its verbalizer tokens filling the text's one [MASK]};
     max_sequence_length (the model's positions) refuses a text and verbalizer that do not fit."""
+    from trainer.tools.decoding import encode_prompt, full_vocab_logits
+
     part_a, masks = encode_prompt(text, tokenizer)
     if len(masks) != 1 or part_a[masks[0]] != tokenizer.mask_id:
         raise DataError(f"a cloze text needs exactly one [MASK] and no other blank, got {text!r}")

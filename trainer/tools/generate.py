@@ -21,7 +21,6 @@ import os
 import sys
 from typing import Optional
 
-from trainer.tools.decoding import causal_prompt, chat_prompt, continue_causal, fill_blanks
 from trainer.errors import ConfigError, OneLineParser, exits_on_error
 from trainer.tools.source_args import add_source_arguments, load_source_model
 
@@ -72,6 +71,8 @@ def check_sampling(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     check_sampling(args)
+    from trainer.tools.decoding import causal_prompt, chat_prompt, continue_causal, fill_blanks  # torch, DeepSpeed
+
     model, config, tokenizer, tp_group = load_source_model(args)
     if args.causal or args.chat:
         prompt = (chat_prompt if args.chat else causal_prompt)(args.text, tokenizer)

@@ -7,15 +7,12 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from trainer.checkpoint.model_source import build_model, read_weights, source_tokenizer
 from trainer.config import add_config_arguments, load_config
-from trainer.data.dataset import resolve_paths
-from trainer.data.tokenizer import load_tokenizer
-from trainer.engine.distributed import init_distributed
 from trainer.errors import ConfigError, env_int
 from trainer.model.config import ModelConfig
-from trainer.parallel.topology import Topology
-from trainer.tools.preflight import check_data
+
+# The model, checkpoint and data code (torch, DeepSpeed) are imported where they are used, so the tools' `--help`
+# and refused arguments answer at once.
 
 SOURCE_HELP = ("a run directory, its checkpoints/ or a global_stepN directory, an export, a THUDM/GLM release or a "
                "transformers glm / chatglm directory")
@@ -36,6 +33,8 @@ def given_model_config(args: argparse.Namespace) -> Optional[ModelConfig]:
     None without --config."""
     if getattr(args, "config", None) is None:
         return None
+    from trainer.tools.preflight import check_data
+
     config = load_config(args.config, args.overrides)
     if config.model.vocab_size == 0:
         config = check_data(config)
@@ -45,6 +44,9 @@ def given_model_config(args: argparse.Namespace) -> Optional[ModelConfig]:
 def tokenizer_path(args: argparse.Namespace) -> Optional[Path]:
     """--tokenizer, else the source's own (an export's, a training checkpoint's run's), else the data
     tokenizer of --config; None when there is none."""
+    from trainer.checkpoint.model_source import source_tokenizer
+    from trainer.data.dataset import resolve_paths
+
     if getattr(args, "tokenizer", None) is not None:
         return args.tokenizer
     own = source_tokenizer(args.source) if args.source.is_dir() else None
@@ -56,6 +58,11 @@ def tokenizer_path(args: argparse.Namespace) -> Optional[Path]:
 def load_source_model(args: argparse.Namespace):
     """(model shard, ModelConfig, tokenizer, tp_group) from the source arguments of glm-generate / glm-eval.
     Under a launcher (WORLD_SIZE > 1) every rank is one tensor-parallel rank."""
+    from trainer.checkpoint.model_source import build_model, read_weights
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.engine.distributed import init_distributed
+    from trainer.parallel.topology import Topology
+
     if not args.source.exists():
         raise ConfigError(f"{args.source} does not exist: give a run directory, a checkpoint, an export or a "
                           f"THUDM release")
