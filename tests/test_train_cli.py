@@ -10,7 +10,7 @@ from tests.glm_processes import REPO, _env, metrics, run_train, train_args, wait
 
 
 def test_single_process_main_job(tmp_path):
-    result = run_train(train_args(tmp_path / "run", 3, "train.eval_interval=3"))
+    result = run_train(train_args(tmp_path / "run", 3))  # the main job's config: a validation split, no eval_interval
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"metrics:      {tmp_path / 'run' / 'metrics.jsonl'}" in result.stdout
     assert f"tensorboard --logdir {tmp_path / 'run' / 'tb'}" in result.stdout
@@ -19,7 +19,8 @@ def test_single_process_main_job(tmp_path):
     assert "held-out perplexity (" in result.stdout and "unigram baseline" in result.stdout
     records = metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3]
-    # one held-out perplexity: the demo's, from the checkpoint read back, is the run's last valid_ppl
+    # one held-out perplexity, logged: the demo's, from the checkpoint read back, is the run's last valid_ppl
+    assert [r["step"] for r in records if "valid_ppl" in r] == [3]  # a validation split is scored at the end
     shown = float(re.search(r"held-out perplexity \(.*\): model ([0-9.]+),", result.stdout).group(1))
     assert abs(shown - records[-1]["valid_ppl"]) <= 0.05 + 1e-4 * shown, (shown, records[-1]["valid_ppl"])
     assert "step 3/3 loss" in result.stdout and "\r" not in result.stderr  # not a terminal: lines, not a bar

@@ -137,8 +137,9 @@ class TrainConfig:
     save_interval: int = 0
     """Save a checkpoint every this many steps (0 = only at the end)."""
     eval_interval: int = 0
-    """Every this many steps (and at the end), the validation loss and perplexity on data.valid_fraction of
-    the sequences are logged with the training metrics (0 = off)."""
+    """Every this many steps, the validation loss and perplexity on data.valid_fraction of the sequences are
+    logged with the training metrics (valid_loss, valid_ppl; 0 = only at the last step). Whenever there is a
+    validation split they are logged at the last step too."""
     eval_batches: int = 2
     """Global batches of the validation split scored per evaluation (always the same ones)."""
     eval_tasks: list = field(default_factory=list)

@@ -124,7 +124,8 @@ class Trainer:
         self.consumed = consumed_samples_at(self.step, config)
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
         self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
-        self.valid = build_sequences(config.data, config.train.seed, split="valid") if config.train.eval_interval else None
+        self.valid = build_sequences(config.data, config.train.seed, split="valid") if config.data.valid_fraction > 0 \
+            else None
         # what evaluates beside the validation loss (train.eval_tasks: the tool layer's lm-evaluation-harness)
         self.evaluations = evaluations(config, self.engine.module, self.dataset.tokenizer, self.topology.tp_group) \
             if evaluations is not None else None
@@ -206,8 +207,8 @@ class Trainer:
         """One step with its evaluation, logging and checkpointing; returns (loss, stop requested)."""
         config = self.config
         record = self.train_step()
-        every = config.train.eval_interval
-        if every and (self.step % every == 0 or self.step == config.train.steps):
+        every, last = config.train.eval_interval, self.step == config.train.steps
+        if (every and self.step % every == 0) or (last and self.valid is not None):
             record.update(self.evaluate())
         writer.write(record, _memory())
         progress.update(1)

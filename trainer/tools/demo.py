@@ -7,7 +7,7 @@ decoded exactly as glm-generate does.
 The unigram baseline is what a model that learned only token frequencies would score: the frequencies of the
 target tokens of the training rows the run consumed, add-one smoothed over the true vocabulary. Both
 perplexities are exp(mean NLL) over every loss token of the validation rows an evaluation scores
-(engine/loop.py validation_rows: the model's is the run's last valid_ppl when train.eval_interval logs one).
+(engine/loop.py validation_rows: the model's is the run's last valid_ppl).
 """
 from __future__ import annotations
 
