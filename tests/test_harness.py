@@ -19,7 +19,7 @@ from tests.glm_processes import REPO, run_train, start_ranks, tiny_overrides, wa
 from tests.test_generate import TEXTS, _setup
 from trainer.tools import ckpt as ckpt_cli
 from trainer.checkpoint.export import write_export
-from trainer.data.tokenizer import GMASK, SOP, load_tokenizer
+from trainer.data.tokenizer import load_tokenizer
 from trainer.tools.evaluate import main
 from trainer.tools.harness.backend import GLMHarnessLM, default_layout
 from trainer.tools.harness.run import evaluate_tasks, flat_metrics, prepare_tasks
@@ -58,18 +58,18 @@ def requests(names=TASKS, limit=LIMIT) -> list[Instance]:
 
 
 def hf_loglikelihoods(export, glm4_prefix: bool = True) -> list[tuple[float, bool]]:
-    """lm-eval's own hf backend on the export. Its tokenizer prepends GLM-4's [gMASK] <sop> (as GLM-4's own
-    tokenizer does with add_special_tokens), the layout the model was trained on; glm4_prefix False: the export's
-    tokenizer as written, which prepends nothing."""
+    """lm-eval's own hf backend on the export, its tokenizer loaded by transformers from the export's files: it
+    prepends GLM-4's [gMASK] <sop> (as GLM-4's own tokenizer does with add_special_tokens), the layout the model
+    was trained on; glm4_prefix False: that prefix taken off again."""
     from lm_eval.models.huggingface import HFLM
     from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(export / "tokenizer.json"), eos_token="<|endoftext|>")
+    tokenizer = AutoTokenizer.from_pretrained(str(export))
     ours = load_tokenizer(export / "tokenizer.json")
-    if glm4_prefix:
-        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single=f"{GMASK} {SOP} $A", special_tokens=[(GMASK, ours.gmask_id), (SOP, ours.sop_id)])
+    assert tokenizer("a b").input_ids[:2] == [ours.gmask_id, ours.sop_id]  # as exported
+    if not glm4_prefix:
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", special_tokens=[])
     hf = HFLM(pretrained=str(export), tokenizer=tokenizer, device="cpu", dtype="float32", batch_size=4,
               add_bos_token=True)
     return hf.loglikelihood(requests())

@@ -29,7 +29,6 @@ the FP32 softmax with query-key layer scaling.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -306,8 +305,17 @@ def special_ids(tokenizer: Optional[Path]) -> dict[str, object]:
 
 
 def write_tokenizer_files(tokenizer: Path, config: ModelConfig, out_dir: Path) -> None:
-    """Copy tokenizer.json and write tokenizer_config.json for PreTrainedTokenizerFast."""
-    shutil.copyfile(tokenizer, out_dir / TOKENIZER)
+    """tokenizer.json, the run's with GLM-4's prefix as its post-processor (encoding with special tokens, as
+    transformers does by default, opens every text with [gMASK] <sop>, the layout the model trained on: GLM-4's
+    own tokenizer does the same), and tokenizer_config.json for PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    ours, backend = load_tokenizer(tokenizer), Tokenizer.from_file(str(tokenizer))
+    gmask, sop = backend.id_to_token(ours.gmask_id), backend.id_to_token(ours.sop_id)
+    backend.post_processor = TemplateProcessing(single=f"{gmask} {sop} $A", pair=f"{gmask} {sop} $A $B",
+                                                special_tokens=[(gmask, ours.gmask_id), (sop, ours.sop_id)])
+    backend.save(str(out_dir / TOKENIZER))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_sequence_length,
                 "eos_token": EOT, "pad_token": EOT, "clean_up_tokenization_spaces": False}
     (out_dir / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=1))
