@@ -11,7 +11,7 @@ import torch
 from trainer.data.blank_infilling import MODES, sample_rng
 from trainer.data.config import DataConfig
 from trainer.data.corpus import embedded_documents, prepare
-from trainer.data.dataset import build_dataset, check_data_files, collate, cut_sequences, micro_batch_indices
+from trainer.data.dataset import BATCH_KEYS, build_dataset, check_data_files, collate, cut_sequences, micro_batch_indices
 from trainer.data.indexed import IndexedDataset
 from trainer.data.tokenizer import train_tokenizer
 from trainer.errors import DataError
@@ -76,17 +76,27 @@ def test_a_step_takes_the_same_samples_at_every_data_parallel_size(prefix, micro
     assert per_dp[1] == per_dp[2] == per_dp[4] == list(range(consumed, consumed + global_batch))
     rank1 = collate([ds[i] for i in micro_batch_indices(consumed, 0, 1, 2, micro_batch_size)])
     whole = collate([ds[i] for i in range(consumed, consumed + 2 * micro_batch_size)])
-    for key in whole:  # rank 1 of dp=2 sees exactly the samples dp=1 has at those indices
+    for key in set(whole) - set(BATCH_KEYS):  # rank 1 of dp=2 sees exactly the samples dp=1 has at those indices
         torch.testing.assert_close(rank1[key], whole[key][micro_batch_size:])
 
 
 def test_collate_stacks_int64_and_sep_is_one_per_sample(prefix):
     ds = build_dataset(config(prefix), seed=0)
     batch = collate([ds[i] for i in range(3)])
-    assert set(batch) == {"input_ids", "labels", "loss_mask", "position_ids", "block_position_ids", "sep", "length"}
-    assert all(t.dtype == torch.int64 for t in batch.values())
+    assert set(batch) == {"input_ids", "labels", "loss_mask", "position_ids", "block_position_ids", "sep", "length",
+                          *BATCH_KEYS}
+    assert all(batch[key].dtype == torch.int64 for key in set(batch) - {"num_loss_tokens", "num_tokens"})
     assert batch["input_ids"].shape == (3, 64) and batch["sep"].shape == (3,)
     assert batch["sep"].tolist() == [ds[i]["sep"] for i in range(3)]
+
+
+def test_collate_counts_the_batch_on_the_host(prefix):
+    ds = build_dataset(config(prefix), seed=0)
+    batch = collate([ds[i] for i in range(3)])
+    flat_mask = batch["loss_mask"].reshape(-1)
+    torch.testing.assert_close(batch["loss_positions"], torch.nonzero(flat_mask).reshape(-1))
+    assert batch["num_loss_tokens"] == int(flat_mask.sum())
+    assert batch["num_tokens"] == sum(ds[i]["length"] for i in range(3))
 
 
 def test_valid_split_is_the_held_out_tail(prefix):

@@ -88,13 +88,13 @@ def _dp_stream(rank, world_size, prefixes, out):
 
 
 def _write_stream(rows, topology, micro_batch_size, out, steps=6, global_batch=8):
-    from trainer.engine.loop import micro_batches
+    from trainer.engine.loop import collated_micro_batches, micro_batches
 
     stream = {}
     for step in range(steps):
         consumed, accum = step * global_batch, global_batch // (micro_batch_size * topology.dp)
-        batches = micro_batches(rows, consumed, accum, topology, micro_batch_size)
-        for micro_step, ((ids, positions, blocks, segments), (labels, mask, _)) in enumerate(batches):
+        batches, _ = micro_batches(collated_micro_batches(rows, consumed, accum, topology, micro_batch_size), topology)
+        for micro_step, ((ids, positions, blocks, segments), (labels, mask, *_)) in enumerate(batches):
             indices = micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp, micro_batch_size)
             for row, index in enumerate(indices):
                 stream[index] = [t[row].tolist() for t in (ids, positions, blocks, segments, labels, mask)]

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from tests.distributed import run_distributed
 from trainer.parallel.cross_entropy import (logits_gradient, loss_from_statistics, mask_padded_columns,
                                             masked_mean, partition_max, partition_statistics,
-                                            vocab_parallel_cross_entropy)
+                                            vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy)
+from trainer.parallel import cross_entropy
 
 B, S, VOCAB, PADDED = 2, 5, 13, 16  # columns 13..15 are vocabulary padding
 
@@ -93,3 +94,53 @@ def _two_ranks(rank: int, world_size: int) -> None:
 
 def test_two_ranks_match_reference():
     run_distributed(_two_ranks, 2)
+
+
+def _linear_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B * S, 8, generator=generator)  # [n, h]
+    weight = torch.randn(PADDED, 8, generator=generator)  # [V_pad, h]
+    _, labels, loss_mask = _batch()
+    return hidden, weight, labels.reshape(-1), loss_mask.reshape(-1).float()
+
+
+def _today(hidden, weight, labels, weights):
+    """The loss as GLMLoss computed it before: the full logits, then the per-token cross entropy."""
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    per_token = vocab_parallel_cross_entropy(F.linear(hidden, weight), labels, None, vocab_size=VOCAB)
+    loss = (per_token * weights).sum()
+    loss.backward()
+    return loss, hidden.grad, weight.grad
+
+
+def test_linear_cross_entropy_in_chunks_equals_the_full_logits(monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 3 * PADDED)  # 3 rows a chunk: 4 chunks of 10 rows
+    hidden, weight, labels, weights = _linear_batch()
+    expected, expected_hidden, expected_weight = _today(hidden, weight, labels, weights)
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(hidden, weight, labels, weights, None, vocab_size=VOCAB)
+    (2.0 * loss).backward()  # the incoming gradient scales what the forward computed
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(hidden.grad, 2.0 * expected_hidden)
+    torch.testing.assert_close(weight.grad, 2.0 * expected_weight)
+    with torch.no_grad():  # evaluation: no gradients are made
+        torch.testing.assert_close(vocab_parallel_linear_cross_entropy(hidden, weight, labels, weights, None,
+                                                                       vocab_size=VOCAB), expected)
+
+
+def _two_ranks_linear(rank: int, world_size: int) -> None:
+    cross_entropy.CHUNK_ELEMENTS = 3 * PADDED // 2
+    group = dist.new_group(ranks=list(range(world_size)))
+    hidden, weight, labels, weights = _linear_batch()
+    expected, expected_hidden, expected_weight = _today(hidden, weight, labels, weights)
+    hidden = hidden.clone().requires_grad_()
+    shard = weight.chunk(2, dim=0)[rank].clone().requires_grad_()  # [V_pad/2, h]
+    loss = vocab_parallel_linear_cross_entropy(hidden, shard, labels, weights, group, vocab_size=VOCAB)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(hidden.grad, expected_hidden)
+    torch.testing.assert_close(shard.grad, expected_weight.chunk(2, dim=0)[rank])
+
+
+def test_linear_cross_entropy_two_ranks_match_reference():
+    run_distributed(_two_ranks_linear, 2)

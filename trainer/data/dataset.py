@@ -123,13 +123,25 @@ def micro_batch_indices(consumed_samples: int, micro_step: int, dp_rank: int, dp
     return list(range(first, first + micro_batch_size))
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+BATCH_KEYS = ("loss_positions", "num_loss_tokens", "num_tokens")
+"""What collate adds about the whole batch (every other key is per row, [b, ...])."""
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor | int]:
     """Stack samples or rows: every array key -> int64 [b, s], every integer key (`sep`, `length`, `tokens`)
-    -> int64 [b]; other keys (a row's list of sample starts) are left out."""
-    batch = {}
+    -> int64 [b]; other keys (a row's list of sample starts) are left out. Besides, counted here once on the
+    host so that no rank recounts them from device tensors: `loss_positions` int64 [n], the flat indices
+    (into b * s) of the n loss tokens in order; `num_loss_tokens` = n and `num_tokens` (the real tokens of
+    the rows: `tokens`, or `length` for samples) as ints."""
+    batch: dict[str, torch.Tensor | int] = {}
     for key, value in items[0].items():
         if isinstance(value, np.ndarray):
             batch[key] = torch.from_numpy(np.stack([item[key] for item in items]).astype(np.int64))
         elif isinstance(value, (int, np.integer)):
             batch[key] = torch.tensor([int(item[key]) for item in items], dtype=torch.int64)
+    loss_mask = np.stack([item["loss_mask"] for item in items])  # [b, s]
+    batch["loss_positions"] = torch.from_numpy(np.flatnonzero(loss_mask).astype(np.int64))  # [n]
+    batch["num_loss_tokens"] = int(np.count_nonzero(loss_mask))
+    real = "tokens" if "tokens" in items[0] else "length"
+    batch["num_tokens"] = sum(int(item[real]) for item in items)
     return batch

@@ -21,6 +21,7 @@ from trainer.engine.optimizer import build_optimizer
 from trainer.engine.pipeline import GLMPipeline
 from trainer.engine.plain import GLMTrainModel, PipelineSteps, PlainSteps
 from trainer.engine.schedule import lr_lambda
+from trainer.engine.step_values import StepValues
 from trainer.parallel.random import recompute
 from trainer.parallel.topology import Topology
 
@@ -55,9 +56,11 @@ def build_module(config: Config, topology: Topology, ds_config: dict) -> torch.n
     return module
 
 
-def build_engine(config: Config, topology: Topology, world_size: int) -> RunEngine:
+def build_engine(config: Config, topology: Topology, world_size: int,
+                 step_values: Optional[StepValues] = None) -> RunEngine:
     """The engine of the run, its train/eval steps, and the trainer's clipping where DeepSpeed's is replaced
-    (fp32 without ZeRO: the default with one data-parallel rank, engine/ds_config.py)."""
+    (fp32 without ZeRO: the default with one data-parallel rank, engine/ds_config.py), which reads its gradient
+    norm through `step_values` (the loop's: trainer/engine/step_values.py; its own if not given)."""
     ds_config = build_ds_config(config, world_size)
     module = build_module(config, topology, ds_config)
     frozen = finetune.freeze(module, config)
@@ -66,7 +69,8 @@ def build_engine(config: Config, topology: Topology, world_size: int) -> RunEngi
     plain = topology.pp == 1
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            mpu=DeepSpeedMPU(topology) if plain else None, config=ds_config)
-    clipping = OwnClipping(engine, topology, config.optim.grad_clip) if uses_own_clipping(config, world_size) else None
+    clipping = OwnClipping(engine, topology, config.optim.grad_clip, step_values or StepValues()) \
+        if uses_own_clipping(config, world_size) else None
     if plain:
         steps = PlainSteps(engine, topology.dp_group, before_step=clipping.clip if clipping else None)
     else:
@@ -86,20 +90,23 @@ class OwnClipping:
     enough), and nothing skips a non-finite step. This replaces it (DeepSpeed's gradient_clipping is set to 0:
     ds_config.py) with the layout-aware norm. A non-finite norm drops the gradients, so AdamW leaves every weight
     and moment as it was, and marks the step skipped, so the engine counts it and holds the LR schedule (as
-    under ZeRO)."""
+    under ZeRO). Whether to skip is decided on the host, so the norm is read here, with the step's loss and its
+    other values (trainer/engine/step_values.py: the step's one read); `norm` keeps it on the device too."""
 
-    def __init__(self, engine, topology: Topology, max_norm: float):
-        self.norm: Optional[float] = None
+    def __init__(self, engine, topology: Topology, max_norm: float, step_values: StepValues):
+        self.norm: Optional[torch.Tensor] = None
+        self._values = step_values
         self._params = [p for p in engine.module.parameters() if p.requires_grad]
         self._counted = counted_in_norm(self._params, topology.tp_rank)
         self._group = topology.model_group
         self._max_norm, self._device = max_norm, engine.device
         self._optimizer = engine.optimizer
 
-    def clip(self) -> None:
-        norm = clip_grads_(self._params, self._counted, self._max_norm, self._group, self._device).item()
-        self.norm = norm
-        skipped = not is_finite(norm)
+    def clip(self, loss: Optional[torch.Tensor] = None) -> None:
+        """Clip before the optimizer step; `loss`, the step's (where it is known by now), is read with the norm."""
+        self.norm = clip_grads_(self._params, self._counted, self._max_norm, self._group, self._device)
+        known = {} if loss is None else {"loss": loss}  # the pipeline engine has its loss after the step only
+        skipped = not is_finite(self._values.read(grad_norm=self.norm, **known)["grad_norm"])
         mark_step_skipped(self._optimizer, skipped)
         if skipped:
             for param in self._params:

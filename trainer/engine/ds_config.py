@@ -107,6 +107,18 @@ def zero_init_arguments(config: Config) -> dict:
     return {"remote_device": None if offload == "none" else offload, "pin_memory": offload == "cpu"}
 
 
+def grad_accum_dtype(config: Config, world_size: int) -> str | None:
+    """"fp32" where DeepSpeed 0.19.8 accumulates a bf16 run's gradients over the micro-batches in fp32: bf16 with
+    ZeRO-1 and no offload (its BF16_Optimizer, Megatron's main_grad: each micro-batch's bf16 gradient is added
+    into an fp32 buffer, so 8+ micro-batches lose no more than one). Elsewhere None (DeepSpeed's default: the
+    model's dtype): its stage-0 bf16 refuses an fp32 accumulation, and ZeRO-2/3 and offload keep their own
+    buffers (not changed here, not measured)."""
+    offload = config.optim.offload_optimizer != "none" or config.optim.offload_params != "none"
+    if config.train.precision == "bf16" and zero_stage(config, world_size) == 1 and not offload:
+        return "fp32"
+    return None
+
+
 def build_ds_config(config: Config, world_size: int) -> dict:
     """DeepSpeed's own settings in DeepSpeed's own shape. The optimizer and LR schedule are built by
     the trainer (engine/optimizer.py, engine/schedule.py) so their exact math is ours and tested."""
@@ -125,6 +137,9 @@ def build_ds_config(config: Config, world_size: int) -> dict:
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "bf16": {"enabled": precision == "bf16"},
     }
+    accumulation = grad_accum_dtype(config, world_size)
+    if accumulation is not None:
+        ds["data_types"] = {"grad_accum_dtype": accumulation}
     if config.train.deepspeed_config:
         ds = _merge(ds, read_user_config(config.train.deepspeed_config))
     return ds

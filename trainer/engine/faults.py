@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from trainer.errors import ConfigError, GLMError
-from trainer.parallel.comm import any_rank, world_group
+from trainer.parallel.comm import max_over_ranks, world_group
 
 INJECT_NAN_STEPS = "GLM_INJECT_NAN_STEPS"
 """Fault injection for tests: comma-separated (1-based) steps whose loss is made NaN, e.g. `3,4`."""
@@ -55,9 +55,15 @@ class PreemptionHandler:
         print(f"rank {os.environ.get('RANK', '0')}: {signal.Signals(signum).name} received: finishing this step, "
               f"saving a checkpoint and exiting (send it again to exit at once)", file=sys.stderr, flush=True)
 
-    def should_stop(self, device) -> bool:
-        """True on every rank if any rank was signalled (a collective: call it on all ranks each step)."""
-        return any_rank(self.received is not None, device, group=world_group())
+    def stop_flag(self, device) -> bool | torch.Tensor:
+        """Whether any rank was signalled, the same on every rank: with one process the host's own flag (no
+        collective); else a 0-dim tensor on the device, the flags' maximum over every rank (a collective: call
+        it on all ranks each step), left unread so that it is read with the step's other values
+        (trainer/engine/step_values.py)."""
+        group = world_group()
+        if group is None:
+            return self.received is not None
+        return max_over_ranks(self.received is not None, device, group=group)
 
 
 class NonFiniteSteps:

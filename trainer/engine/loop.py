@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,7 +33,8 @@ from trainer.engine.flops import train_flops_per_token
 from trainer.engine.metrics import MetricsWriter
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at
-from trainer.engine.step_loss import step_normaliser
+from trainer.engine.step_loss import StepCounts, step_counts
+from trainer.engine.step_values import StepValues
 from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
 from trainer.parallel.random import model_parallel_seed
@@ -58,10 +60,13 @@ class RunResult:
 
 def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None) -> tuple:
     """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
-    (labels, loss_mask[, normaliser])); segments [b, 2, s] = (segment_start, segment_sep), the mask's input;
-    normaliser: the step's loss normaliser (trainer/engine/step_loss.py), else the loss is the rows' token mean."""
+    (labels, loss_mask[, normaliser, loss_positions])); segments [b, 2, s] = (segment_start, segment_sep), the
+    mask's input; normaliser: the step's loss normaliser (trainer/engine/step_loss.py), with which the loss
+    also takes the collate step's loss positions (GLMLoss); else the loss is the rows' token mean."""
     segments = stack_segments(batch["segment_start"], batch["segment_sep"])  # [b, 2, s]
-    target = (batch["labels"], batch["loss_mask"]) + (() if normaliser is None else (normaliser,))
+    target = (batch["labels"], batch["loss_mask"])
+    if normaliser is not None:
+        target += (normaliser, batch["loss_positions"])
     return (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments), target
 
 
@@ -72,15 +77,57 @@ def validation_rows(config: Config) -> range:
     return range(config.train.eval_batches * config.parallel.global_batch_size)
 
 
-def micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topology: Topology,
-                  micro_batch_size: int) -> list[tuple]:
-    """The micro-batches of one optimizer step on this rank, in DeepSpeed's pipeline format, their loss
-    normalised by the step's loss tokens (trainer/engine/step_loss.py)."""
-    collated = [collate([rows[i] for i in micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp,
-                                                              micro_batch_size)])
-                for micro_step in range(grad_accum)]
-    normaliser = step_normaliser(collated, topology)
-    return [pipeline_format(batch, normaliser) for batch in collated]
+def collated_micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topology: Topology,
+                           micro_batch_size: int) -> list[dict]:
+    """The collated micro-batches of one optimizer step on this rank, host work only (reading and packing rows,
+    collate), in pinned host memory where the accelerator has it (so their copies to the device do not wait)."""
+    pin = get_accelerator().pin_memory
+    return [{key: pin(value) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            for batch in (collate([rows[i] for i in micro_batch_indices(consumed, micro_step, topology.dp_rank,
+                                                                         topology.dp, micro_batch_size)])
+                          for micro_step in range(grad_accum))]
+
+
+def micro_batches(collated: list[dict], topology: Topology) -> tuple[list[tuple], StepCounts]:
+    """A step's collated micro-batches -> the same in DeepSpeed's pipeline format, their loss normalised by the
+    step's loss tokens, and the step's counts (trainer/engine/step_loss.py: a collective over the dp ranks)."""
+    counts = step_counts(collated, topology, get_accelerator().current_device_name())
+    return [pipeline_format(batch, counts.normaliser) for batch in collated], counts
+
+
+class NextStepRows:
+    """Prepares the next optimizer step's collated micro-batches (collated_micro_batches) in a background thread
+    while the current step runs on the device, so the packing windows are planned and the rows read and
+    collated off the step's critical path. One step ahead at most; the rows dataset is touched by that thread
+    only while a step is prepared, so `idle()` waits for it before anyone else reads the dataset."""
+
+    def __init__(self, rows: OneSamplePerRow, topology: Topology, micro_batch_size: int):
+        self.rows, self.topology, self.micro_batch_size = rows, topology, micro_batch_size
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-rows")
+        self._ahead: Optional[tuple[tuple[int, int], Future]] = None
+
+    def prepare(self, consumed: int, grad_accum: int) -> None:
+        """Start collating the step that begins at row `consumed` with `grad_accum` micro-batches."""
+        self.idle()
+        self._ahead = ((consumed, grad_accum), self._pool.submit(
+            collated_micro_batches, self.rows, consumed, grad_accum, self.topology, self.micro_batch_size))
+
+    def take(self, consumed: int, grad_accum: int) -> list[dict]:
+        """The collated micro-batches of that step: the prepared ones if they are for it, else made now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (consumed, grad_accum):
+            return ahead[1].result()
+        if ahead is not None:
+            ahead[1].result()  # a step prepared for another batch size: let it finish before reading rows here
+        return collated_micro_batches(self.rows, consumed, grad_accum, self.topology, self.micro_batch_size)
+
+    def idle(self) -> None:
+        """Wait until no step is being prepared (the result, if any, is kept)."""
+        if self._ahead is not None:
+            self._ahead[1].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _memory() -> dict:
@@ -107,7 +154,8 @@ class Trainer:
         self.run_dir = Path(config.train.run_dir)
         self.owned = start_run_dir(config, resolve_paths(config.data)[1])  # run_dir locked until run() ends
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        built = build_engine(config, self.topology, self.world_size)
+        self.values = StepValues()  # the step's one device-to-host read (trainer/engine/step_values.py)
+        built = build_engine(config, self.topology, self.world_size, self.values)
         self.engine, self.steps, self.own_clipping = built.engine, built.steps, built.clipping
         self.step = 0
         if config.train.resume:
@@ -121,6 +169,9 @@ class Trainer:
             module = self.engine.module
             module.loss_fn = PoisonedLoss(module.loss_fn, nan_steps, lambda: self.step + 1)
         self.unit = config.parallel.micro_batch_size * self.topology.dp
+        self.next_rows = NextStepRows(self.dataset, self.topology, config.parallel.micro_batch_size)
+        self.stop_requested = False
+        self.preemption: Optional[PreemptionHandler] = None
         self.consumed = consumed_samples_at(self.step, config)
         self.flops_per_token = train_flops_per_token(config.model, config.data.seq_length, config.parallel.tp)
         self.nonfinite = NonFiniteSteps(config.train.max_nonfinite_in_a_row)
@@ -137,9 +188,10 @@ class Trainer:
         batch_size, grad_accum = config.parallel.global_batch_size, config.parallel.global_batch_size // self.unit
         nll = tokens = 0.0
         for index in range(config.train.eval_batches):
-            batches = micro_batches(self.valid, index * batch_size, grad_accum, self.topology,
-                                    config.parallel.micro_batch_size)
-            loss_tokens = float(batches[0][1][2]) * grad_accum * self.topology.dp  # N = normaliser * GAS * dp
+            batches, counts = micro_batches(collated_micro_batches(self.valid, index * batch_size, grad_accum,
+                                                                   self.topology, config.parallel.micro_batch_size),
+                                            self.topology)
+            loss_tokens = float(counts.normaliser) * grad_accum * self.topology.dp  # N = normaliser * GAS * dp
             nll += float(self.steps.eval_batch(batches, grad_accum)) * loss_tokens  # the batch's token mean * N
             tokens += loss_tokens
         loss = nll / tokens
@@ -147,25 +199,29 @@ class Trainer:
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 80.0)), **extra}
 
     def train_step(self) -> dict:
-        """One optimizer step; returns its metrics record."""
-        config, engine = self.config, self.engine
+        """One optimizer step; returns its metrics record. The host reads the device once, after the step has
+        been queued (trainer/engine/step_values.py): loss, gradient norm, real tokens and the stop flag."""
+        config, engine, values = self.config, self.engine, self.values
         batch_size = global_batch_at(self.step, config)
         if batch_size != engine.train_batch_size():
             engine.set_train_batch_size(batch_size)
         skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]
+        values.start()
         start = time.perf_counter()
-        batches = micro_batches(self.dataset, self.consumed, batch_size // self.unit, self.topology,
-                                config.parallel.micro_batch_size)
-        loss = self.steps.train_batch(batches).item()
+        batches, counts = micro_batches(self.next_rows.take(self.consumed, batch_size // self.unit), self.topology)
+        if self.step + 1 < config.train.steps:
+            self.next_rows.prepare(self.consumed + batch_size, global_batch_at(self.step + 1, config) // self.unit)
+        loss = self.steps.train_batch(batches)
+        grad_norm = self.own_clipping.norm if self.own_clipping else engine.get_global_grad_norm()
+        stop = self.preemption.stop_flag(engine.device) if self.preemption is not None else False
+        read = values.read(loss=loss, grad_norm=grad_norm, real_tokens=counts.real_tokens, stop=stop)
         elapsed = time.perf_counter() - start
         self.step += 1
         self.consumed += batch_size
-        grad_norm = self.own_clipping.norm if self.own_clipping else engine.get_global_grad_norm()
-        grad_norm = None if grad_norm is None else float(grad_norm)
+        self.stop_requested = bool(read["stop"])
+        loss, grad_norm, tokens = read["loss"], read["grad_norm"], read["real_tokens"]
         skipped = engine.skipped_steps > skipped_before or not (is_finite(loss) and is_finite(grad_norm))
         self.nonfinite.record(skipped)
-        # Real tokens of every row of the step (all ranks' rows, from the packing plan: the same at any layout).
-        tokens = sum(self.dataset.real_tokens(row) for row in range(self.consumed - batch_size, self.consumed))
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "padding_fraction": 1.0 - tokens / (batch_size * config.data.seq_length),
                   "tokens_per_s": tokens / elapsed,
@@ -185,6 +241,7 @@ class Trainer:
                              f"train.collective_timeout_minutes")
 
     def save(self) -> Path:
+        self.next_rows.idle()  # the next step's rows are being read: the data position reads the dataset too
         return checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.consumed,
                                keep=self.config.train.keep_checkpoints,
                                data_position=self.dataset.position(self.consumed), run_record=self._run_record())
@@ -203,7 +260,7 @@ class Trainer:
                   + (f" valid_loss {record['valid_loss']:.4f}" if "valid_loss" in record else "")
                   + (f" skipped {record['skipped_total']}" if record["skipped_total"] else ""), flush=True)
 
-    def _iteration(self, preemption: PreemptionHandler, writer: MetricsWriter, progress) -> tuple[float, bool]:
+    def _iteration(self, writer: MetricsWriter, progress) -> tuple[float, bool]:
         """One step with its evaluation, logging and checkpointing; returns (loss, stop requested)."""
         config = self.config
         record = self.train_step()
@@ -219,7 +276,7 @@ class Trainer:
                 f"{self.nonfinite.in_a_row} steps in a row had a non-finite loss or gradient norm "
                 f"(limit train.max_nonfinite_in_a_row={self.nonfinite.limit}); the last good state is "
                 f"saved in {self.checkpoint_dir}: lower optim.lr or check the data, then resume")
-        stop = preemption.should_stop(self.engine.device)
+        stop = self.stop_requested
         interval = config.train.save_interval
         if stop or (interval and self.step % interval == 0) or self.step == config.train.steps:
             self.save()
@@ -233,12 +290,14 @@ class Trainer:
         losses: list[float] = []
         stopped = False
         with PreemptionHandler() as preemption:
+            self.preemption = preemption
             while self.step < self.config.train.steps and not stopped:
                 try:
-                    loss, stopped = self._iteration(preemption, writer, progress)
+                    loss, stopped = self._iteration(writer, progress)
                 except RuntimeError as error:
                     raise self._collective_fault(error) from error
                 losses.append(loss)
+        self.next_rows.close()
         progress.close()
         writer.close()
         self.owned.release()

@@ -68,10 +68,13 @@ def _mean_over_data_parallel(total: torch.Tensor, count: int, dp_group) -> torch
 class PlainSteps:
     """train_batch / eval_batch on DeepSpeed's plain engine, with the pipeline engine's meaning.
 
-    `before_step` runs once per optimizer step after the last backward, on the gradients DeepSpeed has
-    reduced over the data-parallel ranks (the trainer's own clipping where it replaces DeepSpeed's)."""
+    `before_step(loss)` runs once per optimizer step after the last backward, on the gradients DeepSpeed has
+    reduced over the data-parallel ranks, with the step's loss (a 0-dim tensor on the device): the trainer's
+    own clipping where it replaces DeepSpeed's. Nothing here reads a device value on the host; each micro-batch's
+    copy to the device is queued (non-blocking, from the pinned host memory the loop collates into) before the
+    previous one's forward, so the host never waits for a copy."""
 
-    def __init__(self, engine, dp_group, before_step: Optional[Callable[[], None]] = None):
+    def __init__(self, engine, dp_group, before_step: Optional[Callable[[torch.Tensor], None]] = None):
         self.engine = engine
         self.dp_group = dp_group
         self.before_step = before_step
@@ -79,34 +82,42 @@ class PlainSteps:
         # onto themselves. engine.no_sync() skips it without ZeRO (ZeRO fills its partitions in that reduction).
         self._skip_reduce = dp_group is None and engine.zero_optimization_stage() == 0
 
-    def train_batch(self, batches: Iterable[tuple]) -> torch.Tensor:
+    def train_batch(self, batches: Sequence[tuple]) -> torch.Tensor:
         engine = self.engine
         if not engine.module.training:  # after eval_batch; module.train() walks every submodule (~0.2 ms a step)
             engine.train()
-        total, count = torch.zeros((), device=engine.device), 0
-        for inputs, target in batches:
-            loss = engine(_to(inputs, engine.device), _to(target, engine.device))
+        total, count = torch.zeros((), device=engine.device), len(batches)
+        loss_mean = total
+        upcoming = _to_device(batches[0], engine.device)
+        for index in range(count):
+            inputs, target = upcoming
+            if index + 1 < count:  # the next micro-batch's copy, queued ahead of this one's work
+                upcoming = _to_device(batches[index + 1], engine.device)
+            loss = engine(inputs, target)
             with engine.no_sync() if self._skip_reduce else nullcontext():
                 engine.backward(loss)
             total += loss.detach().float()
-            count += 1
-            if engine.is_gradient_accumulation_boundary() and self.before_step is not None:
-                self.before_step()
+            if engine.is_gradient_accumulation_boundary():
+                loss_mean = _mean_over_data_parallel(total, count, self.dp_group)
+                if self.before_step is not None:
+                    self.before_step(loss_mean)
             engine.step()
-        return _mean_over_data_parallel(total, count, self.dp_group)
+        return loss_mean
 
     @torch.no_grad()
     def eval_batch(self, batches: Iterable[tuple], num_micro_batches: int) -> torch.Tensor:
         engine = self.engine
         engine.eval()
         total = torch.zeros((), device=engine.device)
-        for inputs, target in batches:
-            total += engine(_to(inputs, engine.device), _to(target, engine.device)).float()
+        for batch in batches:
+            total += engine(*_to_device(batch, engine.device)).float()
         return _mean_over_data_parallel(total, num_micro_batches, self.dp_group)
 
 
-def _to(tensors: tuple, device) -> tuple:
-    return tuple(t.to(device) for t in tensors)
+def _to_device(batch: tuple, device) -> tuple:
+    """(inputs, target) tuples of host tensors -> the same on `device`, copied without waiting (non_blocking:
+    asynchronous where the host memory is pinned)."""
+    return tuple(tuple(t.to(device, non_blocking=True) for t in tensors) for tensors in batch)
 
 
 class PipelineSteps:

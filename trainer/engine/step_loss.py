@@ -3,8 +3,9 @@ micro-batch size, the number of data-parallel ranks or how packing lays samples 
 --calculate-per-token-loss, torchtitan).
 
     loss_step = sum over micro-batches k, data-parallel ranks r, tokens t of CE_krt * mask_krt  /  N_step
-N_step, the step's loss tokens, is summed over the data-parallel ranks once per step (one collective of one
-integer, before the first micro-batch). A mean per micro-batch would weight a token by 1 / (its micro-batch's
+N_step, the step's loss tokens, is summed over the data-parallel ranks once per step (one collective of two
+integers, N and the real tokens, before the first micro-batch), from the counts the collate step made on the
+host; the sum stays on the device (the loss divides by it there), so nothing waits for it. A mean per micro-batch would weight a token by 1 / (its micro-batch's
 loss tokens), so the same global batch would give another loss and gradient at another micro-batch size.
 
 DeepSpeed divides each micro-batch's loss by the gradient accumulation steps (GAS) before its backward, and
@@ -16,16 +17,32 @@ engine compute the same thing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from trainer.parallel.comm import sum_count
+from trainer.parallel.comm import sum_over_
 from trainer.parallel.topology import Topology
 
 
-def step_normaliser(micro_batches: list[dict], topology: Topology) -> torch.Tensor:
-    """This rank's collated micro-batches of one step -> GLMLoss's normaliser N_step / (GAS * dp), a 0-dim
-    fp32 tensor (module docstring). Every rank of the step calls it (a collective over the dp ranks)."""
-    local = sum(int(batch["loss_mask"].sum()) for batch in micro_batches)
-    loss_tokens = sum_count(local, topology.dp_group)
-    # GAS * dp: undoes DeepSpeed's mean over the micro-batches and the data-parallel ranks.
-    return torch.tensor(loss_tokens / (len(micro_batches) * topology.dp), dtype=torch.float32)
+@dataclass
+class StepCounts:
+    """What one optimizer step's micro-batches hold over every data-parallel rank."""
+    normaliser: torch.Tensor
+    """GLMLoss's normaliser N_step / (GAS * dp), a 0-dim fp32 tensor (on the host at dp = 1, else on the device)."""
+    real_tokens: torch.Tensor | int
+    """The real (non-padding) tokens of the step's rows on every rank: an int at dp = 1, else a 0-dim tensor on
+    the device, read with the step's other values (trainer/engine/step_values.py)."""
+
+
+def step_counts(micro_batches: list[dict], topology: Topology, device: torch.device | str) -> StepCounts:
+    """This rank's collated micro-batches of one step (trainer/data/dataset.py: collate counts them) -> the
+    step's counts (module docstring). Every rank of the step calls it (a collective over the dp ranks, dp > 1)."""
+    loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
+    real_tokens = sum(batch["num_tokens"] for batch in micro_batches)
+    divisor = len(micro_batches) * topology.dp  # GAS * dp: undoes DeepSpeed's mean over micro-batches and ranks
+    if topology.dp_group is None:
+        return StepCounts(torch.tensor(loss_tokens / divisor, dtype=torch.float32), real_tokens)
+    counts = sum_over_(torch.tensor([loss_tokens, real_tokens], dtype=torch.int64, device=device),
+                       group=topology.dp_group)  # [2]
+    return StepCounts(counts[0].float() / divisor, counts[1])

@@ -22,7 +22,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations, GLMEmbedding
 from trainer.model.norm import Norm
 from trainer.model.output import OutputLayer, head_outputs, vocab_parallel_logits
-from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 BLOCK = "block"
 """The role of a transformer block piece: run in a group of consecutive blocks (KV caches, recomputation)."""
@@ -104,7 +104,9 @@ class GLMLoss(nn.Module):
     """Loss = sum(CE * loss_mask) / normaliser, CE in fp32 over the vocabulary-parallel logits (padding columns
     excluded). labels are already shifted: labels[i] is predicted at position i. The normaliser is the
     target's third element if it has one (the trainer's share of the step's loss tokens:
-    trainer/engine/step_loss.py), else the micro-batch's own count of loss tokens sum(loss_mask) (a token mean)."""
+    trainer/engine/step_loss.py), else the micro-batch's own count of loss tokens sum(loss_mask) (a token mean).
+    Nothing here reads a device value on the host: which positions count comes from the batch, not from
+    boolean indexing (which waits for the device to learn how many)."""
 
     def __init__(self, config: ModelConfig, tp_group=None):
         super().__init__()
@@ -113,22 +115,26 @@ class GLMLoss(nn.Module):
 
     def forward(self, outputs, target: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """outputs: logits [b, s, V_pad / tp], or (hidden [b, s, h], the output weight [V_pad / tp, h])
-        as the output head hands them over (trainer/model/output.py), in which case the logits are computed only at the
-        positions the loss counts (Part B: 15-30% of a GLM sample); target (labels [b, s], loss_mask [b, s]
-        [, normaliser: a 0-dim fp32 tensor])."""
+        as the output head hands them over (trainer/model/output.py), in which case the logits are computed
+        chunk by chunk inside the loss (vocab_parallel_linear_cross_entropy: no [b, s, V] fp32 copy); target
+        (labels [b, s], loss_mask [b, s] [, normaliser: a 0-dim fp32 tensor [, loss_positions [n]: the flat
+        indices of the loss tokens, collate's; then the logits are computed at those positions only (Part B:
+        15-30% of a GLM sample)]])."""
         labels, loss_mask = target[:2]
         normaliser = target[2] if len(target) > 2 else loss_mask.sum()
         if isinstance(outputs, tuple):
             hidden, weight = outputs
-            counted = loss_mask.reshape(-1) != 0
-            hidden = hidden.reshape(-1, hidden.shape[-1])[counted]  # [n, h], n = counted positions
-            logits = vocab_parallel_logits(hidden, weight, self.tp_group)  # [n, V_pad / tp]
-            labels, loss_mask = labels.reshape(-1)[counted], loss_mask.reshape(-1)[counted]
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # [b * s, h]
+            labels, weights = labels.reshape(-1), loss_mask.reshape(-1)  # [b * s]
+            if len(target) > 3:
+                positions = target[3]  # [n]
+                hidden, labels, weights = hidden[positions], labels[positions], weights[positions]  # [n, h], [n]
+            summed = vocab_parallel_linear_cross_entropy(hidden, weight, labels, weights.float(), self.tp_group,
+                                                         vocab_size=self.vocab_size)
         else:
-            logits = outputs
-        per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group, vocab_size=self.vocab_size)
-        summed = (per_token * loss_mask.to(per_token.dtype)).sum()
-        return summed / normaliser.to(per_token.dtype).clamp_min(torch.finfo(per_token.dtype).tiny)  # none: 0
+            per_token = vocab_parallel_cross_entropy(outputs, labels, self.tp_group, vocab_size=self.vocab_size)
+            summed = (per_token * loss_mask.to(per_token.dtype)).sum()
+        return summed / normaliser.to(summed.dtype).clamp_min(torch.finfo(summed.dtype).tiny)  # none: 0
 
 
 class GLMModel(nn.Module):

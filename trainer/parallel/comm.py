@@ -73,6 +73,15 @@ def any_rank(flag: bool, device: torch.device | str, group: Group) -> bool:
     return bool(value.item())
 
 
+def max_over_ranks(flag: bool, device: torch.device | str, group: Group) -> torch.Tensor:
+    """any_rank without the host read: a 0-dim tensor on `device`, 1.0 on every rank of the group if the flag
+    is True on any of them, else 0.0 (a collective: every rank calls it)."""
+    value = torch.tensor(1.0 if flag else 0.0, device=device)
+    if group_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return value
+
+
 def barrier(group: Group) -> None:
     """Wait until every rank of the group reaches this call."""
     if group_size(group) > 1:
