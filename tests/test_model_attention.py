@@ -14,6 +14,7 @@ from tests.test_model_mask import packed_segments
 from trainer.model.attention import MASKED_SCORE, KVCache, SelfAttention, flex_glm_attention, fp32_softmax_attention
 from trainer.model.config import ModelConfig
 from trainer.model.mask import GLMMask, dense_mask, segments_of_sep
+from trainer.model.rotary import position_rotations
 from trainer.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -26,6 +27,14 @@ def compact_sep_mask(sep: torch.Tensor, s: int) -> GLMMask:
 def dense_sep_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
     """The dense [b, 1, s, s] mask of one sample per row, from the model's rule."""
     return dense_mask(segments_of_sep(sep, s))
+
+
+def attend(attention: SelfAttention, hidden, position_ids, block_position_ids, mask, kv_cache=None):
+    """attention as a block calls it: the RoPE tables of the ids, a GLMMask in the form of the module's kernel."""
+    if isinstance(mask, GLMMask):
+        mask = attention.kernel_mask(mask, hidden.dtype)
+    rotations = position_rotations(position_ids, block_position_ids, attention.config)
+    return attention(hidden, rotations, mask, kv_cache=kv_cache)
 
 
 def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
@@ -85,7 +94,7 @@ def test_attention_module_matches_the_formula(fp32_softmax):
     ids = torch.zeros(2, 7, dtype=torch.long)
     q, k, v = _qkv_of(attention, hidden)
     context = fp32_reference(q, k, v, mask).float().transpose(1, 2).reshape(2, 7, 32)  # [b, s, h]
-    assert_close(attention(hidden, ids, ids, mask), attention.dense(context), atol=1e-5, rtol=1e-5)
+    assert_close(attend(attention, hidden, ids, ids, mask), attention.dense(context), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["grouped_query", "multi_query"])
@@ -108,8 +117,8 @@ def test_grouped_query_equals_multi_head_with_repeated_key_value_heads(kv_heads)
     hidden = torch.randn(2, 7, 32)
     positions = torch.arange(7).expand(2, 7)
     mask = glm_mask(torch.tensor([2, 4]), 7)
-    assert_close(grouped(hidden, positions, positions * 0, mask), multi_head(hidden, positions, positions * 0, mask),
-                 atol=1e-6, rtol=1e-6)
+    assert_close(attend(grouped, hidden, positions, positions * 0, mask),
+                 attend(multi_head, hidden, positions, positions * 0, mask), atol=1e-6, rtol=1e-6)
 
 
 def test_tp_splits_key_value_heads_it_divides_and_replicates_those_it_is_a_multiple_of():
@@ -143,10 +152,10 @@ def _replicated_kv_cache(rank: int, world_size: int) -> None:
     positions, blocks = torch.zeros(1, s, dtype=torch.long), torch.arange(s)[None]
     mask = glm_mask(torch.tensor([1]), s)
     cache = KVCache()
-    head = sharded(hidden[:, :first], positions[:, :first], blocks[:, :first], mask[:, :, :first, :first], cache)
-    tail = sharded(hidden[:, first:], positions[:, first:], blocks[:, first:], mask[:, :, first:, :], cache)
+    head = attend(sharded, hidden[:, :first], positions[:, :first], blocks[:, :first], mask[:, :, :first, :first], cache)
+    tail = attend(sharded, hidden[:, first:], positions[:, first:], blocks[:, first:], mask[:, :, first:, :], cache)
     assert cache.key.shape == (1, 1, s, 8)  # the one key/value head, on both ranks
-    assert_close(torch.cat([head, tail], dim=1), whole(hidden, positions, blocks, mask), atol=1e-5, rtol=1e-5)
+    assert_close(torch.cat([head, tail], dim=1), attend(whole, hidden, positions, blocks, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_replicated_key_value_head_with_a_kv_cache_at_tp2_equals_tp1():
@@ -166,11 +175,11 @@ def test_kv_cache_equals_full_sequence(position_embedding, kv_heads):
     position_ids = torch.tensor([[0, 1, 2, 3, 3, 3, 3, 3, 3]])
     block_position_ids = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
     mask = glm_mask(torch.tensor([sep]), s)
-    full = attention(hidden, position_ids, block_position_ids, mask)
+    full = attend(attention, hidden, position_ids, block_position_ids, mask)
     cache = KVCache()
-    head = attention(hidden[:, :first], position_ids[:, :first], block_position_ids[:, :first],
+    head = attend(attention, hidden[:, :first], position_ids[:, :first], block_position_ids[:, :first],
                      mask[:, :, :first, :first], kv_cache=cache)
-    tail = attention(hidden[:, first:], position_ids[:, first:], block_position_ids[:, first:],
+    tail = attend(attention, hidden[:, first:], position_ids[:, first:], block_position_ids[:, first:],
                      mask[:, :, first:, :], kv_cache=cache)
     assert_close(torch.cat([head, tail], dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -185,10 +194,10 @@ def test_attention_dropout_draws_from_the_tensor_parallel_stream(fp32_softmax):
     ids = torch.zeros(1, 6, dtype=torch.long)
     default_before = torch.get_rng_state()
     fork_before = get_rng_tracker().get_states()[MODEL_PARALLEL_RNG]
-    dropped = attention(hidden, ids, ids, mask)
+    dropped = attend(attention, hidden, ids, ids, mask)
     assert torch.equal(torch.get_rng_state(), default_before)  # the default stream did not move
     assert not torch.equal(get_rng_tracker().get_states()[MODEL_PARALLEL_RNG], fork_before)
-    assert (dropped - attention.eval()(hidden, ids, ids, mask)).abs().max() > 1e-3
+    assert (dropped - attend(attention.eval(), hidden, ids, ids, mask)).abs().max() > 1e-3
 
 
 def test_glm_mask_is_the_formula_and_is_shared_while_segments_are_the_same_tensor():
@@ -215,7 +224,7 @@ def test_attention_with_compact_mask_equals_dense_mask_outputs_and_grads():
     ids = torch.arange(s).expand(2, s)
     results = []
     for mask in (dense_sep_mask(sep, s), compact_sep_mask(sep, s)):
-        out = attention(hidden, ids, ids, mask)
+        out = attend(attention, hidden, ids, ids, mask)
         grads = torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])
         results.append((out, grads))
     assert_close(results[1], results[0])
@@ -230,7 +239,8 @@ def test_attention_with_compact_mask_equals_dense_mask_for_both_softmax_paths(fp
     sep, s = torch.tensor([1, 6]), 8
     hidden, ids = torch.randn(2, s, 32), torch.zeros(2, s, dtype=torch.long)
     dense = dense_sep_mask(sep, s)
-    assert_close(attention(hidden, ids, ids, compact_sep_mask(sep, s)), attention(hidden, ids, ids, dense))
+    assert_close(attend(attention, hidden, ids, ids, compact_sep_mask(sep, s)),
+                 attend(attention, hidden, ids, ids, dense))
 
 
 @pytest.mark.parametrize("s", [200, 256])
@@ -242,7 +252,7 @@ def test_flex_attention_equals_sdpa_with_the_dense_mask(s):
     q, k, v = (torch.randn(b, n, s, d) for _ in range(3))
     mask = compact_sep_mask(torch.tensor([1, 37, 128, s - 3]), s)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
-    assert_close(flex_glm_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+    assert_close(flex_glm_attention(q, k, v, mask.block_mask()), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(get_accelerator().device_name() == "cpu",
@@ -261,6 +271,6 @@ def test_flex_attention_path_equals_sdpa_path_outputs_and_grads_on_the_accelerat
     ids = torch.zeros(2, s, dtype=torch.long, device=device)
     results = []
     for mask in (dense_mask(segments), GLMMask(segments)):  # SDPA, then FlexAttention
-        out = attention(hidden, ids, ids, mask)
+        out = attend(attention, hidden, ids, ids, mask)
         results.append((out, torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])))
     assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)
