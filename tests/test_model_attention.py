@@ -274,3 +274,88 @@ def test_flex_attention_path_equals_sdpa_path_outputs_and_grads_on_the_accelerat
         out = attend(attention, hidden, ids, ids, mask)
         results.append((out, torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])))
     assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)
+
+
+def _grouped_qkv(b, n, g, s, d, dtype=torch.float32, scale=1.0):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(b, n, s, d, generator=generator) * scale
+    k = torch.randn(b, g, s, d, generator=generator) * scale
+    return q.to(dtype), k.to(dtype), torch.randn(b, g, s, d, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi_head", "grouped_query"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_fp32_softmax_with_layer_scaling_equals_the_eager_formula(kv_heads, dtype):
+    """The FlexAttention form (q / (sqrt(d) c), score_mod * c on the kernel's fp32 scores) against the eager
+    fp32_softmax_attention, on packed rows, forward (CPU: FlexAttention's eager reference kernel). fp32: equal.
+    bf16: the eager formula rounds the scores to bf16 before the fp32 softmax, the kernel does not, so each is
+    compared with the float64 softmax: the kernel's error is no larger than the formula's."""
+    b, n, s, d = 2, 4, 256, 16
+    q, k, v = _grouped_qkv(b, n, kv_heads, s, d, dtype, scale=2.0)
+    mask = GLMMask(packed_segments([[(100, 40), (150, 30)], [(129, 128), (127, 3)]], s))
+    c = 24
+    got = flex_glm_attention(q, k, v, mask.block_mask(), layer_scaling=torch.tensor(float(c)))
+    eager = fp32_softmax_attention(q, k, v, mask.dense(), layer_number=c, dropout=lambda p: p)
+    assert got.dtype == eager.dtype == dtype
+    if dtype == torch.float32:
+        assert_close(got, eager, atol=1e-5, rtol=1e-5)
+        return
+    reference = fp32_reference(q, *(t.repeat_interleave(n // kv_heads, dim=1) for t in (k, v)), mask.dense())
+    got_error, eager_error = ((t.double() - reference).abs().max().item() for t in (got, eager))
+    assert got_error <= eager_error and got_error < 0.05, (got_error, eager_error)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["grouped_query", "multi_query"])
+def test_kernels_take_grouped_key_value_heads_as_the_repeated_heads(kv_heads):
+    """SDPA's and FlexAttention's enable_gqa, and the eager formula's grouped view, against K and V repeated per
+    query head (repeat_interleave: query head j uses key/value head j // (n / g))."""
+    b, n, s, d = 2, 4, 200, 8
+    q, k, v = _grouped_qkv(b, n, kv_heads, s, d)
+    mask = compact_sep_mask(torch.tensor([37, 150]), s)
+    k_rep, v_rep = (t.repeat_interleave(n // kv_heads, dim=1) for t in (k, v))
+    expected = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask.dense())
+    assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype), enable_gqa=True), expected)
+    assert_close(flex_glm_attention(q, k, v, mask.block_mask()), expected, atol=1e-5, rtol=1e-5)
+    grouped = fp32_softmax_attention(q, k, v, mask.dense(), layer_number=3, dropout=lambda p: p)
+    repeated = fp32_softmax_attention(q, k_rep, v_rep, mask.dense(), layer_number=3, dropout=lambda p: p)
+    assert_close(grouped, repeated)
+
+
+def test_rope_tables_are_built_once_per_micro_batch(monkeypatch):
+    from trainer.model import rotary
+    from trainer.model.glm import GLMModel
+
+    built = []
+    original = rotary.position_rotations
+    monkeypatch.setattr(rotary, "position_rotations", lambda *args: built.append(1) or original(*args))
+    config = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=64, hidden_dropout=0.0,
+                         attention_dropout=0.0, position_embedding="rope_1d")
+    model = GLMModel(config)
+    ids, s = torch.zeros(2, 8, dtype=torch.long), 8
+    positions = torch.arange(s).expand(2, s)
+    inputs = (ids, positions, positions * 0, segments_of_sep(torch.tensor([3, 5]), s))
+    model(*inputs)
+    assert len(built) == 1  # three blocks, queries and keys: one table
+    model(*inputs[:3], inputs[3].clone())  # a new micro-batch's mask; the same id tensors keep their tables
+    assert len(built) == 1
+    model(ids, positions.clone(), positions * 0, inputs[3])  # new ids: new tables
+    assert len(built) == 2
+
+
+@pytest.mark.skipif(get_accelerator().device_name() == "cpu",
+                    reason="FlexAttention has no backward on CPU; the kernel trains on accelerators only")
+def test_flex_fp32_softmax_path_equals_the_eager_formula_outputs_and_grads_on_the_accelerator():
+    torch.manual_seed(0)
+    device = get_accelerator().device_name(0)
+    config = ModelConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+                         fp32_softmax_layer_scaling=True, position_embedding="rope_1d")
+    attention = SelfAttention(config, layer_number=5, seed=3).to(device)
+    s = 384
+    segments = packed_segments([[(100, 40), (200, 30), (60, 60)], [(130, 129), (128, 3), (5, 2)]], s).to(device)
+    hidden = torch.randn(2, s, 128, device=device, requires_grad=True)
+    ids = torch.arange(s, device=device).expand(2, s)
+    results = []
+    for mask in (dense_mask(segments), GLMMask(segments)):  # the eager formula, then FlexAttention
+        out = attend(attention, hidden, ids, ids * 0, mask)
+        results.append((out, torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])))
+    assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)

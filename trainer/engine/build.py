@@ -21,6 +21,7 @@ from trainer.engine.optimizer import build_optimizer
 from trainer.engine.pipeline import GLMPipeline
 from trainer.engine.plain import GLMTrainModel, PipelineSteps, PlainSteps
 from trainer.engine.schedule import lr_lambda
+from trainer.model.block import compile_blocks
 from trainer.parallel.random import recompute
 from trainer.parallel.topology import Topology
 
@@ -60,6 +61,8 @@ def build_engine(config: Config, topology: Topology, world_size: int) -> RunEngi
     (fp32 without ZeRO: the default with one data-parallel rank, engine/ds_config.py)."""
     ds_config = build_ds_config(config, world_size)
     module = build_module(config, topology, ds_config)
+    if config.model.compile:
+        compile_blocks(module)  # block by block, the mask and RoPE tables built outside (trainer/model/block.py)
     frozen = finetune.freeze(module, config)
     optimizer = build_optimizer(module, config.optim, frozen=frozen)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -75,8 +78,6 @@ def build_engine(config: Config, topology: Topology, world_size: int) -> RunEngi
             wrap_model_step(engine, before=clipping.clip)
             if topology.dp * topology.cp == 1:  # DeepSpeed's data axis is dp x cp (engine/ds_topology.py)
                 skip_single_replica_allreduce(engine)
-    if config.model.compile:
-        engine.compile()  # torch.compile (the pipeline engine compiles layer by layer)
     return RunEngine(engine, steps, clipping)
 
 
