@@ -69,6 +69,10 @@ def test_figures_are_computed_from_the_measured_step_times(report):
     assert_close(report["tokens_per_s"], tokens_per_step / statistics.median(all_engine))
     assert_close(report["tflops"], report["tokens_per_s"] * flops / 1e12)
     assert_close(report["mfu"], report["tflops"] / 0.5)
+    causal = train_flops_per_token(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300),
+                                   64, attention="causal")
+    assert report["flops_per_token_causal"] == causal < flops  # Megatron's convention: attention's square halved
+    assert_close(report["mfu_causal"], report["tokens_per_s"] * causal / 1e12 / 0.5)
     for times, suffix in ((pairs, ""), (cpu, "_cpu")):
         bare, gpt2 = times["bare_loop"], times["hf_gpt2"]
         assert_close(report["vs_bare_loop" + suffix],
