@@ -168,7 +168,8 @@ def device_check(args: argparse.Namespace) -> int:
     from trainer.bench.device_check import run_device_check, to_text  # deepspeed only once the config is valid
 
     with stdout_to_stderr():
-        report = run_device_check(config, Path(args.out), args.smoke, peak)
+        report = run_device_check(config, Path(args.out), args.smoke, peak,
+                                  {"config": args.config, "overrides": overrides})
     print(to_text(report))
     return 0
 

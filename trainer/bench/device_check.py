@@ -38,7 +38,7 @@ from trainer.bench.batches import synthetic_step
 from trainer.bench.runners import EngineRunner
 from trainer.bench.timing import timed
 from trainer.config import Config
-from trainer.engine.flops import PEAK_TFLOPS, train_flops_per_token
+from trainer.engine.flops import peak_tflops, train_flops_per_token
 from trainer.model.attention import flex_glm_attention
 from trainer.model.mask import GLMMask, segments_of_sep, stack_segments
 from trainer.parallel.random import model_parallel_seed
@@ -143,8 +143,9 @@ def engine_figures(config: Config, micro_batch: int, steps: int, peak: float | N
     figures = {"micro_batch_size": micro_batch, "step_s": seconds, "tokens_per_s": tokens_per_s,
                "peak_memory_bytes": int(accelerator.max_memory_allocated())}
     for suffix, attention in (("", "full"), ("_causal", "causal")):
-        tflops = tokens_per_s * train_flops_per_token(run.model, run.data.seq_length, attention=attention) / 1e12
-        figures[f"tflops{suffix}"] = tflops
+        flops_per_token = train_flops_per_token(run.model, run.data.seq_length, attention=attention)
+        tflops = tokens_per_s * flops_per_token / 1e12
+        figures[f"flops_per_token{suffix}"], figures[f"tflops{suffix}"] = flops_per_token, tflops
         figures[f"mfu{suffix}"] = None if peak is None else tflops / peak
     return figures, engine
 
@@ -182,18 +183,19 @@ def _device():
     return local_device()
 
 
-def run_device_check(config: Config, out: Path, smoke: bool, peak_name: str | None) -> dict:
-    """The four parts (module docstring) -> the report, written to out/device_check.json."""
+def run_device_check(config: Config, out: Path, smoke: bool, peak_name: str | None, source: dict) -> dict:
+    """The four parts (module docstring) -> the report, written to out/device_check.json; source: the config
+    file and overrides it was loaded from (launch.device_memory rebuilds the config from them)."""
     from trainer.engine.distributed import init_distributed
 
     init_distributed(config.train.collective_timeout_minutes)
     device = _device()
     dtype = torch.float32 if config.train.precision == "fp32" else torch.bfloat16
-    peak = PEAK_TFLOPS.get((peak_name, config.train.precision)) if peak_name else None
+    peak = peak_tflops(peak_name, config.train.precision)
     repeats, steps = (2, 2) if smoke else (10, 5)
     micro_batches = (1, 2) if smoke else (config.parallel.micro_batch_size, 2 * config.parallel.micro_batch_size)
     started = time.perf_counter()
-    report = {"device": get_accelerator().device_name(), "torch": torch.__version__, "smoke": smoke,
+    report = {**source, "device": get_accelerator().device_name(), "torch": torch.__version__, "smoke": smoke,
               "precision": config.train.precision, "peak_tflops": peak, "peak_name": peak_name,
               "shape": {"num_layers": config.model.num_layers, "hidden_size": config.model.hidden_size,
                         "num_attention_heads": config.model.num_attention_heads,
@@ -202,12 +204,14 @@ def run_device_check(config: Config, out: Path, smoke: bool, peak_name: str | No
               "attention": attention_comparison(config, dtype, device, repeats), "engine": []}
     engine = None
     for micro_batch in micro_batches:
-        if engine is not None:
-            del engine
-            get_accelerator().empty_cache()
-        figures, engine = engine_figures(config, micro_batch, steps, peak)
+        engine = None  # the previous size's engine freed before the next is built
+        get_accelerator().empty_cache()
+        try:
+            figures, engine = engine_figures(config, micro_batch, steps, peak)
+        except torch.OutOfMemoryError as error:  # the larger size may not fit: say so, keep the other figures
+            figures = {"micro_batch_size": micro_batch, "out_of_memory": str(error).splitlines()[0]}
         report["engine"].append(figures)
-    report["profile"] = profile_split(engine)
+    report["profile"] = None if engine is None else profile_split(engine)
     report["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_check.json").write_text(json.dumps(report, indent=2))
@@ -230,10 +234,15 @@ def to_text(report: dict) -> str:
                      f"{entry['max_abs_difference']:>11.2e}")
     lines.append(f"{'engine mb':<16} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU full':>9} {'MFU causal':>11} {'peak GiB':>9}")
     for entry in report["engine"]:
+        if "out_of_memory" in entry:
+            lines.append(f"{entry['micro_batch_size']:<16} out of memory")
+            continue
         mfu = lambda key: "n/a" if entry[key] is None else f"{100 * entry[key]:.1f}%"
         lines.append(f"{entry['micro_batch_size']:<16} {entry['tokens_per_s']:>10.0f} {entry['tflops']:>9.3f} "
                      f"{mfu('mfu'):>9} {mfu('mfu_causal'):>11} {entry['peak_memory_bytes'] / 2 ** 30:>9.2f}")
     profile = report["profile"]
+    if profile is None:
+        return "\n".join(lines + ["profile: no engine step fitted"])
     lines.append(f"profile of one step ({profile['step_s']:.3f} s): " + ", ".join(
         f"{name} {100 * fraction:.1f}%" for name, fraction in profile["fraction"].items()))
     return "\n".join(lines)
