@@ -152,7 +152,8 @@ def _replicated_kv_cache(rank: int, world_size: int) -> None:
     positions, blocks = torch.zeros(1, s, dtype=torch.long), torch.arange(s)[None]
     mask = glm_mask(torch.tensor([1]), s)
     cache = KVCache()
-    head = attend(sharded, hidden[:, :first], positions[:, :first], blocks[:, :first], mask[:, :, :first, :first], cache)
+    head = attend(sharded, hidden[:, :first], positions[:, :first], blocks[:, :first], mask[:, :, :first, :first],
+                  cache)
     tail = attend(sharded, hidden[:, first:], positions[:, first:], blocks[:, first:], mask[:, :, first:, :], cache)
     assert cache.key.shape == (1, 1, s, 8)  # the one key/value head, on both ranks
     assert_close(torch.cat([head, tail], dim=1), attend(whole, hidden, positions, blocks, mask), atol=1e-5, rtol=1e-5)

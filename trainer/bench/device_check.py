@@ -171,8 +171,8 @@ def profile_split(engine: EngineRunner) -> dict:
                 split[kernel_group(event.key)] += event.self_cpu_time_total / 1e6
     else:  # the device's kernels
         for event in profiler.events():
-            if event.device_type != torch.autograd.DeviceType.CPU and event.device_time > 0:
-                split[kernel_group(event.name)] += event.device_time / 1e6
+            if event.device_type != torch.autograd.DeviceType.CPU and event.device_time_total > 0:
+                split[kernel_group(event.name)] += event.device_time_total / 1e6
     split["idle"] = max(wall - sum(split.values()), 0.0)
     return {"step_s": wall, "seconds": split, "fraction": {key: value / wall for key, value in split.items()}}
 
@@ -232,7 +232,8 @@ def to_text(report: dict) -> str:
         lines.append(f"{layout:<16} {ms('flex_forward_s'):>12} {ms('sdpa_forward_s'):>12} "
                      f"{ms('flex_forward_backward_s'):>12} {ms('sdpa_forward_backward_s'):>12} "
                      f"{entry['max_abs_difference']:>11.2e}")
-    lines.append(f"{'engine mb':<16} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU full':>9} {'MFU causal':>11} {'peak GiB':>9}")
+    lines.append(f"{'engine mb':<16} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU full':>9} {'MFU causal':>11} "
+                 f"{'peak GiB':>9}")
     for entry in report["engine"]:
         if "out_of_memory" in entry:
             lines.append(f"{entry['micro_batch_size']:<16} out of memory")

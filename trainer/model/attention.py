@@ -25,8 +25,8 @@ any compiled region (a compiled block receives a tensor or a BlockMask, never th
 - a FlexAttention BlockMask on an accelerator (no attention dropout, no KV cache): the tiles wholly hidden
   (between two packed samples, above the diagonal right of a sep) are skipped, the wholly visible ones run
   unmasked. GLM-130B's FP32 softmax with layer scaling runs here too: FlexAttention computes its scores and
-  softmax in fp32 whatever the input dtype, so the formula is its scale 1 / (sqrt(d) c) and a score_mod
-  multiplying the fp32 score by c;
+  softmax in fp32 whatever the input dtype, so the formula is q / (sqrt(d) c) in the compute dtype and a
+  score_mod multiplying the fp32 score by c (flex_glm_attention);
 - otherwise SDPA's additive float mask built once per micro-batch (given a bool mask, SDPA would convert it to
   that float mask in every layer), or the dense bool mask for the eager FP32-softmax formula
   (`fp32_softmax_attention`: the CPU / dropout path and the reference the FlexAttention form is tested against)
