@@ -187,12 +187,21 @@ def test_cli_errors_are_one_line_and_exit_2():
     assert result.stderr.strip() == "error: --steps, --warmup and --pipeline-micro-batches must be >= 1"
 
 
+def test_device_check_refuses_an_out_it_cannot_write_before_measuring(tmp_path, capsys):
+    from trainer.bench.cli import main
+
+    taken = tmp_path / "file"
+    taken.write_text("")
+    assert main(["--device-check", "--smoke", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {taken}: {taken} is a file; pass a directory that can be created"
+
+
 def test_device_check_smoke_runs_every_part_on_the_cpu(tmp_path):
     """glm-bench --device-check --smoke: the accelerator check's code on the CPU at a tiny shape. Its figures
     are recomputed from its own timings; FlexAttention and SDPA agree; the profile split covers the step."""
     command = [sys.executable, "-m", "trainer.bench.cli", "--device-check", "--smoke", "--out", str(tmp_path),
                "--peak-tflops", "0.5"]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=480)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MFU full" in result.stdout and "profile of one step" in result.stdout
     report = json.loads((tmp_path / "device_check.json").read_text())

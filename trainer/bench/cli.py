@@ -28,6 +28,7 @@ import torch
 
 from trainer.config import Config, add_config_arguments, load_config
 from trainer.errors import ConfigError, GLMError, OneLineParser, env_int, exits_on_error
+from trainer.paths import uncreatable_directory
 from trainer.tools.preflight import check_data
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -154,7 +155,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def device_check(args: argparse.Namespace) -> int:
-    """--device-check: the config on one process; --smoke forces the CPU's fp32 and the tiny shape."""
+    """--device-check: the config on one process; --smoke: fp32 at a tiny glm-debug shape (the CI test, run
+    with DS_ACCELERATOR=cpu)."""
+    problem = uncreatable_directory(Path(args.out))
+    if problem:
+        raise ConfigError(f"--out {args.out}: {problem}; pass a directory that can be created")
     overrides = list(args.overrides)
     if args.smoke:
         overrides = ["train.precision=fp32", "model.vocab_size=384", "model.num_layers=2", "model.hidden_size=32",
@@ -164,11 +169,10 @@ def device_check(args: argparse.Namespace) -> int:
     check_peak(args.peak_tflops, config.train.precision)
     config.validate(world_size=1)
     config.model.validate(1)
-    peak = args.peak_tflops or ("h100-sxm" if not args.smoke else None)
     from trainer.bench.device_check import run_device_check, to_text  # deepspeed only once the config is valid
 
     with stdout_to_stderr():
-        report = run_device_check(config, Path(args.out), args.smoke, peak,
+        report = run_device_check(config, Path(args.out), args.smoke, args.peak_tflops,
                                   {"config": args.config, "overrides": overrides})
     print(to_text(report))
     return 0
