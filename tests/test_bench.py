@@ -69,6 +69,10 @@ def test_figures_are_computed_from_the_measured_step_times(report):
     assert_close(report["tokens_per_s"], tokens_per_step / statistics.median(all_engine))
     assert_close(report["tflops"], report["tokens_per_s"] * flops / 1e12)
     assert_close(report["mfu"], report["tflops"] / 0.5)
+    causal = train_flops_per_token(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300),
+                                   64, attention="causal")
+    assert report["flops_per_token_causal"] == causal < flops  # Megatron's convention: attention's square halved
+    assert_close(report["mfu_causal"], report["tokens_per_s"] * causal / 1e12 / 0.5)
     for times, suffix in ((pairs, ""), (cpu, "_cpu")):
         bare, gpt2 = times["bare_loop"], times["hf_gpt2"]
         assert_close(report["vs_bare_loop" + suffix],
@@ -181,3 +185,51 @@ def test_cli_errors_are_one_line_and_exit_2():
     result = bench("--steps", "0")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --steps, --warmup and --pipeline-micro-batches must be >= 1"
+
+
+def test_device_check_refuses_an_out_it_cannot_write_before_measuring(tmp_path, capsys):
+    from trainer.bench.cli import main
+
+    taken = tmp_path / "file"
+    taken.write_text("")
+    assert main(["--device-check", "--smoke", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {taken}: {taken} is a file; pass a directory that can be created"
+
+
+def test_device_check_smoke_runs_every_part_on_the_cpu(tmp_path):
+    """glm-bench --device-check --smoke: the accelerator check's code on the CPU at a tiny shape. Its figures
+    are recomputed from its own timings; FlexAttention and SDPA agree; the profile split covers the step."""
+    command = [sys.executable, "-m", "trainer.bench.cli", "--device-check", "--smoke", "--out", str(tmp_path),
+               "--peak-tflops", "0.5"]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=480)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MFU full" in result.stdout and "profile of one step" in result.stdout
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["smoke"] and report["precision"] == "fp32" and report["peak_tflops"] == 0.5
+    for name, (m, k, n) in zip(("qkv", "attention_out", "mlp_in", "mlp_out"),
+                               ((512, 32, 96), (512, 32, 32), (512, 32, 128), (512, 128, 32))):
+        gemm = report["gemm"][name]
+        assert gemm["shape_mkn"] == [m, k, n]
+        assert_close(gemm["tflops"], 2 * m * k * n / gemm["seconds"] / 1e12)
+    for layout in ("unpacked", "packed"):
+        entry = report["attention"][layout]
+        assert entry["max_abs_difference"] < 1e-4 and entry["compared"] == ["output"]  # no FlexAttention CPU backward
+        assert entry["flex_forward_s"] > 0 and entry["sdpa_forward_backward_s"] > 0
+    assert [entry["micro_batch_size"] for entry in report["engine"]] == [1, 2]
+    for entry in report["engine"]:
+        assert_close(entry["tokens_per_s"], 2 * entry["micro_batch_size"] * 128 / entry["step_s"])
+        assert entry["flops_per_token_causal"] < entry["flops_per_token"]
+        for suffix in ("", "_causal"):
+            assert_close(entry["tflops" + suffix], entry["tokens_per_s"] * entry["flops_per_token" + suffix] / 1e12)
+            assert_close(entry["mfu" + suffix], entry["tflops" + suffix] / 0.5)
+        assert entry["peak_memory_bytes"] > 0
+    profile = report["profile"]
+    busy = sum(seconds for name, seconds in profile["seconds"].items() if name != "idle")
+    assert_close(profile["seconds"]["idle"], max(profile["step_s"] - busy, 0.0))
+    assert profile["seconds"]["matmul"] > 0 and profile["seconds"]["attention"] > 0
+    from launch.device_memory import main as device_memory  # the memory model beside the measured peaks
+
+    assert device_memory([str(tmp_path / "device_check.json")]) == 0
+    for entry in json.loads((tmp_path / "device_check.json").read_text())["engine"]:
+        assert entry["memory_model_bytes"] > 0
+        assert_close(entry["measured_over_model"], entry["peak_memory_bytes"] / entry["memory_model_bytes"])

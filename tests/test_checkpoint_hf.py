@@ -22,6 +22,7 @@ from trainer.tools.decoding import continue_causal
 from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMModel
 from trainer.model.mask import segments_of_sep
+from trainer.model.rotary import position_rotations
 from trainer.parallel.topology import Topology
 
 transformers = pytest.importorskip("transformers")
@@ -213,7 +214,7 @@ def test_chatglm_6b_release_names_import_to_weights_that_compute_the_release_att
     blocks = torch.where(index >= sep[:, None], index - sep[:, None] + 1, 0)
     mask = ((index[:, None, :] < sep[:, None, None]) | (index[:, None, :] <= index[:, :, None]))[:, None]
     for layer in range(2):
-        ours = model.transformer["layers"][layer].attention(x, positions, blocks, mask)
+        ours = model.transformer["layers"][layer].attention(x, position_rotations(positions, blocks, config), mask)
         assert_close(ours, _release_attention(release, x, positions, blocks, mask, 4, layer), atol=1e-5, rtol=1e-5)
 
     release["lm_head.weight"] = release["lm_head.weight"] + 1

@@ -2,6 +2,7 @@
 Megatron's formula, GLM-4-9B's grouped-query attention counts its K and V projections at 2 key/value heads."""
 from trainer.config import load_config
 from trainer.engine.flops import FLOP_FORMULA, forward_flops_per_token, train_flops_per_token
+from trainer.model.config import ModelConfig
 
 
 def test_glm_base_is_megatrons_formula():
@@ -30,3 +31,12 @@ def test_the_vocabulary_padding_of_tp_is_counted():
     model = load_config("configs/glm-4-9b.yaml").model
     # 151552 rows pad to a multiple of 128 * 3 = 384: 151680
     assert forward_flops_per_token(model, 8192, tp=3) - forward_flops_per_token(model, 8192) == 2 * 4096 * 128
+
+
+def test_causal_convention_counts_half_the_attention_square():
+    # Megatron-LM's current convention: the s x s score square of a causal mask counted half (2 s h, not 4 s h)
+    model = ModelConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=50304)
+    s, layers, h = 2048, 24, 2048
+    full, causal = train_flops_per_token(model, s), train_flops_per_token(model, s, attention="causal")
+    assert full - causal == 3 * layers * 2 * s * h
+    assert forward_flops_per_token(model, s, attention="full") == forward_flops_per_token(model, s)

@@ -14,6 +14,7 @@ from tests.test_model_mask import packed_segments
 from trainer.model.attention import MASKED_SCORE, KVCache, SelfAttention, flex_glm_attention, fp32_softmax_attention
 from trainer.model.config import ModelConfig
 from trainer.model.mask import GLMMask, dense_mask, segments_of_sep
+from trainer.model.rotary import position_rotations
 from trainer.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -26,6 +27,14 @@ def compact_sep_mask(sep: torch.Tensor, s: int) -> GLMMask:
 def dense_sep_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
     """The dense [b, 1, s, s] mask of one sample per row, from the model's rule."""
     return dense_mask(segments_of_sep(sep, s))
+
+
+def attend(attention: SelfAttention, hidden, position_ids, block_position_ids, mask, kv_cache=None):
+    """attention as a block calls it: the RoPE tables of the ids, a GLMMask in the form of the module's kernel."""
+    if isinstance(mask, GLMMask):
+        mask = attention.kernel_mask(mask, hidden.dtype)
+    rotations = position_rotations(position_ids, block_position_ids, attention.config)
+    return attention(hidden, rotations, mask, kv_cache=kv_cache)
 
 
 def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
@@ -85,7 +94,7 @@ def test_attention_module_matches_the_formula(fp32_softmax):
     ids = torch.zeros(2, 7, dtype=torch.long)
     q, k, v = _qkv_of(attention, hidden)
     context = fp32_reference(q, k, v, mask).float().transpose(1, 2).reshape(2, 7, 32)  # [b, s, h]
-    assert_close(attention(hidden, ids, ids, mask), attention.dense(context), atol=1e-5, rtol=1e-5)
+    assert_close(attend(attention, hidden, ids, ids, mask), attention.dense(context), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["grouped_query", "multi_query"])
@@ -108,8 +117,8 @@ def test_grouped_query_equals_multi_head_with_repeated_key_value_heads(kv_heads)
     hidden = torch.randn(2, 7, 32)
     positions = torch.arange(7).expand(2, 7)
     mask = glm_mask(torch.tensor([2, 4]), 7)
-    assert_close(grouped(hidden, positions, positions * 0, mask), multi_head(hidden, positions, positions * 0, mask),
-                 atol=1e-6, rtol=1e-6)
+    assert_close(attend(grouped, hidden, positions, positions * 0, mask),
+                 attend(multi_head, hidden, positions, positions * 0, mask), atol=1e-6, rtol=1e-6)
 
 
 def test_tp_splits_key_value_heads_it_divides_and_replicates_those_it_is_a_multiple_of():
@@ -143,10 +152,11 @@ def _replicated_kv_cache(rank: int, world_size: int) -> None:
     positions, blocks = torch.zeros(1, s, dtype=torch.long), torch.arange(s)[None]
     mask = glm_mask(torch.tensor([1]), s)
     cache = KVCache()
-    head = sharded(hidden[:, :first], positions[:, :first], blocks[:, :first], mask[:, :, :first, :first], cache)
-    tail = sharded(hidden[:, first:], positions[:, first:], blocks[:, first:], mask[:, :, first:, :], cache)
+    head = attend(sharded, hidden[:, :first], positions[:, :first], blocks[:, :first], mask[:, :, :first, :first],
+                  cache)
+    tail = attend(sharded, hidden[:, first:], positions[:, first:], blocks[:, first:], mask[:, :, first:, :], cache)
     assert cache.key.shape == (1, 1, s, 8)  # the one key/value head, on both ranks
-    assert_close(torch.cat([head, tail], dim=1), whole(hidden, positions, blocks, mask), atol=1e-5, rtol=1e-5)
+    assert_close(torch.cat([head, tail], dim=1), attend(whole, hidden, positions, blocks, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_replicated_key_value_head_with_a_kv_cache_at_tp2_equals_tp1():
@@ -166,11 +176,11 @@ def test_kv_cache_equals_full_sequence(position_embedding, kv_heads):
     position_ids = torch.tensor([[0, 1, 2, 3, 3, 3, 3, 3, 3]])
     block_position_ids = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
     mask = glm_mask(torch.tensor([sep]), s)
-    full = attention(hidden, position_ids, block_position_ids, mask)
+    full = attend(attention, hidden, position_ids, block_position_ids, mask)
     cache = KVCache()
-    head = attention(hidden[:, :first], position_ids[:, :first], block_position_ids[:, :first],
+    head = attend(attention, hidden[:, :first], position_ids[:, :first], block_position_ids[:, :first],
                      mask[:, :, :first, :first], kv_cache=cache)
-    tail = attention(hidden[:, first:], position_ids[:, first:], block_position_ids[:, first:],
+    tail = attend(attention, hidden[:, first:], position_ids[:, first:], block_position_ids[:, first:],
                      mask[:, :, first:, :], kv_cache=cache)
     assert_close(torch.cat([head, tail], dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -185,10 +195,10 @@ def test_attention_dropout_draws_from_the_tensor_parallel_stream(fp32_softmax):
     ids = torch.zeros(1, 6, dtype=torch.long)
     default_before = torch.get_rng_state()
     fork_before = get_rng_tracker().get_states()[MODEL_PARALLEL_RNG]
-    dropped = attention(hidden, ids, ids, mask)
+    dropped = attend(attention, hidden, ids, ids, mask)
     assert torch.equal(torch.get_rng_state(), default_before)  # the default stream did not move
     assert not torch.equal(get_rng_tracker().get_states()[MODEL_PARALLEL_RNG], fork_before)
-    assert (dropped - attention.eval()(hidden, ids, ids, mask)).abs().max() > 1e-3
+    assert (dropped - attend(attention.eval(), hidden, ids, ids, mask)).abs().max() > 1e-3
 
 
 def test_glm_mask_is_the_formula_and_is_shared_while_segments_are_the_same_tensor():
@@ -215,7 +225,7 @@ def test_attention_with_compact_mask_equals_dense_mask_outputs_and_grads():
     ids = torch.arange(s).expand(2, s)
     results = []
     for mask in (dense_sep_mask(sep, s), compact_sep_mask(sep, s)):
-        out = attention(hidden, ids, ids, mask)
+        out = attend(attention, hidden, ids, ids, mask)
         grads = torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])
         results.append((out, grads))
     assert_close(results[1], results[0])
@@ -230,7 +240,8 @@ def test_attention_with_compact_mask_equals_dense_mask_for_both_softmax_paths(fp
     sep, s = torch.tensor([1, 6]), 8
     hidden, ids = torch.randn(2, s, 32), torch.zeros(2, s, dtype=torch.long)
     dense = dense_sep_mask(sep, s)
-    assert_close(attention(hidden, ids, ids, compact_sep_mask(sep, s)), attention(hidden, ids, ids, dense))
+    assert_close(attend(attention, hidden, ids, ids, compact_sep_mask(sep, s)),
+                 attend(attention, hidden, ids, ids, dense))
 
 
 @pytest.mark.parametrize("s", [200, 256])
@@ -242,7 +253,7 @@ def test_flex_attention_equals_sdpa_with_the_dense_mask(s):
     q, k, v = (torch.randn(b, n, s, d) for _ in range(3))
     mask = compact_sep_mask(torch.tensor([1, 37, 128, s - 3]), s)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
-    assert_close(flex_glm_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+    assert_close(flex_glm_attention(q, k, v, mask.block_mask()), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(get_accelerator().device_name() == "cpu",
@@ -261,6 +272,91 @@ def test_flex_attention_path_equals_sdpa_path_outputs_and_grads_on_the_accelerat
     ids = torch.zeros(2, s, dtype=torch.long, device=device)
     results = []
     for mask in (dense_mask(segments), GLMMask(segments)):  # SDPA, then FlexAttention
-        out = attention(hidden, ids, ids, mask)
+        out = attend(attention, hidden, ids, ids, mask)
+        results.append((out, torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])))
+    assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)
+
+
+def _grouped_qkv(b, n, g, s, d, dtype=torch.float32, scale=1.0):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(b, n, s, d, generator=generator) * scale
+    k = torch.randn(b, g, s, d, generator=generator) * scale
+    return q.to(dtype), k.to(dtype), torch.randn(b, g, s, d, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi_head", "grouped_query"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_fp32_softmax_with_layer_scaling_equals_the_eager_formula(kv_heads, dtype):
+    """The FlexAttention form (q / (sqrt(d) c), score_mod * c on the kernel's fp32 scores) against the eager
+    fp32_softmax_attention, on packed rows, forward (CPU: FlexAttention's eager reference kernel). fp32: equal.
+    bf16: the eager formula rounds the scores to bf16 before the fp32 softmax, the kernel does not, so each is
+    compared with the float64 softmax: the kernel's error is no larger than the formula's."""
+    b, n, s, d = 2, 4, 256, 16
+    q, k, v = _grouped_qkv(b, n, kv_heads, s, d, dtype, scale=2.0)
+    mask = GLMMask(packed_segments([[(100, 40), (150, 30)], [(129, 128), (127, 3)]], s))
+    c = 24
+    got = flex_glm_attention(q, k, v, mask.block_mask(), layer_scaling=torch.tensor(float(c)))
+    eager = fp32_softmax_attention(q, k, v, mask.dense(), layer_number=c, dropout=lambda p: p)
+    assert got.dtype == eager.dtype == dtype
+    if dtype == torch.float32:
+        assert_close(got, eager, atol=1e-5, rtol=1e-5)
+        return
+    reference = fp32_reference(q, *(t.repeat_interleave(n // kv_heads, dim=1) for t in (k, v)), mask.dense())
+    got_error, eager_error = ((t.double() - reference).abs().max().item() for t in (got, eager))
+    assert got_error <= eager_error and got_error < 0.05, (got_error, eager_error)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["grouped_query", "multi_query"])
+def test_kernels_take_grouped_key_value_heads_as_the_repeated_heads(kv_heads):
+    """SDPA's and FlexAttention's enable_gqa, and the eager formula's grouped view, against K and V repeated per
+    query head (repeat_interleave: query head j uses key/value head j // (n / g))."""
+    b, n, s, d = 2, 4, 200, 8
+    q, k, v = _grouped_qkv(b, n, kv_heads, s, d)
+    mask = compact_sep_mask(torch.tensor([37, 150]), s)
+    k_rep, v_rep = (t.repeat_interleave(n // kv_heads, dim=1) for t in (k, v))
+    expected = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask.dense())
+    assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype), enable_gqa=True), expected)
+    assert_close(flex_glm_attention(q, k, v, mask.block_mask()), expected, atol=1e-5, rtol=1e-5)
+    grouped = fp32_softmax_attention(q, k, v, mask.dense(), layer_number=3, dropout=lambda p: p)
+    repeated = fp32_softmax_attention(q, k_rep, v_rep, mask.dense(), layer_number=3, dropout=lambda p: p)
+    assert_close(grouped, repeated)
+
+
+def test_rope_tables_are_built_once_per_micro_batch(monkeypatch):
+    from trainer.model import rotary
+    from trainer.model.glm import GLMModel
+
+    built = []
+    original = rotary.position_rotations
+    monkeypatch.setattr(rotary, "position_rotations", lambda *args: built.append(1) or original(*args))
+    config = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=64, hidden_dropout=0.0,
+                         attention_dropout=0.0, position_embedding="rope_1d")
+    model = GLMModel(config)
+    ids, s = torch.zeros(2, 8, dtype=torch.long), 8
+    positions = torch.arange(s).expand(2, s)
+    inputs = (ids, positions, positions * 0, segments_of_sep(torch.tensor([3, 5]), s))
+    model(*inputs)
+    assert len(built) == 1  # three blocks, queries and keys: one table
+    model(*inputs[:3], inputs[3].clone())  # a new micro-batch's mask; the same id tensors keep their tables
+    assert len(built) == 1
+    model(ids, positions.clone(), positions * 0, inputs[3])  # new ids: new tables
+    assert len(built) == 2
+
+
+@pytest.mark.skipif(get_accelerator().device_name() == "cpu",
+                    reason="FlexAttention has no backward on CPU; the kernel trains on accelerators only")
+def test_flex_fp32_softmax_path_equals_the_eager_formula_outputs_and_grads_on_the_accelerator():
+    torch.manual_seed(0)
+    device = get_accelerator().device_name(0)
+    config = ModelConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+                         fp32_softmax_layer_scaling=True, position_embedding="rope_1d")
+    attention = SelfAttention(config, layer_number=5, seed=3).to(device)
+    s = 384
+    segments = packed_segments([[(100, 40), (200, 30), (60, 60)], [(130, 129), (128, 3), (5, 2)]], s).to(device)
+    hidden = torch.randn(2, s, 128, device=device, requires_grad=True)
+    ids = torch.arange(s, device=device).expand(2, s)
+    results = []
+    for mask in (dense_mask(segments), GLMMask(segments)):  # the eager formula, then FlexAttention
+        out = attend(attention, hidden, ids, ids * 0, mask)
         results.append((out, torch.autograd.grad(out.square().sum(), [hidden, *attention.parameters()])))
     assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)

@@ -11,6 +11,7 @@ from trainer.model.block import GLMBlock
 from trainer.model.config import ModelConfig
 from trainer.parallel.split import split_rank_major
 from trainer.model.mask import segments_of_sep
+from trainer.model.rotary import position_rotations
 
 
 def glm_mask(sep: torch.Tensor, s: int) -> torch.Tensor:
@@ -32,7 +33,8 @@ def _run(norm, **switches):
     positions = torch.arange(6).repeat(2, 1)
     sep = torch.tensor([3, 4])
     out = block((hidden, positions, positions * 0, segments_of_sep(sep, 6)))
-    attend = lambda x: block.attention(x, positions, positions * 0, glm_mask(sep, 6))
+    rotations = position_rotations(positions, positions * 0, config)
+    attend = lambda x: block.attention(x, rotations, glm_mask(sep, 6))
     return config, block, hidden, out, attend
 
 

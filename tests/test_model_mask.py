@@ -77,7 +77,7 @@ def test_flex_attention_equals_sdpa_on_packed_rows():
     mask = GLMMask(packed_segments(rows, s))
     q, k, v = (torch.randn(len(rows), n, s, d) for _ in range(3))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
-    assert_close(flex_glm_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)
+    assert_close(flex_glm_attention(q, k, v, mask.block_mask()), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_block_mask_skips_the_tiles_between_packed_samples():

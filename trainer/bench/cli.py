@@ -1,12 +1,15 @@
 """glm-bench: train a few steps of a config and put the trainer's speed next to its peers.
 
     glm-bench --config configs/glm-debug.yaml [--steps N] [--warmup N] [--json] [--peak-tflops X|DEVICE]
+    glm-bench --device-check --out DIR [--smoke] [--config configs/glm-1.3b.yaml] [--peak-tflops DEVICE]
 
 In one process (the single-device debug mode, tp = pp = 1), on the same synthetic batches: the DeepSpeed
 engine, the same GLM in a bare PyTorch loop, and HF GPT-2 of the same shape take turns, one optimizer
 step each per round. With a corpus (--set data.path=PREFIX) the engine then takes turns on the first
 optimizer step of real rows, packed and unpacked, and reports their real-token throughput. Then pp = 2 runs
 in two spawned processes (CPU: gloo; GPU: needs two devices).
+--device-check runs the prepared accelerator check of trainer/bench/device_check.py instead (--smoke: the same
+code on the CPU at configs/glm-debug.yaml's shape).
 """
 from __future__ import annotations
 
@@ -18,13 +21,19 @@ import math
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from trainer.config import Config, add_config_arguments, load_config
 from trainer.errors import ConfigError, GLMError, OneLineParser, env_int, exits_on_error
+from trainer.paths import uncreatable_directory
 from trainer.tools.preflight import check_data
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEVICE_CHECK_CONFIGS = {False: CONFIGS / "glm-1.3b.yaml", True: CONFIGS / "glm-debug.yaml"}
+"""--device-check's default config, by --smoke."""
 
 MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
                "gpu": "accelerator peak allocated during the engine's warm-up"}
@@ -33,7 +42,9 @@ MEMORY_NOTE = {"cpu": "process resident set, sampled after each warm-up step",
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-bench", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    add_config_arguments(parser, required=False,
+                         config_help="YAML run configuration (configs/*.yaml); --device-check: default "
+                                     "configs/glm-1.3b.yaml, with --smoke configs/glm-debug.yaml")
     parser.add_argument("--steps", type=int, default=30,
                         help="timed rounds per comparison (engine and one contender, one optimizer step each; default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first (default 3)")
@@ -45,7 +56,22 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--no-bare", action="store_true", help="skip the bare PyTorch loop")
     parser.add_argument("--no-hf", action="store_true", help="skip HF GPT-2")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pp=2 comparison")
-    return parser.parse_args(argv)
+    parser.add_argument("--device-check", action="store_true",
+                        help="the prepared accelerator check (GEMM ceiling, FlexAttention vs SDPA, engine at two "
+                             "micro-batch sizes, profile split) into --out DIR")
+    parser.add_argument("--out", default=None, metavar="DIR", help="--device-check: where device_check.json goes")
+    parser.add_argument("--smoke", action="store_true",
+                        help="--device-check on the CPU at configs/glm-debug.yaml's shape (tiny, fp32): the CI test")
+    args = parser.parse_args(argv)
+    if args.device_check:
+        if args.out is None:
+            parser.error("--device-check needs --out DIR")
+        args.config = args.config or str(DEVICE_CHECK_CONFIGS[args.smoke])
+    elif args.config is None:
+        parser.error("the following arguments are required: --config")
+    elif args.smoke or args.out:
+        parser.error("--smoke and --out belong to --device-check")
+    return args
 
 
 def bench_config(args: argparse.Namespace) -> Config:
@@ -115,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if args.device_check:
+        return device_check(args)
     config = bench_config(args)
     from trainer.bench.run import run_bench  # deepspeed is imported only once the config is valid
 
@@ -123,6 +151,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     from trainer.bench.report import to_json, to_text  # imports deepspeed too (engine/flops.py): lazy like run_bench
 
     print(to_json(report) if args.json else to_text(report))
+    return 0
+
+
+def device_check(args: argparse.Namespace) -> int:
+    """--device-check: the config on one process; --smoke: fp32 at a tiny glm-debug shape (the CI test, run
+    with DS_ACCELERATOR=cpu)."""
+    problem = uncreatable_directory(Path(args.out))
+    if problem:
+        raise ConfigError(f"--out {args.out}: {problem}; pass a directory that can be created")
+    overrides = list(args.overrides)
+    if args.smoke:
+        overrides = ["train.precision=fp32", "model.vocab_size=384", "model.num_layers=2", "model.hidden_size=32",
+                     "data.seq_length=128", "model.max_sequence_length=128", *overrides]
+    config = load_config(args.config, overrides)
+    config.parallel = dataclasses.replace(config.parallel, tp=1, pp=1)
+    check_peak(args.peak_tflops, config.train.precision)
+    config.validate(world_size=1)
+    config.model.validate(1)
+    from trainer.bench.device_check import run_device_check, to_text  # deepspeed only once the config is valid
+
+    with stdout_to_stderr():
+        report = run_device_check(config, Path(args.out), args.smoke, args.peak_tflops,
+                                  {"config": args.config, "overrides": overrides})
+    print(to_text(report))
     return 0
 
 

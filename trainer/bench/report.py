@@ -2,6 +2,8 @@
 
     tokens/s   = tokens per optimizer step / median step seconds
     TFLOP/s    = tokens/s * train FLOPs per token (trainer.engine.flops) / 1e12;  MFU = TFLOP/s / peak
+    both ways: `tflops`, `mfu` count attention's full s x s square; `tflops_causal`, `mfu_causal` half of it
+    (Megatron-LM's current convention, that of published MFU figures)
     vs_bare_loop = median over rounds of (engine step s / bare-loop step s)   (1.0 = no engine overhead)
     vs_hf_gpt2   = median over rounds of (GPT-2 step s / engine step s)      (= GLM tokens/s / GPT-2 tokens/s)
 Each ratio comes from its own rounds, in which only the engine and that contender take turns.
@@ -62,16 +64,19 @@ def packing_figures(steps: dict[str, RealStep], timings: dict[str, Timings], flo
 
 def build_report(pairs: dict[str, tuple[Timings, Timings]], tokens_per_step: int, flops_per_token: int,
                  peak: Optional[float], peak_memory_bytes: int, context: dict, pipeline: Optional[dict],
-                 engine_alone: Optional[Timings] = None, packing: Optional[dict] = None) -> dict:
+                 engine_alone: Optional[Timings] = None, packing: Optional[dict] = None,
+                 causal_flops_per_token: Optional[int] = None) -> dict:
     """pairs: contender ("bare_loop", "hf_gpt2") -> (the engine's timings, the contender's timings) of the rounds
     the two ran in together; engine_alone: the engine's timings when there is no other contender. The
-    engine's throughput is taken over all its steps. packing: packing_figures() of a run with a corpus."""
+    engine's throughput is taken over all its steps. packing: packing_figures() of a run with a corpus.
+    causal_flops_per_token: the same count with causal attention counted half (default: flops_per_token)."""
     engine_times = sum((engine for engine, _ in pairs.values()), engine_alone or Timings([], [], []))
     engine = throughput(engine_times, tokens_per_step, flops_per_token)
     report = {**context, "flop_formula": FLOP_FORMULA, "flops_per_token": flops_per_token,
               "tokens_per_step": tokens_per_step,
               "tokens_per_s": engine["tokens_per_s"], "tflops": engine["tflops"],
               "peak_tflops": peak, "mfu": None if peak is None else engine["tflops"] / peak,
+              **mfu_both_ways(engine["tokens_per_s"], causal_flops_per_token or flops_per_token, peak),
               "peak_memory_bytes": peak_memory_bytes, "engine": engine,
               "vs_bare_loop": None, "vs_hf_gpt2": None, "pipeline": pipeline, "packing": packing}
     for name, (engine_rounds, timings) in pairs.items():
@@ -83,6 +88,20 @@ def build_report(pairs: dict[str, tuple[Timings, Timings]], tokens_per_step: int
         engine_rounds, gpt2 = pairs["hf_gpt2"]
         _ratios(report, "vs_hf_gpt2", gpt2, engine_rounds)
     return report
+
+
+def mfu_both_ways(tokens_per_s: float, causal_flops_per_token: int, peak: Optional[float]) -> dict:
+    """The causal-convention figures beside the full-square ones (module docstring)."""
+    tflops = tokens_per_s * causal_flops_per_token / 1e12
+    return {"flops_per_token_causal": causal_flops_per_token, "tflops_causal": tflops,
+            "mfu_causal": None if peak is None else tflops / peak}
+
+
+def mfu_line(report: dict) -> str:
+    if report["mfu"] is None:
+        return f"{'MFU':<24} n/a (pass --peak-tflops)"
+    return (f"{'MFU':<24} {100 * report['mfu']:.1f}% attention full s^2, {100 * report['mfu_causal']:.1f}% causal "
+            f"half (Megatron), of {report['peak_tflops']} TFLOP/s")
 
 
 def to_json(report: dict) -> str:
@@ -127,10 +146,7 @@ def to_text(report: dict) -> str:
             faults = "n/a" if entry["page_faults_per_step"] is None else f"{entry['page_faults_per_step']:.0f}"
             lines.append(f"{label:<24} {step['median']:.4f} ({step['min']:.4f}..{step['max']:.4f}){'':<8} "
                          f"{entry['tokens_per_s']:>10.0f} {entry['tflops']:>9.4f} {faults:>12}")
-    mfu = "n/a (pass --peak-tflops)"
-    if report["mfu"] is not None:
-        mfu = f"{100 * report['mfu']:.1f}% of {report['peak_tflops']} TFLOP/s"
-    lines += [f"{'MFU':<24} {mfu}",
+    lines += [mfu_line(report),
               f"{'peak memory':<24} {report['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({report['memory_note']})",
               _ratio_line(report, "vs_bare_loop", "engine / bare loop"),
               _ratio_line(report, "vs_hf_gpt2", "GLM / HF GPT-2 tokens/s")]

@@ -57,6 +57,7 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
     if not contenders:
         engine_alone = round_robin({"engine": engine.step}, args.steps)["engine"]
     flops_per_token = train_flops_per_token(m, config.data.seq_length)
+    causal_flops_per_token = train_flops_per_token(m, config.data.seq_length, attention="causal")
     packing = packing_comparison(config, engine, args, grad_accum, flops_per_token)
     pipeline = None
     if not args.no_pipeline:
@@ -73,4 +74,4 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
                "memory_note": memory_notes["cpu" if on_cpu else "gpu"]}
     tokens_per_step = grad_accum * config.parallel.micro_batch_size * config.data.seq_length
     return build_report(pairs, tokens_per_step, flops_per_token, peak_tflops(args.peak_tflops, config.train.precision),
-                        peak_memory, context, pipeline, engine_alone, packing)
+                        peak_memory, context, pipeline, engine_alone, packing, causal_flops_per_token)

@@ -19,6 +19,7 @@ from trainer.engine.optimizer import build_optimizer
 from trainer.engine.plain import GLMTrainModel
 from trainer.engine.schedule import lr_lambda
 from trainer.errors import ConfigError
+from trainer.model.block import compile_blocks
 from trainer.parallel.random import recompute
 from trainer.parallel.topology import Topology
 
@@ -80,9 +81,8 @@ def bare_loop_runner(config: Config, batches: list[MicroBatch], device: torch.de
     recomputation) + AdamW, without DeepSpeed: what the engine costs is the difference."""
     model = GLMTrainModel(config.model, None, config.train.seed, config.parallel.recompute_interval,
                           recompute).to(device, compute_dtype(config))
-    if config.model.compile:  # piece by piece, as DeepSpeed's PipelineModule.compile does
-        for piece in (model.embedding, *model.transformer["layers"], model.transformer["final_layernorm"]):
-            piece.compile()
+    if config.model.compile:  # block by block, as the engine (trainer/engine/build.py)
+        compile_blocks(model)
 
     def loss_of(micro_batch: MicroBatch) -> torch.Tensor:
         inputs, targets = micro_batch

@@ -22,6 +22,7 @@ from trainer.engine.pipeline import GLMPipeline
 from trainer.engine.plain import GLMTrainModel, PipelineSteps, PlainSteps
 from trainer.engine.schedule import lr_lambda
 from trainer.engine.step_values import StepValues
+from trainer.model.block import compile_blocks
 from trainer.parallel.random import recompute
 from trainer.parallel.topology import Topology
 
@@ -63,6 +64,8 @@ def build_engine(config: Config, topology: Topology, world_size: int,
     norm through `step_values` (the loop's: trainer/engine/step_values.py; its own if not given)."""
     ds_config = build_ds_config(config, world_size)
     module = build_module(config, topology, ds_config)
+    if config.model.compile:
+        compile_blocks(module)  # block by block, the mask and RoPE tables built outside (trainer/model/block.py)
     frozen = finetune.freeze(module, config)
     optimizer = build_optimizer(module, config.optim, frozen=frozen)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -79,8 +82,6 @@ def build_engine(config: Config, topology: Topology, world_size: int,
             wrap_model_step(engine, before=clipping.clip)
             if topology.dp * topology.cp == 1:  # DeepSpeed's data axis is dp x cp (engine/ds_topology.py)
                 skip_single_replica_allreduce(engine)
-    if config.model.compile:
-        engine.compile()  # torch.compile (the pipeline engine compiles layer by layer)
     return RunEngine(engine, steps, clipping)
 
 

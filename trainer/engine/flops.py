@@ -7,8 +7,9 @@ key/value width: g key/value heads of d dims, = h for multi-head attention):
     attention output           2 * h^2
     MLP                        2 * h * f * (2 for GeLU, 3 for GeGLU and SwiGLU: their first matrix is [2f, h])
     scores Q K^T and probs V   2 * 2 * s * h   (every query head against s keys, whatever g; the full s x s
-                               square, as in Megatron-LM's formula: the GLM mask is not credited, so MFU
-                               compares with dense-attention trainers)
+                               square: the GLM mask is not credited), or half of it under Megatron-LM's
+                               current convention for causal attention (`attention="causal"`, its
+                               num_floating_point_operations), the convention of published MFU figures
 plus the output layer 2 * h * V_pad once per token (tied or not). Training = 3 x forward (backward = 2 x
 forward). Rotary embeddings and normalisations are elementwise: not counted (O(h) per token, against O(h^2)).
 Recomputed activations are not counted: these are model FLOPs (MFU), not hardware FLOPs (HFU).
@@ -23,7 +24,11 @@ from trainer.model.config import ModelConfig
 
 FLOP_FORMULA = ("train FLOPs/token = 3 * (L * (4 h^2 + 4 h g d + 2 k h f + 4 s h) + 2 h V_pad), g d = key/value "
                 "heads x head dim (h without grouped-query attention), k = 2 (GeLU) or 3 (GeGLU, SwiGLU); attention "
-                "over the full s x s square; recomputation not counted")
+                "over the full s x s square (causal convention: 2 s h, half the square); recomputation not counted")
+
+ATTENTION_SQUARE = {"full": 1, "causal": 2}
+"""The attention term's convention -> the divisor of the full s x s square: "full" (this trainer's count since
+glm-bench began) or "causal" (Megatron-LM's current count, half the square for a causal mask)."""
 
 PEAK_TFLOPS = {
     # Dense (no sparsity) tensor-core peaks from the vendors' data sheets, per device.
@@ -35,19 +40,26 @@ PEAK_TFLOPS = {
 """Known peak TFLOP/s by (device, precision); fp32 is the non-tensor-core (no TF32) rate."""
 
 
-def forward_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) -> int:
-    """Forward model FLOPs of one token (module docstring); tp only pads the vocabulary."""
+def attention_score_flops_per_token(model: ModelConfig, seq_length: int, attention: str = "full") -> int:
+    """Forward FLOPs of one token's scores Q K^T and probs V in one layer: 4 s h over the convention's share of
+    the s x s square (ATTENTION_SQUARE)."""
+    return 4 * seq_length * model.hidden_size // ATTENTION_SQUARE[attention]
+
+
+def forward_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1, attention: str = "full") -> int:
+    """Forward model FLOPs of one token (module docstring); tp only pads the vocabulary, attention names the
+    attention term's convention (ATTENTION_SQUARE)."""
     h, f = model.hidden_size, model.ffn_size
     kv_width = model.num_kv_heads * model.head_dim
     mlp_matrices = 3 if model.gated_mlp else 2
-    attention = 2 * (h * h + 2 * h * kv_width + h * h) + 4 * seq_length * h
-    per_layer = attention + 2 * mlp_matrices * h * f
+    projections = 2 * (h * h + 2 * h * kv_width + h * h)
+    per_layer = projections + attention_score_flops_per_token(model, seq_length, attention) + 2 * mlp_matrices * h * f
     return model.num_layers * per_layer + 2 * h * model.padded_vocab_size(tp)
 
 
-def train_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1) -> int:
+def train_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1, attention: str = "full") -> int:
     """Training model FLOPs of one token: 3 x forward (FLOP_FORMULA)."""
-    return 3 * forward_flops_per_token(model, seq_length, tp)
+    return 3 * forward_flops_per_token(model, seq_length, tp, attention)
 
 
 def peak_tflops(peak: Optional[str], precision: str) -> Optional[float]:

@@ -19,14 +19,20 @@ Rank r computes n / tp query heads and the key/value heads they use:
   like every other split weight. Cost: an all-gather of the 2 g d x h K/V weight (and bias) per block forward.
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
 
-Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`GLMMask`: the rows'
-segments [b, 2, s]). A GLMMask is built once per micro-batch and shared by every block that sees the same
-`segments` tensor; it is served to the kernels as
-- a FlexAttention block mask on an accelerator (no dropout, no FP32-softmax switch, no KV cache): the
-  tiles wholly hidden (between two packed samples, above the diagonal right of a sep) are skipped, the
-  wholly visible ones run unmasked;
-- otherwise to SDPA as an additive float mask built once per micro-batch (given a bool mask, SDPA would
-  convert it to that float mask in every layer), or as the bool mask to the FP32-softmax formula.
+Kernels. A micro-batch's mask (`GLMMask`, from the rows' segments [b, 2, s]) is built once and shared by every
+block that sees the same `segments` tensor; `SelfAttention.kernel_mask` picks the form its kernel takes, outside
+any compiled region (a compiled block receives a tensor or a BlockMask, never the Python cache):
+- a FlexAttention BlockMask on an accelerator (no attention dropout, no KV cache): the tiles wholly hidden
+  (between two packed samples, above the diagonal right of a sep) are skipped, the wholly visible ones run
+  unmasked. GLM-130B's FP32 softmax with layer scaling runs here too: FlexAttention computes its scores and
+  softmax in fp32 whatever the input dtype, so the formula is q / (sqrt(d) c) in the compute dtype and a
+  score_mod multiplying the fp32 score by c (flex_glm_attention);
+- otherwise SDPA's additive float mask built once per micro-batch (given a bool mask, SDPA would convert it to
+  that float mask in every layer), or the dense bool mask for the eager FP32-softmax formula
+  (`fp32_softmax_attention`: the CPU / dropout path and the reference the FlexAttention form is tested against)
+  and for KV-cached decoding.
+Grouped-query attention goes to the kernels as it is (k, v [b, g, s, d]): SDPA and FlexAttention take enable_gqa,
+the eager formula groups the query heads by a view, so K and V are never copied per query head.
 """
 from __future__ import annotations
 
@@ -38,12 +44,12 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from trainer.model.config import ModelConfig
 from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.model.mask import GLMMask
-from trainer.model.rotary import apply_position_rotary
+from trainer.model.rotary import Rotations, rotate
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from trainer.parallel.mappings import copy_to_tp, gather_rows_from_tp, group_rank, group_size
 from trainer.parallel.random import get_rng_tracker
@@ -54,15 +60,19 @@ MASKED_SCORE = -65504.0
 
 def fp32_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                            layer_number: int, dropout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """GLM-130B's FP32 softmax with query-key layer scaling, c = layer_number (1-based):
+    """GLM-130B's FP32 softmax with query-key layer scaling, c = layer_number (1-based), written out eagerly:
         scores = (q / (sqrt(d) c)) k^T    in the compute dtype (c keeps fp16 scores from overflowing)
         probs  = softmax(fp32(scores) * c, masked -65504)   in fp32, cast back to the compute dtype.
-    q, k, v [b, n, s, d]; mask [b, 1, s_q, s_k] bool (True = may attend) -> [b, n, s, d]."""
-    scale = math.sqrt(q.shape[-1]) * layer_number
-    scores = torch.matmul(q / scale, k.transpose(-1, -2))  # [b, n, s_q, s_k]
-    scores = (scores.to(torch.float32) * layer_number).masked_fill(~mask, MASKED_SCORE)
+    q [b, n, s, d], k, v [b, g, s_k, d] (query head j uses key/value head j // (n / g)); mask [b, 1, s_q, s_k]
+    bool (True = may attend) -> [b, n, s, d]."""
+    b, n, s, d = q.shape
+    g = k.shape[1]
+    scale = math.sqrt(d) * layer_number
+    q = q.view(b, g, n // g, s, d)  # [b, g, n/g, s, d]: the query heads of each key/value head
+    scores = torch.matmul(q / scale, k.unsqueeze(2).transpose(-1, -2))  # [b, g, n/g, s_q, s_k]
+    scores = (scores.to(torch.float32) * layer_number).masked_fill(~mask.unsqueeze(2), MASKED_SCORE)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(dropout(probs), v)
+    return torch.matmul(dropout(probs), v.unsqueeze(2)).flatten(1, 2)  # [b, n, s, d]
 
 
 @functools.cache
@@ -70,16 +80,33 @@ def _compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_glm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: GLMMask) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d), GLM mask) v by FlexAttention's fused kernel (compiled on first use), skipping
-    the tiles the mask hides. q, k, v [b, n, s, d] -> [b, n, s, d]. On CPU FlexAttention has no backward and
-    runs eagerly (the reference math), so training on CPU takes SDPA instead."""
-    kernel = flex_attention if q.device.type == "cpu" else _compiled_flex_attention()
-    return kernel(q, k, v, block_mask=mask.block_mask())
+def flex_glm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
+                       layer_scaling: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), GLM mask) v by FlexAttention's fused kernel, skipping the tiles the mask hides.
+    q [b, n, s, d], k, v [b, g, s, d] (grouped-query attention by the kernel's enable_gqa) -> [b, n, s, d].
+    layer_scaling, c as a 0-dim tensor: GLM-130B's FP32 softmax with layer scaling (fp32_softmax_attention's
+    formula): q / (sqrt(d) c) in the compute dtype, its scores with k taken in fp32 (the kernel's) and
+    multiplied by c there before the fp32 softmax. A tensor, not an int, so that every block shares one
+    compiled kernel instead of specialising on its layer number.
+    Compiled on first use on an accelerator (traced with the block where the block is compiled); on CPU
+    FlexAttention runs eagerly (the reference math) and has no backward, so training on CPU takes SDPA."""
+    scale, score_mod = None, None
+    if layer_scaling is not None:
+        q = q / (layer_scaling.to(torch.float32) * math.sqrt(q.shape[-1]))  # q's dtype, as the eager formula
+        scale = 1.0
+
+        def score_mod(score, b, h, q_index, kv_index):
+            return score * layer_scaling  # score is fp32 in the kernel; a 0-dim c does not lower it
+
+    eager = q.device.type == "cpu" or torch.compiler.is_compiling()  # compiling: traced with the block
+    kernel = flex_attention if eager else _compiled_flex_attention()
+    return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                  enable_gqa=k.shape[1] != q.shape[1])
 
 
-AttentionMask = Union[torch.Tensor, GLMMask]
-"""A dense [b, 1, s_q, s_k] bool mask (True = may attend) or the compact GLMMask."""
+AttentionMask = Union[torch.Tensor, BlockMask]
+"""The form of the mask a kernel takes (SelfAttention.kernel_mask): a dense [b, 1, s_q, s_k] bool mask (True =
+may attend), SDPA's additive float mask [b, 1, s, s], or FlexAttention's BlockMask."""
 
 
 class KVCache:
@@ -141,6 +168,9 @@ class SelfAttention(nn.Module):
         self.layer_number = layer_number
         self.local_heads = config.num_attention_heads // tp
         self.local_kv_heads = 1 if config.replicates_kv_heads(tp) else config.num_kv_heads // tp
+        # c of the FP32-softmax switch for flex_glm_attention (None: off); not saved, it is the layer number
+        scaling = torch.tensor(float(layer_number)) if config.fp32_softmax_layer_scaling else None
+        self.register_buffer("layer_scaling", scaling, persistent=False)
         if config.norm == "deepnorm":  # DeepNet: q, k gain 1; v and the output projection gain beta
             qkv_stds = (xavier_normal_std(1.0, h, q_rows), xavier_normal_std(1.0, h, kv_rows),
                         xavier_normal_std(config.deepnorm_beta, h, kv_rows))
@@ -154,41 +184,43 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(q_rows, h, group=tp_group, bias=config.add_bias_linear,
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
-                mask: AttentionMask, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """hidden [b, s, h], position ids [b, s], mask [b, 1, s, s_k] bool (True = may attend) or a GLMMask
-        -> [b, s, h]. With a kv_cache, hidden holds only the new positions and the mask (dense) counts the
-        cached ones too in s_k."""
+    def forward(self, hidden: torch.Tensor, rotations: Rotations, mask: AttentionMask,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """hidden [b, s, h], the micro-batch's RoPE tables (trainer/model/rotary.py: position_rotations_of),
+        mask in the form kernel_mask gives -> [b, s, h]. With a kv_cache, hidden holds only the new positions
+        and the mask (dense) counts the cached ones too in s_k."""
         b, s, _ = hidden.shape
         d = self.config.head_dim
         heads = (self.local_heads, self.local_kv_heads, self.local_kv_heads)
         qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
         q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g_r, d] twice; g_r = g/tp, or 1 if replicated
         if self.config.position_embedding != "learned_2d":
-            q = apply_position_rotary(q, position_ids, block_position_ids, self.config)
-            k = apply_position_rotary(k, position_ids, block_position_ids, self.config)
+            q, k = rotate(q, rotations, self.config), rotate(k, rotations, self.config)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads/tp, s, d]
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # [b, g_r, s_k, d]
-        group = self.local_heads // self.local_kv_heads
-        if group > 1:  # each key/value head serves `group` consecutive query heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, n/tp, s_k, d]
         p = self.config.attention_dropout if self.training else 0.0
         with get_rng_tracker().fork() if p > 0 else nullcontext():  # only dropout draws random numbers
             context = self._core(q, k, v, mask, p)  # [b, n/tp, s, d]
         context = context.transpose(1, 2).reshape(b, s, self.local_heads * d)  # [b, s, n d/tp]
         return self.dense(context)
 
+    def kernel_mask(self, mask: GLMMask, dtype: torch.dtype) -> AttentionMask:
+        """The form of the micro-batch's mask this block's kernel takes (module docstring), looked up in the
+        mask's cache outside any compiled region: FlexAttention's BlockMask on an accelerator without attention
+        dropout, else the dense bool mask (FP32-softmax formula) or SDPA's additive mask in `dtype`."""
+        dropout = self.training and self.config.attention_dropout > 0
+        if mask.segments.device.type != "cpu" and not dropout:
+            return mask.block_mask()
+        if self.config.fp32_softmax_layer_scaling:
+            return mask.dense()
+        return mask.additive(dtype)
+
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:
-        """Scaled dot-product attention with dropout probability p on the probabilities (kernels: module docstring)."""
-        if isinstance(mask, GLMMask):
-            flex = q.device.type != "cpu" and p == 0.0 and not self.config.fp32_softmax_layer_scaling
-            if flex and q.shape[-2] == k.shape[-2] == mask.seq_length:
-                return flex_glm_attention(q, k, v, mask)
-            if not self.config.fp32_softmax_layer_scaling:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype), dropout_p=p)
-            mask = mask.dense()
+        """Scaled dot-product attention with dropout probability p on the probabilities; the kernel follows the
+        mask's form (kernel_mask). q [b, n/tp, s, d], k, v [b, g_r, s_k, d] -> [b, n/tp, s, d]."""
+        if isinstance(mask, BlockMask):
+            return flex_glm_attention(q, k, v, mask, self.layer_scaling)
         if self.config.fp32_softmax_layer_scaling:
             return fp32_softmax_attention(q, k, v, mask, self.layer_number, lambda probs: F.dropout(probs, p))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=k.shape[1] != q.shape[1])

@@ -8,6 +8,10 @@ that closes a sublayer is the next block's input_layernorm (or the final LayerNo
 count and names match the pre-LN model and GLM-130B's checkpoints. Written per sublayer it is ChatGLM-6B's
 residual x <- alpha LN(x) + f(LN(x)) (its blocks compute exactly this, with the same LayerNorm names).
 Dropout is applied to each sublayer output f(x) before the residual sum.
+
+The block's math (`layer`) takes the micro-batch's RoPE tables and its mask in the attention kernel's form, both
+built in `forward` from the caches shared by the blocks of a micro-batch; `compile_layer` compiles `layer` alone
+(torchtitan's per-block torch.compile), so those Python caches stay outside the compiled region.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from trainer.model.attention import KVCache, SelfAttention
+from trainer.model.attention import AttentionMask, KVCache, SelfAttention
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
 from trainer.model.mask import GLMMask
 from trainer.model.mlp import GLMMLP
 from trainer.model.norm import Norm
+from trainer.model.rotary import Rotations, position_rotations_of
 
 
 class GLMBlock(nn.Module):
@@ -35,6 +40,7 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = Norm(config)
         self.mlp = GLMMLP(config, layer_number, tp_group, seed)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self._compiled_layer: Optional[Callable] = None  # compile_layer
 
     def residual(self, hidden: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The block around `attend` (normalised input [b, s, h] -> attention output [b, s, h]):
@@ -49,15 +55,36 @@ class GLMBlock(nn.Module):
         mlp_input = self.post_attention_layernorm(alpha * attention_input + self.dropout(attend(attention_input)))
         return alpha * mlp_input + self.dropout(self.mlp(mlp_input))
 
+    def layer(self, hidden: torch.Tensor, rotations: Rotations, mask: AttentionMask,
+              kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The block's math: hidden [b, s, h], the RoPE tables, the mask in the kernel's form -> [b, s, h]."""
+        return self.residual(hidden, lambda x: self.attention(x, rotations, mask, kv_cache=kv_cache))
+
+    def compile_layer(self, **compile_kwargs) -> None:
+        """torch.compile this block's math (`layer`); the mask and RoPE lookups of forward stay eager."""
+        self._compiled_layer = torch.compile(self.layer, **compile_kwargs)
+
     def forward(self, inputs: Activations, kv_cache: Optional[KVCache] = None) -> Activations:
         """The block on the activations tuple. With a kv_cache (decoding) the tuple holds only the new
         positions, whose segments describe them; attention reads the cached keys and values of the earlier
         ones and appends the new ones."""
         hidden, position_ids, block_position_ids, segments = inputs  # hidden [b, s, h]
+        config = self.attention.config
+        rotations = position_rotations_of(position_ids, block_position_ids, config)  # shared by the blocks
         mask = GLMMask.of(segments)  # shared by the blocks of a micro-batch (or of a decoding step)
-        if kv_cache is not None:
+        if kv_cache is None:
+            layer = self._compiled_layer or self.layer
+            hidden = layer(hidden, rotations, self.attention.kernel_mask(mask, hidden.dtype))
+        else:  # decoding runs eagerly
             cached = 0 if kv_cache.key is None else kv_cache.key.shape[2]  # key [b, g, s_past, d]
-            mask = mask.dense(num_keys=cached + hidden.shape[1])  # [b, 1, s, s_past + s]
-        hidden = self.residual(hidden, lambda x: self.attention(x, position_ids, block_position_ids, mask,
-                                                                 kv_cache=kv_cache))
+            dense = mask.dense(num_keys=cached + hidden.shape[1])  # [b, 1, s, s_past + s]
+            hidden = self.layer(hidden, rotations, dense, kv_cache)
         return hidden, position_ids, block_position_ids, segments
+
+
+def compile_blocks(module: nn.Module, **compile_kwargs) -> int:
+    """compile_layer on every GLMBlock under module (model.compile); -> how many."""
+    blocks = [child for child in module.modules() if isinstance(child, GLMBlock)]
+    for block in blocks:
+        block.compile_layer(**compile_kwargs)
+    return len(blocks)

@@ -84,7 +84,8 @@ class ModelConfig:
     fp32_softmax_layer_scaling: bool = False
     """GLM-130B's FP32 softmax with query-key layer scaling (q / (sqrt(d) * c), scores * c in fp32)."""
     compile: bool = False
-    """Compile the model with torch.compile (same math, fused kernels; the first steps pay the compile time)."""
+    """Compile each transformer block's math with torch.compile, block by block (the mask and RoPE tables are built
+    outside the compiled region); same math, fused kernels; the first steps pay the compile time."""
     qk_norm: bool = False
     """Per-head RMSNorm on the queries and keys before RoPE (GLM-4.5; transformers' use_qk_norm)."""
     moe_num_experts: int = 0

@@ -17,8 +17,9 @@ the dense bool [b, 1, s, s], SDPA's additive float mask, and FlexAttention's Blo
 """
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -52,6 +53,11 @@ def dense_mask(segments: torch.Tensor, num_keys: Optional[int] = None) -> torch.
     kv_index = torch.arange(s_k, device=segments.device)[None, :]  # [1, s_k]
     start, sep = segments[:, 0, :, None], segments[:, 1, :, None]  # [b, s_q, 1] each
     return visible(q_index, kv_index, start, sep)[:, None]  # [b, 1, s_q, s_k]
+
+
+@functools.cache
+def _compiled_create_block_mask() -> Callable:
+    return torch.compile(create_block_mask, dynamic=False)
 
 
 class GLMMask:
@@ -96,14 +102,16 @@ class GLMMask:
         return self._additive[dtype]
 
     def block_mask(self) -> BlockMask:
-        """The FlexAttention BlockMask (128 x 128 tiles): the rule evaluated on the row's segments."""
+        """The FlexAttention BlockMask (128 x 128 tiles): the rule evaluated on the row's segments. On an
+        accelerator create_block_mask is compiled (torchtitan's way), so the rule is evaluated tile by tile
+        instead of through a dense [b, 1, s, s] tensor."""
         if self._block_mask is None:
             start, sep = self.segments[:, 0], self.segments[:, 1]  # [b, s] each
 
             def mask_mod(b, h, q_index, kv_index):
                 return visible(q_index, kv_index, start[b, q_index], sep[b, q_index])
 
-            s = self.seq_length
-            self._block_mask = create_block_mask(mask_mod, self.segments.shape[0], None, s, s,
-                                                 device=self.segments.device)
+            s, device = self.seq_length, self.segments.device
+            build = create_block_mask if device.type == "cpu" else _compiled_create_block_mask()
+            self._block_mask = build(mask_mod, self.segments.shape[0], None, s, s, device=device)
         return self._block_mask
