@@ -224,6 +224,7 @@ class ModelConfig:
         split = qkv * h + (qkv if self.add_qkv_bias else 0) + h * h + ffn_in * h + f * h
         split += ffn_in if self.add_bias_linear else 0
         replicated = (2 * h if self.add_bias_linear else 0) + 2 * self.norm_parameters
+        replicated += 2 * self.head_dim if self.qk_norm else 0  # the QK-norm gains
         return split, replicated
 
     def validate(self, tp: int = 1) -> None:
@@ -278,9 +279,14 @@ class ModelConfig:
         if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
             raise ConfigError(f"model.moe_ffn_hidden_size must be > 0 (or unset: model.ffn_size), "
                               f"got {self.moe_ffn_hidden_size}")
-        if self.moe_num_experts or self.mtp_layers or self.qk_norm:
-            raise ConfigError("model.moe_num_experts, model.mtp_layers and model.qk_norm are not implemented yet: "
-                              "leave them at 0 / false")
+        if self.mtp_layers > 1:
+            raise ConfigError(f"model.mtp_layers={self.mtp_layers}: one MTP layer (predicting token t+2) is "
+                              f"implemented, as GLM-4.5 has; set it to 0 or 1")
+        if self.mtp_layers and self.norm != "pre_ln":
+            raise ConfigError("model.mtp_layers needs model.norm=pre_ln (the MTP layer is DeepSeek-V3's / GLM-4.5's "
+                              "pre-norm block)")
+        if self.moe_num_experts:
+            raise ConfigError("model.moe_num_experts is not implemented yet: leave it at 0")
 
     def _validate_key_value_heads(self, tp: int) -> None:
         kv, n = self.num_kv_heads, self.num_attention_heads
