@@ -1,6 +1,6 @@
 """Any model a user points at -> a GLMModel on this process: an export directory, a run directory or its
 checkpoints/ (their `latest`), one global_stepN directory of any layout, a THUDM/GLM release directory, or a
-transformers directory of model type glm or chatglm (trainer/checkpoint/hf.py). Each carries its model config
+transformers directory of model type glm, glm4_moe or chatglm (trainer/checkpoint/hf.py). Each carries its model config
 (a training checkpoint in its run.json, trainer/checkpoint/run_record.py); a config the user passes must
 agree with it."""
 from __future__ import annotations

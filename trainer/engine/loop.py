@@ -32,9 +32,10 @@ from trainer.engine.flops import train_flops_per_token
 from trainer.engine.metrics import MetricsWriter
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at
-from trainer.engine.step_loss import step_normaliser
+from trainer.engine.step_loss import mtp_batch_mask, step_normaliser
 from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
+from trainer.parallel.comm import mean_over_
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -56,12 +57,13 @@ class RunResult:
     stopped_by_signal: bool = False
 
 
-def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None) -> tuple:
+def pipeline_format(batch: dict, *normalisers: torch.Tensor) -> tuple:
     """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
-    (labels, loss_mask[, normaliser])); segments [b, 2, s] = (segment_start, segment_sep), the mask's input;
-    normaliser: the step's loss normaliser (trainer/engine/step_loss.py), else the loss is the rows' token mean."""
+    (labels, loss_mask[, normaliser[, MTP normaliser]])); segments [b, 2, s] = (segment_start, segment_sep), the
+    mask's input; normalisers: the step's loss normaliser and the MTP layer's (trainer/engine/step_loss.py), else
+    each loss is the rows' token mean."""
     segments = stack_segments(batch["segment_start"], batch["segment_sep"])  # [b, 2, s]
-    target = (batch["labels"], batch["loss_mask"]) + (() if normaliser is None else (normaliser,))
+    target = (batch["labels"], batch["loss_mask"]) + normalisers
     return (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments), target
 
 
@@ -73,14 +75,16 @@ def validation_rows(config: Config) -> range:
 
 
 def micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topology: Topology,
-                  micro_batch_size: int) -> list[tuple]:
+                  micro_batch_size: int, mtp: bool = False) -> list[tuple]:
     """The micro-batches of one optimizer step on this rank, in DeepSpeed's pipeline format, their loss
-    normalised by the step's loss tokens (trainer/engine/step_loss.py)."""
+    normalised by the step's loss tokens (trainer/engine/step_loss.py), and with `mtp` the MTP layer's by its."""
     collated = [collate([rows[i] for i in micro_batch_indices(consumed, micro_step, topology.dp_rank, topology.dp,
                                                               micro_batch_size)])
                 for micro_step in range(grad_accum)]
-    normaliser = step_normaliser(collated, topology)
-    return [pipeline_format(batch, normaliser) for batch in collated]
+    normalisers = [step_normaliser(collated, topology)]
+    if mtp:
+        normalisers.append(step_normaliser(collated, topology, mtp_batch_mask))
+    return [pipeline_format(batch, *normalisers) for batch in collated]
 
 
 def _memory() -> dict:
@@ -154,8 +158,9 @@ class Trainer:
         skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]
         start = time.perf_counter()
         batches = micro_batches(self.dataset, self.consumed, batch_size // self.unit, self.topology,
-                                config.parallel.micro_batch_size)
+                                config.parallel.micro_batch_size, mtp=config.model.mtp_layers > 0)
         loss = self.steps.train_batch(batches).item()
+        terms = self._loss_terms()
         elapsed = time.perf_counter() - start
         self.step += 1
         self.consumed += batch_size
@@ -170,10 +175,18 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed,
                   "tflops": tokens * self.flops_per_token / elapsed / self.world_size / 1e12,
                   "batch_size": batch_size, "consumed_samples": self.consumed,
-                  "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": self.restarts}
+                  "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": self.restarts, **terms}
         if config.train.precision == "fp16":
             record["loss_scale"] = deepspeed_compat.loss_scale(engine.optimizer)
         return record
+
+    def _loss_terms(self) -> dict[str, float]:
+        """The terms the loss recorded in this step (GLMLoss.take_recorded: mtp_loss), each the mean over the
+        step's micro-batches and data-parallel ranks: with the step's normaliser in every micro-batch that is the
+        term's mean over all its loss tokens, as `loss` is."""
+        loss_fn = self.engine.module.loss_fn
+        terms, calls = getattr(loss_fn, "loss_fn", loss_fn).take_recorded()  # PoisonedLoss wraps the loss
+        return {name: float(mean_over_(value / calls, group=self.topology.dp_group)) for name, value in terms.items()}
 
     def _collective_fault(self, error: RuntimeError) -> TrainingFault:
         """A failed collective (a dead or hung peer) reported with this rank's place in the layout."""

@@ -16,16 +16,27 @@ engine compute the same thing.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from trainer.model.mtp import mtp_loss_mask
 from trainer.parallel.comm import sum_count
 from trainer.parallel.topology import Topology
 
 
-def step_normaliser(micro_batches: list[dict], topology: Topology) -> torch.Tensor:
+def step_normaliser(micro_batches: list[dict], topology: Topology,
+                    loss_mask: Callable[[dict], torch.Tensor] = lambda batch: batch["loss_mask"]) -> torch.Tensor:
     """This rank's collated micro-batches of one step -> GLMLoss's normaliser N_step / (GAS * dp), a 0-dim
-    fp32 tensor (module docstring). Every rank of the step calls it (a collective over the dp ranks)."""
-    local = sum(int(batch["loss_mask"].sum()) for batch in micro_batches)
+    fp32 tensor (module docstring), N_step counted by `loss_mask(batch)` (the MTP layer's: mtp_batch_mask).
+    Every rank of the step calls it (a collective over the dp ranks)."""
+    local = sum(int(loss_mask(batch).sum()) for batch in micro_batches)
     loss_tokens = sum_count(local, topology.dp_group)
     # GAS * dp: undoes DeepSpeed's mean over the micro-batches and the data-parallel ranks.
     return torch.tensor(loss_tokens / (len(micro_batches) * topology.dp), dtype=torch.float32)
+
+
+def mtp_batch_mask(batch: dict) -> torch.Tensor:
+    """The MTP layer's loss tokens of a collated batch (trainer/model/mtp.py: labels[t+1] within t's sample),
+    which its loss is the mean over (GLMLoss's fourth target element)."""
+    return mtp_loss_mask(batch["loss_mask"], batch["segment_start"])
