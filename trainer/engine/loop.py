@@ -30,6 +30,7 @@ from trainer.engine.faults import (NonFiniteSteps, PoisonedLoss, PreemptionHandl
                                    is_finite)
 from trainer.engine.flops import train_flops_per_token
 from trainer.engine.metrics import MetricsWriter
+from trainer.engine.moe_balance import ExpertBalancing
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at
 from trainer.engine.step_loss import step_normaliser
@@ -109,6 +110,8 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         built = build_engine(config, self.topology, self.world_size)
         self.engine, self.steps, self.own_clipping = built.engine, built.steps, built.clipping
+        self.experts = ExpertBalancing(self.engine.module, config.model, self.topology) \
+            if config.model.moe_num_experts else None
         self.step = 0
         if config.train.resume:
             self.step, data_position = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology,
@@ -155,6 +158,9 @@ class Trainer:
         start = time.perf_counter()
         batches = micro_batches(self.dataset, self.consumed, batch_size // self.unit, self.topology,
                                 config.parallel.micro_batch_size)
+        if self.experts:
+            fp16 = config.train.precision == "fp16"
+            self.experts.start_step(len(batches), deepspeed_compat.loss_scale(engine.optimizer) if fp16 else 1.0)
         loss = self.steps.train_batch(batches).item()
         elapsed = time.perf_counter() - start
         self.step += 1
@@ -173,6 +179,8 @@ class Trainer:
                   "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": self.restarts}
         if config.train.precision == "fp16":
             record["loss_scale"] = deepspeed_compat.loss_scale(engine.optimizer)
+        if self.experts:
+            record.update(self.experts.finish_step(update_bias=not skipped))
         return record
 
     def _collective_fault(self, error: RuntimeError) -> TrainingFault:

@@ -7,7 +7,8 @@ The DeepNorm form is GLM-130B's placement of the same post-LN update x <- LN(alp
 that closes a sublayer is the next block's input_layernorm (or the final LayerNorm), so the LayerNorm
 count and names match the pre-LN model and GLM-130B's checkpoints. Written per sublayer it is ChatGLM-6B's
 residual x <- alpha LN(x) + f(LN(x)) (its blocks compute exactly this, with the same LayerNorm names).
-Dropout is applied to each sublayer output f(x) before the residual sum.
+Dropout is applied to each sublayer output f(x) before the residual sum. MLP is the dense GLMMLP, or in the
+blocks where config.is_moe_layer(i) the mixture of experts GLMMoE (trainer/model/moe.py), under the same name.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
 from trainer.model.mask import GLMMask
 from trainer.model.mlp import GLMMLP
+from trainer.model.moe import GLMMoE
 from trainer.model.norm import Norm
 
 
@@ -33,7 +35,8 @@ class GLMBlock(nn.Module):
         self.input_layernorm = Norm(config)
         self.attention = SelfAttention(config, layer_number, tp_group, seed)
         self.post_attention_layernorm = Norm(config)
-        self.mlp = GLMMLP(config, layer_number, tp_group, seed)
+        mlp = GLMMoE if config.is_moe_layer(layer_number - 1) else GLMMLP
+        self.mlp = mlp(config, layer_number, tp_group, seed)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def residual(self, hidden: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

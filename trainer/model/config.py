@@ -262,9 +262,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.embedding_shrink_alpha <= 1.0:
             raise ConfigError(f"model.embedding_shrink_alpha must be in (0, 1], got {self.embedding_shrink_alpha}")
-        self._validate_moe()
+        self._validate_moe(tp)
 
-    def _validate_moe(self) -> None:
+    def _validate_moe(self, tp: int = 1) -> None:
         for name in ("moe_num_experts", "moe_shared_experts", "moe_first_dense_layers", "mtp_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
@@ -278,9 +278,22 @@ class ModelConfig:
         if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
             raise ConfigError(f"model.moe_ffn_hidden_size must be > 0 (or unset: model.ffn_size), "
                               f"got {self.moe_ffn_hidden_size}")
-        if self.moe_num_experts or self.mtp_layers or self.qk_norm:
-            raise ConfigError("model.moe_num_experts, model.mtp_layers and model.qk_norm are not implemented yet: "
-                              "leave them at 0 / false")
+        if self.moe_num_experts:
+            self._validate_experts(tp)
+        if self.mtp_layers or self.qk_norm:
+            raise ConfigError("model.mtp_layers and model.qk_norm are not implemented yet: leave them at 0 / false")
+
+    def _validate_experts(self, tp: int) -> None:
+        if self.mlp != "swiglu" or self.norm != "pre_ln":
+            raise ConfigError(f"model.moe_num_experts > 0 needs model.mlp=swiglu and model.norm=pre_ln (the experts "
+                              f"are SwiGLU, as in GLM-4.5), got mlp={self.mlp}, norm={self.norm}")
+        if self.moe_first_dense_layers >= self.num_layers:
+            raise ConfigError(f"model.moe_first_dense_layers={self.moe_first_dense_layers} leaves no mixture-of-"
+                              f"experts block among model.num_layers={self.num_layers}: lower it or set "
+                              f"model.moe_num_experts=0")
+        if self.moe_ffn_size % tp:
+            raise ConfigError(f"the expert width {self.moe_ffn_size} is not divisible by parallel.tp={tp}: set "
+                              f"model.moe_ffn_hidden_size to a multiple of tp")
 
     def _validate_key_value_heads(self, tp: int) -> None:
         kv, n = self.num_kv_heads, self.num_attention_heads
