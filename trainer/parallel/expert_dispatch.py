@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.parallel.comm import Group, all_to_all_counts, all_to_all_rows, group_size
+from torch import nn
+
+from trainer.parallel.comm import Group, all_to_all_counts, all_to_all_rows, group_rank, group_size
 
 
 class _AllToAll(torch.autograd.Function):
@@ -105,3 +107,16 @@ def combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, handle: Dispat
     tokens, top_k = topk_weights.shape
     per_slot = slots.view(tokens, top_k, -1).float() * topk_weights.unsqueeze(-1).float()  # [T, k, h]
     return per_slot.sum(1).to(expert_out.dtype)
+
+
+def local_experts(experts: nn.Parameter, ep_group: Group) -> nn.Parameter:
+    """A weight of all E experts on dim 0 -> this rank's contiguous block of E / ep (the same parameter at ep = 1),
+    keeping its tensor-parallel mark."""
+    ranks = group_size(ep_group)
+    if ranks == 1:
+        return experts
+    if experts.shape[0] % ranks:
+        raise ValueError(f"{experts.shape[0]} experts do not split over {ranks} expert-parallel ranks")
+    block = nn.Parameter(experts.detach().chunk(ranks, dim=0)[group_rank(ep_group)].clone())
+    block.tensor_model_parallel = getattr(experts, "tensor_model_parallel", False)
+    return block
