@@ -207,7 +207,8 @@ class Trainer:
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.consumed,
                                keep=self.config.train.keep_checkpoints,
-                               data_position=self.dataset.position(self.consumed), run_record=self._run_record())
+                               data_position=self.dataset.position(self.consumed), run_record=self._run_record(),
+                               topology=self.topology)
 
     def _run_record(self) -> dict:
         t = self.topology

@@ -29,14 +29,15 @@ from trainer.model.norm import Norm
 class GLMBlock(nn.Module):
     """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None):
         super().__init__()
         self.deepnorm_alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
         self.input_layernorm = Norm(config)
         self.attention = SelfAttention(config, layer_number, tp_group, seed)
         self.post_attention_layernorm = Norm(config)
-        mlp = GLMMoE if config.is_moe_layer(layer_number - 1) else GLMMLP
-        self.mlp = mlp(config, layer_number, tp_group, seed)
+        moe = config.is_moe_layer(layer_number - 1)
+        self.mlp = GLMMoE(config, layer_number, tp_group, seed, ep_group) if moe else GLMMLP(config, layer_number,
+                                                                                            tp_group, seed)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def residual(self, hidden: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

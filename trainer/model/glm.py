@@ -76,13 +76,14 @@ def output_head(config: ModelConfig, tp_group=None, seed: int = 0) -> Piece:
     return Piece("output_layer", OutputLayer, (config, tp_group, seed), "head")
 
 
-def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0) -> list[Piece]:
+def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None) -> list[Piece]:
     """The GLM as the flat, ordered list of its pieces (the pipeline's global layer indices: 0 embedding,
     1..N blocks, N+1 final norm, N+2 output head; with model.mtp_layers = 1: N+2 the tied embedding of token t+1,
-    N+3 the MTP layer, N+4 the output head)."""
+    N+3 the MTP layer, N+4 the output head); the MoE blocks' routed experts (the MTP layer's too) split over
+    ep_group."""
     pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed), "embedding", tie=WORD_EMBEDDING)]
     # A mixture-of-experts block is a BLOCK piece of its own class here (activations tuple in and out).
-    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed), BLOCK)
+    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, ep_group), BLOCK)
                for number in range(1, config.num_layers + 1)]
     if not config.mtp_layers:
         pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm"))
@@ -95,7 +96,7 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0) -> list[Piece]
                         forward_fn=_norm_keeping_activations))
     pieces.append(Piece("embedding", GLMEmbedding, (config, tp_group, seed, False), MTP, tie=WORD_EMBEDDING,
                         forward_fn=embed_next_tokens))
-    pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed), MTP)
+    pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed, ep_group), MTP)
                for depth in range(1, config.mtp_layers + 1)]
     return pieces + [output_head(config, tp_group, seed)]
 
@@ -193,12 +194,12 @@ class GLMModel(nn.Module):
     embedding.word_embeddings, embedding.{block_,}position_embeddings, transformer.layers.{i}.*,
     transformer.final_layernorm, and output_layer.weight when the output layer is untied."""
 
-    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None):
         super().__init__()
         self.tp_group = tp_group
         shared: dict[str, nn.Module] = {}
         sequence = []
-        for piece in glm_pieces(config, tp_group, seed):
+        for piece in glm_pieces(config, tp_group, seed, ep_group):
             if piece.tie is not None and piece.tie.key in shared:
                 sequence.append((piece, shared[piece.tie.key]))  # the tied head is the embedding module
                 continue

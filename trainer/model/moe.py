@@ -160,7 +160,7 @@ class GLMMoE(nn.Module):
     model.moe_shared_experts, shared_expert (a GLMMLP). forward(hidden [b, s, h]) -> [b, s, h]. The routed
     experts' init follows the dense MLP's: N(0, init_std) into the expert, N(0, init_std / sqrt(2N)) out."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None):
         super().__init__()
         self.layer_index = layer_number - 1
         self.tp_group = tp_group
@@ -174,7 +174,7 @@ class GLMMoE(nn.Module):
         self.experts = GroupedExperts(
             config.moe_num_experts, config.hidden_size, config.moe_ffn_size, group=tp_group, activation=swiglu,
             init_gate_up=expert_normal_init(seed, f"{name}.gate_up_weight", config.init_std),
-            init_down=expert_normal_init(seed, f"{name}.down_weight", std_out))
+            init_down=expert_normal_init(seed, f"{name}.down_weight", std_out), ep_group=ep_group)
         self.shared_expert: Optional[GLMMLP] = (GLMMLP(shared_expert_config(config), layer_number, tp_group, seed)
                                                 if config.moe_shared_experts else None)
         self._statistics: Optional[RoutingStatistics] = None

@@ -88,7 +88,7 @@ class MTPLayer(nn.Module):
     next-token embedding) -> MTPOutputs in training, the final hidden [b, s, h] in eval mode (module docstring).
     Its block is block number num_layers + depth (a mixture-of-experts block where config.is_moe_layer says so)."""
 
-    def __init__(self, config: ModelConfig, depth: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, depth: int, tp_group=None, seed: int = 0, ep_group=None):
         super().__init__()
         h = config.hidden_size
         self.enorm = Norm(config)
@@ -97,7 +97,7 @@ class MTPLayer(nn.Module):
         self.eh_proj = ColumnParallelLinear(2 * h, h, group=tp_group, bias=False, gather_output=True,
                                             init_method=normal_init(seed, f"{MTP_PREFIX}.{depth - 1}.eh_proj",
                                                                     config.init_std))
-        self.block = GLMBlock(config, config.num_layers + depth, tp_group, seed)
+        self.block = GLMBlock(config, config.num_layers + depth, tp_group, seed, ep_group)
         self.final_layernorm = Norm(config)
 
     def forward(self, inputs: tuple):

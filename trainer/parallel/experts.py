@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from trainer.parallel.expert_dispatch import combine, dispatch, local_experts
 from trainer.parallel.layers import InitMethod, _partition, sharded_parameter
 from trainer.parallel.mappings import Group, copy_to_tp, group_size
 from trainer.parallel.split import SplitRule
@@ -48,7 +49,7 @@ class GroupedExperts(nn.Module):
     `expert_parallel = True`."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, group: Group, activation: Activation,
-                 init_gate_up: InitMethod, init_down: InitMethod):
+                 init_gate_up: InitMethod, init_down: InitMethod, ep_group: Group = None):
         super().__init__()
         self.group = group
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
@@ -59,6 +60,10 @@ class GroupedExperts(nn.Module):
         self.gate_up_weight = sharded_parameter((num_experts, 2 * ffn_size, hidden_size), self.gate_up_rule, group,
                                                 init_gate_up)
         self.down_weight = sharded_parameter((num_experts, hidden_size, ffn_size), self.down_rule, group, init_down)
+        # Expert parallelism: this rank keeps its block of E / ep experts (trainer/parallel/expert_dispatch.py).
+        self.ep_group = ep_group
+        self.gate_up_weight, self.down_weight = (local_experts(param, ep_group)
+                                                 for param in (self.gate_up_weight, self.down_weight))
         for param in (self.gate_up_weight, self.down_weight):
             param.expert_parallel = True
 
@@ -69,13 +74,8 @@ class GroupedExperts(nn.Module):
         """x [T, h], topk_ids [T, k] int64, topk_weights [T, k] fp32 -> [T, h], this tensor rank's partial sum
         (the caller reduces over the tensor-parallel group)."""
         x, topk_weights = copy_to_tp(x, self.group), copy_to_tp(topk_weights, self.group)
-        tokens, k = topk_ids.shape
-        order, tokens_per_expert = permutation(topk_ids, self.num_experts)
-        permuted = x[order // k]  # [T k, h]: row n is token order[n] // k, grouped by expert
-        out = self.run_experts(permuted, tokens_per_expert)  # [T k, h]
-        unpermuted = out[torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))]
-        weighted = unpermuted.view(tokens, k, -1).float() * topk_weights.unsqueeze(-1)  # [T, k, h] fp32
-        return weighted.sum(dim=1).to(x.dtype)
+        rows, tokens_per_expert, handle = dispatch(x, topk_ids, self.num_experts, self.ep_group)  # by local expert
+        return combine(self.run_experts(rows, tokens_per_expert), topk_weights, handle)
 
     def run_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """rows [n, h], grouped by expert (tokens_per_expert [E] of them for each) -> every row through its
