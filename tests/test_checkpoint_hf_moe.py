@@ -1,8 +1,9 @@
 """The transformers glm4_moe bridge: a random tiny Glm4MoeForCausalLM (partial rotary 0.5 with rotate_half pairs,
 QK-norm, QKV biases, norm gains and biases perturbed away from their init) with an MTP layer added to its
 safetensors files (transformers drops model.layers.N.*), imported, gives transformers' logits (fp32, 1e-5), also
-at tp=2; its MTP layer computes transformers' own decoder-layer math on eh_proj([enorm(emb(t+1)); hnorm(h_t)]);
-exported back, Glm4MoeForCausalLM loads it with the same logits and the MTP tensors are byte-identical."""
+at tp=2 and ep=2; its MTP layer computes transformers' own decoder-layer math on eh_proj([enorm(emb(t+1)); hnorm(h_t)]);
+exported back, Glm4MoeForCausalLM loads it with the same logits and the MTP tensors are byte-identical; the MoE
+model imported at ep=2 (each rank holding half the experts) gives transformers' logits too."""
 import json
 
 import pytest
@@ -127,20 +128,26 @@ def test_imported_mtp_layer_computes_transformers_decoder_layer_math(hf_model, i
     assert_close(mtp_logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def _tp2_logits(rank, world_size, directory, input_ids, expected):
-    group = Topology.create(tp=2, pp=1).tp_group
+def _parallel_logits(rank, world_size, directory, input_ids, expected, tp, ep):
+    topology = Topology.create(tp=tp, pp=1, ep=ep)
     config, weights = read_weights(directory, None)
-    shard = build_model(config, weights, group)(*causal_inputs(input_ids))  # [b, s, V_pad / 2]
-    shards = [torch.empty_like(shard) for _ in range(world_size)]
-    dist.all_gather(shards, shard.contiguous(), group=group)
-    assert_close(torch.cat(shards, dim=-1)[..., :VOCAB], expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        shard = build_model(config, weights, topology.tp_group, ep_group=topology.ep_group)(*causal_inputs(input_ids))
+    if tp > 1:  # [b, s, V_pad / tp] -> [b, s, V_pad]
+        shards = [torch.empty_like(shard) for _ in range(tp)]
+        dist.all_gather(shards, shard.contiguous(), group=topology.tp_group)
+        shard = torch.cat(shards, dim=-1)
+    assert_close(shard[..., :VOCAB], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_imported_model_at_tp2_gives_transformers_logits(hf_model, input_ids):
+@pytest.mark.parametrize("tp, ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
+def test_imported_model_at_tp2_and_ep2_gives_transformers_logits(hf_model, input_ids, tp, ep):
     directory, model, _, _ = hf_model
+    if ep > 1 and not read_weights(directory, None)[0].moe_num_experts:
+        pytest.skip("a dense model has no experts to split")
     with torch.no_grad():
         expected = model(input_ids).logits
-    run_distributed(_tp2_logits, 2, directory, input_ids, expected)
+    run_distributed(_parallel_logits, 2, directory, input_ids, expected, tp, ep)
 
 
 def test_exported_model_loads_with_the_same_logits_and_the_mtp_tensors_unchanged(hf_model, input_ids, tmp_path):

@@ -2,7 +2,8 @@
 another sample or a token past t+1; the loss is main + weight * (the MTP layer's mean over its loss tokens); eval
 mode (decoding, validation) gives the logits of the model without it; and through the trainer (packed rows,
 QK-norm on), mtp_loss is logged, a weight of 0 leaves the main model's losses untouched, the weight enters the
-step-1 loss exactly, and tp=2 and dp=2 reproduce the single process's losses and gradient norms."""
+step-1 loss exactly, and tp=2 and dp=2 reproduce the single process's losses and gradient norms; on
+configs/glm-4.5-debug.yaml (MoE, the MTP layer's block MoE too) tp=2 and ep=2 do, and the checkpoint holds it."""
 import dataclasses
 import json
 
@@ -11,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from tests.distributed import run_distributed
+from trainer.checkpoint.model_source import read_weights
 from trainer.config import load_config
 from trainer.data.corpus import embedded_paragraphs_corpus
 from trainer.errors import ConfigError
@@ -157,8 +159,39 @@ def test_training_logs_the_mtp_loss_and_its_weight_enters_the_loss(single, tmp_p
                  rtol=1e-6, atol=0)
 
 
+def _assert_same_curves(records: list[dict], reference: list[dict], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        assert_close(_column(records, key), _column(reference, key), rtol=1e-6 if key == "grad_norm" else 1e-5, atol=0)
+
+
 @pytest.mark.parametrize("name, overrides", [("tp2", ["parallel.tp=2"]), ("dp2", [])])
 def test_two_process_layouts_match_single_process(single, tmp_path, name, overrides):
     records = _metrics(tmp_path, name, ["model.mtp_layers=1"] + overrides, world_size=2)
-    for key, rtol in (("loss", 1e-5), ("mtp_loss", 1e-5), ("grad_norm", 1e-6)):
-        assert_close(_column(records, key), _column(single, key), rtol=rtol, atol=0)
+    _assert_same_curves(records, single, ("loss", "mtp_loss", "grad_norm"))
+
+
+MOE = ["model.mtp_layers=1", "data.seq_length=64", "model.max_sequence_length=64", "parallel.micro_batch_size=2",
+       "parallel.global_batch_size=4", f"train.steps={STEPS}", "optim.warmup_steps=1", "optim.decay_steps=2",
+       "train.save_interval=0", f"data.path={embedded_paragraphs_corpus()}"]
+"""configs/glm-4.5-debug.yaml (QK-norm, a dense first block, MoE blocks with a shared expert), shortened, with its
+MTP layer, whose block is a MoE block too."""
+
+
+def _moe_metrics(tmp_path, name: str, overrides: list[str], world_size: int = 1) -> list[dict]:
+    config = preflight(load_config("configs/glm-4.5-debug.yaml", MOE + overrides + [f"train.run_dir={tmp_path / name}"]),
+                       world_size)
+    run_distributed(_train, world_size, config, tmp_path / f"{name}.jsonl")
+    return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def moe_single(tmp_path_factory):
+    return _moe_metrics(tmp_path_factory.mktemp("moe"), "single", [])
+
+
+@pytest.mark.parametrize("name, overrides", [("tp2", ["parallel.tp=2"]), ("ep2", ["parallel.ep=2"])])
+def test_the_moe_mtp_layer_matches_single_process_at_tp2_and_ep2(moe_single, tmp_path, name, overrides):
+    records = _moe_metrics(tmp_path, name, overrides, world_size=2)
+    _assert_same_curves(records, moe_single, ("loss", "mtp_loss", "grad_norm", "moe_load_imbalance"))
+    config, weights = read_weights(tmp_path / name, None)  # the run's last checkpoint holds the MTP layer
+    assert config.mtp_layers == 1 and "mtp.layers.0.block.mlp.experts.gate_up_weight" in weights
