@@ -22,10 +22,10 @@ from trainer.parallel.topology import Topology
 transformers = pytest.importorskip("transformers")
 VOCAB, SEQ, LAYERS = 160, 12, 2
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1, tie_word_embeddings=False,
-             attention_bias=True, partial_rotary_factor=0.5, use_qk_norm=True, n_routed_experts=4,
-             num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, routed_scaling_factor=2.5,
-             pad_token_id=0)
+             head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
+             tie_word_embeddings=False, attention_bias=True, partial_rotary_factor=0.5, use_qk_norm=True,
+             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+             routed_scaling_factor=2.5, pad_token_id=0)
 
 
 def causal_inputs(input_ids: torch.Tensor):

@@ -114,7 +114,8 @@ class ModelConfig:
     """Weight of the router z-loss, mean over tokens of logsumexp(router logits)^2 (0: off)."""
     mtp_layers: int = 0
     """Multi-token-prediction layers after the last block (transformers' num_nextn_predict_layers; GLM-4.5: 1):
-    layer 1 predicts token t+2 from the last hidden state at t and the embedding of token t+1."""
+    layer 1 predicts token t+2 from the last hidden state at t and the embedding of token t+1 (trainer/model/mtp.py;
+    t+1 is the next slot of t's own sample). 0 or 1; trains at parallel.pp = 1 and parallel.cp = 1."""
     mtp_loss_weight: float = 0.3
     """Weight of the MTP layers' mean loss added to the main loss (Megatron-Bridge: 0.3, slime: 0.2)."""
 
