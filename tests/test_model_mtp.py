@@ -3,22 +3,25 @@ another sample or a token past t+1; the loss is main + weight * (the MTP layer's
 mode (decoding, validation) gives the logits of the model without it; and through the trainer (packed rows,
 QK-norm on), mtp_loss is logged, a weight of 0 leaves the main model's losses untouched, the weight enters the
 step-1 loss exactly, and tp=2 and dp=2 reproduce the single process's losses and gradient norms; on
-configs/glm-4.5-debug.yaml (MoE, the MTP layer's block MoE too) tp=2 and ep=2 do, and the checkpoint holds it."""
+configs/glm-4.5-debug.yaml (MoE, the MTP layer's block MoE too) tp=2 and ep=2 do, the checkpoint holds it, and
+its glm4_moe export gives the trainer's logits in transformers with the trained MTP layer in its files."""
 import dataclasses
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from tests.distributed import run_distributed
-from trainer.checkpoint.model_source import read_weights
+from trainer.checkpoint import hf
+from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.config import load_config
 from trainer.data.corpus import embedded_paragraphs_corpus
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.glm import GLMLoss, GLMModel
-from trainer.model.mask import stack_segments
+from trainer.model.mask import segments_of_sep, stack_segments
 from trainer.model.mtp import MTPOutputs, mtp_targets, next_in_sample
 from trainer.tools.preflight import preflight
 
@@ -185,8 +188,15 @@ def _moe_metrics(tmp_path, name: str, overrides: list[str], world_size: int = 1)
 
 
 @pytest.fixture(scope="module")
-def moe_single(tmp_path_factory):
-    return _moe_metrics(tmp_path_factory.mktemp("moe"), "single", [])
+def moe_run(tmp_path_factory):
+    """(metrics, run directory) of the single-process MoE + MTP run."""
+    root = tmp_path_factory.mktemp("moe")
+    return _moe_metrics(root, "single", []), root / "single"
+
+
+@pytest.fixture(scope="module")
+def moe_single(moe_run):
+    return moe_run[0]
 
 
 @pytest.mark.parametrize("name, overrides", [("tp2", ["parallel.tp=2"]),
@@ -196,3 +206,23 @@ def test_the_moe_mtp_layer_matches_single_process_at_tp2_and_ep2(moe_single, tmp
     _assert_same_curves(records, moe_single, ("loss", "mtp_loss", "grad_norm", "moe_load_imbalance"))
     config, weights = read_weights(tmp_path / name, None)  # the run's last checkpoint holds the MTP layer
     assert config.mtp_layers == 1 and "mtp.layers.0.block.mlp.experts.gate_up_weight" in weights
+
+
+def test_the_trained_mtp_layer_is_exported_to_transformers(moe_run, tmp_path):
+    """The run's checkpoint exported as glm4_moe: Glm4MoeForCausalLM gives the trainer's logits and the files hold
+    the trained MTP layer under model.layers.N.*."""
+    transformers = pytest.importorskip("transformers")
+    config, weights = read_weights(moe_run[1], None)
+    hf.write_hf(weights, config, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, 16)
+    segments = segments_of_sep(torch.ones(2, dtype=torch.long), 16)
+    with torch.no_grad():
+        ours = build_model(config, weights)(ids, positions, torch.zeros_like(positions), segments)
+        assert_close(ours[..., :config.vocab_size], theirs(ids).logits, atol=1e-5, rtol=1e-5)
+    written = load_file(str(tmp_path / "hf" / hf.WEIGHTS))
+    n = config.num_layers
+    assert torch.equal(written[f"model.layers.{n}.eh_proj.weight"], weights["mtp.layers.0.eh_proj.weight"])
+    assert torch.equal(written[f"model.layers.{n}.mlp.experts.0.down_proj.weight"],
+                       weights["mtp.layers.0.block.mlp.experts.down_weight"][0])
