@@ -35,7 +35,7 @@ METHODS = [
 SOURCE_NAMES = [
     # (class, attribute name its source must mention, what needs it)
     (DeepSpeedEngine, "self.optimizer.overflow", "mark_step_skipped: a skipped step counted, the LR held"),
-    (PipelineEngine, "pipeline_enable_backward_allreduce", "skip_single_replica_allreduce"),
+    (PipelineEngine, "pipeline_enable_backward_allreduce", "skip_backward_allreduce"),
     (DeepSpeedZeroOptimizer, "single_partition_of_fp32_groups", "zero_fp32_partitions, checkpoint reading (ZeRO-1/2)"),
     (DeepSpeedZeroOptimizer, "param_slice_mappings", "zero12_fragments: ZeRO-1/2 checkpoint files"),
     (DeepSpeedZeroOptimizer, "base_optimizer_state", "zero12_fragments: ZeRO-1/2 checkpoint files"),

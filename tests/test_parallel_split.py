@@ -41,6 +41,15 @@ def test_fused_grouped_query_parts_are_rank_major():
                    for got, want in zip(split_rank_major(torch.cat(shards), (8, 4, 4), size), (q, k, v)))
 
 
+def test_fused_parts_on_another_dim_are_rank_major_there():
+    """Routed experts' [E, 2f, h] gate/up weight: the two halves stacked on dim 1, each split over the ranks."""
+    gate, up = torch.arange(48.0).view(2, 4, 6), -torch.arange(48.0).view(2, 4, 6)
+    rule = SplitRule(dim=1, part_rows=(4, 4))
+    shards = _round_trip(rule, torch.cat([gate, up], dim=1), 2)
+    for rank, shard in enumerate(shards):
+        assert torch.equal(shard, torch.cat([gate.chunk(2, dim=1)[rank], up.chunk(2, dim=1)[rank]], dim=1))
+
+
 def test_vocabulary_is_padded_per_size_and_merged_back_to_the_real_rows():
     full = _rows(10, 1.0)
     rule = SplitRule.vocabulary(10, pad_multiple=4)
@@ -53,7 +62,7 @@ def test_vocabulary_is_padded_per_size_and_merged_back_to_the_real_rows():
 
 def test_rules_that_cannot_be_split_are_refused():
     with pytest.raises(ValueError, match="dim 0"):
-        SplitRule(dim=1, part_rows=(2, 2))
+        SplitRule(dim=1, vocab_rows=4)
     with pytest.raises(ValueError, match="not both"):
         SplitRule(dim=0, part_rows=(2, 2), vocab_rows=4)
     with pytest.raises(ValueError, match="sum to out_features"):

@@ -189,17 +189,34 @@ def test_the_config_computes_dp_and_checks_the_ep_rule():
         config.data_parallel_size(6)
     config.parallel.tp, config.parallel.pp, config.parallel.ep = 1, 1, 3
     with pytest.raises(ConfigError, match=r"parallel.ep=3: ep=3 does not divide dp \* cp = 4\*1 = 4"):
-        config.validate(world_size=4)
+        config.parallel.layout(4)
 
 
-@pytest.mark.parametrize("key, axis", [("cp", "context"), ("ep", "expert")])
-def test_context_and_expert_parallelism_are_refused_for_now(key, axis):
+def test_context_parallelism_is_refused_for_now():
     config = Config()
-    setattr(config.parallel, key, 2)
+    config.parallel.cp = 2
     assert config.parallel.layout(8).world_size == 8  # the layout exists ...
-    with pytest.raises(ConfigError, match=f"parallel.{key}=2: {axis} parallelism is not implemented yet; "
-                                          f"set parallel.{key}=1"):
+    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism is not implemented yet; "
+                                          "set parallel.cp=1"):
         config.validate(world_size=8)  # ... but no model code runs it yet
+
+
+def test_expert_parallelism_needs_experts_that_split_evenly_in_fp32_without_zero():
+    config = Config()
+    config.parallel.ep = 2
+    with pytest.raises(ConfigError, match="parallel.ep=2 on a dense model: .* set model.moe_num_experts, or "
+                                          "parallel.ep=1"):
+        config._validate_expert_parallel()
+    config.model.moe_num_experts, config.model.moe_top_k = 6, 2
+    config.parallel.ep = 4
+    with pytest.raises(ConfigError, match="parallel.ep=4 does not divide model.moe_num_experts=6"):
+        config._validate_expert_parallel()
+    config.parallel.ep = 2
+    with pytest.raises(ConfigError, match="parallel.ep=2 runs in fp32 without ZeRO for now .* set "
+                                          "optim.zero_stage=0"):
+        config._validate_expert_parallel()  # the default optim.zero_stage is 1
+    config.optim.zero_stage = 0
+    config._validate_expert_parallel()
 
 
 # ---- process groups on 4 gloo ranks --------------------------------------------------------------------

@@ -40,8 +40,9 @@ class ParallelConfig:
     """Context-parallel size: ranks that split each sequence between them. Not implemented yet (only 1 runs); the
     topology already builds its groups, ranked between dp and tp (docs/TRAINING.md)."""
     ep: int = 1
-    """Expert-parallel size: ranks that split the experts between them, taken from the dp * cp ranks, so it must
-    divide dp * cp. Not implemented yet (only 1 runs); the topology already builds its groups (docs/TRAINING.md)."""
+    """Expert-parallel size: ranks that split each MoE layer's routed experts between them (rank r of ep holds
+    the r-th block of moe_num_experts / ep), taken from the dp * cp ranks, so it must divide dp * cp and
+    model.moe_num_experts (docs/TRAINING.md: the rank rule). For now fp32 without ZeRO (optim.zero_stage=0)."""
     micro_batch_size: int = 1
     """Samples per micro-batch on one data-parallel rank."""
     global_batch_size: int = 8
@@ -64,11 +65,9 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ep={self.ep}: {error}; choose an ep that divides dp * cp") from None
 
     def refuse_unimplemented_axes(self) -> None:
-        """Context and expert parallelism have their groups (trainer/parallel/topology.py) but no model code yet."""
-        for name, what in (("cp", "context"), ("ep", "expert")):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)}: {what} parallelism is not implemented yet; "
-                                  f"set parallel.{name}=1")
+        """Context parallelism has its groups (trainer/parallel/topology.py) but no model code yet."""
+        if self.cp > 1:
+            raise ConfigError(f"parallel.cp={self.cp}: context parallelism is not implemented yet; set parallel.cp=1")
 
 
 @dataclass
@@ -201,6 +200,10 @@ class Config:
         if p.pp > self.model.num_layers:
             raise ConfigError(f"parallel.pp={p.pp} is greater than model.num_layers={self.model.num_layers}: "
                               f"every pipeline stage needs at least one block; lower pp")
+        if self.model.mtp_layers and (p.pp > 1 or p.cp > 1):
+            raise ConfigError(f"model.mtp_layers with parallel.pp={p.pp}, parallel.cp={p.cp}: the MTP layer runs at "
+                              f"pp = 1 and cp = 1 only (it needs the token ids on the last stage and token t+1 of "
+                              f"each slot); set parallel.pp and parallel.cp to 1, or model.mtp_layers to 0")
         if self.data.seq_length > self.model.max_sequence_length:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds model.max_sequence_length="
                               f"{self.model.max_sequence_length}: raise the latter or shorten the former")
@@ -238,6 +241,7 @@ class Config:
             raise ConfigError(f"train.collective_timeout_minutes must be a finite number in (0, {MAX_TIMEOUT_MINUTES}] "
                               f"(a year), got {t.collective_timeout_minutes}")
         self._validate_zero()
+        self._validate_expert_parallel()
         self._validate_optim()
         self._validate_finetune()
         if world_size is not None:
@@ -268,6 +272,24 @@ class Config:
             raise ConfigError(f"optim.offload_params={o.offload_params} needs sharded weights: set optim.zero_stage=3")
         if "nvme" in (o.offload_optimizer, o.offload_params) and not o.nvme_path:
             raise ConfigError("nvme offload needs a directory: set optim.nvme_path to a local NVMe mount")
+
+    def _validate_expert_parallel(self) -> None:
+        """parallel.ep > 1: an MoE model whose experts split evenly; fp32 without ZeRO, where the trainer reduces
+        the expert gradients over their expert-data group and counts each expert once in the norm itself
+        (engine/grad_reduce.py, engine/grad_norm.py; DeepSpeed's ZeRO and bf16/fp16 optimizers do neither)."""
+        ep, experts = self.parallel.ep, self.model.moe_num_experts
+        if ep == 1:
+            return
+        if not experts:
+            raise ConfigError(f"parallel.ep={ep} on a dense model: expert parallelism splits the routed experts of "
+                              f"MoE layers; set model.moe_num_experts, or parallel.ep=1")
+        if experts % ep:
+            raise ConfigError(f"parallel.ep={ep} does not divide model.moe_num_experts={experts}: every expert-"
+                              f"parallel rank holds the same number of experts; choose an ep that divides {experts}")
+        if self.optim.zero_stage != 0 or self.train.precision != "fp32":
+            raise ConfigError(f"parallel.ep={ep} runs in fp32 without ZeRO for now (here optim.zero_stage="
+                              f"{self.optim.zero_stage}, train.precision={self.train.precision}): set "
+                              f"optim.zero_stage=0 and train.precision=fp32, or parallel.ep=1")
 
     def _validate_optim(self) -> None:
         """Ranges of the optimizer and schedule keys (a NaN or an infinity is refused, not trained on)."""

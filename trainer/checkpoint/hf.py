@@ -1,5 +1,7 @@
-"""The bridge to HF transformers: read a `glm` (GlmForCausalLM) or ChatGLM2/3 (`chatglm`, remote code)
-directory, and write one that `AutoModelForCausalLM.from_pretrained(DIR)` loads with no remote code.
+"""The bridge to HF transformers: read a `glm` (GlmForCausalLM), `glm4_moe` (Glm4MoeForCausalLM: GLM-4.5 and its
+successors, names in trainer/checkpoint/hf_moe.py) or ChatGLM2/3 (`chatglm`, remote code) directory, and write one
+that `AutoModelForCausalLM.from_pretrained(DIR)` loads with no remote code (glm, or glm4_moe for a model with
+rotate_half pairs, QK-norm, experts or an MTP layer, whose tensors are written into the files as the release has).
 
 A directory is config.json plus model.safetensors, or model-0000i-of-0000n.safetensors shards listed in
 model.safetensors.index.json. Canonical <- transformers' glm names (layer i):
@@ -35,6 +37,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.checkpoint import hf_moe
 from trainer.checkpoint.layout import WORD_EMBEDDINGS, canonical_shapes
 from trainer.data.tokenizer import EOT, load_tokenizer
 from trainer.errors import CheckpointError
@@ -44,7 +47,7 @@ from trainer.model.output import OUTPUT_WEIGHT
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG = "generation_config.json", "tokenizer.json", "tokenizer_config.json"
-MODEL_TYPES = ("glm", "chatglm")
+MODEL_TYPES = ("glm", "chatglm", hf_moe.MODEL_TYPE)
 GLM_TOP_LEVEL = {"model.embed_tokens.weight": WORD_EMBEDDINGS,
                  "model.norm.weight": "transformer.final_layernorm.weight", "lm_head.weight": OUTPUT_WEIGHT}
 GLM_LAYER = {"input_layernorm.weight": "input_layernorm.weight", "self_attn.o_proj.weight": "attention.dense.weight",
@@ -60,7 +63,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
 
 
 def is_hf_directory(path: Path) -> bool:
-    """A directory whose config.json names a model type this bridge reads (glm or chatglm)."""
+    """A directory whose config.json names a model type this bridge reads (glm, glm4_moe or chatglm)."""
     try:
         return json.loads((path / CONFIG).read_text()).get("model_type") in MODEL_TYPES
     except (OSError, ValueError, AttributeError):
@@ -194,13 +197,17 @@ def canonical_from_chatglm_6b(tensors: dict[str, torch.Tensor], config: ModelCon
 
 
 def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A transformers directory of model type glm or chatglm (ChatGLM-6B or ChatGLM2/3) -> (ModelConfig, canonical
-    fp32 weights)."""
+    """A transformers directory of model type glm, glm4_moe or chatglm (ChatGLM-6B or ChatGLM2/3) -> (ModelConfig,
+    canonical fp32 weights)."""
     meta = json.loads((path / CONFIG).read_text())
     try:
         if meta["model_type"] == "glm":
             config = glm_model_config(meta)
             weights = canonical_from_glm(read_tensors(path), config)
+        elif meta["model_type"] == hf_moe.MODEL_TYPE:
+            tensors = read_tensors(path)  # the MTP layer's model.layers.N.* too, which transformers drops
+            config = hf_moe.model_config(meta, _rope(meta), hf_moe.has_mtp_tensors(tensors, meta))
+            weights = hf_moe.canonical_from_glm4_moe(tensors, config)
         elif "position_encoding_2d" in meta:
             config = chatglm_6b_model_config(meta)
             weights = canonical_from_chatglm_6b(read_tensors(path), config)
@@ -222,8 +229,17 @@ def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, weights
 
 
+def is_glm4_moe(config: ModelConfig) -> bool:
+    """Whether the export is a glm4_moe directory: rotate_half pairs, QK-norm, experts or an MTP layer (the GLM-4.5
+    switches transformers' glm lacks), else glm."""
+    half_rotary = config.position_embedding == "rope_1d" and config.rotary_pairing == "half"
+    return half_rotary or config.qk_norm or config.moe_num_experts > 0 or config.mtp_layers > 0
+
+
 def hf_unsupported(config: ModelConfig) -> list[str]:
-    """Why transformers' glm cannot express this model (empty when it can)."""
+    """Why transformers' glm (or glm4_moe, is_glm4_moe) cannot express this model (empty when it can)."""
+    if is_glm4_moe(config):
+        return hf_moe.unsupported(config)
     expected = {"position_embedding": "rope_1d", "rotary_pairing": "interleaved", "norm": "pre_ln",
                 "normalization": "rmsnorm", "mlp": "swiglu", "add_bias_linear": False}
     return [f"model.{key}={getattr(config, key)!r} (glm has {value!r})" for key, value in expected.items()
@@ -235,7 +251,8 @@ def check_hf_exportable(config: ModelConfig) -> None:
     reasons = hf_unsupported(config)
     if reasons:
         raise CheckpointError("transformers has no model class for this GLM (GLM-2021, GLM-130B and ChatGLM-6B are "
-                              "not its glm type): " + ", ".join(reasons) + "; export it with --format glm instead")
+                              "not its glm or glm4_moe type): " + ", ".join(reasons) + "; export it with --format glm "
+                              "instead")
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict[str, object]) -> dict:
@@ -333,9 +350,15 @@ def write_hf(canonical: dict[str, torch.Tensor], config: ModelConfig, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         write_tokenizer_files(tokenizer, config, out_dir)
-    tensors = {name: value.to(dtype) for name, value in hf_tensors(canonical, config).items()}
+    if is_glm4_moe(config):
+        tensors = {name: value if name.endswith(hf_moe.FP32_SUFFIXES) else value.to(dtype)  # the router stays fp32
+                   for name, value in hf_moe.glm4_moe_tensors(canonical, config).items()}
+        meta = hf_moe.glm4_moe_config(config, dtype, ids)
+    else:
+        tensors = {name: value.to(dtype) for name, value in hf_tensors(canonical, config).items()}
+        meta = hf_config(config, dtype, ids)
     files = write_safetensors(tensors, out_dir, max_shard_bytes)
-    (out_dir / CONFIG).write_text(json.dumps(hf_config(config, dtype, ids), indent=1))
+    (out_dir / CONFIG).write_text(json.dumps(meta, indent=1))
     generation = {"do_sample": False, **ids}
     (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation, indent=1))
     return files

@@ -28,12 +28,13 @@ WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 @functools.lru_cache(maxsize=8)
 def _meta_model(fields: tuple) -> tuple[dict[str, SplitRule], dict[str, torch.Size]]:
-    """(split rules, canonical shapes) of the parameters of a GLMModel of ModelConfig(*fields)."""
+    """(split rules, canonical shapes) of the parameters and persistent buffers of a GLMModel of
+    ModelConfig(*fields)."""
     with torch.device("meta"):
         model = GLMModel(ModelConfig(*fields))
     rules = split_rules_of(model)
     shapes = {name: torch.Size((rules[name].vocab_rows, *param.shape[1:])) if rules[name].vocab else param.shape
-              for name, param in model.named_parameters()}
+              for name, param in model.state_dict(keep_vars=True).items()}
     return rules, shapes
 
 

@@ -1,6 +1,6 @@
 """Any model a user points at -> a GLMModel on this process: an export directory, a run directory or its
 checkpoints/ (their `latest`), one global_stepN directory of any layout, a THUDM/GLM release directory, or a
-transformers directory of model type glm or chatglm (trainer/checkpoint/hf.py). Each carries its model config
+transformers directory of model type glm, glm4_moe or chatglm (trainer/checkpoint/hf.py). Each carries its model config
 (a training checkpoint in its run.json, trainer/checkpoint/run_record.py); a config the user passes must
 agree with it."""
 from __future__ import annotations
@@ -85,8 +85,14 @@ def source_tokenizer(path: Path) -> Optional[Path]:
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], tp_group=None,
-                device: Optional[torch.device] = None) -> torch.nn.Module:
-    """A GLMModel in eval mode holding this tensor-parallel rank's shard of the canonical weights."""
-    model = GLMModel(config, tp_group)
-    model.load_state_dict(shard_state(weights, config, group_size(tp_group), group_rank(tp_group)))
+                device: Optional[torch.device] = None, ep_group=None) -> torch.nn.Module:
+    """A GLMModel in eval mode holding this tensor-parallel rank's shard of the canonical weights (and, with an
+    ep_group, this expert-parallel rank's contiguous block of the experts of its expert_parallel parameters)."""
+    model = GLMModel(config, tp_group, ep_group=ep_group)
+    state = shard_state(weights, config, group_size(tp_group), group_rank(tp_group))
+    ep, ep_rank = group_size(ep_group), group_rank(ep_group)
+    for name, param in model.named_parameters():
+        if getattr(param, "expert_parallel", False):
+            state[name] = state[name].chunk(ep, dim=0)[ep_rank]  # [E / ep, ...]
+    model.load_state_dict(state)
     return model.to(device or "cpu").eval()

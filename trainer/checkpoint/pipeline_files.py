@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint import ds_format
+from trainer.checkpoint.expert_files import read_experts
 from trainer.checkpoint.layout import merge_states, shard_state
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
@@ -164,8 +165,18 @@ def _plain_engine_weights(tag_dir: Path, layout: Layout, tp_rank: int) -> dict[s
 
 
 def read_model_weights(tag_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint of any (tp, pp, dp) and engine -> the canonical state dict (fp32)."""
+    """The weights of a checkpoint of any (tp, pp, dp, ep) and engine -> the canonical state dict (fp32); the
+    routed experts of an ep > 1 checkpoint from its expert files (trainer/checkpoint/expert_files.py)."""
     layout = read_layout(tag_dir)
+    weights = _read_deepspeed_weights(tag_dir, config, layout)
+    experts = read_experts(tag_dir, config, layout.tp, layout.pp, canonical_name)
+    if experts is not None:
+        weights.update(experts[0]["fp32"])
+    return weights
+
+
+def _read_deepspeed_weights(tag_dir: Path, config: ModelConfig, layout: Layout) -> dict[str, torch.Tensor]:
+    """The canonical weights from DeepSpeed's files (at ep > 1 the experts there are data rank 0's block only)."""
     if not is_pipeline_checkpoint(tag_dir):
         return merge_states([_plain_engine_weights(tag_dir, layout, tp_rank) for tp_rank in range(layout.tp)], config)
     tp = layout.tp

@@ -1,5 +1,6 @@
-"""The layout-free training state, read from a DeepSpeed checkpoint of any (tp, pp, dp): weights, fp32 master
-weights, Adam moments and step, LR schedule, counters. Loading it into a live engine of any other layout is
+"""The layout-free training state, read from a DeepSpeed checkpoint of any (tp, pp, dp, ep): weights, fp32 master
+weights, Adam moments and step, LR schedule, counters (the routed experts of an ep > 1 checkpoint from its
+expert files: trainer/checkpoint/expert_files.py). Loading it into a live engine of any other layout is
 trainer/engine/resume.py; what DeepSpeed's files hold is trainer/checkpoint/ds_format.py.
 
 ZeRO-1/2 files store, per data-parallel rank and parameter group, a flat fp32 partition, the flat Adam
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 
 from trainer.checkpoint import ds_format
+from trainer.checkpoint.expert_files import read_experts
 from trainer.checkpoint.layout import merge_states
 from trainer.checkpoint.pipeline_files import (Layout, canonical_name, checkpoint_zero_stage, model_states_file,
                                                read_layout, read_model_weights, read_zero3_tensors, zero_file)
@@ -112,7 +114,14 @@ def read_plain_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[d
             step = int(state["step"])
             for key in MOMENTS:
                 per_key[key][mp_rank % layout.tp][canonical_name(name, config)] = state[key].float()
-    return {key: merge_states(states, config) for key, states in per_key.items()}, step
+    moments = {key: merge_states(states, config) for key, states in per_key.items()}
+    experts = read_experts(tag_dir, config, layout.tp, layout.pp, canonical_name)
+    if experts is not None:  # data rank 0's optimizer holds its own block of experts only
+        if not all(key in experts[0] for key in MOMENTS):
+            return None
+        for key in MOMENTS:
+            moments[key].update(experts[0][key])
+    return moments, step
 
 
 def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:

@@ -5,18 +5,19 @@ pipeline engine's train_batch / eval_batch, so the training loop (trainer/engine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import deepspeed
 import torch
 
 from trainer.config import Config
 from trainer.engine import finetune
-from trainer.engine.deepspeed_compat import mark_step_skipped, skip_single_replica_allreduce, wrap_model_step
+from trainer.engine.deepspeed_compat import mark_step_skipped, skip_backward_allreduce, wrap_model_step
 from trainer.engine.ds_config import build_ds_config, uses_own_clipping, zero_init_arguments
 from trainer.engine.ds_topology import DeepSpeedMPU
 from trainer.engine.faults import is_finite
 from trainer.engine.grad_norm import clip_grads_, counted_in_norm
+from trainer.engine.grad_reduce import GradReduction
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.pipeline import GLMPipeline
 from trainer.engine.plain import GLMTrainModel, PipelineSteps, PlainSteps
@@ -44,13 +45,13 @@ def build_module(config: Config, topology: Topology, ds_config: dict) -> torch.n
     if topology.pp > 1:
         return GLMPipeline(config.model, topology, seed, recompute_interval=interval, recompute=recompute)
     if ds_config["zero_optimization"]["stage"] != 3:
-        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
+        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group)
     # Partitioned over the data-parallel ranks only: without data_parallel_group zero.Init partitions over the
     # whole world, so at tp > 1 a gathered weight would be pieced together from different tensor ranks' shards.
     mpu = DeepSpeedMPU(topology)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu,
                              data_parallel_group=mpu.get_data_parallel_group(), **zero_init_arguments(config)):
-        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
+        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group)
     # ZeRO-3 gathers a weight only inside the forward of the module that owns it; the loss computes the logits
     # with the output weight (the word embedding when tied), which another module owns.
     deepspeed.zero.register_external_parameter(module.loss_fn, module.output_weight)
@@ -74,15 +75,36 @@ def build_engine(config: Config, topology: Topology, world_size: int,
                                            mpu=DeepSpeedMPU(topology) if plain else None, config=ds_config)
     clipping = OwnClipping(engine, topology, config.optim.grad_clip, step_values or StepValues()) \
         if uses_own_clipping(config, world_size) else None
+    # Expert parallelism: the trainer's own reduction (experts over edp) replaces DeepSpeed's (engine/grad_reduce.py).
+    trainable = [param for param in module.parameters() if param.requires_grad]
+    reduction = GradReduction(trainable, topology) if topology.ep > 1 else None
+    before_step = _before_step(reduction, clipping)
     if plain:
-        steps = PlainSteps(engine, topology.dp_group, before_step=clipping.clip if clipping else None)
+        steps = PlainSteps(engine, topology.dp_group, before_step=before_step, reduces_itself=reduction is not None)
     else:
         steps = PipelineSteps(engine)
-        if clipping is not None:
-            wrap_model_step(engine, before=clipping.clip)
-            if topology.dp * topology.cp == 1:  # DeepSpeed's data axis is dp x cp (engine/ds_topology.py)
-                skip_single_replica_allreduce(engine)
+        if before_step is not None:
+            wrap_model_step(engine, before=before_step)
+        single_replica = topology.dp * topology.cp == 1  # DeepSpeed's data axis is dp x cp (engine/ds_topology.py)
+        if (clipping is not None and single_replica) or reduction is not None:
+            skip_backward_allreduce(engine)
     return RunEngine(engine, steps, clipping)
+
+
+def _before_step(reduction: Optional[GradReduction], clipping: Optional["OwnClipping"]) -> Optional[Callable]:
+    """The work before each optimizer step, as one call `run(loss=None)`: the experts' own gradient reduction
+    (expert parallelism), then the trainer's clipping, which reads the step's loss (where it is known by then)
+    with the norm; None when there is neither."""
+    if reduction is None and clipping is None:
+        return None
+
+    def run(loss: Optional[torch.Tensor] = None) -> None:
+        if reduction is not None:
+            reduction.reduce()
+        if clipping is not None:
+            clipping.clip(loss)
+
+    return run
 
 
 class OwnClipping:
@@ -99,13 +121,14 @@ class OwnClipping:
         self._values = step_values
         self._params = [p for p in engine.module.parameters() if p.requires_grad]
         self._counted = counted_in_norm(self._params, topology.tp_rank)
-        self._group = topology.model_group
+        self._group, self._ep_group = topology.model_group, topology.ep_group
         self._max_norm, self._device = max_norm, engine.device
         self._optimizer = engine.optimizer
 
     def clip(self, loss: Optional[torch.Tensor] = None) -> None:
         """Clip before the optimizer step; `loss`, the step's (where it is known by now), is read with the norm."""
-        self.norm = clip_grads_(self._params, self._counted, self._max_norm, self._group, self._device)
+        self.norm = clip_grads_(self._params, self._counted, self._max_norm, self._group, self._device,
+                                self._ep_group)
         known = {} if loss is None else {"loss": loss}  # the pipeline engine has its loss after the step only
         skipped = not is_finite(self._values.read(grad_norm=self.norm, **known)["grad_norm"])
         mark_step_skipped(self._optimizer, skipped)

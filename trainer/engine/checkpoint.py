@@ -29,14 +29,17 @@ import numpy as np
 import torch
 
 from trainer.checkpoint.ds_format import client_state
+from trainer.checkpoint.expert_files import expert_file
 from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
 from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, resume_order, tag_for
+from trainer.engine.grad_norm import is_expert_parallel
 from trainer.engine.resume import load_any_layout
 from trainer.errors import CheckpointError
 from trainer.paths import nearest_existing
 from trainer.parallel import random as parallel_random
 from trainer.parallel.comm import barrier, broadcast_object, global_rank, world_group
+from trainer.parallel.topology import Topology
 
 log = logging.getLogger("glm.checkpoint")
 
@@ -76,12 +79,31 @@ def disk_full_error(error: BaseException, staging: Path) -> Optional[CheckpointE
                            f"(or set train.keep_checkpoints), then resume from the last complete checkpoint")
 
 
+def save_experts(engine, topology: Topology, tag_dir: Path) -> None:
+    """At ep > 1, expert-data rank 0 of every (ep, pp, tp) coordinate writes its block of the routed experts, with
+    their Adam moments where the (plain torch) optimizer has them (trainer/checkpoint/expert_files.py)."""
+    if topology.ep == 1 or topology.edp_rank != 0:
+        return
+    tensors, step = {}, 0
+    for name, param in engine.module.named_parameters():
+        if not is_expert_parallel(param):
+            continue
+        state = engine.optimizer.state.get(param, {}) if isinstance(engine.optimizer, torch.optim.Optimizer) else {}
+        tensors[name] = {"fp32": param.detach().float().cpu(),
+                         **{key: state[key].cpu() for key in ("exp_avg", "exp_avg_sq") if key in state}}
+        step = int(state["step"]) if "step" in state else step
+    mp_rank = topology.pp_rank * topology.tp + topology.tp_rank
+    torch.save({"ep": topology.ep, "step": step, "tensors": tensors}, expert_file(tag_dir, topology.ep_rank, mp_rank))
+
+
 def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0,
-         data_position: Optional[dict] = None, run_record: Optional[dict] = None) -> Path:
+         data_position: Optional[dict] = None, run_record: Optional[dict] = None,
+         topology: Optional[Topology] = None) -> Path:
     """Save on every rank (a collective); returns the final directory. keep > 0 prunes older ones.
     data_position (the packing plan's scan state at the next row, trainer/data/packing.py) goes to
     DATA_POSITION, run_record (the model config, the layout, the tokenizer's fingerprint:
-    trainer/checkpoint/run_record.py) to RUN_RECORD, beside the weights."""
+    trainer/checkpoint/run_record.py) to RUN_RECORD, beside the weights; at ep > 1 (`topology`) the expert
+    blocks of every ep rank beside DeepSpeed's files (save_experts)."""
     tag, staging = tag_for(step), f".{tag_for(step)}.partial"
     rank = global_rank()
     if rank == 0 and (checkpoint_dir / staging).exists():
@@ -90,6 +112,8 @@ def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: i
     try:
         engine.save_checkpoint(str(checkpoint_dir), tag=staging, save_latest=False,
                                client_state=client_state(step, consumed_samples, optimizer_param_names(engine)))
+        if topology is not None:
+            save_experts(engine, topology, checkpoint_dir / staging)
         rng_dir = checkpoint_dir / staging / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_states(), rng_dir / f"rank{rank}.pt")

@@ -103,10 +103,12 @@ def is_pipeline_replica(param: torch.Tensor) -> bool:
     return bool(getattr(param, "ds_pipe_replicated", False))
 
 
-def skip_single_replica_allreduce(engine) -> None:
-    """With one data-parallel rank the pipeline engine's flat-buffer gradient all-reduce is a copy onto
-    itself. Why: `pipeline_enable_backward_allreduce` is the engine attribute that turns it off (the tied
-    embedding's all-reduce between stages is a separate instruction and stays)."""
+def skip_backward_allreduce(engine) -> None:
+    """Turn off the pipeline engine's flat-buffer gradient all-reduce over its data-parallel group: with one
+    data-parallel rank it is a copy onto itself, and at parallel.ep > 1 the trainer reduces itself, the experts
+    over their expert-data group (engine/grad_reduce.py). Why: `pipeline_enable_backward_allreduce` is the engine
+    attribute that turns it off (the tied embedding's all-reduce between stages is a separate instruction and
+    stays)."""
     engine.pipeline_enable_backward_allreduce = False
 
 

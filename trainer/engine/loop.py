@@ -31,12 +31,14 @@ from trainer.engine.faults import (NonFiniteSteps, PoisonedLoss, PreemptionHandl
                                    is_finite)
 from trainer.engine.flops import train_flops_per_token
 from trainer.engine.metrics import MetricsWriter
+from trainer.engine.moe_balance import ExpertBalancing
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at
 from trainer.engine.step_loss import StepCounts, step_counts
 from trainer.engine.step_values import StepValues
 from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
+from trainer.parallel.comm import mean_over_
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -58,15 +60,19 @@ class RunResult:
     stopped_by_signal: bool = False
 
 
-def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None) -> tuple:
+def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None,
+                    mtp_normaliser: Optional[torch.Tensor] = None) -> tuple:
     """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
-    (labels, loss_mask[, normaliser, loss_positions])); segments [b, 2, s] = (segment_start, segment_sep), the
-    mask's input; normaliser: the step's loss normaliser (trainer/engine/step_loss.py), with which the loss
-    also takes the collate step's loss positions (GLMLoss); else the loss is the rows' token mean."""
+    (labels, loss_mask[, normaliser, loss_positions[, MTP normaliser]])); segments [b, 2, s] = (segment_start,
+    segment_sep), the mask's input; normaliser: the step's loss normaliser (trainer/engine/step_loss.py), with which
+    the loss also takes the collate step's loss positions (GLMLoss); mtp_normaliser: the MTP layer's; without
+    them each loss is the rows' token mean."""
     segments = stack_segments(batch["segment_start"], batch["segment_sep"])  # [b, 2, s]
     target = (batch["labels"], batch["loss_mask"])
     if normaliser is not None:
         target += (normaliser, batch["loss_positions"])
+        if mtp_normaliser is not None:
+            target += (mtp_normaliser,)
     return (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments), target
 
 
@@ -88,11 +94,12 @@ def collated_micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int
                           for micro_step in range(grad_accum))]
 
 
-def micro_batches(collated: list[dict], topology: Topology) -> tuple[list[tuple], StepCounts]:
+def micro_batches(collated: list[dict], topology: Topology, mtp: bool = False) -> tuple[list[tuple], StepCounts]:
     """A step's collated micro-batches -> the same in DeepSpeed's pipeline format, their loss normalised by the
-    step's loss tokens, and the step's counts (trainer/engine/step_loss.py: a collective over the dp ranks)."""
-    counts = step_counts(collated, topology, get_accelerator().current_device_name())
-    return [pipeline_format(batch, counts.normaliser) for batch in collated], counts
+    step's loss tokens (with `mtp` the MTP layer's by its own), and the step's counts
+    (trainer/engine/step_loss.py: a collective over the dp ranks)."""
+    counts = step_counts(collated, topology, get_accelerator().current_device_name(), mtp)
+    return [pipeline_format(batch, counts.normaliser, counts.mtp_normaliser) for batch in collated], counts
 
 
 class NextStepRows:
@@ -157,6 +164,8 @@ class Trainer:
         self.values = StepValues()  # the step's one device-to-host read (trainer/engine/step_values.py)
         built = build_engine(config, self.topology, self.world_size, self.values)
         self.engine, self.steps, self.own_clipping = built.engine, built.steps, built.clipping
+        self.experts = ExpertBalancing(self.engine.module, config.model, self.topology) \
+            if config.model.moe_num_experts else None
         self.step = 0
         if config.train.resume:
             self.step, data_position = checkpoint.load_latest(self.engine, self.checkpoint_dir, self.topology,
@@ -208,13 +217,18 @@ class Trainer:
         skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]
         values.start()
         start = time.perf_counter()
-        batches, counts = micro_batches(self.next_rows.take(self.consumed, batch_size // self.unit), self.topology)
+        batches, counts = micro_batches(self.next_rows.take(self.consumed, batch_size // self.unit), self.topology,
+                                        mtp=config.model.mtp_layers > 0)
         if self.step + 1 < config.train.steps:
             self.next_rows.prepare(self.consumed + batch_size, global_batch_at(self.step + 1, config) // self.unit)
+        if self.experts:
+            fp16 = config.train.precision == "fp16"
+            self.experts.start_step(len(batches), deepspeed_compat.loss_scale(engine.optimizer) if fp16 else 1.0)
         loss = self.steps.train_batch(batches)
         grad_norm = self.own_clipping.norm if self.own_clipping else engine.get_global_grad_norm()
         stop = self.preemption.stop_flag(engine.device) if self.preemption is not None else False
         read = values.read(loss=loss, grad_norm=grad_norm, real_tokens=counts.real_tokens, stop=stop)
+        terms = self._loss_terms()
         elapsed = time.perf_counter() - start
         self.step += 1
         self.consumed += batch_size
@@ -227,10 +241,23 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed,
                   "tflops": tokens * self.flops_per_token / elapsed / self.world_size / 1e12,
                   "batch_size": batch_size, "consumed_samples": self.consumed,
-                  "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": self.restarts}
+                  "skipped": int(skipped), "skipped_total": self.nonfinite.total, "restarts": self.restarts, **terms}
         if config.train.precision == "fp16":
             record["loss_scale"] = deepspeed_compat.loss_scale(engine.optimizer)
+        if self.experts:
+            record.update(self.experts.finish_step(update_bias=not skipped))
         return record
+
+    def _loss_terms(self) -> dict[str, float]:
+        """The terms the loss recorded in this step (GLMLoss.take_recorded: mtp_loss), each the mean over the
+        step's micro-batches and data-parallel ranks: with the step's normaliser in every micro-batch that is the
+        term's mean over all its loss tokens, as `loss` is."""
+        loss_fn = getattr(self.engine.module, "loss_fn", None)
+        loss_fn = getattr(loss_fn, "loss_fn", loss_fn)  # PoisonedLoss wraps the loss
+        if not hasattr(loss_fn, "take_recorded"):  # a pipeline stage without the loss
+            return {}
+        terms, calls = loss_fn.take_recorded()
+        return {name: float(mean_over_(value / calls, group=self.topology.dp_group)) for name, value in terms.items()}
 
     def _collective_fault(self, error: RuntimeError) -> TrainingFault:
         """A failed collective (a dead or hung peer) reported with this rank's place in the layout."""
@@ -244,7 +271,8 @@ class Trainer:
         self.next_rows.idle()  # the next step's rows are being read: the data position reads the dataset too
         return checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.consumed,
                                keep=self.config.train.keep_checkpoints,
-                               data_position=self.dataset.position(self.consumed), run_record=self._run_record())
+                               data_position=self.dataset.position(self.consumed), run_record=self._run_record(),
+                               topology=self.topology)
 
     def _run_record(self) -> dict:
         t = self.topology

@@ -33,8 +33,8 @@ class GLMTrainModel(GLMModel):
     activation_checkpoint_interval does."""
 
     def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, recompute_interval: int = 0,
-                 recompute: Optional[Callable] = None):
-        super().__init__(config, tp_group, seed)
+                 recompute: Optional[Callable] = None, ep_group=None):
+        super().__init__(config, tp_group, seed, ep_group)
         self.loss_fn = GLMLoss(config, tp_group)
         self.recompute_interval = recompute_interval
         self.recompute = recompute
@@ -68,19 +68,21 @@ def _mean_over_data_parallel(total: torch.Tensor, count: int, dp_group) -> torch
 class PlainSteps:
     """train_batch / eval_batch on DeepSpeed's plain engine, with the pipeline engine's meaning.
 
-    `before_step(loss)` runs once per optimizer step after the last backward, on the gradients DeepSpeed has
-    reduced over the data-parallel ranks, with the step's loss (a 0-dim tensor on the device): the trainer's
-    own clipping where it replaces DeepSpeed's. Nothing here reads a device value on the host; each micro-batch's
-    copy to the device is queued (non-blocking, from the pinned host memory the loop collates into) before the
+    `before_step(loss)` runs once per optimizer step after the last backward, with the step's loss (a 0-dim
+    tensor on the device): on the gradients DeepSpeed has reduced over the data-parallel ranks (the trainer's own
+    clipping where it replaces DeepSpeed's), or, with `reduces_itself`, instead of DeepSpeed's reduction (expert
+    parallelism: engine/grad_reduce.py). Nothing here reads a device value on the host; each micro-batch's copy
+    to the device is queued (non-blocking, from the pinned host memory the loop collates into) before the
     previous one's forward, so the host never waits for a copy."""
 
-    def __init__(self, engine, dp_group, before_step: Optional[Callable[[torch.Tensor], None]] = None):
+    def __init__(self, engine, dp_group, before_step: Optional[Callable[[torch.Tensor], None]] = None,
+                 reduces_itself: bool = False):
         self.engine = engine
         self.dp_group = dp_group
         self.before_step = before_step
         # One data-parallel rank: DeepSpeed's gradient all-reduce would copy the gradients through flat buffers
         # onto themselves. engine.no_sync() skips it without ZeRO (ZeRO fills its partitions in that reduction).
-        self._skip_reduce = dp_group is None and engine.zero_optimization_stage() == 0
+        self._skip_reduce = (reduces_itself or dp_group is None) and engine.zero_optimization_stage() == 0
 
     def train_batch(self, batches: Sequence[tuple]) -> torch.Tensor:
         engine = self.engine

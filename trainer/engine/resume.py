@@ -1,5 +1,5 @@
 """Resume on any layout: a layout-free training state (trainer/checkpoint/universal.py, read from a checkpoint of
-any (tp, pp, dp)) loaded into this run's live engine. Each rank sets its shard of every weight, fp32 master
+any (tp, pp, dp, ep)) loaded into this run's live engine (the routed experts: this rank's ep block). Each rank sets its shard of every weight, fp32 master
 weight and Adam moment through DeepSpeed's safe_set_full_fp32_param / safe_set_full_optimizer_state, so ZeRO
 re-partitions them for the new data-parallel size itself; then the LR schedule and the engine's counters.
 """
@@ -12,11 +12,13 @@ from typing import Optional
 import torch
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+from trainer.checkpoint.expert_files import checkpoint_ep
 from trainer.checkpoint.layout import rule_for, shard
 from trainer.checkpoint.pipeline_files import (Layout, canonical_name, checkpoint_offloads_optimizer, checkpoint_zero_stage,
                                                has_deepspeed_optimizer_files, is_pipeline_checkpoint, read_layout)
 from trainer.checkpoint.universal import LAYOUT_FREE_OPTIMIZER, MOMENTS, TrainingState, read_training_state
 from trainer.engine import deepspeed_compat
+from trainer.engine.grad_norm import is_expert_parallel
 from trainer.model.config import ModelConfig
 from trainer.parallel.topology import Topology
 
@@ -33,7 +35,8 @@ def load_into_engine(engine, topology: Topology, config: ModelConfig, state: Tra
     for pipeline_name, param in engine.module.named_parameters():
         name = canonical_name(pipeline_name, config)
         rule = rule_for(name, config)
-        value = shard(state.weights[name], rule, config, topology.tp, topology.tp_rank).to(param.device)
+        block = _ep_block if is_expert_parallel(param) else _whole
+        value = block(shard(state.weights[name], rule, config, topology.tp, topology.tp_rank), topology).to(param.device)
         if zero3:
             deepspeed_compat.set_zero3_weight(param, value)
         else:
@@ -43,8 +46,8 @@ def load_into_engine(engine, topology: Topology, config: ModelConfig, state: Tra
             safe_set_full_fp32_param(param, value)
         if state.moments is None:
             continue
-        moments = {key: shard(state.moments[key][name], rule, config, topology.tp, topology.tp_rank).to(param.device)
-                   for key in MOMENTS}
+        moments = {key: block(shard(state.moments[key][name], rule, config, topology.tp, topology.tp_rank),
+                              topology).to(param.device) for key in MOMENTS}
         if zero:
             for key, moment in moments.items():
                 safe_set_full_optimizer_state(param, moment, key)
@@ -53,6 +56,15 @@ def load_into_engine(engine, topology: Topology, config: ModelConfig, state: Tra
     if not zero:
         deepspeed_compat.refresh_master_weights(optimizer)
     _load_schedule_and_counters(engine, state.client)
+
+
+def _ep_block(experts: torch.Tensor, topology: Topology) -> torch.Tensor:
+    """All E experts (dim 0) -> this rank's contiguous block of E / ep (trainer/parallel/expert_dispatch.py)."""
+    return experts.chunk(topology.ep, dim=0)[topology.ep_rank]
+
+
+def _whole(tensor: torch.Tensor, topology: Topology) -> torch.Tensor:
+    return tensor
 
 
 def _load_schedule_and_counters(engine, client: dict) -> None:
@@ -84,7 +96,9 @@ def deepspeed_can_load(engine, topology: Topology, tag_dir: Path) -> bool:
     # 4 + 4 step resume at dp=2 ZeRO-3 lost 0.012 on step 5's loss); this module reads both.
     deepspeed_loads = same_optimizer and not (engine.bfloat16_enabled() and not engine.zero_optimization()
                                               and topology.pp > 1) and not engine.zero_nvme_offload_optimizer()
-    return same_layout and deepspeed_loads and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file()
+    # At ep > 1 DeepSpeed's files hold data rank 0's experts only, and its own load would give them to every rank.
+    no_experts = topology.ep == 1 and checkpoint_ep(tag_dir) == 1
+    return same_layout and deepspeed_loads and no_experts and not (tag_dir / LAYOUT_FREE_OPTIMIZER).is_file()
 
 
 def load_any_layout(engine, topology: Topology, config: ModelConfig, checkpoint_dir: Path,

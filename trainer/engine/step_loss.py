@@ -4,9 +4,10 @@ micro-batch size, the number of data-parallel ranks or how packing lays samples 
 
     loss_step = sum over micro-batches k, data-parallel ranks r, tokens t of CE_krt * mask_krt  /  N_step
 N_step, the step's loss tokens, is summed over the data-parallel ranks once per step (one collective of two
-integers, N and the real tokens, before the first micro-batch), from the counts the collate step made on the
-host; the sum stays on the device (the loss divides by it there), so nothing waits for it. A mean per micro-batch would weight a token by 1 / (its micro-batch's
-loss tokens), so the same global batch would give another loss and gradient at another micro-batch size.
+integers, N and the real tokens, and with an MTP layer a third, its loss tokens, before the first micro-batch),
+from the counts the collate step made on the host; the sum stays on the device (the loss divides by it there), so
+nothing waits for it. A mean per micro-batch would weight a token by 1 / (its micro-batch's loss tokens), so the
+same global batch would give another loss and gradient at another micro-batch size.
 
 DeepSpeed divides each micro-batch's loss by the gradient accumulation steps (GAS) before its backward, and
 averages the gradients (and the reported loss) over the dp ranks. Each micro-batch's loss is therefore
@@ -18,9 +19,11 @@ engine compute the same thing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from trainer.model.mtp import mtp_loss_mask
 from trainer.parallel.comm import sum_over_
 from trainer.parallel.topology import Topology
 
@@ -33,16 +36,28 @@ class StepCounts:
     real_tokens: torch.Tensor | int
     """The real (non-padding) tokens of the step's rows on every rank: an int at dp = 1, else a 0-dim tensor on
     the device, read with the step's other values (trainer/engine/step_values.py)."""
+    mtp_normaliser: Optional[torch.Tensor] = None
+    """The MTP layer's normaliser, its loss tokens over the step / (GAS * dp) (None without an MTP layer)."""
 
 
-def step_counts(micro_batches: list[dict], topology: Topology, device: torch.device | str) -> StepCounts:
+def mtp_batch_mask(batch: dict) -> torch.Tensor:
+    """The MTP layer's loss tokens of a collated batch (trainer/model/mtp.py: labels[t+1] within t's sample),
+    which its loss is the mean over (GLMLoss's fifth target element)."""
+    return mtp_loss_mask(batch["loss_mask"], batch["segment_start"])
+
+
+def step_counts(micro_batches: list[dict], topology: Topology, device: torch.device | str,
+                mtp: bool = False) -> StepCounts:
     """This rank's collated micro-batches of one step (trainer/data/dataset.py: collate counts them) -> the
-    step's counts (module docstring). Every rank of the step calls it (a collective over the dp ranks, dp > 1)."""
-    loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
-    real_tokens = sum(batch["num_tokens"] for batch in micro_batches)
+    step's counts (module docstring), with `mtp` the MTP layer's loss tokens too (counted here on the host, from
+    the collated batch). Every rank of the step calls it (a collective over the dp ranks, dp > 1)."""
+    local = [sum(batch["num_loss_tokens"] for batch in micro_batches),
+             sum(batch["num_tokens"] for batch in micro_batches)]
+    if mtp:
+        local.append(sum(int(mtp_batch_mask(batch).sum()) for batch in micro_batches))
     divisor = len(micro_batches) * topology.dp  # GAS * dp: undoes DeepSpeed's mean over micro-batches and ranks
     if topology.dp_group is None:
-        return StepCounts(torch.tensor(loss_tokens / divisor, dtype=torch.float32), real_tokens)
-    counts = sum_over_(torch.tensor([loss_tokens, real_tokens], dtype=torch.int64, device=device),
-                       group=topology.dp_group)  # [2]
-    return StepCounts(counts[0].float() / divisor, counts[1])
+        share = [torch.tensor(count / divisor, dtype=torch.float32) for count in local]
+        return StepCounts(share[0], local[1], share[2] if mtp else None)
+    counts = sum_over_(torch.tensor(local, dtype=torch.int64, device=device), group=topology.dp_group)  # [2 or 3]
+    return StepCounts(counts[0].float() / divisor, counts[1], counts[2].float() / divisor if mtp else None)

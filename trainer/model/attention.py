@@ -1,7 +1,8 @@
 """GLM self-attention: fused QKV on a column-parallel layer (each tensor-parallel rank holds whole heads),
 optional RoPE, the blank-infilling mask, and a row-parallel output projection.
 
-    [q; k; v] = x W_qkv^T,  q, k <- rope(q), rope(k) (RoPE configs),
+    [q; k; v] = x W_qkv^T,  q, k <- RMSNorm_q(q), RMSNorm_k(k) per head (QK-norm, GLM-4.5),
+    q, k <- rope(q), rope(k) (RoPE configs),
     o = softmax(q k^T / sqrt(d), masked) v   per head,   y = o W_dense^T
 The mask is GLM's blank-infilling mask, block-diagonal over the samples packed in a row (trainer/model/mask.py).
 Grouped-query attention (ChatGLM2/3, GLM-4): q has n heads, k and v have g = num_key_value_heads, and query
@@ -17,6 +18,10 @@ Rank r computes n / tp query heads and the key/value heads they use:
   query heads; the reduce-scatter in the gather's backward sums the ranks' shares, so each rank's k_r, v_r get the
   full gradient of the rows it stores: parameters and gradients are disjoint shards, counted in the gradient norm
   like every other split weight. Cost: an all-gather of the 2 g d x h K/V weight (and bias) per block forward.
+QK-norm (config.qk_norm) normalises each head's query and key vector over its d dims with one gain [d] per
+projection (q_norm, k_norm), shared by every head and replicated over the tensor-parallel ranks; each rank's
+heads contribute only part of that gain's gradient, so the gain enters the forward through copy_to_tp (its
+gradient summed over tp).
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
 
 Kernels. A micro-batch's mask (`GLMMask`, from the rows' segments [b, 2, s]) is built once and shared by every
@@ -49,10 +54,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from trainer.model.config import ModelConfig
 from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.model.mask import GLMMask
+from trainer.model.norm import rms_norm
 from trainer.model.rotary import Rotations, rotate
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from trainer.parallel.mappings import copy_to_tp, gather_rows_from_tp, group_rank, group_size
 from trainer.parallel.random import get_rng_tracker
+from trainer.parallel.split import REPLICATED, SplitRule
 
 MASKED_SCORE = -65504.0
 """The fill of masked scores: the most negative fp16 number, as in the reference code."""
@@ -154,6 +161,26 @@ class QueryKeyValue(ColumnParallelLinear):
         return F.linear(copy_to_tp(x, self.group), *parts)  # the input's gradient summed, as super().forward's
 
 
+class HeadNorm(nn.Module):
+    """QK-norm: RMSNorm over each head's d dims, y = x / sqrt(mean(x^2) + eps) * g with one gain g [d] for
+    every head (transformers' glm4_moe q_norm / k_norm); gain 1 at init."""
+
+    def __init__(self, config: ModelConfig, tp_group=None):
+        super().__init__()
+        self.eps = config.layernorm_epsilon
+        self.group = tp_group
+        self.weight = nn.Parameter(torch.ones(config.head_dim))
+
+    def split_rules(self) -> dict[str, SplitRule]:
+        """Replicated: the gain is shared by the heads of every tensor-parallel rank."""
+        return {"weight": REPLICATED}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, heads, d] -> the same shape; the gain's gradient summed over the tensor-parallel ranks, whose
+        heads each hold part of it."""
+        return rms_norm(x, copy_to_tp(self.weight, self.group), self.eps)
+
+
 class SelfAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention of block `layer_number` (1-based); each tensor-parallel
     rank computes num_attention_heads / tp whole heads and the row-parallel dense layer sums their
@@ -183,6 +210,8 @@ class SelfAttention(nn.Module):
             config, tp_group, fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, config.qkv_rows))
         self.dense = RowParallelLinear(q_rows, h, group=tp_group, bias=config.add_bias_linear,
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
+        if config.qk_norm:
+            self.q_norm, self.k_norm = HeadNorm(config, tp_group), HeadNorm(config, tp_group)
 
     def forward(self, hidden: torch.Tensor, rotations: Rotations, mask: AttentionMask,
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -194,6 +223,8 @@ class SelfAttention(nn.Module):
         heads = (self.local_heads, self.local_kv_heads, self.local_kv_heads)
         qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
         q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g_r, d] twice; g_r = g/tp, or 1 if replicated
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.config.position_embedding != "learned_2d":
             q, k = rotate(q, rotations, self.config), rotate(k, rotations, self.config)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads/tp, s, d]

@@ -7,7 +7,8 @@ The DeepNorm form is GLM-130B's placement of the same post-LN update x <- LN(alp
 that closes a sublayer is the next block's input_layernorm (or the final LayerNorm), so the LayerNorm
 count and names match the pre-LN model and GLM-130B's checkpoints. Written per sublayer it is ChatGLM-6B's
 residual x <- alpha LN(x) + f(LN(x)) (its blocks compute exactly this, with the same LayerNorm names).
-Dropout is applied to each sublayer output f(x) before the residual sum.
+Dropout is applied to each sublayer output f(x) before the residual sum. MLP is the dense GLMMLP, or in the
+blocks where config.is_moe_layer(i) the mixture of experts GLMMoE (trainer/model/moe.py), under the same name.
 
 The block's math (`layer`) takes the micro-batch's RoPE tables and its mask in the attention kernel's form, both
 built in `forward` from the caches shared by the blocks of a micro-batch; `compile_layer` compiles `layer` alone
@@ -25,6 +26,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations
 from trainer.model.mask import GLMMask
 from trainer.model.mlp import GLMMLP
+from trainer.model.moe import GLMMoE
 from trainer.model.norm import Norm
 from trainer.model.rotary import Rotations, position_rotations_of
 
@@ -32,13 +34,15 @@ from trainer.model.rotary import Rotations, position_rotations_of
 class GLMBlock(nn.Module):
     """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None):
         super().__init__()
         self.deepnorm_alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
         self.input_layernorm = Norm(config)
         self.attention = SelfAttention(config, layer_number, tp_group, seed)
         self.post_attention_layernorm = Norm(config)
-        self.mlp = GLMMLP(config, layer_number, tp_group, seed)
+        moe = config.is_moe_layer(layer_number - 1)
+        self.mlp = GLMMoE(config, layer_number, tp_group, seed, ep_group) if moe else GLMMLP(config, layer_number,
+                                                                                            tp_group, seed)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self._compiled_layer: Optional[Callable] = None  # compile_layer
 

@@ -115,7 +115,8 @@ class ModelConfig:
     """Weight of the router z-loss, mean over tokens of logsumexp(router logits)^2 (0: off)."""
     mtp_layers: int = 0
     """Multi-token-prediction layers after the last block (transformers' num_nextn_predict_layers; GLM-4.5: 1):
-    layer 1 predicts token t+2 from the last hidden state at t and the embedding of token t+1."""
+    layer 1 predicts token t+2 from the last hidden state at t and the embedding of token t+1 (trainer/model/mtp.py;
+    t+1 is the next slot of t's own sample). 0 or 1; trains at parallel.pp = 1 and parallel.cp = 1."""
     mtp_loss_weight: float = 0.3
     """Weight of the MTP layers' mean loss added to the main loss (Megatron-Bridge: 0.3, slime: 0.2)."""
 
@@ -225,6 +226,7 @@ class ModelConfig:
         split = qkv * h + (qkv if self.add_qkv_bias else 0) + h * h + ffn_in * h + f * h
         split += ffn_in if self.add_bias_linear else 0
         replicated = (2 * h if self.add_bias_linear else 0) + 2 * self.norm_parameters
+        replicated += 2 * self.head_dim if self.qk_norm else 0  # the QK-norm gains
         return split, replicated
 
     def validate(self, tp: int = 1) -> None:
@@ -263,9 +265,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.embedding_shrink_alpha <= 1.0:
             raise ConfigError(f"model.embedding_shrink_alpha must be in (0, 1], got {self.embedding_shrink_alpha}")
-        self._validate_moe()
+        self._validate_moe(tp)
 
-    def _validate_moe(self) -> None:
+    def _validate_moe(self, tp: int = 1) -> None:
         for name in ("moe_num_experts", "moe_shared_experts", "moe_first_dense_layers", "mtp_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
@@ -279,9 +281,26 @@ class ModelConfig:
         if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
             raise ConfigError(f"model.moe_ffn_hidden_size must be > 0 (or unset: model.ffn_size), "
                               f"got {self.moe_ffn_hidden_size}")
-        if self.moe_num_experts or self.mtp_layers or self.qk_norm:
-            raise ConfigError("model.moe_num_experts, model.mtp_layers and model.qk_norm are not implemented yet: "
-                              "leave them at 0 / false")
+        if self.mtp_layers > 1:
+            raise ConfigError(f"model.mtp_layers={self.mtp_layers}: one MTP layer (predicting token t+2) is "
+                              f"implemented, as GLM-4.5 has; set it to 0 or 1")
+        if self.mtp_layers and self.norm != "pre_ln":
+            raise ConfigError("model.mtp_layers needs model.norm=pre_ln (the MTP layer is DeepSeek-V3's / GLM-4.5's "
+                              "pre-norm block)")
+        if self.moe_num_experts:
+            self._validate_experts(tp)
+
+    def _validate_experts(self, tp: int) -> None:
+        if self.mlp != "swiglu" or self.norm != "pre_ln":
+            raise ConfigError(f"model.moe_num_experts > 0 needs model.mlp=swiglu and model.norm=pre_ln (the experts "
+                              f"are SwiGLU, as in GLM-4.5), got mlp={self.mlp}, norm={self.norm}")
+        if self.moe_first_dense_layers >= self.num_layers:
+            raise ConfigError(f"model.moe_first_dense_layers={self.moe_first_dense_layers} leaves no mixture-of-"
+                              f"experts block among model.num_layers={self.num_layers}: lower it or set "
+                              f"model.moe_num_experts=0")
+        if self.moe_ffn_size % tp:
+            raise ConfigError(f"the expert width {self.moe_ffn_size} is not divisible by parallel.tp={tp}: set "
+                              f"model.moe_ffn_hidden_size to a multiple of tp")
 
     def _validate_key_value_heads(self, tp: int) -> None:
         kv, n = self.num_kv_heads, self.num_attention_heads

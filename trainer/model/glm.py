@@ -9,6 +9,7 @@ gpt-neox's GPT2ModelPipe), so a piece added to the description is in every form.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Callable, Optional, Sequence
@@ -20,12 +21,15 @@ from trainer.model.attention import KVCache
 from trainer.model.block import GLMBlock
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations, GLMEmbedding
+from trainer.model.mtp import MTP_PREFIX, MTPLayer, MTPOutputs, embed_next_tokens, mtp_targets
 from trainer.model.norm import Norm
 from trainer.model.output import OutputLayer, head_outputs, vocab_parallel_logits
 from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 BLOCK = "block"
 """The role of a transformer block piece: run in a group of consecutive blocks (KV caches, recomputation)."""
+MTP = "mtp"
+"""The role of the multi-token-prediction pieces (trainer/model/mtp.py)."""
 
 
 class FinalLayerNorm(Norm):
@@ -51,7 +55,7 @@ class Piece:
     module: type
     args: tuple
     role: str
-    """One of "embedding", BLOCK, "final_norm", "head"."""
+    """One of "embedding", BLOCK, "final_norm", MTP, "head"."""
     tie: Optional[Tie] = None
     forward_fn: Optional[Callable] = None
     """Called as forward_fn(module, x) in place of module(x) (the tied head hands on the embedding's weight)."""
@@ -72,18 +76,39 @@ def output_head(config: ModelConfig, tp_group=None, seed: int = 0) -> Piece:
     return Piece("output_layer", OutputLayer, (config, tp_group, seed), "head")
 
 
-def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0) -> list[Piece]:
+def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None) -> list[Piece]:
     """The GLM as the flat, ordered list of its pieces (the pipeline's global layer indices: 0 embedding,
-    1..N blocks, N+1 final norm, N+2 output head)."""
+    1..N blocks, N+1 final norm, N+2 output head; with model.mtp_layers = 1: N+2 the tied embedding of token t+1,
+    N+3 the MTP layer, N+4 the output head); the MoE blocks' routed experts (the MTP layer's too) split over
+    ep_group."""
     pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed), "embedding", tie=WORD_EMBEDDING)]
     # A mixture-of-experts block is a BLOCK piece of its own class here (activations tuple in and out).
-    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed), BLOCK)
+    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, ep_group), BLOCK)
                for number in range(1, config.num_layers + 1)]
-    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm"))
-    # A multi-token-prediction (MTP) head goes here, before the output head it shares: a piece that passes the
-    # final hidden on and adds its own predictions for the loss.
-    pieces.append(output_head(config, tp_group, seed))
-    return pieces
+    if not config.mtp_layers:
+        pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm"))
+        return pieces + [output_head(config, tp_group, seed)]
+    # Multi-token prediction (trainer/model/mtp.py), before the output head it shares: the token ids ride past the
+    # blocks, the final norm keeps the activations, the word embedding (tied) embeds token t+1, the MTP layer hands
+    # the head MTPOutputs (training) or the final hidden (eval).
+    pieces[0] = dataclasses.replace(pieces[0], forward_fn=_embed_keeping_ids)
+    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm",
+                        forward_fn=_norm_keeping_activations))
+    pieces.append(Piece("embedding", GLMEmbedding, (config, tp_group, seed, False), MTP, tie=WORD_EMBEDDING,
+                        forward_fn=embed_next_tokens))
+    pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed, ep_group), MTP)
+               for depth in range(1, config.mtp_layers + 1)]
+    return pieces + [output_head(config, tp_group, seed)]
+
+
+def _embed_keeping_ids(embedding: GLMEmbedding, inputs: Activations) -> tuple:
+    """The embedding piece of an MTP model: its activations plus the input_ids [b, s] (the MTP layer's t+1)."""
+    return (*embedding(inputs), inputs[0])
+
+
+def _norm_keeping_activations(norm: FinalLayerNorm, inputs: tuple) -> tuple:
+    """The final norm of an MTP model: the normalised hidden with the rest of the activations, for the MTP layer."""
+    return (norm(inputs), *inputs[1:])
 
 
 def _attach(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -106,28 +131,50 @@ class GLMLoss(nn.Module):
     target's third element if it has one (the trainer's share of the step's loss tokens:
     trainer/engine/step_loss.py), else the micro-batch's own count of loss tokens sum(loss_mask) (a token mean).
     Nothing here reads a device value on the host: which positions count comes from the batch, not from
-    boolean indexing (which waits for the device to learn how many)."""
+    boolean indexing (which waits for the device to learn how many).
+
+    With an MTP layer (trainer/model/mtp.py) the head hands over MTPOutputs in training, and the loss is
+    main + mtp_loss_weight * (the MTP layer's loss over its own loss tokens, normalised by the target's fifth
+    element, else by their count). `recorded` sums each such term (detached) over the calls since
+    take_recorded(), which the trainer reads once per step for its metrics."""
 
     def __init__(self, config: ModelConfig, tp_group=None):
         super().__init__()
         self.vocab_size = config.vocab_size
         self.tp_group = tp_group
+        self.mtp_loss_weight = config.mtp_loss_weight
+        self.recorded: dict[str, torch.Tensor] = {}
+        self.calls = 0
 
     def forward(self, outputs, target: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """outputs: logits [b, s, V_pad / tp], or (hidden [b, s, h], the output weight [V_pad / tp, h])
-        as the output head hands them over (trainer/model/output.py), in which case the logits are computed
-        chunk by chunk inside the loss (vocab_parallel_linear_cross_entropy: no [b, s, V] fp32 copy); target
-        (labels [b, s], loss_mask [b, s] [, normaliser: a 0-dim fp32 tensor [, loss_positions [n]: the flat
-        indices of the loss tokens, collate's; then the logits are computed at those positions only (Part B:
-        15-30% of a GLM sample)]])."""
+        """outputs: logits [b, s, V_pad / tp], or (hidden [b, s, h] or MTPOutputs, the output weight
+        [V_pad / tp, h]) as the output head hands them over (trainer/model/output.py), in which case the logits
+        are computed chunk by chunk inside the loss (vocab_parallel_linear_cross_entropy: no [b, s, V] fp32 copy);
+        target (labels [b, s], loss_mask [b, s] [, normaliser: a 0-dim fp32 tensor, loss_positions [n]: the flat
+        indices of the loss tokens, collate's; then the main logits are computed at those positions only (Part B:
+        15-30% of a GLM sample) [, the MTP layer's normaliser]])."""
         labels, loss_mask = target[:2]
         normaliser = target[2] if len(target) > 2 else loss_mask.sum()
+        positions = target[3] if len(target) > 3 else None
+        if not (isinstance(outputs, tuple) and isinstance(outputs[0], MTPOutputs)):
+            return self.token_loss(outputs, labels, loss_mask, normaliser, positions)
+        handover, weight = outputs
+        main = self.token_loss((handover.main, weight), labels, loss_mask, normaliser, positions)
+        mtp_labels, mtp_mask = mtp_targets(labels, loss_mask, handover.next_in_sample)
+        mtp = self.token_loss((handover.mtp, weight), mtp_labels, mtp_mask,
+                              target[4] if len(target) > 4 else mtp_mask.sum())
+        self.record({"mtp_loss": mtp})
+        return main + self.mtp_loss_weight * mtp
+
+    def token_loss(self, outputs, labels: torch.Tensor, loss_mask: torch.Tensor, normaliser: torch.Tensor,
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sum(CE * loss_mask) / normaliser of logits or (hidden, output weight) (forward's outputs); with
+        `positions` [n] (flat indices of the loss tokens) the (hidden, weight) form scores those positions only."""
         if isinstance(outputs, tuple):
             hidden, weight = outputs
             hidden = hidden.reshape(-1, hidden.shape[-1])  # [b * s, h]
             labels, weights = labels.reshape(-1), loss_mask.reshape(-1)  # [b * s]
-            if len(target) > 3:
-                positions = target[3]  # [n]
+            if positions is not None:
                 hidden, labels, weights = hidden[positions], labels[positions], weights[positions]  # [n, h], [n]
             summed = vocab_parallel_linear_cross_entropy(hidden, weight, labels, weights.float(), self.tp_group,
                                                          vocab_size=self.vocab_size)
@@ -136,18 +183,30 @@ class GLMLoss(nn.Module):
             summed = (per_token * loss_mask.to(per_token.dtype)).sum()
         return summed / normaliser.to(summed.dtype).clamp_min(torch.finfo(summed.dtype).tiny)  # none: 0
 
+    def record(self, terms: dict[str, torch.Tensor]) -> None:
+        """Add each term's value (detached) to `recorded`, one call counted."""
+        for name, value in terms.items():
+            self.recorded[name] = self.recorded.get(name, 0.0) + value.detach().float()
+        self.calls += 1
+
+    def take_recorded(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(the summed terms, the calls that recorded them) since the last take; both reset."""
+        taken = (self.recorded, self.calls)
+        self.recorded, self.calls = {}, 0
+        return taken
+
 
 class GLMModel(nn.Module):
     """GLM on one pipeline stage, built from glm_pieces. Parameter names follow THUDM/GLM below the top level:
     embedding.word_embeddings, embedding.{block_,}position_embeddings, transformer.layers.{i}.*,
     transformer.final_layernorm, and output_layer.weight when the output layer is untied."""
 
-    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None):
         super().__init__()
         self.tp_group = tp_group
         shared: dict[str, nn.Module] = {}
         sequence = []
-        for piece in glm_pieces(config, tp_group, seed):
+        for piece in glm_pieces(config, tp_group, seed, ep_group):
             if piece.tie is not None and piece.tie.key in shared:
                 sequence.append((piece, shared[piece.tie.key]))  # the tied head is the embedding module
                 continue
@@ -191,7 +250,8 @@ class GLMModel(nn.Module):
             run = list(run)
             if is_block:  # consecutive blocks run as one group: KV caches, recomputation (GLMTrainModel)
                 blocks = [module for _, module in run]
-                x = self.run_blocks(blocks, x, None if caches is None else [next(caches) for _ in blocks])
+                x, carried = x[:4], x[4:]  # blocks take the Activations; an MTP model's input_ids ride past them
+                x = (*self.run_blocks(blocks, x, None if caches is None else [next(caches) for _ in blocks]), *carried)
                 continue
             for piece, module in run:
                 x = module(x) if piece.forward_fn is None else piece.forward_fn(module, x)
@@ -206,4 +266,6 @@ class GLMModel(nn.Module):
         """Token and position ids [b, s], segments [b, 2, s] (trainer/model/mask.py; one sample per row:
         segments_of_sep) -> this rank's logits [b, s, V_pad / tp]."""
         hidden, weight = self.head_inputs((input_ids, position_ids, block_position_ids, segments), kv_caches)
+        if isinstance(hidden, MTPOutputs):  # a model in training mode: the main model's logits
+            hidden = hidden.main
         return vocab_parallel_logits(hidden, weight, self.tp_group)

@@ -60,3 +60,17 @@ def fused_normal_init(seed: int, name: str, stds: Sequence[float],
                 part.normal_(0.0, std, generator=generator)
 
     return init
+
+
+def expert_normal_init(seed: int, name: str, std: float) -> InitMethod:
+    """N(0, std) on a weight of E experts stacked on dim 0, expert e drawn from its own generator (name.e), so a
+    rank that holds some of the experts (expert parallelism) can draw just those, and draws the same values."""
+
+    def init(weight: torch.Tensor) -> None:
+        if weight.is_meta:
+            return
+        with torch.no_grad():
+            for expert, values in enumerate(weight):
+                values.normal_(0.0, std, generator=seeded_generator(seed, f"{name}.{expert}"))
+
+    return init

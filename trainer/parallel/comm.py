@@ -1,6 +1,7 @@
 """The collectives of the training loop around the model: reductions of numbers (a loss, a gradient norm, a
-stop flag), barriers and one object broadcast. The model's own communication, with its autograd, is
-mappings.py; process groups come from topology.py.
+stop flag), barriers and one object broadcast; and the two all-to-all primitives of expert parallelism
+(expert_dispatch.py wraps them in autograd). The model's own tensor-parallel communication, with its autograd,
+is mappings.py; process groups come from topology.py.
 
 Every verb takes its process group explicitly. As in mappings.py, a `None` group means one rank (no
 torch.distributed, or an axis of size 1) and every verb is then the identity; `world_group()` is the group of
@@ -95,3 +96,26 @@ def broadcast_object(value: Any, group: Group) -> Any:
     box = [value]
     dist.broadcast_object_list(box, group=group, group_src=0)
     return box[0]
+
+
+def all_to_all_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
+    """counts [p, n] (row q: what this rank sends to the group's rank q) -> [p, n] (row q: what rank q sends to
+    this one): the exchange of split sizes before an all-to-all of variable splits."""
+    if group_size(group) == 1:
+        return counts
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts.contiguous(), group=group)
+    return received
+
+
+def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], receive_splits: list[int],
+                    group: Group) -> torch.Tensor:
+    """rows [sum(send_splits), ...], the group's rank q getting the q-th block of send_splits[q] rows ->
+    [sum(receive_splits), ...], rank q's block for this rank in the q-th place (receive_splits[q] rows); a new
+    tensor. No autograd (expert_dispatch.py adds it: the backward is the same exchange, splits swapped)."""
+    if group_size(group) == 1:
+        return rows.clone()
+    received = rows.new_empty(sum(receive_splits), *rows.shape[1:])
+    dist.all_to_all_single(received, rows.contiguous(), output_split_sizes=receive_splits,
+                           input_split_sizes=send_splits, group=group)
+    return received

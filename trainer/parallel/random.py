@@ -109,9 +109,19 @@ def set_rng_states(states: dict[str, Any]) -> None:
     _TRACKER.set_states(states["tracker"])
 
 
+# How many recompute() replays are running (nested recomputation is possible in principle).
+_REPLAYS = [0]
+
+
+def is_recomputing() -> bool:
+    """Whether a recompute() is replaying a forward in backward: what a layer records about its forward (the
+    expert loads of trainer/model/moe.py) was recorded when it first ran and must not count twice."""
+    return _REPLAYS[0] > 0
+
+
 def _tracker_contexts() -> tuple[Any, Any]:
-    """(forward context that remembers the tracker's states, recompute context that replays them and then
-    puts back the states the tracker had when the recomputation started)."""
+    """(forward context that remembers the tracker's states, recompute context that replays them, marks the
+    replay (is_recomputing) and then puts back the states the tracker had when the recomputation started)."""
     remembered: dict[str, torch.Tensor] = {}
 
     @contextmanager
@@ -123,9 +133,11 @@ def _tracker_contexts() -> tuple[Any, Any]:
     def replay() -> Iterator[None]:
         current = _TRACKER.get_states()
         _TRACKER.set_states(remembered)
+        _REPLAYS[0] += 1
         try:
             yield
         finally:
+            _REPLAYS[0] -= 1
             _TRACKER.set_states(current)
 
     return remember(), replay()

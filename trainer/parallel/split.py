@@ -1,7 +1,7 @@
 """How a tensor-parallel parameter splits over the ranks and merges back: the layers declare it, the
 checkpoint code reads it (Megatron's `sharded_state_dict`, in small).
 
-Every layer that owns parameters says how each splits, `split_rules() -> {name: SplitRule}`, naming its own
+Every layer that owns parameters (or persistent buffers) says how each splits, `split_rules() -> {name: SplitRule}`, naming its own
 parameters (or those of plain torch children it builds, such as an nn.Embedding) relative to itself.
 `split_rules_of(module)` collects them under the module's parameter names and refuses a parameter that no
 layer declares, so a new layer type brings its rule with it and the checkpoint code needs no change.
@@ -10,7 +10,8 @@ A rule maps the full tensor in its canonical (logical, layout-free) order to the
 of p holds, and back:
     replicated   every rank holds the full tensor (norms, row-parallel biases, position tables)
     dim d        rank r holds the r-th of p contiguous slices of dim d (column-parallel: 0, row-parallel: 1)
-    fused parts  dim 0 stacks parts of part_rows rows ([q; k; v], the two GeGLU / SwiGLU halves); rank r holds
+    fused parts  dim d stacks parts of part_rows rows ([q; k; v], the two GeGLU / SwiGLU halves: dim 0; the
+                 gate and up halves of every routed expert's [E, 2f, h] weight: dim 1); rank r holds
                  [P_1^(r); ...; P_k^(r)], the r-th of p row blocks of every part (rank-major), so it splits its
                  own output into the parts with no communication
     vocabulary   dim 0 is a vocabulary of vocab_rows rows, padded with zero rows to a multiple of
@@ -30,7 +31,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SplitRule:
-    """dim: the split dimension (None: replicated); part_rows: the rows of each fused part stacked on dim 0
+    """dim: the split dimension (None: replicated); part_rows: the rows of each fused part stacked on dim `dim`
     (empty: not fused); vocab_rows: dim 0 is a vocabulary of this many rows, padded to a multiple of
     pad_multiple * size before the split (None: no vocabulary)."""
     dim: Optional[int] = None
@@ -39,8 +40,10 @@ class SplitRule:
     pad_multiple: int = 1
 
     def __post_init__(self) -> None:
-        if (self.part_rows or self.vocab_rows is not None) and self.dim != 0:
-            raise ValueError(f"fused parts and vocabularies are split on dim 0, not {self.dim}")
+        if self.part_rows and self.dim is None:
+            raise ValueError("fused parts need a split dim")
+        if self.vocab_rows is not None and self.dim != 0:
+            raise ValueError(f"vocabularies are split on dim 0, not {self.dim}")
         if self.part_rows and self.vocab_rows is not None:
             raise ValueError("a split rule is a vocabulary or fused parts, not both")
 
@@ -73,8 +76,9 @@ class SplitRule:
         if self.dim is None:
             return full
         if self.part_rows:
-            blocks = [part.chunk(size, dim=0)[rank] for part in full.split(self.part_rows, dim=0)]  # P_i^(r)
-            return _stack_rows(blocks)  # [P_1^(r); ...; P_k^(r)]
+            rows = full.movedim(self.dim, 0)  # the fused dim first
+            blocks = [part.chunk(size, dim=0)[rank] for part in rows.split(self.part_rows, dim=0)]  # P_i^(r)
+            return _stack_rows(blocks).movedim(0, self.dim).contiguous()  # [P_1^(r); ...; P_k^(r)] on dim `dim`
         if self.vocab:
             rows = self.padded_rows(size) // size
             shard = full.new_zeros(rows, *full.shape[1:])  # [V_pad / size, h]: the rows past the vocabulary stay 0
@@ -89,7 +93,8 @@ class SplitRule:
             return shards[0]
         full = torch.cat(list(shards), dim=self.dim)
         if self.part_rows:
-            return torch.cat(split_rank_major(full, self.part_rows, len(shards)), dim=0)
+            parts = split_rank_major(full.movedim(self.dim, 0), self.part_rows, len(shards))
+            return torch.cat(parts, dim=0).movedim(0, self.dim).contiguous()
         if self.vocab:
             return full[:self.vocab_rows].clone()
         return full
@@ -121,10 +126,17 @@ def split_rank_major(full: torch.Tensor, part_rows: Sequence[int], tp: int) -> l
     return [torch.cat([per_rank[r][i] for r in range(tp)], dim=0) for i in range(len(part_rows))]
 
 
+def state_tensor_names(module: nn.Module) -> list[str]:
+    """The names of what a checkpoint of `module` holds: its parameters and its persistent buffers (the MoE
+    router's expert_bias), as in module.state_dict()."""
+    names = list(dict(module.named_parameters()))
+    return names + [name for name in module.state_dict(keep_vars=True) if name not in names]
+
+
 def split_rules_of(module: nn.Module) -> dict[str, SplitRule]:
-    """The rule of every parameter of `module`, keyed by its name in module.named_parameters(), from the
+    """The rule of every parameter and persistent buffer of `module` (state_tensor_names), from the
     split_rules() of the layers that own them. Raises TypeError naming a parameter that no layer declares
-    (give its layer a split_rules()) or a declared name that is not a parameter."""
+    (give its layer a split_rules()) or a declared name that is not a parameter or a persistent buffer."""
     rules: dict[str, SplitRule] = {}
     for prefix, layer in module.named_modules():
         declare = getattr(layer, "split_rules", None)
@@ -132,12 +144,13 @@ def split_rules_of(module: nn.Module) -> dict[str, SplitRule]:
             continue
         for name, rule in declare().items():
             rules[f"{prefix}.{name}" if prefix else name] = rule
-    parameters = dict(module.named_parameters())
+    parameters = state_tensor_names(module)
     undeclared = [name for name in parameters if name not in rules]
     if undeclared:
         raise TypeError(f"{undeclared[0]} has no tensor-parallel split rule: its layer must declare it in "
                         f"split_rules() (trainer/parallel/split.py)")
     unknown = [name for name in rules if name not in parameters]
     if unknown:
-        raise TypeError(f"split_rules() declares {unknown[0]}, which is not a parameter of the module")
+        raise TypeError(f"split_rules() declares {unknown[0]}, which is not a parameter or a persistent buffer of "
+                        f"the module")
     return rules

@@ -8,7 +8,7 @@ and transformers checkpoints.
     glm-ckpt import-hf DIR --out DIR [--tokenizer tokenizer.json] [--dtype fp32|bf16|fp16]
 
 SOURCE is a run directory or its checkpoints/ (their latest), a global_stepN directory of any (tp, pp, dp),
-an export directory, a THUDM/GLM release or a transformers glm / chatglm directory. Each carries its model
+an export directory, a THUDM/GLM release or a transformers glm / glm4_moe / chatglm directory. Each carries its model
 config; a --config given must agree with it (for a release it supplies what the release does not say).
 docs/CHECKPOINTS.md has examples.
 """
@@ -116,7 +116,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for name, run, help_text in (("convert", convert, "write a training checkpoint for another (tp, pp)"),
                                  ("export", export, "write one safetensors file + config.json + tokenizer.json"),
                                  ("import-thudm", import_thudm, "turn a THUDM/GLM release into an export"),
-                                 ("import-hf", import_hf, "turn a transformers glm / chatglm checkpoint into an export")):
+                                 ("import-hf", import_hf,
+                                  "turn a transformers glm / glm4_moe / chatglm checkpoint into an export")):
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(run=run)
         add_source_arguments(sub, tokenizer=name != "convert", config=name != "import-hf")
@@ -128,7 +129,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
             sub.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype of the export")
         if name == "export":
             sub.add_argument("--format", choices=("glm", "hf"), default="glm",
-                             help="glm: this trainer's export; hf: a transformers glm directory (GlmForCausalLM)")
+                             help="glm: this trainer's export; hf: a transformers glm or glm4_moe directory "
+                                  "(GlmForCausalLM, Glm4MoeForCausalLM)")
             sub.add_argument("--max-shard-gb", type=float, default=None,
                              help="--format hf: largest safetensors file, in GiB (default 5, as transformers)")
     return parser.parse_args(argv)
