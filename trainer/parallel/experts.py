@@ -79,11 +79,19 @@ class GroupedExperts(nn.Module):
 
     def run_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """rows [n, h], grouped by expert (tokens_per_expert [E] of them for each) -> every row through its
-        expert, [n, h]."""
+        expert, [n, h]: one grouped matrix multiply where the device has one (uses_grouped_mm), else a loop."""
         if uses_grouped_mm(rows, self.gate_up_weight):
-            offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # [E]: where each expert's rows end
-            hidden = torch._grouped_mm(rows, self.gate_up_weight.transpose(1, 2), offs=offsets)  # [n, 2f/p]
-            return torch._grouped_mm(self.activation(hidden), self.down_weight.transpose(1, 2), offs=offsets)
+            return self.grouped_experts(rows, tokens_per_expert)
+        return self.looped_experts(rows, tokens_per_expert)
+
+    def grouped_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """run_experts as two torch._grouped_mm calls (no host read)."""
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # [E]: where each expert's rows end
+        hidden = torch._grouped_mm(rows, self.gate_up_weight.transpose(1, 2), offs=offsets)  # [n, 2f/p]
+        return torch._grouped_mm(self.activation(hidden), self.down_weight.transpose(1, 2), offs=offsets)
+
+    def looped_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """run_experts as a loop over the experts, two matrix multiplies each."""
         outputs = []
         for expert, expert_rows in enumerate(rows.split(tokens_per_expert.tolist())):  # a host read of E counts
             hidden = expert_rows @ self.gate_up_weight[expert].t()  # [n_e, 2f/p]
