@@ -9,6 +9,7 @@ import torch
 from tests.distributed import run_distributed
 from trainer.checkpoint.expert_files import checkpoint_ep, expert_file, read_experts
 from trainer.checkpoint.layout import rule_for
+from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.pipeline_files import canonical_name
 from trainer.config import load_config
 from trainer.data.corpus import embedded_paragraphs_corpus
@@ -67,6 +68,15 @@ def test_expert_parallel_layouts_match_single_process(reference, tmp_path, name,
 def test_a_run_saved_at_ep2_resumes_at_ep1_on_the_same_curve(reference, tmp_path):
     first = _run(tmp_path, "resume", ["parallel.ep=2", "train.steps=2", "train.save_interval=2"], 2)
     second = _run(tmp_path, "resume", ["train.resume=true"], 2)  # dp = 2, every expert on every rank
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(reference["losses"]),
+                               rtol=1e-5, atol=0)
+
+
+def test_a_run_saved_at_tp2_ep2_resumes_at_ep4_and_reads_back_all_experts(reference, tmp_path):
+    first = _run(tmp_path, "reshard", ["parallel.tp=2", "parallel.ep=2", "train.steps=2", "train.save_interval=2"], 4)
+    _, weights = read_weights(tmp_path / "reshard" / "checkpoints", None)  # what convert and export read
+    assert weights["transformer.layers.1.mlp.experts.down_weight"].shape == (8, 32, 32)  # all experts, full width
+    second = _run(tmp_path, "reshard", ["parallel.ep=4", "train.resume=true"], 4)  # dp = 4: 2 experts a rank
     torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(reference["losses"]),
                                rtol=1e-5, atol=0)
 
