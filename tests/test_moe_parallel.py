@@ -81,6 +81,15 @@ def test_a_run_saved_at_tp2_ep2_resumes_at_ep4_and_reads_back_all_experts(refere
                                rtol=1e-5, atol=0)
 
 
+def test_a_pipeline_run_saved_at_pp2_ep2_resumes_in_one_process(reference, tmp_path):
+    """The pipeline engine's layer files hold data rank 0's experts only; the expert files (named by pipeline layer)
+    complete them, Adam moments included."""
+    first = _run(tmp_path, "pipeline", ["parallel.pp=2", "parallel.ep=2", "train.steps=2", "train.save_interval=2"], 4)
+    second = _run(tmp_path, "pipeline", ["train.resume=true"], 1)
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(reference["losses"]),
+                               rtol=1e-5, atol=0)
+
+
 def test_expert_files_of_tp2_ep2_merge_into_all_experts(tmp_path):
     """Each (ep, tp) rank's file holds rule.shard of its block of experts; read_experts gives back the canonical
     tensors of all 8 experts, weights and moments."""
