@@ -206,17 +206,17 @@ def test_expert_parallelism_needs_experts_that_split_evenly_in_fp32_without_zero
     config.parallel.ep = 2
     with pytest.raises(ConfigError, match="parallel.ep=2 on a dense model: .* set model.moe_num_experts, or "
                                           "parallel.ep=1"):
-        config._validate_expert_parallel()
-    config.model.moe_num_experts, config.model.moe_top_k = 6, 2
+        config.validate(world_size=4)
+    config.model.moe_num_experts, config.model.moe_top_k, config.model.mlp = 6, 2, "swiglu"
     config.parallel.ep = 4
     with pytest.raises(ConfigError, match="parallel.ep=4 does not divide model.moe_num_experts=6"):
-        config._validate_expert_parallel()
+        config.validate(world_size=4)
     config.parallel.ep = 2
     with pytest.raises(ConfigError, match="parallel.ep=2 runs in fp32 without ZeRO for now .* set "
                                           "optim.zero_stage=0"):
-        config._validate_expert_parallel()  # the default optim.zero_stage is 1
+        config.validate(world_size=4)  # the default optim.zero_stage is 1
     config.optim.zero_stage = 0
-    config._validate_expert_parallel()
+    config.validate(world_size=4)
 
 
 # ---- process groups on 4 gloo ranks --------------------------------------------------------------------
