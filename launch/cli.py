@@ -1,14 +1,14 @@
 """glm-launch: discover the devices, plan the 3D layout, start the ranks with DeepSpeed's launcher.
 
     glm-launch --config FILE [--nproc N | --gpus N [--gpus-per-node G] | --hostfile F [--node-rank R]]
-               [--tp T] [--pp P] [--micro-batch M] [--recompute-interval K] [--gpu-memory 80GB]
+               [--tp T] [--pp P] [--ep E] [--micro-batch M] [--recompute-interval K] [--gpu-memory 80GB]
                [--host-memory 1TB] [--master-addr ADDR] [--master-port PORT] [--max-restarts N] [--min-devices D]
                [--dry-run [--json]] [-- glm-train arguments]
 
 The config is resolved and validated once, here, before any rank starts: the YAML, the user's `--set`s after
-`--`, then the plan (parallel.tp, pp, micro_batch_size, recompute_interval and optim.zero_stage,
+`--`, then the plan (parallel.tp, pp, ep, micro_batch_size, recompute_interval and optim.zero_stage,
 offload_optimizer, offload_params, chosen whatever the YAML says (the YAML's micro-batch is kept when it
-fits, and a line says so when it is not); --tp / --pp / --micro-batch /
+fits, and a line says so when it is not); --tp / --pp / --ep / --micro-batch /
 --recompute-interval, or those keys in a `--set` after `--`, fix them instead), checked with the data, the run
 directory and the disk by trainer/tools/preflight.py. It is written to run_dir/launch_config.yaml and every rank
 starts with `glm-train --resolved-config` that file: all ranks read the same resolved config and validate
@@ -35,7 +35,7 @@ from trainer.errors import ConfigError, OneLineParser, exits_on_error
 from trainer.paths import temporary_beside
 from trainer.tools.preflight import check_outside
 
-_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
+_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "ep": "ep", "micro_batch_size": "micro_batch",
                 "recompute_interval": "recompute_interval"}
 _ZERO_KEYS = ("zero_stage", "offload_optimizer", "offload_params")
 """The optim.* keys the planner chooses (a --set fixes them), under the same names in Fixed."""
@@ -56,6 +56,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--gpus-per-node", type=int, help="node size for --gpus (default: N up to 8, else 8)")
     parser.add_argument("--tp", type=int, help="fix the tensor-parallel size")
     parser.add_argument("--pp", type=int, help="fix the pipeline-parallel size")
+    parser.add_argument("--ep", type=int, help="fix the expert-parallel size (a mixture-of-experts model; it divides "
+                                               "dp and the expert count)")
     parser.add_argument("--micro-batch", type=int, help="fix the micro-batch size per rank")
     parser.add_argument("--recompute-interval", type=int, help="fix activation recomputation (every K blocks; 0 off)")
     parser.add_argument("--gpu-memory", help="memory per device, e.g. 80GB or 40GiB (default: measured here)")
@@ -106,7 +108,7 @@ def fixed_choices(args: argparse.Namespace, overrides: list[str]) -> Fixed:
         optim.update(parse_override(text).get("optim") or {})
     fixed = {field: given[key] for key, field in _LAYOUT_KEYS.items() if key in given}
     fixed.update({key: optim[key] for key in _ZERO_KEYS if key in optim})
-    flags = {"tp": args.tp, "pp": args.pp, "micro_batch": args.micro_batch,
+    flags = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "micro_batch": args.micro_batch,
              "recompute_interval": args.recompute_interval}
     fixed.update({field: value for field, value in flags.items() if value is not None})
     return Fixed(**fixed)
@@ -158,10 +160,12 @@ def describe(plan: Plan) -> str:
     """The plan in a few human lines."""
     layout, cluster, peak = plan.layout, plan.cluster, plan.peak
     nodes = len(cluster.hosts)
+    experts = f" (ep {layout.ep}: the experts split over ep, their states over edp {layout.edp})" \
+        if layout.ep > 1 else ""
     return "\n".join([f"note:    {note}" for note in plan.notes] + [
         f"devices: {cluster.world_size} {cluster.kind} on {nodes} node{'s' * (nodes > 1)} ({cluster.source}), "
         f"{cluster.memory_bytes / 1e9:.1f} GB each",
-        f"layout:  tp {layout.tp} x pp {layout.pp} x dp {layout.dp}; micro-batch {layout.micro_batch} x "
+        f"layout:  tp {layout.tp} x pp {layout.pp} x dp {layout.dp}{experts}; micro-batch {layout.micro_batch} x "
         f"accumulation {layout.grad_accum} x dp = global batch {plan.global_batch}; activation recomputation "
         f"{'every %d block(s)' % layout.recompute_interval if layout.recompute_interval else 'off'}",
         f"blocks:  {' '.join(map(str, plan.blocks))} per stage",
@@ -218,9 +222,9 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
     """Discover the devices and plan the layout for them: at the start, and again before each restart. Returns
     the config with the plan applied, validated at the world size found (the plan named when it fails); the
     files it names are checked by plan_start."""
-    # the YAML's tp and pp are re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a
-    # --set among them) at tp = pp = 1, unless the user fixes them; the planner needs that much to plan
-    config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1"] + overrides)
+    # the YAML's tp, pp and ep are re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a
+    # --set among them) at tp = pp = ep = 1, unless the user fixes them; the planner needs that much to plan
+    config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1"] + overrides)
     config.validate()
     cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                        nproc=args.nproc, gpu_memory=args.gpu_memory)
@@ -250,7 +254,8 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, list[str], Config, Pla
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise ConfigError(f"--master-port {args.master_port} is not a TCP port: use 1..65535 (1024 and up "
                           f"without root)")
-    for flag, value, least in (("--tp", args.tp, 1), ("--pp", args.pp, 1), ("--micro-batch", args.micro_batch, 1),
+    for flag, value, least in (("--tp", args.tp, 1), ("--pp", args.pp, 1), ("--ep", args.ep, 1),
+                               ("--micro-batch", args.micro_batch, 1),
                                ("--recompute-interval", args.recompute_interval, 0), ("--gpus", args.gpus, 1),
                                ("--gpus-per-node", args.gpus_per_node, 1), ("--node-rank", args.node_rank, 0)):
         if value is not None and value < least:

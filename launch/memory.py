@@ -2,7 +2,11 @@
 and the host memory its offloaded states take.
 
 For a stage holding P parameters (this tensor-parallel rank's share), N = dp, (w, g) = (2, 2) bytes per
-weight and gradient in bf16 / fp16 and (4, 4) in fp32, the device holds
+weight and gradient in bf16 / fp16 and (4, 4) in fp32, the device holds what follows. In a mixture-of-experts
+model the routed experts' X of the P parameters are split over ep as well as tp (each rank holds E / ep experts of
+every MoE layer: X = the experts' parameters / (tp * ep)), and ZeRO shards their gradients and optimizer states
+over the edp = dp * cp / ep ranks that hold the same experts instead of dp: every "P / N" below is
+(P - X) / N + X / edp (the non-expert parameters as without experts).
 
     ZeRO-0 / 1  weights w P, gradients g P, optimizer o P / (N if ZeRO-1 else 1)
                 o = 12 in bf16 / fp16: fp32 master weights and Adam's m and v (4 + 4 + 4 bytes)
@@ -60,6 +64,7 @@ from dataclasses import dataclass
 
 from trainer.config import Config
 from trainer.engine.ds_config import effective_zero_stage, read_user_config
+from trainer.engine.partition import blocks_per_stage
 from trainer.model.config import ModelConfig
 from trainer.parallel.mesh import Layout as ParallelLayout
 
@@ -176,31 +181,56 @@ class StageMemory:
         return out
 
 
-def block_parameters(model: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer block on one tensor-parallel rank (ModelConfig.block_parameters: the
-    split ones over tp, the replicated ones whole)."""
-    split, replicated = model.block_parameters()
-    return split // tp + replicated
+def block_parameters(model: ModelConfig, tp: int, layer_index: int = 0, ep: int = 1) -> int:
+    """Parameters of block layer_index (0-based) on one rank (ModelConfig.block_parameters: the split ones over
+    tp, the replicated ones whole, the routed experts over tp * ep)."""
+    return model.block_parameters(layer_index).per_rank(tp, ep)
 
 
-def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: int) -> int:
-    """Parameters on one rank of a stage: its blocks, plus the word embedding (and learned position
-    tables) on the first stage, plus the final norm and the output layer on the last (tied: a second copy
-    of the word embedding when pp > 1; untied: its own weight)."""
+def stage_layers(model: ModelConfig, pp: int, stage: int) -> range:
+    """The blocks (0-based) of `stage`, and on the last stage the MTP layers' blocks after them (block num_layers
+    + depth - 1: they run after the final hidden state, beside the output layer)."""
+    counts = blocks_per_stage(model.num_layers, pp)
+    first = sum(counts[:stage])
+    return range(first, first + counts[stage] + (model.mtp_layers if stage == pp - 1 else 0))
+
+
+def _checked_layers(model: ModelConfig, pp: int, stage: int, blocks: int) -> range:
+    """stage_layers, after checking that the caller's block count is the partition's."""
+    layers = stage_layers(model, pp, stage)
+    expected = blocks_per_stage(model.num_layers, pp)[stage]
+    if blocks != expected:
+        raise ValueError(f"stage {stage} of {pp} holds {expected} blocks (trainer/engine/partition.py), not {blocks}")
+    return layers
+
+
+def stage_expert_parameters(model: ModelConfig, tp: int, pp: int, stage: int, ep: int = 1) -> int:
+    """The routed experts' parameters on one rank of the stage (part of stage_parameters): E / ep experts of
+    every MoE block, each split over tp."""
+    return sum(model.block_parameters(i).experts // (tp * ep) for i in stage_layers(model, pp, stage))
+
+
+def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: int, ep: int = 1) -> int:
+    """Parameters on one rank of a stage: its `blocks` blocks (those trainer/engine/partition.py gives it), plus
+    the word embedding (and learned position tables) on the first stage, plus the final norm, the output layer
+    (tied: a second copy of the word embedding when pp > 1; untied: its own weight) and the MTP layers on the
+    last."""
     h = model.hidden_size
+    layers = _checked_layers(model, pp, stage, blocks)
     word = model.padded_vocab_size(tp) * h // tp
-    count = blocks * block_parameters(model, tp)
+    count = sum(block_parameters(model, tp, i, ep) for i in layers)
     if stage == 0:
         count += word
         if model.position_embedding == "learned_2d":
             count += 2 * model.max_sequence_length * h
     if stage == pp - 1:
         count += model.norm_parameters + (word if pp > 1 or not model.tie_word_embeddings else 0)
+        count += model.mtp_layers * (2 * h * h // tp + 3 * model.norm_parameters)  # eh_proj, enorm, hnorm, its norm
     return count
 
 
-def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
-    """Bytes one block saves for backward for one micro-batch (no recomputation).
+def block_activation_bytes(work: Workload, tp: int, micro_batch: int, layer_index: int = 0) -> int:
+    """Bytes block layer_index (0-based) saves for backward for one micro-batch (no recomputation).
 
     With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width:
       e s b h * 4        inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
@@ -215,23 +245,44 @@ def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
                          probabilities 4 a s s b / tp, their half-precision copy (e) and, with attention
                          dropout, its mask (m) and output (e) instead of the copy
       s b h * 2 * m      the two residual dropout masks when hidden dropout is on (m = dropout_mask_bytes)
+    With model.kv_channels the query width q = n d replaces h in the attention terms (q, k, v, the context, the
+    core's output). A mixture-of-experts block (moe_activation_bytes) replaces the MLP term.
     """
     model, e = work.model, work.activation_bytes
     s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
-    sbh = s * b * h
+    sbh, sbq = s * b * h, s * b * model.qkv_rows[0]
     mlp_factor = 4 if model.gated_mlp else 2
     mask = work.dropout_mask_bytes
-    total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp + s * s * b + 16 * s * b
+    mlp = moe_activation_bytes(work, tp, micro_batch) if model.is_moe_layer(layer_index) \
+        else e * s * b * model.ffn_size * mlp_factor // tp
+    total = e * sbh * 4 + e * sbq * 4 // tp + mlp + s * s * b + 16 * s * b
     if model.position_embedding != "learned_2d":
         total += 4 * e * s * b * model.head_dim
     if model.fp32_softmax_layer_scaling:
         scores = a * s * s * b // tp
         total += scores * 4 + scores * ((mask + e) if model.attention_dropout > 0 else (e if e == 2 else 0))
     else:
-        total += e * sbh // tp + 4 * a * s * b // tp
+        total += e * sbq // tp + 4 * a * s * b // tp
     if model.hidden_dropout > 0:
         total += 2 * sbh * mask
     return total
+
+
+def moe_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
+    """Bytes a mixture-of-experts MLP saves for backward for one micro-batch, T = s b tokens, e bytes per element,
+    E experts, k chosen per token, f_e the expert width and f_s the shared experts' (balanced routing: under ep
+    every rank's experts receive T k token copies on average, and under tp each copy is split like the dense MLP):
+      8 T E + 12 T k           the router's fp32 logits and sigmoid scores, the chosen ids (int64) and weights (fp32)
+      e T k (2 h + 4 f_e / tp)  per token copy: the permuted input and the expert output (weighted on return), both
+                              halves of gate/up, the SiLU output and the product (as the dense gated MLP's m = 4)
+      4 e T f_s / tp            the shared experts, a dense SwiGLU
+    The layer's own code is trainer/model/moe.py; this count follows the contract's description of it and is not
+    yet measured against it (the dense terms are: tests/test_launch_memory.py)."""
+    model, e = work.model, work.activation_bytes
+    tokens, k, f = work.seq_length * micro_batch, model.moe_top_k, model.moe_ffn_size
+    router = 8 * tokens * model.moe_num_experts + 12 * tokens * k
+    routed = e * tokens * k * (2 * model.hidden_size + 4 * f // tp)
+    return router + routed + 4 * e * tokens * model.moe_shared_experts * f // tp
 
 
 def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int) -> int:
@@ -246,59 +297,72 @@ def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_b
     if stage == pp - 1:
         vocab = model.padded_vocab_size(tp) // tp
         total += 2 * e * s * b * h + (e + 4) * s * b * vocab
+        # each MTP layer: the next-token embedding, the norms' inputs and eh_proj's [b, s, 2h] input, its own
+        # final norm's input and output, and its logits with their fp32 exponentials (its block: stage_layers)
+        total += model.mtp_layers * (6 * e * s * b * h + (e + 4) * s * b * vocab)
     return total
 
 
 def persistent_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: int) -> int:
-    """Parameters ZeRO-3 keeps whole on every rank: the 1-D ones (biases, norms), which stay below
-    DeepSpeed's param_persistence_threshold (1e5 elements) for every shipped config."""
+    """Parameters ZeRO-3 keeps whole on every rank: the 1-D ones (biases, norms, QK-norm gains), which stay below
+    DeepSpeed's param_persistence_threshold (1e5 elements) for every shipped config. `blocks`: the stage's count
+    (trainer/engine/partition.py)."""
     ffn_in = sum(model.ffn_in_rows)
-    split = (sum(model.qkv_rows) if model.add_qkv_bias else 0) + (ffn_in if model.add_bias_linear else 0)
-    replicated = model.block_parameters()[1]
-    return blocks * (split // tp + replicated) + (model.norm_parameters if stage == pp - 1 else 0)
+    qkv_bias = sum(model.qkv_rows) // tp if model.add_qkv_bias else 0
+    per_block = qkv_bias + 2 * model.norm_parameters + (2 * model.head_dim if model.qk_norm else 0)
+    per_block += model.hidden_size if model.add_bias_linear else 0  # the attention output's bias
+    dense_mlp = ffn_in // tp + model.hidden_size if model.add_bias_linear else 0  # the MoE MLPs have no biases
+    layers = _checked_layers(model, pp, stage, blocks)
+    total = sum(per_block + (0 if model.is_moe_layer(i) else dense_mlp) for i in layers)
+    return total + (model.norm_parameters * (1 + 3 * model.mtp_layers) if stage == pp - 1 else 0)
 
 
-def largest_tensor(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
-    """Elements of the largest weight on one rank of the stage: the MLP's first matrix, or the word
-    embedding (output layer) on the end stages."""
+def largest_tensor(model: ModelConfig, tp: int, pp: int, stage: int, ep: int = 1) -> int:
+    """Elements of the largest weight on one rank of the stage: the MLP's first matrix, the routed experts' fused
+    gate/up weight [E / ep, 2 f_e / tp, h] of an MoE block, or the word embedding (output layer) on the end
+    stages."""
     h = model.hidden_size
     ffn_in = sum(model.ffn_in_rows)
     largest = max(ffn_in, sum(model.qkv_rows)) * h // tp
+    if any(model.is_moe_layer(i) for i in stage_layers(model, pp, stage)):
+        largest = max(largest, model.moe_num_experts // ep * 2 * model.moe_ffn_size // tp * h)
     if stage in (0, pp - 1):
         largest = max(largest, model.padded_vocab_size(tp) * h // tp)
     return largest
 
 
-def state_bytes(work: Workload, layout: Layout, params: int, persistent: int, largest: int) -> dict[str, int]:
+def state_bytes(work: Workload, layout: Layout, params: int, persistent: int, largest: int,
+                experts: int = 0) -> dict[str, int]:
     """Weights, gradients, optimizer states, working set (device) and host_states (one rank) of `params`
-    parameters, `persistent` of them kept whole by ZeRO-3 and `largest` in the largest weight, under the
-    layout's ZeRO stage and offload: the module docstring's table."""
+    parameters, `persistent` of them kept whole by ZeRO-3, `experts` of them routed experts (sharded over edp, not
+    dp) and `largest` in the largest weight, under the layout's ZeRO stage and offload: the module docstring's
+    table."""
     w = g = 2 if work.precision in ("bf16", "fp16") else 4
     n, buckets = layout.dp, work.buckets
     zero = effective_zero_stage(layout.zero_stage, work.precision, n)
     bucket = g * min(buckets.reduce_bucket_size, params)
+    shard = (params - experts) // n + experts // layout.edp  # the "P / N" of one ZeRO partition
+    unpersisted = (params - experts - persistent) // n + experts // layout.edp  # the "(P - Q) / N"
     if zero <= 1:
-        optimizer = (12 if w == 2 or zero == 1 else 8) * params // (n if zero == 1 else 1)
+        optimizer = (12 if w == 2 or zero == 1 else 8) * (shard if zero == 1 else params)
         out = dict(weights=w * params, gradients=g * params, optimizer_states=optimizer, working_set=0)
     elif zero == 2:
-        out = dict(weights=w * params, gradients=g * params // n + bucket, optimizer_states=16 * params // n,
-                   working_set=0)
+        out = dict(weights=w * params, gradients=g * shard + bucket, optimizer_states=16 * shard, working_set=0)
     else:
         gathered = min(params, largest + buckets.stage3_prefetch_bucket_size, buckets.stage3_max_live_parameters)
-        out = dict(weights=w * (params - persistent) // n + w * persistent, gradients=g * params // n + 2 * bucket,
-                   optimizer_states=16 * params // n, working_set=w * gathered)
+        out = dict(weights=w * unpersisted + w * persistent, gradients=g * shard + 2 * bucket,
+                   optimizer_states=16 * shard, working_set=w * gathered)
     host = 0
     if layout.offload_optimizer == "cpu":
-        host = (16 + w) * params // n + (g * params // n if layout.grad_accum > 1 else 0) if zero <= 2 \
-            else (16 + g) * params // n
+        host = (16 + w) * shard + (g * shard if layout.grad_accum > 1 else 0) if zero <= 2 else (16 + g) * shard
         out["optimizer_states"] = 0
         out["gradients"] = g * params if zero <= 1 else bucket * (1 if zero == 2 else 2)
     elif layout.offload_optimizer == "nvme":
-        host = 16 * min(buckets.sub_group_size, params // n) + g * params // n
+        host = 16 * min(buckets.sub_group_size, shard) + g * shard
         out["optimizer_states"] = 0
         out["gradients"] = g * params if zero <= 1 else bucket * (1 if zero == 2 else 2)
     if layout.offload_params == "cpu":
-        host += w * (params - persistent) // n
+        host += w * unpersisted
         out["weights"] = w * persistent
     elif layout.offload_params == "nvme":
         host += w * NVME_PARAM_BUFFERS
@@ -307,20 +371,21 @@ def state_bytes(work: Workload, layout: Layout, params: int, persistent: int, la
 
 
 def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> StageMemory:
-    """The estimate for one device of `stage` (0-based), which holds `blocks` transformer blocks."""
-    model, tp, pp = work.model, layout.tp, layout.pp
-    params = stage_parameters(model, tp, pp, stage, blocks)
+    """The estimate for one device of `stage` (0-based), which holds `blocks` transformer blocks (and on the last
+    stage the MTP layers)."""
+    model, tp, pp, ep = work.model, layout.tp, layout.pp, layout.ep
+    params = stage_parameters(model, tp, pp, stage, blocks, ep)
     states = state_bytes(work, layout, params, persistent_parameters(model, tp, pp, stage, blocks),
-                         largest_tensor(model, tp, pp, stage))
-    per_block = block_activation_bytes(work, tp, layout.micro_batch)
+                         largest_tensor(model, tp, pp, stage, ep), stage_expert_parameters(model, tp, pp, stage, ep))
+    per_block = [block_activation_bytes(work, tp, layout.micro_batch, i) for i in stage_layers(model, pp, stage)]
     ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch)
     k = layout.recompute_interval
     if k > 0:
         segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * model.hidden_size
-        saved = math.ceil(blocks / k) * segment_input + ends
-        recompute = min(k, blocks) * per_block
+        saved = math.ceil(len(per_block) / k) * segment_input + ends
+        recompute = sum(sorted(per_block)[-k:])  # the costliest segment (MoE blocks save more than dense ones)
     else:
-        saved, recompute = blocks * per_block + ends, 0
+        saved, recompute = sum(per_block) + ends, 0
     in_flight = min(pp - stage, layout.grad_accum)
     return StageMemory(stage=stage, blocks=blocks, parameters=params, activations=in_flight * saved + recompute,
                        reserve=work.reserve, **states)

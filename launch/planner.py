@@ -1,11 +1,16 @@
-"""The layout planner: from a cluster and a config to (tp, pp, dp, micro-batch, accumulation,
+"""The layout planner: from a cluster and a config to (tp, pp, dp, ep, micro-batch, accumulation,
 activation recomputation), following the rules that work at scale (Narayanan et al. 2021, GLM-130B):
 
 - tensor parallelism stays inside a node: tp <= devices per node, tp divides every node's device
-  count, the attention heads and the MLP width;
+  count, the attention heads and the MLP width (and a mixture of experts' expert width);
 - pipeline parallelism only when the model fits no other way: the smallest pp wins, and at each pp
   plain training is preferred to activation recomputation, then the smallest tp;
 - data parallelism takes the rest: dp = world / (tp * pp);
+- expert parallelism (a mixture-of-experts model only) splits the routed experts over ep of the dp ranks: ep
+  divides dp (dp * cp) and the expert count; at each tp the smallest ep that fits wins, since ep adds no ranks but
+  sends k copies of every token to other ranks and back in each MoE block (all-to-all), where tp's traffic stays
+  inside a node; ZeRO-1/2 then shard the experts' states over edp = dp / ep, the others' over dp (ZeRO-3 is
+  planned at ep = 1 only: it would partition each expert's weights over ranks that hold other experts);
 - every global batch of the run (parallel.global_batch_size, and under batch-size warmup its start and
   increment) must be micro-batch x dp x a whole accumulation, so micro-batch x dp divides their greatest
   common divisor (Batches.unit);
@@ -13,7 +18,7 @@ activation recomputation), following the rules that work at scale (Narayanan et 
   under BUBBLE_LIMIT, else the largest that does; when none does, the smallest that fits (the most
   micro-batches in flight).
 
-What the user fixed (--tp, --pp, --micro-batch, or the same keys in the YAML / --set) is validated,
+What the user fixed (--tp, --pp, --ep, --micro-batch, or the same keys in the YAML / --set) is validated,
 not chosen. Rank order is DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model):
 rank = (pp_rank * dp + dp_rank) * tp + tp_rank, so a tensor-parallel group is adjacent ranks on one node.
 """
@@ -30,6 +35,7 @@ from trainer.config import Config
 from trainer.engine.ds_config import effective_zero_stage
 from trainer.engine.partition import blocks_per_stage
 from trainer.errors import ConfigError
+from trainer.model.config import ModelConfig
 
 Zero = tuple[int, str, str]
 """(zero_stage, offload_optimizer, offload_params)."""
@@ -44,6 +50,7 @@ class Fixed:
 
     tp: Optional[int] = None
     pp: Optional[int] = None
+    ep: Optional[int] = None
     micro_batch: Optional[int] = None
     recompute_interval: Optional[int] = None
     zero_stage: Optional[int] = None
@@ -106,26 +113,27 @@ class Plan:
     def overrides(self) -> list[str]:
         """The layout as glm-train `--set` values."""
         layout = self.layout
-        return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
+        return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
                 f"parallel.recompute_interval={layout.recompute_interval}", f"optim.zero_stage={layout.zero_stage}",
                 f"optim.offload_optimizer={layout.offload_optimizer}", f"optim.offload_params={layout.offload_params}"]
 
     def ranks(self) -> list[dict]:
-        """Host, device, (pp, dp, tp) coordinates and blocks [first, stop) of every global rank."""
+        """Host, device, (pp, dp, tp) and (ep, edp) coordinates and blocks [first, stop) of every global rank."""
         tp, dp = self.layout.tp, self.layout.dp
         starts = [sum(self.blocks[:stage]) for stage in range(len(self.blocks))]
         table = []
         for rank, (host, device) in enumerate(self.cluster.rank_devices()):
             pp_rank, dp_rank, tp_rank = rank // (tp * dp), (rank // tp) % dp, rank % tp
+            expert = self.layout.coordinates(rank)
             table.append({"rank": rank, "host": host, "device": device, "pp_rank": pp_rank,
-                          "dp_rank": dp_rank, "tp_rank": tp_rank,
+                          "dp_rank": dp_rank, "tp_rank": tp_rank, "ep_rank": expert["ep"], "edp_rank": expert["edp"],
                           "blocks": [starts[pp_rank], starts[pp_rank] + self.blocks[pp_rank]]})
         return table
 
     def to_dict(self) -> dict:
         layout, peak = self.layout, self.peak
-        return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
+        return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep, "world_size": layout.world_size,
                 "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "global_batch": self.global_batch, "recompute_interval": layout.recompute_interval,
                 "zero_stage": layout.zero_stage, "offload_optimizer": layout.offload_optimizer,
@@ -164,6 +172,7 @@ def _tp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
     model = work.model
     return [tp for tp in range(1, cluster.devices_per_node + 1)
             if model.num_attention_heads % tp == 0 and model.num_kv_heads % tp == 0 and model.ffn_size % tp == 0
+            and (not model.moe_num_experts or model.moe_ffn_size % tp == 0)
             and all(slots % tp == 0 for _, slots in cluster.hosts)]
 
 
@@ -203,12 +212,24 @@ def _ladder(work: Workload, cluster: Cluster, fixed: Fixed, nvme: bool) -> Itera
             yield pp, allowed
 
 
-def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int) -> Iterator[tuple[int, int]]:
-    """(tp, dp) with tp * pp * dp = the world size and dp dividing every batch of the run, smallest tp first."""
+def _ep_choices(work: Workload, fixed: Fixed, dp: int) -> list[int]:
+    """The expert-parallel sizes for dp data-parallel ranks, smallest first: the divisors of dp that divide the
+    expert count (1 for a dense model), or the fixed one when it is among them."""
+    experts = work.model.moe_num_experts
+    choices = [ep for ep in range(1, dp + 1) if dp % ep == 0 and (experts % ep == 0 if experts else ep == 1)]
+    return choices if fixed.ep is None else [ep for ep in choices if ep == fixed.ep]
+
+
+def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int
+                ) -> Iterator[tuple[int, int, int]]:
+    """(tp, dp, ep) with tp * pp * dp = the world size, dp dividing every batch of the run and ep dividing dp and
+    the experts, smallest tp first, then smallest ep."""
     world = cluster.world_size
     for tp in _tp_choices(work, cluster, fixed):
         if world % (tp * pp) == 0 and batches.unit % (world // (tp * pp)) == 0:
-            yield tp, world // (tp * pp)
+            dp = world // (tp * pp)
+            for ep in _ep_choices(work, fixed, dp):
+                yield tp, dp, ep
 
 
 def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed = Fixed(),
@@ -219,11 +240,13 @@ def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory,
     for pp, zeros in _ladder(work, cluster, fixed, nvme):
         candidates = list(_candidates(work, cluster, batches, fixed, pp))
         for interval in intervals:
-            for tp, dp in candidates:
+            for tp, dp, ep in candidates:
                 for stage, offload_optimizer, offload_params in zeros:
                     if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp) == 0:
                         continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
-                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params)
+                    if stage == 3 and ep > 1:
+                        continue  # ZeRO-3 would partition each expert over ranks that hold other experts
+                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, ep=ep)
                     chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
                     if chosen is not None:
                         return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
@@ -254,14 +277,17 @@ def smallest_cluster(work: Workload, cluster: Cluster, batches: Batches, host: H
 
 def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) -> int:
     """Bytes per device of the most memory-frugal layout this node shape allows among what `fixed` leaves
-    open: the largest tp, micro-batch 1, recomputation, the states sharded over the whole global batch, and
-    either one block per stage (ZeRO-1) or one stage with ZeRO-3 (its weights offloaded on GPUs)."""
+    open: the largest tp, micro-batch 1, recomputation, the states sharded over the whole global batch, the
+    experts over the largest ep that divides it (and the experts), and either one block per stage (ZeRO-1) or
+    one stage with ZeRO-3 (its weights offloaded on GPUs)."""
     tp = max(_tp_choices(work, cluster, fixed), default=1)
     interval = 1 if fixed.recompute_interval is None else fixed.recompute_interval
     micro, offload = fixed.micro_batch or 1, "none" if cluster.kind == "cpu" else "cpu"
     frugal = [(fixed.pp or work.model.num_layers, (1, "none", "none"))]
     frugal += [(1, (3, offload, offload)), (1, (3, "none", "none"))] if fixed.pp in (None, 1) else []
-    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero)))
+    ep = (fixed.ep or math.gcd(work.model.moe_num_experts, global_batch)) if work.model.moe_num_experts else 1
+    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero,
+                                                                 ep=1 if zero[0] == 3 else ep)))
               for pp, zero in frugal if fixed.allows(zero)]
     return min(totals, default=0)
 
@@ -285,6 +311,25 @@ def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
     if fixed.tp and fixed.pp and cluster.world_size % (fixed.tp * fixed.pp):
         raise ConfigError(f"tp * pp = {fixed.tp} * {fixed.pp} does not divide the {cluster.world_size} devices: "
                           f"dp = devices / (tp * pp) must be a whole number")
+    _check_fixed_ep(model, cluster, fixed)
+
+
+def _check_fixed_ep(model: ModelConfig, cluster: Cluster, fixed: Fixed) -> None:
+    if fixed.ep is None or fixed.ep == 1:
+        return
+    if fixed.ep < 1:
+        raise ConfigError(f"ep must be >= 1, got {fixed.ep}")
+    if not model.moe_num_experts:
+        raise ConfigError(f"ep={fixed.ep} splits the routed experts, and this model has none (model.moe_num_experts "
+                          f"= 0): leave ep at 1")
+    if model.moe_num_experts % fixed.ep:
+        raise ConfigError(f"ep={fixed.ep} does not divide the {model.moe_num_experts} experts: every expert-parallel "
+                          f"rank holds the same number of whole experts; choose ep among the divisors of "
+                          f"{model.moe_num_experts}")
+    if fixed.tp and fixed.pp and (cluster.world_size // (fixed.tp * fixed.pp)) % fixed.ep:
+        dp = cluster.world_size // (fixed.tp * fixed.pp)
+        raise ConfigError(f"ep={fixed.ep} does not divide dp = {dp} (tp {fixed.tp}, pp {fixed.pp}): expert "
+                          f"parallelism is carved out of the data-parallel ranks; choose an ep that divides {dp}")
 
 
 def describe_zero(layout: Layout) -> str:
@@ -300,11 +345,12 @@ def describe_zero(layout: Layout) -> str:
 def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed, nvme: bool) -> str:
     where = f"{cluster.world_size} devices of {cluster.memory_bytes / 1e9:.1f} GB"
     layouts = [(tp, pp, dp) for pp, _ in _ladder(work, cluster, fixed, nvme)
-               for tp, dp in _candidates(work, cluster, batches, fixed, pp)]
+               for tp, dp, _ in _candidates(work, cluster, batches, fixed, pp)]
     if not layouts:
+        experts = f" and a divisor ep={fixed.ep} of dp" if fixed.ep else ""
         return (f"no layout tp * pp * dp = {cluster.world_size} has tp dividing the heads and the node size and "
-                f"dp dividing {batches}: change the device count, parallel.global_batch_size or the batch-size "
-                f"warmup (optim.batch_size_warmup_start/_increment)")
+                f"dp dividing {batches}{experts}: change the device count, parallel.global_batch_size or the "
+                f"batch-size warmup (optim.batch_size_warmup_start/_increment)")
     if fixed.micro_batch and all((batches.unit // dp) % fixed.micro_batch for _, _, dp in layouts):
         tp, pp, dp = layouts[0]
         return (f"micro-batch {fixed.micro_batch} x dp {dp} (tp {tp}, pp {pp}) does not divide {batches}: fix a "
@@ -329,8 +375,9 @@ def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemor
 
 def _summary(plan: Plan) -> str:
     layout = plan.layout
-    return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, micro-batch {layout.micro_batch}, recomputation "
-            f"{'on' if layout.recompute_interval else 'off'}, {describe_zero(layout)}, "
+    experts = f"ep {layout.ep}, " if layout.ep > 1 else ""
+    return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, {experts}micro-batch {layout.micro_batch}, "
+            f"recomputation {'on' if layout.recompute_interval else 'off'}, {describe_zero(layout)}, "
             f"{plan.peak.total / 1e9:.1f} GB per device")
 
 

@@ -25,6 +25,9 @@ SWITCH_SETS = {
     "glm4_mqa": dict(position_embedding="rope_1d", rotary_fraction=0.5, rotary_pairing="interleaved",
                      normalization="rmsnorm", mlp="swiglu", num_key_value_heads=1, add_bias_linear=False,
                      tie_word_embeddings=False),  # at tp=2 the one key/value head is replicated
+    "glm45_heads": dict(position_embedding="rope_1d", rotary_fraction=0.5, normalization="rmsnorm", mlp="swiglu",
+                        num_key_value_heads=2, kv_channels=16, add_bias_linear=False,
+                        tie_word_embeddings=False),  # GLM-4.5's shape: heads x head dim (4 x 16) wider than h 32
 }
 
 

@@ -32,7 +32,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="how many times glm-launch --max-restarts restarted this run before this start (set by "
                              "glm-launch; metrics.jsonl's `restarts`)")
     parser.add_argument("--print-model", action="store_true",
-                        help="print the model's parameter count (counted and closed form) and exit")
+                        help="print the model's parameter counts (total and active, with and without MTP; counted "
+                             "and closed form) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
 
@@ -80,8 +81,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     config = given_config(args)
     if args.print_model:
+        from trainer.model.counts import count_summary
         from trainer.model.summary import parameter_summary  # torch only once the config is valid
 
+        print(count_summary(config.model, tp=config.parallel.tp))
         print(parameter_summary(config.model, tp=config.parallel.tp))
         return 0
     check_device(config)

@@ -1,19 +1,27 @@
 """Model FLOPs of GLM training, attention included (the count behind tflops and MFU).
 
-Per token and layer, forward, counting a multiply-add as 2 FLOPs (h width, f MLP width, s sequence, g d the
-key/value width: g key/value heads of d dims, = h for multi-head attention):
-    Q projection               2 * h^2
+Per token and layer, forward, counting a multiply-add as 2 FLOPs (h width, q = n d the query width: n query heads
+of d dims, = h unless model.kv_channels says otherwise; g d the key/value width: g key/value heads, = q for
+multi-head attention; f MLP width, s sequence):
+    Q projection               2 * h * q
     K and V projections        2 * 2 * h * g d   (grouped-query / multi-query attention: g < n heads)
-    attention output           2 * h^2
+    attention output           2 * q * h
     MLP                        2 * h * f * (2 for GeLU, 3 for GeGLU and SwiGLU: their first matrix is [2f, h])
-    scores Q K^T and probs V   2 * 2 * s * h   (every query head against s keys, whatever g; the full s x s
+    scores Q K^T and probs V   2 * 2 * s * q   (every query head against s keys, whatever g; the full s x s
                                square: the GLM mask is not credited), or half of it under Megatron-LM's
                                current convention for causal attention (`attention="causal"`, its
                                num_floating_point_operations), the convention of published MFU figures
-plus the output layer 2 * h * V_pad once per token (tied or not). Training = 3 x forward (backward = 2 x
-forward). Rotary embeddings and normalisations are elementwise: not counted (O(h) per token, against O(h^2)).
-Recomputed activations are not counted: these are model FLOPs (MFU), not hardware FLOPs (HFU).
-For GLM-Base (L 12, h 768, s 512, V 30592, g d = h) that is 3 * (12 * (8 h^2 + 16 h^2 + 4 s h) + 2 h V) per token.
+A mixture-of-experts block (model.is_moe_layer) replaces the MLP term by its active part, what one token computes:
+    router                     2 * h * E
+    routed experts             2 * 3 * h * f_e * k   (the k chosen SwiGLU experts of width f_e)
+    shared experts             2 * 3 * h * f_e * n_s
+so MFU is over the active parameters, as for MoE models generally (the E - k experts a token skips are not work).
+Each MTP layer (model.mtp_layers, run in training) adds its eh_proj 2 * 2h * h, its block (dense or MoE, as above)
+and the shared output layer again. Plus the output layer 2 * h * V_pad once per token (tied or not). Training = 3 x
+forward (backward = 2 x forward). Rotary embeddings and normalisations are elementwise: not counted (O(h) per
+token, against O(h^2)). Recomputed activations are not counted: these are model FLOPs (MFU), not hardware FLOPs
+(HFU). For GLM-Base (L 12, h 768, s 512, V 30592, q = g d = h) that is 3 * (12 * (8 h^2 + 16 h^2 + 4 s h) + 2 h V)
+per token.
 """
 from __future__ import annotations
 
@@ -22,9 +30,11 @@ from typing import Optional
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 
-FLOP_FORMULA = ("train FLOPs/token = 3 * (L * (4 h^2 + 4 h g d + 2 k h f + 4 s h) + 2 h V_pad), g d = key/value "
-                "heads x head dim (h without grouped-query attention), k = 2 (GeLU) or 3 (GeGLU, SwiGLU); attention "
-                "over the full s x s square (causal convention: 2 s h, half the square); recomputation not counted")
+FLOP_FORMULA = ("train FLOPs/token = 3 * (sum over blocks of (4 h q + 4 h g d + MLP + 4 s q) + 2 h V_pad), q = query "
+                "heads x head dim, g d = key/value heads x head dim (both h without grouped-query attention), MLP = "
+                "2 k h f, k = 2 (GeLU) or 3 (GeGLU, SwiGLU), or in a mixture-of-experts block the active part 2 h E + "
+                "6 h f_e (top-k + shared); MTP layers (training only) add 4 h^2 + a block + 2 h V_pad each; attention "
+                "over the full s x s square (causal convention: 2 s q, half the square); recomputation not counted")
 
 ATTENTION_SQUARE = {"full": 1, "causal": 2}
 """The attention term's convention -> the divisor of the full s x s square: "full" (this trainer's count since
@@ -41,20 +51,33 @@ PEAK_TFLOPS = {
 
 
 def attention_score_flops_per_token(model: ModelConfig, seq_length: int, attention: str = "full") -> int:
-    """Forward FLOPs of one token's scores Q K^T and probs V in one layer: 4 s h over the convention's share of
-    the s x s square (ATTENTION_SQUARE)."""
-    return 4 * seq_length * model.hidden_size // ATTENTION_SQUARE[attention]
+    """Forward FLOPs of one token's scores Q K^T and probs V in one layer: 4 s q over the convention's share of
+    the s x s square (ATTENTION_SQUARE), q the query width."""
+    return 4 * seq_length * model.qkv_rows[0] // ATTENTION_SQUARE[attention]
+
+
+def block_flops_per_token(model: ModelConfig, seq_length: int, layer_index: int, attention: str = "full") -> int:
+    """Forward model FLOPs of one token in block layer_index (0-based): attention and the MLP, or the active part of
+    a mixture-of-experts MLP (module docstring)."""
+    h = model.hidden_size
+    q, kv, _ = model.qkv_rows
+    scores = attention_score_flops_per_token(model, seq_length, attention)
+    attention_flops = 2 * (h * q + 2 * h * kv + q * h) + scores
+    if not model.is_moe_layer(layer_index):
+        return attention_flops + 2 * (3 if model.gated_mlp else 2) * h * model.ffn_size
+    experts = model.moe_top_k + model.moe_shared_experts
+    return attention_flops + 2 * h * model.moe_num_experts + 2 * experts * model.expert_parameters()
 
 
 def forward_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1, attention: str = "full") -> int:
-    """Forward model FLOPs of one token (module docstring); tp only pads the vocabulary, attention names the
-    attention term's convention (ATTENTION_SQUARE)."""
-    h, f = model.hidden_size, model.ffn_size
-    kv_width = model.num_kv_heads * model.head_dim
-    mlp_matrices = 3 if model.gated_mlp else 2
-    projections = 2 * (h * h + 2 * h * kv_width + h * h)
-    per_layer = projections + attention_score_flops_per_token(model, seq_length, attention) + 2 * mlp_matrices * h * f
-    return model.num_layers * per_layer + 2 * h * model.padded_vocab_size(tp)
+    """Forward model FLOPs of one token (module docstring), the MTP layers included; tp only pads the vocabulary,
+    attention names the attention term's convention (ATTENTION_SQUARE)."""
+    h = model.hidden_size
+    output_layer = 2 * h * model.padded_vocab_size(tp)
+    blocks = sum(block_flops_per_token(model, seq_length, i, attention) for i in range(model.num_layers))
+    mtp = sum(2 * 2 * h * h + block_flops_per_token(model, seq_length, model.num_layers + depth - 1, attention)
+              + output_layer for depth in range(1, model.mtp_layers + 1))
+    return blocks + output_layer + mtp
 
 
 def train_flops_per_token(model: ModelConfig, seq_length: int, tp: int = 1, attention: str = "full") -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from trainer.errors import ConfigError
 
@@ -16,11 +16,30 @@ MLPS = ("gelu", "geglu", "swiglu")
 GATED_MLPS = ("geglu", "swiglu")
 
 
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_size", "vocab_size",
-              "max_sequence_length", "position_embedding", "mlp", "norm", "normalization", "add_bias_linear",
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_size",
+              "vocab_size", "max_sequence_length", "position_embedding", "mlp", "norm", "normalization", "add_bias_linear",
               "add_qkv_bias", "tie_word_embeddings", "qk_norm", "moe_num_experts", "moe_ffn_size",
               "moe_shared_experts", "moe_first_dense_layers", "mtp_layers")
 """What a checkpoint's tensors are tied to: a resume that changes one of them is refused, naming it."""
+
+
+class BlockParameters(NamedTuple):
+    """A block's parameters by how the parallel axes place them (ModelConfig.block_parameters)."""
+
+    split: int
+    """Split over the tensor-parallel ranks."""
+    replicated: int
+    """Whole on every tensor-parallel rank."""
+    experts: int = 0
+    """The routed experts: split over tp (their ffn dim) and over ep (whole experts)."""
+
+    @property
+    def total(self) -> int:
+        return self.split + self.replicated + self.experts
+
+    def per_rank(self, tp: int, ep: int = 1) -> int:
+        """Parameters one rank holds at tensor-parallel size tp and expert-parallel size ep."""
+        return self.split // tp + self.replicated + self.experts // (tp * ep)
 
 
 @dataclass
@@ -36,6 +55,10 @@ class ModelConfig:
     heads); 1 is multi-query attention, None (or num_attention_heads) multi-head attention (ChatGLM2/3 and GLM-4:
     2). Tensor parallelism splits them when parallel.tp divides them and replicates them when tp is a multiple of
     them (each rank computes the one its query heads use; trainer/model/attention.py)."""
+    kv_channels: Optional[int] = None
+    """Dims d of each attention head (Megatron's kv_channels, transformers' head_dim). None: hidden_size /
+    num_attention_heads. GLM-4.5 sets it: 96 heads of 128 dims at width 5120, so the queries are 12288 wide and
+    the attention output projection maps 12288 -> 5120."""
     vocab_size: int = 0
     """True vocabulary size. 0 takes it from the tokenizer at start-up."""
     vocab_pad_multiple: int = 128
@@ -124,7 +147,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.hidden_size // self.num_attention_heads if self.kv_channels is None else self.kv_channels
 
     @property
     def num_kv_heads(self) -> int:
@@ -204,32 +227,66 @@ class ModelConfig:
         multiple = self.vocab_pad_multiple * tp
         return multiple * math.ceil(self.vocab_size / multiple)
 
-    def num_parameters(self, tp: int = 1) -> int:
-        """Closed-form parameter count of the whole model (a tied output layer counted once)."""
+    def num_parameters(self, tp: int = 1, mtp: bool = True) -> int:
+        """Closed-form parameter count of the whole model (a tied output layer counted once), the MTP layers
+        included unless mtp=False (transformers' glm4_moe count leaves them out: it drops them on load)."""
         h = self.hidden_size
         vocabulary = self.padded_vocab_size(tp) * h
         embedding = vocabulary if self.tie_word_embeddings else 2 * vocabulary
         if self.position_embedding == "learned_2d":
             embedding += 2 * self.max_sequence_length * h
-        return embedding + self.num_layers * sum(self.block_parameters()) + self.norm_parameters
+        blocks = sum(self.block_parameters(i).total for i in range(self.num_layers))
+        extra = sum(self.mtp_layer_parameters(depth).total for depth in range(1, self.mtp_layers + 1)) if mtp else 0
+        return embedding + blocks + self.norm_parameters + extra
+
+    def active_parameters(self, tp: int = 1, mtp: bool = True) -> int:
+        """The parameters one token passes through: num_parameters with each MoE block's routed experts counted
+        moe_top_k of moe_num_experts (the embedding, attention, dense MLPs, routers, shared experts and norms
+        whole). A dense model's active parameters are all of them."""
+        unused = (self.moe_num_experts - self.moe_top_k) * self.expert_parameters() * self.num_moe_layers(mtp)
+        return self.num_parameters(tp, mtp) - unused
+
+    def num_moe_layers(self, mtp: bool = True) -> int:
+        """Blocks with a mixture-of-experts MLP, the MTP layers' blocks included unless mtp=False (an MTP layer's
+        block is block num_layers + depth - 1, 0-based: trainer/model/mtp.py)."""
+        blocks = self.num_layers + (self.mtp_layers if mtp else 0)
+        return sum(self.is_moe_layer(i) for i in range(blocks))
 
     @property
     def norm_parameters(self) -> int:
         """Parameters of one normalisation: gain and bias (LayerNorm) or gain (RMSNorm)."""
         return 2 * self.hidden_size if self.normalization == "layernorm" else self.hidden_size
 
-    def block_parameters(self) -> tuple[int, int]:
-        """One block's parameters as (split over the tensor-parallel ranks, replicated on each): the
-        column-parallel q/k/v and h -> ffn weights and biases and the row-parallel weights are split; the
-        row-parallel biases and the two norms are replicated."""
-        h, f = self.hidden_size, self.ffn_size
-        qkv = sum(self.qkv_rows)
-        ffn_in = sum(self.ffn_in_rows)
-        split = qkv * h + (qkv if self.add_qkv_bias else 0) + h * h + ffn_in * h + f * h
-        split += ffn_in if self.add_bias_linear else 0
-        replicated = (2 * h if self.add_bias_linear else 0) + 2 * self.norm_parameters
+    def expert_parameters(self) -> int:
+        """Parameters of one routed expert: a SwiGLU of moe_ffn_size, no biases (gate and up [f, h], down [h, f])."""
+        return 3 * self.moe_ffn_size * self.hidden_size
+
+    def block_parameters(self, layer_index: int = 0) -> "BlockParameters":
+        """Block layer_index's (0-based) parameters by placement: split over the tensor-parallel ranks (the
+        column-parallel q/k/v and h -> ffn weights and biases, the row-parallel weights, the shared expert),
+        replicated on each (the row-parallel biases, the two norms, the QK-norm gains, the router) and the routed
+        experts (split over tp by their ffn dim and over ep by expert). The router's score-correction bias is a
+        buffer, not a parameter."""
+        h = self.hidden_size
+        qkv, q = sum(self.qkv_rows), self.qkv_rows[0]
+        split = qkv * h + (qkv if self.add_qkv_bias else 0) + q * h  # query_key_value and dense [h, n d]
+        replicated = (h if self.add_bias_linear else 0) + 2 * self.norm_parameters
         replicated += 2 * self.head_dim if self.qk_norm else 0  # the QK-norm gains
-        return split, replicated
+        if not self.is_moe_layer(layer_index):
+            ffn_in = sum(self.ffn_in_rows)
+            split += ffn_in * h + self.ffn_size * h + (ffn_in if self.add_bias_linear else 0)
+            replicated += h if self.add_bias_linear else 0
+            return BlockParameters(split, replicated)
+        split += self.moe_shared_experts * self.expert_parameters()
+        replicated += self.moe_num_experts * h  # the router [E, h]
+        return BlockParameters(split, replicated, self.moe_num_experts * self.expert_parameters())
+
+    def mtp_layer_parameters(self, depth: int = 1) -> "BlockParameters":
+        """MTP layer `depth` (1-based): enorm, hnorm and its final norm (replicated), eh_proj [h, 2h] (split) and
+        its block, block num_layers + depth - 1 (0-based); its output head is the model's own (trainer/model/mtp.py)."""
+        block = self.block_parameters(self.num_layers + depth - 1)
+        h = self.hidden_size
+        return block._replace(split=block.split + 2 * h * h, replicated=block.replicated + 3 * self.norm_parameters)
 
     def validate(self, tp: int = 1) -> None:
         """Raise ConfigError naming the problem and the fix."""
@@ -249,10 +306,13 @@ class ModelConfig:
                               ("normalization", NORMALIZATIONS), ("rotary_pairing", ROTARY_PAIRINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None and self.kv_channels <= 0:
+            raise ConfigError(f"model.kv_channels must be > 0 (or unset: hidden_size / heads), got {self.kv_channels}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
-                f"{self.num_attention_heads}: choose a head count that divides the width")
+                f"{self.num_attention_heads}: choose a head count that divides the width, "
+                f"or set model.kv_channels (the head dim)")
         if self.num_attention_heads % tp:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by parallel.tp={tp}: "
