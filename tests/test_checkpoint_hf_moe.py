@@ -22,7 +22,7 @@ from trainer.parallel.topology import Topology
 transformers = pytest.importorskip("transformers")
 VOCAB, SEQ, LAYERS = 160, 12, 2
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
+             head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
              tie_word_embeddings=False, attention_bias=True, partial_rotary_factor=0.5, use_qk_norm=True,
              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
              routed_scaling_factor=2.5, pad_token_id=0)
@@ -95,7 +95,9 @@ def input_ids():
 def test_imported_model_gives_transformers_logits(hf_model, input_ids):
     directory, model, _, _ = hf_model
     config, weights = read_weights(directory, None)
-    assert (config.qk_norm, config.rotary_dim, config.rotary_pairing, config.mtp_layers) == (True, 4, "half", 1)
+    # heads of 16 dims at width 32 / 4 heads (GLM-4.5's 96 x 128 at 5120): model.kv_channels takes head_dim
+    assert (config.qk_norm, config.rotary_dim, config.rotary_pairing, config.mtp_layers) == (True, 8, "half", 1)
+    assert config.kv_channels == config.head_dim == 16
     ours = build_model(config, weights)(*causal_inputs(input_ids))[..., :VOCAB]
     with torch.no_grad():
         assert_close(ours, model(input_ids).logits, atol=1e-5, rtol=1e-5)

@@ -84,12 +84,11 @@ def glm_model_config(meta: dict) -> ModelConfig:
     if meta.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act {meta['hidden_act']!r} is not supported: glm checkpoints use silu (SwiGLU)")
     h, n = meta["hidden_size"], meta["num_attention_heads"]
-    if meta.get("head_dim", h // n) * n != h:
-        raise CheckpointError(f"head_dim {meta['head_dim']} * {n} heads != hidden_size {h}: this trainer's heads "
-                              f"are hidden_size / num_attention_heads wide")
+    head_dim = meta.get("head_dim") or h // n
+    kv_channels = None if head_dim * n == h else head_dim  # GLM-4.5: 96 heads of 128 at width 5120
     theta, fraction = _rope(meta)
     return ModelConfig(num_layers=meta["num_hidden_layers"], hidden_size=h, num_attention_heads=n,
-                       num_key_value_heads=meta.get("num_key_value_heads") or n, vocab_size=meta["vocab_size"],
+                       kv_channels=kv_channels, num_key_value_heads=meta.get("num_key_value_heads") or n, vocab_size=meta["vocab_size"],
                        max_sequence_length=meta["max_position_embeddings"], ffn_hidden_size=meta["intermediate_size"],
                        position_embedding="rope_1d", rope_base=theta, rotary_fraction=fraction,
                        rotary_pairing="interleaved", normalization="rmsnorm", mlp="swiglu",

@@ -65,9 +65,8 @@ def model_config(meta: dict, rope: tuple[float, float], mtp_in_files: bool) -> M
         raise CheckpointError("group-limited routing (n_group or topk_group > 1) is not supported: GLM-4.5 routes "
                               "over all experts (n_group = topk_group = 1)")
     h, n, layers = meta["hidden_size"], meta["num_attention_heads"], meta["num_hidden_layers"]
-    if meta.get("head_dim", h // n) * n != h:
-        raise CheckpointError(f"head_dim {meta['head_dim']} * {n} heads != hidden_size {h}: this trainer's heads "
-                              f"are hidden_size / num_attention_heads wide")
+    head_dim = meta.get("head_dim") or h // n
+    kv_channels = None if head_dim * n == h else head_dim  # GLM-4.5: 96 heads of 128 at width 5120
     mtp = int(meta.get("num_nextn_predict_layers", 0)) if mtp_in_files else 0
     dense = meta.get("first_k_dense_replace", 1)
     moe = {} if dense >= layers + mtp else dict(  # no MoE layer: the dense model, its moe_* keys at their defaults
@@ -76,7 +75,7 @@ def model_config(meta: dict, rope: tuple[float, float], mtp_in_files: bool) -> M
         moe_first_dense_layers=dense, moe_routed_scaling=float(meta.get("routed_scaling_factor", 1.0)),
         moe_norm_topk=bool(meta.get("norm_topk_prob", True)))
     return ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=n,
-                       num_key_value_heads=meta.get("num_key_value_heads") or n, vocab_size=meta["vocab_size"],
+                       kv_channels=kv_channels, num_key_value_heads=meta.get("num_key_value_heads") or n, vocab_size=meta["vocab_size"],
                        max_sequence_length=meta["max_position_embeddings"], ffn_hidden_size=meta["intermediate_size"],
                        position_embedding="rope_1d", rope_base=rope[0], rotary_fraction=rope[1],
                        rotary_pairing="half", normalization="rmsnorm", mlp="swiglu",
