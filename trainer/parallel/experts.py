@@ -30,8 +30,8 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def uses_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the experts run as torch._grouped_mm: a CUDA tensor in bf16 (the kernel's case; elsewhere the loop,
-    which is as fast as torch's own fallback) whose inner dims are multiples of 8 (16-byte aligned rows)."""
+    """Whether the experts run as torch._grouped_mm: a CUDA tensor in bf16 (the fused kernel's case; elsewhere the
+    loop) whose inner dims are multiples of 8 (16-byte aligned rows)."""
     return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and weight.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0)
 
