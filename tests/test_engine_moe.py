@@ -1,6 +1,7 @@
 """configs/glm-4.5-debug.yaml (a tiny GLM-4.5 mixture of experts) trained by the loop: the same losses and gradient
-norms at tp=2, pp=2 (MoE layers on both stages, the auxiliary losses' gradients from each) and dp=2 (the expert
-loads summed over the data-parallel ranks for the bias update) as one process; the step's MoE metrics."""
+norms at tp=2, pp=2 (MoE layers on both stages, the auxiliary losses' gradients from each), dp=2 (the expert
+loads summed over the data-parallel ranks for the bias update) and dp=2 under ZeRO-3 as one process; the step's
+MoE metrics."""
 import json
 
 import pytest
@@ -52,6 +53,7 @@ def test_the_debug_moe_trains_and_reports_its_routing(reference):
     ("tp2", ["parallel.tp=2"]),
     ("pp2", ["parallel.pp=2"]),  # blocks 1-2 on stage 0 (dense, MoE), 3-4 on stage 1 (MoE, MoE)
     ("dp2", []),
+    ("dp2_zero3", ["optim.zero_stage=3"]),  # the router's weight gathered again for backward, the bias saved whole
 ])
 def test_two_process_layouts_match_single_process(reference, tmp_path, name, overrides):
     losses, norms, _ = reference

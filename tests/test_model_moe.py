@@ -12,7 +12,7 @@ from tests.distributed import run_distributed
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.moe import GLMMoE, Router, balance_loss, z_loss
-from trainer.parallel.experts import uses_grouped_mm
+from trainer.parallel.experts import expert_linear, uses_grouped_mm
 from trainer.parallel.random import recompute
 from trainer.parallel.split import split_rules_of
 
@@ -32,10 +32,10 @@ def test_selection_uses_the_biased_scores_and_the_weights_the_unbiased_ones():
     router = Router(dataclasses.replace(CONFIG, moe_norm_topk=False, moe_routed_scaling=1.0), 1)
     x = _tokens(64)
     scores = torch.sigmoid(x @ router.weight.t())
-    unbiased = router(x).topk_ids
+    unbiased = router.route(x).topk_ids
     assert torch.equal(unbiased, scores.topk(2).indices)
     router.expert_bias[5] = 10.0  # expert 5 wins every selection, however low its score
-    routing = router(x)
+    routing = router.route(x)
     assert (routing.topk_ids == 5).any(dim=1).all()
     assert torch.equal(routing.topk_ids, (scores + router.expert_bias).topk(2).indices)
     torch.testing.assert_close(routing.topk_weights, scores.gather(1, routing.topk_ids))  # no bias in the weights
@@ -46,7 +46,7 @@ def test_selection_uses_the_biased_scores_and_the_weights_the_unbiased_ones():
 def test_weights_are_normalised_then_scaled(norm_topk):
     router = Router(dataclasses.replace(CONFIG, moe_norm_topk=norm_topk), 1)
     x = _tokens(16)
-    routing = router(x)
+    routing = router.route(x)
     chosen = torch.sigmoid(x @ router.weight.t()).gather(1, routing.topk_ids)
     expected = chosen / chosen.sum(dim=1, keepdim=True) if norm_topk else chosen
     torch.testing.assert_close(routing.topk_weights, 2.5 * expected)
@@ -56,7 +56,7 @@ def test_weights_are_normalised_then_scaled(norm_topk):
 def test_routing_is_dropless_and_computed_in_fp32():
     router = Router(CONFIG, 1).bfloat16()
     router.expert_bias[0] = 100.0  # every token wants expert 0 first: no capacity limit drops any
-    routing = router(_tokens(128).bfloat16())
+    routing = router.route(_tokens(128).bfloat16())
     assert routing.logits.dtype == torch.float32 and router.expert_bias.dtype == torch.float32
     ids = routing.topk_ids
     assert ids.shape == (128, 2) and (ids[:, 0] != ids[:, 1]).all()  # k different experts for every token
@@ -72,7 +72,7 @@ def test_bias_updates_from_a_skewed_start_lower_the_max_over_mean_load():
         router.weight[0] += x.mean(dim=0) / x.mean(dim=0).norm() ** 2  # + 1 on every token's logit, on average
 
     def imbalance() -> float:
-        load = torch.bincount(router(x).topk_ids.reshape(-1), minlength=8).float()
+        load = torch.bincount(router.route(x).topk_ids.reshape(-1), minlength=8).float()
         router.update_bias_(load, rate=0.005)
         return float(load.max() / load.mean())
 
@@ -112,7 +112,7 @@ def _reference(moe: GLMMoE, x: torch.Tensor, ids: torch.Tensor, weights: torch.T
 def test_grouped_experts_equal_a_per_token_reference_with_gradients():
     moe = GLMMoE(CONFIG, 2)
     x = _tokens(24).requires_grad_()
-    routing = moe.router(x)
+    routing = moe.router.route(x)
     ids, weights = routing.topk_ids, routing.topk_weights.detach().requires_grad_()
     ours = moe.experts(x, ids, weights)
     ours.square().sum().backward()
@@ -133,36 +133,49 @@ def test_an_expert_that_gets_no_token_is_fine():
     torch.testing.assert_close(moe.experts(x, ids, torch.full((5, 2), 0.5)), _reference(moe, x, ids, torch.full((5, 2), 0.5)))
 
 
-@pytest.mark.skipif(get_accelerator().device_name() == "cpu",
-                    reason="torch._grouped_mm has no working backward on CPU; the grouped path runs on accelerators")
-def test_grouped_matrix_multiply_equals_the_loop_on_the_accelerator():
-    """bf16 on the accelerator: the two torch._grouped_mm calls against the loop over the experts (outputs and
-    gradients), with an expert that receives no token; and both against the fp32 loop within bf16 rounding."""
-    device = get_accelerator().device_name(0)
-    config = dataclasses.replace(CONFIG, hidden_size=128, moe_ffn_hidden_size=64)
-    experts = GLMMoE(config, 2).experts.to(device)
-    rows = torch.randn(200, 128, generator=torch.Generator().manual_seed(0)).to(device)
-    tokens_per_expert = torch.tensor([30, 0, 50, 10, 40, 20, 25, 25], device=device)
-    results = {}
-    for name, dtype in (("grouped", torch.bfloat16), ("looped", torch.bfloat16), ("fp32", torch.float32)):
-        module = experts.to(dtype)
-        x = rows.bfloat16().to(dtype).requires_grad_()  # the same values in every run
-        run = module.grouped_experts if name == "grouped" else module.looped_experts
-        out = run(x, tokens_per_expert)
+def _expert_linear_both_ways(rows, weight, tokens_per_expert):
+    """(output, grad of rows, grad of weight) of expert_linear grouped and looped."""
+    results = []
+    for grouped in (True, False):
+        x, w = rows.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        out = expert_linear(x, w, tokens_per_expert, grouped)
         out.float().square().sum().backward()
-        results[name] = [t.float() for t in (out, x.grad, module.gate_up_weight.grad, module.down_weight.grad)]
-        module.zero_grad(set_to_none=True)
-    assert uses_grouped_mm(rows.bfloat16(), experts.to(torch.bfloat16).gate_up_weight)
-    for grouped, looped, exact in zip(results["grouped"], results["looped"], results["fp32"]):
-        scale = exact.abs().max()
-        torch.testing.assert_close(grouped, looped, atol=2e-2 * scale, rtol=2e-2)
-        assert (grouped - exact).abs().max() <= 2 * (looped - exact).abs().max() + 1e-3 * scale
+        results.append([t.float() for t in (out, x.grad, w.grad)])
+    return results
+
+
+def test_grouped_and_looped_expert_matmuls_agree_with_gradients():
+    """torch._grouped_mm runs forward on CPU (its own backward does not; expert_linear's backward is two more
+    grouped calls): grouped and looped give the same outputs and gradients in fp32, an expert without rows
+    included (zero gradient)."""
+    rows, weight = _tokens(40), torch.randn(4, 24, 32, generator=torch.Generator().manual_seed(2))
+    tokens_per_expert = torch.tensor([10, 0, 25, 5])
+    grouped, looped = _expert_linear_both_ways(rows, weight, tokens_per_expert)
+    for got, want in zip(grouped, looped):
+        torch.testing.assert_close(got, want)
+    assert not looped[2][1].any()
+    torch.testing.assert_close(looped[0][:10], rows[:10] @ weight[0].t())
+
+
+@pytest.mark.skipif(get_accelerator().device_name() == "cpu",
+                    reason="the grouped kernel (torch._grouped_mm in bf16) runs on accelerators")
+def test_grouped_matrix_multiply_equals_the_loop_on_the_accelerator():
+    """bf16 on the accelerator: grouped against looped (outputs and gradients), with an expert without rows."""
+    device = get_accelerator().device_name(0)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(200, 128, generator=generator).to(device, torch.bfloat16)
+    weight = (0.05 * torch.randn(8, 64, 128, generator=generator)).to(device, torch.bfloat16)
+    tokens_per_expert = torch.tensor([30, 0, 50, 10, 40, 20, 25, 25], device=device)
+    assert uses_grouped_mm(rows, weight)
+    grouped, looped = _expert_linear_both_ways(rows, weight, tokens_per_expert)
+    for got, want in zip(grouped, looped):
+        torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max(), rtol=2e-2)
 
 
 def test_moe_output_is_routed_plus_shared():
     moe = GLMMoE(CONFIG, 2).eval()
     hidden = _tokens(12).view(2, 6, -1)
-    routing = moe.router(hidden.view(12, -1))
+    routing = moe.router.route(hidden.view(12, -1))
     expected = _reference(moe, hidden.view(12, -1), routing.topk_ids, routing.topk_weights).view(2, 6, -1)
     torch.testing.assert_close(moe(hidden), expected + moe.shared_expert(hidden))
     assert moe.take_statistics() is None  # evaluation records nothing
@@ -179,7 +192,7 @@ def test_auxiliary_losses_enter_the_gradient_scaled_but_not_the_output():
     ours = moe.router.weight.grad.clone()
     moe.router.weight.grad = None
     moe.eval()
-    routing = moe.router(hidden.view(12, -1))
+    routing = moe.router.route(hidden.view(12, -1))
     out_eval = moe(hidden)
     torch.testing.assert_close(out, out_eval)  # the same output: the losses only add gradient
     aux = 0.01 * balance_loss(routing.scores, routing.topk_ids) + 0.001 * z_loss(routing.logits)
