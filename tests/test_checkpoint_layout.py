@@ -65,8 +65,9 @@ def test_the_shapes_cover_every_switch_that_changes_a_split():
     assert {config.position_embedding for config in configs} == {"learned_2d", "rope_1d", "rope_2d"}
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [shape for shape, config in SHAPES.items() if not config.moe_num_experts])
 def test_the_layers_declare_the_rules_existing_checkpoints_were_split_by(shape):
+    """Dense shapes: the name table predates the mixture-of-experts layers, whose rules only their layers state."""
     config = SHAPES[shape]
     rules = split_rules(config)
     assert rules.keys() == GLMModel(config).state_dict().keys()

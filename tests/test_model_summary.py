@@ -54,3 +54,20 @@ def test_glm_130b_has_130_billion_parameters():
     # paper rounds to 130B: 1.0017% below the name, so the bound is 1% plus that rounding.
     assert counted == 128_697_794_560
     assert abs(counted - 130e9) / 130e9 < 0.011
+
+
+def test_a_mixture_of_experts_prints_its_active_parameters():
+    """glm-4.5-debug: 3 MoE blocks of 8 experts, top-2, each expert a SwiGLU of 32 at width 64 (3 * 32 * 64
+    parameters): a token skips 6 experts in each of the 3 blocks."""
+    import dataclasses
+
+    from trainer.model.summary import active_parameters
+
+    config = dataclasses.replace(load_config("configs/glm-4.5-debug.yaml").model, vocab_size=1000)
+    model = meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    active = total - 3 * 6 * (3 * 32 * 64)
+    assert active_parameters(model) == active
+    summary = parameter_summary(config)
+    assert re.search(rf"active per token \(counted\)\s+{active:,}\s", summary), summary
+    assert re.search(rf"total \(counted\)\s+{total:,}\s", summary) and "3 MoE layers of 8 experts" in summary

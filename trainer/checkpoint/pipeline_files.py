@@ -155,13 +155,14 @@ def read_zero3_tensors(tag_dir: Path, layout: Layout, tp_rank: int) -> tuple[dic
 
 def _plain_engine_weights(tag_dir: Path, layout: Layout, tp_rank: int) -> dict[str, torch.Tensor]:
     """One tensor rank's weights from the plain engine's files (canonical names, this rank's shards)."""
-    if checkpoint_zero_stage(tag_dir) == 3:
-        return {name: tensors["fp32"] for name, tensors in read_zero3_tensors(tag_dir, layout, tp_rank)[0].items()}
     path = model_states_file(tag_dir, tp_rank)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     module = torch.load(path, map_location="cpu", weights_only=False)[ds_format.MODULE_STATE]
-    return {name: value.float() for name, value in module.items()}
+    weights = {name: value.float() for name, value in module.items()}
+    if checkpoint_zero_stage(tag_dir) == 3:  # the parameters from their partitions; buffers are whole in `module`
+        weights.update({name: tensors["fp32"] for name, tensors in read_zero3_tensors(tag_dir, layout, tp_rank)[0].items()})
+    return weights
 
 
 def read_model_weights(tag_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -88,7 +88,9 @@ class ModelConfig:
     qk_norm: bool = False
     """Per-head RMSNorm on the queries and keys before RoPE (GLM-4.5; transformers' use_qk_norm)."""
     moe_num_experts: int = 0
-    """Routed experts E of each mixture-of-experts layer; 0 is a dense model (GLM-4.5: 160, GLM-4.5-Air: 128)."""
+    """Routed experts E of each mixture-of-experts layer; 0 is a dense model (GLM-4.5: 160, GLM-4.5-Air: 128).
+    The blocks after the first moe_first_dense_layers get the MoE MLP (trainer/model/moe.py); it needs
+    model.mlp=swiglu and model.norm=pre_ln."""
     moe_top_k: int = 8
     """Experts each token is routed to (transformers' num_experts_per_tok; GLM-4.5: 8). Dropless: every token
     reaches its k experts."""

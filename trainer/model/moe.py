@@ -77,15 +77,20 @@ class Router(nn.Module):
         self.expert_bias = bias.to(self.expert_bias.device)
         return self
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x [T, h] -> the routing of the T tokens."""
+    def route(self, x: torch.Tensor) -> Routing:
+        """x [T, h] -> the routing of the T tokens (through __call__, so that module hooks run)."""
+        return Routing(*self(x))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T, h] -> Routing's fields as a tuple: ZeRO-3 gathers the weight again for backward through hooks on
+        the module's output tensors, which it finds in tuples but not in a dataclass."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32 whatever the model's dtype
         scores = logits.sigmoid()
         topk_ids = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices  # [T, k]
         weights = scores.gather(1, topk_ids)  # the unbiased scores of the chosen experts
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(topk_ids, weights * self.scaling, logits, scores)
+        return topk_ids, weights * self.scaling, logits, scores
 
     @torch.no_grad()
     def update_bias_(self, load: torch.Tensor, rate: float) -> None:
@@ -162,7 +167,7 @@ class GLMMoE(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None):
         super().__init__()
-        self.layer_index = layer_number - 1
+        self.layer_index, self.num_experts = layer_number - 1, config.moe_num_experts
         self.tp_group = tp_group
         self.aux_loss_coeff, self.z_loss_coeff = config.moe_aux_loss_coeff, config.moe_z_loss_coeff
         # add_loss_gradient's scale: the factor the engine applies to a micro-batch's loss before backward
@@ -183,7 +188,7 @@ class GLMMoE(nn.Module):
         """hidden [b, s, h] (replicated over the tp group) -> [b, s, h]."""
         b, s, h = hidden.shape
         x = hidden.reshape(b * s, h)  # [T, h]
-        routing = self.router(x)
+        routing = self.router.route(x)
         routed = self.experts(x, routing.topk_ids, routing.topk_weights)  # [T, h], a partial sum over tp
         out = reduce_from_tp(routed, self.tp_group).view(b, s, h)
         if self.shared_expert is not None:
@@ -200,7 +205,7 @@ class GLMMoE(nn.Module):
 
     def _record(self, topk_ids: torch.Tensor, balance: torch.Tensor, z: torch.Tensor) -> None:
         """Add one micro-batch's routing to the statistics (device tensors: no host read here)."""
-        load = torch.bincount(topk_ids.reshape(-1), minlength=self.router.weight.shape[0])
+        load = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
         stats = self._statistics
         if stats is None:
             self._statistics = RoutingStatistics(load, balance.detach(), z.detach(), 1)
