@@ -2,8 +2,8 @@
 as the eager model through the trainer's engine, and the compiled region holds the whole block: the mask and
 RoPE lookups stay outside it, so it compiles without a graph break.
 
-Kept short (2 layers, 3 optimizer steps of 2 micro-batches): inductor compiles each block's forward and backward
-once, about a minute on a shared 2-core CPU."""
+Kept short (2 layers, 3 optimizer steps of 2 micro-batches): inductor compiles the block's forward and backward
+once. Measured 2026-12-06 on the 2-core sandbox: 37 s of CPU time, 3 min 19 s wall at a load average of ~20."""
 import torch
 from torch.testing import assert_close
 

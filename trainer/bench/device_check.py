@@ -54,6 +54,7 @@ matrices too); anything else is elementwise."""
 
 
 def median_seconds(step: Callable[[], object], repeats: int) -> float:
+    """The median wall time of `repeats` calls after one untimed call."""
     step()  # warm-up: compilation, allocator, autotuning
     return statistics.median(timed(step) for _ in range(repeats))
 
@@ -67,7 +68,8 @@ def gemm_shapes(config: Config) -> dict[str, tuple[int, int, int]]:
             "mlp_in": (tokens, h, (2 if m.gated_mlp else 1) * f), "mlp_out": (tokens, f, h)}
 
 
-def gemm_rates(config: Config, dtype: torch.dtype, device, repeats: int) -> dict:
+def gemm_rates(config: Config, dtype: torch.dtype, device: torch.device | str, repeats: int) -> dict:
+    """Part 1: each GEMM shape's median seconds and TFLOP/s = 2 M N K / seconds."""
     rates = {}
     for name, (m, k, n) in gemm_shapes(config).items():
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
@@ -88,7 +90,9 @@ def packed_rows(b: int, s: int) -> torch.Tensor:
     return stack_segments(row[0].expand(b, s), row[1].expand(b, s))
 
 
-def attention_comparison(config: Config, dtype: torch.dtype, device, repeats: int) -> dict:
+def attention_comparison(config: Config, dtype: torch.dtype, device: torch.device | str, repeats: int) -> dict:
+    """Part 2: FlexAttention and SDPA on the same q [b, n, s, d], k, v [b, g, s, d], unpacked and packed rows:
+    their forward and forward + backward seconds and the largest difference of outputs (and dq, dk, dv)."""
     m, b, s = config.model, config.parallel.micro_batch_size, config.data.seq_length
     n, g, d = m.num_attention_heads, m.num_kv_heads, m.head_dim
     generator = torch.Generator().manual_seed(0)
@@ -98,7 +102,8 @@ def attention_comparison(config: Config, dtype: torch.dtype, device, repeats: in
     backward = torch.device(device).type != "cpu"  # FlexAttention has no CPU backward
     flex_inputs = (q, k, v) if backward else tuple(t.detach() for t in (q, k, v))
     results = {}
-    for layout, segments in (("unpacked", segments_of_sep(torch.full((b,), s // 2), s)), ("packed", packed_rows(b, s))):
+    rows = {"unpacked": segments_of_sep(torch.full((b,), s // 2), s), "packed": packed_rows(b, s)}
+    for layout, segments in rows.items():
         mask = GLMMask(segments.to(device))
         block_mask, additive = mask.block_mask(), mask.additive(dtype)
         kernels = {"flex": lambda: flex_glm_attention(*flex_inputs, block_mask),
@@ -151,6 +156,7 @@ def engine_figures(config: Config, micro_batch: int, steps: int, peak: float | N
 
 
 def kernel_group(name: str) -> str:
+    """KERNEL_GROUPS' group of a kernel (or CPU operator) name."""
     return next((group for group, pattern in KERNEL_GROUPS if pattern.search(name)), "elementwise")
 
 
