@@ -82,7 +82,7 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None)
     N+3 the MTP layer, N+4 the output head); the MoE blocks' routed experts (the MTP layer's too) split over
     ep_group."""
     pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed), "embedding", tie=WORD_EMBEDDING)]
-    # A mixture-of-experts block is a BLOCK piece of its own class here (activations tuple in and out).
+    # A mixture-of-experts block is a GLMBlock whose MLP is GLMMoE (config.is_moe_layer): no piece of its own.
     pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, ep_group), BLOCK)
                for number in range(1, config.num_layers + 1)]
     if not config.mtp_layers:
