@@ -23,13 +23,21 @@ from trainer.model.embedding import Activations, GLMEmbedding
 from trainer.model.norm import Norm
 from trainer.model.output import OutputLayer, head_outputs, vocab_parallel_logits
 from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from trainer.parallel.sequence import sum_grad_over_tp_
 
 BLOCK = "block"
 """The role of a transformer block piece: run in a group of consecutive blocks (KV caches, recomputation)."""
 
 
 class FinalLayerNorm(Norm):
-    """The normalisation after the last block (config.normalization): activations tuple -> LN(hidden) [b, s, h]."""
+    """The normalisation after the last block (config.normalization): activations tuple -> LN(hidden) [b, s, h]
+    (sequence-parallel: this tensor rank's tokens [b, s/tp, h], the gain's and bias' gradients summed over tp)."""
+
+    def __init__(self, config: ModelConfig, tp_group=None, sequence_parallel: bool = False):
+        super().__init__(config)
+        if sequence_parallel:
+            for param in self.parameters():
+                sum_grad_over_tp_(param, tp_group)
 
     def forward(self, inputs: Activations) -> torch.Tensor:
         return super().forward(inputs[0])
@@ -63,26 +71,29 @@ class Piece:
 WORD_EMBEDDING = Tie("embed", "word_embeddings.weight")
 
 
-def output_head(config: ModelConfig, tp_group=None, seed: int = 0) -> Piece:
+def output_head(config: ModelConfig, tp_group=None, seed: int = 0, sequence_parallel: bool = False) -> Piece:
     """The output head: the word embedding again (tied; where it is a copy of its own, on the last pipeline
     stage, it carries no position tables) or an OutputLayer. Either hands on (final hidden, output weight)."""
     if config.tie_word_embeddings:
-        return Piece("embedding", GLMEmbedding, (config, tp_group, seed, False), "head", tie=WORD_EMBEDDING,
-                     forward_fn=head_outputs)
-    return Piece("output_layer", OutputLayer, (config, tp_group, seed), "head")
+        return Piece("embedding", GLMEmbedding, (config, tp_group, seed, False, sequence_parallel), "head",
+                     tie=WORD_EMBEDDING, forward_fn=head_outputs)
+    return Piece("output_layer", OutputLayer, (config, tp_group, seed, sequence_parallel), "head")
 
 
-def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0) -> list[Piece]:
+def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, sequence_parallel: bool = False) -> list[Piece]:
     """The GLM as the flat, ordered list of its pieces (the pipeline's global layer indices: 0 embedding,
-    1..N blocks, N+1 final norm, N+2 output head)."""
-    pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed), "embedding", tie=WORD_EMBEDDING)]
+    1..N blocks, N+1 final norm, N+2 output head). sequence_parallel (parallel.sequence_parallel, with a tensor-
+    parallel group): the hidden states between the embedding and the output head are split along the sequence
+    over the group (trainer/parallel/sequence.py); training only: decoding builds the model without it."""
+    sp = sequence_parallel
+    pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed, True, sp), "embedding", tie=WORD_EMBEDDING)]
     # A mixture-of-experts block is a BLOCK piece of its own class here (activations tuple in and out).
-    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed), BLOCK)
+    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, sp), BLOCK)
                for number in range(1, config.num_layers + 1)]
-    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm"))
+    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config, tp_group, sp), "final_norm"))
     # A multi-token-prediction (MTP) head goes here, before the output head it shares: a piece that passes the
     # final hidden on and adds its own predictions for the loss.
-    pieces.append(output_head(config, tp_group, seed))
+    pieces.append(output_head(config, tp_group, seed, sp))
     return pieces
 
 
@@ -136,12 +147,13 @@ class GLMModel(nn.Module):
     embedding.word_embeddings, embedding.{block_,}position_embeddings, transformer.layers.{i}.*,
     transformer.final_layernorm, and output_layer.weight when the output layer is untied."""
 
-    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, sequence_parallel: bool = False):
         super().__init__()
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
         shared: dict[str, nn.Module] = {}
         sequence = []
-        for piece in glm_pieces(config, tp_group, seed):
+        for piece in glm_pieces(config, tp_group, seed, sequence_parallel):
             if piece.tie is not None and piece.tie.key in shared:
                 sequence.append((piece, shared[piece.tie.key]))  # the tied head is the embedding module
                 continue
@@ -179,7 +191,11 @@ class GLMModel(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The pieces in order: (input_ids, position_ids, block_position_ids [b, s], segments [b, 2, s]) ->
         (final hidden [b, s, h], output weight [V_pad / tp, h]), what the head hands to the logits or the loss.
-        With kv_caches (self.kv_caches()) the inputs hold only the new positions (KV-cached decoding)."""
+        With kv_caches (self.kv_caches()) the inputs hold only the new positions (KV-cached decoding), which a
+        sequence-parallel model does not serve (decoding builds the model without it)."""
+        if kv_caches is not None and self.sequence_parallel:
+            raise ValueError("KV-cached decoding runs without sequence parallelism: build the model with "
+                             "sequence_parallel=False")
         x, caches = inputs, iter(kv_caches) if kv_caches is not None else None
         for is_block, run in groupby(self._sequence, key=lambda item: item[0].role == BLOCK):
             run = list(run)
