@@ -49,6 +49,7 @@ class Fixed:
     zero_stage: Optional[int] = None
     offload_optimizer: Optional[str] = None
     offload_params: Optional[str] = None
+    sequence_parallel: Optional[bool] = None
 
     def allows(self, zero: Zero) -> bool:
         return all(fixed in (None, chosen) for fixed, chosen in
@@ -109,7 +110,8 @@ class Plan:
         return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
                 f"parallel.recompute_interval={layout.recompute_interval}", f"optim.zero_stage={layout.zero_stage}",
-                f"optim.offload_optimizer={layout.offload_optimizer}", f"optim.offload_params={layout.offload_params}"]
+                f"optim.offload_optimizer={layout.offload_optimizer}", f"optim.offload_params={layout.offload_params}",
+                f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}"]
 
     def ranks(self) -> list[dict]:
         """Host, device, (pp, dp, tp) coordinates and blocks [first, stop) of every global rank."""
@@ -128,6 +130,7 @@ class Plan:
         return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
                 "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "global_batch": self.global_batch, "recompute_interval": layout.recompute_interval,
+                "sequence_parallel": layout.sequence_parallel,
                 "zero_stage": layout.zero_stage, "offload_optimizer": layout.offload_optimizer,
                 "offload_params": layout.offload_params,
                 "pipeline_bubble": round(bubble(layout), 4), "blocks_per_stage": self.blocks,
@@ -149,6 +152,13 @@ def estimate(work: Workload, layout: Layout) -> list[StageMemory]:
     """The memory estimate of every pipeline stage of a layout."""
     blocks = blocks_per_stage(work.model.num_layers, layout.pp)
     return [stage_memory(work, layout, stage, count) for stage, count in enumerate(blocks)]
+
+
+def sequence_parallel(work: Workload, fixed: Fixed, tp: int) -> bool:
+    """Sequence parallelism wherever tp > 1 allows it (it divides the activations outside attention and the MLP by
+    tp at the communication volume of tensor parallelism), unless the user fixed it (off, or where allowed on)."""
+    allowed = tp > 1 and work.seq_length % tp == 0
+    return allowed and fixed.sequence_parallel in (None, True)
 
 
 def _fits(work: Workload, layout: Layout, cluster: Cluster, host: HostMemory) -> bool:
@@ -223,7 +233,8 @@ def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory,
                 for stage, offload_optimizer, offload_params in zeros:
                     if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp) == 0:
                         continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
-                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params)
+                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params,
+                                    sequence_parallel(work, fixed, tp))
                     chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
                     if chosen is not None:
                         return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
@@ -261,7 +272,9 @@ def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fix
     micro, offload = fixed.micro_batch or 1, "none" if cluster.kind == "cpu" else "cpu"
     frugal = [(fixed.pp or work.model.num_layers, (1, "none", "none"))]
     frugal += [(1, (3, offload, offload)), (1, (3, "none", "none"))] if fixed.pp in (None, 1) else []
-    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero)))
+    sp = sequence_parallel(work, fixed, tp)
+    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero,
+                                                                 sequence_parallel=sp)))
               for pp, zero in frugal if fixed.allows(zero)]
     return min(totals, default=0)
 
@@ -330,7 +343,8 @@ def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemor
 def _summary(plan: Plan) -> str:
     layout = plan.layout
     return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, micro-batch {layout.micro_batch}, recomputation "
-            f"{'on' if layout.recompute_interval else 'off'}, {describe_zero(layout)}, "
+            f"{'on' if layout.recompute_interval else 'off'}, sequence parallelism "
+            f"{'on' if layout.sequence_parallel else 'off'}, {describe_zero(layout)}, "
             f"{plan.peak.total / 1e9:.1f} GB per device")
 
 
@@ -338,6 +352,8 @@ def plan_layout(config: Config, cluster: Cluster, host: HostMemory, fixed: Fixed
     """Choose what `fixed` leaves open, validate what it fixes; ConfigError when nothing fits."""
     work = Workload.from_config(config, on_cpu=cluster.kind == "cpu")
     _check_fixed(work, cluster, fixed)
+    if fixed.sequence_parallel is None and (config.train.eval_tasks or config.model.moe_num_experts):
+        fixed = dataclasses.replace(fixed, sequence_parallel=False)  # what config.py refuses sequence parallelism with
     batches, nvme, yaml_micro = Batches.of(config), bool(config.optim.nvme_path), config.parallel.micro_batch_size
     plan = search(work, cluster, batches, host, fixed, nvme, yaml_micro)
     if plan is None:

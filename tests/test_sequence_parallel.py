@@ -11,7 +11,7 @@ from tests.test_engine_parity import _grad_norms, _losses
 from trainer.config import load_config
 from trainer.errors import ConfigError
 from trainer.parallel.comm import world_group
-from trainer.parallel.sequence import (gather_from_sequence, gather_sequence_to_tp, reduce_scatter_to_sequence,
+from trainer.parallel.sequence import (gather_from_sequence, linear_gathered_sequence, reduce_scatter_to_sequence,
                                        scatter_to_sequence, sum_grad_over_tp_)
 
 SHAPE = (2, 6, 3)  # [b, s, h]; rank r holds tokens [3 r, 3 r + 3)
@@ -45,13 +45,25 @@ def _check_gather(rank: int, group) -> None:
     torch.testing.assert_close(x_r.grad, _tokens(w, rank))  # backward: this rank's tokens
 
 
-def _check_gather_to_tp(rank: int, group) -> None:
-    x, w0, w1 = _tensors(3)
+def _check_linear_gathered(rank: int, group) -> None:
+    """A column-parallel product on this rank's tokens: rank r's output columns for every token, the input's
+    gradient summed over both ranks' columns, the weight's gradient over every token."""
+    x, = _tensors(1)
+    generator = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(4, SHAPE[-1], generator=generator), torch.randn(4, generator=generator)
+    w_out = torch.randn(SHAPE[0], SHAPE[1], 4, generator=generator)
+    full_x = x.clone().requires_grad_()
+    full_w, full_b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    (torch.nn.functional.linear(full_x, full_w, full_b) * w_out).sum().backward()  # the single-process reference
+    columns = slice(2 * rank, 2 * rank + 2)  # [out/p] of out = 4
     x_r = _tokens(x, rank).clone().requires_grad_()
-    y = gather_sequence_to_tp(x_r, group)
-    torch.testing.assert_close(y, x)
-    (y * (w0, w1)[rank]).sum().backward()  # a partial gradient on each rank
-    torch.testing.assert_close(x_r.grad, _tokens(w0 + w1, rank))  # backward: reduce-scatter
+    w_r, b_r = weight[columns].clone().requires_grad_(), bias[columns].clone().requires_grad_()
+    y = linear_gathered_sequence(x_r, w_r, b_r, group)  # [b, s, out/p]
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias)[..., columns])
+    (y * w_out[..., columns]).sum().backward()
+    torch.testing.assert_close(x_r.grad, _tokens(full_x.grad, rank))  # reduce-scattered over the ranks' columns
+    torch.testing.assert_close(w_r.grad, full_w.grad[columns])
+    torch.testing.assert_close(b_r.grad, full_b.grad[columns])
 
 
 def _check_reduce_scatter(rank: int, group) -> None:
@@ -75,7 +87,7 @@ def _check_parameter_gradient_sum(rank: int, group) -> None:
 
 def _verbs(rank, world_size):
     group = world_group()
-    for check in (_check_scatter, _check_gather, _check_gather_to_tp, _check_reduce_scatter,
+    for check in (_check_scatter, _check_gather, _check_linear_gathered, _check_reduce_scatter,
                   _check_parameter_gradient_sum):
         check(rank, group)
 
@@ -86,7 +98,7 @@ def test_sequence_verbs_forward_and_backward_on_two_ranks():
 
 def test_without_a_group_every_verb_is_the_identity():
     x = torch.randn(SHAPE)
-    for verb in (scatter_to_sequence, gather_from_sequence, gather_sequence_to_tp, reduce_scatter_to_sequence):
+    for verb in (scatter_to_sequence, gather_from_sequence, reduce_scatter_to_sequence):
         assert verb(x, None) is x
 
 
@@ -142,3 +154,38 @@ def test_tp2_pp2_with_sequence_parallelism_matches_single_process(tmp_path):
     torch.testing.assert_close(torch.tensor(sp), torch.tensor(single), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, "sp_pp2"), dtype=torch.float64),
                                torch.tensor(_grad_norms(tmp_path, "single"), dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_memory_model_divides_the_sequence_parallel_activations_by_tp():
+    """The norms' and column-parallel layers' inputs (4 e s b h) and the norms' statistics (16 s b) are this rank's
+    s/tp tokens; with hidden dropout its two masks too; the rest of a block's activations do not change."""
+    from launch.memory import Workload, block_activation_bytes
+
+    config = load_config("configs/glm-debug.yaml", ["data.seq_length=128"])
+    work = Workload.from_config(config)
+    e, s, h = work.activation_bytes, 128, config.model.hidden_size
+    for tp in (2, 4):
+        saved = block_activation_bytes(work, tp, 1) - block_activation_bytes(work, tp, 1, sequence_parallel=True)
+        assert saved == 4 * e * s * h - 4 * e * s * h // tp + 16 * s - 16 * s // tp
+    dropout = Workload.from_config(load_config("configs/glm-debug.yaml", ["model.hidden_dropout=0.1"]))
+    saved = block_activation_bytes(dropout, 2, 1) - block_activation_bytes(dropout, 2, 1, sequence_parallel=True)
+    assert saved == (4 * e * s * h + 16 * s + 2 * s * h * dropout.dropout_mask_bytes) // 2
+
+
+def test_the_planner_turns_sequence_parallelism_on_with_tp_unless_fixed_off():
+    from launch.devices import Cluster, HostMemory
+    from launch.memory import Workload
+    from launch.planner import Fixed, plan_layout, sequence_parallel
+
+    config = load_config("configs/glm-4-9b.yaml", ["data.seq_length=32768", "model.max_sequence_length=32768"])
+    cluster = Cluster((("node0", 8),), 80 * 10 ** 9, "cuda", "hostfile")
+    host = HostMemory(2000 * 10 ** 9, "--host-memory")
+    plan = plan_layout(config, cluster, host)
+    assert plan.layout.tp > 1 and plan.layout.sequence_parallel
+    assert "parallel.sequence_parallel=true" in plan.overrides() and plan.to_dict()["sequence_parallel"]
+    off = plan_layout(config, cluster, host, Fixed(tp=plan.layout.tp, sequence_parallel=False))
+    assert not off.layout.sequence_parallel and off.peak.activations > plan.peak.activations
+    work = Workload.from_config(config)
+    assert not sequence_parallel(work, Fixed(), 1)  # nothing to split over
+    assert not sequence_parallel(Workload.from_config(load_config("configs/glm-4-9b.yaml", ["data.seq_length=1001"])),
+                                 Fixed(), 2)  # not divisible

@@ -125,7 +125,8 @@ class QueryKeyValue(ColumnParallelLinear):
             kv = kv.unflatten(0, (tp, 2, -1)).transpose(0, 1).flatten(1, 2)  # [2, g d, ...]: whole K, whole V
             rows = [local[:self.q_rows], kv[0, self.kv_used], kv[1, self.kv_used]]
             parts.append(torch.cat(rows))  # [(n/tp + 2) d, ...]: q_r, K_j, V_j
-        return F.linear(self.parallel_input(x), *parts)  # the input's gradient summed, as super().forward's
+        weight, bias = parts if len(parts) == 2 else (parts[0], None)
+        return self.parallel_linear(x, weight, bias)  # the input's gradient summed, as super().forward's
 
 
 class SelfAttention(nn.Module):

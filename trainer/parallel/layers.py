@@ -25,7 +25,7 @@ from torch import nn
 from trainer.errors import ConfigError
 from trainer.parallel.mappings import (Group, copy_to_tp, gather_from_tp, group_rank, group_size,
                                        reduce_from_tp, scatter_to_tp)
-from trainer.parallel.sequence import gather_sequence_to_tp, reduce_scatter_to_sequence, sum_grad_over_tp_
+from trainer.parallel.sequence import linear_gathered_sequence, reduce_scatter_to_sequence, sum_grad_over_tp_
 from trainer.parallel.split import REPLICATED, SplitRule, declared
 
 InitMethod = Callable[[torch.Tensor], None]
@@ -99,15 +99,18 @@ class ColumnParallelLinear(nn.Module):
     def split_rules(self) -> dict[str, SplitRule]:
         return declared(self, {"weight": self.rule, "bias": self.rule})
 
-    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input every rank multiplies: x itself (its gradient summed over the group), or with sequence
-        parallelism x [b, s/p, in] gathered to [b, s, in] (its gradient reduce-scattered)."""
-        return gather_sequence_to_tp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+    def parallel_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x W^T + b on the input every rank multiplies: x itself (its gradient summed over the group), or with
+        sequence parallelism x [b, s/p, in] gathered along the sequence (its gradient reduce-scattered; only
+        this rank's tokens kept for backward) -> [b, s, out/p]."""
+        if self.sequence_parallel:
+            return linear_gathered_sequence(x, weight, bias, self.group)
+        return F.linear(copy_to_tp(x, self.group), weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] if gather_output else [..., out/p]; with sequence parallelism
         x [b, s/p, in] -> [b, s, out/p]."""
-        y = F.linear(self.parallel_input(x), self.weight, self.bias)
+        y = self.parallel_linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 

@@ -19,7 +19,7 @@ means no tensor parallelism: every verb is then the identity.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 from torch import nn
@@ -87,17 +87,6 @@ class _GatherFromSequence(torch.autograd.Function):
         return _split_sequence(grad, ctx.group), None
 
 
-class _GatherSequenceToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_sequence(grad, ctx.group), None
-
-
 class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -107,6 +96,27 @@ class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _gather_sequence(grad, ctx.group), None
+
+
+class _LinearGatheredSequence(torch.autograd.Function):
+    """y = gather_s(x) W^T + b that saves this rank's tokens x, not the gathered input: backward all-gathers x
+    again for W's gradient (Megatron's linear with sequence parallelism), so a column-parallel layer keeps
+    s/p tokens of its input for backward instead of all s."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias, group: Group) -> torch.Tensor:
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(_gather_sequence(x, group), weight, bias)  # [b, s, out/p]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        gathered = _gather_sequence(x, ctx.group)  # [b, s, in]
+        grad_x = _reduce_scatter_sequence(grad.matmul(weight), ctx.group)  # [b, s/p, in], summed over the group
+        grad_weight = grad.flatten(0, -2).t().matmul(gathered.flatten(0, -2))  # [out/p, in]
+        grad_bias = grad.flatten(0, -2).sum(dim=0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None
 
 
 # ---- public verbs -------------------------------------------------------------------------------------
@@ -123,11 +133,14 @@ def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group is None else _GatherFromSequence.apply(x, group)
 
 
-def gather_sequence_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """forward: all-gather along s, [b, s/p, h] -> [b, s, h], backward: reduce-scatter along s (the gradient
-    summed over the group, this rank's tokens kept). Enters a column-parallel layer in place of copy_to_tp:
-    each rank's gradient of the gathered input is partial (its own output columns only)."""
-    return x if group is None else _GatherSequenceToTP.apply(x, group)
+def linear_gathered_sequence(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             group: Group) -> torch.Tensor:
+    """forward: all-gather x [b, s/p, in] along s and y = x W^T + b [b, s, out/p], backward: the input's gradient
+    reduce-scattered along s (each rank's is partial: its own output columns only), x gathered again for W's gradient rather than kept
+    whole. The column-parallel layers' product under sequence parallelism."""
+    if group is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _LinearGatheredSequence.apply(x, weight, bias, group)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
