@@ -109,9 +109,10 @@ class Plan:
         layout = self.layout
         return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
-                f"parallel.recompute_interval={layout.recompute_interval}", f"optim.zero_stage={layout.zero_stage}",
-                f"optim.offload_optimizer={layout.offload_optimizer}", f"optim.offload_params={layout.offload_params}",
-                f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}"]
+                f"parallel.recompute_interval={layout.recompute_interval}",
+                f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
+                f"optim.zero_stage={layout.zero_stage}", f"optim.offload_optimizer={layout.offload_optimizer}",
+                f"optim.offload_params={layout.offload_params}"]
 
     def ranks(self) -> list[dict]:
         """Host, device, (pp, dp, tp) coordinates and blocks [first, stop) of every global rank."""
@@ -343,8 +344,8 @@ def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemor
 def _summary(plan: Plan) -> str:
     layout = plan.layout
     return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, micro-batch {layout.micro_batch}, recomputation "
-            f"{'on' if layout.recompute_interval else 'off'}, sequence parallelism "
-            f"{'on' if layout.sequence_parallel else 'off'}, {describe_zero(layout)}, "
+            f"{'on' if layout.recompute_interval else 'off'}, {'sequence parallelism, ' * layout.sequence_parallel}"
+            f"{describe_zero(layout)}, "
             f"{plan.peak.total / 1e9:.1f} GB per device")
 
 
