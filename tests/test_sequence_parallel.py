@@ -120,13 +120,16 @@ SHORT = ["train.steps=4", "optim.decay_steps=2"]
 SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
 
 
-@pytest.mark.parametrize("config_path", ["configs/glm-debug.yaml", "configs/glm-4-debug.yaml"],
-                         ids=["glm_debug_blank_infilling", "glm_4_debug_causal"])
-def test_tp2_with_sequence_parallelism_matches_single_process(tmp_path, config_path):
+@pytest.mark.parametrize("config_path, extra", [("configs/glm-debug.yaml", []),
+                                                ("configs/glm-4-debug.yaml", ["parallel.recompute_interval=1"])],
+                         ids=["glm_debug_blank_infilling", "glm_4_debug_causal_recomputed"])
+def test_tp2_with_sequence_parallelism_matches_single_process(tmp_path, config_path, extra):
     """glm-debug: packed rows in its three blank-infilling modes, learned 2D positions, LayerNorm, tied output;
-    glm-4-debug: packed causal rows, rotary, RMSNorm, SwiGLU, grouped-query attention, untied output."""
+    glm-4-debug: packed causal rows, rotary, RMSNorm, SwiGLU, grouped-query attention, untied output, and every
+    block recomputed in backward (the recomputed forward gathers the sequence again)."""
     single = _losses(tmp_path, "single", SHORT, config_path=config_path)
-    sp = _losses(tmp_path, "sp", SHORT + SP + ["train.save_interval=4"], world_size=2, config_path=config_path)
+    sp = _losses(tmp_path, "sp", SHORT + SP + extra + ["train.save_interval=4"], world_size=2,
+                 config_path=config_path)
     assert len(sp) == 5  # 4 training losses, then the validation loss at step 4
     torch.testing.assert_close(torch.tensor(sp), torch.tensor(single), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, "sp"), dtype=torch.float64),
@@ -147,12 +150,14 @@ def _decode_without_sequence_parallelism(checkpoint):
     assert evaluate([str(checkpoint), "--data", str(task), "--verbalizers", '{"yes": " sat", "no": " ran"}']) == 0
 
 
-def test_tp2_pp2_with_sequence_parallelism_matches_single_process(tmp_path):
-    """4 processes: the pipeline engine sends each tensor rank's own tokens between its stages."""
+@pytest.mark.parametrize("name, overrides", [("tp2_pp2", ["parallel.pp=2"]), ("tp2_dp2_zero2", ["optim.zero_stage=2"])])
+def test_four_process_layouts_with_sequence_parallelism_match_single_process(tmp_path, name, overrides):
+    """The pipeline engine sends each tensor rank's own tokens between its stages; ZeRO-2 reduces and partitions
+    the gradients in backward hooks of its own, after the norms' gradients were summed over tp."""
     single = _losses(tmp_path, "single", SHORT)
-    sp = _losses(tmp_path, "sp_pp2", SHORT + SP + ["parallel.pp=2"], world_size=4)
+    sp = _losses(tmp_path, name, SHORT + SP + overrides, world_size=4)
     torch.testing.assert_close(torch.tensor(sp), torch.tensor(single), rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, "sp_pp2"), dtype=torch.float64),
+    torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, name), dtype=torch.float64),
                                torch.tensor(_grad_norms(tmp_path, "single"), dtype=torch.float64), rtol=1e-6, atol=0)
 
 
