@@ -43,6 +43,9 @@ Activations and the total:
                   saves every block's tensors for backward; with recomputation every k blocks it saves
                   only each segment's input [b, s, h], and backward recomputes one segment (k blocks)
                   of one micro-batch at a time
+                  sequence parallelism (tp > 1): what a block saves outside attention and the MLP (the
+                  norms' and column-parallel layers' inputs, the norms' statistics, the residual dropout
+                  masks), the segment inputs and the embedding's dropout mask are this rank's s/tp tokens
     device      = (1 + MARGIN) * (weights + gradients + optimizer + working set + activations) + reserve
     host        = (1 + MARGIN) * offloaded states, per rank
 
@@ -144,6 +147,8 @@ class Layout(ParallelLayout):
     zero_stage: int = 1
     offload_optimizer: str = "none"
     offload_params: str = "none"
+    sequence_parallel: bool = False
+    """parallel.sequence_parallel: the activations outside attention and the MLP split over the tp ranks."""
 
 
 @dataclass(frozen=True)
@@ -229,33 +234,36 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: i
     return count
 
 
-def block_activation_bytes(work: Workload, tp: int, micro_batch: int, layer_index: int = 0) -> int:
+def block_activation_bytes(work: Workload, tp: int, micro_batch: int, layer_index: int = 0,
+                           sequence_parallel: bool = False) -> int:
     """Bytes block layer_index (0-based) saves for backward for one micro-batch (no recomputation).
 
-    With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width:
-      e s b h * 4        inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
+    With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width, and
+    r = tp with sequence parallelism (each rank keeps its s/tp tokens of these), else 1:
+      e s b h * 4 / r    inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
       e s b h * 4 / tp   q, k, v and the context entering the dense layer (this rank's heads)
       e s b f * m / tp   the MLP: GeLU input and ffn -> h input (m = 2); GeGLU: both halves, the GeLU
                          output and the product (m = 4)
       s s b              the attention mask [b, 1, s, s] (bool), built in every block
       4 e s b d          RoPE's cos and sin for q and k (d = head dim), when RoPE is on
-      16 s b             the two LayerNorms' fp32 mean and 1/std
+      16 s b / r         the two LayerNorms' fp32 mean and 1/std
       attention core     fused scaled_dot_product_attention: its output e s b h / tp and the fp32
                          log-sum-exp 4 a s b / tp (no s x s matrix); GLM-130B's FP32 softmax: the fp32
                          probabilities 4 a s s b / tp, their half-precision copy (e) and, with attention
                          dropout, its mask (m) and output (e) instead of the copy
-      s b h * 2 * m      the two residual dropout masks when hidden dropout is on (m = dropout_mask_bytes)
+      s b h * 2 * m / r  the two residual dropout masks when hidden dropout is on (m = dropout_mask_bytes)
     With model.kv_channels the query width q = n d replaces h in the attention terms (q, k, v, the context, the
     core's output). A mixture-of-experts block (moe_activation_bytes) replaces the MLP term.
     """
     model, e = work.model, work.activation_bytes
     s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
     sbh, sbq = s * b * h, s * b * model.qkv_rows[0]
+    r = tp if sequence_parallel else 1
     mlp_factor = 4 if model.gated_mlp else 2
     mask = work.dropout_mask_bytes
     mlp = moe_activation_bytes(work, tp, micro_batch) if model.is_moe_layer(layer_index) \
         else e * s * b * model.ffn_size * mlp_factor // tp
-    total = e * sbh * 4 + e * sbq * 4 // tp + mlp + s * s * b + 16 * s * b
+    total = e * sbh * 4 // r + e * sbq * 4 // tp + mlp + s * s * b + 16 * s * b // r
     if model.position_embedding != "learned_2d":
         total += 4 * e * s * b * model.head_dim
     if model.fp32_softmax_layer_scaling:
@@ -264,7 +272,7 @@ def block_activation_bytes(work: Workload, tp: int, micro_batch: int, layer_inde
     else:
         total += e * sbq // tp + 4 * a * s * b // tp
     if model.hidden_dropout > 0:
-        total += 2 * sbh * mask
+        total += 2 * sbh * mask // r
     return total
 
 
@@ -285,18 +293,22 @@ def moe_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
     return router + routed + 4 * e * tokens * model.moe_shared_experts * f // tp
 
 
-def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int) -> int:
+def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int,
+                           sequence_parallel: bool = False) -> int:
     """Activations outside the blocks: on the first stage the three int64 id tensors [b, s] of the
     embedding lookups and its dropout mask; on the last the final LayerNorm's input and output, the
-    logits [b, s, V/tp] (kept as the stage output) and their fp32 exponentials in the loss."""
+    logits [b, s, V/tp] (kept as the stage output) and their fp32 exponentials in the loss. With sequence
+    parallelism the dropout mask and the final LayerNorm's input are this rank's s/tp tokens (its output is
+    gathered whole for the output head)."""
     model, e = work.model, work.activation_bytes
     s, b, h = work.seq_length, micro_batch, model.hidden_size
+    r = tp if sequence_parallel else 1
     total = 0
     if stage == 0:
-        total += 3 * 8 * s * b + (s * b * h * work.dropout_mask_bytes if model.hidden_dropout > 0 else 0)
+        total += 3 * 8 * s * b + (s * b * h * work.dropout_mask_bytes // r if model.hidden_dropout > 0 else 0)
     if stage == pp - 1:
         vocab = model.padded_vocab_size(tp) // tp
-        total += 2 * e * s * b * h + (e + 4) * s * b * vocab
+        total += e * s * b * h // r + e * s * b * h + (e + 4) * s * b * vocab
         # each MTP layer: the next-token embedding, the norms' inputs and eh_proj's [b, s, 2h] input, its own
         # final norm's input and output, and its logits with their fp32 exponentials (its block: stage_layers)
         total += model.mtp_layers * (6 * e * s * b * h + (e + 4) * s * b * vocab)
@@ -377,11 +389,13 @@ def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> Sta
     params = stage_parameters(model, tp, pp, stage, blocks, ep)
     states = state_bytes(work, layout, params, persistent_parameters(model, tp, pp, stage, blocks),
                          largest_tensor(model, tp, pp, stage, ep), stage_expert_parameters(model, tp, pp, stage, ep))
-    per_block = [block_activation_bytes(work, tp, layout.micro_batch, i) for i in stage_layers(model, pp, stage)]
-    ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch)
+    sp = layout.sequence_parallel
+    per_block = [block_activation_bytes(work, tp, layout.micro_batch, i, sp) for i in stage_layers(model, pp, stage)]
+    ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch, sp)
     k = layout.recompute_interval
     if k > 0:
         segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * model.hidden_size
+        segment_input //= tp if sp else 1  # this rank's tokens
         saved = math.ceil(len(per_block) / k) * segment_input + ends
         recompute = sum(sorted(per_block)[-k:])  # the costliest segment (MoE blocks save more than dense ones)
     else:

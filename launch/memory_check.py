@@ -1,7 +1,7 @@
 """glm-memory-check: the planner's memory estimate against the peak resident memory of a DeepSpeed ZeRO run.
 
     python -m launch.memory_check --config configs/glm-debug.yaml --world 2 --zero-stage 3 \
-        [--steps 3] [--set model.hidden_size=1024 ...]
+        [--steps 3] [--tp 2 [--sequence-parallel]] [--set model.hidden_size=1024 ...]
 
 Spawns `world` CPU processes on gloo. Each builds the trainer's own engine for the config
 (trainer/engine/build.py: DeepSpeed's plain engine at pp = 1, ZeRO-3 under zero.Init) at the asked ZeRO stage,
@@ -73,7 +73,7 @@ def _rank(rank: int, world: int, port: int, config: Config, steps: int, results:
     from trainer.parallel.topology import Topology
 
     init_distributed()
-    topology = Topology.create(1, 1)
+    topology = Topology.create(config.parallel.tp, 1)
     model_parallel_seed(config.train.seed, topology)
     baseline = resident_bytes("VmRSS")
     steps_of = build_engine(config, topology, world).steps
@@ -116,10 +116,10 @@ def measure(config: Config, world: int, steps: int) -> list[dict]:
 
 
 def estimate(config: Config, world: int) -> dict:
-    """launch/memory.py's estimate of one CPU rank of this run (dp = world)."""
+    """launch/memory.py's estimate of one CPU rank of this run (dp = world / tp)."""
     p, o = config.parallel, config.optim
-    layout = Layout(1, 1, world, p.micro_batch_size, config.grad_accum_steps(world), p.recompute_interval,
-                    o.zero_stage, o.offload_optimizer, o.offload_params)
+    layout = Layout(p.tp, 1, world // p.tp, p.micro_batch_size, config.grad_accum_steps(world), p.recompute_interval,
+                    o.zero_stage, o.offload_optimizer, o.offload_params, sequence_parallel=p.sequence_parallel)
     return stage_memory(Workload.from_config(config, on_cpu=True), layout, 0, config.model.num_layers).to_dict()
 
 
@@ -130,14 +130,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--world", type=int, default=2, help="CPU processes (data-parallel ranks; default 2)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps measured (default 3)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1; dp = world / tp)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="parallel.sequence_parallel (tp > 1)")
     return parser.parse_args(argv)
 
 
 @exits_on_error
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config, args.overrides + [f"optim.zero_stage={args.zero_stage}", "parallel.tp=1",
-                                                        "parallel.pp=1", "train.precision=fp32"])
+    config = load_config(args.config, args.overrides + [
+        f"optim.zero_stage={args.zero_stage}", f"parallel.tp={args.tp}", "parallel.pp=1", "train.precision=fp32",
+        f"parallel.sequence_parallel={str(args.sequence_parallel).lower()}"])
     if config.model.vocab_size <= 0 or args.world < 1 or args.steps < 1:
         raise ConfigError("the memory check needs model.vocab_size > 0 (set it with --set), --world >= 1 and "
                           "--steps >= 1")
@@ -145,7 +148,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = measure(config, args.world, args.steps)
     predicted = estimate(config, args.world)
     peak = max(row["peak"] for row in rows)
-    print(json.dumps({"world": args.world, "zero_stage": args.zero_stage, "ranks": rows,
+    print(json.dumps({"world": args.world, "tp": args.tp, "sequence_parallel": args.sequence_parallel,
+                      "zero_stage": args.zero_stage, "ranks": rows,
                       "measured_peak_bytes": peak, "estimate": predicted,
                       "error": round((predicted["total"] - peak) / peak, 4)}, indent=1))
     return 0

@@ -56,6 +56,7 @@ class Fixed:
     zero_stage: Optional[int] = None
     offload_optimizer: Optional[str] = None
     offload_params: Optional[str] = None
+    sequence_parallel: Optional[bool] = None
 
     def allows(self, zero: Zero) -> bool:
         return all(fixed in (None, chosen) for fixed, chosen in
@@ -115,8 +116,10 @@ class Plan:
         layout = self.layout
         return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
-                f"parallel.recompute_interval={layout.recompute_interval}", f"optim.zero_stage={layout.zero_stage}",
-                f"optim.offload_optimizer={layout.offload_optimizer}", f"optim.offload_params={layout.offload_params}"]
+                f"parallel.recompute_interval={layout.recompute_interval}",
+                f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
+                f"optim.zero_stage={layout.zero_stage}", f"optim.offload_optimizer={layout.offload_optimizer}",
+                f"optim.offload_params={layout.offload_params}"]
 
     def ranks(self) -> list[dict]:
         """Host, device, (pp, dp, tp) and (ep, edp) coordinates and blocks [first, stop) of every global rank."""
@@ -136,6 +139,7 @@ class Plan:
         return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep, "world_size": layout.world_size,
                 "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "global_batch": self.global_batch, "recompute_interval": layout.recompute_interval,
+                "sequence_parallel": layout.sequence_parallel,
                 "zero_stage": layout.zero_stage, "offload_optimizer": layout.offload_optimizer,
                 "offload_params": layout.offload_params,
                 "pipeline_bubble": round(bubble(layout), 4), "blocks_per_stage": self.blocks,
@@ -157,6 +161,13 @@ def estimate(work: Workload, layout: Layout) -> list[StageMemory]:
     """The memory estimate of every pipeline stage of a layout."""
     blocks = blocks_per_stage(work.model.num_layers, layout.pp)
     return [stage_memory(work, layout, stage, count) for stage, count in enumerate(blocks)]
+
+
+def sequence_parallel(work: Workload, fixed: Fixed, tp: int) -> bool:
+    """Sequence parallelism wherever tp > 1 allows it (it divides the activations outside attention and the MLP by
+    tp at the communication volume of tensor parallelism), unless the user fixed it (off, or where allowed on)."""
+    allowed = tp > 1 and work.seq_length % tp == 0 and not work.model.moe_num_experts  # MoE: config refuses sp
+    return allowed and fixed.sequence_parallel in (None, True)
 
 
 def _fits(work: Workload, layout: Layout, cluster: Cluster, host: HostMemory) -> bool:
@@ -246,7 +257,8 @@ def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory,
                         continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
                     if stage == 3 and ep > 1:
                         continue  # ZeRO-3 would partition each expert over ranks that hold other experts
-                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, ep=ep)
+                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, ep=ep,
+                                    sequence_parallel=sequence_parallel(work, fixed, tp))
                     chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
                     if chosen is not None:
                         return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
@@ -286,8 +298,9 @@ def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fix
     frugal = [(fixed.pp or work.model.num_layers, (1, "none", "none"))]
     frugal += [(1, (3, offload, offload)), (1, (3, "none", "none"))] if fixed.pp in (None, 1) else []
     ep = (fixed.ep or math.gcd(work.model.moe_num_experts, global_batch)) if work.model.moe_num_experts else 1
+    sp = sequence_parallel(work, fixed, tp)
     totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero,
-                                                                 ep=1 if zero[0] == 3 else ep)))
+                                                                 ep=1 if zero[0] == 3 else ep, sequence_parallel=sp)))
               for pp, zero in frugal if fixed.allows(zero)]
     return min(totals, default=0)
 
@@ -377,7 +390,8 @@ def _summary(plan: Plan) -> str:
     layout = plan.layout
     experts = f"ep {layout.ep}, " if layout.ep > 1 else ""
     return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, {experts}micro-batch {layout.micro_batch}, "
-            f"recomputation {'on' if layout.recompute_interval else 'off'}, {describe_zero(layout)}, "
+            f"recomputation {'on' if layout.recompute_interval else 'off'}, "
+            f"{'sequence parallelism, ' * layout.sequence_parallel}{describe_zero(layout)}, "
             f"{plan.peak.total / 1e9:.1f} GB per device")
 
 
@@ -385,6 +399,8 @@ def plan_layout(config: Config, cluster: Cluster, host: HostMemory, fixed: Fixed
     """Choose what `fixed` leaves open, validate what it fixes; ConfigError when nothing fits."""
     work = Workload.from_config(config, on_cpu=cluster.kind == "cpu")
     _check_fixed(work, cluster, fixed)
+    if fixed.sequence_parallel is None and (config.train.eval_tasks or config.model.moe_num_experts):
+        fixed = dataclasses.replace(fixed, sequence_parallel=False)  # what config.py refuses sequence parallelism with
     batches, nvme, yaml_micro = Batches.of(config), bool(config.optim.nvme_path), config.parallel.micro_batch_size
     plan = search(work, cluster, batches, host, fixed, nvme, yaml_micro)
     if plan is None:

@@ -72,15 +72,17 @@ def test_glm_130b_published_layout_fits_the_memory_model():
 
 
 def test_glm_130b_on_one_node_is_refused_with_the_smallest_gpu_count():
-    """Without host memory for offload, devices alone: 72 GPUs of 40 GB (a pipeline of 9 stages)."""
+    """Without host memory for offload, devices alone: 64 GPUs of 40 GB (a pipeline of 8 stages; 72 and 9 stages
+    without sequence parallelism, which the planner turns on with tp)."""
     config = load_config("configs/glm-130b.yaml")
-    with pytest.raises(ConfigError, match=r"more than the 1\.0 GB there \(--host-memory\): .* or 72 devices "
-                                          r"\(tp 8, pp 9, dp 1, micro-batch 1, recomputation on, ZeRO-1, "):
+    with pytest.raises(ConfigError, match=r"more than the 1\.0 GB there \(--host-memory\): .* or 64 devices "
+                                          r"\(tp 8, pp 8, dp 1, micro-batch 2, recomputation on, sequence "
+                                          r"parallelism, ZeRO-1, "):
         plan_layout(config, nodes(1, 8, 40), NO_HOST)
-    # ... and 72 GPUs do fit, 64 do not.
-    assert plan_layout(config, nodes(9, 8, 40), NO_HOST).layout.world_size == 72
-    with pytest.raises(ConfigError, match=r"or 72 devices \(tp 8, pp 9"):
-        plan_layout(config, nodes(8, 8, 40), NO_HOST)
+    # ... and 64 GPUs do fit, 56 do not.
+    assert plan_layout(config, nodes(8, 8, 40), NO_HOST).layout.world_size == 64
+    with pytest.raises(ConfigError, match=r"is 64 devices \(tp 8, pp 8"):
+        plan_layout(config, nodes(7, 8, 40), NO_HOST)
 
 
 def test_glm_130b_on_one_node_needs_more_host_memory_than_a_node_has():

@@ -50,6 +50,13 @@ class ParallelConfig:
     recompute_interval: int = 0
     """Activation recomputation (what DeepSpeed and Megatron call activation checkpointing): keep only the input
     of every this many blocks and recompute the rest in backward (0 = off)."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism, with tp > 1: outside attention and the MLP (the embedding output, norms,
+    dropout, residual adds) each tensor rank holds data.seq_length / tp tokens of every row instead of all of
+    them, which divides those activations by tp at the same communication volume (all-gather before the
+    column-parallel layers, reduce-scatter after the row-parallel ones: docs/TRAINING.md). data.seq_length must
+    be divisible by tp. Training only: glm-generate and glm-eval decode without it. glm-launch turns it on
+    wherever its plan has tp > 1."""
 
     def layout(self, world_size: int) -> Layout:
         """The run's layout on world_size ranks (dp = world_size / (pp * cp * tp) and the ep rule: trainer/parallel/
@@ -240,6 +247,7 @@ class Config:
         if not (math.isfinite(t.collective_timeout_minutes) and 0 < t.collective_timeout_minutes <= MAX_TIMEOUT_MINUTES):
             raise ConfigError(f"train.collective_timeout_minutes must be a finite number in (0, {MAX_TIMEOUT_MINUTES}] "
                               f"(a year), got {t.collective_timeout_minutes}")
+        self._validate_sequence_parallel()
         self._validate_zero()
         self._validate_expert_parallel()
         self._validate_optim()
@@ -249,6 +257,27 @@ class Config:
             self.grad_accum_steps(world_size)
             self.check_batch_size_warmup(world_size)
         p.refuse_unimplemented_axes()
+
+    def _validate_sequence_parallel(self) -> None:
+        """parallel.sequence_parallel splits each row's tokens over the tensor-parallel ranks."""
+        p = self.parallel
+        if not p.sequence_parallel:
+            return
+        if p.tp < 2:
+            raise ConfigError(f"parallel.sequence_parallel=true needs tensor parallelism (it splits the sequence over "
+                              f"the tensor-parallel ranks), got parallel.tp={p.tp}: set parallel.tp > 1 or "
+                              f"parallel.sequence_parallel=false")
+        if self.data.seq_length % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel=true splits each row over the tensor-parallel ranks: "
+                              f"data.seq_length={self.data.seq_length} is not divisible by parallel.tp={p.tp}; "
+                              f"choose a data.seq_length that is a multiple of {p.tp}")
+        if self.train.eval_tasks:
+            raise ConfigError("train.eval_tasks scores requests of any length on the live model, which "
+                              "parallel.sequence_parallel=true splits over the tensor ranks: evaluate the checkpoints "
+                              "with glm-eval --harness, or set parallel.sequence_parallel=false")
+        if self.model.moe_num_experts:
+            raise ConfigError("parallel.sequence_parallel=true with model.moe_num_experts > 0: the mixture-of-experts "
+                              "layer does not take sequence-parallel tokens yet; set parallel.sequence_parallel=false")
 
     def _validate_zero(self) -> None:
         """ZeRO stage and offload against the layout (pipeline engine: ZeRO <= 1)."""

@@ -42,16 +42,18 @@ def build_module(config: Config, topology: Topology, ds_config: dict) -> torch.n
     """GLMTrainModel (pp = 1; under ZeRO-3 built inside deepspeed.zero.Init, so each weight is partitioned as
     soon as its layer exists and the whole model is never on one device) or GLMPipeline."""
     seed, interval = config.train.seed, config.parallel.recompute_interval
+    sp = config.parallel.sequence_parallel
     if topology.pp > 1:
-        return GLMPipeline(config.model, topology, seed, recompute_interval=interval, recompute=recompute)
+        return GLMPipeline(config.model, topology, seed, recompute_interval=interval, recompute=recompute,
+                           sequence_parallel=sp)
     if ds_config["zero_optimization"]["stage"] != 3:
-        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group)
+        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group, sp)
     # Partitioned over the data-parallel ranks only: without data_parallel_group zero.Init partitions over the
     # whole world, so at tp > 1 a gathered weight would be pieced together from different tensor ranks' shards.
     mpu = DeepSpeedMPU(topology)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu,
                              data_parallel_group=mpu.get_data_parallel_group(), **zero_init_arguments(config)):
-        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group)
+        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group, sp)
     # ZeRO-3 gathers a weight only inside the forward of the module that owns it; the loss computes the logits
     # with the output weight (the word embedding when tied), which another module owns.
     deepspeed.zero.register_external_parameter(module.loss_fn, module.output_weight)

@@ -142,4 +142,9 @@ def build_ds_config(config: Config, world_size: int) -> dict:
         ds["data_types"] = {"grad_accum_dtype": accumulation}
     if config.train.deepspeed_config:
         ds = _merge(ds, read_user_config(config.train.deepspeed_config))
+    if parallel.sequence_parallel:
+        # The pipeline engine would split the activation it sends between stages over the tensor ranks and
+        # reassemble it on the next stage, taking it to be the same on every rank; sequence-parallel hidden states
+        # are each rank's own tokens (already 1/tp of the row), so they travel whole: set after a user's JSON.
+        ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     return ds

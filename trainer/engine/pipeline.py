@@ -7,7 +7,9 @@ hands the loss (hidden, output weight), as the single-process GLMModel does (tra
 
 Between stages travel only (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], segments
 [b, 2, s]): each stage rebuilds the attention mask from `segments` (trainer/model/mask.py), never a dense
-[s, s] mask. Layer indices in the
+[s, s] mask. With sequence parallelism hidden is each tensor rank's own tokens [b, s/tp, h], so DeepSpeed's
+partitioning of the first activation over the tensor ranks (which takes it to be the same on every rank) is
+turned off (engine/ds_config.py): the stages send s/tp tokens per rank either way. Layer indices in the
 list are global, so DeepSpeed's per-layer checkpoint files (layer_XX-model_states.pt) name the same
 weights under every pipeline split.
 """
@@ -35,10 +37,11 @@ def layer_spec(piece: Piece):
                          tied_weight_attr=piece.tie.weight)
 
 
-def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list:
+def build_layer_specs(model: ModelConfig, topology: Topology, seed: int, sequence_parallel: bool = False) -> list:
     """The flat layer list of the GLM pipeline, glm_pieces in order (global indices: 0 embedding, 1..N blocks,
     N+1 norm, N+2 output head)."""
-    return [layer_spec(piece) for piece in glm_pieces(model, topology.tp_group, seed, topology.ep_group)]
+    return [layer_spec(piece) for piece in glm_pieces(model, topology.tp_group, seed, topology.ep_group,
+                                                      sequence_parallel)]
 
 
 def recomputed_layers(model: ModelConfig) -> list[str]:
@@ -53,10 +56,10 @@ class GLMPipeline(BoundedPipelineModule):
     embedding and the output layer in place of a block (trainer/engine/partition.py)."""
 
     def __init__(self, model: ModelConfig, topology: Topology, seed: int,
-                 recompute_interval: int = 0, recompute: Optional[Callable] = None):
+                 recompute_interval: int = 0, recompute: Optional[Callable] = None, sequence_parallel: bool = False):
         self._num_blocks = model.num_layers
         kwargs = {"activation_checkpoint_func": recompute} if recompute else {}  # DeepSpeed's names
-        super().__init__(layers=build_layer_specs(model, topology, seed),
+        super().__init__(layers=build_layer_specs(model, topology, seed, sequence_parallel),
                          topology=pipe_topology(topology.layout),
                          loss_fn=GLMLoss(model, topology.tp_group),
                          activation_checkpoint_interval=recompute_interval,

@@ -138,9 +138,10 @@ class QueryKeyValue(ColumnParallelLinear):
     its query heads share: [q_r; K_j; V_j]. The weights are read only in this module's own forward, where
     ZeRO-3 has gathered them."""
 
-    def __init__(self, config: ModelConfig, tp_group, init_method: Callable[[torch.Tensor], None]):
+    def __init__(self, config: ModelConfig, tp_group, init_method: Callable[[torch.Tensor], None],
+                 sequence_parallel: bool = False):
         super().__init__(config.hidden_size, sum(config.qkv_rows), group=tp_group, bias=config.add_qkv_bias,
-                         init_method=init_method, parts=config.qkv_rows)
+                         init_method=init_method, parts=config.qkv_rows, sequence_parallel=sequence_parallel)
         tp = group_size(tp_group)
         self.replicated_kv = config.replicates_kv_heads(tp)
         self.q_rows = config.qkv_rows[0] // tp
@@ -158,7 +159,8 @@ class QueryKeyValue(ColumnParallelLinear):
             kv = kv.unflatten(0, (tp, 2, -1)).transpose(0, 1).flatten(1, 2)  # [2, g d, ...]: whole K, whole V
             rows = [local[:self.q_rows], kv[0, self.kv_used], kv[1, self.kv_used]]
             parts.append(torch.cat(rows))  # [(n/tp + 2) d, ...]: q_r, K_j, V_j
-        return F.linear(copy_to_tp(x, self.group), *parts)  # the input's gradient summed, as super().forward's
+        weight, bias = parts if len(parts) == 2 else (parts[0], None)
+        return self.parallel_linear(x, weight, bias)  # the input's gradient summed, as super().forward's
 
 
 class HeadNorm(nn.Module):
@@ -186,7 +188,8 @@ class SelfAttention(nn.Module):
     rank computes num_attention_heads / tp whole heads and the row-parallel dense layer sums their
     contributions."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0,
+                 sequence_parallel: bool = False):
         super().__init__()
         h, n = config.hidden_size, config.num_layers
         tp = group_size(tp_group)
@@ -207,8 +210,10 @@ class SelfAttention(nn.Module):
             dense_std = config.init_std / math.sqrt(2 * n)
         name = f"layers.{layer_number - 1}.attention"
         self.query_key_value = QueryKeyValue(
-            config, tp_group, fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, config.qkv_rows))
+            config, tp_group, fused_normal_init(seed, f"{name}.query_key_value", qkv_stds, config.qkv_rows),
+            sequence_parallel)
         self.dense = RowParallelLinear(q_rows, h, group=tp_group, bias=config.add_bias_linear,
+                                       sequence_parallel=sequence_parallel,
                                        init_method=normal_init(seed, f"{name}.dense", dense_std))
         if config.qk_norm:
             self.q_norm, self.k_norm = HeadNorm(config, tp_group), HeadNorm(config, tp_group)
@@ -217,11 +222,13 @@ class SelfAttention(nn.Module):
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         """hidden [b, s, h], the micro-batch's RoPE tables (trainer/model/rotary.py: position_rotations_of),
         mask in the form kernel_mask gives -> [b, s, h]. With a kv_cache, hidden holds only the new positions
-        and the mask (dense) counts the cached ones too in s_k."""
-        b, s, _ = hidden.shape
+        and the mask (dense) counts the cached ones too in s_k. Sequence-parallel: hidden and the output are
+        this rank's tokens [b, s/tp, h] (query_key_value gathers the sequence, dense reduce-scatters it)."""
         d = self.config.head_dim
         heads = (self.local_heads, self.local_kv_heads, self.local_kv_heads)
-        qkv = self.query_key_value(hidden).view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
+        qkv = self.query_key_value(hidden)  # [b, s, (n/tp + 2 g_r) d], every token of the row
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, sum(heads), d)  # [b, s, n/tp + 2 g_r, d]
         q, k, v = qkv.split(heads, dim=2)  # [b, s, n/tp, d], [b, s, g_r, d] twice; g_r = g/tp, or 1 if replicated
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)

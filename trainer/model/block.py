@@ -13,6 +13,10 @@ blocks where config.is_moe_layer(i) the mixture of experts GLMMoE (trainer/model
 The block's math (`layer`) takes the micro-batch's RoPE tables and its mask in the attention kernel's form, both
 built in `forward` from the caches shared by the blocks of a micro-batch; `compile_layer` compiles `layer` alone
 (torchtitan's per-block torch.compile), so those Python caches stay outside the compiled region.
+
+With sequence parallelism (trainer/parallel/sequence.py) the block holds this tensor rank's tokens [b, s/tp, h]
+outside attention and the MLP: the norms, dropout (on the rank's own RNG stream) and residual adds run on them,
+and the norms' gains and biases have their gradients summed over the tensor-parallel group.
 """
 from __future__ import annotations
 
@@ -29,22 +33,34 @@ from trainer.model.mlp import GLMMLP
 from trainer.model.moe import GLMMoE
 from trainer.model.norm import Norm
 from trainer.model.rotary import Rotations, position_rotations_of
+from trainer.parallel.sequence import region_rng, sum_grad_over_tp_
 
 
 class GLMBlock(nn.Module):
     """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.deepnorm_alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
         self.input_layernorm = Norm(config)
-        self.attention = SelfAttention(config, layer_number, tp_group, seed)
+        self.attention = SelfAttention(config, layer_number, tp_group, seed, sequence_parallel)
         self.post_attention_layernorm = Norm(config)
-        moe = config.is_moe_layer(layer_number - 1)
-        self.mlp = GLMMoE(config, layer_number, tp_group, seed, ep_group) if moe else GLMMLP(config, layer_number,
-                                                                                            tp_group, seed)
+        if config.is_moe_layer(layer_number - 1):
+            self.mlp = GLMMoE(config, layer_number, tp_group, seed, ep_group, sequence_parallel)
+        else:
+            self.mlp = GLMMLP(config, layer_number, tp_group, seed, sequence_parallel)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel:
+            for norm in (self.input_layernorm, self.post_attention_layernorm):
+                for param in norm.parameters():
+                    sum_grad_over_tp_(param, tp_group)
         self._compiled_layer: Optional[Callable] = None  # compile_layer
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        with region_rng(self.sequence_parallel and self.training and self.dropout.p > 0):
+            return self.dropout(x)
 
     def residual(self, hidden: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The block around `attend` (normalised input [b, s, h] -> attention output [b, s, h]):
@@ -52,12 +68,12 @@ class GLMBlock(nn.Module):
         DeepNorm with GLM-130B's placement  a = LN_in(x); m = LN_post(alpha a + Attn(a)); x = alpha m + MLP(m)
         (the closing LayerNorm of the second sublayer is the next block's input_layernorm)."""
         if self.deepnorm_alpha is None:
-            hidden = hidden + self.dropout(attend(self.input_layernorm(hidden)))
-            return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
+            hidden = hidden + self._dropout(attend(self.input_layernorm(hidden)))
+            return hidden + self._dropout(self.mlp(self.post_attention_layernorm(hidden)))
         alpha = self.deepnorm_alpha
         attention_input = self.input_layernorm(hidden)
-        mlp_input = self.post_attention_layernorm(alpha * attention_input + self.dropout(attend(attention_input)))
-        return alpha * mlp_input + self.dropout(self.mlp(mlp_input))
+        mlp_input = self.post_attention_layernorm(alpha * attention_input + self._dropout(attend(attention_input)))
+        return alpha * mlp_input + self._dropout(self.mlp(mlp_input))
 
     def layer(self, hidden: torch.Tensor, rotations: Rotations, mask: AttentionMask,
               kv_cache: Optional[KVCache] = None) -> torch.Tensor:

@@ -3,6 +3,9 @@ stages; the logits are made in trainer/model/output.py).
 
     x = E_word[input_ids] (+ E_pos[position_ids] + E_block[block_position_ids] for learned_2d)
     x = x * a + x.detach() * (1 - a)            (embedding-gradient shrink, GLM-130B a = 0.1)
+With sequence parallelism (trainer/parallel/sequence.py) x leaves as this tensor rank's tokens [b, s/tp, h]: the
+word embedding reduce-scatters its partial lookups and the position tables, looked up on the whole row, keep this
+rank's tokens (so their gradients are whole on every rank).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.init import normal_init
 from trainer.parallel.layers import VocabParallelEmbedding
+from trainer.parallel.sequence import region_rng, scatter_to_sequence
 from trainer.parallel.split import REPLICATED, SplitRule
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -36,18 +40,23 @@ def _position_table(rows: int, width: int, init) -> nn.Embedding:
 class GLMEmbedding(nn.Module):
     """The first pipeline piece (forward) and, when the output layer is tied, its weight (output_weight).
     with_positions=False builds the word embedding alone: the copy on the last pipeline stage only
-    serves the output layer, so it carries no position tables."""
+    serves the output layer, so it carries no position tables. sequence_parallel: the hidden states leave split
+    along the sequence, and the output head (head_outputs) gathers them back."""
 
-    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, with_positions: bool = True):
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, with_positions: bool = True,
+                 sequence_parallel: bool = False):
         super().__init__()
         if config.vocab_size <= 0:
             raise ConfigError("model.vocab_size is 0 when building the model: set it, or let the trainer take "
                               "it from the tokenizer before the model is built")
         h = config.hidden_size
         self.shrink_alpha = config.embedding_shrink_alpha
+        self.sequence_parallel = sequence_parallel
+        self.sequence_group = tp_group if sequence_parallel else None
+        """The group the hidden states are split over along the sequence (None: whole on every rank)."""
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, h, group=tp_group, pad_multiple=config.vocab_pad_multiple,
-            init_method=normal_init(seed, "word_embeddings", config.init_std))
+            init_method=normal_init(seed, "word_embeddings", config.init_std), sequence_parallel=sequence_parallel)
         self.learned_positions = with_positions and config.position_embedding == "learned_2d"
         if self.learned_positions:
             rows = config.max_sequence_length
@@ -65,12 +74,14 @@ class GLMEmbedding(nn.Module):
     def forward(self, inputs: Activations) -> Activations:
         """(input_ids, position_ids, block_position_ids, segments) -> (hidden [b, s, h], the same ids, segments)."""
         input_ids, position_ids, block_position_ids, segments = inputs
-        hidden = self.word_embeddings(input_ids)  # [b, s, h]
+        hidden = self.word_embeddings(input_ids)  # [b, s, h], or [b, s/tp, h] sequence-parallel
         if self.learned_positions:
-            hidden = (hidden + self.position_embeddings(position_ids)
-                      + self.block_position_embeddings(block_position_ids))
+            hidden = (hidden + scatter_to_sequence(self.position_embeddings(position_ids), self.sequence_group)
+                      + scatter_to_sequence(self.block_position_embeddings(block_position_ids), self.sequence_group))
         hidden = shrink_embedding_gradient(hidden, self.shrink_alpha)
-        return self.dropout(hidden), position_ids, block_position_ids, segments
+        with region_rng(self.sequence_parallel and self.training and self.dropout.p > 0):
+            hidden = self.dropout(hidden)
+        return hidden, position_ids, block_position_ids, segments
 
     @property
     def output_weight(self) -> torch.Tensor:

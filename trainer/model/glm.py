@@ -25,6 +25,7 @@ from trainer.model.mtp import MTP_PREFIX, MTPLayer, MTPOutputs, embed_next_token
 from trainer.model.norm import Norm
 from trainer.model.output import OutputLayer, head_outputs, vocab_parallel_logits
 from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from trainer.parallel.sequence import sum_grad_over_tp_
 
 BLOCK = "block"
 """The role of a transformer block piece: run in a group of consecutive blocks (KV caches, recomputation)."""
@@ -33,7 +34,14 @@ MTP = "mtp"
 
 
 class FinalLayerNorm(Norm):
-    """The normalisation after the last block (config.normalization): activations tuple -> LN(hidden) [b, s, h]."""
+    """The normalisation after the last block (config.normalization): activations tuple -> LN(hidden) [b, s, h]
+    (sequence-parallel: this tensor rank's tokens [b, s/tp, h], the gain's and bias' gradients summed over tp)."""
+
+    def __init__(self, config: ModelConfig, tp_group=None, sequence_parallel: bool = False):
+        super().__init__(config)
+        if sequence_parallel:
+            for param in self.parameters():
+                sum_grad_over_tp_(param, tp_group)
 
     def forward(self, inputs: Activations) -> torch.Tensor:
         return super().forward(inputs[0])
@@ -67,38 +75,42 @@ class Piece:
 WORD_EMBEDDING = Tie("embed", "word_embeddings.weight")
 
 
-def output_head(config: ModelConfig, tp_group=None, seed: int = 0) -> Piece:
+def output_head(config: ModelConfig, tp_group=None, seed: int = 0, sequence_parallel: bool = False) -> Piece:
     """The output head: the word embedding again (tied; where it is a copy of its own, on the last pipeline
     stage, it carries no position tables) or an OutputLayer. Either hands on (final hidden, output weight)."""
     if config.tie_word_embeddings:
-        return Piece("embedding", GLMEmbedding, (config, tp_group, seed, False), "head", tie=WORD_EMBEDDING,
-                     forward_fn=head_outputs)
-    return Piece("output_layer", OutputLayer, (config, tp_group, seed), "head")
+        return Piece("embedding", GLMEmbedding, (config, tp_group, seed, False, sequence_parallel), "head",
+                     tie=WORD_EMBEDDING, forward_fn=head_outputs)
+    return Piece("output_layer", OutputLayer, (config, tp_group, seed, sequence_parallel), "head")
 
 
-def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None) -> list[Piece]:
+def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
+               sequence_parallel: bool = False) -> list[Piece]:
     """The GLM as the flat, ordered list of its pieces (the pipeline's global layer indices: 0 embedding,
     1..N blocks, N+1 final norm, N+2 output head; with model.mtp_layers = 1: N+2 the tied embedding of token t+1,
     N+3 the MTP layer, N+4 the output head); the MoE blocks' routed experts (the MTP layer's too) split over
-    ep_group."""
-    pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed), "embedding", tie=WORD_EMBEDDING)]
+    ep_group. sequence_parallel (parallel.sequence_parallel, with a tensor-parallel group): the hidden states
+    between the embedding and the output head are split along the sequence over the group
+    (trainer/parallel/sequence.py); training only: decoding builds the model without it."""
+    sp = sequence_parallel
+    pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed, True, sp), "embedding", tie=WORD_EMBEDDING)]
     # A mixture-of-experts block is a GLMBlock whose MLP is GLMMoE (config.is_moe_layer): no piece of its own.
-    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, ep_group), BLOCK)
-               for number in range(1, config.num_layers + 1)]
+    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, ep_group, sp),
+                     BLOCK) for number in range(1, config.num_layers + 1)]
     if not config.mtp_layers:
-        pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm"))
-        return pieces + [output_head(config, tp_group, seed)]
+        pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config, tp_group, sp), "final_norm"))
+        return pieces + [output_head(config, tp_group, seed, sp)]
     # Multi-token prediction (trainer/model/mtp.py), before the output head it shares: the token ids ride past the
     # blocks, the final norm keeps the activations, the word embedding (tied) embeds token t+1, the MTP layer hands
     # the head MTPOutputs (training) or the final hidden (eval).
     pieces[0] = dataclasses.replace(pieces[0], forward_fn=_embed_keeping_ids)
-    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm",
+    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config, tp_group, sp), "final_norm",
                         forward_fn=_norm_keeping_activations))
-    pieces.append(Piece("embedding", GLMEmbedding, (config, tp_group, seed, False), MTP, tie=WORD_EMBEDDING,
+    pieces.append(Piece("embedding", GLMEmbedding, (config, tp_group, seed, False, sp), MTP, tie=WORD_EMBEDDING,
                         forward_fn=embed_next_tokens))
-    pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed, ep_group), MTP)
+    pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed, ep_group, sp), MTP)
                for depth in range(1, config.mtp_layers + 1)]
-    return pieces + [output_head(config, tp_group, seed)]
+    return pieces + [output_head(config, tp_group, seed, sp)]
 
 
 def _embed_keeping_ids(embedding: GLMEmbedding, inputs: Activations) -> tuple:
@@ -201,12 +213,14 @@ class GLMModel(nn.Module):
     embedding.word_embeddings, embedding.{block_,}position_embeddings, transformer.layers.{i}.*,
     transformer.final_layernorm, and output_layer.weight when the output layer is untied."""
 
-    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None):
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
         shared: dict[str, nn.Module] = {}
         sequence = []
-        for piece in glm_pieces(config, tp_group, seed, ep_group):
+        for piece in glm_pieces(config, tp_group, seed, ep_group, sequence_parallel):
             if piece.tie is not None and piece.tie.key in shared:
                 sequence.append((piece, shared[piece.tie.key]))  # the tied head is the embedding module
                 continue
@@ -244,7 +258,11 @@ class GLMModel(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The pieces in order: (input_ids, position_ids, block_position_ids [b, s], segments [b, 2, s]) ->
         (final hidden [b, s, h], output weight [V_pad / tp, h]), what the head hands to the logits or the loss.
-        With kv_caches (self.kv_caches()) the inputs hold only the new positions (KV-cached decoding)."""
+        With kv_caches (self.kv_caches()) the inputs hold only the new positions (KV-cached decoding), which a
+        sequence-parallel model does not serve (decoding builds the model without it)."""
+        if kv_caches is not None and self.sequence_parallel:
+            raise ValueError("KV-cached decoding runs without sequence parallelism: build the model with "
+                             "sequence_parallel=False")
         x, caches = inputs, iter(kv_caches) if kv_caches is not None else None
         for is_block, run in groupby(self._sequence, key=lambda item: item[0].role == BLOCK):
             run = list(run)

@@ -45,7 +45,8 @@ ACTIVATIONS = {"gelu": gelu, "geglu": geglu, "swiglu": swiglu}
 class GLMMLP(nn.Module):
     """h -> f (or 2f for GeGLU / SwiGLU) -> h; weights named dense_h_to_4h / dense_4h_to_h as in THUDM/GLM."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0,
+                 sequence_parallel: bool = False):
         super().__init__()
         h, f, n = config.hidden_size, config.ffn_size, config.num_layers
         self.activation = ACTIVATIONS[config.mlp]
@@ -59,13 +60,14 @@ class GLMMLP(nn.Module):
         parts = config.ffn_in_rows if config.gated_mlp else ()
         bias = config.add_bias_linear
         self.dense_h_to_4h = ColumnParallelLinear(
-            h, f_in, group=tp_group, bias=bias, parts=parts,
+            h, f_in, group=tp_group, bias=bias, parts=parts, sequence_parallel=sequence_parallel,
             init_method=fused_normal_init(seed, f"{name}.dense_h_to_4h", [std_in for _ in config.ffn_in_rows],
                                           config.ffn_in_rows))
-        self.dense_4h_to_h = RowParallelLinear(f, h, group=tp_group, bias=bias,
+        self.dense_4h_to_h = RowParallelLinear(f, h, group=tp_group, bias=bias, sequence_parallel=sequence_parallel,
                                                init_method=normal_init(seed, f"{name}.dense_4h_to_h", std_out))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [b, s, h] (replicated over the tp group) -> [b, s, h]."""
+        """hidden [b, s, h] (replicated over the tp group) -> [b, s, h]; sequence-parallel: this rank's tokens
+        [b, s/tp, h] -> [b, s/tp, h] (gathered before dense_h_to_4h, reduce-scattered after dense_4h_to_h)."""
         intermediate = self.dense_h_to_4h(hidden)  # [b, s, f_in / tp]
         return self.dense_4h_to_h(self.activation(intermediate))

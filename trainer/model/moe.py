@@ -37,6 +37,7 @@ from trainer.model.mlp import GLMMLP, swiglu
 from trainer.parallel.experts import GroupedExperts
 from trainer.parallel.mappings import reduce_from_tp
 from trainer.parallel.random import is_recomputing
+from trainer.parallel.sequence import gather_from_sequence, reduce_scatter_to_sequence
 from trainer.parallel.split import REPLICATED, SplitRule
 
 
@@ -163,12 +164,17 @@ def shared_expert_config(config: ModelConfig) -> ModelConfig:
 class GLMMoE(nn.Module):
     """The MoE MLP of block `layer_number` (1-based): router, experts (trainer/parallel/experts.py) and, if
     model.moe_shared_experts, shared_expert (a GLMMLP). forward(hidden [b, s, h]) -> [b, s, h]. The routed
-    experts' init follows the dense MLP's: N(0, init_std) into the expert, N(0, init_std / sqrt(2N)) out."""
+    experts' init follows the dense MLP's: N(0, init_std) into the expert, N(0, init_std / sqrt(2N)) out.
+    Sequence-parallel: hidden is this tensor rank's tokens [b, s/tp, h]; the router and the experts see the
+    whole row, all-gathered (so routing, load and the auxiliary losses are those of plain tp), and the routed
+    sum is reduce-scattered back to [b, s/tp, h]."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.layer_index, self.num_experts = layer_number - 1, config.moe_num_experts
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
         self.aux_loss_coeff, self.z_loss_coeff = config.moe_aux_loss_coeff, config.moe_z_loss_coeff
         # add_loss_gradient's scale: the factor the engine applies to a micro-batch's loss before backward
         # (trainer/engine/moe_balance.py sets it every step; 1 for a plain loss.backward()).
@@ -180,17 +186,23 @@ class GLMMoE(nn.Module):
             config.moe_num_experts, config.hidden_size, config.moe_ffn_size, group=tp_group, activation=swiglu,
             init_gate_up=expert_normal_init(seed, f"{name}.gate_up_weight", config.init_std),
             init_down=expert_normal_init(seed, f"{name}.down_weight", std_out), ep_group=ep_group)
-        self.shared_expert: Optional[GLMMLP] = (GLMMLP(shared_expert_config(config), layer_number, tp_group, seed)
-                                                if config.moe_shared_experts else None)
+        self.shared_expert: Optional[GLMMLP] = (GLMMLP(shared_expert_config(config), layer_number, tp_group, seed,
+                                                       sequence_parallel) if config.moe_shared_experts else None)
         self._statistics: Optional[RoutingStatistics] = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [b, s, h] (replicated over the tp group) -> [b, s, h]."""
-        b, s, h = hidden.shape
-        x = hidden.reshape(b * s, h)  # [T, h]
+        """hidden [b, s, h] (replicated over the tp group) -> [b, s, h]; sequence-parallel [b, s/tp, h] -> the
+        same. The gathered row's gradient is already whole on every rank (the experts sum it over tp, the router
+        is replicated), so the gather's backward only keeps this rank's tokens."""
+        row = gather_from_sequence(hidden, self.tp_group) if self.sequence_parallel else hidden  # [b, s, h]
+        b, s, h = row.shape
+        x = row.reshape(b * s, h)  # [T, h]
         routing = self.router.route(x)
-        routed = self.experts(x, routing.topk_ids, routing.topk_weights)  # [T, h], a partial sum over tp
-        out = reduce_from_tp(routed, self.tp_group).view(b, s, h)
+        routed = self.experts(x, routing.topk_ids, routing.topk_weights).view(b, s, h)  # a partial sum over tp
+        if self.sequence_parallel:
+            out = reduce_scatter_to_sequence(routed, self.tp_group)  # [b, s/tp, h]
+        else:
+            out = reduce_from_tp(routed, self.tp_group)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden)
         if not self.training:

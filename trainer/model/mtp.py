@@ -18,6 +18,10 @@ one sample x_{t+1} is the next span's [sop]. The block reuses t's 2D positions a
 the embeddings of tokens up to t+1 and nothing of labels[t+1]. Where t+1 is in another sample (or past the row),
 the embedding is zero: no slot sees a token of another sample.
 
+Sequence parallelism: the final hidden and the next-token embedding arrive as this tensor rank's tokens
+[b, s/tp, h], as do the block's; eh_proj gathers the sequence and the result is split back, and the layer hands
+the head both hidden states gathered to [b, s, h] (their gradients are whole on every rank, as head_outputs').
+
 The MTP layer is a training objective only: in eval mode (the validation loss, decoding, scoring) it passes the
 main hidden state on unchanged and costs nothing.
 """
@@ -34,6 +38,7 @@ from trainer.model.embedding import GLMEmbedding
 from trainer.model.init import normal_init
 from trainer.model.norm import Norm
 from trainer.parallel.layers import ColumnParallelLinear
+from trainer.parallel.sequence import gather_from_sequence, scatter_to_sequence, sum_grad_over_tp_
 
 MTP_PREFIX = "mtp.layers"
 """The canonical prefix of the MTP layers' parameters: mtp.layers.{k}.{enorm,hnorm,eh_proj,block.*,final_layernorm}."""
@@ -72,14 +77,15 @@ def mtp_loss_mask(loss_mask: torch.Tensor, segment_start: torch.Tensor) -> torch
 
 def embed_next_tokens(embedding: GLMEmbedding, inputs: tuple) -> tuple:
     """The MTP layer's input piece, the word embedding (tied): (final hidden, position_ids, block_position_ids,
-    segments, input_ids) -> the same plus E_word[input_ids[t+1]] [b, s, h], zero where t+1 is in another sample.
-    Eval mode: the tuple unchanged."""
+    segments, input_ids) -> the same plus E_word[input_ids[t+1]] [b, s, h] ([b, s/tp, h] sequence-parallel), zero
+    where t+1 is in another sample. Eval mode: the tuple unchanged."""
     if not embedding.training:
         return inputs
     input_ids, segments = inputs[4], inputs[3]
-    keep = next_in_sample(segments[:, 0])  # segments [b, 2, s]: (segment_start, segment_sep)
+    keep = next_in_sample(segments[:, 0])[..., None].to(inputs[0].dtype)  # segments [b, 2, s] -> [b, s, 1]
+    keep = scatter_to_sequence(keep, embedding.sequence_group)  # [b, s/tp, 1] sequence-parallel
     next_ids = torch.roll(input_ids, -1, dims=1)  # [b, s]
-    embedded = embedding.word_embeddings(next_ids) * keep[..., None].to(inputs[0].dtype)  # [b, s, h]
+    embedded = embedding.word_embeddings(next_ids) * keep  # [b, s, h] or [b, s/tp, h]
     return (*inputs, embedded)
 
 
@@ -88,22 +94,33 @@ class MTPLayer(nn.Module):
     next-token embedding) -> MTPOutputs in training, the final hidden [b, s, h] in eval mode (module docstring).
     Its block is block number num_layers + depth (a mixture-of-experts block where config.is_moe_layer says so)."""
 
-    def __init__(self, config: ModelConfig, depth: int, tp_group=None, seed: int = 0, ep_group=None):
+    def __init__(self, config: ModelConfig, depth: int, tp_group=None, seed: int = 0, ep_group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         h = config.hidden_size
+        self.sequence_group = tp_group if sequence_parallel else None
         self.enorm = Norm(config)
         self.hnorm = Norm(config)
-        # Y = X A^T, A [h, 2h] split by rows over tp and gathered: the input and output are replicated.
+        # Y = X A^T, A [h, 2h] split by rows over tp and gathered: the output is replicated (sequence-parallel: the
+        # input's tokens gathered first, and the output split back along the sequence in forward).
         self.eh_proj = ColumnParallelLinear(2 * h, h, group=tp_group, bias=False, gather_output=True,
+                                            sequence_parallel=sequence_parallel,
                                             init_method=normal_init(seed, f"{MTP_PREFIX}.{depth - 1}.eh_proj",
                                                                     config.init_std))
-        self.block = GLMBlock(config, config.num_layers + depth, tp_group, seed, ep_group)
+        self.block = GLMBlock(config, config.num_layers + depth, tp_group, seed, ep_group, sequence_parallel)
         self.final_layernorm = Norm(config)
+        if sequence_parallel:
+            for norm in (self.enorm, self.hnorm, self.final_layernorm):
+                for param in norm.parameters():
+                    sum_grad_over_tp_(param, tp_group)
 
     def forward(self, inputs: tuple):
         if not self.training:
             return inputs[0]
         hidden, position_ids, block_position_ids, segments, _, embedded = inputs
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))  # [b, s, 2h] -> [b, s, h]
+        x = scatter_to_sequence(x, self.sequence_group)  # [b, s/tp, h] sequence-parallel
         x = self.block((x, position_ids, block_position_ids, segments))[0]
-        return MTPOutputs(hidden, self.final_layernorm(x), next_in_sample(segments[:, 0]))
+        main = gather_from_sequence(hidden, self.sequence_group)  # [b, s, h]
+        mtp = gather_from_sequence(self.final_layernorm(x), self.sequence_group)
+        return MTPOutputs(main, mtp, next_in_sample(segments[:, 0]))
