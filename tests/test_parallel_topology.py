@@ -192,8 +192,8 @@ def test_the_config_computes_dp_and_checks_the_ep_rule():
         config.validate(world_size=4)
 
 
-@pytest.mark.parametrize("key, axis", [("cp", "context"), ("ep", "expert")])
-def test_context_and_expert_parallelism_are_refused_for_now(key, axis):
+@pytest.mark.parametrize("key, axis", [("ep", "expert")])  # cp runs: tests/test_context_parallel.py
+def test_expert_parallelism_is_refused_for_now(key, axis):
     config = Config()
     setattr(config.parallel, key, 2)
     assert config.parallel.layout(8).world_size == 8  # the layout exists ...

@@ -37,8 +37,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size (number of stages). Data parallel is world_size / (pp * cp * tp)."""
     cp: int = 1
-    """Context-parallel size: ranks that split each sequence between them. Not implemented yet (only 1 runs); the
-    topology already builds its groups, ranked between dp and tp (docs/TRAINING.md)."""
+    """Context-parallel size: ranks that split each row between them, in 2 cp load-balanced chunks (rank r: chunk
+    r and chunk 2 cp - 1 - r), attention all-gathering the row's keys and values. data.seq_length must be a
+    multiple of 2 * cp (docs/TRAINING.md, "Context parallelism")."""
     ep: int = 1
     """Expert-parallel size: ranks that split the experts between them, taken from the dp * cp ranks, so it must
     divide dp * cp. Not implemented yet (only 1 runs); the topology already builds its groups (docs/TRAINING.md)."""
@@ -64,11 +65,22 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ep={self.ep}: {error}; choose an ep that divides dp * cp") from None
 
     def refuse_unimplemented_axes(self) -> None:
-        """Context and expert parallelism have their groups (trainer/parallel/topology.py) but no model code yet."""
-        for name, what in (("cp", "context"), ("ep", "expert")):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)}: {what} parallelism is not implemented yet; "
-                                  f"set parallel.{name}=1")
+        """Expert parallelism has its groups (trainer/parallel/topology.py) but no model code yet."""
+        if self.ep > 1:
+            raise ConfigError(f"parallel.ep={self.ep}: expert parallelism is not implemented yet; set parallel.ep=1")
+
+    def check_context_parallel(self, seq_length: int, eval_tasks: list) -> None:
+        """cp > 1 cuts each row of seq_length tokens into 2 cp equal chunks (trainer/parallel/context.py), and
+        trains on whole rows only: the in-loop harness evaluation runs the live model on rows of its own."""
+        if self.cp == 1:
+            return
+        if seq_length % (2 * self.cp):
+            raise ConfigError(f"data.seq_length={seq_length} is not a multiple of 2 * parallel.cp = {2 * self.cp}: "
+                              f"context parallelism cuts each row into 2 cp equal chunks; choose a seq_length "
+                              f"divisible by {2 * self.cp} or another parallel.cp")
+        if eval_tasks:
+            raise ConfigError(f"train.eval_tasks with parallel.cp={self.cp}: the in-loop harness evaluation runs the "
+                              f"live model on whole rows; evaluate the checkpoints with glm-eval --harness instead")
 
 
 @dataclass
@@ -244,6 +256,7 @@ class Config:
             self.grad_accum_steps(world_size)
             self.check_batch_size_warmup(world_size)
         p.refuse_unimplemented_axes()
+        p.check_context_parallel(self.data.seq_length, t.eval_tasks)
 
     def _validate_zero(self) -> None:
         """ZeRO stage and offload against the layout (pipeline engine: ZeRO <= 1)."""

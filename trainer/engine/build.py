@@ -42,13 +42,13 @@ def build_module(config: Config, topology: Topology, ds_config: dict) -> torch.n
     if topology.pp > 1:
         return GLMPipeline(config.model, topology, seed, recompute_interval=interval, recompute=recompute)
     if ds_config["zero_optimization"]["stage"] != 3:
-        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
+        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.cp_group)
     # Partitioned over the data-parallel ranks only: without data_parallel_group zero.Init partitions over the
     # whole world, so at tp > 1 a gathered weight would be pieced together from different tensor ranks' shards.
     mpu = DeepSpeedMPU(topology)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu,
                              data_parallel_group=mpu.get_data_parallel_group(), **zero_init_arguments(config)):
-        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute)
+        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.cp_group)
     # ZeRO-3 gathers a weight only inside the forward of the module that owns it; the loss computes the logits
     # with the output weight (the word embedding when tied), which another module owns.
     deepspeed.zero.register_external_parameter(module.loss_fn, module.output_weight)
@@ -68,7 +68,8 @@ def build_engine(config: Config, topology: Topology, world_size: int) -> RunEngi
                                            mpu=DeepSpeedMPU(topology) if plain else None, config=ds_config)
     clipping = OwnClipping(engine, topology, config.optim.grad_clip) if uses_own_clipping(config, world_size) else None
     if plain:
-        steps = PlainSteps(engine, topology.dp_group, before_step=clipping.clip if clipping else None)
+        # the reported loss: the mean over DeepSpeed's data-parallel ranks, dp x cp (engine/step_loss.py)
+        steps = PlainSteps(engine, topology.dp_cp_group, before_step=clipping.clip if clipping else None)
     else:
         steps = PipelineSteps(engine)
         if clipping is not None:

@@ -112,7 +112,8 @@ def build_ds_config(config: Config, world_size: int) -> dict:
     the trainer (engine/optimizer.py, engine/schedule.py) so their exact math is ours and tested."""
     parallel, optim, precision = config.parallel, config.optim, config.train.precision
     ds = {
-        "train_batch_size": parallel.global_batch_size,
+        # DeepSpeed's data axis is dp x cp (engine/ds_topology.py): each cp rank of a row counts it once.
+        "train_batch_size": parallel.global_batch_size * parallel.cp,
         "train_micro_batch_size_per_gpu": parallel.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum_steps(world_size),
         # The trainer's own clipping replaces DeepSpeed's in fp32 without ZeRO (trainer/engine/build.py).

@@ -32,9 +32,10 @@ from trainer.engine.flops import train_flops_per_token
 from trainer.engine.metrics import MetricsWriter
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at
-from trainer.engine.step_loss import step_normaliser
+from trainer.engine.step_loss import loss_replicas, step_normaliser
 from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
+from trainer.parallel.context import split_row
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -56,13 +57,17 @@ class RunResult:
     stopped_by_signal: bool = False
 
 
-def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None) -> tuple:
+def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None, cp_group=None) -> tuple:
     """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
     (labels, loss_mask[, normaliser])); segments [b, 2, s] = (segment_start, segment_sep), the mask's input;
-    normaliser: the step's loss normaliser (trainer/engine/step_loss.py), else the loss is the rows' token mean."""
+    normaliser: the step's loss normaliser (trainer/engine/step_loss.py), else the loss is the rows' token mean.
+    With a cp_group every per-token tensor is cut to this rank's chunks of each row, s -> s / cp (the one place
+    the batch is split: trainer/parallel/context.py)."""
     segments = stack_segments(batch["segment_start"], batch["segment_sep"])  # [b, 2, s]
-    target = (batch["labels"], batch["loss_mask"]) + (() if normaliser is None else (normaliser,))
-    return (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments), target
+    inputs = (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments)
+    target = (batch["labels"], batch["loss_mask"])
+    inputs, target = (tuple(split_row(t, cp_group) for t in part) for part in (inputs, target))  # [.., s / cp]
+    return inputs, target + (() if normaliser is None else (normaliser,))
 
 
 def validation_rows(config: Config) -> range:
@@ -80,7 +85,7 @@ def micro_batches(rows: OneSamplePerRow, consumed: int, grad_accum: int, topolog
                                                               micro_batch_size)])
                 for micro_step in range(grad_accum)]
     normaliser = step_normaliser(collated, topology)
-    return [pipeline_format(batch, normaliser) for batch in collated]
+    return [pipeline_format(batch, normaliser, topology.cp_group) for batch in collated]
 
 
 def _memory() -> dict:
@@ -98,7 +103,7 @@ class Trainer:
         nan_steps = injected_nan_steps()  # read before the process group starts: a bad value leaves nothing behind
         self.rank, self.world_size = init_distributed(config.train.collective_timeout_minutes)
         config.data_parallel_size(self.world_size)  # the one check left: the layout fits the ranks started
-        self.topology = Topology.create(config.parallel.tp, config.parallel.pp)
+        self.topology = Topology.create(config.parallel.tp, config.parallel.pp, config.parallel.cp)
         model_parallel_seed(config.train.seed, self.topology)
         self.dataset = build_sequences(config.data, config.train.seed)
         if config.model.vocab_size < self.dataset.tokenizer.vocab_size:
@@ -138,7 +143,7 @@ class Trainer:
         for index in range(config.train.eval_batches):
             batches = micro_batches(self.valid, index * batch_size, grad_accum, self.topology,
                                     config.parallel.micro_batch_size)
-            loss_tokens = float(batches[0][1][2]) * grad_accum * self.topology.dp  # N = normaliser * GAS * dp
+            loss_tokens = float(batches[0][1][2]) * grad_accum * loss_replicas(self.topology)  # N = normaliser * GAS * dp * cp
             nll += float(self.steps.eval_batch(batches, grad_accum)) * loss_tokens  # the batch's token mean * N
             tokens += loss_tokens
         loss = nll / tokens
@@ -149,8 +154,8 @@ class Trainer:
         """One optimizer step; returns its metrics record."""
         config, engine = self.config, self.engine
         batch_size = global_batch_at(self.step, config)
-        if batch_size != engine.train_batch_size():
-            engine.set_train_batch_size(batch_size)
+        if batch_size * self.topology.cp != engine.train_batch_size():  # DeepSpeed's count: engine/ds_config.py
+            engine.set_train_batch_size(batch_size * self.topology.cp)
         skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]
         start = time.perf_counter()
         batches = micro_batches(self.dataset, self.consumed, batch_size // self.unit, self.topology,

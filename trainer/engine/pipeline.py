@@ -38,7 +38,7 @@ def layer_spec(piece: Piece):
 def build_layer_specs(model: ModelConfig, topology: Topology, seed: int) -> list:
     """The flat layer list of the GLM pipeline, glm_pieces in order (global indices: 0 embedding, 1..N blocks,
     N+1 norm, N+2 output head)."""
-    return [layer_spec(piece) for piece in glm_pieces(model, topology.tp_group, seed)]
+    return [layer_spec(piece) for piece in glm_pieces(model, topology.tp_group, seed, topology.cp_group)]
 
 
 def recomputed_layers(model: ModelConfig) -> list[str]:

@@ -18,6 +18,10 @@ Rank r computes n / tp query heads and the key/value heads they use:
   full gradient of the rows it stores: parameters and gradients are disjoint shards, counted in the gradient norm
   like every other split weight. Cost: an all-gather of the 2 g d x h K/V weight (and bias) per block forward.
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
+Context parallelism (cp_group, trainer/parallel/context.py): the rank holds its chunks of each row; its queries
+attend to the whole row's keys and values, all-gathered over the cp ranks after RoPE (each chunk rotated at its
+own positions) and before the grouped-query repeat (g heads travel, not n), under its rows of the mask
+(GLMMask.chunk).
 
 Kernels. The mask arrives either dense (a bool tensor, True = may attend) or compact (`GLMMask`: the rows'
 segments [b, 2, s]). A GLMMask is built once per micro-batch and shared by every block that sees the same
@@ -44,6 +48,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.model.mask import GLMMask
 from trainer.model.rotary import apply_position_rotary
+from trainer.parallel.context import gather_row
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from trainer.parallel.mappings import copy_to_tp, gather_rows_from_tp, group_rank, group_size
 from trainer.parallel.random import get_rng_tracker
@@ -130,10 +135,11 @@ class QueryKeyValue(ColumnParallelLinear):
 class SelfAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention of block `layer_number` (1-based); each tensor-parallel
     rank computes num_attention_heads / tp whole heads and the row-parallel dense layer sums their
-    contributions."""
+    contributions. With a cp_group the rank's tokens are its context-parallel chunks of each row."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, cp_group=None):
         super().__init__()
+        self.cp_group = cp_group
         h, n = config.hidden_size, config.num_layers
         tp = group_size(tp_group)
         q_rows, kv_rows, _ = config.qkv_rows
@@ -170,6 +176,11 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads/tp, s, d]
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # [b, g_r, s_k, d]
+        if self.cp_group is not None:  # s = this rank's s_row / cp tokens; keys and values of the whole row
+            if kv_cache is not None or not isinstance(mask, GLMMask):
+                raise ValueError("context parallelism trains on whole rows: no KV cache, the mask as a GLMMask")
+            k, v = gather_row(k, self.cp_group, dim=2), gather_row(v, self.cp_group, dim=2)  # [b, g_r, s_row, d]
+            mask = mask.chunk(group_size(self.cp_group), group_rank(self.cp_group))
         group = self.local_heads // self.local_kv_heads
         if group > 1:  # each key/value head serves `group` consecutive query heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, n/tp, s_k, d]
@@ -183,7 +194,7 @@ class SelfAttention(nn.Module):
         """Scaled dot-product attention with dropout probability p on the probabilities (kernels: module docstring)."""
         if isinstance(mask, GLMMask):
             flex = q.device.type != "cpu" and p == 0.0 and not self.config.fp32_softmax_layer_scaling
-            if flex and q.shape[-2] == k.shape[-2] == mask.seq_length:
+            if flex and q.shape[-2] == mask.seq_length and k.shape[-2] == mask.num_keys:
                 return flex_glm_attention(q, k, v, mask)
             if not self.config.fp32_softmax_layer_scaling:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype), dropout_p=p)

@@ -25,13 +25,14 @@ from trainer.model.norm import Norm
 
 
 class GLMBlock(nn.Module):
-    """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple."""
+    """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple (with a
+    cp_group, of this rank's context-parallel chunks of each row: trainer/model/attention.py)."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, cp_group=None):
         super().__init__()
         self.deepnorm_alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
         self.input_layernorm = Norm(config)
-        self.attention = SelfAttention(config, layer_number, tp_group, seed)
+        self.attention = SelfAttention(config, layer_number, tp_group, seed, cp_group)
         self.post_attention_layernorm = Norm(config)
         self.mlp = GLMMLP(config, layer_number, tp_group, seed)
         self.dropout = nn.Dropout(config.hidden_dropout)

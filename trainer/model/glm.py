@@ -72,12 +72,13 @@ def output_head(config: ModelConfig, tp_group=None, seed: int = 0) -> Piece:
     return Piece("output_layer", OutputLayer, (config, tp_group, seed), "head")
 
 
-def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0) -> list[Piece]:
+def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, cp_group=None) -> list[Piece]:
     """The GLM as the flat, ordered list of its pieces (the pipeline's global layer indices: 0 embedding,
-    1..N blocks, N+1 final norm, N+2 output head)."""
+    1..N blocks, N+1 final norm, N+2 output head). With a cp_group each rank runs its context-parallel chunks of
+    every row (trainer/parallel/context.py); only attention talks over it."""
     pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed), "embedding", tie=WORD_EMBEDDING)]
     # A mixture-of-experts block is a BLOCK piece of its own class here (activations tuple in and out).
-    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed), BLOCK)
+    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, cp_group), BLOCK)
                for number in range(1, config.num_layers + 1)]
     pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config,), "final_norm"))
     # A multi-token-prediction (MTP) head goes here, before the output head it shares: a piece that passes the
@@ -136,12 +137,12 @@ class GLMModel(nn.Module):
     embedding.word_embeddings, embedding.{block_,}position_embeddings, transformer.layers.{i}.*,
     transformer.final_layernorm, and output_layer.weight when the output layer is untied."""
 
-    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0):
+    def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, cp_group=None):
         super().__init__()
         self.tp_group = tp_group
         shared: dict[str, nn.Module] = {}
         sequence = []
-        for piece in glm_pieces(config, tp_group, seed):
+        for piece in glm_pieces(config, tp_group, seed, cp_group):
             if piece.tie is not None and piece.tie.key in shared:
                 sequence.append((piece, shared[piece.tie.key]))  # the tied head is the embedding module
                 continue
