@@ -35,7 +35,7 @@ from trainer.errors import ConfigError, OneLineParser, exits_on_error
 from trainer.paths import temporary_beside
 from trainer.tools.preflight import check_outside
 
-_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "micro_batch_size": "micro_batch",
+_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "cp": "cp", "micro_batch_size": "micro_batch",
                 "recompute_interval": "recompute_interval"}
 _ZERO_KEYS = ("zero_stage", "offload_optimizer", "offload_params")
 """The optim.* keys the planner chooses (a --set fixes them), under the same names in Fixed."""
@@ -158,7 +158,7 @@ def describe(plan: Plan) -> str:
     return "\n".join([f"note:    {note}" for note in plan.notes] + [
         f"devices: {cluster.world_size} {cluster.kind} on {nodes} node{'s' * (nodes > 1)} ({cluster.source}), "
         f"{cluster.memory_bytes / 1e9:.1f} GB each",
-        f"layout:  tp {layout.tp} x pp {layout.pp} x dp {layout.dp}; micro-batch {layout.micro_batch} x "
+        f"layout:  tp {layout.tp} x pp {layout.pp}{' x cp %d' % layout.cp if layout.cp > 1 else ''} x dp {layout.dp}; micro-batch {layout.micro_batch} x "
         f"accumulation {layout.grad_accum} x dp = global batch {plan.global_batch}; activation recomputation "
         f"{'every %d block(s)' % layout.recompute_interval if layout.recompute_interval else 'off'}",
         f"blocks:  {' '.join(map(str, plan.blocks))} per stage",
@@ -217,7 +217,7 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
     files it names are checked by plan_start."""
     # the YAML's tp and pp are re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a
     # --set among them) at tp = pp = 1, unless the user fixes them; the planner needs that much to plan
-    config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1"] + overrides)
+    config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"] + overrides)
     config.validate()
     cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                        nproc=args.nproc, gpu_memory=args.gpu_memory)

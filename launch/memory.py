@@ -1,7 +1,8 @@
 """The memory model: bytes one device needs for its pipeline stage under a 3D layout and a ZeRO stage,
 and the host memory its offloaded states take.
 
-For a stage holding P parameters (this tensor-parallel rank's share), N = dp, (w, g) = (2, 2) bytes per
+For a stage holding P parameters (this tensor-parallel rank's share), N = dp x cp (DeepSpeed's data-parallel
+ranks, over which ZeRO partitions: trainer/engine/ds_topology.py), (w, g) = (2, 2) bytes per
 weight and gradient in bf16 / fp16 and (4, 4) in fp32, the device holds
 
     ZeRO-0 / 1  weights w P, gradients g P, optimizer o P / (N if ZeRO-1 else 1)
@@ -39,6 +40,9 @@ Activations and the total:
                   saves every block's tensors for backward; with recomputation every k blocks it saves
                   only each segment's input [b, s, h], and backward recomputes one segment (k blocks)
                   of one micro-batch at a time
+                  context parallelism (cp): every per-token tensor holds s / cp tokens of each row; attention
+                  keeps the whole row's K and V (all-gathered) and its rows of the mask and scores (s / cp
+                  queries x s keys)
     device      = (1 + MARGIN) * (weights + gradients + optimizer + working set + activations) + reserve
     host        = (1 + MARGIN) * offloaded states, per rank
 
@@ -199,33 +203,38 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: i
     return count
 
 
-def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
+def block_activation_bytes(work: Workload, tp: int, micro_batch: int, cp: int = 1) -> int:
     """Bytes one block saves for backward for one micro-batch (no recomputation).
 
-    With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width:
+    With e = bytes per element, s b h = tokens on this rank (seq / cp) * micro-batch * hidden, r = the row's
+    seq (r = s without context parallelism), a = heads, f = ffn width:
       e s b h * 4        inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
-      e s b h * 4 / tp   q, k, v and the context entering the dense layer (this rank's heads)
+      e b h (2 s + 2 r) / tp   q and the context entering the dense layer (this rank's heads and tokens), k and v
+                         of the whole row (this rank's heads; all-gathered over cp, repeated for grouped query
+                         heads)
       e s b f * m / tp   the MLP: GeLU input and ffn -> h input (m = 2); GeGLU: both halves, the GeLU
                          output and the product (m = 4)
-      s s b              the attention mask [b, 1, s, s] (bool), built in every block
+      s r b              the attention mask [b, 1, s, r] (bool), built in every block
       4 e s b d          RoPE's cos and sin for q and k (d = head dim), when RoPE is on
       16 s b             the two LayerNorms' fp32 mean and 1/std
       attention core     fused scaled_dot_product_attention: its output e s b h / tp and the fp32
-                         log-sum-exp 4 a s b / tp (no s x s matrix); GLM-130B's FP32 softmax: the fp32
-                         probabilities 4 a s s b / tp, their half-precision copy (e) and, with attention
+                         log-sum-exp 4 a s b / tp (no s x r matrix); GLM-130B's FP32 softmax: the fp32
+                         probabilities 4 a s r b / tp, their half-precision copy (e) and, with attention
                          dropout, its mask (m) and output (e) instead of the copy
       s b h * 2 * m      the two residual dropout masks when hidden dropout is on (m = dropout_mask_bytes)
     """
     model, e = work.model, work.activation_bytes
-    s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
+    r, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
+    s = r // cp
     sbh = s * b * h
     mlp_factor = 4 if model.gated_mlp else 2
     mask = work.dropout_mask_bytes
-    total = e * sbh * 4 + e * sbh * 4 // tp + e * s * b * model.ffn_size * mlp_factor // tp + s * s * b + 16 * s * b
+    total = (e * sbh * 4 + e * b * h * (2 * s + 2 * r) // tp + e * s * b * model.ffn_size * mlp_factor // tp
+             + s * r * b + 16 * s * b)
     if model.position_embedding != "learned_2d":
         total += 4 * e * s * b * model.head_dim
     if model.fp32_softmax_layer_scaling:
-        scores = a * s * s * b // tp
+        scores = a * s * r * b // tp
         total += scores * 4 + scores * ((mask + e) if model.attention_dropout > 0 else (e if e == 2 else 0))
     else:
         total += e * sbh // tp + 4 * a * s * b // tp
@@ -234,12 +243,12 @@ def block_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
     return total
 
 
-def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int) -> int:
+def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int, cp: int = 1) -> int:
     """Activations outside the blocks: on the first stage the three int64 id tensors [b, s] of the
     embedding lookups and its dropout mask; on the last the final LayerNorm's input and output, the
-    logits [b, s, V/tp] (kept as the stage output) and their fp32 exponentials in the loss."""
+    logits [b, s, V/tp] (kept as the stage output) and their fp32 exponentials in the loss (s = seq / cp)."""
     model, e = work.model, work.activation_bytes
-    s, b, h = work.seq_length, micro_batch, model.hidden_size
+    s, b, h = work.seq_length // cp, micro_batch, model.hidden_size
     total = 0
     if stage == 0:
         total += 3 * 8 * s * b + (s * b * h * work.dropout_mask_bytes if model.hidden_dropout > 0 else 0)
@@ -274,7 +283,7 @@ def state_bytes(work: Workload, layout: Layout, params: int, persistent: int, la
     parameters, `persistent` of them kept whole by ZeRO-3 and `largest` in the largest weight, under the
     layout's ZeRO stage and offload: the module docstring's table."""
     w = g = 2 if work.precision in ("bf16", "fp16") else 4
-    n, buckets = layout.dp, work.buckets
+    n, buckets = layout.dp * layout.cp, work.buckets  # ZeRO partitions over DeepSpeed's data axis, dp x cp
     zero = effective_zero_stage(layout.zero_stage, work.precision, n)
     bucket = g * min(buckets.reduce_bucket_size, params)
     if zero <= 1:
@@ -312,11 +321,12 @@ def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> Sta
     params = stage_parameters(model, tp, pp, stage, blocks)
     states = state_bytes(work, layout, params, persistent_parameters(model, tp, pp, stage, blocks),
                          largest_tensor(model, tp, pp, stage))
-    per_block = block_activation_bytes(work, tp, layout.micro_batch)
-    ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch)
+    per_block = block_activation_bytes(work, tp, layout.micro_batch, layout.cp)
+    ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch, layout.cp)
     k = layout.recompute_interval
     if k > 0:
-        segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * model.hidden_size
+        tokens = work.seq_length // layout.cp  # this rank's share of each row
+        segment_input = work.activation_bytes * tokens * layout.micro_batch * model.hidden_size
         saved = math.ceil(blocks / k) * segment_input + ends
         recompute = min(k, blocks) * per_block
     else:

@@ -5,7 +5,11 @@ activation recomputation), following the rules that work at scale (Narayanan et 
   count, the attention heads and the MLP width;
 - pipeline parallelism only when the model fits no other way: the smallest pp wins, and at each pp
   plain training is preferred to activation recomputation, then the smallest tp;
-- data parallelism takes the rest: dp = world / (tp * pp);
+- context parallelism (cp, each row split over cp ranks) only when a sequence fits no other way: every
+  layout of the ladder below is tried at cp = 1, then at cp = 2, 4, ... (cp dividing the devices, and
+  data.seq_length a multiple of 2 cp); its activations are divided as trainer/parallel/context.py
+  divides them (launch/memory.py);
+- data parallelism takes the rest: dp = world / (tp * pp * cp);
 - every global batch of the run (parallel.global_batch_size, and under batch-size warmup its start and
   increment) must be micro-batch x dp x a whole accumulation, so micro-batch x dp divides their greatest
   common divisor (Batches.unit);
@@ -14,8 +18,9 @@ activation recomputation), following the rules that work at scale (Narayanan et 
   micro-batches in flight).
 
 What the user fixed (--tp, --pp, --micro-batch, or the same keys in the YAML / --set) is validated,
-not chosen. Rank order is DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model):
-rank = (pp_rank * dp + dp_rank) * tp + tp_rank, so a tensor-parallel group is adjacent ranks on one node.
+not chosen. Rank order is trainer/parallel/mesh.py's, rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp +
+tp_rank (DeepSpeed's PipeModelDataParallelTopology at cp = 1), so a tensor-parallel group is adjacent ranks on
+one node.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ Zero = tuple[int, str, str]
 
 BUBBLE_LIMIT = 0.10
 MAX_NODES_SEARCHED = 1024
+MAX_CP_BOUND = 64
+"""The largest context parallelism the lower bound of a refusal assumes (a 128K row in chunks of 1K)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class Fixed:
 
     tp: Optional[int] = None
     pp: Optional[int] = None
+    cp: Optional[int] = None
     micro_batch: Optional[int] = None
     recompute_interval: Optional[int] = None
     zero_stage: Optional[int] = None
@@ -106,26 +114,25 @@ class Plan:
     def overrides(self) -> list[str]:
         """The layout as glm-train `--set` values."""
         layout = self.layout
-        return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
+        return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.cp={layout.cp}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
                 f"parallel.recompute_interval={layout.recompute_interval}", f"optim.zero_stage={layout.zero_stage}",
                 f"optim.offload_optimizer={layout.offload_optimizer}", f"optim.offload_params={layout.offload_params}"]
 
     def ranks(self) -> list[dict]:
-        """Host, device, (pp, dp, tp) coordinates and blocks [first, stop) of every global rank."""
-        tp, dp = self.layout.tp, self.layout.dp
+        """Host, device, (pp, dp, cp, tp) coordinates and blocks [first, stop) of every global rank."""
         starts = [sum(self.blocks[:stage]) for stage in range(len(self.blocks))]
         table = []
         for rank, (host, device) in enumerate(self.cluster.rank_devices()):
-            pp_rank, dp_rank, tp_rank = rank // (tp * dp), (rank // tp) % dp, rank % tp
-            table.append({"rank": rank, "host": host, "device": device, "pp_rank": pp_rank,
-                          "dp_rank": dp_rank, "tp_rank": tp_rank,
-                          "blocks": [starts[pp_rank], starts[pp_rank] + self.blocks[pp_rank]]})
+            at = self.layout.coordinates(rank)
+            table.append({"rank": rank, "host": host, "device": device, "pp_rank": at["pp"],
+                          "dp_rank": at["dp"], "cp_rank": at["cp"], "tp_rank": at["tp"],
+                          "blocks": [starts[at["pp"]], starts[at["pp"]] + self.blocks[at["pp"]]]})
         return table
 
     def to_dict(self) -> dict:
         layout, peak = self.layout, self.peak
-        return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
+        return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp, "world_size": layout.world_size,
                 "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "global_batch": self.global_batch, "recompute_interval": layout.recompute_interval,
                 "zero_stage": layout.zero_stage, "offload_optimizer": layout.offload_optimizer,
@@ -203,12 +210,27 @@ def _ladder(work: Workload, cluster: Cluster, fixed: Fixed, nvme: bool) -> Itera
             yield pp, allowed
 
 
-def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int) -> Iterator[tuple[int, int]]:
-    """(tp, dp) with tp * pp * dp = the world size and dp dividing every batch of the run, smallest tp first."""
+def _cp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
+    """The context-parallel sizes to try, in order: 1, then the powers of two that divide the devices and cut
+    every row into 2 cp equal chunks (trainer/parallel/context.py)."""
+    if fixed.cp is not None:
+        return [fixed.cp]
+    sizes, cp = [1], 2
+    while cp <= cluster.world_size:
+        if cluster.world_size % cp == 0 and work.seq_length % (2 * cp) == 0:
+            sizes.append(cp)
+        cp *= 2
+    return sizes
+
+
+def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int,
+                cp: int = 1) -> Iterator[tuple[int, int]]:
+    """(tp, dp) with tp * pp * cp * dp = the world size and dp dividing every batch of the run, smallest tp
+    first."""
     world = cluster.world_size
     for tp in _tp_choices(work, cluster, fixed):
-        if world % (tp * pp) == 0 and batches.unit % (world // (tp * pp)) == 0:
-            yield tp, world // (tp * pp)
+        if world % (tp * pp * cp) == 0 and batches.unit % (world // (tp * pp * cp)) == 0:
+            yield tp, world // (tp * pp * cp)
 
 
 def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed = Fixed(),
@@ -216,18 +238,19 @@ def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory,
     """The preferred layout that fits, or None; `nvme`: optim.nvme_path is set, NVMe offload may be planned;
     `preferred_micro`: the YAML's micro-batch, kept when the rule allows."""
     intervals = [fixed.recompute_interval] if fixed.recompute_interval is not None else [0, 1]
-    for pp, zeros in _ladder(work, cluster, fixed, nvme):
-        candidates = list(_candidates(work, cluster, batches, fixed, pp))
-        for interval in intervals:
-            for tp, dp in candidates:
-                for stage, offload_optimizer, offload_params in zeros:
-                    if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp) == 0:
-                        continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
-                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params)
-                    chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
-                    if chosen is not None:
-                        return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
-                                    estimate(work, chosen), batches.final, host)
+    for cp in _cp_choices(work, cluster, fixed):
+        for pp, zeros in _ladder(work, cluster, fixed, nvme):
+            candidates = list(_candidates(work, cluster, batches, fixed, pp, cp))
+            for interval in intervals:
+                for tp, dp in candidates:
+                    for stage, offload_optimizer, offload_params in zeros:
+                        if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp * cp) == 0:
+                            continue  # an fp32 ZeRO-1 at dp x cp = 1 runs stage 0, which offloads nothing
+                        layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, cp=cp)
+                        chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
+                        if chosen is not None:
+                            return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
+                                        estimate(work, chosen), batches.final, host)
     return None
 
 
@@ -255,13 +278,16 @@ def smallest_cluster(work: Workload, cluster: Cluster, batches: Batches, host: H
 def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fixed) -> int:
     """Bytes per device of the most memory-frugal layout this node shape allows among what `fixed` leaves
     open: the largest tp, micro-batch 1, recomputation, the states sharded over the whole global batch, and
-    either one block per stage (ZeRO-1) or one stage with ZeRO-3 (its weights offloaded on GPUs)."""
+    either one block per stage (ZeRO-1) or one stage with ZeRO-3 (its weights offloaded on GPUs), and the
+    largest context parallelism a row allows up to MAX_CP_BOUND."""
     tp = max(_tp_choices(work, cluster, fixed), default=1)
+    cp = fixed.cp or max(c for c in (2 ** i for i in range(MAX_CP_BOUND.bit_length())) if work.seq_length % (2 * c) == 0
+                         or c == 1)
     interval = 1 if fixed.recompute_interval is None else fixed.recompute_interval
     micro, offload = fixed.micro_batch or 1, "none" if cluster.kind == "cpu" else "cpu"
     frugal = [(fixed.pp or work.model.num_layers, (1, "none", "none"))]
     frugal += [(1, (3, offload, offload)), (1, (3, "none", "none"))] if fixed.pp in (None, 1) else []
-    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero)))
+    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero, cp=cp)))
               for pp, zero in frugal if fixed.allows(zero)]
     return min(totals, default=0)
 
@@ -282,6 +308,10 @@ def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
     for name, value in (("micro-batch", fixed.micro_batch), ("checkpoint interval", fixed.recompute_interval)):
         if value is not None and value < (1 if name == "micro-batch" else 0):
             raise ConfigError(f"the {name} must be >= {1 if name == 'micro-batch' else 0}, got {value}")
+    if fixed.cp is not None and (fixed.cp < 1 or cluster.world_size % fixed.cp or work.seq_length % (2 * fixed.cp)):
+        raise ConfigError(f"cp={fixed.cp} must be >= 1, divide the {cluster.world_size} devices and cut data.seq_length="
+                          f"{work.seq_length} into 2 cp equal chunks: choose another parallel.cp or leave it to the "
+                          f"planner")
     if fixed.tp and fixed.pp and cluster.world_size % (fixed.tp * fixed.pp):
         raise ConfigError(f"tp * pp = {fixed.tp} * {fixed.pp} does not divide the {cluster.world_size} devices: "
                           f"dp = devices / (tp * pp) must be a whole number")
@@ -299,8 +329,8 @@ def describe_zero(layout: Layout) -> str:
 
 def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed, nvme: bool) -> str:
     where = f"{cluster.world_size} devices of {cluster.memory_bytes / 1e9:.1f} GB"
-    layouts = [(tp, pp, dp) for pp, _ in _ladder(work, cluster, fixed, nvme)
-               for tp, dp in _candidates(work, cluster, batches, fixed, pp)]
+    layouts = [(tp, pp, dp) for cp in _cp_choices(work, cluster, fixed) for pp, _ in _ladder(work, cluster, fixed, nvme)
+               for tp, dp in _candidates(work, cluster, batches, fixed, pp, cp)]
     if not layouts:
         return (f"no layout tp * pp * dp = {cluster.world_size} has tp dividing the heads and the node size and "
                 f"dp dividing {batches}: change the device count, parallel.global_batch_size or the batch-size "
@@ -329,7 +359,8 @@ def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemor
 
 def _summary(plan: Plan) -> str:
     layout = plan.layout
-    return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, micro-batch {layout.micro_batch}, recomputation "
+    context = f"cp {layout.cp}, " if layout.cp > 1 else ""
+    return (f"tp {layout.tp}, pp {layout.pp}, {context}dp {layout.dp}, micro-batch {layout.micro_batch}, recomputation "
             f"{'on' if layout.recompute_interval else 'off'}, {describe_zero(layout)}, "
             f"{plan.peak.total / 1e9:.1f} GB per device")
 

@@ -73,8 +73,10 @@ def effective_zero_stage(requested: int, precision: str, data_parallel: int) -> 
 
 
 def zero_stage(config: Config, world_size: int) -> int:
-    """effective_zero_stage of a run on `world_size` ranks."""
-    return effective_zero_stage(config.optim.zero_stage, config.train.precision, config.data_parallel_size(world_size))
+    """effective_zero_stage of a run on `world_size` ranks, whose ZeRO partitions over DeepSpeed's data-parallel
+    ranks: dp x cp (engine/ds_topology.py)."""
+    layout = config.parallel.layout(world_size)
+    return effective_zero_stage(config.optim.zero_stage, config.train.precision, layout.dp * layout.cp)
 
 
 def uses_own_clipping(config: Config, world_size: int) -> bool:
