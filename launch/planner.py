@@ -5,10 +5,10 @@ activation recomputation), following the rules that work at scale (Narayanan et 
   count, the attention heads and the MLP width;
 - pipeline parallelism only when the model fits no other way: the smallest pp wins, and at each pp
   plain training is preferred to activation recomputation, then the smallest tp;
-- context parallelism (cp, each row split over cp ranks) only when a sequence fits no other way: every
-  layout of the ladder below is tried at cp = 1, then at cp = 2, 4, ... (cp dividing the devices, and
-  data.seq_length a multiple of 2 cp); its activations are divided as trainer/parallel/context.py
-  divides them (launch/memory.py);
+- context parallelism (cp, each row split over cp ranks) only when a sequence fits no other way: the
+  layouts that offload nothing are tried at cp = 1, then at cp = 2, 4, ... (cp dividing the devices, and
+  data.seq_length a multiple of 2 cp), and only then those that offload, at each cp in turn (_cp_ladder);
+  its activations are divided as trainer/parallel/context.py divides them (launch/memory.py);
 - data parallelism takes the rest: dp = world / (tp * pp * cp);
 - every global batch of the run (parallel.global_batch_size, and under batch-size warmup its start and
   increment) must be micro-batch x dp x a whole accumulation, so micro-batch x dp divides their greatest
@@ -223,6 +223,28 @@ def _cp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
     return sizes
 
 
+def _cp_ladder(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed,
+               nvme: bool) -> Iterator[tuple[int, int, list[Zero]]]:
+    """(cp, pp, ZeRO choices): the ladder's rungs that offload nothing at cp = 1, 2, 4, ..., then those that
+    offload at each cp: a longer sequence is split over more devices before its states leave them. cp > 1 is
+    for memory only: where no layout at cp = 1 can take the batches (dp or the fixed micro-batch does not
+    divide them), the refusal says so rather than a cp that happens to shrink dp."""
+    rungs = list(_ladder(work, cluster, fixed, nvme))
+    cps = _cp_choices(work, cluster, fixed) if fixed.cp or _batches_fit(work, cluster, batches, fixed, rungs) else [1]
+    for offloads in (False, True):
+        for cp in cps:
+            for pp, zeros in rungs:
+                kept = [zero for zero in zeros if (zero[1:] != ("none", "none")) == offloads]
+                if kept:
+                    yield cp, pp, kept
+
+
+def _batches_fit(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, rungs: list) -> bool:
+    """Whether some layout at cp = 1 takes every batch of the run (dp and the fixed micro-batch divide them)."""
+    return any(not fixed.micro_batch or (batches.unit // dp) % fixed.micro_batch == 0
+               for pp, _ in rungs for _, dp in _candidates(work, cluster, batches, fixed, pp))
+
+
 def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int,
                 cp: int = 1) -> Iterator[tuple[int, int]]:
     """(tp, dp) with tp * pp * cp * dp = the world size and dp dividing every batch of the run, smallest tp
@@ -238,19 +260,18 @@ def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory,
     """The preferred layout that fits, or None; `nvme`: optim.nvme_path is set, NVMe offload may be planned;
     `preferred_micro`: the YAML's micro-batch, kept when the rule allows."""
     intervals = [fixed.recompute_interval] if fixed.recompute_interval is not None else [0, 1]
-    for cp in _cp_choices(work, cluster, fixed):
-        for pp, zeros in _ladder(work, cluster, fixed, nvme):
-            candidates = list(_candidates(work, cluster, batches, fixed, pp, cp))
-            for interval in intervals:
-                for tp, dp in candidates:
-                    for stage, offload_optimizer, offload_params in zeros:
-                        if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp * cp) == 0:
-                            continue  # an fp32 ZeRO-1 at dp x cp = 1 runs stage 0, which offloads nothing
-                        layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, cp=cp)
-                        chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
-                        if chosen is not None:
-                            return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
-                                        estimate(work, chosen), batches.final, host)
+    for cp, pp, zeros in _cp_ladder(work, cluster, batches, fixed, nvme):
+        candidates = list(_candidates(work, cluster, batches, fixed, pp, cp))
+        for interval in intervals:
+            for tp, dp in candidates:
+                for stage, offload_optimizer, offload_params in zeros:
+                    if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp * cp) == 0:
+                        continue  # an fp32 ZeRO-1 at dp x cp = 1 runs stage 0, which offloads nothing
+                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, cp=cp)
+                    chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
+                    if chosen is not None:
+                        return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
+                                    estimate(work, chosen), batches.final, host)
     return None
 
 
@@ -329,7 +350,7 @@ def describe_zero(layout: Layout) -> str:
 
 def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed, nvme: bool) -> str:
     where = f"{cluster.world_size} devices of {cluster.memory_bytes / 1e9:.1f} GB"
-    layouts = [(tp, pp, dp) for cp in _cp_choices(work, cluster, fixed) for pp, _ in _ladder(work, cluster, fixed, nvme)
+    layouts = [(tp, pp, dp) for cp, pp, _ in _cp_ladder(work, cluster, batches, fixed, nvme)
                for tp, dp in _candidates(work, cluster, batches, fixed, pp, cp)]
     if not layouts:
         return (f"no layout tp * pp * dp = {cluster.world_size} has tp dividing the heads and the node size and "
