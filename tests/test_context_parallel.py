@@ -173,9 +173,10 @@ SHORT = [f"train.steps={STEPS}", "optim.decay_steps=2", "train.eval_interval=4"]
 """4 steps of 8 packed rows of 128 tokens, validated at step 4: cp = 2 cuts each row into 4 chunks of 32."""
 
 
-def _compare(tmp_path, name, overrides, world_size, config_path="configs/glm-debug.yaml"):
+def _compare(tmp_path, name, overrides, world_size, config_path="configs/glm-debug.yaml", layout=()):
+    """One process against cp = 2 (with `layout`'s other axes) on world_size processes."""
     reference = _losses(tmp_path, f"{name}_single", SHORT + overrides, config_path=config_path)
-    losses = _losses(tmp_path, name, SHORT + overrides + ["parallel.cp=2"], world_size=world_size,
+    losses = _losses(tmp_path, name, SHORT + overrides + ["parallel.cp=2", *layout], world_size=world_size,
                      config_path=config_path)
     assert len(losses) == STEPS + 1  # the training losses, then the validation loss
     assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
@@ -192,12 +193,12 @@ def test_glm4_debug_causal_at_cp2_matches_one_process(tmp_path):
     _compare(tmp_path, "glm4_cp2", [], world_size=2, config_path="configs/glm-4-debug.yaml")
 
 
-@pytest.mark.parametrize("name, overrides", [
+@pytest.mark.parametrize("name, layout", [
     ("pp2_cp2", ["parallel.pp=2"]),  # DeepSpeed's pipeline engine, its data axis dp x cp
     ("tp2_cp2", ["parallel.tp=2"]),
 ])
-def test_four_process_layouts_with_cp2_match_one_process(tmp_path, name, overrides):
-    _compare(tmp_path, name, overrides, world_size=4)
+def test_four_process_layouts_with_cp2_match_one_process(tmp_path, name, layout):
+    _compare(tmp_path, name, [], world_size=4, layout=layout)
 
 
 @pytest.mark.parametrize("first_cp, then_cp", [(2, 1), (1, 2)])
