@@ -158,7 +158,8 @@ def describe(plan: Plan) -> str:
     return "\n".join([f"note:    {note}" for note in plan.notes] + [
         f"devices: {cluster.world_size} {cluster.kind} on {nodes} node{'s' * (nodes > 1)} ({cluster.source}), "
         f"{cluster.memory_bytes / 1e9:.1f} GB each",
-        f"layout:  tp {layout.tp} x pp {layout.pp}{' x cp %d' % layout.cp if layout.cp > 1 else ''} x dp {layout.dp}; micro-batch {layout.micro_batch} x "
+        f"layout:  tp {layout.tp} x pp {layout.pp}{f' x cp {layout.cp}' if layout.cp > 1 else ''} x dp {layout.dp}; "
+        f"micro-batch {layout.micro_batch} x "
         f"accumulation {layout.grad_accum} x dp = global batch {plan.global_batch}; activation recomputation "
         f"{'every %d block(s)' % layout.recompute_interval if layout.recompute_interval else 'off'}",
         f"blocks:  {' '.join(map(str, plan.blocks))} per stage",

@@ -302,13 +302,14 @@ def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fix
     either one block per stage (ZeRO-1) or one stage with ZeRO-3 (its weights offloaded on GPUs), and the
     largest context parallelism a row allows up to MAX_CP_BOUND."""
     tp = max(_tp_choices(work, cluster, fixed), default=1)
-    cp = fixed.cp or max(c for c in (2 ** i for i in range(MAX_CP_BOUND.bit_length())) if work.seq_length % (2 * c) == 0
-                         or c == 1)
+    row_splits = [2 ** i for i in range(MAX_CP_BOUND.bit_length()) if work.seq_length % 2 ** (i + 1) == 0]
+    cp = fixed.cp or max([1] + row_splits)
     interval = 1 if fixed.recompute_interval is None else fixed.recompute_interval
     micro, offload = fixed.micro_batch or 1, "none" if cluster.kind == "cpu" else "cpu"
     frugal = [(fixed.pp or work.model.num_layers, (1, "none", "none"))]
     frugal += [(1, (3, offload, offload)), (1, (3, "none", "none"))] if fixed.pp in (None, 1) else []
-    totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero, cp=cp)))
+    totals = [max(stage.total
+                  for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero, cp=cp)))
               for pp, zero in frugal if fixed.allows(zero)]
     return min(totals, default=0)
 
@@ -330,9 +331,9 @@ def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
         if value is not None and value < (1 if name == "micro-batch" else 0):
             raise ConfigError(f"the {name} must be >= {1 if name == 'micro-batch' else 0}, got {value}")
     if fixed.cp is not None and (fixed.cp < 1 or cluster.world_size % fixed.cp or work.seq_length % (2 * fixed.cp)):
-        raise ConfigError(f"cp={fixed.cp} must be >= 1, divide the {cluster.world_size} devices and cut data.seq_length="
-                          f"{work.seq_length} into 2 cp equal chunks: choose another parallel.cp or leave it to the "
-                          f"planner")
+        raise ConfigError(f"cp={fixed.cp} must be >= 1, divide the {cluster.world_size} devices and cut "
+                          f"data.seq_length={work.seq_length} into 2 cp equal chunks: choose another parallel.cp or "
+                          f"leave it to the planner")
     if fixed.tp and fixed.pp and cluster.world_size % (fixed.tp * fixed.pp):
         raise ConfigError(f"tp * pp = {fixed.tp} * {fixed.pp} does not divide the {cluster.world_size} devices: "
                           f"dp = devices / (tp * pp) must be a whole number")

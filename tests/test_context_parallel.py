@@ -130,7 +130,7 @@ def _chunk_rows_match_the_full_model(rank, world_size, switches):
     expected_logits = reference(*inputs)
     loss_fn(expected_logits, (labels, loss_mask, tokens)).backward()
 
-    local = [split_row(t, topology.cp_group) for t in inputs]  # this rank's chunks: [b, s / cp] (segments [b, 2, s / cp])
+    local = [split_row(t, topology.cp_group) for t in inputs]  # this rank's chunks: [b, s / cp], [b, 2, s / cp]
     logits = model(*local)
     positions = chunk_positions(s, world_size, rank)
     assert_close(logits, expected_logits[:, positions], atol=1e-5, rtol=1e-5)
@@ -210,3 +210,44 @@ def test_a_resume_at_another_cp_continues_the_curve(tmp_path, first_cp, then_cp)
     then = _losses(tmp_path, "run", SHORT + ["train.resume=true", f"parallel.cp={then_cp}"], world_size=then_cp)
     assert_close(torch.tensor(first[:2]), torch.tensor(whole[:2]), rtol=1e-5, atol=0)
     assert_close(torch.tensor(then[:2]), torch.tensor(whole[2:STEPS]), rtol=1e-5, atol=0)
+
+
+# ---- the planner and the memory model -------------------------------------------------------------------
+
+GB = 10 ** 9
+LONG_ROWS = ["data.seq_length=131072", "model.max_sequence_length=131072"]
+
+
+def _cluster(nodes: int, per_node: int):
+    from launch.devices import Cluster
+
+    return Cluster(tuple((f"node{i}", per_node) for i in range(nodes)), 80 * GB, "cuda", "hostfile")
+
+
+def test_the_memory_model_divides_a_rows_activations_over_cp_but_keeps_the_whole_rows_keys_and_values():
+    from launch.memory import Layout, Workload, block_activation_bytes, stage_memory
+
+    work = Workload.from_config(load_config("configs/glm-4-9b.yaml", LONG_ROWS))
+    one, two = (block_activation_bytes(work, tp=2, micro_batch=1, cp=cp) for cp in (1, 2))
+    assert one / 2 < two < 0.6 * one  # halved but for the gathered K/V and the mask rows
+    layouts = [Layout(2, 1, 4 // cp, 1, 16, 1, 1, cp=cp) for cp in (1, 2)]  # 8 GPUs, ZeRO-1 over dp x cp = 4
+    states = [stage_memory(work, layout, 0, 40).optimizer_states for layout in layouts]
+    assert states[0] == states[1]
+
+
+def test_the_planner_splits_a_long_row_over_cp_ranks_only_when_it_fits_no_other_way():
+    from launch.devices import HostMemory
+    from launch.planner import Fixed, plan_layout
+
+    host = HostMemory(1000 * GB, "--host-memory")
+    config = load_config("configs/glm-4-9b.yaml", LONG_ROWS)
+    plan = plan_layout(config, _cluster(1, 8), host)
+    assert (plan.layout.tp, plan.layout.pp, plan.layout.cp, plan.layout.dp) == (2, 1, 4, 1)
+    assert plan.layout.offload_optimizer == "none" and "parallel.cp=4" in plan.overrides()
+    assert [rank["cp_rank"] for rank in plan.ranks()] == [0, 0, 1, 1, 2, 2, 3, 3]  # tp adjacent, then cp
+    two_nodes = plan_layout(config, _cluster(2, 8), host).layout
+    assert (two_nodes.tp, two_nodes.pp, two_nodes.cp) == (2, 4, 2)
+    with pytest.raises(ConfigError, match="does not fit on any number of devices"):
+        plan_layout(config, _cluster(1, 8), host, Fixed(cp=1))
+    short = plan_layout(load_config("configs/glm-4-9b.yaml"), _cluster(1, 8), host)  # 8192 tokens fit at cp 1
+    assert short.layout.cp == 1

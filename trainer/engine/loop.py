@@ -143,7 +143,8 @@ class Trainer:
         for index in range(config.train.eval_batches):
             batches = micro_batches(self.valid, index * batch_size, grad_accum, self.topology,
                                     config.parallel.micro_batch_size)
-            loss_tokens = float(batches[0][1][2]) * grad_accum * loss_replicas(self.topology)  # N = normaliser * GAS * dp * cp
+            # N = normaliser * GAS * dp * cp (trainer/engine/step_loss.py)
+            loss_tokens = float(batches[0][1][2]) * grad_accum * loss_replicas(self.topology)
             nll += float(self.steps.eval_batch(batches, grad_accum)) * loss_tokens  # the batch's token mean * N
             tokens += loss_tokens
         loss = nll / tokens
