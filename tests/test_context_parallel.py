@@ -189,6 +189,11 @@ def test_glm_debug_packed_at_cp2_matches_one_process_in_every_blank_mode(tmp_pat
     _compare(tmp_path, f"cp2_{mode}", [f"data.modes={{{mode}: 1.0}}"], world_size=2)
 
 
+def test_cp2_under_zero2_matches_one_process(tmp_path):
+    """ZeRO-2 partitions gradients and optimizer states over DeepSpeed's data-parallel ranks, the two cp ranks."""
+    _compare(tmp_path, "cp2_zero2", [], world_size=2, layout=["optim.zero_stage=2"])
+
+
 def test_glm4_debug_causal_at_cp2_matches_one_process(tmp_path):
     _compare(tmp_path, "glm4_cp2", [], world_size=2, config_path="configs/glm-4-debug.yaml")
 
