@@ -6,7 +6,7 @@
                [--dry-run [--json]] [-- glm-train arguments]
 
 The config is resolved and validated once, here, before any rank starts: the YAML, the user's `--set`s after
-`--`, then the plan (parallel.tp, pp, ep, micro_batch_size, recompute_interval, sequence_parallel (on wherever
+`--`, then the plan (parallel.tp, pp, cp, ep, micro_batch_size, recompute_interval, sequence_parallel (on wherever
 tp > 1 allows it) and optim.zero_stage, offload_optimizer, offload_params, chosen whatever the YAML says (the
 YAML's micro-batch is kept when it fits, and a line says so when it is not); --tp / --pp / --ep / --micro-batch /
 --recompute-interval, or those keys in a `--set` after `--`, fix them instead), checked with the data, the run
@@ -35,7 +35,7 @@ from trainer.errors import ConfigError, OneLineParser, exits_on_error
 from trainer.paths import temporary_beside
 from trainer.tools.preflight import check_outside
 
-_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "ep": "ep", "micro_batch_size": "micro_batch",
+_LAYOUT_KEYS = {"tp": "tp", "pp": "pp", "cp": "cp", "ep": "ep", "micro_batch_size": "micro_batch",
                 "recompute_interval": "recompute_interval", "sequence_parallel": "sequence_parallel"}
 _ZERO_KEYS = ("zero_stage", "offload_optimizer", "offload_params")
 """The optim.* keys the planner chooses (a --set fixes them), under the same names in Fixed."""
@@ -165,7 +165,8 @@ def describe(plan: Plan) -> str:
     return "\n".join([f"note:    {note}" for note in plan.notes] + [
         f"devices: {cluster.world_size} {cluster.kind} on {nodes} node{'s' * (nodes > 1)} ({cluster.source}), "
         f"{cluster.memory_bytes / 1e9:.1f} GB each",
-        f"layout:  tp {layout.tp} x pp {layout.pp} x dp {layout.dp}{experts}; micro-batch {layout.micro_batch} x "
+        f"layout:  tp {layout.tp} x pp {layout.pp}{f' x cp {layout.cp}' if layout.cp > 1 else ''} x dp {layout.dp}"
+        f"{experts}; micro-batch {layout.micro_batch} x "
         f"accumulation {layout.grad_accum} x dp = global batch {plan.global_batch}; activation recomputation "
         f"{'every %d block(s)' % layout.recompute_interval if layout.recompute_interval else 'off'}; sequence "
         f"parallelism {'on' if layout.sequence_parallel else 'off'}",
@@ -223,11 +224,12 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
     """Discover the devices and plan the layout for them: at the start, and again before each restart. Returns
     the config with the plan applied, validated at the world size found (the plan named when it fails); the
     files it names are checked by plan_start."""
-    # the YAML's tp, pp and ep are re-planned like its other layout keys: check the rest (a ZeRO stage fixed by a
-    # --set among them) at tp = pp = ep = 1, unless the user fixes them; the planner needs that much to plan
-    # sequence parallelism needs tp > 1: the plan turns it on with tp (a --set of it is a choice the plan keeps)
-    config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1"] + overrides
-                         + ["parallel.sequence_parallel=false"])
+    # the YAML's tp, pp, cp and ep are re-planned like its other layout keys: check the rest (a ZeRO stage fixed
+    # by a --set among them) at tp = pp = cp = ep = 1, unless the user fixes them; the planner needs that much to
+    # plan. Sequence parallelism needs tp > 1: the plan turns it on with tp (a --set of it is a choice the plan
+    # keeps)
+    config = load_config(args.config, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "parallel.ep=1"]
+                         + overrides + ["parallel.sequence_parallel=false"])
     config.validate()
     cluster = discover(hostfile=args.hostfile, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                        nproc=args.nproc, gpu_memory=args.gpu_memory)

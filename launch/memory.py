@@ -1,12 +1,13 @@
 """The memory model: bytes one device needs for its pipeline stage under a 3D layout and a ZeRO stage,
 and the host memory its offloaded states take.
 
-For a stage holding P parameters (this tensor-parallel rank's share), N = dp, (w, g) = (2, 2) bytes per
-weight and gradient in bf16 / fp16 and (4, 4) in fp32, the device holds what follows. In a mixture-of-experts
-model the routed experts' X of the P parameters are split over ep as well as tp (each rank holds E / ep experts of
-every MoE layer: X = the experts' parameters / (tp * ep)), and ZeRO shards their gradients and optimizer states
-over the edp = dp * cp / ep ranks that hold the same experts instead of dp: every "P / N" below is
-(P - X) / N + X / edp (the non-expert parameters as without experts).
+For a stage holding P parameters (this tensor-parallel rank's share), N = dp x cp (DeepSpeed's data-parallel
+ranks, over which ZeRO partitions: trainer/engine/ds_topology.py), (w, g) = (2, 2) bytes per weight and gradient
+in bf16 / fp16 and (4, 4) in fp32, the device holds what follows. In a mixture-of-experts model the routed
+experts' X of the P parameters are split over ep as well as tp (each rank holds E / ep experts of every MoE
+layer: X = the experts' parameters / (tp * ep)), and ZeRO shards their gradients and optimizer states over the
+edp = dp * cp / ep ranks that hold the same experts instead of N: every "P / N" below is (P - X) / N + X / edp
+(the non-expert parameters as without experts).
 
     ZeRO-0 / 1  weights w P, gradients g P, optimizer o P / (N if ZeRO-1 else 1)
                 o = 12 in bf16 / fp16: fp32 master weights and Adam's m and v (4 + 4 + 4 bytes)
@@ -46,6 +47,9 @@ Activations and the total:
                   sequence parallelism (tp > 1): what a block saves outside attention and the MLP (the
                   norms' and column-parallel layers' inputs, the norms' statistics, the residual dropout
                   masks), the segment inputs and the embedding's dropout mask are this rank's s/tp tokens
+                  context parallelism (cp): every per-token tensor holds s / cp tokens of each row; attention
+                  keeps the whole row's K and V (all-gathered) and its rows of the mask and scores (s / cp
+                  queries x s keys)
     device      = (1 + MARGIN) * (weights + gradients + optimizer + working set + activations) + reserve
     host        = (1 + MARGIN) * offloaded states, per rank
 
@@ -235,51 +239,56 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: i
 
 
 def block_activation_bytes(work: Workload, tp: int, micro_batch: int, layer_index: int = 0,
-                           sequence_parallel: bool = False) -> int:
+                           sequence_parallel: bool = False, cp: int = 1) -> int:
     """Bytes block layer_index (0-based) saves for backward for one micro-batch (no recomputation).
 
-    With e = bytes per element, s b h = seq * micro-batch * hidden, a = heads, f = ffn width, and
-    r = tp with sequence parallelism (each rank keeps its s/tp tokens of these), else 1:
-      e s b h * 4 / r    inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
-      e s b h * 4 / tp   q, k, v and the context entering the dense layer (this rank's heads)
+    With e = bytes per element, s b h = tokens on this rank (seq / cp) * micro-batch * hidden, r = the row's
+    seq (r = s without context parallelism), a = heads, f = ffn width, and p = tp with sequence parallelism
+    (each rank keeps its s/tp tokens of these), else 1:
+      e s b h * 4 / p    inputs of the two LayerNorms and of the two column-parallel matmuls (replicated)
+      e b h (2 s + 2 r) / tp   q and the context entering the dense layer (this rank's heads and tokens), k and v
+                         of the whole row (this rank's heads; all-gathered over cp)
       e s b f * m / tp   the MLP: GeLU input and ffn -> h input (m = 2); GeGLU: both halves, the GeLU
                          output and the product (m = 4)
-      s s b              the attention mask [b, 1, s, s] (bool), built in every block
+      s r b              the attention mask [b, 1, s, r] (bool), built in every block
       4 e s b d          RoPE's cos and sin for q and k (d = head dim), when RoPE is on
-      16 s b / r         the two LayerNorms' fp32 mean and 1/std
+      16 s b / p         the two LayerNorms' fp32 mean and 1/std
       attention core     fused scaled_dot_product_attention: its output e s b h / tp and the fp32
-                         log-sum-exp 4 a s b / tp (no s x s matrix); GLM-130B's FP32 softmax: the fp32
-                         probabilities 4 a s s b / tp, their half-precision copy (e) and, with attention
+                         log-sum-exp 4 a s b / tp (no s x r matrix); GLM-130B's FP32 softmax: the fp32
+                         probabilities 4 a s r b / tp, their half-precision copy (e) and, with attention
                          dropout, its mask (m) and output (e) instead of the copy
-      s b h * 2 * m / r  the two residual dropout masks when hidden dropout is on (m = dropout_mask_bytes)
+      s b h * 2 * m / p  the two residual dropout masks when hidden dropout is on (m = dropout_mask_bytes)
     With model.kv_channels the query width q = n d replaces h in the attention terms (q, k, v, the context, the
     core's output). A mixture-of-experts block (moe_activation_bytes) replaces the MLP term.
     """
     model, e = work.model, work.activation_bytes
-    s, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
-    sbh, sbq = s * b * h, s * b * model.qkv_rows[0]
-    r = tp if sequence_parallel else 1
+    r, b, h, a = work.seq_length, micro_batch, model.hidden_size, model.num_attention_heads
+    s = r // cp
+    q = model.qkv_rows[0]
+    sbh, sbq = s * b * h, s * b * q
+    p = tp if sequence_parallel else 1
     mlp_factor = 4 if model.gated_mlp else 2
     mask = work.dropout_mask_bytes
-    mlp = moe_activation_bytes(work, tp, micro_batch) if model.is_moe_layer(layer_index) \
+    mlp = moe_activation_bytes(work, tp, micro_batch, cp) if model.is_moe_layer(layer_index) \
         else e * s * b * model.ffn_size * mlp_factor // tp
-    total = e * sbh * 4 // r + e * sbq * 4 // tp + mlp + s * s * b + 16 * s * b // r
+    total = e * sbh * 4 // p + e * b * q * (2 * s + 2 * r) // tp + mlp + s * r * b + 16 * s * b // p
     if model.position_embedding != "learned_2d":
         total += 4 * e * s * b * model.head_dim
     if model.fp32_softmax_layer_scaling:
-        scores = a * s * s * b // tp
+        scores = a * s * r * b // tp
         total += scores * 4 + scores * ((mask + e) if model.attention_dropout > 0 else (e if e == 2 else 0))
     else:
         total += e * sbq // tp + 4 * a * s * b // tp
     if model.hidden_dropout > 0:
-        total += 2 * sbh * mask // r
+        total += 2 * sbh * mask // p
     return total
 
 
-def moe_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
-    """Bytes a mixture-of-experts MLP saves for backward for one micro-batch, T = s b tokens, e bytes per element,
-    E experts, k chosen per token, f_e the expert width and f_s the shared experts' (balanced routing: under ep
-    every rank's experts receive T k token copies on average, and under tp each copy is split like the dense MLP):
+def moe_activation_bytes(work: Workload, tp: int, micro_batch: int, cp: int = 1) -> int:
+    """Bytes a mixture-of-experts MLP saves for backward for one micro-batch, T = s b tokens (s = seq / cp, this
+    rank's), e bytes per element, E experts, k chosen per token, f_e the expert width and f_s the shared experts'
+    (balanced routing: under ep every rank's experts receive T k token copies on average, and under tp each copy
+    is split like the dense MLP):
       8 T E + 12 T k           the router's fp32 logits and sigmoid scores, the chosen ids (int64) and weights (fp32)
       e T k (2 h + 4 f_e / tp)  per token copy: the permuted input and the expert output (weighted on return), both
                               halves of gate/up, the SiLU output and the product (as the dense gated MLP's m = 4)
@@ -287,21 +296,21 @@ def moe_activation_bytes(work: Workload, tp: int, micro_batch: int) -> int:
     The layer's own code is trainer/model/moe.py; this count follows the contract's description of it and is not
     yet measured against it (the dense terms are: tests/test_launch_memory.py)."""
     model, e = work.model, work.activation_bytes
-    tokens, k, f = work.seq_length * micro_batch, model.moe_top_k, model.moe_ffn_size
+    tokens, k, f = work.seq_length // cp * micro_batch, model.moe_top_k, model.moe_ffn_size
     router = 8 * tokens * model.moe_num_experts + 12 * tokens * k
     routed = e * tokens * k * (2 * model.hidden_size + 4 * f // tp)
     return router + routed + 4 * e * tokens * model.moe_shared_experts * f // tp
 
 
 def _ends_activation_bytes(work: Workload, tp: int, pp: int, stage: int, micro_batch: int,
-                           sequence_parallel: bool = False) -> int:
+                           sequence_parallel: bool = False, cp: int = 1) -> int:
     """Activations outside the blocks: on the first stage the three int64 id tensors [b, s] of the
     embedding lookups and its dropout mask; on the last the final LayerNorm's input and output, the
-    logits [b, s, V/tp] (kept as the stage output) and their fp32 exponentials in the loss. With sequence
-    parallelism the dropout mask and the final LayerNorm's input are this rank's s/tp tokens (its output is
-    gathered whole for the output head)."""
+    logits [b, s, V/tp] (kept as the stage output) and their fp32 exponentials in the loss (s = seq / cp). With
+    sequence parallelism the dropout mask and the final LayerNorm's input are this rank's s/tp tokens (its output
+    is gathered whole for the output head)."""
     model, e = work.model, work.activation_bytes
-    s, b, h = work.seq_length, micro_batch, model.hidden_size
+    s, b, h = work.seq_length // cp, micro_batch, model.hidden_size
     r = tp if sequence_parallel else 1
     total = 0
     if stage == 0:
@@ -350,7 +359,7 @@ def state_bytes(work: Workload, layout: Layout, params: int, persistent: int, la
     dp) and `largest` in the largest weight, under the layout's ZeRO stage and offload: the module docstring's
     table."""
     w = g = 2 if work.precision in ("bf16", "fp16") else 4
-    n, buckets = layout.dp, work.buckets
+    n, buckets = layout.dp * layout.cp, work.buckets  # ZeRO partitions over DeepSpeed's data axis, dp x cp
     zero = effective_zero_stage(layout.zero_stage, work.precision, n)
     bucket = g * min(buckets.reduce_bucket_size, params)
     shard = (params - experts) // n + experts // layout.edp  # the "P / N" of one ZeRO partition
@@ -389,12 +398,14 @@ def stage_memory(work: Workload, layout: Layout, stage: int, blocks: int) -> Sta
     params = stage_parameters(model, tp, pp, stage, blocks, ep)
     states = state_bytes(work, layout, params, persistent_parameters(model, tp, pp, stage, blocks),
                          largest_tensor(model, tp, pp, stage, ep), stage_expert_parameters(model, tp, pp, stage, ep))
-    sp = layout.sequence_parallel
-    per_block = [block_activation_bytes(work, tp, layout.micro_batch, i, sp) for i in stage_layers(model, pp, stage)]
-    ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch, sp)
+    sp, cp = layout.sequence_parallel, layout.cp
+    per_block = [block_activation_bytes(work, tp, layout.micro_batch, i, sp, cp)
+                 for i in stage_layers(model, pp, stage)]
+    ends = _ends_activation_bytes(work, tp, pp, stage, layout.micro_batch, sp, cp)
     k = layout.recompute_interval
     if k > 0:
-        segment_input = work.activation_bytes * work.seq_length * layout.micro_batch * model.hidden_size
+        tokens = work.seq_length // cp  # this rank's share of each row
+        segment_input = work.activation_bytes * tokens * layout.micro_batch * model.hidden_size
         segment_input //= tp if sp else 1  # this rank's tokens
         saved = math.ceil(len(per_block) / k) * segment_input + ends
         recompute = sum(sorted(per_block)[-k:])  # the costliest segment (MoE blocks save more than dense ones)

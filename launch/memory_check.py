@@ -1,11 +1,12 @@
 """glm-memory-check: the planner's memory estimate against the peak resident memory of a DeepSpeed ZeRO run.
 
     python -m launch.memory_check --config configs/glm-debug.yaml --world 2 --zero-stage 3 \
-        [--steps 3] [--tp 2 [--sequence-parallel]] [--set model.hidden_size=1024 ...]
+        [--steps 3] [--tp 2 [--sequence-parallel]] [--set model.hidden_size=1024 ...] [--set parallel.cp=2]
 
 Spawns `world` CPU processes on gloo. Each builds the trainer's own engine for the config
 (trainer/engine/build.py: DeepSpeed's plain engine at pp = 1, ZeRO-3 under zero.Init) at the asked ZeRO stage,
-and trains `steps` optimizer steps on random tokens. On CPU the device is the host, so a rank's resident set is its
+and trains `steps` optimizer steps on random tokens (with parallel.cp, each rank its chunks of every row:
+trainer/parallel/context.py). On CPU the device is the host, so a rank's resident set is its
 device memory: the process's baseline (measured after importing torch and DeepSpeed and joining the process
 group, before the model exists) and its peak resident set over the training steps (Linux VmHWM, reset after
 the engine is built, so the one-time full-model copies of the set-up are not counted) are printed beside
@@ -51,14 +52,17 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _batch(config: Config, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def _batch(config: Config, generator: torch.Generator,
+           cp_group) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     from trainer.model.mask import segments_of_sep
+    from trainer.parallel.context import split_row
 
     b, s = config.parallel.micro_batch_size, config.data.seq_length
     ids = torch.randint(0, config.model.vocab_size, (b, s), generator=generator)  # [b, s]
     positions = torch.arange(s).expand(b, s)
     segments = segments_of_sep(torch.full((b,), s // 2), s)  # [b, 2, s]
-    return (ids, positions, torch.zeros_like(positions), segments), (ids, torch.ones_like(ids))
+    inputs, target = (ids, positions, torch.zeros_like(positions), segments), (ids, torch.ones_like(ids))
+    return tuple(split_row(t, cp_group) for t in inputs), tuple(split_row(t, cp_group) for t in target)
 
 
 def _rank(rank: int, world: int, port: int, config: Config, steps: int, results: "mp.Queue") -> None:
@@ -73,14 +77,15 @@ def _rank(rank: int, world: int, port: int, config: Config, steps: int, results:
     from trainer.parallel.topology import Topology
 
     init_distributed()
-    topology = Topology.create(config.parallel.tp, 1)
+    topology = Topology.create(config.parallel.tp, 1, config.parallel.cp)
     model_parallel_seed(config.train.seed, topology)
     baseline = resident_bytes("VmRSS")
     steps_of = build_engine(config, topology, world).steps
     reset_peak()
-    generator = torch.Generator().manual_seed(rank)
+    generator = torch.Generator().manual_seed(topology.dp_rank)  # the cp ranks of a row read the same row
     for _ in range(steps):
-        steps_of.train_batch([_batch(config, generator) for _ in range(config.grad_accum_steps(world))])
+        steps_of.train_batch([_batch(config, generator, topology.cp_group)
+                              for _ in range(config.grad_accum_steps(world))])
     results.put({"rank": rank, "baseline": baseline, "peak": resident_bytes("VmHWM")})
 
 
@@ -116,10 +121,11 @@ def measure(config: Config, world: int, steps: int) -> list[dict]:
 
 
 def estimate(config: Config, world: int) -> dict:
-    """launch/memory.py's estimate of one CPU rank of this run (dp = world / tp)."""
+    """launch/memory.py's estimate of one CPU rank of this run (dp = world / (tp * cp))."""
     p, o = config.parallel, config.optim
-    layout = Layout(p.tp, 1, world // p.tp, p.micro_batch_size, config.grad_accum_steps(world), p.recompute_interval,
-                    o.zero_stage, o.offload_optimizer, o.offload_params, sequence_parallel=p.sequence_parallel)
+    layout = Layout(p.tp, 1, world // (p.tp * p.cp), p.micro_batch_size, config.grad_accum_steps(world),
+                    p.recompute_interval, o.zero_stage, o.offload_optimizer, o.offload_params, cp=p.cp,
+                    sequence_parallel=p.sequence_parallel)
     return stage_memory(Workload.from_config(config, on_cpu=True), layout, 0, config.model.num_layers).to_dict()
 
 
@@ -127,7 +133,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = OneLineParser(prog="glm-memory-check", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--world", type=int, default=2, help="CPU processes (data-parallel ranks; default 2)")
+    parser.add_argument("--world", type=int, default=2, help="CPU processes (tp x dp x cp ranks; default 2)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps measured (default 3)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1; dp = world / tp)")
@@ -149,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     predicted = estimate(config, args.world)
     peak = max(row["peak"] for row in rows)
     print(json.dumps({"world": args.world, "tp": args.tp, "sequence_parallel": args.sequence_parallel,
-                      "zero_stage": args.zero_stage, "ranks": rows,
+                      "cp": config.parallel.cp, "zero_stage": args.zero_stage, "ranks": rows,
                       "measured_peak_bytes": peak, "estimate": predicted,
                       "error": round((predicted["total"] - peak) / peak, 4)}, indent=1))
     return 0

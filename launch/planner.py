@@ -5,11 +5,15 @@ activation recomputation), following the rules that work at scale (Narayanan et 
   count, the attention heads and the MLP width (and a mixture of experts' expert width);
 - pipeline parallelism only when the model fits no other way: the smallest pp wins, and at each pp
   plain training is preferred to activation recomputation, then the smallest tp;
-- data parallelism takes the rest: dp = world / (tp * pp);
-- expert parallelism (a mixture-of-experts model only) splits the routed experts over ep of the dp ranks: ep
-  divides dp (dp * cp) and the expert count; at each tp the smallest ep that fits wins, since ep adds no ranks but
+- context parallelism (cp, each row split over cp ranks) only when a sequence fits no other way: the
+  layouts that offload nothing are tried at cp = 1, then at cp = 2, 4, ... (cp dividing the devices, and
+  data.seq_length a multiple of 2 cp), and only then those that offload, at each cp in turn (_cp_ladder);
+  its activations are divided as trainer/parallel/context.py divides them (launch/memory.py);
+- data parallelism takes the rest: dp = world / (tp * pp * cp);
+- expert parallelism (a mixture-of-experts model only) splits the routed experts over ep of the dp x cp ranks: ep
+  divides dp * cp and the expert count; at each tp the smallest ep that fits wins, since ep adds no ranks but
   sends k copies of every token to other ranks and back in each MoE block (all-to-all), where tp's traffic stays
-  inside a node; ZeRO-1/2 then shard the experts' states over edp = dp / ep, the others' over dp (ZeRO-3 is
+  inside a node; ZeRO-1/2 then shard the experts' states over edp = dp cp / ep, the others' over dp cp (ZeRO-3 is
   planned at ep = 1 only: it would partition each expert's weights over ranks that hold other experts);
 - every global batch of the run (parallel.global_batch_size, and under batch-size warmup its start and
   increment) must be micro-batch x dp x a whole accumulation, so micro-batch x dp divides their greatest
@@ -19,8 +23,9 @@ activation recomputation), following the rules that work at scale (Narayanan et 
   micro-batches in flight).
 
 What the user fixed (--tp, --pp, --ep, --micro-batch, or the same keys in the YAML / --set) is validated,
-not chosen. Rank order is DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model):
-rank = (pp_rank * dp + dp_rank) * tp + tp_rank, so a tensor-parallel group is adjacent ranks on one node.
+not chosen. Rank order is trainer/parallel/mesh.py's, rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp +
+tp_rank (DeepSpeed's PipeModelDataParallelTopology at cp = 1), so a tensor-parallel group is adjacent ranks on
+one node.
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ Zero = tuple[int, str, str]
 
 BUBBLE_LIMIT = 0.10
 MAX_NODES_SEARCHED = 1024
+MAX_CP_BOUND = 64
+"""The largest context parallelism the lower bound of a refusal assumes (a 128K row in chunks of 1K)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Fixed:
     tp: Optional[int] = None
     pp: Optional[int] = None
     ep: Optional[int] = None
+    cp: Optional[int] = None
     micro_batch: Optional[int] = None
     recompute_interval: Optional[int] = None
     zero_stage: Optional[int] = None
@@ -114,7 +122,8 @@ class Plan:
     def overrides(self) -> list[str]:
         """The layout as glm-train `--set` values."""
         layout = self.layout
-        return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}",
+        return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.cp={layout.cp}",
+                f"parallel.ep={layout.ep}",
                 f"parallel.micro_batch_size={layout.micro_batch}",
                 f"parallel.recompute_interval={layout.recompute_interval}",
                 f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
@@ -122,21 +131,20 @@ class Plan:
                 f"optim.offload_params={layout.offload_params}"]
 
     def ranks(self) -> list[dict]:
-        """Host, device, (pp, dp, tp) and (ep, edp) coordinates and blocks [first, stop) of every global rank."""
-        tp, dp = self.layout.tp, self.layout.dp
+        """Host, device, (pp, dp, cp, tp) and (ep, edp) coordinates and blocks [first, stop) of every global rank."""
         starts = [sum(self.blocks[:stage]) for stage in range(len(self.blocks))]
         table = []
         for rank, (host, device) in enumerate(self.cluster.rank_devices()):
-            pp_rank, dp_rank, tp_rank = rank // (tp * dp), (rank // tp) % dp, rank % tp
-            expert = self.layout.coordinates(rank)
-            table.append({"rank": rank, "host": host, "device": device, "pp_rank": pp_rank,
-                          "dp_rank": dp_rank, "tp_rank": tp_rank, "ep_rank": expert["ep"], "edp_rank": expert["edp"],
-                          "blocks": [starts[pp_rank], starts[pp_rank] + self.blocks[pp_rank]]})
+            at = self.layout.coordinates(rank)
+            table.append({"rank": rank, "host": host, "device": device, "pp_rank": at["pp"],
+                          "dp_rank": at["dp"], "cp_rank": at["cp"], "tp_rank": at["tp"], "ep_rank": at["ep"],
+                          "edp_rank": at["edp"], "blocks": [starts[at["pp"]], starts[at["pp"]] + self.blocks[at["pp"]]]})
         return table
 
     def to_dict(self) -> dict:
         layout, peak = self.layout, self.peak
-        return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep, "world_size": layout.world_size,
+        return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp, "ep": layout.ep,
+                "world_size": layout.world_size,
                 "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
                 "global_batch": self.global_batch, "recompute_interval": layout.recompute_interval,
                 "sequence_parallel": layout.sequence_parallel,
@@ -163,10 +171,11 @@ def estimate(work: Workload, layout: Layout) -> list[StageMemory]:
     return [stage_memory(work, layout, stage, count) for stage, count in enumerate(blocks)]
 
 
-def sequence_parallel(work: Workload, fixed: Fixed, tp: int) -> bool:
+def sequence_parallel(work: Workload, fixed: Fixed, tp: int, cp: int = 1) -> bool:
     """Sequence parallelism wherever tp > 1 allows it (it divides the activations outside attention and the MLP by
-    tp at the communication volume of tensor parallelism), unless the user fixed it (off, or where allowed on)."""
-    allowed = tp > 1 and work.seq_length % tp == 0 and not work.model.moe_num_experts  # MoE: config refuses sp
+    tp at the communication volume of tensor parallelism), unless the user fixed it (off, or where allowed on);
+    each rank's s / cp tokens of a row must split over tp."""
+    allowed = tp > 1 and work.seq_length % (tp * cp) == 0 and not work.model.moe_num_experts  # MoE: config refuses sp
     return allowed and fixed.sequence_parallel in (None, True)
 
 
@@ -223,23 +232,58 @@ def _ladder(work: Workload, cluster: Cluster, fixed: Fixed, nvme: bool) -> Itera
             yield pp, allowed
 
 
-def _ep_choices(work: Workload, fixed: Fixed, dp: int) -> list[int]:
-    """The expert-parallel sizes for dp data-parallel ranks, smallest first: the divisors of dp that divide the
+def _ep_choices(work: Workload, fixed: Fixed, dp_cp: int) -> list[int]:
+    """The expert-parallel sizes for dp_cp = dp * cp ranks, smallest first: the divisors of dp_cp that divide the
     expert count (1 for a dense model), or the fixed one when it is among them."""
     experts = work.model.moe_num_experts
-    choices = [ep for ep in range(1, dp + 1) if dp % ep == 0 and (experts % ep == 0 if experts else ep == 1)]
+    choices = [ep for ep in range(1, dp_cp + 1) if dp_cp % ep == 0 and (experts % ep == 0 if experts else ep == 1)]
     return choices if fixed.ep is None else [ep for ep in choices if ep == fixed.ep]
 
 
-def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int
-                ) -> Iterator[tuple[int, int, int]]:
-    """(tp, dp, ep) with tp * pp * dp = the world size, dp dividing every batch of the run and ep dividing dp and
-    the experts, smallest tp first, then smallest ep."""
+def _cp_choices(work: Workload, cluster: Cluster, fixed: Fixed) -> list[int]:
+    """The context-parallel sizes to try, in order: 1, then the powers of two that divide the devices and cut
+    every row into 2 cp equal chunks (trainer/parallel/context.py)."""
+    if fixed.cp is not None:
+        return [fixed.cp]
+    sizes, cp = [1], 2
+    while cp <= cluster.world_size:
+        if cluster.world_size % cp == 0 and work.seq_length % (2 * cp) == 0:
+            sizes.append(cp)
+        cp *= 2
+    return sizes
+
+
+def _cp_ladder(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed,
+               nvme: bool) -> Iterator[tuple[int, int, list[Zero]]]:
+    """(cp, pp, ZeRO choices): the ladder's rungs that offload nothing at cp = 1, 2, 4, ..., then those that
+    offload at each cp: a longer sequence is split over more devices before its states leave them. cp > 1 is
+    for memory only: where no layout at cp = 1 can take the batches (dp or the fixed micro-batch does not
+    divide them), the refusal says so rather than a cp that happens to shrink dp."""
+    rungs = list(_ladder(work, cluster, fixed, nvme))
+    cps = _cp_choices(work, cluster, fixed) if fixed.cp or _batches_fit(work, cluster, batches, fixed, rungs) else [1]
+    for offloads in (False, True):
+        for cp in cps:
+            for pp, zeros in rungs:
+                kept = [zero for zero in zeros if (zero[1:] != ("none", "none")) == offloads]
+                if kept:
+                    yield cp, pp, kept
+
+
+def _batches_fit(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, rungs: list) -> bool:
+    """Whether some layout at cp = 1 takes every batch of the run (dp and the fixed micro-batch divide them)."""
+    return any(not fixed.micro_batch or (batches.unit // dp) % fixed.micro_batch == 0
+               for pp, _ in rungs for _, dp, _ in _candidates(work, cluster, batches, fixed, pp))
+
+
+def _candidates(work: Workload, cluster: Cluster, batches: Batches, fixed: Fixed, pp: int,
+                cp: int = 1) -> Iterator[tuple[int, int, int]]:
+    """(tp, dp, ep) with tp * pp * cp * dp = the world size, dp dividing every batch of the run and ep dividing
+    dp * cp and the experts, smallest tp first, then smallest ep."""
     world = cluster.world_size
     for tp in _tp_choices(work, cluster, fixed):
-        if world % (tp * pp) == 0 and batches.unit % (world // (tp * pp)) == 0:
-            dp = world // (tp * pp)
-            for ep in _ep_choices(work, fixed, dp):
+        if world % (tp * pp * cp) == 0 and batches.unit % (world // (tp * pp * cp)) == 0:
+            dp = world // (tp * pp * cp)
+            for ep in _ep_choices(work, fixed, dp * cp):
                 yield tp, dp, ep
 
 
@@ -248,17 +292,17 @@ def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory,
     """The preferred layout that fits, or None; `nvme`: optim.nvme_path is set, NVMe offload may be planned;
     `preferred_micro`: the YAML's micro-batch, kept when the rule allows."""
     intervals = [fixed.recompute_interval] if fixed.recompute_interval is not None else [0, 1]
-    for pp, zeros in _ladder(work, cluster, fixed, nvme):
-        candidates = list(_candidates(work, cluster, batches, fixed, pp))
+    for cp, pp, zeros in _cp_ladder(work, cluster, batches, fixed, nvme):
+        candidates = list(_candidates(work, cluster, batches, fixed, pp, cp))
         for interval in intervals:
             for tp, dp, ep in candidates:
                 for stage, offload_optimizer, offload_params in zeros:
-                    if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp) == 0:
-                        continue  # an fp32 ZeRO-1 at dp = 1 runs stage 0, which offloads nothing
+                    if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp * cp) == 0:
+                        continue  # an fp32 ZeRO-1 at dp x cp = 1 runs stage 0, which offloads nothing
                     if stage == 3 and ep > 1:
                         continue  # ZeRO-3 would partition each expert over ranks that hold other experts
-                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, ep=ep,
-                                    sequence_parallel=sequence_parallel(work, fixed, tp))
+                    layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, cp=cp,
+                                    ep=ep, sequence_parallel=sequence_parallel(work, fixed, tp, cp))
                     chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)
                     if chosen is not None:
                         return Plan(chosen, cluster, blocks_per_stage(work.model.num_layers, pp),
@@ -291,16 +335,20 @@ def _lower_bound(work: Workload, cluster: Cluster, global_batch: int, fixed: Fix
     """Bytes per device of the most memory-frugal layout this node shape allows among what `fixed` leaves
     open: the largest tp, micro-batch 1, recomputation, the states sharded over the whole global batch, the
     experts over the largest ep that divides it (and the experts), and either one block per stage (ZeRO-1) or
-    one stage with ZeRO-3 (its weights offloaded on GPUs)."""
+    one stage with ZeRO-3 (its weights offloaded on GPUs), and the largest context parallelism a row allows up
+    to MAX_CP_BOUND."""
     tp = max(_tp_choices(work, cluster, fixed), default=1)
+    row_splits = [2 ** i for i in range(MAX_CP_BOUND.bit_length()) if work.seq_length % 2 ** (i + 1) == 0]
+    cp = fixed.cp or max([1] + row_splits)
     interval = 1 if fixed.recompute_interval is None else fixed.recompute_interval
     micro, offload = fixed.micro_batch or 1, "none" if cluster.kind == "cpu" else "cpu"
     frugal = [(fixed.pp or work.model.num_layers, (1, "none", "none"))]
     frugal += [(1, (3, offload, offload)), (1, (3, "none", "none"))] if fixed.pp in (None, 1) else []
     ep = (fixed.ep or math.gcd(work.model.moe_num_experts, global_batch)) if work.model.moe_num_experts else 1
-    sp = sequence_parallel(work, fixed, tp)
+    sp = sequence_parallel(work, fixed, tp, cp)
     totals = [max(stage.total for stage in estimate(work, Layout(tp, pp, global_batch, micro, 1, interval, *zero,
-                                                                 ep=1 if zero[0] == 3 else ep, sequence_parallel=sp)))
+                                                                 cp=cp, ep=1 if zero[0] == 3 else ep,
+                                                                 sequence_parallel=sp)))
               for pp, zero in frugal if fixed.allows(zero)]
     return min(totals, default=0)
 
@@ -321,6 +369,10 @@ def _check_fixed(work: Workload, cluster: Cluster, fixed: Fixed) -> None:
     for name, value in (("micro-batch", fixed.micro_batch), ("checkpoint interval", fixed.recompute_interval)):
         if value is not None and value < (1 if name == "micro-batch" else 0):
             raise ConfigError(f"the {name} must be >= {1 if name == 'micro-batch' else 0}, got {value}")
+    if fixed.cp is not None and (fixed.cp < 1 or cluster.world_size % fixed.cp or work.seq_length % (2 * fixed.cp)):
+        raise ConfigError(f"cp={fixed.cp} must be >= 1, divide the {cluster.world_size} devices and cut "
+                          f"data.seq_length={work.seq_length} into 2 cp equal chunks: choose another parallel.cp or "
+                          f"leave it to the planner")
     if fixed.tp and fixed.pp and cluster.world_size % (fixed.tp * fixed.pp):
         raise ConfigError(f"tp * pp = {fixed.tp} * {fixed.pp} does not divide the {cluster.world_size} devices: "
                           f"dp = devices / (tp * pp) must be a whole number")
@@ -357,8 +409,8 @@ def describe_zero(layout: Layout) -> str:
 
 def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory, fixed: Fixed, nvme: bool) -> str:
     where = f"{cluster.world_size} devices of {cluster.memory_bytes / 1e9:.1f} GB"
-    layouts = [(tp, pp, dp) for pp, _ in _ladder(work, cluster, fixed, nvme)
-               for tp, dp, _ in _candidates(work, cluster, batches, fixed, pp)]
+    layouts = [(tp, pp, dp) for cp, pp, _ in _cp_ladder(work, cluster, batches, fixed, nvme)
+               for tp, dp, _ in _candidates(work, cluster, batches, fixed, pp, cp)]
     if not layouts:
         experts = f" and a divisor ep={fixed.ep} of dp" if fixed.ep else ""
         return (f"no layout tp * pp * dp = {cluster.world_size} has tp dividing the heads and the node size and "
@@ -388,8 +440,9 @@ def _refusal(work: Workload, cluster: Cluster, batches: Batches, host: HostMemor
 
 def _summary(plan: Plan) -> str:
     layout = plan.layout
+    context = f"cp {layout.cp}, " if layout.cp > 1 else ""
     experts = f"ep {layout.ep}, " if layout.ep > 1 else ""
-    return (f"tp {layout.tp}, pp {layout.pp}, dp {layout.dp}, {experts}micro-batch {layout.micro_batch}, "
+    return (f"tp {layout.tp}, pp {layout.pp}, {context}dp {layout.dp}, {experts}micro-batch {layout.micro_batch}, "
             f"recomputation {'on' if layout.recompute_interval else 'off'}, "
             f"{'sequence parallelism, ' * layout.sequence_parallel}{describe_zero(layout)}, "
             f"{plan.peak.total / 1e9:.1f} GB per device")

@@ -192,15 +192,6 @@ def test_the_config_computes_dp_and_checks_the_ep_rule():
         config.parallel.layout(4)
 
 
-def test_context_parallelism_is_refused_for_now():
-    config = Config()
-    config.parallel.cp = 2
-    assert config.parallel.layout(8).world_size == 8  # the layout exists ...
-    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism is not implemented yet; "
-                                          "set parallel.cp=1"):
-        config.validate(world_size=8)  # ... but no model code runs it yet
-
-
 def test_expert_parallelism_needs_experts_that_split_evenly_in_fp32_without_zero():
     config = Config()
     config.parallel.ep = 2

@@ -37,8 +37,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size (number of stages). Data parallel is world_size / (pp * cp * tp)."""
     cp: int = 1
-    """Context-parallel size: ranks that split each sequence between them. Not implemented yet (only 1 runs); the
-    topology already builds its groups, ranked between dp and tp (docs/TRAINING.md)."""
+    """Context-parallel size: ranks that split each row between them, in 2 cp load-balanced chunks (rank r: chunk
+    r and chunk 2 cp - 1 - r), attention all-gathering the row's keys and values. data.seq_length must be a
+    multiple of 2 * cp (docs/TRAINING.md, "Context parallelism")."""
     ep: int = 1
     """Expert-parallel size: ranks that split each MoE layer's routed experts between them (rank r of ep holds
     the r-th block of moe_num_experts / ep), taken from the dp * cp ranks, so it must divide dp * cp and
@@ -71,10 +72,18 @@ class ParallelConfig:
         except ValueError as error:
             raise ConfigError(f"parallel.ep={self.ep}: {error}; choose an ep that divides dp * cp") from None
 
-    def refuse_unimplemented_axes(self) -> None:
-        """Context parallelism has its groups (trainer/parallel/topology.py) but no model code yet."""
-        if self.cp > 1:
-            raise ConfigError(f"parallel.cp={self.cp}: context parallelism is not implemented yet; set parallel.cp=1")
+    def check_context_parallel(self, seq_length: int, eval_tasks: list) -> None:
+        """cp > 1 cuts each row of seq_length tokens into 2 cp equal chunks (trainer/parallel/context.py), and
+        trains on whole rows only: the in-loop harness evaluation runs the live model on rows of its own."""
+        if self.cp == 1:
+            return
+        if seq_length % (2 * self.cp):
+            raise ConfigError(f"data.seq_length={seq_length} is not a multiple of 2 * parallel.cp = {2 * self.cp}: "
+                              f"context parallelism cuts each row into 2 cp equal chunks; choose a seq_length "
+                              f"divisible by {2 * self.cp} or another parallel.cp")
+        if eval_tasks:
+            raise ConfigError(f"train.eval_tasks with parallel.cp={self.cp}: the in-loop harness evaluation runs the "
+                              f"live model on whole rows; evaluate the checkpoints with glm-eval --harness instead")
 
 
 @dataclass
@@ -256,7 +265,10 @@ class Config:
             self.data_parallel_size(world_size)
             self.grad_accum_steps(world_size)
             self.check_batch_size_warmup(world_size)
-        p.refuse_unimplemented_axes()
+        p.check_context_parallel(self.data.seq_length, t.eval_tasks)
+        if p.cp > 1 and self.model.moe_aux_loss_coeff:
+            raise ConfigError(f"model.moe_aux_loss_coeff with parallel.cp={p.cp}: the balance loss would be computed "
+                              f"on each rank's chunks, not the whole row; set model.moe_aux_loss_coeff=0 or parallel.cp=1")
 
     def _validate_sequence_parallel(self) -> None:
         """parallel.sequence_parallel splits each row's tokens over the tensor-parallel ranks."""
@@ -267,10 +279,11 @@ class Config:
             raise ConfigError(f"parallel.sequence_parallel=true needs tensor parallelism (it splits the sequence over "
                               f"the tensor-parallel ranks), got parallel.tp={p.tp}: set parallel.tp > 1 or "
                               f"parallel.sequence_parallel=false")
-        if self.data.seq_length % p.tp:
+        if self.data.seq_length % (p.tp * p.cp):
             raise ConfigError(f"parallel.sequence_parallel=true splits each row over the tensor-parallel ranks: "
-                              f"data.seq_length={self.data.seq_length} is not divisible by parallel.tp={p.tp}; "
-                              f"choose a data.seq_length that is a multiple of {p.tp}")
+                              f"data.seq_length={self.data.seq_length} is not divisible by parallel.tp={p.tp}"
+                              f"{f' x parallel.cp={p.cp}' if p.cp > 1 else ''}; choose a data.seq_length that is a "
+                              f"multiple of {p.tp * p.cp}")
         if self.train.eval_tasks:
             raise ConfigError("train.eval_tasks scores requests of any length on the live model, which "
                               "parallel.sequence_parallel=true splits over the tensor ranks: evaluate the checkpoints "

@@ -47,13 +47,15 @@ def build_module(config: Config, topology: Topology, ds_config: dict) -> torch.n
         return GLMPipeline(config.model, topology, seed, recompute_interval=interval, recompute=recompute,
                            sequence_parallel=sp)
     if ds_config["zero_optimization"]["stage"] != 3:
-        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group, sp)
+        return GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group, sp,
+                             topology.cp_group)
     # Partitioned over the data-parallel ranks only: without data_parallel_group zero.Init partitions over the
     # whole world, so at tp > 1 a gathered weight would be pieced together from different tensor ranks' shards.
     mpu = DeepSpeedMPU(topology)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu,
                              data_parallel_group=mpu.get_data_parallel_group(), **zero_init_arguments(config)):
-        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group, sp)
+        module = GLMTrainModel(config.model, topology.tp_group, seed, interval, recompute, topology.ep_group, sp,
+                               topology.cp_group)
     # ZeRO-3 gathers a weight only inside the forward of the module that owns it; the loss computes the logits
     # with the output weight (the word embedding when tied), which another module owns.
     deepspeed.zero.register_external_parameter(module.loss_fn, module.output_weight)
@@ -82,7 +84,9 @@ def build_engine(config: Config, topology: Topology, world_size: int,
     reduction = GradReduction(trainable, topology) if topology.ep > 1 else None
     before_step = _before_step(reduction, clipping)
     if plain:
-        steps = PlainSteps(engine, topology.dp_group, before_step=before_step, reduces_itself=reduction is not None)
+        # the reported loss: the mean over DeepSpeed's data-parallel ranks, dp x cp (engine/step_loss.py)
+        steps = PlainSteps(engine, topology.dp_cp_group, before_step=before_step,
+                           reduces_itself=reduction is not None)
     else:
         steps = PipelineSteps(engine)
         if before_step is not None:

@@ -73,8 +73,10 @@ def effective_zero_stage(requested: int, precision: str, data_parallel: int) -> 
 
 
 def zero_stage(config: Config, world_size: int) -> int:
-    """effective_zero_stage of a run on `world_size` ranks."""
-    return effective_zero_stage(config.optim.zero_stage, config.train.precision, config.data_parallel_size(world_size))
+    """effective_zero_stage of a run on `world_size` ranks, whose ZeRO partitions over DeepSpeed's data-parallel
+    ranks: dp x cp (engine/ds_topology.py)."""
+    layout = config.parallel.layout(world_size)
+    return effective_zero_stage(config.optim.zero_stage, config.train.precision, layout.dp * layout.cp)
 
 
 def uses_own_clipping(config: Config, world_size: int) -> bool:
@@ -124,7 +126,8 @@ def build_ds_config(config: Config, world_size: int) -> dict:
     the trainer (engine/optimizer.py, engine/schedule.py) so their exact math is ours and tested."""
     parallel, optim, precision = config.parallel, config.optim, config.train.precision
     ds = {
-        "train_batch_size": parallel.global_batch_size,
+        # DeepSpeed's data axis is dp x cp (engine/ds_topology.py): each cp rank of a row counts it once.
+        "train_batch_size": parallel.global_batch_size * parallel.cp,
         "train_micro_batch_size_per_gpu": parallel.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum_steps(world_size),
         # The trainer's own clipping replaces DeepSpeed's in fp32 without ZeRO (trainer/engine/build.py).

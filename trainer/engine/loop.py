@@ -34,11 +34,12 @@ from trainer.engine.metrics import MetricsWriter
 from trainer.engine.moe_balance import ExpertBalancing
 from trainer.engine.run_dir import start_run_dir
 from trainer.engine.schedule import consumed_samples_at, global_batch_at
-from trainer.engine.step_loss import StepCounts, step_counts
+from trainer.engine.step_loss import StepCounts, loss_replicas, step_counts
 from trainer.engine.step_values import StepValues
 from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
 from trainer.parallel.comm import mean_over_
+from trainer.parallel.context import split_row
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
 
@@ -61,19 +62,24 @@ class RunResult:
 
 
 def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None,
-                    mtp_normaliser: Optional[torch.Tensor] = None) -> tuple:
+                    mtp_normaliser: Optional[torch.Tensor] = None, cp_group=None) -> tuple:
     """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
     (labels, loss_mask[, normaliser, loss_positions[, MTP normaliser]])); segments [b, 2, s] = (segment_start,
     segment_sep), the mask's input; normaliser: the step's loss normaliser (trainer/engine/step_loss.py), with which
-    the loss also takes the collate step's loss positions (GLMLoss); mtp_normaliser: the MTP layer's; without
-    them each loss is the rows' token mean."""
+    the loss also takes the loss positions (GLMLoss); mtp_normaliser: the MTP layer's; without them each loss is
+    the rows' token mean. With a cp_group every per-token tensor is cut to this rank's chunks of each row,
+    s -> s / cp (the one place the batch is split: trainer/parallel/context.py), and the loss positions, which
+    collate counted on the whole rows, are recounted on the chunks (the flat indices of their loss tokens)."""
     segments = stack_segments(batch["segment_start"], batch["segment_sep"])  # [b, 2, s]
+    inputs = (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments)
     target = (batch["labels"], batch["loss_mask"])
+    inputs, target = (tuple(split_row(t, cp_group) for t in part) for part in (inputs, target))  # [.., s / cp]
     if normaliser is not None:
-        target += (normaliser, batch["loss_positions"])
+        positions = batch["loss_positions"] if cp_group is None else target[1].reshape(-1).nonzero().squeeze(1)
+        target += (normaliser, positions)  # positions [n]: flat indices into [b, s / cp]
         if mtp_normaliser is not None:
             target += (mtp_normaliser,)
-    return (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments), target
+    return inputs, target
 
 
 def validation_rows(config: Config) -> range:
@@ -99,7 +105,8 @@ def micro_batches(collated: list[dict], topology: Topology, mtp: bool = False) -
     step's loss tokens (with `mtp` the MTP layer's by its own), and the step's counts
     (trainer/engine/step_loss.py: a collective over the dp ranks)."""
     counts = step_counts(collated, topology, get_accelerator().current_device_name(), mtp)
-    return [pipeline_format(batch, counts.normaliser, counts.mtp_normaliser) for batch in collated], counts
+    return [pipeline_format(batch, counts.normaliser, counts.mtp_normaliser, topology.cp_group)
+            for batch in collated], counts
 
 
 class NextStepRows:
@@ -152,7 +159,7 @@ class Trainer:
         nan_steps = injected_nan_steps()  # read before the process group starts: a bad value leaves nothing behind
         self.rank, self.world_size = init_distributed(config.train.collective_timeout_minutes)
         config.data_parallel_size(self.world_size)  # the one check left: the layout fits the ranks started
-        self.topology = Topology.create(config.parallel.tp, config.parallel.pp)
+        self.topology = Topology.create(config.parallel.tp, config.parallel.pp, config.parallel.cp, config.parallel.ep)
         model_parallel_seed(config.train.seed, self.topology)
         self.dataset = build_sequences(config.data, config.train.seed)
         if config.model.vocab_size < self.dataset.tokenizer.vocab_size:
@@ -200,7 +207,8 @@ class Trainer:
             batches, counts = micro_batches(collated_micro_batches(self.valid, index * batch_size, grad_accum,
                                                                    self.topology, config.parallel.micro_batch_size),
                                             self.topology)
-            loss_tokens = float(counts.normaliser) * grad_accum * self.topology.dp  # N = normaliser * GAS * dp
+            # N = normaliser * GAS * dp * cp (trainer/engine/step_loss.py)
+            loss_tokens = float(counts.normaliser) * grad_accum * loss_replicas(self.topology)
             nll += float(self.steps.eval_batch(batches, grad_accum)) * loss_tokens  # the batch's token mean * N
             tokens += loss_tokens
         loss = nll / tokens
@@ -212,8 +220,8 @@ class Trainer:
         been queued (trainer/engine/step_values.py): loss, gradient norm, real tokens and the stop flag."""
         config, engine, values = self.config, self.engine, self.values
         batch_size = global_batch_at(self.step, config)
-        if batch_size != engine.train_batch_size():
-            engine.set_train_batch_size(batch_size)
+        if batch_size * self.topology.cp != engine.train_batch_size():  # DeepSpeed's count: engine/ds_config.py
+            engine.set_train_batch_size(batch_size * self.topology.cp)
         skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]
         values.start()
         start = time.perf_counter()

@@ -4,7 +4,7 @@ auxiliary losses, aux-loss-free balancing and the step's routing metrics.
 Before a step every MoE layer on this rank learns what the engine multiplies each micro-batch's loss by before
 backward, 1 / gradient accumulation steps (times the fp16 loss scale): its auxiliary losses enter the gradient by
 that factor, as a term of the micro-batch's loss would. After the step each layer's tokens per expert, counted
-over the step's micro-batches, are summed over the data-parallel ranks, and every layer's expert_bias moves
+over the step's micro-batches, are summed over the dp x cp ranks, and every layer's expert_bias moves
 rate * sign(mean load - load): the counts, and so the bias, are the same on every data-parallel and tensor
 rank (tensor ranks route the same tokens alike). A skipped step (non-finite loss or gradient norm) leaves the
 bias as it was, as it leaves the weights.
@@ -33,7 +33,8 @@ class ExpertBalancing:
     def __init__(self, module: nn.Module, config: ModelConfig, topology: Topology):
         self.layers = [layer for layer in module.modules() if isinstance(layer, GLMMoE)]
         self.config, self.rate = config, config.moe_bias_update_rate
-        self.dp, self.dp_group, self.pp_group = topology.dp, topology.dp_group, topology.pp_group
+        # the ranks that route different tokens of the same layers: dp x cp (each cp rank routes its chunks of a row)
+        self.dp, self.dp_group, self.pp_group = topology.dp * topology.cp, topology.dp_cp_group, topology.pp_group
         self.device = get_accelerator().current_device_name()
 
     def start_step(self, micro_batches: int, loss_scale: float = 1.0) -> None:
@@ -42,7 +43,7 @@ class ExpertBalancing:
             layer.loss_grad_scale = loss_scale / micro_batches
 
     def finish_step(self, update_bias: bool) -> dict:
-        """After the optimizer step, on every rank (collectives over the data-parallel and pipeline groups): move
+        """After the optimizer step, on every rank (collectives over the dp x cp and pipeline groups): move
         the biases if update_bias, and return the step's metrics (module docstring)."""
         experts = self.config.moe_num_experts
         blocks = self.config.num_layers + self.config.mtp_layers  # the MTP layer's block is block N (0-based)

@@ -41,7 +41,7 @@ def build_layer_specs(model: ModelConfig, topology: Topology, seed: int, sequenc
     """The flat layer list of the GLM pipeline, glm_pieces in order (global indices: 0 embedding, 1..N blocks,
     N+1 norm, N+2 output head)."""
     return [layer_spec(piece) for piece in glm_pieces(model, topology.tp_group, seed, topology.ep_group,
-                                                      sequence_parallel)]
+                                                      sequence_parallel, topology.cp_group)]
 
 
 def recomputed_layers(model: ModelConfig) -> list[str]:

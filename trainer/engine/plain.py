@@ -33,8 +33,9 @@ class GLMTrainModel(GLMModel):
     activation_checkpoint_interval does."""
 
     def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, recompute_interval: int = 0,
-                 recompute: Optional[Callable] = None, ep_group=None, sequence_parallel: bool = False):
-        super().__init__(config, tp_group, seed, ep_group, sequence_parallel)
+                 recompute: Optional[Callable] = None, ep_group=None, sequence_parallel: bool = False,
+                 cp_group=None):
+        super().__init__(config, tp_group, seed, ep_group, sequence_parallel, cp_group)
         self.loss_fn = GLMLoss(config, tp_group)
         self.recompute_interval = recompute_interval
         self.recompute = recompute

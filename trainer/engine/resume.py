@@ -82,7 +82,9 @@ def deepspeed_can_load(engine, topology: Topology, tag_dir: Path) -> bool:
     """Whether DeepSpeed's own load_checkpoint restores tag_dir exactly (RNG states included): it was written by
     this very layout and engine, with the same optimizer files (ZeRO stage, offload), and none of DeepSpeed's
     own loading gaps applies."""
-    same_layout = (read_layout(tag_dir) == Layout(topology.tp, topology.pp, topology.dp)
+    # DeepSpeed's data axis is dp x cp (engine/ds_topology.py): a checkpoint is written as if cp were dp, so it
+    # resumes at any cp (trainer/parallel/context.py) and DeepSpeed loads it itself where dp x cp is the same.
+    same_layout = (read_layout(tag_dir) == Layout(topology.tp, topology.pp, topology.dp * topology.cp)
                    and is_pipeline_checkpoint(tag_dir) == (topology.pp > 1))  # and the same engine
     # The same optimizer class too: DeepSpeed's own load hands torch AdamW's parameter groups to DeepSpeedCPUAdam
     # (or back) when optim.offload_optimizer changed, and CPUAdam's step then fails on a missing group key.

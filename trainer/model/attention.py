@@ -23,6 +23,10 @@ projection (q_norm, k_norm), shared by every head and replicated over the tensor
 heads contribute only part of that gain's gradient, so the gain enters the forward through copy_to_tp (its
 gradient summed over tp).
 Attention-probability dropout draws from the tensor-parallel RNG stream (each rank's heads differ).
+Context parallelism (cp_group, trainer/parallel/context.py): the rank holds its chunks of each row; its queries
+attend to the whole row's keys and values, all-gathered over the cp ranks after RoPE (each chunk rotated at its
+own positions; g key/value heads travel, not n), under its rows of the mask (GLMMask.chunk, which kernel_mask
+hands the kernel in its form).
 
 Kernels. A micro-batch's mask (`GLMMask`, from the rows' segments [b, 2, s]) is built once and shared by every
 block that sees the same `segments` tensor; `SelfAttention.kernel_mask` picks the form its kernel takes, outside
@@ -56,6 +60,7 @@ from trainer.model.init import fused_normal_init, normal_init, xavier_normal_std
 from trainer.model.mask import GLMMask
 from trainer.model.norm import rms_norm
 from trainer.model.rotary import Rotations, rotate
+from trainer.parallel.context import gather_row
 from trainer.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from trainer.parallel.mappings import copy_to_tp, gather_rows_from_tp, group_rank, group_size
 from trainer.parallel.random import get_rng_tracker
@@ -186,11 +191,12 @@ class HeadNorm(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention of block `layer_number` (1-based); each tensor-parallel
     rank computes num_attention_heads / tp whole heads and the row-parallel dense layer sums their
-    contributions."""
+    contributions. With a cp_group the rank's tokens are its context-parallel chunks of each row."""
 
     def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, cp_group=None):
         super().__init__()
+        self.cp_group = cp_group
         h, n = config.hidden_size, config.num_layers
         tp = group_size(tp_group)
         q_rows, kv_rows, _ = config.qkv_rows
@@ -237,6 +243,10 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads/tp, s, d]
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # [b, g_r, s_k, d]
+        if self.cp_group is not None:  # s = this rank's s_row / cp tokens; keys and values of the whole row
+            if kv_cache is not None:
+                raise ValueError("context parallelism trains on whole rows: no KV cache")
+            k, v = gather_row(k, self.cp_group, dim=2), gather_row(v, self.cp_group, dim=2)  # [b, g_r, s_row, d]
         p = self.config.attention_dropout if self.training else 0.0
         with get_rng_tracker().fork() if p > 0 else nullcontext():  # only dropout draws random numbers
             context = self._core(q, k, v, mask, p)  # [b, n/tp, s, d]
@@ -246,7 +256,10 @@ class SelfAttention(nn.Module):
     def kernel_mask(self, mask: GLMMask, dtype: torch.dtype) -> AttentionMask:
         """The form of the micro-batch's mask this block's kernel takes (module docstring), looked up in the
         mask's cache outside any compiled region: FlexAttention's BlockMask on an accelerator without attention
-        dropout, else the dense bool mask (FP32-softmax formula) or SDPA's additive mask in `dtype`."""
+        dropout, else the dense bool mask (FP32-softmax formula) or SDPA's additive mask in `dtype`. With a
+        cp_group, the rows of this rank's chunks against the whole row's keys (GLMMask.chunk)."""
+        if self.cp_group is not None:
+            mask = mask.chunk(group_size(self.cp_group), group_rank(self.cp_group))
         dropout = self.training and self.config.attention_dropout > 0
         if mask.segments.device.type != "cpu" and not dropout:
             return mask.block_mask()

@@ -37,14 +37,15 @@ from trainer.parallel.sequence import region_rng, sum_grad_over_tp_
 
 
 class GLMBlock(nn.Module):
-    """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple."""
+    """Block `layer_number` (1-based): a pipeline piece mapping the activations tuple to a tuple (with a
+    cp_group, of this rank's context-parallel chunks of each row: trainer/model/attention.py)."""
 
     def __init__(self, config: ModelConfig, layer_number: int, tp_group=None, seed: int = 0, ep_group=None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, cp_group=None):
         super().__init__()
         self.deepnorm_alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
         self.input_layernorm = Norm(config)
-        self.attention = SelfAttention(config, layer_number, tp_group, seed, sequence_parallel)
+        self.attention = SelfAttention(config, layer_number, tp_group, seed, sequence_parallel, cp_group)
         self.post_attention_layernorm = Norm(config)
         if config.is_moe_layer(layer_number - 1):
             self.mlp = GLMMoE(config, layer_number, tp_group, seed, ep_group, sequence_parallel)

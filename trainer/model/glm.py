@@ -85,18 +85,20 @@ def output_head(config: ModelConfig, tp_group=None, seed: int = 0, sequence_para
 
 
 def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
-               sequence_parallel: bool = False) -> list[Piece]:
+               sequence_parallel: bool = False, cp_group=None) -> list[Piece]:
     """The GLM as the flat, ordered list of its pieces (the pipeline's global layer indices: 0 embedding,
     1..N blocks, N+1 final norm, N+2 output head; with model.mtp_layers = 1: N+2 the tied embedding of token t+1,
     N+3 the MTP layer, N+4 the output head); the MoE blocks' routed experts (the MTP layer's too) split over
     ep_group. sequence_parallel (parallel.sequence_parallel, with a tensor-parallel group): the hidden states
     between the embedding and the output head are split along the sequence over the group
-    (trainer/parallel/sequence.py); training only: decoding builds the model without it."""
+    (trainer/parallel/sequence.py); training only: decoding builds the model without it. With a cp_group each
+    rank runs its context-parallel chunks of every row (trainer/parallel/context.py); only attention talks over
+    it (the MTP layer's block's too)."""
     sp = sequence_parallel
     pieces = [Piece("embedding", GLMEmbedding, (config, tp_group, seed, True, sp), "embedding", tie=WORD_EMBEDDING)]
     # A mixture-of-experts block is a GLMBlock whose MLP is GLMMoE (config.is_moe_layer): no piece of its own.
-    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, ep_group, sp),
-                     BLOCK) for number in range(1, config.num_layers + 1)]
+    pieces += [Piece(f"transformer.layers.{number - 1}", GLMBlock, (config, number, tp_group, seed, ep_group, sp,
+                                                                               cp_group), BLOCK) for number in range(1, config.num_layers + 1)]
     if not config.mtp_layers:
         pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config, tp_group, sp), "final_norm"))
         return pieces + [output_head(config, tp_group, seed, sp)]
@@ -108,7 +110,8 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
                         forward_fn=_norm_keeping_activations))
     pieces.append(Piece("embedding", GLMEmbedding, (config, tp_group, seed, False, sp), MTP, tie=WORD_EMBEDDING,
                         forward_fn=embed_next_tokens))
-    pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed, ep_group, sp), MTP)
+    pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed, ep_group, sp, cp_group),
+                     MTP)
                for depth in range(1, config.mtp_layers + 1)]
     return pieces + [output_head(config, tp_group, seed, sp)]
 
@@ -214,13 +217,13 @@ class GLMModel(nn.Module):
     transformer.final_layernorm, and output_layer.weight when the output layer is untied."""
 
     def __init__(self, config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, cp_group=None):
         super().__init__()
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel
         shared: dict[str, nn.Module] = {}
         sequence = []
-        for piece in glm_pieces(config, tp_group, seed, ep_group, sequence_parallel):
+        for piece in glm_pieces(config, tp_group, seed, ep_group, sequence_parallel, cp_group):
             if piece.tie is not None and piece.tie.key in shared:
                 sequence.append((piece, shared[piece.tie.key]))  # the tied head is the embedding module
                 continue

@@ -14,6 +14,12 @@ What travels between pipeline stages is `segments` [b, 2, s] (segment_start, seg
 `stack_segments` only): O(s) per row. `GLMMask` builds the kernels' forms from it once per micro-batch:
 the dense bool [b, 1, s, s], SDPA's additive float mask, and FlexAttention's BlockMask, which skips the
 128 x 128 tiles between two samples and above the diagonal right of every sep.
+
+Context parallelism (trainer/parallel/context.py) hands a rank only its chunks of the row: `segments` [b, 2,
+s / cp] of its own tokens (their start and sep are still absolute row indices), while the keys are the whole
+row's. `GLMMask.chunk(cp, rank)` is the same rule with the queries at the rank's row positions
+(`chunk_positions`) and s keys: the rank's rows of the full mask, in every form. Its BlockMask is built per
+chunk and skips the same hidden tiles as the full one wherever a chunk is a whole number of tiles.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from typing import Callable, Optional
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from trainer.parallel.context import chunk_positions
 
 
 def visible(q_index: torch.Tensor, kv_index: torch.Tensor, start: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
@@ -64,16 +72,23 @@ class GLMMask:
     """The mask of one micro-batch from its segments [b, 2, s], each kernel's form built on first use and kept.
     `GLMMask.of(segments)` hands every caller the same object while they pass the same, unmodified tensor: the
     blocks of one pipeline stage (and the recomputation of a checkpointed block) share one mask per
-    micro-batch instead of building one per layer."""
+    micro-batch instead of building one per layer.
+
+    Queries are the row's positions 0 .. s - 1, or `query_positions` [s] (a context-parallel rank's chunks,
+    made by `chunk`), against `num_keys` keys at positions 0 .. num_keys - 1 (default s)."""
 
     _latest: Optional[tuple[weakref.ref, int, "GLMMask"]] = None
 
-    def __init__(self, segments: torch.Tensor):
+    def __init__(self, segments: torch.Tensor, query_positions: Optional[torch.Tensor] = None,
+                 num_keys: Optional[int] = None):
         self.segments = segments
         self.seq_length = segments.shape[-1]
+        self.query_positions = query_positions
+        self.num_keys = self.seq_length if num_keys is None else num_keys
         self._dense: dict[int, torch.Tensor] = {}
         self._additive: dict[torch.dtype, torch.Tensor] = {}
         self._block_mask: Optional[BlockMask] = None
+        self._chunks: dict[tuple[int, int], GLMMask] = {}
 
     @classmethod
     def of(cls, segments: torch.Tensor) -> "GLMMask":
@@ -85,16 +100,33 @@ class GLMMask:
         cls._latest = (weakref.ref(segments), segments._version, mask)
         return mask
 
+    def chunk(self, cp: int, rank: int) -> "GLMMask":
+        """This mask's segments as context-parallel rank `rank` of `cp` holds them (its chunks of a row of
+        s * cp tokens) -> the mask of its queries against the whole row's keys, kept for the next block."""
+        if (cp, rank) not in self._chunks:
+            row = self.seq_length * cp
+            positions = chunk_positions(row, cp, rank, device=self.segments.device)  # [s]
+            self._chunks[(cp, rank)] = GLMMask(self.segments, query_positions=positions, num_keys=row)
+        return self._chunks[(cp, rank)]
+
     def dense(self, num_keys: Optional[int] = None) -> torch.Tensor:
         """[b, 1, s, s_k] bool, True = may attend; s_k = num_keys (default s) counts the positions a KV cache
-        holds before these s (dense_mask), so the blocks of one decoding step share it too."""
-        s_k = self.seq_length if num_keys is None else num_keys
+        holds before these s (dense_mask), so the blocks of one decoding step share it too. A chunk's mask has
+        its own queries and keys."""
+        s_k = self.num_keys if num_keys is None else num_keys
         if s_k not in self._dense:
-            self._dense[s_k] = dense_mask(self.segments, num_keys=s_k)
+            if self.query_positions is None:
+                self._dense[s_k] = dense_mask(self.segments, num_keys=s_k)
+            else:
+                if s_k != self.num_keys:
+                    raise ValueError(f"a context-parallel chunk's mask has {self.num_keys} keys, not {s_k}")
+                kv_index = torch.arange(s_k, device=self.segments.device)[None, :]  # [1, s_k]
+                start, sep = self.segments[:, 0, :, None], self.segments[:, 1, :, None]  # [b, s, 1] each
+                self._dense[s_k] = visible(self.query_positions[:, None], kv_index, start, sep)[:, None]
         return self._dense[s_k]
 
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
-        """[b, 1, s, s] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool
+        """[b, 1, s, s_k] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool
         one at every call, i.e. in every layer. Every row sees itself, so no row is all -inf."""
         if dtype not in self._additive:
             additive = torch.zeros(self.dense().shape, dtype=dtype, device=self.segments.device)
@@ -107,11 +139,14 @@ class GLMMask:
         instead of through a dense [b, 1, s, s] tensor."""
         if self._block_mask is None:
             start, sep = self.segments[:, 0], self.segments[:, 1]  # [b, s] each
+            positions = self.query_positions
 
             def mask_mod(b, h, q_index, kv_index):
-                return visible(q_index, kv_index, start[b, q_index], sep[b, q_index])
+                row_index = q_index if positions is None else positions[q_index]
+                return visible(row_index, kv_index, start[b, q_index], sep[b, q_index])
 
-            s, device = self.seq_length, self.segments.device
+            device = self.segments.device
             build = create_block_mask if device.type == "cpu" else _compiled_create_block_mask()
-            self._block_mask = build(mask_mod, self.segments.shape[0], None, s, s, device=device)
+            self._block_mask = build(mask_mod, self.segments.shape[0], None, self.seq_length, self.num_keys,
+                                     device=device)
         return self._block_mask

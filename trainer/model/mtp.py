@@ -95,7 +95,7 @@ class MTPLayer(nn.Module):
     Its block is block number num_layers + depth (a mixture-of-experts block where config.is_moe_layer says so)."""
 
     def __init__(self, config: ModelConfig, depth: int, tp_group=None, seed: int = 0, ep_group=None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, cp_group=None):
         super().__init__()
         h = config.hidden_size
         self.sequence_group = tp_group if sequence_parallel else None
@@ -107,7 +107,8 @@ class MTPLayer(nn.Module):
                                             sequence_parallel=sequence_parallel,
                                             init_method=normal_init(seed, f"{MTP_PREFIX}.{depth - 1}.eh_proj",
                                                                     config.init_std))
-        self.block = GLMBlock(config, config.num_layers + depth, tp_group, seed, ep_group, sequence_parallel)
+        self.block = GLMBlock(config, config.num_layers + depth, tp_group, seed, ep_group, sequence_parallel,
+                              cp_group)
         self.final_layernorm = Norm(config)
         if sequence_parallel:
             for norm in (self.enorm, self.hnorm, self.final_layernorm):
