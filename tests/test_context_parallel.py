@@ -79,7 +79,7 @@ def test_a_chunk_block_mask_computes_the_ranks_rows_and_skips_the_same_tiles():
     for rank in range(cp):
         positions = chunk_positions(s, cp, rank)
         chunk = GLMMask(segments[:, :, positions]).chunk(cp, rank)
-        assert_close(flex_glm_attention(q[:, :, positions], k, v, chunk), expected[:, :, positions],
+        assert_close(flex_glm_attention(q[:, :, positions], k, v, chunk.block_mask()), expected[:, :, positions],
                      atol=1e-5, rtol=1e-5)
         tiles = positions[::128] // 128  # the query tiles of the rank's two chunks
         assert torch.equal(chunk.block_mask().to_dense(), full_tiles[:, :, tiles])
@@ -250,8 +250,10 @@ def test_the_planner_splits_a_long_row_over_cp_ranks_only_when_it_fits_no_other_
     assert (plan.layout.tp, plan.layout.pp, plan.layout.cp, plan.layout.dp) == (2, 1, 4, 1)
     assert plan.layout.offload_optimizer == "none" and "parallel.cp=4" in plan.overrides()
     assert [rank["cp_rank"] for rank in plan.ranks()] == [0, 0, 1, 1, 2, 2, 3, 3]  # tp adjacent, then cp
-    two_nodes = plan_layout(config, _cluster(2, 8), host).layout
-    assert (two_nodes.tp, two_nodes.pp, two_nodes.cp) == (2, 4, 2)
+    two_nodes = plan_layout(config, _cluster(2, 8), host).layout  # sequence parallelism (on with tp) saves a stage
+    assert (two_nodes.tp, two_nodes.pp, two_nodes.cp, two_nodes.sequence_parallel) == (2, 2, 2, True)
+    without_sp = plan_layout(config, _cluster(2, 8), host, Fixed(sequence_parallel=False)).layout
+    assert (without_sp.tp, without_sp.pp, without_sp.cp) == (2, 4, 2)
     with pytest.raises(ConfigError, match="does not fit on any number of devices"):
         plan_layout(config, _cluster(1, 8), host, Fixed(cp=1))
     short = plan_layout(load_config("configs/glm-4-9b.yaml"), _cluster(1, 8), host)  # 8192 tokens fit at cp 1
