@@ -201,6 +201,7 @@ def test_glm4_debug_causal_at_cp2_matches_one_process(tmp_path):
 @pytest.mark.parametrize("name, layout", [
     ("pp2_cp2", ["parallel.pp=2"]),  # DeepSpeed's pipeline engine, its data axis dp x cp
     ("tp2_cp2", ["parallel.tp=2"]),
+    ("tp2_sp_cp2", ["parallel.tp=2", "parallel.sequence_parallel=true"]),  # each rank s / (cp tp) tokens outside
 ])
 def test_four_process_layouts_with_cp2_match_one_process(tmp_path, name, layout):
     _compare(tmp_path, name, [], world_size=4, layout=layout)
