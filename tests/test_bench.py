@@ -48,7 +48,7 @@ def test_json_has_the_issue_fields_and_the_shape(report):
     assert report["shape"] == {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_size": 128,
                                "seq_length": 64, "padded_vocab_size": 384, "micro_batch_size": 2, "grad_accum": 2,
                                "recompute_interval": 0}
-    assert "4 s h" in report["flop_formula"]
+    assert "4 s q" in report["flop_formula"]
     for name in ("engine", "bare_loop", "hf_gpt2"):  # counted per step, as a median over the rounds
         assert isinstance(report[name]["page_faults_per_step"], (int, float)) and report[name]["page_faults_per_step"] >= 0
 

@@ -30,6 +30,11 @@ def _small(model: ModelConfig, **changes) -> ModelConfig:
                                 max_sequence_length=16, **changes)
     if model.ffn_hidden_size is not None:
         small.ffn_hidden_size = 48
+    if model.kv_channels is not None:  # heads of another width than hidden / heads (GLM-4.5) stay so
+        small.kv_channels = 16
+    if model.moe_num_experts:  # a dense first block, then MoE blocks of 4 experts (top-2) 16 wide
+        small.moe_num_experts, small.moe_top_k = 4, 2
+        small.moe_first_dense_layers, small.moe_ffn_hidden_size = 1, 16
     return small
 
 

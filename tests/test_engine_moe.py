@@ -39,7 +39,9 @@ def test_the_debug_moe_trains_and_reports_its_routing(reference):
     assert len(losses) == STEPS and losses[-1] < losses[0] - 0.1
     records = _records(run_dir)
     for record in records:
-        assert record["moe_aux_loss"] >= 1.0 - 1e-6  # L_bal >= 1 when the scores follow the choices; 1 is balanced
+        # L_bal = sum_i f_i P_i is at most E / k (all tokens on the experts of all the score) and near 1 balanced;
+        # the bias also chooses, so the choices need not follow the scores and it can fall a little below 1
+        assert 0.5 < record["moe_aux_loss"] <= 8 / 2
         assert record["moe_z_loss"] > 0 and record["moe_load_imbalance"] >= 1.0
     assert len({record["moe_load_imbalance"] for record in records}) > 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -59,8 +61,9 @@ def test_two_process_layouts_match_single_process(reference, tmp_path, name, ove
     losses, norms, _ = reference
     torch.testing.assert_close(torch.tensor(_run(tmp_path, name, overrides, world_size=2)), torch.tensor(losses),
                                rtol=1e-5, atol=0)
+    # within 1e-6 absolute (norms near 1, logged in fp32: the tp ranks' sums in another order move the last bits)
     torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, name), dtype=torch.float64),
-                               torch.tensor(norms, dtype=torch.float64), rtol=1e-6, atol=0)
+                               torch.tensor(norms, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
 def test_the_auxiliary_losses_and_the_bias_change_what_the_layouts_are_compared_on(reference, tmp_path):

@@ -268,7 +268,8 @@ def test_glm4_debug_at_tp2_pp2_matches_single_process_and_exports_to_transformer
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids).logits
     torch.testing.assert_close(theirs, ours[..., :config.vocab_size], atol=1e-5, rtol=1e-5)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    assert tokenizer.decode(tokenizer.encode("def f(x):")) == "def f(x):"
+    assert tokenizer.decode(tokenizer.encode("def f(x):", add_special_tokens=False)) == "def f(x):"
+    assert tokenizer.encode("def f(x):")[:2] == [tokenizer.convert_tokens_to_ids(t) for t in ("[gMASK]", "<|startofpiece|>")]
 
 
 def test_a_replicated_key_value_head_at_tp2_matches_single_process_and_resumes_at_tp1(tmp_path):
