@@ -12,11 +12,12 @@ import torch
 
 from trainer.config import Config
 from trainer.engine import finetune
-from trainer.engine.deepspeed_compat import mark_step_skipped, skip_backward_allreduce, wrap_model_step
+from trainer.engine.deepspeed_compat import (expert_blocks_kept, mark_step_skipped, skip_backward_allreduce,
+                                             wrap_model_step)
 from trainer.engine.ds_config import build_ds_config, uses_own_clipping, zero_init_arguments
 from trainer.engine.ds_topology import DeepSpeedMPU
 from trainer.engine.faults import is_finite
-from trainer.engine.grad_norm import clip_grads_, counted_in_norm
+from trainer.engine.grad_norm import clip_grads_, counted_in_norm, is_expert_parallel
 from trainer.engine.grad_reduce import GradReduction
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.pipeline import GLMPipeline
@@ -75,8 +76,10 @@ def build_engine(config: Config, topology: Topology, world_size: int,
     optimizer = build_optimizer(module, config.optim, frozen=frozen)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     plain = topology.pp == 1
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           mpu=DeepSpeedMPU(topology) if plain else None, config=ds_config)
+    split_experts = [param for param in module.parameters() if is_expert_parallel(param)] if topology.ep > 1 else []
+    with expert_blocks_kept(split_experts):
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                               mpu=DeepSpeedMPU(topology) if plain else None, config=ds_config)
     clipping = OwnClipping(engine, topology, config.optim.grad_clip, step_values or StepValues()) \
         if uses_own_clipping(config, world_size) else None
     # Expert parallelism: the trainer's own reduction (experts over edp) replaces DeepSpeed's (engine/grad_reduce.py).

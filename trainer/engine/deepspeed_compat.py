@@ -14,7 +14,8 @@ Written against DeepSpeed 0.19.x (setup.cfg).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from deepspeed.pipe import PipelineModule
@@ -22,6 +23,20 @@ from deepspeed.pipe import PipelineModule
 from trainer.parallel.comm import group_rank, group_size
 
 # ---- The engine ------------------------------------------------------------------------------------------
+
+@contextmanager
+def expert_blocks_kept(params: list[torch.Tensor]) -> Iterator[None]:
+    """Around deepspeed.initialize: each rank's routed-expert blocks (`params`, expert parallelism) are what they
+    were before the engine started. Why: the engine's constructor broadcasts every parameter from data-parallel
+    rank 0 (its private `_broadcast_model`) except those it takes for its own MoE experts, marked by DeepSpeed's
+    MoE groups registry; the ranks of an ep group hold different experts, so the broadcast would give every rank
+    rank 0's block."""
+    kept = [param.detach().to("cpu", copy=True) for param in params]  # host copies: no device memory
+    yield
+    with torch.no_grad():
+        for param, value in zip(params, kept):
+            param.copy_(value)
+
 
 
 def wrap_model_step(engine, before: Optional[Callable[[], None]] = None,

@@ -159,7 +159,7 @@ class Trainer:
         nan_steps = injected_nan_steps()  # read before the process group starts: a bad value leaves nothing behind
         self.rank, self.world_size = init_distributed(config.train.collective_timeout_minutes)
         config.data_parallel_size(self.world_size)  # the one check left: the layout fits the ranks started
-        self.topology = Topology.create(config.parallel.tp, config.parallel.pp, config.parallel.cp)
+        self.topology = Topology.create(config.parallel.tp, config.parallel.pp, config.parallel.cp, config.parallel.ep)
         model_parallel_seed(config.train.seed, self.topology)
         self.dataset = build_sequences(config.data, config.train.seed)
         if config.model.vocab_size < self.dataset.tokenizer.vocab_size:
