@@ -7,7 +7,10 @@ In one process (the single-device debug mode, tp = pp = 1), on the same syntheti
 engine, the same GLM in a bare PyTorch loop, and HF GPT-2 of the same shape take turns, one optimizer
 step each per round. With a corpus (--set data.path=PREFIX) the engine then takes turns on the first
 optimizer step of real rows, packed and unpacked, and reports their real-token throughput. Then pp = 2 runs
-in two spawned processes (CPU: gloo; GPU: needs two devices).
+in two spawned processes (CPU: gloo; GPU: needs two devices). A mixture-of-experts config (model.moe_num_experts
+> 0) also takes turns with its dense counterpart, the same model with a dense MLP of the same active parameters
+on the same engine path (trainer/bench/dense_counterpart.py): tokens/s of both, their ratio, MFU over active
+parameters.
 --device-check runs the prepared accelerator check of trainer/bench/device_check.py instead (--smoke: the same
 code on the CPU at configs/glm-debug.yaml's shape).
 """
@@ -56,6 +59,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--no-bare", action="store_true", help="skip the bare PyTorch loop")
     parser.add_argument("--no-hf", action="store_true", help="skip HF GPT-2")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pp=2 comparison")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="a mixture-of-experts config: skip its dense counterpart of the same active parameters")
     parser.add_argument("--device-check", action="store_true",
                         help="the prepared accelerator check (GEMM ceiling, FlexAttention vs SDPA, engine at two "
                              "micro-batch sizes, profile split) into --out DIR")

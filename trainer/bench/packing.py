@@ -23,7 +23,8 @@ from trainer.bench.timing import Timings, round_robin, timed
 from trainer.config import Config
 from trainer.data.dataset import collate
 from trainer.data.packing import build_sequences
-from trainer.engine.loop import pipeline_format
+from trainer.engine.loop import micro_batches
+from trainer.parallel.topology import Topology
 
 SETTINGS = {"packed": True, "unpacked": False}
 """Report key -> data.packing."""
@@ -45,18 +46,17 @@ class RealStep:
         return 1 - self.real_tokens / self.slots
 
 
-def real_step(config: Config, packing: bool, grad_accum: int, device: torch.device | str) -> RealStep:
-    """The first optimizer step of `config`'s training rows with data.packing = `packing` (dp = 1)."""
+def real_step(config: Config, packing: bool, grad_accum: int, topology: Topology,
+              device: torch.device | str) -> RealStep:
+    """The first optimizer step of `config`'s training rows with data.packing = `packing` (dp = 1), collated and
+    normalised by the trainer's code (trainer/engine/loop.py micro_batches), as training reads it."""
     rows = build_sequences(dataclasses.replace(config.data, packing=packing), config.train.seed)
     b = config.parallel.micro_batch_size
-    batches, real_tokens, samples = [], 0, 0
-    for micro_step in range(grad_accum):
-        items = [rows[k] for k in range(micro_step * b, (micro_step + 1) * b)]
-        real_tokens += sum(item["tokens"] for item in items)
-        samples += sum(len(item["starts"]) for item in items)
-        inputs, targets = pipeline_format(collate(items))
-        batches.append((tuple(t.to(device) for t in inputs), tuple(t.to(device) for t in targets)))
-    return RealStep(batches, real_tokens, samples, grad_accum * b * config.data.seq_length)
+    items = [[rows[k] for k in range(micro_step * b, (micro_step + 1) * b)] for micro_step in range(grad_accum)]
+    batches, counts = micro_batches([collate(step_rows) for step_rows in items], topology)
+    samples = sum(len(row["starts"]) for step_rows in items for row in step_rows)
+    batches = [tuple(tuple(t.to(device) for t in part) for part in batch) for batch in batches]
+    return RealStep(batches, int(counts.real_tokens), samples, grad_accum * b * config.data.seq_length)
 
 
 def time_packing(engine: EngineRunner, steps: dict[str, RealStep], warmup: int, rounds: int) -> dict[str, Timings]:

@@ -9,6 +9,9 @@
 Each ratio comes from its own rounds, in which only the engine and that contender take turns.
 Each ratio also comes as `<ratio>_cpu`, the same from process CPU seconds (on a shared CPU the steadier one).
 Each contender also reports its median minor page faults per step (`page_faults_per_step`).
+A mixture-of-experts config also reports its dense counterpart (trainer/bench/dense_counterpart.py) in `dense`:
+    moe_vs_dense = median over rounds of (dense step s / MoE step s)      (= MoE tokens/s / dense tokens/s)
+each model's TFLOP/s and MFU from its own active FLOPs per token.
 With a corpus (data.path), `packing` holds the real batches' figures (trainer/bench/packing.py):
     real_tokens_per_s  = real (non-padding) tokens per step / median step seconds
     packed_vs_unpacked = median over rounds of (packed real tokens/s / unpacked real tokens/s)
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from trainer.bench.packing import RealStep
 from trainer.bench.timing import Spread, Timings, per_round_ratio
@@ -62,15 +65,28 @@ def packing_figures(steps: dict[str, RealStep], timings: dict[str, Timings], flo
     return packing
 
 
+class DensePair(NamedTuple):
+    """The rounds of a mixture-of-experts engine and its dense counterpart's engine, and the counterpart's facts."""
+    engine: Timings
+    dense: Timings
+    flops_per_token: int
+    causal_flops_per_token: int
+    facts: dict
+    """trainer.bench.dense_counterpart.counterpart_facts"""
+
+
 def build_report(pairs: dict[str, tuple[Timings, Timings]], tokens_per_step: int, flops_per_token: int,
                  peak: Optional[float], peak_memory_bytes: int, context: dict, pipeline: Optional[dict],
                  engine_alone: Optional[Timings] = None, packing: Optional[dict] = None,
-                 causal_flops_per_token: Optional[int] = None) -> dict:
+                 causal_flops_per_token: Optional[int] = None, dense: Optional[DensePair] = None) -> dict:
     """pairs: contender ("bare_loop", "hf_gpt2") -> (the engine's timings, the contender's timings) of the rounds
     the two ran in together; engine_alone: the engine's timings when there is no other contender. The
     engine's throughput is taken over all its steps. packing: packing_figures() of a run with a corpus.
-    causal_flops_per_token: the same count with causal attention counted half (default: flops_per_token)."""
+    causal_flops_per_token: the same count with causal attention counted half (default: flops_per_token).
+    dense: a mixture-of-experts engine's rounds with its dense counterpart."""
     engine_times = sum((engine for engine, _ in pairs.values()), engine_alone or Timings([], [], []))
+    if dense is not None:
+        engine_times = engine_times + dense.engine
     engine = throughput(engine_times, tokens_per_step, flops_per_token)
     report = {**context, "flop_formula": FLOP_FORMULA, "flops_per_token": flops_per_token,
               "tokens_per_step": tokens_per_step,
@@ -87,6 +103,15 @@ def build_report(pairs: dict[str, tuple[Timings, Timings]], tokens_per_step: int
     if "hf_gpt2" in pairs:
         engine_rounds, gpt2 = pairs["hf_gpt2"]
         _ratios(report, "vs_hf_gpt2", gpt2, engine_rounds)
+    report["dense"] = report["moe_vs_dense"] = None
+    if dense is not None:
+        figures = throughput(dense.dense, tokens_per_step, dense.flops_per_token)
+        report["dense"] = {**figures, "flops_per_token": dense.flops_per_token,
+                           "mfu": None if peak is None else figures["tflops"] / peak,
+                           **mfu_both_ways(figures["tokens_per_s"], dense.causal_flops_per_token, peak),
+                           "engine_seconds": dense.engine.wall, "engine_cpu_seconds": dense.engine.cpu,
+                           "counterpart": dense.facts}
+        _ratios(report, "moe_vs_dense", dense.dense, dense.engine)
     return report
 
 
@@ -97,11 +122,23 @@ def mfu_both_ways(tokens_per_s: float, causal_flops_per_token: int, peak: Option
             "mfu_causal": None if peak is None else tflops / peak}
 
 
-def mfu_line(report: dict) -> str:
+def mfu_line(report: dict, label: str = "MFU") -> str:
     if report["mfu"] is None:
-        return f"{'MFU':<24} n/a (pass --peak-tflops)"
-    return (f"{'MFU':<24} {100 * report['mfu']:.1f}% attention full s^2, {100 * report['mfu_causal']:.1f}% causal "
+        return f"{label:<24} n/a (pass --peak-tflops)"
+    return (f"{label:<24} {100 * report['mfu']:.1f}% attention full s^2, {100 * report['mfu_causal']:.1f}% causal "
             f"half (Megatron), of {report['peak_tflops']} TFLOP/s")
+
+
+def _dense_lines(report: dict) -> list[str]:
+    dense = report["dense"]
+    if dense is None:
+        return []
+    facts = dense["counterpart"]
+    return [f"{'dense counterpart':<24} ffn {facts['dense_ffn_hidden_size']} in every block: "
+            f"{facts['dense_parameters']:,} parameters against the MoE's {facts['moe_active_parameters']:,} active "
+            f"({facts['moe_total_parameters']:,} total; difference {facts['active_difference']:+,})",
+            mfu_line({**dense, "peak_tflops": report["peak_tflops"]}, "MFU dense counterpart"),
+            _ratio_line(report, "moe_vs_dense", "MoE / dense tokens/s")]
 
 
 def to_json(report: dict) -> str:
@@ -139,8 +176,8 @@ def to_text(report: dict) -> str:
              f"FLOPs: {report['flop_formula']}",
              f"{'contender':<24} {'step s (median, min..max)':<30} {'tokens/s':>10} {'TFLOP/s':>9} {'faults/step':>12}"]
     for key, label in (("engine", "GLM, DeepSpeed engine"), ("bare_loop", "GLM, bare PyTorch loop"),
-                       ("hf_gpt2", "HF GPT-2, plain loop")):
-        if key in report:
+                       ("hf_gpt2", "HF GPT-2, plain loop"), ("dense", "dense, DeepSpeed engine")):
+        if report.get(key) is not None:
             entry = report[key]
             step = entry["step_s"]
             faults = "n/a" if entry["page_faults_per_step"] is None else f"{entry['page_faults_per_step']:.0f}"
@@ -150,6 +187,7 @@ def to_text(report: dict) -> str:
               f"{'peak memory':<24} {report['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({report['memory_note']})",
               _ratio_line(report, "vs_bare_loop", "engine / bare loop"),
               _ratio_line(report, "vs_hf_gpt2", "GLM / HF GPT-2 tokens/s")]
+    lines += _dense_lines(report)
     lines += _packing_lines(report["packing"])
     pipeline = report["pipeline"]
     if pipeline is None or "skipped" in pipeline:

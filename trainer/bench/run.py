@@ -1,5 +1,6 @@
-"""One glm-bench run: build the contenders on this process, time them in rounds, then (with a corpus) the
-engine on real batches packed and unpacked, then the pipeline."""
+"""One glm-bench run: build the contenders on this process (with a mixture-of-experts config, its dense
+counterpart on the same engine path too: trainer/bench/dense_counterpart.py), time them in rounds, then (with a
+corpus) the engine on real batches packed and unpacked, then the pipeline."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,10 @@ from typing import Optional
 from deepspeed.accelerator import get_accelerator
 
 from trainer.bench.batches import synthetic_step
+from trainer.bench.dense_counterpart import counterpart_facts, dense_counterpart
 from trainer.bench.packing import SETTINGS, real_step, time_packing
 from trainer.bench.pipeline import pipeline_efficiency
-from trainer.bench.report import build_report, packing_figures
+from trainer.bench.report import DensePair, build_report, packing_figures
 from trainer.bench.runners import EngineRunner, bare_loop_runner, gpt2_runner
 from trainer.bench.timing import peak_memory_of, round_robin, timed
 from trainer.config import Config
@@ -21,12 +23,12 @@ from trainer.parallel.topology import Topology
 
 
 def packing_comparison(config: Config, engine: EngineRunner, args: argparse.Namespace, grad_accum: int,
-                       flops_per_token: int) -> Optional[dict]:
+                       flops_per_token: int, topology: Topology) -> Optional[dict]:
     """With a corpus (data.path): the engine on the first real step, packed and unpacked, in alternating
     rounds -> packing_figures(); None without one."""
     if not config.data.path:
         return None
-    steps = {name: real_step(config, packing, grad_accum, local_device()) for name, packing in SETTINGS.items()}
+    steps = {name: real_step(config, packing, grad_accum, topology, local_device()) for name, packing in SETTINGS.items()}
     timings = time_packing(engine, steps, args.warmup, args.steps)
     return packing_figures(steps, timings, flops_per_token, config.data.path)
 
@@ -38,7 +40,7 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
     model_parallel_seed(config.train.seed, topology)
     m, grad_accum = config.model, config.grad_accum_steps(1)
     batches = synthetic_step(grad_accum, config.parallel.micro_batch_size, config.data.seq_length,
-                             m.vocab_size, local_device())
+                             m.vocab_size, topology, local_device())
     engine = EngineRunner(config, topology, 1, batches)
     _, peak_memory = peak_memory_of(engine.step, args.warmup)  # before any other model exists
     contenders = {}
@@ -46,6 +48,10 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
         contenders["bare_loop"] = bare_loop_runner(config, batches, local_device()).step
     if not args.no_hf:
         contenders["hf_gpt2"] = gpt2_runner(config, batches, local_device()).step
+    dense = None
+    if m.moe_num_experts and not args.no_dense:  # the MoE engine against the dense one of its active parameters
+        dense_config = dense_counterpart(config)
+        contenders["dense"] = EngineRunner(dense_config, topology, 1, batches).step
     pairs, engine_alone = {}, None
     for name, step in contenders.items():
         # Each ratio from its own rounds of the engine and this contender only: a third contender's heap
@@ -58,7 +64,12 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
         engine_alone = round_robin({"engine": engine.step}, args.steps)["engine"]
     flops_per_token = train_flops_per_token(m, config.data.seq_length)
     causal_flops_per_token = train_flops_per_token(m, config.data.seq_length, attention="causal")
-    packing = packing_comparison(config, engine, args, grad_accum, flops_per_token)
+    if "dense" in pairs:
+        dense_m = dense_config.model
+        dense = DensePair(*pairs.pop("dense"), train_flops_per_token(dense_m, config.data.seq_length),
+                          train_flops_per_token(dense_m, config.data.seq_length, attention="causal"),
+                          counterpart_facts(m, dense_m))
+    packing = packing_comparison(config, engine, args, grad_accum, flops_per_token, topology)
     pipeline = None
     if not args.no_pipeline:
         pipeline = pipeline_efficiency(config, args.pipeline_micro_batches, args.steps, args.warmup)
@@ -74,4 +85,4 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
                "memory_note": memory_notes["cpu" if on_cpu else "gpu"]}
     tokens_per_step = grad_accum * config.parallel.micro_batch_size * config.data.seq_length
     return build_report(pairs, tokens_per_step, flops_per_token, peak_tflops(args.peak_tflops, config.train.precision),
-                        peak_memory, context, pipeline, engine_alone, packing, causal_flops_per_token)
+                        peak_memory, context, pipeline, engine_alone, packing, causal_flops_per_token, dense)

@@ -15,9 +15,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from trainer.bench.batches import MicroBatch
 from trainer.config import Config
 from trainer.engine.build import build_engine
+from trainer.engine.moe_balance import ExpertBalancing
 from trainer.engine.optimizer import build_optimizer
 from trainer.engine.plain import GLMTrainModel
 from trainer.engine.schedule import lr_lambda
+from trainer.engine.step_values import StepValues
 from trainer.errors import ConfigError
 from trainer.model.block import compile_blocks
 from trainer.parallel.random import recompute
@@ -37,11 +39,15 @@ def compute_dtype(config: Config) -> torch.dtype:
 
 class EngineRunner:
     """One optimizer step of the DeepSpeed engine over the step's micro-batches, built and driven as the Trainer
-    does (trainer.engine.build.build_engine: engine, ZeRO stage, clipping, torch.compile)."""
+    does (trainer/engine/loop.py train_step): build_engine (engine, ZeRO stage, clipping, torch.compile), the
+    step's values read once (StepValues), and with a mixture of experts the expert balancing around the step."""
 
     def __init__(self, config: Config, topology: Topology, world_size: int, batches: list[MicroBatch]):
-        built = build_engine(config, topology, world_size)
+        self.values = StepValues()
+        built = build_engine(config, topology, world_size, self.values)
         self.engine, self.steps, self.clipping = built.engine, built.steps, built.clipping
+        self.experts = ExpertBalancing(self.engine.module, config.model, topology) \
+            if config.model.moe_num_experts else None
         self.batches = batches
 
     def step(self) -> float:
@@ -49,7 +55,13 @@ class EngineRunner:
 
     def step_on(self, batches: list[MicroBatch]) -> float:
         """One optimizer step on `batches` instead (the real batches of trainer.bench.packing) -> its loss."""
-        return self.steps.train_batch(batches).item()
+        self.values.start()
+        if self.experts:
+            self.experts.start_step(len(batches))
+        loss = self.values.read(loss=self.steps.train_batch(batches))["loss"]
+        if self.experts:
+            self.experts.finish_step(update_bias=True)
+        return loss
 
 
 class PlainLoop:
@@ -63,11 +75,11 @@ class PlainLoop:
         self.grad_clip = config.optim.grad_clip
 
     def step(self) -> float:
-        total = torch.zeros(())
+        total = None
         for micro_batch in self.batches:
             loss = self.loss_of(micro_batch) / len(self.batches)
             loss.backward()
-            total = total + loss.detach().float().cpu()
+            total = loss.detach().float() if total is None else total + loss.detach().float()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
