@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tests.distributed import run_distributed
 from tests.glm_processes import REPO, TINY, _env
-from trainer.bench.batches import synthetic_micro_batch
+from trainer.bench.batches import synthetic_step
 from trainer.bench.report import build_report, to_text
 from trainer.bench.timing import Timings, round_orders, round_robin
 from trainer.config import load_config
@@ -27,8 +28,8 @@ STEPS = 3
 CONFIG = REPO / "configs" / "glm-debug.yaml"
 
 
-def bench(*args: str, overrides: tuple[str, ...] = ("model.vocab_size=300",)) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "trainer.bench.cli", "--config", str(CONFIG)]
+def bench(*args: str, overrides: tuple[str, ...] = ("model.vocab_size=300",), config=CONFIG) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "trainer.bench.cli", "--config", str(config)]
     for item in TINY + list(overrides):
         command += ["--set", item]
     return subprocess.run(command + list(args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
@@ -163,14 +164,42 @@ def test_round_robin_runs_every_order_in_turn():
     assert round_orders(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
 
 
-def test_synthetic_batch_is_a_gmask_sample_in_the_dataset_format():
-    (input_ids, position_ids, block_position_ids, segments), (labels, loss_mask) = synthetic_micro_batch(2, 8, 50, seed=0)
+def test_synthetic_batch_is_a_gmask_sample_in_the_trainers_batch_format():
+    """Rows of one [gMASK] sample, collated and normalised by the trainer's own code: the loss positions are the
+    flat indices of Part B, the normaliser the step's loss tokens / grad_accum (trainer/engine/step_loss.py)."""
+    batches = synthetic_step(2, 2, 8, 50)
+    (input_ids, position_ids, block_position_ids, segments), (labels, loss_mask, normaliser, positions) = batches[0]
     assert segments[:, 0].eq(0).all() and segments[:, 1].eq(4).all() and input_ids.shape == labels.shape == (2, 8)
     assert all(t.dtype == torch.long for t in (input_ids, position_ids, block_position_ids, segments, labels, loss_mask))
     assert position_ids[0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3]
     assert block_position_ids[0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
     assert loss_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert int(input_ids.max()) < 50
+    assert positions.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+    assert float(normaliser) == 2 * 2 * 4 / 2  # 16 loss tokens in the step, 2 micro-batches
+    assert int(input_ids.max()) < 50 and not torch.equal(input_ids, batches[1][0][0])
+
+
+def _engine_and_bare_loop_losses(rank: int, world_size: int) -> None:
+    from trainer.bench.runners import EngineRunner, bare_loop_runner
+    from trainer.engine.distributed import init_distributed
+    from trainer.parallel.random import model_parallel_seed
+    from trainer.parallel.topology import Topology
+
+    config = load_config(CONFIG, TINY + ["model.vocab_size=300"])
+    init_distributed(1)
+    topology = Topology.create(1, 1)
+    model_parallel_seed(config.train.seed, topology)
+    batches = synthetic_step(config.grad_accum_steps(1), 2, 64, 300, topology)
+    engine, bare = EngineRunner(config, topology, 1, batches), bare_loop_runner(config, batches, "cpu")
+    engine_losses = [engine.step() for _ in range(3)]
+    bare_losses = [bare.step() for _ in range(3)]
+    assert_close(torch.tensor(engine_losses), torch.tensor(bare_losses), atol=1e-5, rtol=0)
+
+
+def test_engine_and_bare_loop_train_the_same_losses():
+    """The two contenders whose ratio is the engine's overhead compute the same thing: the same model, loss (the
+    trainer's normaliser and loss positions), optimizer, schedule and clipping give the same losses."""
+    run_distributed(_engine_and_bare_loop_losses, 1)
 
 
 def test_peak_tflops_by_number_or_known_device():
