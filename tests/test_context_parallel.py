@@ -259,3 +259,22 @@ def test_the_planner_splits_a_long_row_over_cp_ranks_only_when_it_fits_no_other_
         plan_layout(config, _cluster(1, 8), host, Fixed(cp=1))
     short = plan_layout(load_config("configs/glm-4-9b.yaml"), _cluster(1, 8), host)  # 8192 tokens fit at cp 1
     assert short.layout.cp == 1
+
+
+def test_moe_at_cp2_with_ep2_matches_one_process(tmp_path):
+    """glm-4.5-debug at dp = 1, cp = 2, ep = 2 on two processes (the ep group is the two cp ranks: each holds 4 of
+    the 8 experts of every MoE layer), without the MTP layer and the balance loss (both refused at cp > 1), the
+    z-loss on: each rank routes its own chunks' tokens and the all-to-all takes them to their experts' rank. The
+    losses and gradient norms are the single process's, the z-loss and load imbalance too (each chunk's z-loss is
+    the mean over as many tokens, and the loads are summed over dp x cp), and so are the expert biases after the
+    last step's update."""
+    from tests.test_sequence_parallel import _column, _moe_run
+
+    no_balance_loss = ["model.moe_aux_loss_coeff=0"]
+    single = _moe_run(tmp_path, "single", no_balance_loss)
+    cp_ep = _moe_run(tmp_path, "cp2_ep2", no_balance_loss + ["parallel.cp=2", "parallel.ep=2"], world_size=2)
+    assert_close(torch.tensor(cp_ep["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    assert_close(_column(cp_ep, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
+    for key in ("moe_z_loss", "moe_load_imbalance"):
+        assert_close(_column(cp_ep, key), _column(single, key), rtol=1e-6, atol=0)
+    assert cp_ep["biases"] == single["biases"] and any(any(bias) for bias in single["biases"].values())

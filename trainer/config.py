@@ -288,9 +288,6 @@ class Config:
             raise ConfigError("train.eval_tasks scores requests of any length on the live model, which "
                               "parallel.sequence_parallel=true splits over the tensor ranks: evaluate the checkpoints "
                               "with glm-eval --harness, or set parallel.sequence_parallel=false")
-        if self.model.moe_num_experts:
-            raise ConfigError("parallel.sequence_parallel=true with model.moe_num_experts > 0: the mixture-of-experts "
-                              "layer does not take sequence-parallel tokens yet; set parallel.sequence_parallel=false")
 
     def _validate_zero(self) -> None:
         """ZeRO stage and offload against the layout (pipeline engine: ZeRO <= 1)."""
