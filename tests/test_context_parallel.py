@@ -1,6 +1,6 @@
 """Context parallelism (trainer/parallel/context.py): the load-balanced split of a row, one rank's rows of the GLM
 mask and of attention against the unsplit model, and glm-train at cp = 2 against one process (losses within 1e-5,
-gradient norms within 1e-6 at every step), including a resume at another cp."""
+gradient norms within 1e-6 at every step), including a resume at another cp, and glm-4.5-debug at cp = 2 x ep = 2."""
 import pytest
 import torch
 import torch.distributed as dist

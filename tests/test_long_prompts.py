@@ -1,4 +1,4 @@
-"""Long prompts in generation and evaluation (trainer/tools/decoding.py, evaluate.py; GLMMask.cached_step): the mask
+"""Long prompts in generation and evaluation (trainer/tools/decoding.py, evaluate.py; GLMMask.cached): the mask
 forms of a KV-cached step equal the rows of the dense mask and a prefill takes no dense form; a 4096-token prompt on
 a tiny model generates with the KV cache what the recompute path (the training forward's additive mask) generates,
 as a causal continuation and as a blank filled after a 4096-token Part A; a long cloze text scores as the chained
@@ -41,7 +41,7 @@ def test_a_cached_steps_mask_form_is_the_rows_of_the_dense_mask(sep, new, past):
     num_keys = past + new
     mask = GLMMask(segments_of_sep(torch.tensor([sep, sep]), new))
     dense = mask.dense(num_keys)  # [b, 1, new, num_keys]
-    form = mask.cached_step(num_keys)
+    form = mask.cached(num_keys)
     assert torch.equal(_materialised(form, dense), dense)
     if past == 0 and (sep >= new or sep <= 1):
         assert form is None or isinstance(form, CausalBias)  # a prefill never builds [s, s]

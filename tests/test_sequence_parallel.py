@@ -1,7 +1,7 @@
 """Megatron sequence parallelism (trainer/parallel/sequence.py, parallel.sequence_parallel): the verbs on 2 gloo
 ranks against the single-process math, the config's refusals, and training at tp=2 with sequence parallelism
 against the single process (losses within 1e-5, gradient norms within 1e-6, every step), whose checkpoint then
-decodes without it."""
+decodes without it; the mixture-of-experts model (glm-4.5-debug, MTP on) likewise, routing as plain tp=2 does."""
 import json
 
 import pytest

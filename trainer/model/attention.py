@@ -281,11 +281,11 @@ class SelfAttention(nn.Module):
 
     def cached_mask(self, mask: GLMMask, num_keys: int) -> AttentionMask:
         """The form of a KV-cached step's mask (its queries the last of num_keys positions): the dense bool rows
-        for the eager FP32-softmax formula, else the smallest form SDPA takes (GLMMask.cached_step: none, a causal
+        for the eager FP32-softmax formula, else the smallest form SDPA takes (GLMMask.cached: none, a causal
         bias, or the dense rows only where neither is exact)."""
         if self.config.fp32_softmax_layer_scaling:
             return mask.dense(num_keys)
-        return mask.cached_step(num_keys)
+        return mask.cached(num_keys)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:
         """Scaled dot-product attention with dropout probability p on the probabilities; the kernel follows the

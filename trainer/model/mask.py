@@ -14,7 +14,7 @@ What travels between pipeline stages is `segments` [b, 2, s] (segment_start, seg
 `stack_segments` only): O(s) per row. `GLMMask` builds the kernels' forms from it once per micro-batch:
 the dense bool [b, 1, s, s], SDPA's additive float mask, and FlexAttention's BlockMask, which skips the
 128 x 128 tiles between two samples and above the diagonal right of every sep. A KV-cached step (decoding,
-scoring) takes `GLMMask.cached_step`: no mask, a causal bias or, only where neither is exact, the dense rows.
+scoring) takes `GLMMask.cached`: no mask, a causal bias or, only where neither is exact, the dense rows.
 
 Context parallelism (trainer/parallel/context.py) hands a rank only its chunks of the row: `segments` [b, 2,
 s / cp] of its own tokens (their start and sep are still absolute row indices), while the keys are the whole
@@ -127,7 +127,7 @@ class GLMMask:
                 self._dense[s_k] = visible(self.query_positions[:, None], kv_index, start, sep)[:, None]
         return self._dense[s_k]
 
-    def cached_step(self, num_keys: int) -> Optional[Union[torch.Tensor, CausalBias]]:
+    def cached(self, num_keys: int) -> Optional[Union[torch.Tensor, CausalBias]]:
         """The mask of a KV-cached step, its s queries the row's positions num_keys - s .. num_keys - 1, in the
         smallest form SDPA takes, so that a long prompt's prefill builds no [s, s] mask:
         - None where every query sees every key (a Part A prefill: every key in Part A; a one-token step);

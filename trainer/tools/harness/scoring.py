@@ -87,7 +87,7 @@ def score_samples(model, samples: list[Sample], pad_id: int, vocab_size: int,
                   tp_group=None) -> list[tuple[float, bool]]:
     """(sum of the targets' log-probabilities, whether every target is the argmax) of each sample, in one forward
     of the batch; the logits are computed (and gathered over tensor ranks) only at the scored positions. The
-    forward is a KV-cached step from empty caches, whose mask takes the smallest exact form (GLMMask.cached_step):
+    forward is a KV-cached step from empty caches, whose mask takes the smallest exact form (GLMMask.cached):
     a causal batch needs none (SDPA's causal kernel), so a long context builds no [s, s] mask; a blank batch
     (Part A bidirectional) the dense rows."""
     device = next(model.parameters()).device
