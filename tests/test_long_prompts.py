@@ -1,10 +1,11 @@
 """Long prompts in generation and evaluation (trainer/tools/decoding.py, evaluate.py; GLMMask.cached): the mask
-forms of a KV-cached step equal the rows of the dense mask and a prefill takes no dense form; a 4096-token prompt on
+forms of a KV-cached step attend as the dense mask does and a prefill takes no dense form; a 4096-token prompt on
 a tiny model generates with the KV cache what the recompute path (the training forward's additive mask) generates,
 as a causal continuation and as a blank filled after a 4096-token Part A; a long cloze text scores as the chained
 token-by-token log-likelihood."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from tests.test_evaluate import _chained_log_likelihood
@@ -19,15 +20,6 @@ from trainer.tools.evaluate import score_labels
 LONG = 4096
 
 
-def _materialised(form, dense: torch.Tensor) -> torch.Tensor:
-    """A cached step's mask form as the dense bool it stands for (dense: the shape)."""
-    if form is None:
-        return torch.ones_like(dense)
-    if isinstance(form, CausalBias):
-        return form._materialize(dense.device).expand_as(dense)
-    return form
-
-
 @pytest.mark.parametrize("sep, new, past", [
     (10, 10, 0),  # a blank-infilling prefill: Part A only
     (1, 10, 0),  # a causal prefill ([gMASK], then Part B)
@@ -37,12 +29,16 @@ def _materialised(form, dense: torch.Tensor) -> torch.Tensor:
     (6, 10, 0),  # Part A and Part B in one step (the recompute path)
     (12, 4, 10),  # Part A running on into the new positions
 ])
-def test_a_cached_steps_mask_form_is_the_rows_of_the_dense_mask(sep, new, past):
+def test_a_cached_steps_mask_form_attends_as_the_dense_mask(sep, new, past):
+    """SDPA under the form GLMMask.cached gives equals SDPA under the dense rows of the mask (grouped-query heads)."""
     num_keys = past + new
     mask = GLMMask(segments_of_sep(torch.tensor([sep, sep]), new))
-    dense = mask.dense(num_keys)  # [b, 1, new, num_keys]
     form = mask.cached(num_keys)
-    assert torch.equal(_materialised(form, dense), dense)
+    generator = torch.Generator().manual_seed(sep + new + past)
+    q = torch.randn(2, 4, new, 8, generator=generator)
+    k, v = (torch.randn(2, 2, num_keys, 8, generator=generator) for _ in range(2))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(num_keys), enable_gqa=True)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=form, enable_gqa=True), expected)
     if past == 0 and (sep >= new or sep <= 1):
         assert form is None or isinstance(form, CausalBias)  # a prefill never builds [s, s]
 
