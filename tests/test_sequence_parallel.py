@@ -229,19 +229,35 @@ def _column(run: dict, key: str) -> torch.Tensor:
     return torch.tensor([record[key] for record in run["records"]], dtype=torch.float64)
 
 
-def test_moe_at_tp2_with_sequence_parallelism_matches_single_process_and_routes_as_tp2(tmp_path):
-    """glm-4.5-debug with its MTP layer (a MoE block too), its auxiliary and z-losses on: the router and the experts
-    of GLMMoE see the whole row, all-gathered over the tensor ranks, so the losses (main and MTP) and gradient norms
-    are the single process's, and the routing (each layer's loads, hence the expert biases after every step's
-    update, the auxiliary and z-losses, the load imbalance) is exactly that of tp=2 without sequence parallelism."""
-    mtp = ["model.mtp_layers=1"]
-    single = _moe_run(tmp_path, "single", mtp)
-    tp2 = _moe_run(tmp_path, "tp2", mtp + ["parallel.tp=2"], world_size=2)
-    sp = _moe_run(tmp_path, "sp", mtp + SP, world_size=2)
-    assert sp["biases"] and any(value != 0 for bias in sp["biases"].values() for value in bias)
-    torch.testing.assert_close(torch.tensor(sp["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
-    torch.testing.assert_close(_column(sp, "mtp_loss"), _column(single, "mtp_loss"), rtol=1e-5, atol=0)
-    torch.testing.assert_close(_column(sp, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
+MTP = ["model.mtp_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def moe_single(tmp_path_factory) -> dict:
+    """glm-4.5-debug with its MTP layer (a MoE block too), auxiliary and z-losses on, in one process."""
+    return _moe_run(tmp_path_factory.mktemp("moe"), "single", MTP)
+
+
+def _assert_matches_single(run: dict, single: dict) -> None:
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_column(run, "mtp_loss"), _column(single, "mtp_loss"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_column(run, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
+    assert run["biases"] == single["biases"] and any(any(bias) for bias in single["biases"].values())
+
+
+def test_moe_at_tp2_with_sequence_parallelism_matches_single_process_and_routes_as_tp2(moe_single, tmp_path):
+    """The router and the experts of GLMMoE see the whole row, all-gathered over the tensor ranks, so the losses
+    (main and MTP), gradient norms and expert biases are the single process's, and the routing (each layer's loads,
+    the auxiliary and z-losses, the load imbalance) is exactly that of tp=2 without sequence parallelism."""
+    tp2 = _moe_run(tmp_path, "tp2", MTP + ["parallel.tp=2"], world_size=2)
+    sp = _moe_run(tmp_path, "sp", MTP + SP, world_size=2)
+    _assert_matches_single(sp, moe_single)
     for key in ("moe_aux_loss", "moe_z_loss", "moe_load_imbalance"):
         torch.testing.assert_close(_column(sp, key), _column(tp2, key), rtol=1e-6, atol=0)
-    assert sp["biases"] == tp2["biases"] == single["biases"]
+    assert sp["biases"] == tp2["biases"]
+
+
+def test_moe_at_tp2_ep2_with_sequence_parallelism_matches_single_process(moe_single, tmp_path):
+    """4 processes: the gathered row's tokens go to their experts' ep rank by the all-to-all (each of the two ep
+    ranks holds 4 experts, each split over the two tensor ranks)."""
+    _assert_matches_single(_moe_run(tmp_path, "sp_ep2", MTP + SP + ["parallel.ep=2"], world_size=4), moe_single)
