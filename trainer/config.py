@@ -57,7 +57,7 @@ class ParallelConfig:
     them, which divides those activations by tp at the same communication volume (all-gather before the
     column-parallel layers, reduce-scatter after the row-parallel ones: docs/TRAINING.md). data.seq_length must
     be divisible by tp. Training only: glm-generate and glm-eval decode without it. glm-launch turns it on
-    wherever its plan has tp > 1."""
+    wherever its plan has tp > 1, on a dense model (a mixture-of-experts model takes it when set)."""
 
     def layout(self, world_size: int) -> Layout:
         """The run's layout on world_size ranks (dp = world_size / (pp * cp * tp) and the ep rule: trainer/parallel/
