@@ -175,7 +175,7 @@ def sequence_parallel(work: Workload, fixed: Fixed, tp: int, cp: int = 1) -> boo
     """Sequence parallelism wherever tp > 1 allows it (it divides the activations outside attention and the MLP by
     tp at the communication volume of tensor parallelism), unless the user fixed it (off, or where allowed on);
     each rank's s / cp tokens of a row must split over tp."""
-    allowed = tp > 1 and work.seq_length % (tp * cp) == 0 and not work.model.moe_num_experts  # MoE: config refuses sp
+    allowed = tp > 1 and work.seq_length % (tp * cp) == 0
     return allowed and fixed.sequence_parallel in (None, True)
 
 
@@ -453,7 +453,10 @@ def plan_layout(config: Config, cluster: Cluster, host: HostMemory, fixed: Fixed
     work = Workload.from_config(config, on_cpu=cluster.kind == "cpu")
     _check_fixed(work, cluster, fixed)
     if fixed.sequence_parallel is None and (config.train.eval_tasks or config.model.moe_num_experts):
-        fixed = dataclasses.replace(fixed, sequence_parallel=False)  # what config.py refuses sequence parallelism with
+        # eval_tasks: config.py refuses sequence parallelism with them. MoE: allowed (GLMMoE gathers the row), but
+        # not planned by default: the plans of docs/LAUNCH.md were made without it, and the memory model's MoE
+        # blocks under it are not yet checked against a measured run; --set parallel.sequence_parallel=true asks
+        fixed = dataclasses.replace(fixed, sequence_parallel=False)
     batches, nvme, yaml_micro = Batches.of(config), bool(config.optim.nvme_path), config.parallel.micro_batch_size
     plan = search(work, cluster, batches, host, fixed, nvme, yaml_micro)
     if plan is None:

@@ -1,6 +1,6 @@
 """Context parallelism (trainer/parallel/context.py): the load-balanced split of a row, one rank's rows of the GLM
 mask and of attention against the unsplit model, and glm-train at cp = 2 against one process (losses within 1e-5,
-gradient norms within 1e-6 at every step), including a resume at another cp."""
+gradient norms within 1e-6 at every step), including a resume at another cp, and glm-4.5-debug at cp = 2 x ep = 2."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -259,3 +259,26 @@ def test_the_planner_splits_a_long_row_over_cp_ranks_only_when_it_fits_no_other_
         plan_layout(config, _cluster(1, 8), host, Fixed(cp=1))
     short = plan_layout(load_config("configs/glm-4-9b.yaml"), _cluster(1, 8), host)  # 8192 tokens fit at cp 1
     assert short.layout.cp == 1
+
+
+def test_moe_at_cp2_with_ep2_matches_one_process(tmp_path):
+    """glm-4.5-debug at dp = 1, cp = 2, ep = 2 on two processes (the ep group is the two cp ranks: each holds 4 of
+    the 8 experts of every MoE layer), without the MTP layer and the balance loss (both refused at cp > 1): each
+    rank routes its own chunks' tokens and the all-to-all takes them to their experts' rank. The losses and gradient
+    norms are the single process's, the z-loss and the load imbalance too (each chunk's z-loss is the mean over as
+    many tokens, and the loads are summed over dp x cp: the metrics are computed whatever the coefficients), and so
+    are the expert biases after the last step's update.
+    The z-loss's gradient is off here: on, it differs from one process's by rounding (each rank's mean over its
+    chunks' tokens), which Adam's first step turns into weight differences of up to 4e-5 in elements whose
+    gradient is ~1e-10, and step 2's gradient norm was 1.15e-6 off (losses within 1.2e-7); cp = 2 with ep = 1 is
+    the same, so the cause is the split of the z-loss, not expert parallelism."""
+    from tests.test_sequence_parallel import _column, _moe_run
+
+    no_router_losses = ["model.moe_aux_loss_coeff=0", "model.moe_z_loss_coeff=0"]
+    single = _moe_run(tmp_path, "single", no_router_losses)
+    cp_ep = _moe_run(tmp_path, "cp2_ep2", no_router_losses + ["parallel.cp=2", "parallel.ep=2"], world_size=2)
+    assert_close(torch.tensor(cp_ep["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    assert_close(_column(cp_ep, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
+    for key in ("moe_z_loss", "moe_load_imbalance"):
+        assert_close(_column(cp_ep, key), _column(single, key), rtol=1e-6, atol=0)
+    assert cp_ep["biases"] == single["biases"] and any(any(bias) for bias in single["biases"].values())

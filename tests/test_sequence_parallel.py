@@ -1,7 +1,9 @@
 """Megatron sequence parallelism (trainer/parallel/sequence.py, parallel.sequence_parallel): the verbs on 2 gloo
 ranks against the single-process math, the config's refusals, and training at tp=2 with sequence parallelism
 against the single process (losses within 1e-5, gradient norms within 1e-6, every step), whose checkpoint then
-decodes without it."""
+decodes without it; the mixture-of-experts model (glm-4.5-debug, MTP on) likewise, routing as plain tp=2 does."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from trainer.errors import ConfigError
 from trainer.parallel.comm import world_group
 from trainer.parallel.sequence import (gather_from_sequence, linear_gathered_sequence, reduce_scatter_to_sequence,
                                        scatter_to_sequence, sum_grad_over_tp_)
+from trainer.tools.preflight import preflight
 
 SHAPE = (2, 6, 3)  # [b, s, h]; rank r holds tokens [3 r, 3 r + 3)
 
@@ -194,3 +197,67 @@ def test_the_planner_turns_sequence_parallelism_on_with_tp_unless_fixed_off():
     assert not sequence_parallel(work, Fixed(), 1)  # nothing to split over
     assert not sequence_parallel(Workload.from_config(load_config("configs/glm-4-9b.yaml", ["data.seq_length=1001"])),
                                  Fixed(), 2)  # not divisible
+
+
+# ---- mixture of experts (configs/glm-4.5-debug.yaml, shortened as in tests/test_moe_parallel.py) --------------
+
+def _train_moe(rank, world_size, config, out_path):
+    """Train; rank 0 writes the losses, each step's metrics and every router's expert_bias after the last step."""
+    from trainer.engine.loop import train
+
+    torch.set_num_threads(1)
+    result = train(config)
+    if rank == 0:
+        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        biases = {name: buffer.tolist() for name, buffer in result.engine.module.named_buffers()
+                  if name.endswith("expert_bias")}
+        out_path.write_text(json.dumps({"losses": result.losses, "records": records, "biases": biases}))
+
+
+def _moe_run(tmp_path, name, overrides, world_size=1) -> dict:
+    """configs/glm-4.5-debug.yaml shortened as tests/test_moe_parallel.py's BASE (4 steps, rows of 64 slots)."""
+    from tests.test_moe_parallel import BASE as MOE_BASE
+
+    out = tmp_path / f"{name}.json"
+    overrides = MOE_BASE + overrides + [f"train.run_dir={tmp_path / name}"]
+    run_distributed(_train_moe, world_size, preflight(load_config("configs/glm-4.5-debug.yaml", overrides), world_size),
+                    out)
+    return json.loads(out.read_text())
+
+
+def _column(run: dict, key: str) -> torch.Tensor:
+    return torch.tensor([record[key] for record in run["records"]], dtype=torch.float64)
+
+
+MTP = ["model.mtp_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def moe_single(tmp_path_factory) -> dict:
+    """glm-4.5-debug with its MTP layer (a MoE block too), auxiliary and z-losses on, in one process."""
+    return _moe_run(tmp_path_factory.mktemp("moe"), "single", MTP)
+
+
+def _assert_matches_single(run: dict, single: dict) -> None:
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_column(run, "mtp_loss"), _column(single, "mtp_loss"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_column(run, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
+    assert run["biases"] == single["biases"] and any(any(bias) for bias in single["biases"].values())
+
+
+def test_moe_at_tp2_with_sequence_parallelism_matches_single_process_and_routes_as_tp2(moe_single, tmp_path):
+    """The router and the experts of GLMMoE see the whole row, all-gathered over the tensor ranks, so the losses
+    (main and MTP), gradient norms and expert biases are the single process's, and the routing (each layer's loads,
+    the auxiliary and z-losses, the load imbalance) is exactly that of tp=2 without sequence parallelism."""
+    tp2 = _moe_run(tmp_path, "tp2", MTP + ["parallel.tp=2"], world_size=2)
+    sp = _moe_run(tmp_path, "sp", MTP + SP, world_size=2)
+    _assert_matches_single(sp, moe_single)
+    for key in ("moe_aux_loss", "moe_z_loss", "moe_load_imbalance"):
+        torch.testing.assert_close(_column(sp, key), _column(tp2, key), rtol=1e-6, atol=0)
+    assert sp["biases"] == tp2["biases"]
+
+
+def test_moe_at_tp2_ep2_with_sequence_parallelism_matches_single_process(moe_single, tmp_path):
+    """4 processes: the gathered row's tokens go to their experts' ep rank by the all-to-all (each of the two ep
+    ranks holds 4 experts, each split over the two tensor ranks)."""
+    _assert_matches_single(_moe_run(tmp_path, "sp_ep2", MTP + SP + ["parallel.ep=2"], world_size=4), moe_single)

@@ -57,7 +57,7 @@ class ParallelConfig:
     them, which divides those activations by tp at the same communication volume (all-gather before the
     column-parallel layers, reduce-scatter after the row-parallel ones: docs/TRAINING.md). data.seq_length must
     be divisible by tp. Training only: glm-generate and glm-eval decode without it. glm-launch turns it on
-    wherever its plan has tp > 1."""
+    wherever its plan has tp > 1, on a dense model (a mixture-of-experts model takes it when set)."""
 
     def layout(self, world_size: int) -> Layout:
         """The run's layout on world_size ranks (dp = world_size / (pp * cp * tp) and the ep rule: trainer/parallel/
@@ -288,9 +288,6 @@ class Config:
             raise ConfigError("train.eval_tasks scores requests of any length on the live model, which "
                               "parallel.sequence_parallel=true splits over the tensor ranks: evaluate the checkpoints "
                               "with glm-eval --harness, or set parallel.sequence_parallel=false")
-        if self.model.moe_num_experts:
-            raise ConfigError("parallel.sequence_parallel=true with model.moe_num_experts > 0: the mixture-of-experts "
-                              "layer does not take sequence-parallel tokens yet; set parallel.sequence_parallel=false")
 
     def _validate_zero(self) -> None:
         """ZeRO stage and offload against the layout (pipeline engine: ZeRO <= 1)."""

@@ -38,8 +38,11 @@ any compiled region (a compiled block receives a tensor or a BlockMask, never th
   score_mod multiplying the fp32 score by c (flex_glm_attention);
 - otherwise SDPA's additive float mask built once per micro-batch (given a bool mask, SDPA would convert it to
   that float mask in every layer), or the dense bool mask for the eager FP32-softmax formula
-  (`fp32_softmax_attention`: the CPU / dropout path and the reference the FlexAttention form is tested against)
-  and for KV-cached decoding.
+  (`fp32_softmax_attention`: the CPU / dropout path and the reference the FlexAttention form is tested against);
+- a KV-cached step (decoding, scoring: `cached_mask`): no mask where every query sees every key (a blank-infilling
+  prompt's Part A prefill, a one-token step), SDPA's lower-right causal bias where each sees exactly the keys up
+  to itself (a causal prompt's prefill, Part B after a cached Part A), the dense bool rows only where neither is
+  exact (and for the eager FP32-softmax formula): a 32768-token prompt's prefill builds no [s, s] mask.
 Grouped-query attention goes to the kernels as it is (k, v [b, g, s, d]): SDPA and FlexAttention take enable_gqa,
 the eager formula groups the query heads by a view, so K and V are never copied per query head.
 """
@@ -53,6 +56,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from trainer.model.config import ModelConfig
@@ -116,9 +120,10 @@ def flex_glm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
                   enable_gqa=k.shape[1] != q.shape[1])
 
 
-AttentionMask = Union[torch.Tensor, BlockMask]
-"""The form of the mask a kernel takes (SelfAttention.kernel_mask): a dense [b, 1, s_q, s_k] bool mask (True =
-may attend), SDPA's additive float mask [b, 1, s, s], or FlexAttention's BlockMask."""
+AttentionMask = Optional[Union[torch.Tensor, BlockMask, CausalBias]]
+"""The form of the mask a kernel takes (SelfAttention.kernel_mask, cached_mask): a dense [b, 1, s_q, s_k] bool mask
+(True = may attend), SDPA's additive float mask [b, 1, s, s], FlexAttention's BlockMask, or for a KV-cached step
+SDPA's lower-right causal bias or None (every query sees every key)."""
 
 
 class KVCache:
@@ -127,6 +132,13 @@ class KVCache:
     def __init__(self) -> None:
         self.key: Optional[torch.Tensor] = None
         self.value: Optional[torch.Tensor] = None
+
+    def fork(self) -> "KVCache":
+        """A cache holding the same positions, which later appends extend apart from this one (append builds new
+        tensors, so the held ones are shared, not copied): several continuations of one cached prompt."""
+        forked = KVCache()
+        forked.key, forked.value = self.key, self.value
+        return forked
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' key/value [b, g, s_new, d]; return all positions' [b, g, s_past + s_new, d]."""
@@ -266,6 +278,14 @@ class SelfAttention(nn.Module):
         if self.config.fp32_softmax_layer_scaling:
             return mask.dense()
         return mask.additive(dtype)
+
+    def cached_mask(self, mask: GLMMask, num_keys: int) -> AttentionMask:
+        """The form of a KV-cached step's mask (its queries the last of num_keys positions): the dense bool rows
+        for the eager FP32-softmax formula, else the smallest form SDPA takes (GLMMask.cached: none, a causal
+        bias, or the dense rows only where neither is exact)."""
+        if self.config.fp32_softmax_layer_scaling:
+            return mask.dense(num_keys)
+        return mask.cached(num_keys)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, p: float) -> torch.Tensor:
         """Scaled dot-product attention with dropout probability p on the probabilities; the kernel follows the

@@ -98,8 +98,7 @@ class GLMBlock(nn.Module):
             hidden = layer(hidden, rotations, self.attention.kernel_mask(mask, hidden.dtype))
         else:  # decoding runs eagerly
             cached = 0 if kv_cache.key is None else kv_cache.key.shape[2]  # key [b, g, s_past, d]
-            dense = mask.dense(num_keys=cached + hidden.shape[1])  # [b, 1, s, s_past + s]
-            hidden = self.layer(hidden, rotations, dense, kv_cache)
+            hidden = self.layer(hidden, rotations, self.attention.cached_mask(mask, cached + hidden.shape[1]), kv_cache)
         return hidden, position_ids, block_position_ids, segments
 
 

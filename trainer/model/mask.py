@@ -13,7 +13,8 @@ after its end is hidden too (it lies right of both sep and i). Every row sees it
 What travels between pipeline stages is `segments` [b, 2, s] (segment_start, segment_sep stacked, by
 `stack_segments` only): O(s) per row. `GLMMask` builds the kernels' forms from it once per micro-batch:
 the dense bool [b, 1, s, s], SDPA's additive float mask, and FlexAttention's BlockMask, which skips the
-128 x 128 tiles between two samples and above the diagonal right of every sep.
+128 x 128 tiles between two samples and above the diagonal right of every sep. A KV-cached step (decoding,
+scoring) takes `GLMMask.cached`: no mask, a causal bias or, only where neither is exact, the dense rows.
 
 Context parallelism (trainer/parallel/context.py) hands a rank only its chunks of the row: `segments` [b, 2,
 s / cp] of its own tokens (their start and sep are still absolute row indices), while the keys are the whole
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from trainer.parallel.context import chunk_positions
@@ -124,6 +126,26 @@ class GLMMask:
                 start, sep = self.segments[:, 0, :, None], self.segments[:, 1, :, None]  # [b, s, 1] each
                 self._dense[s_k] = visible(self.query_positions[:, None], kv_index, start, sep)[:, None]
         return self._dense[s_k]
+
+    def cached(self, num_keys: int) -> Optional[Union[torch.Tensor, CausalBias]]:
+        """The mask of a KV-cached step, its s queries the row's positions num_keys - s .. num_keys - 1, in the
+        smallest form SDPA takes, so that a long prompt's prefill builds no [s, s] mask:
+        - None where every query sees every key (a Part A prefill: every key in Part A; a one-token step);
+        - a lower-right causal bias where every query sees exactly the keys up to its own position (a causal
+          prefill, sep <= 1, or Part B after a cached Part A), which SDPA runs as is_causal when s = num_keys;
+        - else the dense bool [b, 1, s, num_keys].
+        Rows that start at key 0 only (one sample per row: segments_of_sep); anything else is dense. It reads the
+        segments on the host: decoding and scoring only, never inside a training step."""
+        s = self.seq_length
+        start, sep = self.segments[:, 0], self.segments[:, 1]  # [b, s] each
+        if self.query_positions is not None or bool(start.any()):
+            return self.dense(num_keys)
+        q_index = torch.arange(num_keys - s, num_keys, device=self.segments.device)  # [s]
+        if bool(((sep >= num_keys) | (q_index == num_keys - 1)).all()):
+            return None
+        if bool((sep <= q_index + 1).all()):  # no key right of a query is in its Part A
+            return causal_lower_right(s, num_keys)
+        return self.dense(num_keys)
 
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
         """[b, 1, s, s_k] of 0 (may attend) and -inf: the float mask SDPA would otherwise make from the bool

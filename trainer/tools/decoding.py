@@ -60,15 +60,18 @@ def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, tp
     return gather_from_tp(vocab_parallel_logits(hidden, weight, tp_group), tp_group)[..., :vocab_size].float()
 
 
-def full_vocab_logits(model, inputs: tuple, vocab_size: int, tp_group, kv_caches=None) -> torch.Tensor:
+def next_token_logits(model, inputs: tuple, vocab_size: int, tp_group, kv_caches=None) -> torch.Tensor:
     """The model's pieces (GLMModel, or the engine's GLMTrainModel in the loop) on (ids, position ids, block
-    position ids [b, s], segments [b, 2, s]), with its KV caches if given -> fp32 logits over the true vocabulary
-    [b, s, V], gathered over tp ranks."""
-    return vocab_logits(*model.head_inputs(inputs, kv_caches), vocab_size, tp_group)
+    position ids [1, s], segments [1, 2, s]), with its KV caches if given -> fp32 logits over the true vocabulary
+    at the last position only [V], gathered over tp ranks: a prompt of s tokens gets one row of logits, not an
+    [s, V] tensor (6.6 GB at s = 32768 and V = 50304 in fp32)."""
+    hidden, weight = model.head_inputs(inputs, kv_caches)  # [1, s, h]
+    return vocab_logits(hidden[0, -1], weight, vocab_size, tp_group)
 
 
-def _inputs(model, ids: list[int], positions: list[int], blocks: list[int], sep: int) -> tuple:
-    """One row of ids, position ids, block position ids -> the model's inputs [1, s], segments [1, 2, s]."""
+def step_inputs(model, ids: list[int], positions: list[int], blocks: list[int], sep: int) -> tuple:
+    """One row of ids, position ids, block position ids (a step's new positions) and the row's |Part A| -> the
+    model's inputs [1, s], segments [1, 2, s] (one sample: segments_of_sep)."""
     device = next(model.parameters()).device
     ids_t, pos_t, block_t = (torch.tensor([x], device=device) for x in (ids, positions, blocks))  # [1, s]
     return ids_t, pos_t, block_t, segments_of_sep(torch.tensor([sep], device=device), len(ids))
@@ -79,8 +82,7 @@ def cached_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
     caches = model.kv_caches()
 
     def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
-        inputs = _inputs(model, ids, positions, blocks, sep)
-        return full_vocab_logits(model, inputs, vocab_size, tp_group, caches)[0, -1]
+        return next_token_logits(model, step_inputs(model, ids, positions, blocks, sep), vocab_size, tp_group, caches)
 
     return step
 
@@ -92,7 +94,7 @@ def recompute_step(model, sep: int, vocab_size: int, tp_group=None) -> Step:
     def step(ids: list[int], positions: list[int], blocks: list[int]) -> torch.Tensor:
         for held, new in zip(context, (ids, positions, blocks)):
             held += new
-        return full_vocab_logits(model, _inputs(model, *context, sep), vocab_size, tp_group)[0, -1]
+        return next_token_logits(model, step_inputs(model, *context, sep), vocab_size, tp_group)
 
     return step
 

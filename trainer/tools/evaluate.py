@@ -27,24 +27,14 @@ from trainer.tools.harness.cli import add_harness_arguments, run_harness
 from trainer.tools.source_args import add_source_arguments, load_source_model
 
 
-def cloze_inputs(part_a: list[int], mask: int, word: list[int], sop_id: int) -> tuple[torch.Tensor, ...]:
-    """Part A + [sop] + word[:-1] as one sample: (ids, position ids, block position ids) [1, s], segments [1, 2, s]."""
-    from trainer.model.mask import segments_of_sep  # the model (and DeepSpeed) only once a model is scored
-
-    part_b = [sop_id] + word[:-1]
-    sep = len(part_a)
-    ids = torch.tensor([part_a + part_b])
-    positions = torch.tensor([list(range(sep)) + [mask] * len(part_b)])
-    blocks = torch.tensor([[0] * sep + list(range(1, len(part_b) + 1))])
-    return ids, positions, blocks, segments_of_sep(torch.tensor([sep]), ids.shape[1])
-
-
 @torch.no_grad()
 def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab_size: int,
                  tp_group=None, max_sequence_length: Optional[int] = None) -> dict[str, float]:
     """{class: sum of log-probabilities of its verbalizer tokens filling the text's one [MASK]};
-    max_sequence_length (the model's positions) refuses a text and verbalizer that do not fit."""
-    from trainer.tools.decoding import encode_prompt, full_vocab_logits
+    max_sequence_length (the model's positions) refuses a text and verbalizer that do not fit. Part A runs once,
+    filling the KV caches (no mask: it is bidirectional); each class's Part B, [sop] + word[:-1], then runs on a
+    fork of them (a causal bias), its m rows of logits only: a long text builds no [s, s] mask nor [s, V] logits."""
+    from trainer.tools.decoding import encode_prompt, step_inputs, vocab_logits  # the model only once one is scored
 
     part_a, masks = encode_prompt(text, tokenizer)
     if len(masks) != 1 or part_a[masks[0]] != tokenizer.mask_id:
@@ -53,13 +43,16 @@ def score_labels(model, tokenizer, text: str, words: dict[str, list[int]], vocab
     if max_sequence_length is not None and longest > max_sequence_length:
         raise DataError(f"the cloze text and its longest verbalizer need {longest} positions but the model holds "
                         f"{max_sequence_length}: shorten the text ({text[:40]!r}...)")
-    device = next(model.parameters()).device
+    sep = len(part_a)
+    caches = model.kv_caches()
+    model.head_inputs(step_inputs(model, part_a, list(range(sep)), [0] * sep, sep), caches)
     scores = {}
     for label, word in words.items():
-        inputs = tuple(t.to(device) for t in cloze_inputs(part_a, masks[0], word, tokenizer.sop_id))
-        logits = full_vocab_logits(model, inputs, vocab_size, tp_group)
-        log_probs = torch.log_softmax(logits[0, len(part_a):], dim=-1)  # [m, V]: position j predicts v_j
-        scores[label] = float(log_probs.gather(1, torch.tensor(word, device=device)[:, None]).sum())
+        part_b = [tokenizer.sop_id] + word[:-1]
+        inputs = step_inputs(model, part_b, [masks[0]] * len(part_b), list(range(1, len(part_b) + 1)), sep)
+        hidden, weight = model.head_inputs(inputs, [cache.fork() for cache in caches])  # [1, m, h]
+        log_probs = torch.log_softmax(vocab_logits(hidden[0], weight, vocab_size, tp_group), dim=-1)  # [m, V]
+        scores[label] = float(log_probs.gather(1, torch.tensor(word, device=hidden.device)[:, None]).sum())
     return scores
 
 

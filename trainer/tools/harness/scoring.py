@@ -86,9 +86,13 @@ def collate_samples(samples: list[Sample], pad_id: int, device) -> tuple[torch.T
 def score_samples(model, samples: list[Sample], pad_id: int, vocab_size: int,
                   tp_group=None) -> list[tuple[float, bool]]:
     """(sum of the targets' log-probabilities, whether every target is the argmax) of each sample, in one forward
-    of the batch; the logits are computed (and gathered over tensor ranks) only at the scored positions."""
+    of the batch; the logits are computed (and gathered over tensor ranks) only at the scored positions. The
+    forward is a KV-cached step from empty caches, whose mask takes the smallest exact form (GLMMask.cached):
+    a causal batch needs none (SDPA's causal kernel), so a long context builds no [s, s] mask; a blank batch
+    (Part A bidirectional) the dense rows."""
     device = next(model.parameters()).device
-    hidden, weight = model.head_inputs(collate_samples(samples, pad_id, device))  # [b, s, h], the head's weight
+    batch = collate_samples(samples, pad_id, device)
+    hidden, weight = model.head_inputs(batch, model.kv_caches())  # [b, s, h], the head's weight
     rows = torch.tensor([b for b, sample in enumerate(samples) for _ in sample.targets], device=device)
     columns = torch.tensor([sample.first + j for sample in samples for j in range(len(sample.targets))], device=device)
     logits = vocab_logits(hidden[rows, columns], weight, vocab_size, tp_group)  # [n, V]
