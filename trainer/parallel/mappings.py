@@ -9,6 +9,8 @@ ranks that every rank uses whole).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -71,58 +73,32 @@ def _reduce_scatter_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 # ---- autograd pairs ---------------------------------------------------------------------------------
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+Collective = Callable[[torch.Tensor, Group], torch.Tensor]
+
+
+def _identity(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x
+
+
+def conjugate_pair(forward: Collective, backward: Collective, name: str) -> type[torch.autograd.Function]:
+    """The autograd function `name`: forward(x, group) in forward, backward(grad, group) in backward."""
+
+    def run_forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
-        return x
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_reduce(grad, ctx.group), None
+    def run_backward(ctx, grad: torch.Tensor):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
+                                                  "backward": staticmethod(run_backward)})
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _split_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _gather_last_dim(grad, ctx.group), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _split_last_dim(grad, ctx.group), None
-
-
-class _GatherRowsFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather_first_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_first_dim(grad, ctx.group), None
+_CopyToTP = conjugate_pair(_identity, _all_reduce, "_CopyToTP")
+_ReduceFromTP = conjugate_pair(_all_reduce, _identity, "_ReduceFromTP")
+_ScatterToTP = conjugate_pair(_split_last_dim, _gather_last_dim, "_ScatterToTP")
+_GatherFromTP = conjugate_pair(_gather_last_dim, _split_last_dim, "_GatherFromTP")
+_GatherRowsFromTP = conjugate_pair(_gather_first_dim, _reduce_scatter_first_dim, "_GatherRowsFromTP")
 
 
 # ---- public verbs -----------------------------------------------------------------------------------

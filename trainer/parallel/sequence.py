@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from trainer.parallel.comm import Group, group_rank, group_size, sum_over_
-from trainer.parallel.mappings import _gather_first_dim, _reduce_scatter_first_dim
+from trainer.parallel.mappings import _gather_first_dim, _reduce_scatter_first_dim, conjugate_pair
 from trainer.parallel.random import get_rng_tracker
 
 SEQUENCE_DIM = 1
@@ -65,37 +65,9 @@ def _reduce_scatter_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 # ---- autograd pairs -----------------------------------------------------------------------------------
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _split_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _gather_sequence(grad, ctx.group), None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _split_sequence(grad, ctx.group), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _reduce_scatter_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _gather_sequence(grad, ctx.group), None
+_ScatterToSequence = conjugate_pair(_split_sequence, _gather_sequence, "_ScatterToSequence")
+_GatherFromSequence = conjugate_pair(_gather_sequence, _split_sequence, "_GatherFromSequence")
+_ReduceScatterToSequence = conjugate_pair(_reduce_scatter_sequence, _gather_sequence, "_ReduceScatterToSequence")
 
 
 class _LinearGatheredSequence(torch.autograd.Function):
