@@ -42,13 +42,15 @@ def test_a_zero2_run_saved_at_ep2_resumes_at_ep1_on_the_same_curve(reference, tm
 
 def test_bf16_ep2_under_zero1_follows_the_fp32_curve(reference, tmp_path):
     run = _run(tmp_path, "bf16", EP2 + ["optim.zero_stage=1", "train.precision=bf16"], 2)
-    # bf16 weights and activations (8 mantissa bits): the losses (~6-8 nats here) within 1% of fp32's.
-    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-2, atol=0)
+    # bf16 weights and activations (8 mantissa bits): measured within 2e-4 of fp32's losses (~8.3 nats) over the
+    # 4 steps; 1e-3 leaves room for other CPUs' bf16 kernels.
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("overrides, named", [
     (["optim.zero_stage=3"], "zero_stage=3"),
     (["optim.zero_stage=0", "train.precision=bf16"], "needs ZeRO"),
+    (["optim.zero_stage=2", "optim.offload_optimizer=cpu"], "offload"),
 ])
 def test_unsupported_combinations_are_refused(overrides, named):
     config = load_config("configs/glm-4.5-debug.yaml", BASE + EP2 + overrides)
