@@ -78,13 +78,15 @@ def zero_partitions_experts(experts: list[torch.Tensor], ep: int, ep_group, edp_
     and that flag also switches its checkpoints to DeepSpeed's MoE files, which know only its own layer. So the
     flag is raised, with the trainer's own ep and edp groups (its rank rule, trainer/parallel/mesh.py, not
     DeepSpeed's registry), only while the engine builds its ZeRO optimizer (its private `_configure_zero_optimizer`);
-    the experts' checkpoint files are the trainer's (trainer/checkpoint/expert_files.py). Each rank's expert blocks
-are put back (as by expert_blocks_kept) before ZeRO takes its master copy of them."""
+    the experts' checkpoint files are the trainer's (trainer/checkpoint/expert_files.py). Each rank's expert
+    blocks are put back (as by expert_blocks_kept) before ZeRO takes its master copy of them."""
     name = expert_group_name(ep)
     original = DeepSpeedEngine._configure_zero_optimizer
     kept = _host_copies(experts)
+    built = []
 
     def configure_zero_optimizer(engine, *args, **kwargs):
+        built.append(True)
         # Each rank's own expert blocks, which the engine's start-time broadcast overwrote (expert_blocks_kept),
         # back before ZeRO copies the weights into its fp32 master partitions.
         _copy_back(experts, kept)
@@ -103,7 +105,9 @@ are put back (as by expert_blocks_kept) before ZeRO takes its master copy of the
         yield
     finally:
         DeepSpeedEngine._configure_zero_optimizer = original
-
+    if not built:  # another optimizer wrapper (a user JSON's data_types, say) would treat the experts as dense
+        raise RuntimeError("DeepSpeed built no ZeRO-1/2 optimizer for a run with parallel.ep > 1: its experts would "
+                           "be reduced and partitioned like dense weights")
 
 
 def wrap_model_step(engine, before: Optional[Callable[[], None]] = None,
