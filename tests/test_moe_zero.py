@@ -2,7 +2,8 @@
 at dp = 2 under ZeRO-1 and ZeRO-2 reproduces the single process's fp32 losses within 1e-5 and gradient norms within
 1e-6 at every step (the expert states partitioned over the ranks holding the same experts, the dense ones over
 dp x cp, each expert counted once in the norm); a ZeRO-2 run saved at ep = 2 resumes at ep = 1, and a ZeRO-1 one at
-ep = 2, on the same curve (Adam moments included); bf16 with ep = 2 under ZeRO-1 follows the fp32 curve. CPU, gloo."""
+ep = 2, on the same curve (Adam moments included); bf16 with ep = 2 under ZeRO-1 follows the fp32 curve, and
+its own after a restart. CPU, gloo."""
 import pytest
 import torch
 
@@ -45,12 +46,18 @@ def test_a_run_saved_under_zero_at_ep2_resumes_on_the_same_curve(reference, tmp_
                                rtol=1e-5, atol=0)
 
 
-def test_bf16_ep2_under_zero1_follows_the_fp32_curve(reference, tmp_path):
-    run = _run(tmp_path, "bf16", EP2 + ["optim.zero_stage=1", "train.precision=bf16"], 2)
+def test_bf16_ep2_under_zero1_follows_the_fp32_curve_and_resumes_on_its_own(reference, tmp_path):
+    bf16 = EP2 + ["optim.zero_stage=1", "train.precision=bf16"]
+    run = _run(tmp_path, "bf16", bf16, 2)
     # bf16 weights and activations, gradients accumulated in bf16: measured within 3e-5 of fp32's losses (~8.3
     # nats) over the 4 steps. With the experts reduced over dp x cp instead of their expert-data group they were
     # 1.1e-4 to 1.7e-4 off, so 1e-4 tells the two apart.
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=0)
+    # A restart reads the fp32 master weights and Adam moments back from the bf16_zero_* files and the expert files.
+    first = _run(tmp_path, "bf16_resume", bf16 + ["train.steps=2", "train.save_interval=2"], 2)
+    second = _run(tmp_path, "bf16_resume", bf16 + ["train.resume=true"], 2)
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(run["losses"]),
+                               rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("overrides, named", [

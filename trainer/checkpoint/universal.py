@@ -47,8 +47,8 @@ class TrainingState:
     skipped_steps."""
 
 
-def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int,
-                    skip: Callable[[str], bool]) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int, skip: Callable[[str], bool],
+                    prefix: str = "") -> tuple[dict[str, dict[str, torch.Tensor]], int]:
     """One model-parallel rank's ZeRO files -> {engine name: {fp32, exp_avg, exp_avg_sq}} (full local
     tensors, shaped) and the Adam step; ({}, 0) when the optimizer never stepped. Names for which `skip` holds are
     left out (ZeRO-1/2 partitions the routed experts of an ep > 1 run over their expert-data group, not over the
@@ -61,7 +61,7 @@ def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int,
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     step = 0
     for dp_rank in range(layout.dp):
-        path = zero_file(tag_dir, dp_rank, mp_rank)
+        path = zero_file(tag_dir, dp_rank, mp_rank, prefix=prefix)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
         for slices, flats in ds_format.zero12_fragments(torch.load(path, map_location="cpu", weights_only=False)):
@@ -84,18 +84,22 @@ def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int,
 
 def read_zero_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[dict, dict, int]]:
     """ZeRO files of any stage and layout -> (canonical fp32 weights, canonical moments, step); None without
-    them. At ep > 1 the routed experts come from the expert files."""
+    them. At ep > 1 the routed experts come from the expert files, and a bf16 run's ZeRO-1/2 files are named
+    `bf16_zero_pp_rank_*` (DeepSpeed names them so whenever bf16 is on; at ep > 1 they are ZeRO's own optimizer's,
+    never the bf16 optimizer's: trainer/engine/ds_config.py, grad_accum_dtype)."""
     layout = read_layout(tag_dir)
-    if not zero_file(tag_dir, 0, 0).is_file():
-        return None
     experts = read_experts(tag_dir, config, layout.tp, layout.pp, canonical_name)
+    prefix = "bf16_" if experts is not None and zero_file(tag_dir, 0, 0, prefix="bf16_").is_file() else ""
+    if not zero_file(tag_dir, 0, 0, prefix=prefix).is_file():
+        return None
     expert_names = set(experts[0]["fp32"]) if experts is not None else set()
     per_key: dict[str, list[dict[str, torch.Tensor]]] = {key: [{} for _ in range(layout.tp)]
                                                          for key in ("fp32", *MOMENTS)}
     step = 0
     for mp_rank in range(layout.tp * layout.pp):
         fragments, step = _zero_fragments(tag_dir, layout, mp_rank,
-                                          skip=lambda name: canonical_name(name, config) in expert_names)
+                                          skip=lambda name: canonical_name(name, config) in expert_names,
+                                          prefix=prefix)
         if not fragments:
             return None
         for name, tensors in fragments.items():
