@@ -9,6 +9,7 @@ from pathlib import Path
 
 import deepspeed
 import pytest
+import torch
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
@@ -25,7 +26,8 @@ METHODS = [
     (DeepSpeedEngine, "_take_model_step", "wrap_model_step: the trainer's clipping inside the pipeline's train_batch"),
     (PipelineModule, "_partition_layers", "BoundedPipelineModule: GLM's stage split"),
     (PipelineModule, "_set_bounds", "BoundedPipelineModule: GLM's stage split"),
-    (DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state", "initialise_zero_moments (ZeRO-1/2)"),
+    (DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state", "initialise_zero_moments, link_zero_moments"),
+    (DeepSpeedEngine, "_configure_zero_optimizer", "zero_partitions_experts: ZeRO-1/2 at parallel.ep > 1"),
     (DeepSpeedZeroOptimizer_Stage3, "_swappable_optimizer_subgroup", "_is_swapped_to_nvme (optimizer offload nvme)"),
     (DeepSpeedZeroOptimizer_Stage3, "_optimizer_states_and_gradient_swap_in", "initialise_zero_moments (nvme)"),
     (DeepSpeedZeroOptimizer_Stage3, "_optimizer_states_and_gradient_swap_out", "initialise_zero_moments (nvme)"),
@@ -35,6 +37,15 @@ METHODS = [
 SOURCE_NAMES = [
     # (class, attribute name its source must mention, what needs it)
     (DeepSpeedEngine, "self.optimizer.overflow", "mark_step_skipped: a skipped step counted, the LR held"),
+    (DeepSpeedEngine, "expert_parallel_group=self.expert_parallel_group if self.has_moe_layers",
+     "zero_partitions_experts: the expert groups handed to ZeRO-1/2"),
+    (DeepSpeedEngine, "expert_data_parallel_group=self.expert_data_parallel_group if self.has_moe_layers",
+     "zero_partitions_experts: the expert groups handed to ZeRO-1/2"),
+    (DeepSpeedZeroOptimizer, "self.expert_dp_process_group[group['name']]", "expert_param_group: the `name` key"),
+    (DeepSpeedZeroOptimizer, "'moe' in group and group['moe']", "expert_param_group: the `moe` key"),
+    (DeepSpeedZeroOptimizer, "self.expert_dp_process_group[param.group_name] if is_moe_param(",
+     "zero_partitions_experts: `allreduce`/`group_name` route an expert's gradient"),
+    (DeepSpeedZeroOptimizer, "_hp_optimizer_states_linked", "link_zero_moments"),
     (PipelineEngine, "pipeline_enable_backward_allreduce", "skip_backward_allreduce"),
     (DeepSpeedZeroOptimizer, "single_partition_of_fp32_groups", "zero_fp32_partitions, checkpoint reading (ZeRO-1/2)"),
     (DeepSpeedZeroOptimizer, "param_slice_mappings", "zero12_fragments: ZeRO-1/2 checkpoint files"),
@@ -134,3 +145,17 @@ def test_the_grep_finds_what_it_looks_for():
     assert PRIVATE.search("scale = optimizer.loss_scaler.cur_scale") and PRIVATE.search("optimizer.loss_scale") and not PRIVATE.search("deepspeed_compat.loss_scale(o)") and PRIVATE.search("optimizer.refresh_fp32_params()")
     assert not PRIVATE.search("from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology")
     assert not _is_deepspeed_object("self._counted = 1", 4)
+
+
+def test_the_expert_marks_are_deepspeed_s_moe_convention():
+    """expert_param_group's keys and the `allreduce` / `group_name` marks zero_partitions_experts sets are what
+    DeepSpeed's MoE helpers recognise."""
+    from deepspeed.moe.utils import is_moe_param, is_moe_param_group
+
+    from trainer.engine.deepspeed_compat import expert_group_name, expert_param_group
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    group = expert_param_group({"params": [param], "weight_decay": 0.1}, ep=4)
+    assert is_moe_param_group(group) and group["name"] == expert_group_name(4) and group["weight_decay"] == 0.1
+    param.allreduce, param.group_name = False, group["name"]
+    assert is_moe_param(param)

@@ -192,7 +192,7 @@ def test_the_config_computes_dp_and_checks_the_ep_rule():
         config.parallel.layout(4)
 
 
-def test_expert_parallelism_needs_experts_that_split_evenly_in_fp32_without_zero():
+def test_expert_parallelism_needs_experts_that_split_evenly_and_zero_1_or_2_outside_fp32():
     config = Config()
     config.parallel.ep = 2
     with pytest.raises(ConfigError, match="parallel.ep=2 on a dense model: .* set model.moe_num_experts, or "
@@ -203,11 +203,18 @@ def test_expert_parallelism_needs_experts_that_split_evenly_in_fp32_without_zero
     with pytest.raises(ConfigError, match="parallel.ep=4 does not divide model.moe_num_experts=6"):
         config.validate(world_size=4)
     config.parallel.ep = 2
-    with pytest.raises(ConfigError, match="parallel.ep=2 runs in fp32 without ZeRO for now .* set "
-                                          "optim.zero_stage=0"):
-        config.validate(world_size=4)  # the default optim.zero_stage is 1
-    config.optim.zero_stage = 0
+    config.validate(world_size=4)  # the default optim.zero_stage is 1
+    config.optim.zero_stage = 3
+    with pytest.raises(ConfigError, match="parallel.ep=2 with optim.zero_stage=3: .* set optim.zero_stage=1 or 2"):
+        config.validate(world_size=4)
+    config.optim.zero_stage, config.train.precision = 0, "bf16"
+    with pytest.raises(ConfigError, match="parallel.ep=2 with train.precision=bf16 needs ZeRO"):
+        config.validate(world_size=4)
+    config.train.precision = "fp32"
     config.validate(world_size=4)
+    config.optim.zero_stage, config.parallel.pp = 1, 2
+    with pytest.raises(ConfigError, match="parallel.ep=2 with parallel.pp=2 and optim.zero_stage=1"):
+        config.validate(world_size=8)
 
 
 # ---- process groups on 4 gloo ranks --------------------------------------------------------------------

@@ -43,7 +43,8 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size: ranks that split each MoE layer's routed experts between them (rank r of ep holds
     the r-th block of moe_num_experts / ep), taken from the dp * cp ranks, so it must divide dp * cp and
-    model.moe_num_experts (docs/TRAINING.md: the rank rule). For now fp32 without ZeRO (optim.zero_stage=0)."""
+    model.moe_num_experts (docs/TRAINING.md: the rank rule). fp32 without ZeRO, or ZeRO-1/2 in any precision
+    (pp = 1, no optimizer offload); not ZeRO-3."""
     micro_batch_size: int = 1
     """Samples per micro-batch on one data-parallel rank."""
     global_batch_size: int = 8
@@ -315,7 +316,10 @@ class Config:
     def _validate_expert_parallel(self) -> None:
         """parallel.ep > 1: an MoE model whose experts split evenly; fp32 without ZeRO, where the trainer reduces
         the expert gradients over their expert-data group and counts each expert once in the norm itself
-        (engine/grad_reduce.py, engine/grad_norm.py; DeepSpeed's ZeRO and bf16/fp16 optimizers do neither)."""
+        (engine/grad_reduce.py, engine/grad_norm.py), or ZeRO-1/2 in any precision, whose optimizer partitions
+        and reduces the experts over their expert-data group (engine/deepspeed_compat.py: zero_partitions_experts).
+        Not ZeRO-3 (it would partition each expert over ranks holding different experts), nor, for now, ZeRO with
+        optimizer offload or the pipeline engine."""
         ep, experts = self.parallel.ep, self.model.moe_num_experts
         if ep == 1:
             return
@@ -325,10 +329,24 @@ class Config:
         if experts % ep:
             raise ConfigError(f"parallel.ep={ep} does not divide model.moe_num_experts={experts}: every expert-"
                               f"parallel rank holds the same number of experts; choose an ep that divides {experts}")
-        if self.optim.zero_stage != 0 or self.train.precision != "fp32":
-            raise ConfigError(f"parallel.ep={ep} runs in fp32 without ZeRO for now (here optim.zero_stage="
-                              f"{self.optim.zero_stage}, train.precision={self.train.precision}): set "
-                              f"optim.zero_stage=0 and train.precision=fp32, or parallel.ep=1")
+        zero, precision = self.optim.zero_stage, self.train.precision
+        if zero == 3:
+            raise ConfigError(f"parallel.ep={ep} with optim.zero_stage=3: ZeRO-3 would partition each expert weight "
+                              f"over all dp x cp ranks, but the ranks of an expert-parallel group hold different "
+                              f"experts; set optim.zero_stage=1 or 2 (expert states partitioned over the ranks that "
+                              f"hold the same experts), or parallel.ep=1")
+        if zero == 0 and precision != "fp32":
+            raise ConfigError(f"parallel.ep={ep} with train.precision={precision} needs ZeRO (its fp32 master "
+                              f"weights and skipped non-finite steps): set optim.zero_stage=1 or 2, or "
+                              f"train.precision=fp32")
+        if zero > 0 and self.optim.offload_optimizer != "none":
+            raise ConfigError(f"parallel.ep={ep} with optim.offload_optimizer={self.optim.offload_optimizer}: "
+                              f"expert parallelism with optimizer offload is not supported yet; set "
+                              f"optim.offload_optimizer=none, or parallel.ep=1")
+        if zero > 0 and self.parallel.pp > 1:
+            raise ConfigError(f"parallel.ep={ep} with parallel.pp={self.parallel.pp} and optim.zero_stage={zero}: "
+                              f"expert parallelism in the pipeline engine runs without ZeRO for now; set "
+                              f"optim.zero_stage=0 (and train.precision=fp32), or parallel.pp=1")
 
     def _validate_optim(self) -> None:
         """Ranges of the optimizer and schedule keys (a NaN or an infinity is refused, not trained on)."""

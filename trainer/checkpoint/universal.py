@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -47,9 +47,12 @@ class TrainingState:
     skipped_steps."""
 
 
-def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int, skip: Callable[[str], bool],
+                    prefix: str = "") -> tuple[dict[str, dict[str, torch.Tensor]], int]:
     """One model-parallel rank's ZeRO files -> {engine name: {fp32, exp_avg, exp_avg_sq}} (full local
-    tensors, shaped) and the Adam step; ({}, 0) when the optimizer never stepped."""
+    tensors, shaped) and the Adam step; ({}, 0) when the optimizer never stepped. Names for which `skip` holds are
+    left out (ZeRO-1/2 partitions the routed experts of an ep > 1 run over their expert-data group, not over the
+    data-parallel ranks: they are read from the expert files)."""
     if checkpoint_zero_stage(tag_dir) == 3:
         tensors, step = read_zero3_tensors(tag_dir, layout, mp_rank)
         return (tensors, step) if all("exp_avg" in t for t in tensors.values()) else ({}, 0)
@@ -58,7 +61,7 @@ def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[s
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     step = 0
     for dp_rank in range(layout.dp):
-        path = zero_file(tag_dir, dp_rank, mp_rank)
+        path = zero_file(tag_dir, dp_rank, mp_rank, prefix=prefix)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
         for slices, flats in ds_format.zero12_fragments(torch.load(path, map_location="cpu", weights_only=False)):
@@ -66,32 +69,48 @@ def _zero_fragments(tag_dir: Path, layout: Layout, mp_rank: int) -> tuple[dict[s
                 return {}, 0
             step = int(flats.pop("step"))
             for name, (start, numel) in slices.items():
+                if skip(name):
+                    continue
                 for key, flat in flats.items():
                     pieces.setdefault(name, {}).setdefault(key, []).append(flat.narrow(0, start, numel))
     full = {}
     for group_shapes in shapes:
         for name, shape in group_shapes.items():
+            if skip(name):
+                continue
             full[name] = {key: torch.cat(parts).float().view(shape) for key, parts in pieces[name].items()}
     return full, step
 
 
 def read_zero_optimizer(tag_dir: Path, config: ModelConfig) -> Optional[tuple[dict, dict, int]]:
     """ZeRO files of any stage and layout -> (canonical fp32 weights, canonical moments, step); None without
-    them."""
+    them. At ep > 1 the routed experts come from the expert files, and a bf16 run's ZeRO-1/2 files are named
+    `bf16_zero_pp_rank_*` (DeepSpeed names them so whenever bf16 is on; at ep > 1 they are ZeRO's own optimizer's,
+    never the bf16 optimizer's: trainer/engine/ds_config.py, grad_accum_dtype)."""
     layout = read_layout(tag_dir)
-    if not zero_file(tag_dir, 0, 0).is_file():
+    experts = read_experts(tag_dir, config, layout.tp, layout.pp, canonical_name)
+    prefix = "bf16_" if experts is not None and zero_file(tag_dir, 0, 0, prefix="bf16_").is_file() else ""
+    if not zero_file(tag_dir, 0, 0, prefix=prefix).is_file():
         return None
+    expert_names = set(experts[0]["fp32"]) if experts is not None else set()
     per_key: dict[str, list[dict[str, torch.Tensor]]] = {key: [{} for _ in range(layout.tp)]
                                                          for key in ("fp32", *MOMENTS)}
     step = 0
     for mp_rank in range(layout.tp * layout.pp):
-        fragments, step = _zero_fragments(tag_dir, layout, mp_rank)
+        fragments, step = _zero_fragments(tag_dir, layout, mp_rank,
+                                          skip=lambda name: canonical_name(name, config) in expert_names,
+                                          prefix=prefix)
         if not fragments:
             return None
         for name, tensors in fragments.items():
             for key, value in tensors.items():
                 per_key[key][mp_rank % layout.tp][canonical_name(name, config)] = value
     merged = {key: merge_states(states, config) for key, states in per_key.items()}
+    if experts is not None:
+        if not all(key in experts[0] for key in MOMENTS):
+            return None
+        for key, states in merged.items():
+            states.update(experts[0][key])
     return merged.pop("fp32"), merged, step
 
 

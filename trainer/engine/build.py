@@ -4,8 +4,9 @@ Both get the same optimizer groups, LR schedule, clipping and fine-tuning freeze
 pipeline engine's train_batch / eval_batch, so the training loop (trainer/engine/loop.py) is one."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import deepspeed
 import torch
@@ -13,7 +14,7 @@ import torch
 from trainer.config import Config
 from trainer.engine import finetune
 from trainer.engine.deepspeed_compat import (expert_blocks_kept, mark_step_skipped, skip_backward_allreduce,
-                                             wrap_model_step)
+                                             wrap_model_step, zero_partitions_experts)
 from trainer.engine.ds_config import build_ds_config, uses_own_clipping, zero_init_arguments
 from trainer.engine.ds_topology import DeepSpeedMPU
 from trainer.engine.faults import is_finite
@@ -73,18 +74,19 @@ def build_engine(config: Config, topology: Topology, world_size: int,
     if config.model.compile:
         compile_blocks(module)  # block by block, the mask and RoPE tables built outside (trainer/model/block.py)
     frozen = finetune.freeze(module, config)
-    optimizer = build_optimizer(module, config.optim, frozen=frozen)
+    optimizer = build_optimizer(module, config.optim, frozen=frozen, ep=topology.ep)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     plain = topology.pp == 1
-    split_experts = [param for param in module.parameters() if is_expert_parallel(param)] if topology.ep > 1 else []
-    with expert_blocks_kept(split_experts):
+    zero = ds_config["zero_optimization"]["stage"] > 0
+    with _experts_kept(module, topology, zero):
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                mpu=DeepSpeedMPU(topology) if plain else None, config=ds_config)
     clipping = OwnClipping(engine, topology, config.optim.grad_clip, step_values or StepValues()) \
         if uses_own_clipping(config, world_size) else None
-    # Expert parallelism: the trainer's own reduction (experts over edp) replaces DeepSpeed's (engine/grad_reduce.py).
+    # Expert parallelism without ZeRO: the trainer's own reduction (experts over edp) replaces DeepSpeed's
+    # (engine/grad_reduce.py); ZeRO-1/2 reduces them over edp itself (_experts_kept).
     trainable = [param for param in module.parameters() if param.requires_grad]
-    reduction = GradReduction(trainable, topology) if topology.ep > 1 else None
+    reduction = GradReduction(trainable, topology) if topology.ep > 1 and not zero else None
     before_step = _before_step(reduction, clipping)
     if plain:
         # the reported loss: the mean over DeepSpeed's data-parallel ranks, dp x cp (engine/step_loss.py)
@@ -98,6 +100,21 @@ def build_engine(config: Config, topology: Topology, world_size: int,
         if (clipping is not None and single_replica) or reduction is not None:
             skip_backward_allreduce(engine)
     return RunEngine(engine, steps, clipping)
+
+
+def _experts_kept(module: torch.nn.Module, topology: Topology, zero: bool) -> ContextManager:
+    """Around deepspeed.initialize at ep > 1: each rank keeps its own block of routed experts through the engine's
+    start-time broadcast, and under ZeRO-1/2 the optimizer partitions and reduces the experts' states and gradients
+    over their expert-data group, the rest over dp x cp (engine/deepspeed_compat.py)."""
+    if topology.ep == 1:
+        return nullcontext()
+    experts = [param for param in module.parameters() if is_expert_parallel(param)]
+    if zero:
+        # The groups themselves, size 1 included: DeepSpeed reads a None group (topology.edp_group at edp = 1) as
+        # the whole world, which would sum different ranks' experts.
+        groups = topology.process_groups
+        return zero_partitions_experts(experts, topology.ep, groups["ep"], groups["edp"])
+    return expert_blocks_kept(experts)
 
 
 def _before_step(reduction: Optional[GradReduction], clipping: Optional["OwnClipping"]) -> Optional[Callable]:

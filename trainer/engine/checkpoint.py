@@ -27,12 +27,15 @@ from typing import Optional
 
 import numpy as np
 import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from trainer.checkpoint.ds_format import client_state
 from trainer.checkpoint.expert_files import expert_file
 from trainer.checkpoint.manifest import fsync, verify, write_atomic, write_manifest
 from trainer.checkpoint.run_record import DATA_POSITION, RUN_RECORD
 from trainer.checkpoint.tags import LATEST, latest_tag, list_tags, resume_order, tag_for
+from trainer.checkpoint.universal import MOMENTS
+from trainer.engine.deepspeed_compat import is_zero_optimizer, link_zero_moments, zero_adam_step
 from trainer.engine.grad_norm import is_expert_parallel
 from trainer.engine.resume import load_any_layout
 from trainer.errors import CheckpointError
@@ -81,19 +84,34 @@ def disk_full_error(error: BaseException, staging: Path) -> Optional[CheckpointE
 
 def save_experts(engine, topology: Topology, tag_dir: Path) -> None:
     """At ep > 1, expert-data rank 0 of every (ep, pp, tp) coordinate writes its block of the routed experts, with
-    their Adam moments where the (plain torch) optimizer has them (trainer/checkpoint/expert_files.py)."""
-    if topology.ep == 1 or topology.edp_rank != 0:
+    their Adam moments where the optimizer has them (trainer/checkpoint/expert_files.py). Under ZeRO-1/2 the fp32
+    master weights and moments are partitioned over the expert-data group: every rank of it takes part in
+    gathering them."""
+    if topology.ep == 1:
         return
+    zero = is_zero_optimizer(engine.optimizer)
+    if not zero and topology.edp_rank != 0:
+        return
+    experts = [(name, param) for name, param in engine.module.named_parameters() if is_expert_parallel(param)]
     tensors, step = {}, 0
-    for name, param in engine.module.named_parameters():
-        if not is_expert_parallel(param):
-            continue
-        state = engine.optimizer.state.get(param, {}) if isinstance(engine.optimizer, torch.optim.Optimizer) else {}
-        tensors[name] = {"fp32": param.detach().float().cpu(),
-                         **{key: state[key].cpu() for key in ("exp_avg", "exp_avg_sq") if key in state}}
-        step = int(state["step"]) if "step" in state else step
-    mp_rank = topology.pp_rank * topology.tp + topology.tp_rank
-    torch.save({"ep": topology.ep, "step": step, "tensors": tensors}, expert_file(tag_dir, topology.ep_rank, mp_rank))
+    if zero:
+        step = zero_adam_step(engine.optimizer)
+        if step is not None:
+            link_zero_moments(engine.optimizer)
+        for name, param in experts:  # collectives over the expert-data group, in the same order on its ranks
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS} if step is not None else {}
+            tensors[name] = {"fp32": safe_get_full_fp32_param(param).cpu(),
+                             **{key: moment.cpu() for key, moment in moments.items()}}
+        step = step or 0
+    else:
+        for name, param in experts:
+            state = engine.optimizer.state.get(param, {}) if isinstance(engine.optimizer, torch.optim.Optimizer) else {}
+            tensors[name] = {"fp32": param.detach().float().cpu(),
+                             **{key: state[key].cpu() for key in MOMENTS if key in state}}
+            step = int(state["step"]) if "step" in state else step
+    if topology.edp_rank == 0:
+        mp_rank = topology.pp_rank * topology.tp + topology.tp_rank
+        torch.save({"ep": topology.ep, "step": step, "tensors": tensors}, expert_file(tag_dir, topology.ep_rank, mp_rank))
 
 
 def save(engine, checkpoint_dir: Path, step: int, consumed_samples: int, keep: int = 0,

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.engine import DeepSpeedEngine
 
 from trainer.parallel.comm import group_rank, group_size
 
@@ -31,12 +32,82 @@ def expert_blocks_kept(params: list[torch.Tensor]) -> Iterator[None]:
     rank 0 (its private `_broadcast_model`) except those it takes for its own MoE experts, marked by DeepSpeed's
     MoE groups registry; the ranks of an ep group hold different experts, so the broadcast would give every rank
     rank 0's block."""
-    kept = [param.detach().to("cpu", copy=True) for param in params]  # host copies: no device memory
+    kept = _host_copies(params)
     yield
+    _copy_back(params, kept)
+
+
+def _host_copies(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [param.detach().to("cpu", copy=True) for param in params]  # on the host: no device memory
+
+
+def _copy_back(params: list[torch.Tensor], kept: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for param, value in zip(params, kept):
             param.copy_(value)
 
+
+def expert_group_name(ep: int) -> str:
+    """The name DeepSpeed gives the groups of an expert-parallel size (deepspeed.utils.groups: "ep_size_{ep}"); the
+    trainer has one such size, and marks its experts and their optimizer groups with it."""
+    return f"ep_size_{ep}"
+
+
+def expert_param_group(group: dict, ep: int) -> dict:
+    """`group` (an optimizer parameter group holding routed-expert weights only) marked as DeepSpeed's ZeRO-1/2
+    recognises an expert group. Why: the keys `moe` and `name` are the convention of DeepSpeed's MoE
+    (deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer); ZeRO-1/2 partitions such a group's
+    states over the expert-data group named `name` instead of the whole data-parallel group. torch's AdamW keeps
+    the extra keys and ignores them."""
+    return {**group, "moe": True, "name": expert_group_name(ep)}
+
+
+@contextmanager
+def zero_partitions_experts(experts: list[torch.Tensor], ep: int, ep_group, edp_group) -> Iterator[None]:
+    """Around deepspeed.initialize under ZeRO-1/2 at parallel.ep > 1: the ZeRO optimizer partitions the optimizer
+    groups of `experts` (marked by expert_param_group) over `edp_group`, the ranks holding the same experts, and
+    reduces their gradients there (summed, divided by the whole data-parallel size like every gradient); the rest
+    over dp x cp as always (both groups real process groups, size 1 included: DeepSpeed reads None as the whole
+    world). Its gradient norm then counts each expert once: it sums every rank's squares over the
+    whole data-parallel group, in which each expert's partitions are disjoint.
+
+    Why: ZeRO-1/2 does this for parameters marked as DeepSpeed's MoE marks its experts (`allreduce = False` and
+    `group_name`: deepspeed.moe.utils.is_moe_param) in groups marked `moe`, with the engine's dictionaries
+    `expert_parallel_group` / `expert_data_parallel_group` {name: group}, but the engine hands them to the optimizer
+    only when its constructor found one of DeepSpeed's own MoE modules (`has_moe_layers`, an isinstance check),
+    and that flag also switches its checkpoints to DeepSpeed's MoE files, which know only its own layer. So the
+    flag is raised, with the trainer's own ep and edp groups (its rank rule, trainer/parallel/mesh.py, not
+    DeepSpeed's registry), only while the engine builds its ZeRO optimizer (its private `_configure_zero_optimizer`);
+    the experts' checkpoint files are the trainer's (trainer/checkpoint/expert_files.py). Each rank's expert
+    blocks are put back (as by expert_blocks_kept) before ZeRO takes its master copy of them."""
+    name = expert_group_name(ep)
+    original = DeepSpeedEngine._configure_zero_optimizer
+    kept = _host_copies(experts)
+    built = []
+
+    def configure_zero_optimizer(engine, *args, **kwargs):
+        built.append(True)
+        # Each rank's own expert blocks, which the engine's start-time broadcast overwrote (expert_blocks_kept),
+        # back before ZeRO copies the weights into its fp32 master partitions.
+        _copy_back(experts, kept)
+        for param in experts:
+            param.allreduce, param.group_name = False, name
+        saved = engine.has_moe_layers, engine.expert_parallel_group, engine.expert_data_parallel_group
+        engine.has_moe_layers = True
+        engine.expert_parallel_group, engine.expert_data_parallel_group = {name: ep_group}, {name: edp_group}
+        try:
+            return original(engine, *args, **kwargs)
+        finally:
+            engine.has_moe_layers, engine.expert_parallel_group, engine.expert_data_parallel_group = saved
+
+    DeepSpeedEngine._configure_zero_optimizer = configure_zero_optimizer
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_zero_optimizer = original
+    if not built:  # another optimizer wrapper (a user JSON's data_types, say) would treat the experts as dense
+        raise RuntimeError("DeepSpeed built no ZeRO-1/2 optimizer for a run with parallel.ep > 1: its experts would "
+                           "be reduced and partitioned like dense weights")
 
 
 def wrap_model_step(engine, before: Optional[Callable[[], None]] = None,
@@ -151,6 +222,27 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 def is_zero_optimizer(optimizer) -> bool:
     return zero_fp32_partitions(optimizer) is not None
+
+
+def zero_adam_step(optimizer) -> Optional[int]:
+    """Adam's step count of a ZeRO optimizer (every group steps together), None before its first step.
+
+    Why: the base optimizer's state, keyed by the flat fp32 partitions (zero_fp32_partitions), is where it lives;
+    DeepSpeed's safe_get_full_optimizer_state gathers tensors of a parameter's shape, not this count."""
+    state = optimizer.optimizer.state.get(zero_fp32_partitions(optimizer)[0], {})
+    return int(state["step"]) if "step" in state else None
+
+
+def link_zero_moments(optimizer) -> None:
+    """Give every parameter of a ZeRO-1/2 optimizer that has stepped its view of the Adam moments, which
+    safe_get_full_optimizer_state reads.
+
+    Why: DeepSpeed 0.19.8 steps the base optimizer one parameter group at a time and links the parameters' views
+    (`_lazy_init_hp_params_optimizer_state`) after the first group's first step, marking them all linked
+    (`_hp_optimizer_states_linked`): the groups stepped after it (at ep > 1 the experts' groups) get empty views.
+    Linking again once every group has its state gives each parameter its moments."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def initialise_zero_moments(optimizer, step: int, moment_keys: tuple[str, ...]) -> None:

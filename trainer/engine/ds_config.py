@@ -114,8 +114,12 @@ def grad_accum_dtype(config: Config, world_size: int) -> str | None:
     ZeRO-1 and no offload (its BF16_Optimizer, Megatron's main_grad: each micro-batch's bf16 gradient is added
     into an fp32 buffer, so 8+ micro-batches lose no more than one). Elsewhere None (DeepSpeed's default: the
     model's dtype): its stage-0 bf16 refuses an fp32 accumulation, and ZeRO-2/3 and offload keep their own
-    buffers (not changed here, not measured)."""
+    buffers (not changed here, not measured). Nor at parallel.ep > 1: the BF16_Optimizer has no place for the
+    trainer's expert groups, which ZeRO-1's own optimizer partitions over the expert-data group
+    (engine/deepspeed_compat.py: zero_partitions_experts), accumulating in bf16."""
     offload = config.optim.offload_optimizer != "none" or config.optim.offload_params != "none"
+    if config.parallel.ep > 1:
+        return None
     if config.train.precision == "bf16" and zero_stage(config, world_size) == 1 and not offload:
         return "fp32"
     return None
