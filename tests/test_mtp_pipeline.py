@@ -1,7 +1,7 @@
 """The MTP layer on the pipeline (trainer/engine/pipeline.py, trainer/model/mtp.py): configs/glm-4.5-debug.yaml,
 shortened as tests/test_moe_parallel.py does, with its MTP layer on the last of 2 stages reproduces the single
-process's losses (mtp_loss included) within 1e-5 and gradient norms within 1e-6 at every step, at pp = 2 and
-pp = 2 x ep = 2; the pp = 2 checkpoint reads back (glm-ckpt convert / export's reader) under the same canonical
+process's losses (mtp_loss included) within 1e-5 and gradient norms within 1e-6 at every step, at pp = 2 (with
+and without recomputation) and pp = 2 x ep = 2; the pp = 2 checkpoint reads back (glm-ckpt convert / export's reader) under the same canonical
 names and values as the single process's, MTP tensors included, and resumes at pp = 1 on the same curve. CPU, gloo,
 fp32 without ZeRO."""
 import json
@@ -94,6 +94,11 @@ def test_a_pp2_run_resumes_at_pp1_on_the_same_curve(single, tmp_path):
     _assert_same_curves(first + second[-2:], single[0])
 
 
-def test_pp2_ep2_matches_the_single_process(single, tmp_path):
-    """MoE layers on both stages, the MTP layer's MoE block on the last one, its experts split over ep."""
-    _assert_same_curves(_metrics(tmp_path, "pp2_ep2", ["parallel.pp=2", "parallel.ep=2"], world_size=4), single[0])
+@pytest.mark.parametrize("name, overrides, world_size", [
+    # recomputation, as configs/glm-4.5.yaml trains: on the pipeline the MTP layer is a recomputed layer too
+    ("pp2_recompute", ["parallel.pp=2", "parallel.recompute_interval=1"], 2),
+    # MoE layers on both stages, the MTP layer's MoE block on the last one, its experts split over ep
+    ("pp2_ep2", ["parallel.pp=2", "parallel.ep=2"], 4),
+])
+def test_other_pipeline_layouts_match_the_single_process(single, tmp_path, name, overrides, world_size):
+    _assert_same_curves(_metrics(tmp_path, name, overrides, world_size), single[0])

@@ -181,9 +181,11 @@ class GLMLoss(nn.Module):
         labels, loss_mask = target[:2]
         normaliser = target[2] if len(target) > 2 else loss_mask.sum()
         positions = target[3] if len(target) > 3 else None
-        if not (isinstance(outputs, tuple) and isinstance(outputs[0], MTPOutputs)):
+        if not (isinstance(outputs, tuple) and isinstance(outputs[0], tuple)):
             return self.token_loss(outputs, labels, loss_mask, normaliser, positions)
-        handover, weight = outputs
+        # MTPOutputs, or its fields as a plain tuple: a pipeline with recomputation re-packs what each range of
+        # layers returns (DeepSpeed's PipelineModule calls the next range with *outputs)
+        handover, weight = MTPOutputs(*outputs[0]), outputs[1]
         main = self.token_loss((handover.main, weight), labels, loss_mask, normaliser, positions)
         mtp_labels, mtp_mask = mtp_targets(labels, loss_mask, handover.next_in_sample)
         mtp = self.token_loss((handover.mtp, weight), mtp_labels, mtp_mask,
