@@ -1,9 +1,9 @@
 """The MTP layer on the pipeline (trainer/engine/pipeline.py, trainer/model/mtp.py): configs/glm-4.5-debug.yaml,
 shortened as tests/test_moe_parallel.py does, with its MTP layer on the last of 2 stages reproduces the single
 process's losses (mtp_loss included) within 1e-5 and gradient norms within 1e-6 at every step, at pp = 2 (with
-and without recomputation) and pp = 2 x ep = 2; the pp = 2 checkpoint reads back (glm-ckpt convert / export's reader) under the same canonical
-names and values as the single process's, MTP tensors included, and resumes at pp = 1 on the same curve. CPU, gloo,
-fp32 without ZeRO."""
+and without recomputation) and pp = 2 x ep = 2; the pp = 2 checkpoint reads back (glm-ckpt convert / export's
+reader) under the same canonical names and values as the single process's, MTP tensors included, and resumes at
+pp = 1 on the same curve (the routers' expert_bias restored). CPU, gloo, fp32 without ZeRO."""
 import json
 
 import pytest
@@ -81,7 +81,8 @@ def test_pp2_checkpoint_reads_back_as_the_single_process_one(single, pp2):
     assert config.mtp_layers == 1 and "mtp.layers.0.eh_proj.weight" in ours
     assert sorted(ours) == sorted(reference)
     for name in reference:
-        assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6, msg=lambda message, name=name: f"{name}: {message}")
+        assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6,
+                     msg=lambda message, name=name: f"{name}: {message}")
     # the layer files: every piece with weights of its own (the MTP layer is global layer N + 3)
     n = config.num_layers
     assert layers_with_files(config) == [*range(n + 2), n + 3, n + 4]

@@ -67,8 +67,9 @@ class Piece:
     tie: Optional[Tie] = None
     forward_fn: Optional[Callable] = None
     """Called as forward_fn(module, x) in place of module(x) (the tied head hands on the embedding's weight). Tied
-    pieces only (DeepSpeed's TiedLayerSpec takes one, its LayerSpec does not), and never on the first piece of a
-    tie: DeepSpeed writes a pipeline layer file for a tied piece without one only (trainer/checkpoint)."""
+    pieces only (DeepSpeed's TiedLayerSpec takes one, its LayerSpec does not), and never the first piece of a tie:
+    DeepSpeed writes no pipeline layer file for a piece with one, and the first piece's file holds the shared
+    weight (trainer/checkpoint/pipeline_files.py: layers_with_files)."""
 
     def build(self) -> nn.Module:
         return self.module(*self.args)
