@@ -223,7 +223,8 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: i
     """Parameters on one rank of a stage: its `blocks` blocks (those trainer/engine/partition.py gives it), plus
     the word embedding (and learned position tables) on the first stage, plus the final norm, the output layer
     (tied: a second copy of the word embedding when pp > 1; untied: its own weight) and the MTP layers on the
-    last."""
+    last, which at pp > 1 hold a copy of the word embedding for token t+1 also when the output layer is untied
+    (trainer/engine/pipeline.py)."""
     h = model.hidden_size
     layers = _checked_layers(model, pp, stage, blocks)
     word = model.padded_vocab_size(tp) * h // tp
@@ -235,6 +236,8 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, blocks: i
     if stage == pp - 1:
         count += model.norm_parameters + (word if pp > 1 or not model.tie_word_embeddings else 0)
         count += model.mtp_layers * (2 * h * h // tp + 3 * model.norm_parameters)  # eh_proj, enorm, hnorm, its norm
+        if model.mtp_layers and pp > 1 and not model.tie_word_embeddings:
+            count += word  # the MTP layer's copy of the word embedding, tied to the first stage's
     return count
 
 

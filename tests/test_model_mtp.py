@@ -4,7 +4,8 @@ mode (decoding, validation) gives the logits of the model without it; and throug
 QK-norm on), mtp_loss is logged, a weight of 0 leaves the main model's losses untouched, the weight enters the
 step-1 loss exactly, and tp=2 and dp=2 reproduce the single process's losses and gradient norms; on
 configs/glm-4.5-debug.yaml (MoE, the MTP layer's block MoE too) tp=2 and ep=2 do, the checkpoint holds it, and
-its glm4_moe export gives the trainer's logits in transformers with the trained MTP layer in its files."""
+its glm4_moe export gives the trainer's logits in transformers with the trained MTP layer in its files. The
+pipeline (pp = 2): tests/test_mtp_pipeline.py."""
 import dataclasses
 import json
 
@@ -109,12 +110,13 @@ def test_eval_mode_gives_the_logits_of_the_model_without_the_mtp_layer():
         assert_close(model(*_inputs(ids)), plain(*_inputs(ids)), atol=0, rtol=0)
 
 
-def test_more_than_one_mtp_layer_or_a_pipeline_is_refused():
+def test_more_than_one_mtp_layer_or_context_parallelism_is_refused():
     with pytest.raises(ConfigError, match="model.mtp_layers=2: one MTP layer"):
         dataclasses.replace(CONFIG, mtp_layers=2).validate()
-    overrides = ["model.mtp_layers=1", "model.num_layers=2", "parallel.pp=2"]
-    with pytest.raises(ConfigError, match="the MTP layer runs at pp = 1 and cp = 1 only"):
-        load_config("configs/glm-debug.yaml", overrides).validate()
+    overrides = ["model.mtp_layers=1", "model.num_layers=2"]
+    with pytest.raises(ConfigError, match="the MTP layer runs at cp = 1 only"):
+        load_config("configs/glm-debug.yaml", overrides + ["parallel.cp=2"]).validate()
+    load_config("configs/glm-debug.yaml", overrides + ["parallel.pp=2"]).validate()  # tests/test_mtp_pipeline.py
 
 
 STEPS = 3

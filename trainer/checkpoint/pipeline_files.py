@@ -5,8 +5,9 @@ their contents live in trainer/checkpoint/ds_format.py.
 A pipeline engine's tag directory global_stepN/ holds, as DeepSpeed 0.19.8 writes them:
     layer_XX-model_YY-model_states.pt   the state dict of global layer XX on tensor rank YY
                                         (XX: 0 embedding, 1..N blocks, N+1 final norm, N+2 the untied
-                                        output layer; a tied one has no file of its own). Written once
-                                        per (XX, YY).
+                                        output layer; a tied one has no file of its own; with an MTP
+                                        layer N+3 the MTP layer and N+4 the output layer, N+2 being the
+                                        tied embedding of token t+1). Written once per (XX, YY).
     mp_rank_MM_model_states.pt          per model-parallel rank MM = pp_rank * tp + tp_rank: client state
                                         (step, consumed_samples), LR scheduler, counters, param_shapes,
                                         checkpoint_parallel_dimensions {pp_degree, tp_degree}, dp_world_size
@@ -35,7 +36,7 @@ from trainer.checkpoint.expert_files import read_experts
 from trainer.checkpoint.layout import merge_states, shard_state
 from trainer.errors import CheckpointError
 from trainer.model.config import ModelConfig
-from trainer.model.output import OUTPUT_WEIGHT
+from trainer.model.glm import glm_pieces
 from trainer.parallel.mesh import Layout
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -87,22 +88,20 @@ def is_pipeline_checkpoint(tag_dir: Path) -> bool:
 
 
 def canonical_prefix(layer: int, config: ModelConfig) -> str:
-    """The canonical name prefix of global layer `layer`."""
-    if layer == 0:
-        return "embedding."
-    if layer <= config.num_layers:
-        return f"transformer.layers.{layer - 1}."
-    if layer == config.num_layers + 1:
-        return "transformer.final_layernorm."
-    if layer == config.num_layers + 2 and not config.tie_word_embeddings:
-        return OUTPUT_WEIGHT.split(".")[0] + "."
-    raise CheckpointError(f"layer {layer} does not exist in a model of {config.num_layers} blocks: "
-                          f"check model.num_layers against the checkpoint")
+    """The canonical name prefix of global layer `layer` (the name of its piece: trainer/model/glm.py)."""
+    pieces = glm_pieces(config)
+    if not 0 <= layer < len(pieces):
+        raise CheckpointError(f"layer {layer} does not exist in a model of {config.num_layers} blocks and "
+                              f"{config.mtp_layers} MTP layers: check model.num_layers and model.mtp_layers against "
+                              f"the checkpoint")
+    return pieces[layer].name + "."
 
 
-def layers_with_files(config: ModelConfig) -> range:
-    """The global layers that have layer files: all but a tied output layer."""
-    return range(config.num_layers + (2 if config.tie_word_embeddings else 3))
+def layers_with_files(config: ModelConfig) -> list[int]:
+    """The global layers that have layer files: every piece DeepSpeed holds as a module, which is all but the
+    tied pieces with a forward_fn (the tied output head, an MTP model's embedding of token t+1: their weight is
+    the embedding's, layer 0's)."""
+    return [layer for layer, piece in enumerate(glm_pieces(config)) if piece.tie is None or piece.forward_fn is None]
 
 
 def canonical_name(engine_name: str, config: ModelConfig) -> str:

@@ -38,7 +38,7 @@ from trainer.engine.step_loss import StepCounts, loss_replicas, step_counts
 from trainer.engine.step_values import StepValues
 from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
-from trainer.parallel.comm import mean_over_
+from trainer.parallel.comm import mean_over_, sum_over_
 from trainer.parallel.context import split_row
 from trainer.parallel.random import model_parallel_seed
 from trainer.parallel.topology import Topology
@@ -259,13 +259,18 @@ class Trainer:
     def _loss_terms(self) -> dict[str, float]:
         """The terms the loss recorded in this step (GLMLoss.take_recorded: mtp_loss), each the mean over the
         step's micro-batches and data-parallel ranks: with the step's normaliser in every micro-batch that is the
-        term's mean over all its loss tokens, as `loss` is."""
+        term's mean over all its loss tokens, as `loss` is. Only the last pipeline stage computes the loss: the
+        terms are summed over the pipeline ranks, where the others add zero, so that global rank 0, which writes
+        them, has them (a collective over the dp and pp groups on every rank)."""
         loss_fn = getattr(self.engine.module, "loss_fn", None)
         loss_fn = getattr(loss_fn, "loss_fn", loss_fn)  # PoisonedLoss wraps the loss
-        if not hasattr(loss_fn, "take_recorded"):  # a pipeline stage without the loss
+        if not getattr(loss_fn, "term_names", ()):
             return {}
         terms, calls = loss_fn.take_recorded()
-        return {name: float(mean_over_(value / calls, group=self.topology.dp_group)) for name, value in terms.items()}
+        values = torch.stack([terms[name] / calls if calls else torch.zeros((), device=self.engine.device)
+                              for name in loss_fn.term_names])  # [terms]
+        sum_over_(mean_over_(values, group=self.topology.dp_group), group=self.topology.pp_group)
+        return dict(zip(loss_fn.term_names, values.tolist()))
 
     def _collective_fault(self, error: RuntimeError) -> TrainingFault:
         """A failed collective (a dead or hung peer) reported with this rank's place in the layout."""

@@ -29,11 +29,12 @@ def blocks_per_stage(num_layers: int, pp: int) -> list[int]:
     return counts
 
 
-def stage_layer_bounds(num_layers: int, pp: int) -> list[int]:
-    """Boundaries in the flat layer list [embedding, block_1 .. block_N, final norm, output]:
-    stage i runs layers [bounds[i], bounds[i + 1])."""
+def stage_layer_bounds(num_layers: int, pp: int, tail: int = 2) -> list[int]:
+    """Boundaries in the flat layer list [embedding, block_1 .. block_N, the `tail` pieces after the last block
+    (final norm and output layer; with an MTP layer those and the MTP pieces between them)]: stage i runs layers
+    [bounds[i], bounds[i + 1]). The tail runs on the last stage."""
     bounds = [0]
     for stage, blocks in enumerate(blocks_per_stage(num_layers, pp)):
         bounds.append(bounds[-1] + blocks + (1 if stage == 0 else 0))
-    bounds[-1] += 2  # the final LayerNorm and the tied output layer
+    bounds[-1] += tail
     return bounds

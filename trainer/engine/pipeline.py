@@ -4,12 +4,19 @@ flat list of LayerSpecs cut into stages.
     [TiedLayerSpec embed -> GLMEmbedding, GLMBlock 1 .. N, FinalLayerNorm, output head]
 The output head is the embedding again (TiedLayerSpec, tied output layer) or an OutputLayer (untied); either
 hands the loss (hidden, output weight), as the single-process GLMModel does (trainer/model/output.py).
+With an MTP layer (model.mtp_layers, trainer/model/mtp.py) the last stage runs it between the final norm and
+the output head, beside the loss that adds its term:
+    [.., FinalLayerNorm, TiedLayerSpec embed (token t+1's embedding), MTPLayer, output head]
+The word embedding there is a tied copy of the first stage's (untied output layer or not): DeepSpeed builds it
+from the first stage's weight and sums the two copies' gradients before the optimizer step, as for a tied head.
 
 Between stages travel only (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], segments
-[b, 2, s]): each stage rebuilds the attention mask from `segments` (trainer/model/mask.py), never a dense
-[s, s] mask. With sequence parallelism hidden is each tensor rank's own tokens [b, s/tp, h], so DeepSpeed's
-partitioning of the first activation over the tensor ranks (which takes it to be the same on every rank) is
-turned off (engine/ds_config.py): the stages send s/tp tokens per rank either way. Layer indices in the
+[b, 2, s]), with an MTP layer also the input_ids [b, s] (the last stage's token t+1; the labels reach the last
+stage only, as the loss's target): each stage rebuilds the attention mask from `segments`
+(trainer/model/mask.py), never a dense [s, s] mask. With sequence parallelism hidden is each tensor rank's own
+tokens [b, s/tp, h], so DeepSpeed's partitioning of the first activation over the tensor ranks (which takes it
+to be the same on every rank) is turned off (engine/ds_config.py): the stages send s/tp tokens per rank either
+way. Layer indices in the
 list are global, so DeepSpeed's per-layer checkpoint files (layer_XX-model_states.pt) name the same
 weights under every pipeline split.
 """
@@ -30,7 +37,7 @@ from trainer.parallel.topology import Topology
 def layer_spec(piece: Piece):
     """A piece of the model's description (trainer/model/glm.py) as DeepSpeed builds it on its stage: a
     TiedLayerSpec where pieces share a module (built on the first stage that holds one of them, its weight
-    tied across stages), else a LayerSpec."""
+    tied across stages), else a LayerSpec (only tied pieces have a forward_fn: Piece)."""
     if piece.tie is None:
         return LayerSpec(piece.module, *piece.args)
     return TiedLayerSpec(piece.tie.key, piece.module, *piece.args, forward_fn=piece.forward_fn,
@@ -39,7 +46,7 @@ def layer_spec(piece: Piece):
 
 def build_layer_specs(model: ModelConfig, topology: Topology, seed: int, sequence_parallel: bool = False) -> list:
     """The flat layer list of the GLM pipeline, glm_pieces in order (global indices: 0 embedding, 1..N blocks,
-    N+1 norm, N+2 output head)."""
+    N+1 norm, N+2 output head; with an MTP layer N+2 token t+1's embedding, N+3 the MTP layer, N+4 the head)."""
     return [layer_spec(piece) for piece in glm_pieces(model, topology.tp_group, seed, topology.ep_group,
                                                       sequence_parallel, topology.cp_group)]
 
@@ -53,13 +60,16 @@ def recomputed_layers(model: ModelConfig) -> list[str]:
 
 class GLMPipeline(BoundedPipelineModule):
     """The PipelineModule with GLM's stage split: blocks balanced, the first and last stage carrying the
-    embedding and the output layer in place of a block (trainer/engine/partition.py)."""
+    embedding and the output layer in place of a block (trainer/engine/partition.py), the last one the pieces
+    after the last block (final norm, the MTP layer, output head)."""
 
     def __init__(self, model: ModelConfig, topology: Topology, seed: int,
                  recompute_interval: int = 0, recompute: Optional[Callable] = None, sequence_parallel: bool = False):
         self._num_blocks = model.num_layers
+        specs = build_layer_specs(model, topology, seed, sequence_parallel)
+        self._tail = len(specs) - 1 - model.num_layers  # the pieces after the last block
         kwargs = {"activation_checkpoint_func": recompute} if recompute else {}  # DeepSpeed's names
-        super().__init__(layers=build_layer_specs(model, topology, seed, sequence_parallel),
+        super().__init__(layers=specs,
                          topology=pipe_topology(topology.layout),
                          loss_fn=GLMLoss(model, topology.tp_group),
                          activation_checkpoint_interval=recompute_interval,
@@ -67,4 +77,4 @@ class GLMPipeline(BoundedPipelineModule):
                          **kwargs)
 
     def stage_bounds(self, num_stages: int) -> list[int]:
-        return stage_layer_bounds(self._num_blocks, num_stages)
+        return stage_layer_bounds(self._num_blocks, num_stages, self._tail)

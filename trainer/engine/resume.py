@@ -55,7 +55,21 @@ def load_into_engine(engine, topology: Topology, config: ModelConfig, state: Tra
             optimizer.state[param] = {"step": torch.tensor(float(state.optimizer_step)), **moments}
     if not zero:
         deepspeed_compat.refresh_master_weights(optimizer)
+    _load_buffers(engine, topology, config, state)
     _load_schedule_and_counters(engine, state.client)
+
+
+def _load_buffers(engine, topology: Topology, config: ModelConfig, state: TrainingState) -> None:
+    """This rank's shard of every persistent buffer the state holds (the routers' expert_bias: aux-loss-free
+    balancing's, moved by the steps so far). Weights read from the model files hold them; where the state has
+    none (weights read from ZeRO's fp32 partitions, which hold the parameters only) a buffer keeps its initial
+    value."""
+    for pipeline_name, buffer in engine.module.named_buffers():
+        name = canonical_name(pipeline_name, config)
+        if name in state.weights:
+            value = shard(state.weights[name], rule_for(name, config), config, topology.tp, topology.tp_rank)
+            with torch.no_grad():
+                buffer.copy_(value.to(buffer.device, buffer.dtype))
 
 
 def _ep_block(experts: torch.Tensor, topology: Topology) -> torch.Tensor:

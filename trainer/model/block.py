@@ -88,8 +88,9 @@ class GLMBlock(nn.Module):
     def forward(self, inputs: Activations, kv_cache: Optional[KVCache] = None) -> Activations:
         """The block on the activations tuple. With a kv_cache (decoding) the tuple holds only the new
         positions, whose segments describe them; attention reads the cached keys and values of the earlier
-        ones and appends the new ones."""
-        hidden, position_ids, block_position_ids, segments = inputs  # hidden [b, s, h]
+        ones and appends the new ones. Items after the four (an MTP model's input_ids: trainer/model/mtp.py) pass
+        through unchanged, so they ride past the blocks and the pipeline's stages to the MTP layer."""
+        hidden, position_ids, block_position_ids, segments, *carried = inputs  # hidden [b, s, h]
         config = self.attention.config
         rotations = position_rotations_of(position_ids, block_position_ids, config)  # shared by the blocks
         mask = GLMMask.of(segments)  # shared by the blocks of a micro-batch (or of a decoding step)
@@ -99,7 +100,7 @@ class GLMBlock(nn.Module):
         else:  # decoding runs eagerly
             cached = 0 if kv_cache.key is None else kv_cache.key.shape[2]  # key [b, g, s_past, d]
             hidden = self.layer(hidden, rotations, self.attention.cached_mask(mask, cached + hidden.shape[1]), kv_cache)
-        return hidden, position_ids, block_position_ids, segments
+        return (hidden, position_ids, block_position_ids, segments, *carried)
 
 
 def compile_blocks(module: nn.Module, **compile_kwargs) -> int:

@@ -66,7 +66,10 @@ class Piece:
     """One of "embedding", BLOCK, "final_norm", MTP, "head"."""
     tie: Optional[Tie] = None
     forward_fn: Optional[Callable] = None
-    """Called as forward_fn(module, x) in place of module(x) (the tied head hands on the embedding's weight)."""
+    """Called as forward_fn(module, x) in place of module(x) (the tied head hands on the embedding's weight). Tied
+    pieces only (DeepSpeed's TiedLayerSpec takes one, its LayerSpec does not), and never the first piece of a tie:
+    DeepSpeed writes no pipeline layer file for a piece with one, and the first piece's file holds the shared
+    weight (trainer/checkpoint/pipeline_files.py: layers_with_files)."""
 
     def build(self) -> nn.Module:
         return self.module(*self.args)
@@ -103,11 +106,13 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
         pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config, tp_group, sp), "final_norm"))
         return pieces + [output_head(config, tp_group, seed, sp)]
     # Multi-token prediction (trainer/model/mtp.py), before the output head it shares: the token ids ride past the
-    # blocks, the final norm keeps the activations, the word embedding (tied) embeds token t+1, the MTP layer hands
-    # the head MTPOutputs (training) or the final hidden (eval).
-    pieces[0] = dataclasses.replace(pieces[0], forward_fn=_embed_keeping_ids)
-    pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config, tp_group, sp), "final_norm",
-                        forward_fn=_norm_keeping_activations))
+    # blocks (and the pipeline's stages: they travel in the activations tuple), the final norm keeps the
+    # activations, the word embedding (tied: on a pipeline's last stage a copy whose gradient DeepSpeed sums with
+    # the first stage's) embeds token t+1, the MTP layer hands the head MTPOutputs (training) or the final hidden
+    # (eval).
+    pieces[0] = dataclasses.replace(pieces[0], module=EmbeddingKeepingIds)
+    pieces.append(Piece("transformer.final_layernorm", FinalLayerNormKeepingActivations, (config, tp_group, sp),
+                        "final_norm"))
     pieces.append(Piece("embedding", GLMEmbedding, (config, tp_group, seed, False, sp), MTP, tie=WORD_EMBEDDING,
                         forward_fn=embed_next_tokens))
     pieces += [Piece(f"{MTP_PREFIX}.{depth - 1}", MTPLayer, (config, depth, tp_group, seed, ep_group, sp, cp_group),
@@ -116,14 +121,18 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
     return pieces + [output_head(config, tp_group, seed, sp)]
 
 
-def _embed_keeping_ids(embedding: GLMEmbedding, inputs: Activations) -> tuple:
+class EmbeddingKeepingIds(GLMEmbedding):
     """The embedding piece of an MTP model: its activations plus the input_ids [b, s] (the MTP layer's t+1)."""
-    return (*embedding(inputs), inputs[0])
+
+    def forward(self, inputs: Activations) -> tuple:
+        return (*super().forward(inputs), inputs[0])
 
 
-def _norm_keeping_activations(norm: FinalLayerNorm, inputs: tuple) -> tuple:
-    """The final norm of an MTP model: the normalised hidden with the rest of the activations, for the MTP layer."""
-    return (norm(inputs), *inputs[1:])
+class FinalLayerNormKeepingActivations(FinalLayerNorm):
+    """The final norm of an MTP model: (LN(hidden), the rest of the activations), for the MTP layer."""
+
+    def forward(self, inputs: tuple) -> tuple:
+        return (super().forward(inputs), *inputs[1:])
 
 
 def _attach(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -158,6 +167,8 @@ class GLMLoss(nn.Module):
         self.vocab_size = config.vocab_size
         self.tp_group = tp_group
         self.mtp_loss_weight = config.mtp_loss_weight
+        self.term_names: tuple[str, ...] = ("mtp_loss",) if config.mtp_layers else ()
+        """The terms a training forward records (on the pipeline's last stage only: the one that computes the loss)."""
         self.recorded: dict[str, torch.Tensor] = {}
         self.calls = 0
 
@@ -171,9 +182,11 @@ class GLMLoss(nn.Module):
         labels, loss_mask = target[:2]
         normaliser = target[2] if len(target) > 2 else loss_mask.sum()
         positions = target[3] if len(target) > 3 else None
-        if not (isinstance(outputs, tuple) and isinstance(outputs[0], MTPOutputs)):
+        if not (isinstance(outputs, tuple) and isinstance(outputs[0], tuple)):
             return self.token_loss(outputs, labels, loss_mask, normaliser, positions)
-        handover, weight = outputs
+        # MTPOutputs, or its fields as a plain tuple: a pipeline with recomputation re-packs what each range of
+        # layers returns (DeepSpeed's PipelineModule calls the next range with *outputs)
+        handover, weight = MTPOutputs(*outputs[0]), outputs[1]
         main = self.token_loss((handover.main, weight), labels, loss_mask, normaliser, positions)
         mtp_labels, mtp_mask = mtp_targets(labels, loss_mask, handover.next_in_sample)
         mtp = self.token_loss((handover.mtp, weight), mtp_labels, mtp_mask,
@@ -271,8 +284,7 @@ class GLMModel(nn.Module):
             run = list(run)
             if is_block:  # consecutive blocks run as one group: KV caches, recomputation (GLMTrainModel)
                 blocks = [module for _, module in run]
-                x, carried = x[:4], x[4:]  # blocks take the Activations; an MTP model's input_ids ride past them
-                x = (*self.run_blocks(blocks, x, None if caches is None else [next(caches) for _ in blocks]), *carried)
+                x = self.run_blocks(blocks, x, None if caches is None else [next(caches) for _ in blocks])
                 continue
             for piece, module in run:
                 x = module(x) if piece.forward_fn is None else piece.forward_fn(module, x)
