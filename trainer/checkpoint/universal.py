@@ -150,7 +150,9 @@ def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
         saved = torch.load(layout_free, map_location="cpu", weights_only=True)
         weights, moments, step = saved["fp32"], {key: saved[key] for key in MOMENTS}, int(saved["step"])
     elif (zero := read_zero_optimizer(tag_dir, config)) is not None:
-        weights, moments, step = zero  # the fp32 master copy: the model files need not be read
+        weights, moments, step = zero  # the fp32 master copy of the parameters
+        if config.moe_num_experts:  # the routers' expert_bias buffers: in the model files only
+            weights = {**read_model_weights(tag_dir, config), **weights}
     else:
         weights = read_model_weights(tag_dir, config)
         plain = read_plain_optimizer(tag_dir, config)

@@ -61,9 +61,8 @@ def load_into_engine(engine, topology: Topology, config: ModelConfig, state: Tra
 
 def _load_buffers(engine, topology: Topology, config: ModelConfig, state: TrainingState) -> None:
     """This rank's shard of every persistent buffer the state holds (the routers' expert_bias: aux-loss-free
-    balancing's, moved by the steps so far). Weights read from the model files hold them; where the state has
-    none (weights read from ZeRO's fp32 partitions, which hold the parameters only) a buffer keeps its initial
-    value."""
+    balancing's, moved by the steps so far), which the checkpoint's model files hold (trainer/checkpoint/universal.py
+    adds them to ZeRO's fp32 partitions, which hold the parameters only)."""
     for pipeline_name, buffer in engine.module.named_buffers():
         name = canonical_name(pipeline_name, config)
         if name in state.weights:
