@@ -15,7 +15,7 @@ STEPS = 6
 RUN = [f"train.steps={STEPS}", "train.save_interval=0", "train.eval_interval=0", "optim.warmup_steps=2",
        "optim.decay_steps=4", f"data.path={embedded_paragraphs_corpus()}", "data.seq_length=64",
        "model.max_sequence_length=64", "model.moe_bias_update_rate=0.01", "model.moe_aux_loss_coeff=0.01",
-       "model.moe_z_loss_coeff=0.001"]
+       "model.moe_z_loss_coeff=0.001", "model.mtp_layers=0"]
 """6 steps of 8 rows of 64 slots (micro-batches of 4); a faster bias and larger auxiliary losses than the config's,
 so that both move the numbers the layouts are compared on."""
 

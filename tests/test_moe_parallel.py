@@ -22,7 +22,7 @@ BASE = ["model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads
         "model.max_sequence_length=64", "data.seq_length=64", f"data.path={embedded_paragraphs_corpus()}",
         "parallel.micro_batch_size=2", "parallel.global_batch_size=8", f"train.steps={STEPS}",
         "optim.warmup_steps=1", "optim.decay_steps=3", "optim.zero_stage=0", "train.save_interval=0",
-        "train.eval_interval=0"]
+        "train.eval_interval=0", "model.mtp_layers=0"]
 
 
 def _train(rank, world_size, config, out_path):
