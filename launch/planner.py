@@ -36,7 +36,7 @@ from typing import Iterator, Optional
 
 from launch.devices import Cluster, HostMemory
 from launch.memory import Layout, StageMemory, Workload, stage_memory
-from trainer.config import Config
+from trainer.config import Config, expert_parallel_refusal
 from trainer.engine.ds_config import effective_zero_stage
 from trainer.engine.partition import blocks_per_stage
 from trainer.errors import ConfigError
@@ -299,8 +299,8 @@ def search(work: Workload, cluster: Cluster, batches: Batches, host: HostMemory,
                 for stage, offload_optimizer, offload_params in zeros:
                     if offload_optimizer != "none" and effective_zero_stage(stage, work.precision, dp * cp) == 0:
                         continue  # an fp32 ZeRO-1 at dp x cp = 1 runs stage 0, which offloads nothing
-                    if stage == 3 and ep > 1:
-                        continue  # ZeRO-3 would partition each expert over ranks that hold other experts
+                    if expert_parallel_refusal(ep, stage, work.precision, offload_optimizer, pp) is not None:
+                        continue  # a layout the config check refuses (trainer/config.py states the rule)
                     layout = Layout(tp, pp, dp, 1, 1, interval, stage, offload_optimizer, offload_params, cp=cp,
                                     ep=ep, sequence_parallel=sequence_parallel(work, fixed, tp, cp))
                     chosen = _choose_micro(work, layout, batches, fixed, cluster, host, preferred_micro)

@@ -329,24 +329,10 @@ class Config:
         if experts % ep:
             raise ConfigError(f"parallel.ep={ep} does not divide model.moe_num_experts={experts}: every expert-"
                               f"parallel rank holds the same number of experts; choose an ep that divides {experts}")
-        zero, precision = self.optim.zero_stage, self.train.precision
-        if zero == 3:
-            raise ConfigError(f"parallel.ep={ep} with optim.zero_stage=3: ZeRO-3 would partition each expert weight "
-                              f"over all dp x cp ranks, but the ranks of an expert-parallel group hold different "
-                              f"experts; set optim.zero_stage=1 or 2 (expert states partitioned over the ranks that "
-                              f"hold the same experts), or parallel.ep=1")
-        if zero == 0 and precision != "fp32":
-            raise ConfigError(f"parallel.ep={ep} with train.precision={precision} needs ZeRO (its fp32 master "
-                              f"weights and skipped non-finite steps): set optim.zero_stage=1 or 2, or "
-                              f"train.precision=fp32")
-        if zero > 0 and self.optim.offload_optimizer != "none":
-            raise ConfigError(f"parallel.ep={ep} with optim.offload_optimizer={self.optim.offload_optimizer}: "
-                              f"expert parallelism with optimizer offload is not supported yet; set "
-                              f"optim.offload_optimizer=none, or parallel.ep=1")
-        if zero > 0 and self.parallel.pp > 1:
-            raise ConfigError(f"parallel.ep={ep} with parallel.pp={self.parallel.pp} and optim.zero_stage={zero}: "
-                              f"expert parallelism in the pipeline engine runs without ZeRO for now; set "
-                              f"optim.zero_stage=0 (and train.precision=fp32), or parallel.pp=1")
+        refusal = expert_parallel_refusal(ep, self.optim.zero_stage, self.train.precision,
+                                          self.optim.offload_optimizer, self.parallel.pp)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
     def _validate_optim(self) -> None:
         """Ranges of the optimizer and schedule keys (a NaN or an infinity is refused, not trained on)."""
@@ -579,3 +565,27 @@ def with_overrides(config: Config, overrides: tuple[str, ...] | list[str]) -> Co
 def config_yaml(config: Config) -> str:
     """The config as YAML that load_config reads back to an equal Config."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def expert_parallel_refusal(ep: int, zero: int, precision: str, offload_optimizer: str, pp: int) -> Optional[str]:
+    """Why expert parallelism at `ep` > 1 cannot run with this ZeRO stage, precision, optimizer offload and
+    pipeline depth (the message names the fix), or None where it can. The one statement of the rule: the config
+    check raises it, and glm-launch's planner skips the layouts it refuses (launch/planner.py)."""
+    if ep == 1:
+        return None
+    if zero == 3:
+        return (f"parallel.ep={ep} with optim.zero_stage=3: ZeRO-3 would partition each expert weight over all "
+                f"dp x cp ranks, but the ranks of an expert-parallel group hold different experts; set "
+                f"optim.zero_stage=1 or 2 (expert states partitioned over the ranks that hold the same experts), "
+                f"or parallel.ep=1")
+    if zero == 0 and precision != "fp32":
+        return (f"parallel.ep={ep} with train.precision={precision} needs ZeRO (its fp32 master weights and skipped "
+                f"non-finite steps): set optim.zero_stage=1 or 2, or train.precision=fp32")
+    if zero > 0 and offload_optimizer != "none":
+        return (f"parallel.ep={ep} with optim.offload_optimizer={offload_optimizer}: expert parallelism with "
+                f"optimizer offload is not supported yet; set optim.offload_optimizer=none, or parallel.ep=1")
+    if zero > 0 and pp > 1:
+        return (f"parallel.ep={ep} with parallel.pp={pp} and optim.zero_stage={zero}: expert parallelism in the "
+                f"pipeline engine runs without ZeRO for now; set optim.zero_stage=0 (and train.precision=fp32), or "
+                f"parallel.pp=1")
+    return None
