@@ -107,9 +107,9 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
         return pieces + [output_head(config, tp_group, seed, sp)]
     # Multi-token prediction (trainer/model/mtp.py), before the output head it shares: the next-token ids (the
     # batch's fifth input, shifted on whole rows: mtp_batch) ride past the blocks (and the pipeline's stages: they
-    # travel in the activations tuple), the final norm keeps the activations, the word embedding (tied: on a pipeline's last stage a copy whose gradient DeepSpeed sums with
-    # the first stage's) embeds token t+1, the MTP layer hands the head MTPOutputs (training) or the final hidden
-    # (eval).
+    # travel in the activations tuple), the final norm keeps the activations, the word embedding (tied: on a
+    # pipeline's last stage a copy whose gradient DeepSpeed sums with the first stage's) embeds token t+1, the MTP
+    # layer hands the head MTPOutputs (training) or the final hidden (eval).
     pieces[0] = dataclasses.replace(pieces[0], module=EmbeddingKeepingIds)
     pieces.append(Piece("transformer.final_layernorm", FinalLayerNormKeepingActivations, (config, tp_group, sp),
                         "final_norm"))
@@ -161,8 +161,9 @@ class GLMLoss(nn.Module):
 
     With an MTP layer (trainer/model/mtp.py) the head hands over MTPOutputs in training, and the loss is
     main + mtp_loss_weight * (the MTP layer's loss over its own labels and loss mask, the target's sixth and
-    seventh elements (trainer/model/mtp.py mtp_batch: shifted on whole rows), normalised by the fifth). `recorded` sums each such term (detached) over the calls since
-    take_recorded(), which the trainer reads once per step for its metrics."""
+    seventh elements (trainer/model/mtp.py mtp_batch: shifted on whole rows), normalised by the fifth).
+    `recorded` sums each such term (detached) over the calls since take_recorded(), which the trainer reads once
+    per step for its metrics."""
 
     def __init__(self, config: ModelConfig, tp_group=None):
         super().__init__()
