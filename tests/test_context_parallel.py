@@ -1,6 +1,7 @@
 """Context parallelism (trainer/parallel/context.py): the load-balanced split of a row, one rank's rows of the GLM
 mask and of attention against the unsplit model, and glm-train at cp = 2 against one process (losses within 1e-5,
-gradient norms within 1e-6 at every step), including a resume at another cp, and glm-4.5-debug at cp = 2 x ep = 2."""
+gradient norms within 1e-6 at every step), including a resume at another cp, and glm-4.5-debug at cp = 2 x ep = 2
+and with its MTP layer at cp = 2."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -263,7 +264,8 @@ def test_the_planner_splits_a_long_row_over_cp_ranks_only_when_it_fits_no_other_
 
 def test_moe_at_cp2_with_ep2_matches_one_process(tmp_path):
     """glm-4.5-debug at dp = 1, cp = 2, ep = 2 on two processes (the ep group is the two cp ranks: each holds 4 of
-    the 8 experts of every MoE layer), without the MTP layer and the balance loss (both refused at cp > 1): each
+    the 8 experts of every MoE layer), without the MTP layer (BASE pins it off; with it: the next test) and the
+    balance loss (refused at cp > 1): each
     rank routes its own chunks' tokens and the all-to-all takes them to their experts' rank. The losses and gradient
     norms are the single process's, the z-loss and the load imbalance too (each chunk's z-loss is the mean over as
     many tokens, and the loads are summed over dp x cp: the metrics are computed whatever the coefficients), and so
