@@ -286,20 +286,23 @@ def test_moe_at_cp2_with_ep2_matches_one_process(tmp_path):
     assert cp_ep["biases"] == single["biases"] and any(any(bias) for bias in single["biases"].values())
 
 
-def test_the_mtp_layer_at_cp2_matches_one_process(tmp_path):
-    """glm-4.5-debug with its MTP layer (its block MoE too) at cp = 2 on two processes: the next-token ids and the
-    MTP labels and loss mask are shifted on the whole packed rows before the split (trainer/engine/loop.py
-    pipeline_format), so each chunk's last slot keeps its true t+1 and t+2, the MTP block attends over the whole
-    row by the same all-gather of K/V as the main blocks, and its loss is normalised as the main one
-    (N_step / (GAS * dp * cp)): losses, mtp_loss and gradient norms are the single process's at every step. The
-    router losses are off as in test_moe_at_cp2_with_ep2_matches_one_process (the balance loss is refused at
-    cp > 1; the z-loss's split over the chunks differs by rounding)."""
+@pytest.mark.parametrize("name,layout,world_size", [("cp2", ["parallel.cp=2"], 2),
+                                                     ("pp2_cp2", ["parallel.pp=2", "parallel.cp=2"], 4)])
+def test_the_mtp_layer_at_cp2_matches_one_process(tmp_path, name, layout, world_size):
+    """glm-4.5-debug with its MTP layer (its block MoE too) at cp = 2 on two processes, and at pp = 2 x cp = 2 on
+    four (the next-token ids ride the stages at s / cp): the next-token ids and the MTP labels and loss mask are
+    shifted on the whole packed rows before the split (trainer/engine/loop.py pipeline_format), so each chunk's
+    last slot keeps its true t+1 and t+2, the MTP block attends over the whole row by the same all-gather of K/V
+    as the main blocks, and its loss is normalised as the main one (N_step / (GAS * dp * cp)): losses, mtp_loss
+    and gradient norms are the single process's at every step. The router losses are off as in
+    test_moe_at_cp2_with_ep2_matches_one_process (the balance loss is refused at cp > 1; the z-loss's split over
+    the chunks differs by rounding)."""
     from tests.test_sequence_parallel import _column, _moe_run
 
     overrides = ["model.mtp_layers=1", "model.moe_aux_loss_coeff=0", "model.moe_z_loss_coeff=0"]
     single = _moe_run(tmp_path, "single", overrides)
-    cp2 = _moe_run(tmp_path, "cp2", overrides + ["parallel.cp=2"], world_size=2)
-    assert_close(torch.tensor(cp2["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
-    assert_close(_column(cp2, "mtp_loss"), _column(single, "mtp_loss"), rtol=1e-5, atol=0)
-    assert_close(_column(cp2, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
+    run = _moe_run(tmp_path, name, overrides + layout, world_size=world_size)
+    assert_close(torch.tensor(run["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    assert_close(_column(run, "mtp_loss"), _column(single, "mtp_loss"), rtol=1e-5, atol=0)
+    assert_close(_column(run, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
     assert all(record["mtp_loss"] > 0 for record in single["records"])
