@@ -16,7 +16,7 @@ from tests.distributed import run_distributed
 from trainer.checkpoint import hf
 from trainer.checkpoint.model_source import build_model, read_weights
 from trainer.model.mask import segments_of_sep
-from trainer.model.mtp import MTPOutputs
+from trainer.model.mtp import MTPOutputs, mtp_batch
 from trainer.parallel.topology import Topology
 
 transformers = pytest.importorskip("transformers")
@@ -111,7 +111,9 @@ def test_imported_mtp_layer_computes_transformers_decoder_layer_math(hf_model, i
     config, weights = read_weights(directory, None)
     ours = build_model(config, weights).train()  # the MTP layer runs in training mode (dropout is 0)
     with torch.no_grad():
-        handover, weight = ours.head_inputs(causal_inputs(input_ids))
+        inputs = causal_inputs(input_ids)  # + the next-token ids, the MTP layer's fifth input
+        next_ids = mtp_batch(input_ids, input_ids, torch.ones_like(input_ids), inputs[3][:, 0]).next_input_ids
+        handover, weight = ours.head_inputs(inputs + (next_ids,))
         assert isinstance(handover, MTPOutputs)
         mtp_logits = (handover.mtp @ weight.T)[:, :-1, :VOCAB]
 

@@ -1,6 +1,7 @@
 """Context parallelism (trainer/parallel/context.py): the load-balanced split of a row, one rank's rows of the GLM
 mask and of attention against the unsplit model, and glm-train at cp = 2 against one process (losses within 1e-5,
-gradient norms within 1e-6 at every step), including a resume at another cp, and glm-4.5-debug at cp = 2 x ep = 2."""
+gradient norms within 1e-6 at every step), including a resume at another cp, and glm-4.5-debug at cp = 2 x ep = 2
+and with its MTP layer at cp = 2."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -263,7 +264,8 @@ def test_the_planner_splits_a_long_row_over_cp_ranks_only_when_it_fits_no_other_
 
 def test_moe_at_cp2_with_ep2_matches_one_process(tmp_path):
     """glm-4.5-debug at dp = 1, cp = 2, ep = 2 on two processes (the ep group is the two cp ranks: each holds 4 of
-    the 8 experts of every MoE layer), without the MTP layer and the balance loss (both refused at cp > 1): each
+    the 8 experts of every MoE layer), without the MTP layer (BASE pins it off; with it: the next test) and the
+    balance loss (refused at cp > 1): each
     rank routes its own chunks' tokens and the all-to-all takes them to their experts' rank. The losses and gradient
     norms are the single process's, the z-loss and the load imbalance too (each chunk's z-loss is the mean over as
     many tokens, and the loads are summed over dp x cp: the metrics are computed whatever the coefficients), and so
@@ -282,3 +284,25 @@ def test_moe_at_cp2_with_ep2_matches_one_process(tmp_path):
     for key in ("moe_z_loss", "moe_load_imbalance"):
         assert_close(_column(cp_ep, key), _column(single, key), rtol=1e-6, atol=0)
     assert cp_ep["biases"] == single["biases"] and any(any(bias) for bias in single["biases"].values())
+
+
+@pytest.mark.parametrize("name,layout,world_size", [("cp2", ["parallel.cp=2"], 2),
+                                                     ("pp2_cp2", ["parallel.pp=2", "parallel.cp=2"], 4)])
+def test_the_mtp_layer_at_cp2_matches_one_process(tmp_path, name, layout, world_size):
+    """glm-4.5-debug with its MTP layer (its block MoE too) at cp = 2 on two processes, and at pp = 2 x cp = 2 on
+    four (the next-token ids ride the stages at s / cp): the next-token ids and the MTP labels and loss mask are
+    shifted on the whole packed rows before the split (trainer/engine/loop.py pipeline_format), so each chunk's
+    last slot keeps its true t+1 and t+2, the MTP block attends over the whole row by the same all-gather of K/V
+    as the main blocks, and its loss is normalised as the main one (N_step / (GAS * dp * cp)): losses, mtp_loss
+    and gradient norms are the single process's at every step. The router losses are off as in
+    test_moe_at_cp2_with_ep2_matches_one_process (the balance loss is refused at cp > 1; the z-loss's split over
+    the chunks differs by rounding)."""
+    from tests.test_sequence_parallel import _column, _moe_run
+
+    overrides = ["model.mtp_layers=1", "model.moe_aux_loss_coeff=0", "model.moe_z_loss_coeff=0"]
+    single = _moe_run(tmp_path, "single", overrides)
+    run = _moe_run(tmp_path, name, overrides + layout, world_size=world_size)
+    assert_close(torch.tensor(run["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    assert_close(_column(run, "mtp_loss"), _column(single, "mtp_loss"), rtol=1e-5, atol=0)
+    assert_close(_column(run, "grad_norm"), _column(single, "grad_norm"), rtol=1e-6, atol=0)
+    assert all(record["mtp_loss"] > 0 for record in single["records"])

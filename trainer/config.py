@@ -217,10 +217,6 @@ class Config:
         if p.pp > self.model.num_layers:
             raise ConfigError(f"parallel.pp={p.pp} is greater than model.num_layers={self.model.num_layers}: "
                               f"every pipeline stage needs at least one block; lower pp")
-        if self.model.mtp_layers and p.cp > 1:
-            raise ConfigError(f"model.mtp_layers with parallel.cp={p.cp}: the MTP layer runs at cp = 1 only (it needs "
-                              f"token t+1 of each slot, which a context-parallel chunk's last slot does not hold); set "
-                              f"parallel.cp to 1, or model.mtp_layers to 0")
         if self.data.seq_length > self.model.max_sequence_length:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds model.max_sequence_length="
                               f"{self.model.max_sequence_length}: raise the latter or shorten the former")

@@ -21,7 +21,8 @@ from trainer.engine.loop import micro_batches
 from trainer.parallel.topology import Topology
 
 MicroBatch = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
-"""((input_ids, position_ids, block_position_ids, segments), (labels, loss_mask, normaliser, loss_positions)):
+"""((input_ids, position_ids, block_position_ids, segments[, next_input_ids]), (labels, loss_mask, normaliser,
+loss_positions[, the MTP layer's normaliser, labels, loss mask])):
 DeepSpeed's pipeline format as trainer.engine.loop.pipeline_format makes it."""
 
 
@@ -42,13 +43,13 @@ def synthetic_row(seq_length: int, vocab_size: int, rng: np.random.Generator) ->
 
 def synthetic_step(grad_accum: int, micro_batch_size: int, seq_length: int, vocab_size: int,
                    topology: Optional[Topology] = None, device: torch.device | str = "cpu",
-                   seed: int = 0) -> list[MicroBatch]:
+                   seed: int = 0, mtp: bool = False) -> list[MicroBatch]:
     """The micro-batches of one optimizer step of a data-parallel rank of `topology` (default: one process) at
     dp = 1: grad_accum micro-batches of micro_batch_size rows, collated and normalised by the trainer's code (module
-    docstring), on `device`."""
+    docstring), on `device`; with `mtp` (a model with an MTP layer) they carry its fields too (pipeline_format)."""
     topology = topology or Topology.single()
     rng = np.random.default_rng(seed)
     collated = [collate([synthetic_row(seq_length, vocab_size, rng) for _ in range(micro_batch_size)])
                 for _ in range(grad_accum)]
-    batches, _ = micro_batches(collated, topology)
+    batches, _ = micro_batches(collated, topology, mtp)
     return [tuple(tuple(t.to(device) for t in part) for part in batch) for batch in batches]

@@ -138,7 +138,8 @@ def engine_figures(config: Config, micro_batch: int, steps: int, peak: float | N
     accelerator = get_accelerator()
     topology = Topology.create(1, 1)
     model_parallel_seed(run.train.seed, topology)
-    batches = synthetic_step(2, micro_batch, run.data.seq_length, run.model.vocab_size, topology, _device())
+    batches = synthetic_step(2, micro_batch, run.data.seq_length, run.model.vocab_size, topology, _device(),
+                             mtp=run.model.mtp_layers > 0)
     engine = EngineRunner(run, topology, 1, batches)
     accelerator.reset_peak_memory_stats()
     engine.step()  # warm-up (compilation where model.compile)

@@ -53,7 +53,8 @@ def real_step(config: Config, packing: bool, grad_accum: int, topology: Topology
     rows = build_sequences(dataclasses.replace(config.data, packing=packing), config.train.seed)
     b = config.parallel.micro_batch_size
     items = [[rows[k] for k in range(micro_step * b, (micro_step + 1) * b)] for micro_step in range(grad_accum)]
-    batches, counts = micro_batches([collate(step_rows) for step_rows in items], topology)
+    batches, counts = micro_batches([collate(step_rows) for step_rows in items], topology,
+                                    mtp=config.model.mtp_layers > 0)
     samples = sum(len(row["starts"]) for step_rows in items for row in step_rows)
     batches = [tuple(tuple(t.to(device) for t in part) for part in batch) for batch in batches]
     return RealStep(batches, int(counts.real_tokens), samples, grad_accum * b * config.data.seq_length)

@@ -41,7 +41,8 @@ def _stage_worker(rank: int, world_size: int, port: int, config: Config, steps: 
         model_parallel_seed(config.train.seed, topology)
         grad_accum = config.grad_accum_steps(world_size)
         batches = synthetic_step(grad_accum, config.parallel.micro_batch_size, config.data.seq_length,
-                                 config.model.vocab_size, topology, local_device())
+                                 config.model.vocab_size, topology, local_device(),
+                                 mtp=config.model.mtp_layers > 0)
         steps_of = build_engine(config, topology, world_size).steps  # the plain engine at one stage
         for _ in range(warmup):
             steps_of.train_batch(batches)

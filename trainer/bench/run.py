@@ -40,7 +40,7 @@ def run_bench(config: Config, args: argparse.Namespace, device: str, memory_note
     model_parallel_seed(config.train.seed, topology)
     m, grad_accum = config.model, config.grad_accum_steps(1)
     batches = synthetic_step(grad_accum, config.parallel.micro_batch_size, config.data.seq_length,
-                             m.vocab_size, topology, local_device())
+                             m.vocab_size, topology, local_device(), mtp=m.mtp_layers > 0)
     engine = EngineRunner(config, topology, 1, batches)
     _, peak_memory = peak_memory_of(engine.step, args.warmup)  # before any other model exists
     contenders = {}

@@ -38,6 +38,7 @@ from trainer.engine.step_loss import StepCounts, loss_replicas, step_counts
 from trainer.engine.step_values import StepValues
 from trainer.errors import ConfigError
 from trainer.model.mask import stack_segments
+from trainer.model.mtp import mtp_batch
 from trainer.parallel.comm import mean_over_, sum_over_
 from trainer.parallel.context import split_row
 from trainer.parallel.random import model_parallel_seed
@@ -63,22 +64,30 @@ class RunResult:
 
 def pipeline_format(batch: dict, normaliser: Optional[torch.Tensor] = None,
                     mtp_normaliser: Optional[torch.Tensor] = None, cp_group=None) -> tuple:
-    """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments),
-    (labels, loss_mask[, normaliser, loss_positions[, MTP normaliser]])); segments [b, 2, s] = (segment_start,
-    segment_sep), the mask's input; normaliser: the step's loss normaliser (trainer/engine/step_loss.py), with which
-    the loss also takes the loss positions (GLMLoss); mtp_normaliser: the MTP layer's; without them each loss is
-    the rows' token mean. With a cp_group every per-token tensor is cut to this rank's chunks of each row,
-    s -> s / cp (the one place the batch is split: trainer/parallel/context.py), and the loss positions, which
-    collate counted on the whole rows, are recounted on the chunks (the flat indices of their loss tokens)."""
+    """Collated rows -> DeepSpeed's pipeline format ((input_ids, position_ids, block_position_ids, segments[,
+    next_input_ids]), (labels, loss_mask[, normaliser, loss_positions[, MTP normaliser, MTP labels, MTP loss
+    mask]])); segments [b, 2, s] = (segment_start, segment_sep), the mask's input; normaliser: the step's loss
+    normaliser (trainer/engine/step_loss.py), with which the loss also takes the loss positions (GLMLoss);
+    mtp_normaliser: the MTP layer's, with which the batch carries the MTP layer's fields (trainer/model/mtp.py
+    mtp_batch: shifted here, on the whole rows); without them each loss is the rows' token mean. With a cp_group
+    every per-token tensor is cut to this rank's chunks of each row, s -> s / cp (the one place the batch is split:
+    trainer/parallel/context.py), after the MTP shift, so a chunk's last slot keeps its true t+1 and t+2; the loss
+    positions, which collate counted on the whole rows, are recounted on the chunks (the flat indices of their loss
+    tokens)."""
     segments = stack_segments(batch["segment_start"], batch["segment_sep"])  # [b, 2, s]
     inputs = (batch["input_ids"], batch["position_ids"], batch["block_position_ids"], segments)
     target = (batch["labels"], batch["loss_mask"])
-    inputs, target = (tuple(split_row(t, cp_group) for t in part) for part in (inputs, target))  # [.., s / cp]
+    mtp_target = ()
+    if mtp_normaliser is not None:
+        mtp = mtp_batch(batch["input_ids"], batch["labels"], batch["loss_mask"], batch["segment_start"])
+        inputs, mtp_target = inputs + (mtp.next_input_ids,), (mtp.labels, mtp.loss_mask)
+    inputs, target, mtp_target = (tuple(split_row(t, cp_group) for t in part)
+                                  for part in (inputs, target, mtp_target))  # [.., s] -> [.., s / cp]
     if normaliser is not None:
         positions = batch["loss_positions"] if cp_group is None else target[1].reshape(-1).nonzero().squeeze(1)
         target += (normaliser, positions)  # positions [n]: flat indices into [b, s / cp]
-        if mtp_normaliser is not None:
-            target += (mtp_normaliser,)
+        if mtp_target:
+            target += (mtp_normaliser, *mtp_target)
     return inputs, target
 
 
@@ -206,7 +215,7 @@ class Trainer:
         for index in range(config.train.eval_batches):
             batches, counts = micro_batches(collated_micro_batches(self.valid, index * batch_size, grad_accum,
                                                                    self.topology, config.parallel.micro_batch_size),
-                                            self.topology)
+                                            self.topology, mtp=config.model.mtp_layers > 0)
             # N = normaliser * GAS * dp * cp (trainer/engine/step_loss.py)
             loss_tokens = float(counts.normaliser) * grad_accum * loss_replicas(self.topology)
             nll += float(self.steps.eval_batch(batches, grad_accum)) * loss_tokens  # the batch's token mean * N
@@ -258,10 +267,11 @@ class Trainer:
 
     def _loss_terms(self) -> dict[str, float]:
         """The terms the loss recorded in this step (GLMLoss.take_recorded: mtp_loss), each the mean over the
-        step's micro-batches and data-parallel ranks: with the step's normaliser in every micro-batch that is the
-        term's mean over all its loss tokens, as `loss` is. Only the last pipeline stage computes the loss: the
+        step's micro-batches and its dp x cp ranks (DeepSpeed's data-parallel ranks, as for `loss`: each cp rank
+        holds its chunks' share): with the step's normaliser in every micro-batch that is the term's mean over all
+        its loss tokens, as `loss` is. Only the last pipeline stage computes the loss: the
         terms are summed over the pipeline ranks, where the others add zero, so that global rank 0, which writes
-        them, has them (a collective over the dp and pp groups on every rank)."""
+        them, has them (a collective over the dp x cp and pp groups on every rank)."""
         loss_fn = getattr(self.engine.module, "loss_fn", None)
         loss_fn = getattr(loss_fn, "loss_fn", loss_fn)  # PoisonedLoss wraps the loss
         if not getattr(loss_fn, "term_names", ()):
@@ -269,7 +279,7 @@ class Trainer:
         terms, calls = loss_fn.take_recorded()
         values = torch.stack([terms[name] / calls if calls else torch.zeros((), device=self.engine.device)
                               for name in loss_fn.term_names])  # [terms]
-        sum_over_(mean_over_(values, group=self.topology.dp_group), group=self.topology.pp_group)
+        sum_over_(mean_over_(values, group=self.topology.dp_cp_group), group=self.topology.pp_group)
         return dict(zip(loss_fn.term_names, values.tolist()))
 
     def _collective_fault(self, error: RuntimeError) -> TrainingFault:

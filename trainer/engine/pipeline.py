@@ -11,12 +11,12 @@ The word embedding there is a tied copy of the first stage's (untied output laye
 from the first stage's weight and sums the two copies' gradients before the optimizer step, as for a tied head.
 
 Between stages travel only (hidden [b, s, h], position_ids [b, s], block_position_ids [b, s], segments
-[b, 2, s]), with an MTP layer also the input_ids [b, s] (the last stage's token t+1; the labels reach the last
-stage only, as the loss's target): each stage rebuilds the attention mask from `segments`
-(trainer/model/mask.py), never a dense [s, s] mask. With sequence parallelism hidden is each tensor rank's own
-tokens [b, s/tp, h], so DeepSpeed's partitioning of the first activation over the tensor ranks (which takes it
-to be the same on every rank) is turned off (engine/ds_config.py): the stages send s/tp tokens per rank either
-way. Layer indices in the
+[b, 2, s]), with an MTP layer also the next-token ids [b, s] (the last stage's token t+1, trainer/model/mtp.py
+mtp_batch; the labels reach the last stage only, as the loss's target): each stage rebuilds the attention mask
+from `segments` (trainer/model/mask.py), never a dense [s, s] mask. With sequence parallelism hidden is each
+tensor rank's own tokens [b, s/tp, h], so DeepSpeed's partitioning of the first activation over the tensor ranks
+(which takes it to be the same on every rank) is turned off (engine/ds_config.py): the stages send s/tp tokens per
+rank either way. Layer indices in the
 list are global, so DeepSpeed's per-layer checkpoint files (layer_XX-model_states.pt) name the same
 weights under every pipeline split.
 """

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from trainer.model.mtp import mtp_loss_mask
+from trainer.model.mtp import mtp_batch
 from trainer.parallel.comm import sum_over_
 from trainer.parallel.topology import Topology
 
@@ -53,7 +53,7 @@ class StepCounts:
 def mtp_batch_mask(batch: dict) -> torch.Tensor:
     """The MTP layer's loss tokens of a collated batch (trainer/model/mtp.py: labels[t+1] within t's sample),
     which its loss is the mean over (GLMLoss's fifth target element)."""
-    return mtp_loss_mask(batch["loss_mask"], batch["segment_start"])
+    return mtp_batch(batch["input_ids"], batch["labels"], batch["loss_mask"], batch["segment_start"]).loss_mask
 
 
 def step_counts(micro_batches: list[dict], topology: Topology, device: torch.device | str,

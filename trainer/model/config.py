@@ -141,8 +141,8 @@ class ModelConfig:
     mtp_layers: int = 0
     """Multi-token-prediction layers after the last block (transformers' num_nextn_predict_layers; GLM-4.5: 1):
     layer 1 predicts token t+2 from the last hidden state at t and the embedding of token t+1 (trainer/model/mtp.py;
-    t+1 is the next slot of t's own sample). 0 or 1; runs on the last pipeline stage at parallel.pp > 1, and at
-    parallel.cp = 1 only."""
+    t+1 is the next slot of t's own sample). 0 or 1; runs on the last pipeline stage at parallel.pp > 1, and at any
+    parallel.cp (shifted on whole rows before the split)."""
     mtp_loss_weight: float = 0.3
     """Weight of the MTP layers' mean loss added to the main loss (Megatron-Bridge: 0.3, slime: 0.2)."""
 

@@ -21,7 +21,7 @@ from trainer.model.attention import KVCache
 from trainer.model.block import GLMBlock
 from trainer.model.config import ModelConfig
 from trainer.model.embedding import Activations, GLMEmbedding
-from trainer.model.mtp import MTP_PREFIX, MTPLayer, MTPOutputs, embed_next_tokens, mtp_targets
+from trainer.model.mtp import MTP_PREFIX, MTPLayer, MTPOutputs, embed_next_tokens
 from trainer.model.norm import Norm
 from trainer.model.output import OutputLayer, head_outputs, vocab_parallel_logits
 from trainer.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
@@ -105,11 +105,11 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
     if not config.mtp_layers:
         pieces.append(Piece("transformer.final_layernorm", FinalLayerNorm, (config, tp_group, sp), "final_norm"))
         return pieces + [output_head(config, tp_group, seed, sp)]
-    # Multi-token prediction (trainer/model/mtp.py), before the output head it shares: the token ids ride past the
-    # blocks (and the pipeline's stages: they travel in the activations tuple), the final norm keeps the
-    # activations, the word embedding (tied: on a pipeline's last stage a copy whose gradient DeepSpeed sums with
-    # the first stage's) embeds token t+1, the MTP layer hands the head MTPOutputs (training) or the final hidden
-    # (eval).
+    # Multi-token prediction (trainer/model/mtp.py), before the output head it shares: the next-token ids (the
+    # batch's fifth input, shifted on whole rows: mtp_batch) ride past the blocks (and the pipeline's stages: they
+    # travel in the activations tuple), the final norm keeps the activations, the word embedding (tied: on a
+    # pipeline's last stage a copy whose gradient DeepSpeed sums with the first stage's) embeds token t+1, the MTP
+    # layer hands the head MTPOutputs (training) or the final hidden (eval).
     pieces[0] = dataclasses.replace(pieces[0], module=EmbeddingKeepingIds)
     pieces.append(Piece("transformer.final_layernorm", FinalLayerNormKeepingActivations, (config, tp_group, sp),
                         "final_norm"))
@@ -122,10 +122,12 @@ def glm_pieces(config: ModelConfig, tp_group=None, seed: int = 0, ep_group=None,
 
 
 class EmbeddingKeepingIds(GLMEmbedding):
-    """The embedding piece of an MTP model: its activations plus the input_ids [b, s] (the MTP layer's t+1)."""
+    """The embedding piece of an MTP model: (input_ids, position_ids, block_position_ids, segments[,
+    next_input_ids]) -> its activations plus the next-token ids [b, s] (the MTP layer's x_{t+1}: trainer/model/mtp.py
+    mtp_batch), where the batch carries them (training; eval mode does not need them)."""
 
     def forward(self, inputs: Activations) -> tuple:
-        return (*super().forward(inputs), inputs[0])
+        return (*super().forward(inputs[:4]), *inputs[4:5])
 
 
 class FinalLayerNormKeepingActivations(FinalLayerNorm):
@@ -158,9 +160,10 @@ class GLMLoss(nn.Module):
     boolean indexing (which waits for the device to learn how many).
 
     With an MTP layer (trainer/model/mtp.py) the head hands over MTPOutputs in training, and the loss is
-    main + mtp_loss_weight * (the MTP layer's loss over its own loss tokens, normalised by the target's fifth
-    element, else by their count). `recorded` sums each such term (detached) over the calls since
-    take_recorded(), which the trainer reads once per step for its metrics."""
+    main + mtp_loss_weight * (the MTP layer's loss over its own labels and loss mask, the target's sixth and
+    seventh elements (trainer/model/mtp.py mtp_batch: shifted on whole rows), normalised by the fifth).
+    `recorded` sums each such term (detached) over the calls since take_recorded(), which the trainer reads once
+    per step for its metrics."""
 
     def __init__(self, config: ModelConfig, tp_group=None):
         super().__init__()
@@ -178,7 +181,7 @@ class GLMLoss(nn.Module):
         are computed chunk by chunk inside the loss (vocab_parallel_linear_cross_entropy: no [b, s, V] fp32 copy);
         target (labels [b, s], loss_mask [b, s] [, normaliser: a 0-dim fp32 tensor, loss_positions [n]: the flat
         indices of the loss tokens, collate's; then the main logits are computed at those positions only (Part B:
-        15-30% of a GLM sample) [, the MTP layer's normaliser]])."""
+        15-30% of a GLM sample) [, the MTP layer's normaliser, labels [b, s] and loss mask [b, s]]])."""
         labels, loss_mask = target[:2]
         normaliser = target[2] if len(target) > 2 else loss_mask.sum()
         positions = target[3] if len(target) > 3 else None
@@ -188,9 +191,10 @@ class GLMLoss(nn.Module):
         # layers returns (DeepSpeed's PipelineModule calls the next range with *outputs)
         handover, weight = MTPOutputs(*outputs[0]), outputs[1]
         main = self.token_loss((handover.main, weight), labels, loss_mask, normaliser, positions)
-        mtp_labels, mtp_mask = mtp_targets(labels, loss_mask, handover.next_in_sample)
-        mtp = self.token_loss((handover.mtp, weight), mtp_labels, mtp_mask,
-                              target[4] if len(target) > 4 else mtp_mask.sum())
+        if len(target) < 7:
+            raise ValueError("the MTP layer's loss needs its normaliser, labels and loss mask in the target: build "
+                             "the batch with trainer/engine/loop.py's micro_batches(..., mtp=True)")
+        mtp = self.token_loss((handover.mtp, weight), target[5], target[6], target[4])
         self.record({"mtp_loss": mtp})
         return main + self.mtp_loss_weight * mtp
 

@@ -18,6 +18,13 @@ one sample x_{t+1} is the next span's [sop]. The block reuses t's 2D positions a
 the embeddings of tokens up to t+1 and nothing of labels[t+1]. Where t+1 is in another sample (or past the row),
 the embedding is zero: no slot sees a token of another sample.
 
+Where the shift happens: on the batch side, once, on whole rows (mtp_batch, called by trainer/engine/loop.py's
+pipeline_format before the context-parallel split), never inside the model. The batch hands the model the
+next-token ids (input_ids[t+1], or NO_NEXT_TOKEN where t+1 is in another sample) as a fifth input, and the loss the
+MTP labels and loss mask in its target; a context-parallel chunk's slots then hold their true t+1 and t+2 whatever
+chunk those live in (trainer/parallel/context.py cuts the shifted tensors with the same indices), and one
+definition serves pp = 1, the pipeline's stages and cp > 1.
+
 Sequence parallelism: the final hidden and the next-token embedding arrive as this tensor rank's tokens
 [b, s/tp, h], as do the block's; eh_proj gathers the sequence and the result is split back, and the layer hands
 the head both hidden states gathered to [b, s, h] (their gradients are whole on every rank, as head_outputs').
@@ -44,14 +51,26 @@ MTP_PREFIX = "mtp.layers"
 """The canonical prefix of the MTP layers' parameters: mtp.layers.{k}.{enorm,hnorm,eh_proj,block.*,final_layernorm}."""
 
 
+NO_NEXT_TOKEN = -1
+"""The next-token id of a slot whose t+1 is in another sample (or past the row): its embedding is zero."""
+
+
 class MTPOutputs(NamedTuple):
     """What the MTP layer hands the output head and the loss in training."""
     main: torch.Tensor
     """The main model's final hidden state [b, s, h] (predicts labels[t])."""
     mtp: torch.Tensor
     """The MTP layer's final hidden state [b, s, h] (predicts labels[t+1])."""
-    next_in_sample: torch.Tensor
-    """[b, s] bool: slot t+1 belongs to t's sample."""
+
+
+class MTPBatch(NamedTuple):
+    """The MTP layer's batch fields [b, s], derived from whole rows (mtp_batch)."""
+    next_input_ids: torch.Tensor
+    """input_ids[t+1] where t+1 is in t's sample, else NO_NEXT_TOKEN (the model's fifth input)."""
+    labels: torch.Tensor
+    """labels[t+1]: the token the MTP layer predicts at t."""
+    loss_mask: torch.Tensor
+    """loss_mask[t+1] where t+1 is in t's sample, else 0."""
 
 
 def next_in_sample(segment_start: torch.Tensor) -> torch.Tensor:
@@ -61,36 +80,34 @@ def next_in_sample(segment_start: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def mtp_targets(labels: torch.Tensor, loss_mask: torch.Tensor, keep: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MTP layer's (labels, loss_mask) [b, s]: labels[t+1] at t, counted where t+1 is in t's sample (`keep`,
-    next_in_sample) and a loss token."""
-    shifted_labels = torch.roll(labels, -1, dims=1)  # the wrapped last column is never counted (keep is False)
+def mtp_batch(input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+              segment_start: torch.Tensor) -> MTPBatch:
+    """Whole rows [b, s] -> the MTP layer's batch fields [b, s] (the one place the row is shifted for it)."""
+    keep = next_in_sample(segment_start)
+    # the wrapped last column is never used (keep is False there)
+    next_ids = torch.where(keep, torch.roll(input_ids, -1, dims=1), torch.full_like(input_ids, NO_NEXT_TOKEN))
     shifted_mask = torch.roll(loss_mask, -1, dims=1) * keep.to(loss_mask.dtype)
-    return shifted_labels, shifted_mask
-
-
-def mtp_loss_mask(loss_mask: torch.Tensor, segment_start: torch.Tensor) -> torch.Tensor:
-    """The MTP layer's loss mask [b, s] of a batch's rows (what trainer/engine/step_loss.py counts)."""
-    return mtp_targets(loss_mask, loss_mask, next_in_sample(segment_start))[1]
+    return MTPBatch(next_ids, torch.roll(labels, -1, dims=1), shifted_mask)
 
 
 def embed_next_tokens(embedding: GLMEmbedding, inputs: tuple) -> tuple:
     """The MTP layer's input piece, the word embedding (tied): (final hidden, position_ids, block_position_ids,
-    segments, input_ids) -> the same plus E_word[input_ids[t+1]] [b, s, h] ([b, s/tp, h] sequence-parallel), zero
-    where t+1 is in another sample. Eval mode: the tuple unchanged."""
+    segments, next_input_ids) -> the same plus E_word[x_{t+1}] [b, s, h] ([b, s/tp, h] sequence-parallel), zero
+    where t+1 is in another sample (NO_NEXT_TOKEN). Eval mode: the tuple unchanged."""
     if not embedding.training:
         return inputs
-    input_ids, segments = inputs[4], inputs[3]
-    keep = next_in_sample(segments[:, 0])[..., None].to(inputs[0].dtype)  # segments [b, 2, s] -> [b, s, 1]
+    if len(inputs) < 5:
+        raise ValueError("the MTP layer trains on batches that carry the next-token ids: build them with "
+                         "trainer/engine/loop.py's micro_batches(..., mtp=True)")
+    next_ids = inputs[4]
+    keep = (next_ids != NO_NEXT_TOKEN)[..., None].to(inputs[0].dtype)  # [b, s, 1]
     keep = scatter_to_sequence(keep, embedding.sequence_group)  # [b, s/tp, 1] sequence-parallel
-    next_ids = torch.roll(input_ids, -1, dims=1)  # [b, s]
-    embedded = embedding.word_embeddings(next_ids) * keep  # [b, s, h] or [b, s/tp, h]
+    embedded = embedding.word_embeddings(next_ids.clamp(min=0)) * keep  # [b, s, h] or [b, s/tp, h]
     return (*inputs, embedded)
 
 
 class MTPLayer(nn.Module):
-    """MTP depth `depth` (1-based): (final hidden, position_ids, block_position_ids, segments, input_ids,
+    """MTP depth `depth` (1-based): (final hidden, position_ids, block_position_ids, segments, next_input_ids,
     next-token embedding) -> MTPOutputs in training, the final hidden [b, s, h] in eval mode (module docstring).
     Its block is block number num_layers + depth (a mixture-of-experts block where config.is_moe_layer says so)."""
 
@@ -124,4 +141,4 @@ class MTPLayer(nn.Module):
         x = self.block((x, position_ids, block_position_ids, segments))[0]
         main = gather_from_sequence(hidden, self.sequence_group)  # [b, s, h]
         mtp = gather_from_sequence(self.final_layernorm(x), self.sequence_group)
-        return MTPOutputs(main, mtp, next_in_sample(segments[:, 0]))
+        return MTPOutputs(main, mtp)
