@@ -243,7 +243,8 @@ def plan_devices(args: argparse.Namespace, overrides: list[str], restarting: boo
         resolved.validate(cluster.world_size)
     except ConfigError as error:  # a constraint the planner does not know: name what it chose
         layout = plan.layout
-        raise ConfigError(f"the plan tp {layout.tp} x pp {layout.pp} x dp {layout.dp}, micro-batch "
+        raise ConfigError(f"the plan tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp} (ep {layout.ep}), "
+                          f"micro-batch "
                           f"{layout.micro_batch} fails a check ({error}): fix the layout with --tp / --pp / "
                           f"--micro-batch, or change the config") from None
     return resolved, plan

@@ -12,7 +12,7 @@ from launch.devices import Cluster, HostMemory
 from launch.memory import (Layout, Workload, moe_activation_bytes, persistent_parameters, stage_expert_parameters,
                            stage_memory, stage_parameters, state_bytes)
 from launch.planner import Fixed, _fits, plan_layout
-from trainer.config import load_config
+from trainer.config import load_config, with_overrides
 from trainer.engine.partition import blocks_per_stage
 from trainer.errors import ConfigError
 from trainer.model.config import ModelConfig
@@ -122,3 +122,13 @@ def test_moe_activations_by_hand():
     routed = 2 * tokens * 8 * (2 * 5120 + 4 * 1536 // 8)  # per copy: input, output, gate/up, SiLU, product
     shared = 2 * tokens * 4 * 1536 // 8
     assert moe_activation_bytes(work, 8, 2) == router + routed + shared
+
+
+@pytest.mark.parametrize("name, devices, seq_length", [
+    ("glm-4.5.yaml", (64, 8), 4096), ("glm-4.5.yaml", (64, 8), 131072), ("glm-4.5-air.yaml", (2, 8), 131072)])
+def test_the_plans_for_glm_4_5_pass_the_config_check(name, devices, seq_length):
+    """The planner skips the layouts the config refuses (config.expert_parallel_refusal): at 131072 tokens GLM-4.5
+    on 64 x 8 once got tp 4 x pp 2 x cp 4 with ep 32 under ZeRO-1, which the pipeline engine refuses."""
+    config = load_config(f"configs/{name}", [f"data.seq_length={seq_length}", f"model.max_sequence_length={seq_length}"])
+    plan = plan_layout(config, nodes(*devices, 80), HOST)
+    with_overrides(config, plan.overrides()).validate(devices[0] * devices[1])
