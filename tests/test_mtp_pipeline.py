@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from tests.distributed import run_distributed
+from tests.test_model_mtp import _train  # trains; rank 0 writes metrics.jsonl to out_path
 from tests.test_moe_parallel import BASE
 from trainer.checkpoint.model_source import read_weights
 from trainer.checkpoint.pipeline_files import layers_with_files
@@ -22,15 +23,6 @@ MTP = ["model.mtp_layers=1", "train.save_interval=2"]
 """BASE (4 steps, 4 blocks: one dense, three MoE) with GLM-4.5's MTP layer (its block MoE too, loss weight 0.3),
 saving at step 2 and 4."""
 CURVES = ("loss", "mtp_loss", "grad_norm")
-
-
-def _train(rank, world_size, config, out_path):
-    from trainer.engine.loop import train
-
-    torch.set_num_threads(1)
-    result = train(config)
-    if rank == 0:
-        out_path.write_text((result.run_dir / "metrics.jsonl").read_text())
 
 
 def _metrics(tmp_path, name: str, overrides: list[str], world_size: int = 1) -> list[dict]:
